@@ -13,14 +13,16 @@ from typing import Any
 
 from ._candidate import Candidate, LayerConfig
 
-# model_type -> (qkv_bias, o_bias, qk_norm, fused_qkv, fused_gate_up)
-# ``None`` for a bias means: read it from ``config.attention_bias``.
+# model_type -> (qkv_bias, o_bias, mlp_bias, qk_norm, fused_qkv, fused_gate_up)
+# ``None`` for qkv_bias/o_bias means: read ``config.attention_bias``; for mlp_bias:
+# read ``config.mlp_bias`` (only Llama's MLP honours it; the others hard-code bias=False).
+_FLAGS = ("qkv_bias", "o_bias", "mlp_bias", "qk_norm", "fused_qkv", "fused_gate_up")
 _ARCH: dict[str, dict[str, Any]] = {
-    "llama": {"qkv_bias": None, "o_bias": None, "qk_norm": False, "fused_qkv": False, "fused_gate_up": False},
-    "mistral": {"qkv_bias": False, "o_bias": False, "qk_norm": False, "fused_qkv": False, "fused_gate_up": False},
-    "qwen2": {"qkv_bias": True, "o_bias": False, "qk_norm": False, "fused_qkv": False, "fused_gate_up": False},
-    "qwen3": {"qkv_bias": None, "o_bias": None, "qk_norm": True, "fused_qkv": False, "fused_gate_up": False},
-    "phi3": {"qkv_bias": False, "o_bias": False, "qk_norm": False, "fused_qkv": True, "fused_gate_up": True},
+    "llama": dict(zip(_FLAGS, (None, None, None, False, False, False))),
+    "mistral": dict(zip(_FLAGS, (False, False, False, False, False, False))),
+    "qwen2": dict(zip(_FLAGS, (True, False, False, False, False, False))),
+    "qwen3": dict(zip(_FLAGS, (None, None, False, True, False, False))),
+    "phi3": dict(zip(_FLAGS, (False, False, False, False, True, True))),
 }
 
 SUPPORTED_MODEL_TYPES: tuple[str, ...] = tuple(sorted(_ARCH))
@@ -93,11 +95,28 @@ class ModelSpec:
             tie_word_embeddings=bool(get("tie_word_embeddings", False)),
             qkv_bias=attention_bias if arch["qkv_bias"] is None else arch["qkv_bias"],
             o_bias=attention_bias if arch["o_bias"] is None else arch["o_bias"],
-            mlp_bias=bool(get("mlp_bias", False)),
+            mlp_bias=bool(get("mlp_bias", False)) if arch["mlp_bias"] is None else arch["mlp_bias"],
             qk_norm=arch["qk_norm"],
             fused_qkv=arch["fused_qkv"],
             fused_gate_up=arch["fused_gate_up"],
         )
+
+    def to_dict(self) -> dict[str, Any]:
+        """JSON-able facts; :meth:`from_dict` rebuilds an equal spec."""
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: Any) -> "ModelSpec":
+        """Inverse of :meth:`to_dict` (not a transformers config: use :meth:`from_config` for those)."""
+        names = {f.name for f in dataclasses.fields(cls)}
+        unknown = set(data) - names
+        missing = names - set(data)
+        if unknown or missing:
+            raise ValueError(
+                f"ModelSpec.from_dict: unknown keys {sorted(unknown)}, missing keys {sorted(missing)}; "
+                "pass what ModelSpec.to_dict() wrote."
+            )
+        return cls(**dict(data))
 
     def dense_layer(self) -> LayerConfig:
         return LayerConfig(

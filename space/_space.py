@@ -1,0 +1,1124 @@
+"""`SearchSpace`: which genes are searched, their ordered levels, validity, budgets.
+
+Level convention (EvoPress style): every gene has levels ``0 .. top``; **level 0
+is dense** and each higher level is more compressed. Concretely, per decoder
+block ``i`` that is not frozen:
+
+==================  =============================================================
+gene name           levels (values in ``Gene.levels``)
+==================  =============================================================
+``Li.block``        ``(1, 0)``: kept, dropped whole (``drop_blocks=True``)
+``Li.attn``         kept attention units, descending from dense, then ``0`` if
+                    ``drop_attention``; units are KV groups (``"kv_groups"``) or
+                    query heads per KV group (``"q_per_group"``)
+``Li.mlp``          kept MLP channels ``I, I-step, ..., mlp_min``, then ``0`` if
+                    ``drop_mlp``
+``Li.sparsity``     sparsity of every linear of the block, ascending from 0
+                    (``sparsity_granularity="layer"``)
+``Li.q.sparsity``   ... one gene per linear ``q k v o gate up down``
+                    (``sparsity_granularity="linear"``)
+==================  =============================================================
+
+Genes are ordered layer by layer, and inside a layer as in the table. A gene with
+a single level is not a gene (nothing to choose). Neighbouring width levels
+differ by the same number of units in every layer, so one step of a gene costs
+the same in every layer (see :meth:`SearchSpace.step_savings`); the final "drop"
+level also removes the sublayer's norm and is therefore not an equal step.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import math
+from collections.abc import Iterable, Mapping, Sequence
+from typing import Any
+
+import numpy as np
+
+from ._candidate import ATTN_LINEARS, LINEAR_NAMES, MLP_LINEARS, Candidate, LayerConfig
+from ._cost import Budget, CostModel, LatencyTable
+from ._spec import ModelSpec
+
+ATTENTION_UNITS: tuple[str, ...] = ("kv_groups", "q_per_group")
+"""Values of ``SearchSpace.attention`` (besides ``None``: attention width not searched)."""
+
+SPARSITY_GRANULARITIES: tuple[str, ...] = ("layer", "linear")
+
+GENE_KINDS: tuple[str, ...] = ("block", "attn", "mlp", "sparsity") + tuple(f"{n}.sparsity" for n in LINEAR_NAMES)
+"""Gene kinds; a gene's name is ``f"L{layer}.{kind}"``."""
+
+_SPACE_JSON_VERSION = 1
+_DROPPED = LayerConfig(num_kv_heads=0, q_per_kv=0, mlp_channels=0)
+_STEPS = (256, 128, 64, 32, 16, 8, 4, 2, 1)
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class Gene:
+    """One searched decision: ``levels[0]`` is dense, higher indices compress more.
+
+    Attributes:
+        name: ``f"L{layer}.{kind}"``, e.g. ``"L3.mlp"`` or ``"L3.q.sparsity"``.
+        kind: one of :data:`GENE_KINDS`.
+        layer: index of the decoder block in the dense model.
+        levels: the value at each level: kept units for ``attn`` (KV groups or
+            query heads per group, ``0`` = dropped), kept channels for ``mlp``
+            (``0`` = dropped), ``1``/``0`` (kept/dropped) for ``block``, the
+            sparsity for ``*sparsity`` kinds.
+    """
+
+    name: str
+    kind: str
+    layer: int
+    levels: tuple[Any, ...]
+
+    @property
+    def top(self) -> int:
+        """Highest (most compressed) level index."""
+        return len(self.levels) - 1
+
+    @property
+    def linear(self) -> str | None:
+        """The logical linear of a per-linear sparsity gene, else ``None``."""
+        return self.kind.split(".")[0] if self.kind.endswith(".sparsity") and "." in self.kind else None
+
+    @property
+    def drops(self) -> bool:
+        """Whether the top level removes the sublayer (or block)."""
+        return self.kind in ("block", "attn", "mlp") and self.levels[-1] == 0
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class SearchSpace:
+    """The searched genes of one dense model, their levels, budgets and costs.
+
+    Build it with :meth:`from_model` (a transformers model, config, dict or
+    :class:`ModelSpec`); every argument is keyword-only and validated::
+
+        >>> import numpy as np
+        >>> from evoprune.space import Budget, ModelSpec, SearchSpace
+        >>> spec = ModelSpec.from_config(dict(model_type="llama", num_hidden_layers=4, hidden_size=64,
+        ...     num_attention_heads=8, num_key_value_heads=4, intermediate_size=256, vocab_size=100))
+        >>> space = SearchSpace.from_model(spec, mlp_step=64, drop_blocks=True, frozen_layers=(0, -1),
+        ...                                budget=Budget(metric="params", max_ratio=0.8))
+        >>> [g.name for g in space.genes]
+        ['L1.block', 'L1.attn', 'L1.mlp', 'L2.block', 'L2.attn', 'L2.mlp']
+        >>> space.gene("L1.attn").levels, space.gene("L1.mlp").levels
+        ((4, 3, 2, 1), (256, 192, 128, 64))
+        >>> c = space.candidate_from_levels({"L1.mlp": 2, "L2.block": 1})
+        >>> c.layers[1].mlp_channels, c.layers[2].dropped
+        (128, True)
+        >>> space.levels_of(c)
+        {'L1.block': 0, 'L1.attn': 0, 'L1.mlp': 2, 'L2.block': 1, 'L2.attn': 0, 'L2.mlp': 0}
+        >>> space.satisfies_budget(space.dense())
+        False
+        >>> r = space.repair(space.dense(), np.random.default_rng(0))
+        >>> space.satisfies_budget(r), space.cost(r, "params") <= 0.8 * space.cost(space.dense(), "params")
+        (True, True)
+        >>> SearchSpace.from_json(space.to_json()) == space
+        True
+
+    Args:
+        spec: the dense model's :class:`ModelSpec`.
+        attention: ``"kv_groups"`` (keep k whole KV groups, each with all its
+            query heads), ``"q_per_group"`` (keep m query heads in every KV group;
+            all KV groups kept) or ``None`` (attention width not searched).
+        attn_levels: kept units to offer (KV groups or query heads per group),
+            must include the dense count; default: every count from dense to 1.
+        mlp: search the MLP width.
+        mlp_step: channels per MLP level step; must divide ``intermediate_size``.
+            Default: the largest of 256, 128, ..., 1 that divides it and gives at
+            least 8 levels.
+        mlp_min: narrowest kept MLP width, a multiple of ``mlp_step`` (default ``mlp_step``).
+        drop_attention, drop_mlp: add a top level that removes the sublayer.
+        drop_blocks: add a ``Li.block`` gene whose level 1 removes the block.
+        sparsity_levels: unstructured sparsity levels, ascending from 0.0, e.g.
+            ``(0, .25, .5, .7)``; empty = sparsity not searched.
+        sparsity_granularity: ``"layer"`` (one gene per block) or ``"linear"``
+            (one gene per linear).
+        pattern_2_4: use 2:4 semi-structured sparsity (levels must be ``(0, 0.5)``,
+            the default when ``sparsity_levels`` is empty).
+        frozen_layers: block indices (negative counts from the end) kept dense.
+        budget: a :class:`Budget`, a sequence of them (one per metric) or ``None``;
+            stored as a tuple.
+        seq_len: context length for the ``"flops"`` metric.
+        kv_dtype_bytes: bytes per KV-cache element for ``"kv_bytes"``.
+        latency: a :class:`LatencyTable` for the ``"latency"`` metric.
+
+    Attributes (derived, not compared): ``genes`` (tuple of :class:`Gene`) and
+    ``cost_model`` (:class:`CostModel`).
+    """
+
+    spec: ModelSpec
+    attention: str | None = "kv_groups"
+    attn_levels: tuple[int, ...] | None = None
+    mlp: bool = True
+    mlp_step: int | None = None
+    mlp_min: int | None = None
+    drop_attention: bool = False
+    drop_mlp: bool = False
+    drop_blocks: bool = False
+    sparsity_levels: tuple[float, ...] = ()
+    sparsity_granularity: str = "layer"
+    pattern_2_4: bool = False
+    frozen_layers: tuple[int, ...] = ()
+    budget: Any = ()
+    seq_len: int = 2048
+    kv_dtype_bytes: int = 2
+    latency: LatencyTable | None = None
+    genes: tuple[Gene, ...] = dataclasses.field(init=False, compare=False, repr=False)
+    cost_model: CostModel = dataclasses.field(init=False, compare=False, repr=False)
+
+    # ------------------------------------------------------------------ construction
+
+    @classmethod
+    def from_model(cls, model_or_config: Any, **options: Any) -> "SearchSpace":
+        """Build a space for a transformers model or config, a config dict, or a :class:`ModelSpec`."""
+        spec = model_or_config if isinstance(model_or_config, ModelSpec) else ModelSpec.from_config(model_or_config)
+        return cls(spec=spec, **options)
+
+    def __post_init__(self) -> None:
+        spec = self.spec
+        if not isinstance(spec, ModelSpec):
+            raise TypeError(
+                f"SearchSpace.spec must be a ModelSpec, got {type(spec).__name__}; use SearchSpace.from_model(model)."
+            )
+        for name in ("mlp", "drop_attention", "drop_mlp", "drop_blocks", "pattern_2_4"):
+            if not isinstance(getattr(self, name), bool):
+                raise TypeError(f"SearchSpace.{name} must be True or False, got {getattr(self, name)!r}.")
+        self._set("attn_levels", self._resolve_attention())
+        step, mlp_min = self._resolve_mlp()
+        self._set("mlp_step", step)
+        self._set("mlp_min", mlp_min)
+        self._set("sparsity_levels", self._resolve_sparsity())
+        self._set("frozen_layers", self._resolve_frozen())
+        for name in ("seq_len", "kv_dtype_bytes"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
+                raise ValueError(f"SearchSpace.{name} must be a positive int, got {value!r}.")
+        if self.latency is not None and not isinstance(self.latency, LatencyTable):
+            raise TypeError("SearchSpace.latency must be a LatencyTable (see LatencyTable.fit) or None.")
+        self._set("cost_model", CostModel(spec, seq_len=self.seq_len, kv_dtype_bytes=self.kv_dtype_bytes,
+                                          latency_table=self.latency))
+        self._set("budget", self._resolve_budget())
+        self._build_genes()
+        self._check_budget_reachable()
+
+    def _set(self, name: str, value: Any) -> None:
+        object.__setattr__(self, name, value)
+
+    def _resolve_attention(self) -> tuple[int, ...] | None:
+        spec = self.spec
+        if self.attention is None:
+            if self.attn_levels is not None:
+                raise ValueError("SearchSpace: attn_levels needs attention='kv_groups' or 'q_per_group'.")
+            return None
+        if self.attention not in ATTENTION_UNITS:
+            raise ValueError(
+                f"SearchSpace.attention must be one of {ATTENTION_UNITS} or None, got {self.attention!r}."
+            )
+        dense = spec.num_kv_heads if self.attention == "kv_groups" else spec.q_per_kv
+        unit = "KV groups" if self.attention == "kv_groups" else "query heads per KV group"
+        if self.attn_levels is None:
+            if dense == 1:
+                other = "q_per_group" if self.attention == "kv_groups" else "kv_groups"
+                raise ValueError(
+                    f"SearchSpace: attention={self.attention!r} has nothing to search: the model has 1 {unit[:-1]}. "
+                    f"Use attention={other!r} or attention=None."
+                )
+            return tuple(range(dense, 0, -1))
+        levels = _int_tuple("attn_levels", self.attn_levels)
+        for u in levels:
+            if u <= 0:
+                raise ValueError(
+                    f"SearchSpace.attn_levels must be positive ({unit} kept); use drop_attention=True to allow 0."
+                )
+            if u > dense:
+                raise ValueError(
+                    f"SearchSpace.attn_levels: {u} {unit} is more than the dense model has ({dense})."
+                )
+        if len(set(levels)) != len(levels):
+            raise ValueError(f"SearchSpace.attn_levels has duplicates: {levels}.")
+        if dense not in levels:
+            raise ValueError(
+                f"SearchSpace.attn_levels must include the dense width {dense} (level 0 is dense); got {levels}."
+            )
+        if len(levels) == 1 and not self.drop_attention:
+            raise ValueError(
+                "SearchSpace.attn_levels offers only the dense width; add narrower widths or use attention=None."
+            )
+        return tuple(sorted(levels, reverse=True))
+
+    def _resolve_mlp(self) -> tuple[int | None, int | None]:
+        size = self.spec.intermediate_size
+        if not self.mlp:
+            if self.mlp_step is not None or self.mlp_min is not None:
+                raise ValueError("SearchSpace: mlp_step/mlp_min are only used with mlp=True.")
+            return None, None
+        step = self.mlp_step
+        if step is None:
+            step = next((s for s in _STEPS if size % s == 0 and size // s >= 8), 1)
+            if self.pattern_2_4 and step % 4:
+                raise ValueError(
+                    f"SearchSpace: no automatic mlp_step that is a multiple of 4 divides intermediate_size={size}; "
+                    "pass mlp_step or mlp=False."
+                )
+        if isinstance(step, bool) or not isinstance(step, int) or step <= 0:
+            raise ValueError(f"SearchSpace.mlp_step must be a positive int, got {step!r}.")
+        if size % step:
+            divisors = [d for d in _STEPS if size % d == 0]
+            raise ValueError(
+                f"SearchSpace.mlp_step={step} does not divide intermediate_size={size}, so MLP steps would not be "
+                f"equal; choose a divisor such as {divisors[0]}."
+            )
+        if self.pattern_2_4 and step % 4:
+            raise ValueError(
+                f"SearchSpace: with pattern_2_4 the MLP widths feed down_proj in groups of 4; "
+                f"mlp_step={step} must be a multiple of 4."
+            )
+        mlp_min = step if self.mlp_min is None else self.mlp_min
+        if isinstance(mlp_min, bool) or not isinstance(mlp_min, int) or mlp_min <= 0:
+            raise ValueError(
+                f"SearchSpace.mlp_min must be a positive int, got {mlp_min!r}; use drop_mlp=True to allow 0 channels."
+            )
+        if mlp_min > size:
+            raise ValueError(f"SearchSpace.mlp_min={mlp_min} exceeds intermediate_size={size}.")
+        if mlp_min % step:
+            raise ValueError(
+                f"SearchSpace.mlp_min={mlp_min} must be a multiple of mlp_step={step} (levels are {size}, "
+                f"{size - step}, ...)."
+            )
+        if mlp_min == size and not self.drop_mlp:
+            raise ValueError(
+                f"SearchSpace: mlp_min={mlp_min} leaves only the dense MLP width; lower it or use mlp=False."
+            )
+        return step, mlp_min
+
+    def _resolve_sparsity(self) -> tuple[float, ...]:
+        if self.sparsity_granularity not in SPARSITY_GRANULARITIES:
+            raise ValueError(
+                f"SearchSpace.sparsity_granularity must be one of {SPARSITY_GRANULARITIES}, "
+                f"got {self.sparsity_granularity!r}."
+            )
+        raw = tuple(self.sparsity_levels or ())
+        if self.pattern_2_4 and not raw:
+            raw = (0.0, 0.5)
+        levels = []
+        for value in raw:
+            if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0.0 <= value < 1.0:
+                raise ValueError(f"SearchSpace.sparsity_levels must be numbers in [0, 1), got {value!r}.")
+            levels.append(float(value))
+        if not levels:
+            return ()
+        if len(set(levels)) != len(levels):
+            raise ValueError(f"SearchSpace.sparsity_levels has duplicates: {tuple(levels)}.")
+        if 0.0 not in levels:
+            raise ValueError(
+                f"SearchSpace.sparsity_levels must include 0.0 (level 0 is dense); got {tuple(levels)}."
+            )
+        if len(levels) == 1:
+            raise ValueError("SearchSpace.sparsity_levels=(0.0,) searches nothing; add levels such as 0.5 or pass ().")
+        levels.sort()
+        if self.pattern_2_4:
+            if levels != [0.0, 0.5]:
+                raise ValueError(
+                    f"SearchSpace: pattern_2_4 keeps 2 of every 4 weights, so sparsity_levels must be (0.0, 0.5); "
+                    f"got {tuple(levels)}."
+                )
+            if self.spec.hidden_size % 4 or self.spec.head_dim % 4:
+                raise ValueError("SearchSpace: pattern_2_4 needs hidden_size and head_dim divisible by 4.")
+        return tuple(levels)
+
+    def _resolve_frozen(self) -> tuple[int, ...]:
+        n = self.spec.num_layers
+        out = set()
+        for i in _int_tuple("frozen_layers", self.frozen_layers):
+            if not -n <= i < n:
+                raise ValueError(f"SearchSpace.frozen_layers: {i} is out of range for a model with {n} layers.")
+            out.add(i % n)
+        return tuple(sorted(out))
+
+    def _resolve_budget(self) -> tuple[Budget, ...]:
+        raw = self.budget
+        if raw is None:
+            budgets: tuple[Budget, ...] = ()
+        elif isinstance(raw, Budget):
+            budgets = (raw,)
+        elif isinstance(raw, Iterable) and not isinstance(raw, (str, Mapping)):
+            budgets = tuple(raw)
+        else:
+            raise TypeError(f"SearchSpace.budget must be a Budget, a sequence of Budgets or None, got {raw!r}.")
+        seen = set()
+        for b in budgets:
+            if not isinstance(b, Budget):
+                raise TypeError(f"SearchSpace.budget entries must be Budget objects, got {b!r}.")
+            if b.metric in seen:
+                raise ValueError(
+                    f"SearchSpace.budget has two budgets on {b.metric!r}; merge them into one Budget "
+                    "(it takes both a min_ and a max_ bound)."
+                )
+            if b.metric == "latency" and self.latency is None:
+                raise ValueError("a 'latency' budget needs a measured table: pass latency=LatencyTable(...).")
+            seen.add(b.metric)
+        return budgets
+
+    def _build_genes(self) -> None:
+        spec = self.spec
+        genes: list[Gene] = []
+        layer_genes: list[dict[str, int]] = []
+        attn_values: tuple[int, ...] = ()
+        if self.attention is not None:
+            attn_values = tuple(self.attn_levels or ())
+        elif self.drop_attention:
+            attn_values = (spec.num_kv_heads,)
+        if self.drop_attention:
+            attn_values = attn_values + (0,)
+        mlp_values: tuple[int, ...] = ()
+        if self.mlp:
+            assert self.mlp_step is not None and self.mlp_min is not None
+            mlp_values = tuple(range(spec.intermediate_size, self.mlp_min - 1, -self.mlp_step))
+        elif self.drop_mlp:
+            mlp_values = (spec.intermediate_size,)
+        if self.drop_mlp:
+            mlp_values = mlp_values + (0,)
+        per_layer: list[tuple[str, tuple[Any, ...]]] = []
+        if self.drop_blocks:
+            per_layer.append(("block", (1, 0)))
+        if len(attn_values) > 1:
+            per_layer.append(("attn", attn_values))
+        if len(mlp_values) > 1:
+            per_layer.append(("mlp", mlp_values))
+        if self.sparsity_levels:
+            if self.sparsity_granularity == "layer":
+                per_layer.append(("sparsity", self.sparsity_levels))
+            else:
+                per_layer.extend((f"{n}.sparsity", self.sparsity_levels) for n in LINEAR_NAMES)
+        for i in range(spec.num_layers):
+            index: dict[str, int] = {}
+            if i not in self.frozen_layers:
+                for kind, values in per_layer:
+                    index[kind] = len(genes)
+                    genes.append(Gene(name=f"L{i}.{kind}", kind=kind, layer=i, levels=values))
+            layer_genes.append(index)
+        if not genes:
+            raise ValueError(
+                "SearchSpace searches nothing: every layer is frozen or no gene is enabled; unfreeze layers or "
+                "enable attention/mlp widths, drop_* or sparsity_levels."
+            )
+        self._set("genes", tuple(genes))
+        self._set("_layer_genes", tuple(layer_genes))
+        self._set("_gene_index", {g.name: k for k, g in enumerate(genes)})
+        self._set("_dense_layer", spec.dense_layer())
+        self._set("_dense_costs", {})
+
+    def _check_budget_reachable(self) -> None:
+        for b in self.budget:
+            lo, hi = b.bounds(self.dense_cost(b.metric))
+            if hi is not None:
+                _, smallest = self._extreme(b.metric, minimize=True)
+                if smallest > hi:
+                    raise ValueError(
+                        f"Budget {b.metric} <= {hi:.6g} cannot be met: the cheapest candidate in this space costs "
+                        f"{smallest:.6g} ({smallest / self.dense_cost(b.metric):.1%} of dense). Loosen the budget or "
+                        "allow more compression (narrower attn_levels/mlp_min, drop_attention/drop_mlp/drop_blocks, "
+                        "higher sparsity_levels, fewer frozen_layers)."
+                    )
+            if lo is not None:
+                _, largest = self._extreme(b.metric, minimize=False)
+                if largest < lo:
+                    raise ValueError(
+                        f"Budget {b.metric} >= {lo:.6g} cannot be met: the largest candidate in this space costs "
+                        f"{largest:.6g}. Lower min_ratio/min_value."
+                    )
+
+    # ------------------------------------------------------------------ genes and levels
+
+    def gene(self, name: str) -> Gene:
+        """The gene called ``name`` (e.g. ``"L3.mlp"``)."""
+        try:
+            return self.genes[self._gene_index[name]]
+        except KeyError:
+            raise KeyError(f"no gene {name!r} in this space; genes look like {self.genes[0].name!r}.") from None
+
+    @property
+    def gene_names(self) -> tuple[str, ...]:
+        return tuple(g.name for g in self.genes)
+
+    def genes_of_kind(self, kind: str) -> tuple[Gene, ...]:
+        """All genes of one kind (``"attn"``, ``"mlp"``, ``"block"``, ``"sparsity"``, ``"q.sparsity"``, ...)."""
+        if kind not in GENE_KINDS:
+            raise ValueError(f"unknown gene kind {kind!r}; use one of {GENE_KINDS}.")
+        return tuple(g for g in self.genes if g.kind == kind)
+
+    @property
+    def num_configurations(self) -> int:
+        """Number of level assignments (some give the same candidate, e.g. genes of a dropped block)."""
+        return math.prod(g.top + 1 for g in self.genes)
+
+    def _check_levels(self, levels: Mapping[str, Any], *, strict_missing: bool, ignore_unknown: bool) -> list[int]:
+        if not isinstance(levels, Mapping):
+            raise TypeError(f"levels must be a mapping gene name -> level index, got {type(levels).__name__}.")
+        out = [0] * len(self.genes)
+        for name, value in levels.items():
+            k = self._gene_index.get(name)
+            if k is None:
+                if ignore_unknown:
+                    continue
+                raise ValueError(f"unknown gene {name!r}; genes are named like {self.genes[0].name!r} (see space.genes).")
+            if isinstance(value, (float, np.floating)) and float(value).is_integer():
+                value = int(value)
+            if isinstance(value, np.integer):
+                value = int(value)
+            if isinstance(value, bool) or not isinstance(value, int) or not 0 <= value <= self.genes[k].top:
+                raise ValueError(f"gene {name!r} takes a level index in 0..{self.genes[k].top}, got {value!r}.")
+            out[k] = value
+        if strict_missing:
+            missing = [g.name for g in self.genes if g.name not in levels]
+            if missing:
+                raise ValueError(f"levels are missing genes {missing[:5]}{' ...' if len(missing) > 5 else ''}.")
+        return out
+
+    def _layer_from(self, i: int, lv: Sequence[int]) -> LayerConfig:
+        """Canonical LayerConfig of block ``i`` for the level vector ``lv``."""
+        g = self._layer_genes[i]
+        if not g:
+            return self._dense_layer
+        if "block" in g and lv[g["block"]] == 1:
+            return _DROPPED
+        spec = self.spec
+        nkv, m = spec.num_kv_heads, spec.q_per_kv
+        if "attn" in g:
+            u = self.genes[g["attn"]].levels[lv[g["attn"]]]
+            if u == 0:
+                nkv = m = 0
+            elif self.attention == "kv_groups":
+                nkv = u
+            elif self.attention == "q_per_group":
+                m = u
+        channels = spec.intermediate_size
+        if "mlp" in g:
+            channels = self.genes[g["mlp"]].levels[lv[g["mlp"]]]
+        if nkv == 0 and channels == 0:
+            return _DROPPED
+        sparsity = 0.0
+        linear: list[tuple[str, float]] = []
+        if "sparsity" in g:
+            sparsity = self.genes[g["sparsity"]].levels[lv[g["sparsity"]]]
+        else:
+            for name in LINEAR_NAMES:
+                k = g.get(f"{name}.sparsity")
+                if k is None or lv[k] == 0:
+                    continue
+                if (name in ATTN_LINEARS and nkv == 0) or (name in MLP_LINEARS and channels == 0):
+                    continue
+                linear.append((name, self.genes[k].levels[lv[k]]))
+        return LayerConfig(
+            num_kv_heads=nkv, q_per_kv=m, mlp_channels=channels, sparsity=sparsity, linear_sparsity=tuple(linear)
+        )
+
+    def _candidate(self, lv: Sequence[int]) -> Candidate:
+        layers = tuple(self._layer_from(i, lv) for i in range(self.spec.num_layers))
+        if all(layer.dropped for layer in layers):
+            raise ValueError(
+                "these levels drop every block; keep at least one (e.g. frozen_layers=(0,) keeps the first)."
+            )
+        return Candidate(layers=layers, sparsity_pattern="2:4" if self.pattern_2_4 else "unstructured")
+
+    def candidate_from_levels(self, levels: Mapping[str, int]) -> Candidate:
+        """The candidate for ``{gene name: level index}``; missing genes are at level 0 (dense).
+
+        Genes that cannot matter (the widths and sparsities of a dropped block, the
+        sparsity of a dropped sublayer's linears) are ignored, and the candidate is
+        canonical: ``candidate_from_levels(levels_of(c)) == canonical(c)``.
+        Raises ``ValueError`` for unknown names, out-of-range levels, or levels that
+        drop every block.
+        """
+        return self._candidate(self._check_levels(levels, strict_missing=False, ignore_unknown=False))
+
+    def _layer_levels(self, i: int, layer: LayerConfig) -> dict[str, int]:
+        g = self._layer_genes[i]
+        out = {kind: 0 for kind in g}
+        spec = self.spec
+        where = f"layer {i}"
+        if not g:
+            dense = self._dense_layer
+            if (
+                (layer.num_kv_heads, layer.q_per_kv, layer.mlp_channels)
+                != (dense.num_kv_heads, dense.q_per_kv, dense.mlp_channels)
+                or any(layer.sparsity_of(n) for n in LINEAR_NAMES)
+            ):
+                raise ValueError(f"{where} is frozen (frozen_layers) and must stay dense; got {layer}.")
+            return out
+        if layer.dropped and "block" in g:
+            out["block"] = 1
+            return out
+        # attention
+        if layer.attn_dropped:
+            if "attn" not in g or not self.genes[g["attn"]].drops:
+                what = "drop_blocks=True" if layer.dropped else "drop_attention=True"
+                raise ValueError(f"{where} drops attention but this space does not ({what} allows it).")
+            out["attn"] = self.genes[g["attn"]].top
+        else:
+            if self.attention == "kv_groups":
+                if layer.q_per_kv != spec.q_per_kv:
+                    raise ValueError(
+                        f"{where}: attention='kv_groups' keeps every query head of a kept group "
+                        f"(q_per_kv={spec.q_per_kv}); got q_per_kv={layer.q_per_kv}."
+                    )
+                unit = layer.num_kv_heads
+            elif self.attention == "q_per_group":
+                if layer.num_kv_heads != spec.num_kv_heads:
+                    raise ValueError(
+                        f"{where}: attention='q_per_group' keeps all {spec.num_kv_heads} KV groups; "
+                        f"got num_kv_heads={layer.num_kv_heads}."
+                    )
+                unit = layer.q_per_kv
+            else:
+                if (layer.num_kv_heads, layer.q_per_kv) != (spec.num_kv_heads, spec.q_per_kv):
+                    raise ValueError(
+                        f"{where}: attention width is not searched (attention=None) but the layer keeps "
+                        f"{layer.num_kv_heads} KV heads x {layer.q_per_kv} query heads."
+                    )
+                unit = spec.num_kv_heads
+            if "attn" in g:
+                values = self.genes[g["attn"]].levels
+                if unit not in values:
+                    raise ValueError(f"{where}: {unit} attention units is not a level of this space {values}.")
+                out["attn"] = values.index(unit)
+        # mlp
+        if layer.mlp_dropped and ("mlp" not in g or not self.genes[g["mlp"]].drops):
+            what = "drop_blocks=True" if layer.dropped else "drop_mlp=True"
+            raise ValueError(f"{where} drops the MLP but this space does not ({what} allows it).")
+        if "mlp" in g:
+            values = self.genes[g["mlp"]].levels
+            if layer.mlp_channels not in values:
+                raise ValueError(
+                    f"{where}: mlp_channels={layer.mlp_channels} is not a level of this space "
+                    f"({_short(values)}); use multiples of mlp_step={self.mlp_step}."
+                )
+            out["mlp"] = values.index(layer.mlp_channels)
+        elif layer.mlp_channels != spec.intermediate_size:
+            raise ValueError(
+                f"{where}: mlp_channels={layer.mlp_channels} but this space keeps the MLP dense "
+                f"({spec.intermediate_size})."
+            )
+        # sparsity of the linears that exist
+        live = [n for n in ATTN_LINEARS if not layer.attn_dropped] + [n for n in MLP_LINEARS if not layer.mlp_dropped]
+        levels = self.sparsity_levels or (0.0,)
+        if "sparsity" in g or not any(f"{n}.sparsity" in g for n in LINEAR_NAMES):
+            values = {layer.sparsity_of(n) for n in live}
+            if len(values) > 1:
+                raise ValueError(
+                    f"{where} has different sparsities per linear {dict((n, layer.sparsity_of(n)) for n in live)}; "
+                    "that needs sparsity_granularity='linear'."
+                )
+            s = values.pop() if values else 0.0
+            k = _level_index(s, levels)
+            if k is None:
+                raise ValueError(f"{where}: sparsity {s} is not a level of this space {levels}.")
+            if "sparsity" in g:
+                out["sparsity"] = k
+        else:
+            for n in live:
+                s = layer.sparsity_of(n)
+                k = _level_index(s, levels)
+                if k is None:
+                    raise ValueError(f"{where}: sparsity {s} of linear {n!r} is not a level of this space {levels}.")
+                out[f"{n}.sparsity"] = k
+        return out
+
+    def levels_of(self, candidate: Candidate) -> dict[str, int]:
+        """``{gene name: level index}`` of ``candidate`` (validates it first; see :meth:`validate`).
+
+        Genes that cannot matter (a dropped block's widths, a dropped sublayer's
+        sparsities) are reported at level 0.
+        """
+        if not isinstance(candidate, Candidate):
+            raise TypeError(f"expected a Candidate, got {type(candidate).__name__}.")
+        if candidate.num_layers != self.spec.num_layers:
+            raise ValueError(
+                f"candidate has {candidate.num_layers} layers but the model has {self.spec.num_layers}."
+            )
+        if candidate.has_sparsity:
+            want = "2:4" if self.pattern_2_4 else "unstructured"
+            if candidate.sparsity_pattern != want:
+                raise ValueError(
+                    f"candidate uses sparsity_pattern={candidate.sparsity_pattern!r} but this space uses {want!r}."
+                )
+        out: dict[str, int] = {}
+        for i, layer in enumerate(candidate.layers):
+            for kind, level in self._layer_levels(i, layer).items():
+                out[f"L{i}.{kind}"] = level
+        return {g.name: out[g.name] for g in self.genes}
+
+    def validate(self, candidate: Candidate) -> None:
+        """Raise ``ValueError`` (saying what is wrong) unless ``candidate`` is in this space."""
+        self.levels_of(candidate)
+
+    def contains(self, candidate: Candidate) -> bool:
+        """Whether ``candidate`` is in this space (budget not considered)."""
+        try:
+            self.levels_of(candidate)
+        except ValueError:
+            return False
+        return True
+
+    def canonical(self, candidate: Candidate) -> Candidate:
+        """The canonical form of a candidate of this space (irrelevant fields of dropped parts cleared)."""
+        return self.candidate_from_levels(self.levels_of(candidate))
+
+    def dense(self) -> Candidate:
+        """The candidate with every gene at level 0."""
+        return self._candidate([0] * len(self.genes))
+
+    def uniform(self, target: int | float, *, metric: str | None = None) -> Candidate:
+        """A candidate that compresses every non-frozen block alike.
+
+        ``target`` as an ``int``: every gene except ``Li.block`` at that level
+        (``ValueError`` if some gene has fewer levels). As a ``float`` ratio in
+        ``(0, 1]``: all genes advance together along their non-dropping levels
+        (level ``round(t * last_non_drop_level)`` for a common ``t``) to the least
+        compressed setting whose ``metric`` (default: the first budget's metric,
+        else ``"params"``) is at most ``ratio`` of dense.
+        """
+        if isinstance(target, bool) or not isinstance(target, (int, float, np.integer, np.floating)):
+            raise TypeError(f"uniform() takes a level (int) or a ratio (float), got {target!r}.")
+        if isinstance(target, (int, np.integer)):
+            level = int(target)
+            lv = []
+            for g in self.genes:
+                if g.kind == "block":
+                    lv.append(0)
+                    continue
+                if not 0 <= level <= g.top:
+                    top = min(h.top for h in self.genes if h.kind != "block")
+                    raise ValueError(f"uniform({level}): gene {g.name} has levels 0..{g.top}; use a level in 0..{top}.")
+                lv.append(level)
+            return self._candidate(lv)
+        ratio = float(target)
+        if not 0.0 < ratio <= 1.0:
+            raise ValueError(f"uniform(ratio): ratio must be in (0, 1], got {ratio}.")
+        if metric is None:
+            metric = self.budget[0].metric if self.budget else "params"
+        self.cost_model._check_metric(metric)
+        limit = ratio * self.dense_cost(metric)
+        reach = [0 if g.kind == "block" else g.top - (1 if g.drops else 0) for g in self.genes]
+        ts = sorted({0.0, 1.0} | {(j - 0.5) / r for r in set(reach) if r for j in range(1, r + 1)})
+        best = None
+        for t in ts:
+            lv = [math.floor(t * r + 0.5 + 1e-9) if r else 0 for r in reach]
+            cand = self._candidate(lv)
+            cost = self.cost(cand, metric)
+            best = (cand, cost)
+            if cost <= limit * (1 + 1e-12):
+                return cand
+        assert best is not None
+        raise ValueError(
+            f"uniform({ratio}): the most compressed uniform candidate costs {best[1] / self.dense_cost(metric):.1%} "
+            f"of dense {metric}; use a larger ratio or a space that compresses more."
+        )
+
+    def random(self, rng: np.random.Generator | int | None = None, *, within_budget: bool = True) -> Candidate:
+        """A random candidate: every gene's level uniform, then :meth:`repair` if the space has a budget.
+
+        Deterministic given ``rng`` (a ``numpy.random.Generator`` or a seed).
+        """
+        rng = np.random.default_rng(rng)
+        for _ in range(1000):
+            lv = [int(rng.integers(0, g.top + 1)) for g in self.genes]
+            try:
+                cand = self._candidate(lv)
+            except ValueError:
+                continue  # every block dropped; draw again
+            if within_budget and self.budget:
+                return self.repair(cand, rng)
+            return cand
+        raise RuntimeError("random(): every draw dropped every block; freeze a layer (frozen_layers=(0,)).")
+
+    # ------------------------------------------------------------------ costs and budgets
+
+    def cost(self, candidate: Candidate, metric: str) -> float:
+        """``cost_model.cost(candidate, metric)`` (see :class:`CostModel`)."""
+        return self.cost_model.cost(candidate, metric)
+
+    def dense_cost(self, metric: str) -> float:
+        cache = self._dense_costs  # type: ignore[attr-defined]
+        if metric not in cache:
+            cache[metric] = self.cost_model.cost(self.spec.dense_candidate(), metric)
+        return cache[metric]
+
+    def ratio(self, candidate: Candidate, metric: str) -> float:
+        """``cost(candidate) / cost(dense)``."""
+        return self.cost(candidate, metric) / self.dense_cost(metric)
+
+    def budget_bounds(self) -> tuple[tuple[str, float | None, float | None], ...]:
+        """``((metric, lo, hi), ...)`` of the budgets in absolute units."""
+        return tuple((b.metric, *b.bounds(self.dense_cost(b.metric))) for b in self.budget)
+
+    def constraints(self, candidate: Candidate) -> dict[str, float]:
+        """Budget violations as Optuna constraint values (feasible when all ``<= 0``).
+
+        Keys ``f"{metric}_max"`` / ``f"{metric}_min"``; values are
+        ``(cost - hi) / dense`` and ``(lo - cost) / dense``. Pass them to
+        ``trial.set_constraint(key, value)`` (or let :meth:`suggest` do it).
+        """
+        out: dict[str, float] = {}
+        for metric, lo, hi in self.budget_bounds():
+            cost, dense = self.cost(candidate, metric), self.dense_cost(metric)
+            if hi is not None:
+                out[f"{metric}_max"] = (cost - hi) / dense
+            if lo is not None:
+                out[f"{metric}_min"] = (lo - cost) / dense
+        return out
+
+    def satisfies_budget(self, candidate: Candidate) -> bool:
+        """Whether every budget holds (``True`` without budgets)."""
+        for metric, lo, hi in self.budget_bounds():
+            cost = self.cost(candidate, metric)
+            if (hi is not None and cost > hi) or (lo is not None and cost < lo):
+                return False
+        return True
+
+    def step_savings(self, metric: str) -> dict[str, tuple[float, ...]]:
+        """Per gene, what each step ``level j -> j+1`` saves in ``metric`` with every other gene dense.
+
+        For ``params``, ``flops``, ``kv_bytes`` and ``latency`` the saving of an
+        ``attn`` or ``mlp`` step does not depend on the other genes (as long as
+        the block is kept), and genes of the same kind have equal savings in every
+        layer, so "one gene up, another of the same kind down" keeps the cost.
+        ``nonzero_params`` savings of width and sparsity steps depend on each other.
+
+        >>> from evoprune.space import ModelSpec
+        >>> spec = ModelSpec.from_config(dict(model_type="llama", num_hidden_layers=2, hidden_size=64,
+        ...     num_attention_heads=8, num_key_value_heads=4, intermediate_size=128, vocab_size=97))
+        >>> SearchSpace.from_model(spec, attention=None, mlp_step=32).step_savings("params")["L0.mlp"]
+        (6144, 6144, 6144)
+        """
+        self.cost_model._check_metric(metric)
+        out: dict[str, tuple[float, ...]] = {}
+        for k, g in enumerate(self.genes):
+            lv = [0] * len(self.genes)
+            costs = []
+            for j in range(g.top + 1):
+                lv[k] = j
+                costs.append(self.cost_model.layer_cost(self._layer_from(g.layer, lv), metric))
+            out[g.name] = tuple(a - b for a, b in zip(costs, costs[1:]))
+        return out
+
+    def _part_options(self, i: int, probe: list[int], part: str, metric: str) -> list[tuple[float, int | None, bool]]:
+        """``(cost, level, drops)`` of each level of block ``i``'s ``part`` ("attn"/"mlp") gene,
+        the other genes as in ``probe``; one ``(cost, None, False)`` entry if the part has no gene."""
+        cm = self.cost_model
+        k = self._layer_genes[i].get(part)
+        levels: list[int | None] = [None] if k is None else list(range(self.genes[k].top + 1))
+        out = []
+        for j in levels:
+            lv = list(probe)
+            if k is not None and j is not None:
+                lv[k] = j
+            layer = self._layer_from(i, lv)
+            if part == "attn":
+                sp = {n: layer.sparsity_of(n) for n in ATTN_LINEARS}
+                cost = cm.attn_cost(layer.num_kv_heads, layer.q_per_kv, metric, sparsity=sp)
+            else:
+                sp = {n: layer.sparsity_of(n) for n in MLP_LINEARS}
+                cost = cm.mlp_cost(layer.mlp_channels, metric, sparsity=sp)
+            drops = k is not None and self.genes[k].drops and j == self.genes[k].top
+            out.append((cost, j, drops))
+        return out
+
+    def _extreme(self, metric: str, *, minimize: bool) -> tuple[list[int], float]:
+        """Levels and cost of the cheapest (``minimize``) or most expensive candidate in ``metric``.
+
+        Exact: costs are additive over blocks and over the attention/MLP parts of a
+        block, and nonzero counts only fall with sparsity, so sparsity sits at its
+        top level (minimize) or at 0 (maximize) and the widths are enumerated.
+        Ties go to the less compressed level.
+        """
+        cm = self.cost_model
+        key = (lambda o: (o[0], o[1] or 0)) if minimize else (lambda o: (-o[0], o[1] or 0))
+        lv = [0] * len(self.genes)
+        total = cm.base_cost(metric)
+        rescue: list[tuple[float, int, list[tuple[int, int]]]] = []  # (extra cost, layer, assignment)
+        for i in range(self.spec.num_layers):
+            g = self._layer_genes[i]
+            if not g:
+                total += cm.layer_cost(self._dense_layer, metric)
+                continue
+            probe = [0] * len(self.genes)
+            assign: list[tuple[int, int]] = []
+            for kind, k in g.items():
+                if kind.endswith("sparsity"):
+                    probe[k] = self.genes[k].top if minimize else 0
+                    assign.append((k, probe[k]))
+            attn_opts = self._part_options(i, probe, "attn", metric)
+            mlp_opts = self._part_options(i, probe, "mlp", metric)
+            best_a, best_m = min(attn_opts, key=key), min(mlp_opts, key=key)
+
+            def chosen(a: tuple[float, int | None, bool], m: tuple[float, int | None, bool]) -> list[tuple[int, int]]:
+                out = list(assign)
+                for part, opt in (("attn", a), ("mlp", m)):
+                    if opt[1] is not None:
+                        out.append((g[part], opt[1]))
+                return out
+
+            cost = best_a[0] + best_m[0]
+            layer_assign = chosen(best_a, best_m)
+            if "block" in g and minimize and cost > 0:
+                cost, layer_assign = 0, [(g["block"], 1)]
+            for k, level in layer_assign:
+                lv[k] = level
+            total += cost
+            if minimize:  # the cheapest way to keep this block, in case every block ends up dropped
+                keep_a = min((o for o in attn_opts if not o[2]), key=key)
+                keep_m = min((o for o in mlp_opts if not o[2]), key=key)
+                options = [(keep_a[0] + best_m[0], chosen(keep_a, best_m)), (best_a[0] + keep_m[0], chosen(best_a, keep_m))]
+                keep_cost, keep_assign = min(options, key=lambda o: o[0])
+                rescue.append((keep_cost - cost, i, keep_assign))
+        if all(self._layer_from(i, lv).dropped for i in range(self.spec.num_layers)):
+            extra, i, keep_assign = min(rescue, key=lambda r: (r[0], r[1]))
+            for k in self._layer_genes[i].values():
+                lv[k] = 0
+            for k, level in keep_assign:
+                lv[k] = level
+            total += extra
+        return lv, total
+
+    def smallest(self, metric: str) -> Candidate:
+        """The cheapest candidate of the space in ``metric`` (ties go to less compressed levels)."""
+        self.cost_model._check_metric(metric)
+        lv, _ = self._extreme(metric, minimize=True)
+        return self._candidate(lv)
+
+    def min_cost(self, metric: str) -> float:
+        """Cost of :meth:`smallest` (exact; used to reject budgets no candidate can meet)."""
+        self.cost_model._check_metric(metric)
+        return self._extreme(metric, minimize=True)[1]
+
+    def repair(
+        self, candidate: Candidate, rng: np.random.Generator | int | None = None, *, max_steps: int | None = None
+    ) -> Candidate:
+        """Move genes one level at a time until every budget holds; deterministic given ``rng``.
+
+        While an upper bound is exceeded, a random gene (order drawn from ``rng``)
+        whose next level up strictly lowers that metric moves up one level; while a
+        lower bound is undershot, a random gene whose next level down raises it
+        moves down. A move never breaks a budget that already holds. Returns the
+        canonical candidate unchanged if it already satisfies the budget.
+
+        Raises ``ValueError`` when the budget cannot be reached by such moves
+        (e.g. a band narrower than one level step).
+        """
+        rng = np.random.default_rng(rng)
+        lv = self._check_levels(self.levels_of(candidate), strict_missing=True, ignore_unknown=False)
+        if not self.budget:
+            return self._candidate(lv)
+        cm = self.cost_model
+        n_layers = self.spec.num_layers
+        bounds = self.budget_bounds()
+        layers = [self._layer_from(i, lv) for i in range(n_layers)]
+        costs = {m: [cm.layer_cost(layer, m) for layer in layers] for m, _, _ in bounds}
+        totals = {m: cm.base_cost(m) + sum(costs[m]) for m, _, _ in bounds}
+        kept = sum(not layer.dropped for layer in layers)
+        if max_steps is None:
+            max_steps = 4 * sum(g.top + 1 for g in self.genes) + 100
+
+        def violation(metric: str, lo: float | None, hi: float | None, total: float) -> int:
+            if hi is not None and total > hi:
+                return 1
+            if lo is not None and total < lo:
+                return -1
+            return 0
+
+        for _ in range(max_steps):
+            target = next(((m, lo, hi) for m, lo, hi in bounds if violation(m, lo, hi, totals[m])), None)
+            if target is None:
+                return self._candidate(lv)
+            metric, lo, hi = target
+            direction = violation(metric, lo, hi, totals[metric])
+            moved = False
+            for k in rng.permutation(len(self.genes)):
+                g = self.genes[k]
+                new = lv[k] + direction
+                if not 0 <= new <= g.top:
+                    continue
+                old = lv[k]
+                lv[k] = new
+                layer = self._layer_from(g.layer, lv)
+                was_dropped = layers[g.layer].dropped
+                if layer.dropped and not was_dropped and kept == 1:
+                    lv[k] = old
+                    continue
+                new_costs = {m: cm.layer_cost(layer, m) for m, _, _ in bounds}
+                new_totals = {m: totals[m] - costs[m][g.layer] + new_costs[m] for m, _, _ in bounds}
+                improves = (new_totals[metric] - totals[metric]) * direction < 0
+                keeps_others = all(
+                    violation(m, l, h, new_totals[m]) == 0
+                    for m, l, h in bounds
+                    if violation(m, l, h, totals[m]) == 0
+                )
+                if improves and keeps_others:
+                    for m, _, _ in bounds:
+                        costs[m][g.layer] = new_costs[m]
+                    totals = new_totals
+                    layers[g.layer] = layer
+                    kept += int(was_dropped) - int(layer.dropped)
+                    moved = True
+                    break
+                lv[k] = old
+            if not moved:
+                break
+        for metric, _, _ in bounds:  # fall back to the cheapest candidates
+            cand = self.smallest(metric)
+            if self.satisfies_budget(cand):
+                return cand
+        raise ValueError(
+            f"repair could not meet the budget {self.budget} from this candidate; the budget band may be narrower "
+            "than one level step. Widen it or use finer levels."
+        )
+
+    # ------------------------------------------------------------------ Optuna
+
+    def optuna_distributions(self, *, categorical: bool = False) -> dict[str, Any]:
+        """``{gene name: IntDistribution(0, top)}`` over level indices (``CategoricalDistribution`` of
+        the indices with ``categorical=True``; use the same choice in :meth:`suggest`).
+
+        >>> from evoprune.space import ModelSpec
+        >>> spec = ModelSpec.from_config(dict(model_type="llama", num_hidden_layers=2, hidden_size=64,
+        ...     num_attention_heads=8, num_key_value_heads=4, intermediate_size=128, vocab_size=97))
+        >>> SearchSpace.from_model(spec, attention=None, mlp_step=64).optuna_distributions()
+        {'L0.mlp': IntDistribution(high=1, log=False, low=0, step=1), 'L1.mlp': IntDistribution(high=1, log=False, low=0, step=1)}
+        """
+        from optuna.distributions import CategoricalDistribution, IntDistribution
+
+        if categorical:
+            return {g.name: CategoricalDistribution(tuple(range(g.top + 1))) for g in self.genes}
+        return {g.name: IntDistribution(0, g.top) for g in self.genes}
+
+    def params_of(self, candidate: Candidate) -> dict[str, int]:
+        """Optuna params of ``candidate`` (its level indices), e.g. for ``study.enqueue_trial``."""
+        return self.levels_of(candidate)
+
+    def candidate_from_params(self, params: Mapping[str, Any]) -> Candidate:
+        """The candidate of an Optuna trial's ``params``; keys that are not genes are ignored, every
+        gene must be present."""
+        return self._candidate(self._check_levels(params, strict_missing=True, ignore_unknown=True))
+
+    def suggest(self, trial: Any, *, categorical: bool = False, set_constraints: bool = True) -> Candidate:
+        """Suggest every gene on an Optuna ``trial`` and return the candidate.
+
+        With a budget and ``set_constraints``, the :meth:`constraints` are set on the
+        trial (``trial.set_constraint``) so constrained samplers see them. Raises
+        ``ValueError`` if the suggested levels drop every block (freeze a layer to
+        rule that out).
+
+        >>> import optuna
+        >>> from evoprune.space import ModelSpec
+        >>> spec = ModelSpec.from_config(dict(model_type="llama", num_hidden_layers=2, hidden_size=64,
+        ...     num_attention_heads=8, num_key_value_heads=4, intermediate_size=128, vocab_size=97))
+        >>> space = SearchSpace.from_model(spec, mlp_step=64)
+        >>> study = optuna.create_study(sampler=optuna.samplers.RandomSampler(seed=0))
+        >>> trial = study.ask(space.optuna_distributions())
+        >>> space.suggest(trial) == space.candidate_from_params(trial.params)
+        True
+        """
+        params: dict[str, int] = {}
+        for g in self.genes:
+            if categorical:
+                params[g.name] = trial.suggest_categorical(g.name, list(range(g.top + 1)))
+            else:
+                params[g.name] = trial.suggest_int(g.name, 0, g.top)
+        candidate = self.candidate_from_params(params)
+        if set_constraints and self.budget and hasattr(trial, "set_constraint"):
+            for key, value in self.constraints(candidate).items():
+                trial.set_constraint(key, value)
+        return candidate
+
+    # ------------------------------------------------------------------ serialization
+
+    def to_dict(self) -> dict[str, Any]:
+        """JSON-able description; :meth:`from_dict` rebuilds an equal space with identical genes."""
+        return {
+            "version": _SPACE_JSON_VERSION,
+            "spec": self.spec.to_dict(),
+            "attention": self.attention,
+            "attn_levels": None if self.attn_levels is None else list(self.attn_levels),
+            "mlp": self.mlp,
+            "mlp_step": self.mlp_step,
+            "mlp_min": self.mlp_min,
+            "drop_attention": self.drop_attention,
+            "drop_mlp": self.drop_mlp,
+            "drop_blocks": self.drop_blocks,
+            "sparsity_levels": list(self.sparsity_levels),
+            "sparsity_granularity": self.sparsity_granularity,
+            "pattern_2_4": self.pattern_2_4,
+            "frozen_layers": list(self.frozen_layers),
+            "budget": [b.to_dict() for b in self.budget],
+            "seq_len": self.seq_len,
+            "kv_dtype_bytes": self.kv_dtype_bytes,
+            "latency": None if self.latency is None else self.latency.to_dict(),
+        }
+
+    @classmethod
+    def from_dict(cls, data: Mapping[str, Any]) -> "SearchSpace":
+        data = dict(data)
+        version = data.pop("version", _SPACE_JSON_VERSION)
+        if version != _SPACE_JSON_VERSION:
+            raise ValueError(
+                f"SearchSpace JSON version {version} is not supported (expects {_SPACE_JSON_VERSION}); upgrade evoprune."
+            )
+        if "spec" not in data:
+            raise ValueError("SearchSpace.from_dict needs a 'spec' entry (as written by to_dict()).")
+        known = {f.name for f in dataclasses.fields(cls) if f.init}
+        unknown = set(data) - known
+        if unknown:
+            raise ValueError(f"SearchSpace.from_dict: unknown keys {sorted(unknown)}.")
+        data["spec"] = ModelSpec.from_dict(data["spec"])
+        if data.get("attn_levels") is not None:
+            data["attn_levels"] = tuple(data["attn_levels"])
+        for key in ("sparsity_levels", "frozen_layers"):
+            if key in data:
+                data[key] = tuple(data[key])
+        data["budget"] = tuple(Budget.from_dict(b) for b in data.get("budget") or ())
+        if data.get("latency") is not None:
+            data["latency"] = LatencyTable.from_dict(data["latency"])
+        return cls(**data)
+
+    def to_json(self) -> str:
+        """Canonical JSON (sorted keys): equal spaces give equal strings."""
+        return json.dumps(self.to_dict(), sort_keys=True, separators=(",", ":"))
+
+    @classmethod
+    def from_json(cls, text: str) -> "SearchSpace":
+        try:
+            data = json.loads(text)
+        except json.JSONDecodeError as exc:
+            raise ValueError(f"SearchSpace.from_json: not valid JSON ({exc}).") from None
+        return cls.from_dict(data)
+
+    @property
+    def key(self) -> str:
+        """Short stable digest of the canonical JSON."""
+        return hashlib.sha256(self.to_json().encode()).hexdigest()[:16]
+
+
+def _int_tuple(what: str, values: Any) -> tuple[int, ...]:
+    if isinstance(values, (str, bytes)) or not isinstance(values, Iterable):
+        raise TypeError(f"SearchSpace.{what} must be a sequence of ints, got {values!r}.")
+    out = tuple(values)
+    for v in out:
+        if isinstance(v, bool) or not isinstance(v, (int, np.integer)):
+            raise TypeError(f"SearchSpace.{what} must contain ints, got {v!r}.")
+    return tuple(int(v) for v in out)
+
+
+def _level_index(value: float, levels: Sequence[float]) -> int | None:
+    for k, level in enumerate(levels):
+        if math.isclose(value, level, rel_tol=0.0, abs_tol=1e-9):
+            return k
+    return None
+
+
+def _short(values: Sequence[Any]) -> str:
+    return str(tuple(values)) if len(values) <= 6 else f"({values[0]}, {values[1]}, ..., {values[-1]})"
