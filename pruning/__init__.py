@@ -1,1 +1,58 @@
-"""evoprune.pruning"""
+"""Pruning backend: importance scores, in-place apply/revert, materialize, export and load.
+
+A :class:`Pruner` scores heads, KV groups and MLP channels once (cached on disk),
+permutes the dense model so the most important come first, and then turns any
+:class:`~evoprune.space.Candidate` into the live model in place (views, no
+copy) or into a new, physically smaller model::
+
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from evoprune.space import Candidate, LayerConfig, ModelSpec
+    from evoprune.pruning import Pruner, load_pruned
+
+    model = AutoModelForCausalLM.from_pretrained("Qwen/Qwen3-0.6B")
+    calib = torch.randint(0, model.config.vocab_size, (32, 256))   # [n, seq_len] real text in practice
+    pruner = Pruner(model, calib, cache_dir=".cache/evoprune")
+
+    spec = ModelSpec.from_config(model.config)
+    half = LayerConfig(num_kv_heads=spec.num_kv_heads // 2, q_per_kv=spec.q_per_kv,
+                       mlp_channels=spec.intermediate_size // 2, sparsity=0.25)
+    candidate = Candidate(layers=(half,) * spec.num_layers)
+
+    with pruner.applied(candidate):                 # in place, no weight copy
+        logits = model(calib[:2]).logits
+    pruner.importance.block_influence               # ShortGPT 1 - cos per block
+
+    small = pruner.materialize(candidate)           # new nn.Module, same logits
+    pruner.export(candidate, "qwen3-half", tokenizer=AutoTokenizer.from_pretrained("Qwen/Qwen3-0.6B"))
+    again = load_pruned("qwen3-half")               # fresh process: same logits again
+
+Plain ``from_pretrained`` works inside :func:`per_layer_modules` (a scoped patch that
+always restores the original classes)::
+
+    with per_layer_modules():
+        model = AutoModelForCausalLM.from_pretrained("qwen3-half")
+"""
+
+from ._adapters import ArchAdapter, get_adapter, register_adapter, registered_model_types
+from ._importance import IMPORTANCE_METHODS, Importance
+from ._load import load_pruned
+from ._masks import wanda_mask
+from ._modules import DroppedAttention, DroppedMLP, per_layer_modules
+from ._pruner import EXPORT_FORMAT_VERSION, Pruner
+
+__all__ = [
+    "EXPORT_FORMAT_VERSION",
+    "IMPORTANCE_METHODS",
+    "ArchAdapter",
+    "DroppedAttention",
+    "DroppedMLP",
+    "Importance",
+    "Pruner",
+    "get_adapter",
+    "load_pruned",
+    "per_layer_modules",
+    "register_adapter",
+    "registered_model_types",
+    "wanda_mask",
+]
