@@ -1,13 +1,54 @@
 """evoprune: compress pretrained causal language models by evolutionary architecture search.
 
-Public API (see README.md for runnable examples)::
+The public API is small; everything else lives in the subpackages
+(``evoprune.space``, ``evoprune.pruning``, ``evoprune.evaluators``,
+``evoprune.search``, ``evoprune.storage``)::
 
-    import evoprune
-    from evoprune.space import Candidate, LayerConfig, SearchSpace
+    >>> import evoprune
+    >>> c = evoprune.Candidate(layers=(evoprune.LayerConfig(num_kv_heads=2, q_per_kv=2, mlp_channels=64),))
+    >>> evoprune.Candidate.from_json(c.to_json()) == c
+    True
+
+Names are imported lazily, so ``import evoprune`` stays cheap (no torch import).
 """
 
 from __future__ import annotations
 
+import importlib
+from typing import Any
+
 __version__ = "0.1.0"
 
-__all__ = ["__version__"]
+_EXPORTS: dict[str, str] = {
+    # space
+    "Candidate": "evoprune.space",
+    "LayerConfig": "evoprune.space",
+    "SearchSpace": "evoprune.space",
+    "Budget": "evoprune.space",
+    "CostModel": "evoprune.space",
+    # pruning
+    "Pruner": "evoprune.pruning",
+    "load_pruned": "evoprune.pruning",
+    # search
+    "StudyConfig": "evoprune.search",
+    "Searcher": "evoprune.search",
+    "EvolutionarySampler": "evoprune.search",
+    # storage
+    "create_study": "evoprune.storage",
+    "load_study": "evoprune.storage",
+}
+
+__all__ = ["__version__", *_EXPORTS]
+
+
+def __getattr__(name: str) -> Any:
+    module = _EXPORTS.get(name)
+    if module is None:
+        raise AttributeError(f"module 'evoprune' has no attribute {name!r}")
+    value = getattr(importlib.import_module(module), name)
+    globals()[name] = value
+    return value
+
+
+def __dir__() -> list[str]:
+    return sorted(set(globals()) | set(__all__))

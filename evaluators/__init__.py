@@ -1,1 +1,73 @@
-"""evoprune.evaluators"""
+"""Evaluators: score the candidate applied to a live model, in stages.
+
+The pieces::
+
+    from evoprune.evaluators import (EvalContext, KLToDense, Perplexity, FineTuned, LMEval,
+                                     Latency, Cost, Stage, Pipeline, TopK, TopFraction)
+
+    ctx = EvalContext(eval_ids=val_ids, train_ids=train_ids, pruner=pruner,
+                      cost_model=cost_model, tokenizer=tokenizer, seed=0)
+    pipe = Pipeline([
+        Stage(name="s1", evaluators=[KLToDense()], eval_tokens=2048, seq_len=256, promote=TopK(4)),
+        Stage(name="s2", evaluators=[KLToDense(top_k=256)], eval_tokens=16384, seq_len=256,
+              finetune_tokens=20_000, finetune={"lr": 1e-5}, promote=TopK(1)),
+        Stage(name="final", evaluators=[KLToDense(top_k=256), Latency()], eval_tokens=65536, seq_len=256),
+    ])
+    results = pipe.run_batch(candidates, model, ctx)     # model: dense when called
+
+Every evaluator has ``name``, ``direction`` (``"minimize"``/``"maximize"``)
+and ``evaluate(model, candidate, context) -> EvalResult`` (value, details,
+tokens, seconds); evaluators with dense reference data also have
+``prepare(model, context)``. Evaluation tokens are deterministic functions of
+(data fingerprint, stage, seed): see :func:`make_token_set`.
+"""
+
+from ._base import EvalContext, EvalResult, Evaluator, default_cache_dir, model_fingerprint
+from ._cost import Cost
+from ._finetune import FineTuned, FineTuneReport, finetune, select_trainable
+from ._kl import DenseReference, KLToDense, Perplexity, dense_reference, reference_nbytes
+from ._latency import Latency, measure_latency
+from ._lmeval import LMEval
+from ._pipeline import (
+    CandidateResult,
+    EvalRecord,
+    Pipeline,
+    PromotionRule,
+    Stage,
+    StageResult,
+    TopFraction,
+    TopK,
+)
+from ._tokens import TokenSet, ids_fingerprint, make_token_set
+
+__all__ = [
+    "CandidateResult",
+    "Cost",
+    "DenseReference",
+    "EvalContext",
+    "EvalRecord",
+    "EvalResult",
+    "Evaluator",
+    "FineTuneReport",
+    "FineTuned",
+    "KLToDense",
+    "LMEval",
+    "Latency",
+    "Perplexity",
+    "Pipeline",
+    "PromotionRule",
+    "Stage",
+    "StageResult",
+    "TokenSet",
+    "TopFraction",
+    "TopK",
+    "default_cache_dir",
+    "dense_reference",
+    "finetune",
+    "ids_fingerprint",
+    "make_token_set",
+    "measure_latency",
+    "model_fingerprint",
+    "reference_nbytes",
+    "select_trainable",
+]

@@ -1,0 +1,151 @@
+"""Stage-1 evaluation throughput versus the bare forward pass of the same models.
+
+For random candidates at one parameter budget of the small reference model,
+measures
+
+* stage-1 rate: candidates per second through ``Pipeline.run_stage`` with a
+  ``KLToDense`` stage (apply the candidate in place, batched forward passes on
+  the stage's tokens, KL against the cached dense distributions, revert);
+* bare rate: candidates per second of plain ``model(input_ids)`` forward passes
+  of the *materialized* candidate (``pruner.materialize``) on the same tokens in
+  the same batches (materialization not timed).
+
+Both are measured interleaved candidate by candidate (so a noisy neighbour
+hits both alike), each ``--repeats`` times, keeping the fastest, with one
+intra-op thread by default (two OpenMP threads on a shared 2-core machine make
+timings erratic; ``--threads 2`` on an idle one). The target: stage-1 rate
+>= 0.85 x bare rate. About 2-3 minutes on 2 cores.
+
+    python bench/eval_throughput.py                 # small reference model, 24 candidates, CPU
+    python bench/eval_throughput.py --size tiny --candidates 8
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import time
+
+import numpy as np
+import torch
+
+
+def _args(argv=None):
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--size", default="small", help="reference model size (tiny|small)")
+    p.add_argument("--candidates", type=int, default=24)
+    p.add_argument("--tokens", type=int, default=2048, help="stage-1 evaluation tokens")
+    p.add_argument("--seq-len", type=int, default=256)
+    p.add_argument("--batch-size", type=int, default=8)
+    p.add_argument("--budget", type=float, default=0.5, help="max params ratio (min is budget - 0.05)")
+    p.add_argument("--repeats", type=int, default=3)
+    p.add_argument("--threads", type=int, default=1,
+                   help="intra-op threads (1 keeps timings stable on a shared 2-core machine)")
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument("--seed", type=int, default=0)
+    return p.parse_args(argv)
+
+
+def _sync(device):
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def main(argv=None) -> int:
+    args = _args(argv)
+    torch.set_num_threads(args.threads)
+    import transformers
+
+    from evoprune._corpus import load_reference_corpus, tokenized_split
+    from evoprune._reference import build_reference_model
+    from evoprune.evaluators import EvalContext, KLToDense, Pipeline, Stage
+    from evoprune.pruning import Pruner
+    from evoprune.space import Budget, SearchSpace
+
+    device = torch.device(args.device)
+    t_setup = time.perf_counter()
+    path = build_reference_model(args.size, progress=False)
+    tok = transformers.AutoTokenizer.from_pretrained(path)
+    model = transformers.AutoModelForCausalLM.from_pretrained(path).eval().to(device)
+    corpus = load_reference_corpus()
+    eval_ids, eval_fp = tokenized_split(tok, "validation", corpus)
+    calib_ids, calib_fp = tokenized_split(tok, "calibration", corpus)
+    n_cal = min(32, calib_ids.numel() // args.seq_len)
+    calib = calib_ids[: n_cal * args.seq_len].view(n_cal, args.seq_len).to(device)
+    pruner = Pruner(model, calib, data_fingerprint=calib_fp)
+    space = SearchSpace.from_model(
+        model, drop_blocks=True, budget=Budget(metric="params", max_ratio=args.budget, min_ratio=args.budget - 0.05)
+    )
+    rng = np.random.default_rng(args.seed)
+    cands, seen = [], set()
+    while len(cands) < args.candidates:
+        c = space.random(rng)
+        if c.key not in seen:
+            seen.add(c.key)
+            cands.append(c)
+    ctx = EvalContext(eval_ids=eval_ids, data_fingerprint=eval_fp, pruner=pruner, batch_size=args.batch_size,
+                      cache_dir=False, seed=args.seed, device=device)
+    stage = Stage(name="stage1", evaluators=[KLToDense()], eval_tokens=args.tokens, seq_len=args.seq_len)
+    pipe = Pipeline([stage])
+    pipe.prepare(model, ctx)
+    tokens = pipe.stage_context(stage, ctx).tokens
+    setup_s = time.perf_counter() - t_setup
+
+    def stage1(c):
+        _sync(device)
+        t0 = time.perf_counter()
+        res = pipe.run_stage(stage, model, c, ctx)
+        _sync(device)
+        return time.perf_counter() - t0, res.objective
+
+    def bare(small):
+        _sync(device)
+        t0 = time.perf_counter()
+        with torch.inference_mode():
+            for b in tokens.batches(args.batch_size):
+                small(input_ids=b.to(device), use_cache=False)
+        _sync(device)
+        return time.perf_counter() - t0
+
+    # warm-up (allocator, kernels): one of each, untimed
+    stage1(cands[0])
+    warm = pruner.materialize(cands[0])
+    bare(warm)
+    del warm
+
+    rows = []
+    for i, c in enumerate(cands):
+        small = pruner.materialize(c)
+        s_times, b_times = [], []
+        for _ in range(args.repeats):
+            s, kl = stage1(c)
+            s_times.append(s)
+            b_times.append(bare(small))
+        del small
+        rows.append((i, space.ratio(c, "params"), kl, min(s_times), min(b_times)))
+
+    print(f"# eval_throughput: reference={args.size} device={device} threads={torch.get_num_threads()} "
+          f"candidates={len(cands)} tokens={tokens.num_tokens} seq_len={tokens.seq_len} batch={args.batch_size} "
+          f"repeats={args.repeats} (fastest kept) setup={setup_s:.1f}s")
+    print(f"{'cand':>4} {'params':>7} {'kl':>9} {'stage1_s':>9} {'bare_s':>9} {'ratio':>6}")
+    for i, pr, kl, s, b in rows:
+        print(f"{i:>4} {pr:>7.3f} {kl:>9.5f} {s:>9.4f} {b:>9.4f} {b / s:>6.3f}")
+    stage_total = sum(r[3] for r in rows)
+    bare_total = sum(r[4] for r in rows)
+    stage_rate = len(rows) / stage_total
+    bare_rate = len(rows) / bare_total
+    ratio = stage_rate / bare_rate
+    print(f"stage-1 candidates/s: {stage_rate:.3f}   bare forward candidates/s: {bare_rate:.3f}   "
+          f"median per-candidate ratio: {statistics.median(r[4] / r[3] for r in rows):.3f}")
+    # end-to-end, as a search would call it (one pass, not interleaved)
+    t0 = time.perf_counter()
+    pipe.run_batch(cands, model, ctx)
+    _sync(device)
+    e2e = len(cands) / (time.perf_counter() - t0)
+    print(f"run_batch end-to-end candidates/s: {e2e:.3f}")
+    print(f"TARGET stage1_over_bare_throughput {ratio:.3f} >= 0.85 {'PASS' if ratio >= 0.85 else 'FAIL'}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

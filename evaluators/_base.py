@@ -1,0 +1,265 @@
+"""The evaluator protocol, its result type and the shared evaluation context."""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import os
+from pathlib import Path
+from typing import Any, Literal, Protocol, runtime_checkable
+
+import torch
+
+from .._logging import get_logger
+from ._tokens import TokenSet, ids_fingerprint, make_token_set
+
+__all__ = [
+    "EvalContext",
+    "EvalResult",
+    "Evaluator",
+    "model_fingerprint",
+    "default_cache_dir",
+]
+
+_log = get_logger("evaluators")
+
+Direction = Literal["minimize", "maximize"]
+
+
+@dataclasses.dataclass
+class EvalResult:
+    """One evaluator's score of one candidate.
+
+    Args:
+        value: the score (``float(result)`` gives it too).
+        details: JSON-able extras (e.g. every lm-eval metric, timings).
+        tokens: tokens the evaluator processed (``None`` where it does not apply,
+            e.g. a cost count).
+        seconds: wall time of the evaluation.
+    """
+
+    value: float
+    details: dict[str, Any] = dataclasses.field(default_factory=dict)
+    tokens: int | None = None
+    seconds: float = 0.0
+
+    def __float__(self) -> float:
+        return float(self.value)
+
+
+@runtime_checkable
+class Evaluator(Protocol):
+    """Scores the candidate currently applied to ``model``.
+
+    ``evaluate`` may return a plain ``float`` or an :class:`EvalResult`.
+    An evaluator may also define ``prepare(model, context)``, called once per
+    stage while ``model`` is still dense (the stage pipeline does this), to
+    cache reference data such as the dense logits or the dense latency.
+
+    Example (a custom evaluator)::
+
+        class NegParams:
+            name = "neg_params"
+            direction = "maximize"
+
+            def evaluate(self, model, candidate, context):
+                return -float(sum(p.numel() for p in model.parameters()))
+    """
+
+    name: str
+    direction: Direction
+
+    def evaluate(self, model: torch.nn.Module, candidate: Any, context: "EvalContext") -> float | EvalResult: ...
+
+
+def as_result(value: float | EvalResult, *, seconds: float = 0.0) -> EvalResult:
+    """Wrap a plain float returned by an evaluator."""
+    if isinstance(value, EvalResult):
+        return value
+    return EvalResult(value=float(value), seconds=seconds)
+
+
+def default_cache_dir() -> Path:
+    """``$EVOPRUNE_CACHE_DIR`` or the platform's user cache dir for evoprune."""
+    root = os.environ.get("EVOPRUNE_CACHE_DIR")
+    if root:
+        return Path(root)
+    import platformdirs
+
+    return Path(platformdirs.user_cache_dir("evoprune"))
+
+
+def model_fingerprint(model: torch.nn.Module, *, samples_per_tensor: int = 4096) -> str:
+    """A digest (hex, 16 chars) of a model's config and weights.
+
+    Hashes the config JSON and, for every parameter and buffer, its name,
+    shape, dtype, ``samples_per_tensor`` evenly strided values and the float64
+    sum of all values. Compute it on the *dense* model (before any candidate
+    is applied). One pass over the weights; cheap next to a forward pass on
+    the evaluation tokens.
+    """
+    h = hashlib.sha256()
+    config = getattr(model, "config", None)
+    if config is not None:
+        try:
+            cfg = config.to_dict()
+        except Exception:  # pragma: no cover - exotic configs
+            cfg = {}
+        cfg = {k: v for k, v in cfg.items() if k not in ("_name_or_path", "transformers_version")}
+        h.update(json.dumps(cfg, sort_keys=True, default=str).encode())
+    with torch.no_grad():
+        tensors = list(model.named_parameters(remove_duplicate=False)) + list(model.named_buffers())
+        for name, t in tensors:
+            h.update(f"{name}|{tuple(t.shape)}|{t.dtype}|".encode())
+            flat = t.detach().reshape(-1)
+            if flat.numel() == 0:
+                continue
+            step = max(1, flat.numel() // samples_per_tensor)
+            sample = flat[::step][:samples_per_tensor].to("cpu", torch.float64)
+            h.update(sample.numpy().tobytes())
+            h.update(repr(float(flat.to(torch.float64).sum())).encode())
+    return h.hexdigest()[:16]
+
+
+@dataclasses.dataclass
+class EvalContext:
+    """What evaluators share: data, the pruner, the cost model and caches.
+
+    Build one per study/worker and pass it to every evaluation; stage
+    contexts made by :meth:`for_stage` share its caches (dense reference
+    logits, dense latency, lm-eval task managers).
+
+    Args:
+        eval_ids: 1-D LongTensor of evaluation token ids (KL, perplexity).
+        train_ids: 1-D LongTensor of fine-tuning token ids (defaults to ``eval_ids``
+            only if ``allow_train_on_eval=True``).
+        data_fingerprint: identifies ``eval_ids``/``train_ids``; computed if omitted.
+        seed: study seed; token sets depend on it.
+        device: where forward passes run (default: the model's device).
+        pruner: an ``evoprune.pruning.Pruner`` (``apply``/``revert``/``applied``/
+            ``materialize``/``trainable_parameters``/``masks``) or ``None``.
+        cost_model: an ``evoprune.space`` cost model or ``None``.
+        tokenizer: needed by :class:`LMEval`.
+        batch_size: default forward batch size (sequences) for KL and perplexity.
+        cache_dir: where dense reference logits are cached on disk; ``None``
+            means :func:`default_cache_dir`, ``False`` disables the disk cache.
+        model_fingerprint: identifies the dense model; computed on first use
+            (on the dense model, in ``prepare``) if omitted.
+        stage: name of the current stage (set by :meth:`for_stage`).
+        tokens: the current stage's evaluation :class:`TokenSet`.
+        progress: show tqdm bars for long loops.
+        allow_train_on_eval: let fine-tuning draw from ``eval_ids`` when no
+            ``train_ids`` are given (off by default: it leaks evaluation text).
+
+    Example::
+
+        >>> import torch
+        >>> ctx = EvalContext(eval_ids=torch.arange(5000) % 97, seed=1)
+        >>> s1 = ctx.for_stage("stage1", eval_tokens=512, seq_len=64)
+        >>> s1.tokens.ids.shape
+        torch.Size([8, 64])
+    """
+
+    eval_ids: torch.Tensor | None = None
+    train_ids: torch.Tensor | None = None
+    data_fingerprint: str | None = None
+    seed: int = 0
+    device: torch.device | str | None = None
+    pruner: Any = None
+    cost_model: Any = None
+    tokenizer: Any = None
+    batch_size: int = 8
+    cache_dir: str | Path | bool | None = None
+    model_fingerprint: str | None = None
+    stage: str = "default"
+    tokens: TokenSet | None = None
+    progress: bool = False
+    allow_train_on_eval: bool = False
+    shared: dict[str, Any] = dataclasses.field(default_factory=dict, repr=False)
+
+    def __post_init__(self) -> None:
+        for name in ("eval_ids", "train_ids"):
+            ids = getattr(self, name)
+            if ids is not None and (not isinstance(ids, torch.Tensor) or ids.dim() != 1):
+                raise ValueError(f"EvalContext.{name} must be a 1-D LongTensor of token ids.")
+        if self.batch_size < 1:
+            raise ValueError(f"EvalContext.batch_size must be >= 1, got {self.batch_size}.")
+        if self.data_fingerprint is None and (self.eval_ids is not None or self.train_ids is not None):
+            parts = [ids_fingerprint(i) if i is not None else "-" for i in (self.eval_ids, self.train_ids)]
+            self.data_fingerprint = hashlib.sha256("|".join(parts).encode()).hexdigest()[:16]
+
+    # -- token sets -------------------------------------------------------------------------
+    def token_set(
+        self, num_tokens: int, seq_len: int, *, split: Literal["eval", "train"] = "eval", stage: str | None = None
+    ) -> TokenSet:
+        """The deterministic token set of ``stage`` (default: this context's stage), cached."""
+        stage = self.stage if stage is None else str(stage)
+        if split == "eval":
+            ids = self.eval_ids
+        elif split == "train":
+            ids = self.train_ids
+            if ids is None and self.allow_train_on_eval:
+                ids = self.eval_ids
+        else:
+            raise ValueError(f"split must be 'eval' or 'train', got {split!r}.")
+        if ids is None:
+            raise ValueError(
+                f"EvalContext has no {split}_ids; pass {split}_ids=<1-D LongTensor> "
+                "(e.g. from evoprune._corpus.tokenized_split)."
+            )
+        cache = self.shared.setdefault("token_sets", {})
+        key = (split, stage, int(num_tokens), int(seq_len))
+        if key not in cache:
+            cache[key] = make_token_set(
+                ids,
+                num_tokens=num_tokens,
+                seq_len=seq_len,
+                stage=f"{split}:{stage}",
+                seed=self.seed,
+                data_fingerprint=self.data_fingerprint,
+            )
+        return cache[key]
+
+    def for_stage(self, stage: str, *, eval_tokens: int | None = None, seq_len: int | None = None) -> "EvalContext":
+        """A copy for ``stage`` (sharing caches) whose ``tokens`` is the stage's token set."""
+        tokens = None
+        if eval_tokens:
+            if seq_len is None:
+                raise ValueError("for_stage: give seq_len together with eval_tokens.")
+            tokens = self.token_set(eval_tokens, seq_len, stage=stage)
+        return dataclasses.replace(self, stage=str(stage), tokens=tokens)
+
+    def require_tokens(self, evaluator: str) -> TokenSet:
+        if self.tokens is None:
+            raise ValueError(
+                f"{evaluator} needs evaluation tokens: use context.for_stage(name, eval_tokens=..., seq_len=...) "
+                "or give the evaluator num_tokens= and seq_len=."
+            )
+        return self.tokens
+
+    # -- models -----------------------------------------------------------------------------
+    def device_for(self, model: torch.nn.Module) -> torch.device:
+        if self.device is not None:
+            return torch.device(self.device)
+        for p in model.parameters():
+            return p.device
+        return torch.device("cpu")
+
+    def fingerprint_of(self, model: torch.nn.Module) -> str:
+        """The dense model's fingerprint (computed once, on first call, from ``model``)."""
+        if self.model_fingerprint is None:
+            fp = self.shared.get("model_fingerprint")
+            if fp is None:
+                fp = model_fingerprint(model)
+                self.shared["model_fingerprint"] = fp
+                _log.info("dense model fingerprint %s", fp)
+            self.model_fingerprint = fp
+        return self.model_fingerprint
+
+    def resolved_cache_dir(self) -> Path | None:
+        if self.cache_dir is False:
+            return None
+        if self.cache_dir is None or self.cache_dir is True:
+            return default_cache_dir() / "dense_reference"
+        return Path(self.cache_dir)

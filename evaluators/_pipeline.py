@@ -1,0 +1,446 @@
+"""Staged evaluation: cheap scores for everyone, expensive ones for the promoted few.
+
+A :class:`Pipeline` is a list of :class:`Stage` objects. Each stage scores its
+candidates with its evaluators on its own deterministic token set (optionally
+after a brief fine-tune) and a promotion rule decides who reaches the next
+stage. Rules are decidable from a history of values (``rule.promotes(value,
+history)``), so asynchronous workers that share a study database promote
+consistently without a batch barrier.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import math
+import time
+from collections.abc import Iterator, Mapping, Sequence
+from typing import Any, Protocol, runtime_checkable
+
+import torch
+
+from .._logging import get_logger
+from ._base import EvalContext, as_result
+from ._finetune import FineTuned
+
+__all__ = [
+    "CandidateResult",
+    "EvalRecord",
+    "Pipeline",
+    "PromotionRule",
+    "Stage",
+    "StageResult",
+    "TopFraction",
+    "TopK",
+]
+
+_log = get_logger("evaluators.pipeline")
+
+
+def _key(value: float, direction: str) -> float:
+    """Smaller is better; NaN is worst."""
+    if value is None or math.isnan(value):
+        return math.inf
+    return value if direction == "minimize" else -value
+
+
+def _check_direction(direction: str) -> None:
+    if direction not in ("minimize", "maximize"):
+        raise ValueError(f"direction must be 'minimize' or 'maximize', got {direction!r}.")
+
+
+@runtime_checkable
+class PromotionRule(Protocol):
+    """Decides from stage values who goes on to the next stage."""
+
+    def limit(self, total: int) -> int:
+        """How many of ``total`` candidates seen at a stage may be promoted."""
+        ...
+
+    def promotes(self, value: float, history: Sequence[float], *, direction: str = "minimize") -> bool: ...
+
+    def select(
+        self, values: Sequence[float], *, direction: str = "minimize", history: Sequence[float] = ()
+    ) -> list[bool]: ...
+
+
+class _RankRule:
+    def limit(self, total: int) -> int:  # pragma: no cover - overridden
+        raise NotImplementedError
+
+    def promotes(self, value: float, history: Sequence[float], *, direction: str = "minimize") -> bool:
+        """Is ``value`` within the rule's limit among ``history`` (other candidates
+        seen at this stage so far) plus itself? Ties go to the newcomer.
+
+        >>> TopFraction(0.25).promotes(0.1, [0.3, 0.2, 0.5])     # best of 4, limit 1
+        True
+        >>> TopFraction(0.25).promotes(0.4, [0.3, 0.2, 0.5])
+        False
+        """
+        _check_direction(direction)
+        k = _key(value, direction)
+        better = sum(1 for h in history if _key(h, direction) < k)
+        return better < self.limit(len(history) + 1)
+
+    def select(
+        self, values: Sequence[float], *, direction: str = "minimize", history: Sequence[float] = ()
+    ) -> list[bool]:
+        """Promotion of each of a batch of ``values``, ranked together with ``history``.
+
+        Within the batch, ties are broken by position, so with no history
+        ``TopK(k)`` promotes exactly ``min(k, len(values))``.
+
+        >>> TopK(2).select([0.3, 0.1, 0.2, 0.1])
+        [False, True, False, True]
+        >>> TopK(2).select([0.3, 0.1], history=[0.05, 0.5])
+        [False, True]
+        """
+        _check_direction(direction)
+        keys = [_key(v, direction) for v in values]
+        hist = [_key(h, direction) for h in history]
+        limit = self.limit(len(hist) + len(keys))
+        out = []
+        for i, k in enumerate(keys):
+            better = sum(1 for h in hist if h < k)
+            better += sum(1 for j, kj in enumerate(keys) if kj < k or (kj == k and j < i))
+            out.append(better < limit)
+        return out
+
+
+@dataclasses.dataclass(frozen=True)
+class TopK(_RankRule):
+    """Promote the ``k`` best candidates (of the batch, or of all seen with a history)."""
+
+    k: int
+
+    def __post_init__(self) -> None:
+        if isinstance(self.k, bool) or not isinstance(self.k, int) or self.k < 1:
+            raise ValueError(f"TopK.k must be a positive int, got {self.k!r}.")
+
+    def limit(self, total: int) -> int:
+        return self.k
+
+
+@dataclasses.dataclass(frozen=True)
+class TopFraction(_RankRule):
+    """Promote the best ``fraction`` of all candidates seen at the stage (at least ``min_count``).
+
+    The limit is ``max(min_count, ceil(fraction * total))``.
+    """
+
+    fraction: float
+    min_count: int = 1
+
+    def __post_init__(self) -> None:
+        if not (0.0 < float(self.fraction) <= 1.0):
+            raise ValueError(f"TopFraction.fraction must be in (0, 1], got {self.fraction!r}.")
+        if self.min_count < 0:
+            raise ValueError(f"TopFraction.min_count must be >= 0, got {self.min_count!r}.")
+
+    def limit(self, total: int) -> int:
+        return max(self.min_count, math.ceil(self.fraction * total - 1e-9))
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class Stage:
+    """One evaluation stage.
+
+    Args:
+        name: unique within the pipeline; also selects the stage's token sets.
+        evaluators: scored in order; their ``name``s must be distinct.
+        eval_tokens: evaluation tokens (the stage's token set; 0 for stages
+            without token-based evaluators, e.g. cost or latency only).
+        seq_len: tokens per sequence of the stage's token sets.
+        finetune_tokens: if > 0, fine-tune the candidate on this many training
+            tokens before the evaluators run (undone afterwards).
+        finetune: options for :func:`evoprune.evaluators.finetune` (``lr``,
+            ``train``, ``layers``, ``batch_size``, ...).
+        promote: :class:`TopK` / :class:`TopFraction` deciding who reaches the
+            next stage (``None``: everyone).
+        objective: name of the evaluator whose value the promotion ranks
+            (default: the first evaluator).
+    """
+
+    name: str
+    evaluators: tuple[Any, ...]
+    eval_tokens: int = 0
+    seq_len: int = 512
+    finetune_tokens: int = 0
+    finetune: Mapping[str, Any] = dataclasses.field(default_factory=dict)
+    promote: PromotionRule | None = None
+    objective: str | None = None
+
+    def __post_init__(self) -> None:
+        evs = tuple(self.evaluators) if isinstance(self.evaluators, (list, tuple)) else (self.evaluators,)
+        object.__setattr__(self, "evaluators", evs)
+        if not self.name or not isinstance(self.name, str):
+            raise ValueError("Stage.name must be a non-empty string.")
+        if not evs:
+            raise ValueError(f"Stage {self.name!r} needs at least one evaluator.")
+        names = [ev.name for ev in evs]
+        if len(set(names)) != len(names):
+            raise ValueError(f"Stage {self.name!r}: evaluator names must be distinct, got {names}.")
+        if "finetune" in names:
+            raise ValueError(f"Stage {self.name!r}: 'finetune' is reserved for the fine-tune record.")
+        for ev in evs:
+            _check_direction(getattr(ev, "direction", None))
+        if self.eval_tokens < 0 or self.finetune_tokens < 0 or self.seq_len < 1:
+            raise ValueError(f"Stage {self.name!r}: token counts must be >= 0 and seq_len >= 1.")
+        if self.objective is not None and self.objective not in names:
+            raise ValueError(f"Stage {self.name!r}: objective {self.objective!r} is not one of {names}.")
+        if self.promote is not None and not isinstance(self.promote, PromotionRule):
+            raise TypeError(f"Stage {self.name!r}: promote must be TopK(k), TopFraction(f) or None.")
+        unknown = set(self.finetune) - {
+            "lr", "train", "layers", "batch_size", "seq_len", "weight_decay", "betas", "max_grad_norm", "verify"
+        }
+        if unknown:
+            raise ValueError(f"Stage {self.name!r}: unknown finetune options {sorted(unknown)}.")
+
+    @property
+    def objective_evaluator(self) -> Any:
+        if self.objective is None:
+            return self.evaluators[0]
+        return next(ev for ev in self.evaluators if ev.name == self.objective)
+
+    @property
+    def direction(self) -> str:
+        return self.objective_evaluator.direction
+
+
+@dataclasses.dataclass
+class EvalRecord:
+    """One evaluator's result at one stage: what storage writes per candidate."""
+
+    stage: str
+    evaluator: str
+    tokens: int | None
+    value: float
+    seconds: float
+    direction: str | None = None
+    details: dict[str, Any] = dataclasses.field(default_factory=dict)
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+
+@dataclasses.dataclass
+class StageResult:
+    """All records of one candidate at one stage, its objective and promotion."""
+
+    stage: str
+    records: list[EvalRecord]
+    objective: float
+    direction: str
+    seconds: float
+    promoted: bool | None = None
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "stage": self.stage,
+            "objective": self.objective,
+            "direction": self.direction,
+            "seconds": self.seconds,
+            "promoted": self.promoted,
+            "records": [r.to_dict() for r in self.records],
+        }
+
+    def value(self, evaluator: str) -> float:
+        for r in self.records:
+            if r.evaluator == evaluator:
+                return r.value
+        raise KeyError(f"no result of evaluator {evaluator!r} at stage {self.stage!r}.")
+
+
+@dataclasses.dataclass
+class CandidateResult:
+    """One candidate's results, stage by stage, up to the last stage it reached."""
+
+    candidate: Any
+    stages: list[StageResult] = dataclasses.field(default_factory=list)
+
+    @property
+    def last_stage(self) -> str | None:
+        return self.stages[-1].stage if self.stages else None
+
+    def stage(self, name: str) -> StageResult | None:
+        return next((s for s in self.stages if s.stage == name), None)
+
+    @property
+    def records(self) -> list[EvalRecord]:
+        return [r for s in self.stages for r in s.records]
+
+    def to_dict(self) -> dict[str, Any]:
+        cand = self.candidate.to_dict() if hasattr(self.candidate, "to_dict") else self.candidate
+        return {"candidate": cand, "stages": [s.to_dict() for s in self.stages]}
+
+
+@contextlib.contextmanager
+def _applied(context: EvalContext, candidate: Any) -> Iterator[None]:
+    pruner = context.pruner
+    if pruner is None or candidate is None:
+        yield
+    elif hasattr(pruner, "applied"):
+        with pruner.applied(candidate):
+            yield
+    else:
+        pruner.apply(candidate)
+        try:
+            yield
+        finally:
+            pruner.revert()
+
+
+class Pipeline:
+    """Runs candidates through stages with promotion.
+
+    Example (EvoPress-like schedule)::
+
+        pipe = Pipeline([
+            Stage(name="s1", evaluators=[KLToDense()], eval_tokens=2048, seq_len=256, promote=TopK(8)),
+            Stage(name="s2", evaluators=[KLToDense(top_k=256)], eval_tokens=16384, seq_len=512,
+                  promote=TopK(2)),
+            Stage(name="final", evaluators=[KLToDense(top_k=256), Cost(metric="params")],
+                  eval_tokens=65536, seq_len=512),
+        ])
+        ctx = EvalContext(eval_ids=ids, train_ids=train, pruner=pruner, cost_model=cost)
+        results = pipe.run_batch(candidates, model, ctx)
+        [(r.last_stage, r.stages[-1].objective) for r in results]
+
+    Without ``context.pruner`` the model is scored as it is (the candidate is
+    only passed to the evaluators).
+    """
+
+    def __init__(self, stages: Sequence[Stage]) -> None:
+        self.stages = list(stages)
+        if not self.stages:
+            raise ValueError("Pipeline needs at least one Stage.")
+        names = [s.name for s in self.stages]
+        if len(set(names)) != len(names):
+            raise ValueError(f"Pipeline: stage names must be distinct, got {names}.")
+
+    def __repr__(self) -> str:
+        return f"Pipeline({[s.name for s in self.stages]})"
+
+    def stage(self, stage: str | int | Stage) -> Stage:
+        if isinstance(stage, Stage):
+            return stage
+        if isinstance(stage, int):
+            return self.stages[stage]
+        for s in self.stages:
+            if s.name == stage:
+                return s
+        raise KeyError(f"no stage {stage!r}; stages are {[s.name for s in self.stages]}.")
+
+    def stage_context(self, stage: str | int | Stage, context: EvalContext) -> EvalContext:
+        st = self.stage(stage)
+        if st.eval_tokens:
+            return context.for_stage(st.name, eval_tokens=st.eval_tokens, seq_len=st.seq_len)
+        return context.for_stage(st.name)
+
+    def prepare(self, model: torch.nn.Module, context: EvalContext) -> None:
+        """Let every evaluator cache its dense reference (``model`` must be dense). Idempotent."""
+        done = context.shared.setdefault("prepared", set())
+        for st in self.stages:
+            ctx = self.stage_context(st, context)
+            for ev in st.evaluators:
+                key = (st.name, st.eval_tokens, st.seq_len, id(ev))
+                if key in done or not hasattr(ev, "prepare"):
+                    continue
+                ev.prepare(model, ctx)
+                done.add(key)
+
+    def run_stage(
+        self, stage: str | int | Stage, model: torch.nn.Module, candidate: Any, context: EvalContext
+    ) -> StageResult:
+        """Score one candidate at one stage (applies and reverts it). No promotion decision."""
+        st = self.stage(stage)
+        ctx = self.stage_context(st, context)
+        start = time.perf_counter()
+        with _applied(context, candidate):
+            if st.finetune_tokens:
+                pairs = FineTuned(list(st.evaluators), tokens=st.finetune_tokens, **dict(st.finetune)).evaluate_all(
+                    model, candidate, ctx
+                )
+            else:
+                pairs = []
+                for ev in st.evaluators:
+                    t0 = time.perf_counter()
+                    res = as_result(ev.evaluate(model, candidate, ctx))
+                    if not res.seconds:
+                        res.seconds = time.perf_counter() - t0
+                    pairs.append((ev.name, res))
+        directions = {ev.name: ev.direction for ev in st.evaluators}
+        records = [
+            EvalRecord(
+                stage=st.name,
+                evaluator=name,
+                tokens=res.tokens,
+                value=float(res.value),
+                seconds=float(res.seconds),
+                direction=directions.get(name, "minimize"),
+                details=res.details,
+            )
+            for name, res in pairs
+        ]
+        obj_name = st.objective_evaluator.name
+        objective = next(r.value for r in records if r.evaluator == obj_name)
+        return StageResult(
+            stage=st.name,
+            records=records,
+            objective=objective,
+            direction=st.direction,
+            seconds=time.perf_counter() - start,
+        )
+
+    def run_batch(
+        self,
+        candidates: Sequence[Any],
+        model: torch.nn.Module,
+        context: EvalContext,
+        *,
+        history: Mapping[str, Sequence[float]] | None = None,
+    ) -> list[CandidateResult]:
+        """Run ``candidates`` through the stages; promoted ones go on.
+
+        ``model`` must be dense when this is called (it calls :meth:`prepare`).
+        ``history`` maps a stage name to objective values of candidates already
+        seen at that stage (e.g. from the study database); with it, promotion
+        ranks the batch among all of them, otherwise within the batch.
+        Returns one :class:`CandidateResult` per candidate, in order.
+        """
+        self.prepare(model, context)
+        results = [CandidateResult(candidate=c) for c in candidates]
+        active = list(range(len(candidates)))
+        for si, st in enumerate(self.stages):
+            if not active:
+                break
+            it = active
+            if context.progress:
+                from tqdm.auto import tqdm
+
+                it = tqdm(active, desc=f"stage {st.name}", leave=False)
+            for i in it:
+                results[i].stages.append(self.run_stage(st, model, candidates[i], context))
+            last = si == len(self.stages) - 1
+            values = [results[i].stages[-1].objective for i in active]
+            if last:
+                promoted = [False] * len(active)
+            elif st.promote is None:
+                promoted = [True] * len(active)
+            else:
+                past = history.get(st.name, ()) if history is not None else ()
+                promoted = st.promote.select(values, direction=st.direction, history=past)
+            for i, p in zip(active, promoted):
+                results[i].stages[-1].promoted = p if not last else None
+            finite = [v for v in values if not math.isnan(v)]
+            best = (min(finite) if st.direction == "minimize" else max(finite)) if finite else math.nan
+            _log.info(
+                "stage %s: %d candidates, best %s %.6g, %d promoted",
+                st.name,
+                len(active),
+                st.objective_evaluator.name,
+                best,
+                sum(promoted) if not last else 0,
+            )
+            active = [i for i, p in zip(active, promoted) if p]
+        return results
