@@ -16,7 +16,7 @@ from ._logging import configure_logging
 
 # module (relative to evoprune) -> defines register_cli(subparsers)
 _COMMAND_MODULES: tuple[str, ...] = (
-    "._reference",
+    "._reference", ".storage._cli",
 )
 
 

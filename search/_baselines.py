@@ -1,0 +1,359 @@
+"""One-shot baselines, usable as methods or as seeds of a search.
+
+Every function returns a :class:`~evoprune.space.Candidate` of ``space`` that
+meets its budget (or ``num_blocks`` for the depth methods without a budget).
+Seed a study with one::
+
+    study.enqueue_trial(space.params_of(shortgpt(space, pruner)))          # Optuna samplers
+    EvolutionarySampler(init=[shortgpt(space, pruner), uniform(space)])   # evolution
+
+* :func:`uniform`: every non-frozen block compressed alike.
+* :func:`shortgpt`: ShortGPT -- drop the blocks with the lowest block influence
+  ``1 - cos(block input, block output)`` (``pruner.importance.block_influence``).
+* :func:`sleb`: SLEB -- greedily drop the block whose removal raises the
+  calibration loss least, one at a time; the first and last blocks are never
+  dropped. Candidates are applied in place with ``pruner.apply``/``revert``.
+* :func:`flap`: FLAP-style width allocation -- per-head and per-channel
+  fluctuation scores (input variance x squared weight-column norm of ``o_proj``
+  / ``down_proj``), standardized within each layer, one global threshold for
+  all layers -> non-uniform widths meeting the budget.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from typing import Any
+
+import numpy as np
+
+from .._logging import get_logger
+from ..space import Candidate, SearchSpace
+
+__all__ = ["calibration_loss", "flap", "flap_scores", "shortgpt", "sleb", "uniform"]
+
+_log = get_logger("search.baselines")
+
+
+def _budget_ratio(space: SearchSpace) -> tuple[float, str]:
+    bounds = space.budget_bounds()
+    for metric, _lo, hi in bounds:
+        if hi is not None:
+            return hi / space.dense_cost(metric), metric
+    raise ValueError("this baseline needs an upper budget (Budget(metric=..., max_ratio=...)) or an explicit target.")
+
+
+def uniform(space: SearchSpace, ratio: float | None = None, *, metric: str | None = None) -> Candidate:
+    """Every non-frozen block compressed alike to ``ratio`` of dense ``metric`` (default: the budget).
+
+    Uses :meth:`SearchSpace.uniform`; if the result misses another budget it is
+    repaired (seeded, deterministic).
+
+    >>> from evoprune.space import Budget, SearchSpace
+    >>> space = SearchSpace.from_model(dict(model_type="llama", num_hidden_layers=4, hidden_size=64,
+    ...     num_attention_heads=4, num_key_value_heads=2, intermediate_size=128, vocab_size=100),
+    ...     attention=None, mlp_step=16, budget=Budget(metric="params", max_ratio=0.8))
+    >>> c = uniform(space)
+    >>> space.satisfies_budget(c), len({layer.mlp_channels for layer in c.layers})
+    (True, 1)
+    """
+    if ratio is None:
+        ratio, budget_metric = _budget_ratio(space)
+        metric = metric or budget_metric
+    cand = space.uniform(float(ratio), metric=metric)
+    if space.budget and not space.satisfies_budget(cand):
+        cand = space.repair(cand, np.random.default_rng(0))
+    return cand
+
+
+def _block_genes(space: SearchSpace, what: str) -> dict[int, str]:
+    genes = {g.layer: g.name for g in space.genes_of_kind("block")}
+    if not genes:
+        raise ValueError(f"{what} drops whole blocks: build the space with drop_blocks=True.")
+    return genes
+
+
+def _drop_until(space: SearchSpace, order: Sequence[int], num_blocks: int | None, what: str) -> Candidate:
+    genes = _block_genes(space, what)
+    levels: dict[str, int] = {}
+    cand = space.dense()
+    if num_blocks is None and not space.budget:
+        raise ValueError(f"{what}: give num_blocks=... or a space with a budget.")
+    for n, layer in enumerate(order):
+        if num_blocks is not None and n >= num_blocks:
+            break
+        if num_blocks is None and space.satisfies_budget(cand):
+            break
+        levels[genes[layer]] = 1
+        cand = space.candidate_from_levels(levels)
+    if num_blocks is None and not space.satisfies_budget(cand):
+        raise ValueError(
+            f"{what}: dropping blocks alone cannot meet the budget {space.budget} (after dropping {len(levels)}); "
+            "loosen the budget or use a width baseline."
+        )
+    if num_blocks is not None and len(levels) < num_blocks:
+        raise ValueError(f"{what}: only {len(levels)} droppable blocks, asked for {num_blocks}.")
+    return cand
+
+
+def shortgpt(space: SearchSpace, influence: Any, *, num_blocks: int | None = None) -> Candidate:
+    """ShortGPT: drop the droppable blocks with the lowest block influence until the budget holds.
+
+    Args:
+        space: a space with ``drop_blocks=True`` (frozen layers are never dropped).
+        influence: a :class:`~evoprune.pruning.Pruner`, its ``importance``, or a
+            sequence of per-block ``1 - cos`` values.
+        num_blocks: drop exactly this many instead of "until the budget holds".
+
+    >>> from evoprune.space import SearchSpace
+    >>> space = SearchSpace.from_model(dict(model_type="llama", num_hidden_layers=4, hidden_size=64,
+    ...     num_attention_heads=4, num_key_value_heads=2, intermediate_size=128, vocab_size=100),
+    ...     attention=None, mlp=False, drop_blocks=True)
+    >>> shortgpt(space, [0.9, 0.1, 0.5, 0.2], num_blocks=2).kept_layers
+    (0, 2)
+    """
+    if hasattr(influence, "importance"):
+        influence = influence.importance
+    if hasattr(influence, "block_influence"):
+        influence = influence.block_influence
+    values = [float(v) for v in (influence.tolist() if hasattr(influence, "tolist") else influence)]
+    if len(values) != space.spec.num_layers:
+        raise ValueError(f"shortgpt: {len(values)} influence values for {space.spec.num_layers} blocks.")
+    if any(math.isnan(v) for v in values):
+        raise ValueError("shortgpt: block influence is NaN (importance computed without calibration tokens).")
+    genes = _block_genes(space, "shortgpt")
+    order = sorted(genes, key=lambda i: (values[i], i))
+    return _drop_until(space, order, num_blocks, "shortgpt")
+
+
+def calibration_loss(model: Any, calib_ids: Any, *, batch_size: int = 8) -> tuple[float, int]:
+    """Mean next-token cross-entropy of ``model`` on ``calib_ids [n, seq_len]``; returns ``(loss, tokens)``."""
+    import torch
+
+    device = next(model.parameters()).device
+    total, count = 0.0, 0
+    was_training = model.training
+    model.eval()
+    try:
+        with torch.inference_mode():
+            for start in range(0, calib_ids.shape[0], batch_size):
+                batch = calib_ids[start : start + batch_size].to(device)
+                logits = model(input_ids=batch, use_cache=False).logits[:, :-1].float()
+                target = batch[:, 1:]
+                nll = torch.nn.functional.cross_entropy(
+                    logits.reshape(-1, logits.shape[-1]), target.reshape(-1), reduction="sum"
+                )
+                total += float(nll)
+                count += target.numel()
+    finally:
+        model.train(was_training)
+    return total / max(count, 1), int(calib_ids.numel())
+
+
+def sleb(
+    space: SearchSpace,
+    pruner: Any,
+    calib_ids: Any,
+    *,
+    num_blocks: int | None = None,
+    batch_size: int = 8,
+    report: dict[str, Any] | None = None,
+) -> Candidate:
+    """SLEB: greedy block removal by calibration loss; first and last blocks are never removed.
+
+    Each round applies (``pruner.apply``, in place, no copy) every candidate that
+    drops one more droppable block, measures the calibration loss, keeps the
+    best, and stops when the budget holds (or after ``num_blocks`` drops).
+    ``pruner.revert()`` leaves the model dense afterwards. If ``report`` is a
+    dict it receives ``tokens`` (forward tokens used), ``order`` and ``losses``.
+    """
+    genes = _block_genes(space, "sleb")
+    n = space.spec.num_layers
+    droppable = [i for i in sorted(genes) if i not in (0, n - 1)]
+    if num_blocks is None and not space.budget:
+        raise ValueError("sleb: give num_blocks=... or a space with a budget.")
+    levels: dict[str, int] = {}
+    cand = space.dense()
+    order: list[int] = []
+    losses: list[float] = []
+    tokens = 0
+    try:
+        while True:
+            if num_blocks is not None and len(order) >= num_blocks:
+                break
+            if num_blocks is None and space.satisfies_budget(cand):
+                break
+            best = None
+            for i in droppable:
+                if i in order:
+                    continue
+                trial = space.candidate_from_levels({**levels, genes[i]: 1})
+                pruner.apply(trial)
+                loss, used = calibration_loss(pruner.model, calib_ids, batch_size=batch_size)
+                tokens += used
+                if best is None or loss < best[0]:
+                    best = (loss, i, trial)
+            if best is None:
+                raise ValueError(
+                    f"sleb: no droppable block left after {order} (first/last and frozen blocks stay); "
+                    "loosen the budget or allow width pruning."
+                )
+            losses.append(best[0])
+            order.append(best[1])
+            levels[genes[best[1]]] = 1
+            cand = best[2]
+            _log.debug("sleb drops block %d (loss %.4f)", best[1], best[0])
+    finally:
+        pruner.revert()
+    if report is not None:
+        report.update({"tokens": tokens, "order": order, "losses": losses})
+    _log.info("sleb", extra={"fields": {"dropped": order, "tokens": tokens}})
+    return cand
+
+
+# --------------------------------------------------------------------------- FLAP
+
+
+def flap_scores(pruner: Any, calib_ids: Any, *, batch_size: int = 8) -> dict[str, Any]:
+    """Per-layer fluctuation scores ``var(x_j) * ||W[:, j]||^2`` of ``o_proj`` and ``down_proj`` inputs.
+
+    Returns ``{"head": [L, heads] (summed over head_dim, in the live model's
+    head order), "channel": [L, intermediate], "tokens": int}``. The model must
+    be dense (the pruner is reverted first).
+    """
+    import torch
+
+    pruner.revert()
+    model, adapter, spec = pruner.model, pruner.adapter, pruner.spec
+    layers = model.get_submodule(adapter.layers)
+    stats: dict[tuple[int, str], list[torch.Tensor]] = {}
+    hooks = []
+
+    def hook(key: tuple[int, str]):
+        def fn(module, args):
+            x = args[0].detach().float().reshape(-1, args[0].shape[-1])
+            s = stats.setdefault(key, [torch.zeros(x.shape[-1], dtype=torch.float64), torch.zeros(x.shape[-1],
+                                        dtype=torch.float64), 0])
+            s[0] += x.sum(0).double().cpu()
+            s[1] += x.pow(2).sum(0).double().cpu()
+            s[2] += x.shape[0]
+
+        return fn
+
+    for i, layer in enumerate(layers):
+        attn, mlp = getattr(layer, adapter.attn), getattr(layer, adapter.mlp)
+        hooks.append(getattr(attn, adapter.o).register_forward_pre_hook(hook((i, "o"))))
+        hooks.append(getattr(mlp, adapter.down).register_forward_pre_hook(hook((i, "down"))))
+    device = next(model.parameters()).device
+    try:
+        with torch.inference_mode():
+            for start in range(0, calib_ids.shape[0], batch_size):
+                model(input_ids=calib_ids[start : start + batch_size].to(device), use_cache=False)
+    finally:
+        for h in hooks:
+            h.remove()
+    heads, channels = [], []
+    hd = spec.head_dim
+    with torch.no_grad():
+        for i, layer in enumerate(layers):
+            attn, mlp = getattr(layer, adapter.attn), getattr(layer, adapter.mlp)
+            for key, w, out in (("o", getattr(attn, adapter.o).weight, heads),
+                                ("down", getattr(mlp, adapter.down).weight, channels)):
+                s1, s2, n = stats[(i, key)]
+                var = (s2 / n - (s1 / n) ** 2).clamp_min(0)
+                col = w.detach().double().pow(2).sum(0).cpu()
+                score = var * col
+                if key == "o":
+                    score = score.reshape(-1, hd).sum(-1)
+                out.append(score)
+    return {"head": torch.stack(heads).numpy(), "channel": torch.stack(channels).numpy(),
+            "tokens": int(calib_ids.numel())}
+
+
+def _standardize(x: np.ndarray) -> np.ndarray:
+    mean = x.mean(axis=-1, keepdims=True)
+    std = x.std(axis=-1, keepdims=True)
+    return (x - mean) / np.where(std > 0, std, 1.0)
+
+
+def _level_at_least(levels: tuple[int, ...], count: int, drops: bool) -> int:
+    """Index of the smallest level value >= count (levels descend; a trailing 0 is the drop level)."""
+    if count <= 0 and drops:
+        return len(levels) - 1
+    best = 0
+    for k, v in enumerate(levels):
+        if v >= max(count, 1) and not (drops and k == len(levels) - 1):
+            best = k
+    return best
+
+
+def flap(
+    space: SearchSpace,
+    pruner: Any,
+    calib_ids: Any = None,
+    *,
+    scores: dict[str, Any] | None = None,
+    batch_size: int = 8,
+) -> Candidate:
+    """FLAP-style non-uniform widths meeting the budget.
+
+    Scores (see :func:`flap_scores`) are standardized within each layer and
+    module (attention units, MLP channels); one global threshold ``t`` keeps, in
+    every layer, the units whose standardized score exceeds ``t``; the counts
+    are rounded up to the space's levels, and ``t`` is the smallest threshold
+    whose candidate meets every budget (bisection). Attention units follow the
+    space: KV groups (sum of their heads) or query heads per group (the r-th
+    best head of every group, averaged). Sparsity genes stay at level 0; if the
+    widths alone cannot meet the budget the candidate is repaired.
+    """
+    if scores is None:
+        if calib_ids is None:
+            raise ValueError("flap: pass calib_ids (or precomputed scores=flap_scores(...)).")
+        scores = flap_scores(pruner, calib_ids, batch_size=batch_size)
+    spec = space.spec
+    head = np.asarray(scores["head"], dtype=float)
+    chan = np.asarray(scores["channel"], dtype=float)
+    attn_genes = {g.layer: g for g in space.genes_of_kind("attn")}
+    mlp_genes = {g.layer: g for g in space.genes_of_kind("mlp")}
+    if not attn_genes and not mlp_genes:
+        raise ValueError("flap allocates widths: build the space with attention widths and/or mlp=True.")
+    G, Q = spec.num_kv_heads, spec.q_per_kv
+    if space.attention == "kv_groups":
+        units = head.reshape(spec.num_layers, G, Q).sum(-1)
+    elif space.attention == "q_per_group":
+        units = -np.sort(-head.reshape(spec.num_layers, G, Q), axis=-1).mean(axis=1)
+    else:
+        units = np.zeros((spec.num_layers, 1))
+    z_attn = _standardize(units)
+    z_mlp = _standardize(chan)
+    pool = []
+    if attn_genes:
+        pool.append(z_attn[sorted(attn_genes)].ravel())
+    if mlp_genes:
+        pool.append(z_mlp[sorted(mlp_genes)].ravel())
+    thresholds = np.unique(np.concatenate(pool))
+
+    def candidate_at(t: float) -> Candidate:
+        levels = {}
+        for i, g in attn_genes.items():
+            levels[g.name] = _level_at_least(g.levels, int((z_attn[i] > t).sum()), g.drops)
+        for i, g in mlp_genes.items():
+            levels[g.name] = _level_at_least(g.levels, int((z_mlp[i] > t).sum()), g.drops)
+        return space.candidate_from_levels(levels)
+
+    if not space.budget:
+        raise ValueError("flap needs a budget to allocate widths against (e.g. Budget(metric='params', max_ratio=0.5)).")
+    lo, hi = 0, len(thresholds) - 1
+    if not space.satisfies_budget(candidate_at(thresholds[hi])):
+        cand = candidate_at(thresholds[hi])
+        _log.warning("flap: widths alone miss the budget; repairing")
+        return space.repair(cand, np.random.default_rng(0))
+    while lo < hi:  # smallest threshold index whose candidate meets the budget
+        mid = (lo + hi) // 2
+        if space.satisfies_budget(candidate_at(thresholds[mid])):
+            hi = mid
+        else:
+            lo = mid + 1
+    cand = candidate_at(thresholds[lo])
+    _log.info("flap", extra={"fields": {"threshold": float(thresholds[lo]), "tokens": scores.get("tokens", 0)}})
+    return cand

@@ -1,0 +1,543 @@
+"""`StudyConfig`: everything a study needs, as one JSON-able value; `build_runtime` turns it into live objects.
+
+A config is frozen, keyword-only and validated on construction; errors say what
+to change. ``to_dict()`` gives plain JSON (the storage layer keeps it in the
+study database, so ``resume`` needs nothing else) and ``from_dict``/``from_yaml``
+read it back::
+
+    >>> from evoprune.search import StudyConfig
+    >>> cfg = StudyConfig.from_dict({
+    ...     "model": "reference:tiny",
+    ...     "calibration": {"num_sequences": 8, "seq_len": 64},
+    ...     "space": {"attention": None, "mlp_step": 16},
+    ...     "budget": {"metric": "params", "max_ratio": 0.8},
+    ...     "stages": [{"name": "s1", "evaluators": ["kl"], "eval_tokens": 512, "seq_len": 64,
+    ...                 "promote": {"top_k": 2}},
+    ...                {"name": "final", "evaluators": ["kl"], "eval_tokens": 2048, "seq_len": 64}],
+    ...     "sampler": {"name": "evolutionary", "options": {"offspring": 8}},
+    ...     "seed": 1,
+    ... })
+    >>> StudyConfig.from_dict(cfg.to_dict()) == cfg
+    True
+    >>> cfg.stages[0].promote, cfg.budget[0].max_ratio
+    ({'top_k': 2}, 0.8)
+    >>> StudyConfig(calibration={"num_sequences": 8})
+    Traceback (most recent call last):
+    ...
+    ValueError: StudyConfig.calibration: give seq_len explicitly (e.g. {"num_sequences": 32, "seq_len": 256}); evoprune never defaults it to the model's maximum context.
+
+Model strings: ``"reference:small"`` / ``"reference:tiny"`` (the offline reference
+model, built once by :func:`evoprune._reference.build_reference_model`), a local
+checkpoint folder, or a hub id (``AutoModelForCausalLM.from_pretrained``).
+
+Data (``data``): ``{"source": "reference"}`` (default: the reference corpus'
+train / calibration / validation splits), ``{"source": "text", "train": [...],
+"validation": [...], "calibration": [...]}`` (plain UTF-8 text files, one
+document per file; ``calibration`` defaults to ``train``) or ``{"source":
+"hub", "path": "wikitext", "name": "wikitext-2-raw-v1", "text_field": "text",
+"train_split": "train", "validation_split": "validation"}`` (needs the
+``datasets`` package and network access).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import importlib
+import json
+import os
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+from .._logging import get_logger
+from ..space import METRICS, Budget
+
+__all__ = [
+    "CalibrationConfig",
+    "DataConfig",
+    "SAMPLER_NAMES",
+    "SamplerConfig",
+    "StageConfig",
+    "StopConfig",
+    "StudyConfig",
+    "load_object",
+]
+
+_log = get_logger("search.config")
+
+SAMPLER_NAMES: tuple[str, ...] = ("evolutionary", "tpe", "nsgaii", "random", "gp", "qmc")
+"""Built-in sampler names; anything else must be an import path ``"pkg.mod:Class"``."""
+
+_DTYPES = ("float32", "float16", "bfloat16", "auto")
+_EVALUATOR_TYPES = ("kl", "ppl", "latency", "cost", "lm_eval")
+_DATA_SOURCES = ("reference", "text", "hub")
+
+
+def load_object(path: str) -> Any:
+    """Import ``"pkg.module:Name"`` (or ``"pkg.module.Name"``)."""
+    if ":" in path:
+        module, _, name = path.partition(":")
+    else:
+        module, _, name = path.rpartition(".")
+    if not module or not name:
+        raise ValueError(f"{path!r} is not an import path; write it as 'package.module:ClassName'.")
+    try:
+        obj = importlib.import_module(module)
+    except ImportError as exc:
+        raise ValueError(f"cannot import module {module!r} of {path!r}: {exc}") from None
+    for part in name.split("."):
+        try:
+            obj = getattr(obj, part)
+        except AttributeError:
+            raise ValueError(f"module {module!r} has no {name!r} (from {path!r}).") from None
+    return obj
+
+
+def _check_keys(what: str, data: Mapping[str, Any], allowed: Sequence[str]) -> None:
+    if not isinstance(data, Mapping):
+        raise TypeError(f"{what} must be a mapping, got {type(data).__name__}: {data!r}.")
+    unknown = sorted(set(data) - set(allowed))
+    if unknown:
+        raise ValueError(f"{what}: unknown keys {unknown}; allowed keys are {sorted(allowed)}.")
+
+
+def _pos_int(what: str, value: Any, *, zero: bool = False) -> int:
+    low = 0 if zero else 1
+    if isinstance(value, bool) or not isinstance(value, int) or value < low:
+        raise ValueError(f"{what} must be an int >= {low}, got {value!r}.")
+    return value
+
+
+def _jsonable(what: str, value: Any) -> Any:
+    try:
+        return json.loads(json.dumps(value))
+    except (TypeError, ValueError):
+        raise ValueError(f"{what} must be JSON-able (numbers, strings, lists, dicts), got {value!r}.") from None
+
+
+def _from(cls: type, what: str, value: Any) -> Any:
+    if isinstance(value, cls):
+        return value
+    if value is None:
+        return cls()
+    if not isinstance(value, Mapping):
+        raise TypeError(f"StudyConfig.{what} must be a mapping or a {cls.__name__}, got {type(value).__name__}.")
+    _check_keys(f"StudyConfig.{what}", value, [f.name for f in dataclasses.fields(cls)])
+    return cls(**dict(value))
+
+
+# --------------------------------------------------------------------------- parts
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class DataConfig:
+    """Where the calibration, fine-tuning (train) and evaluation (validation) tokens come from."""
+
+    source: str = "reference"
+    train: tuple[str, ...] = ()
+    validation: tuple[str, ...] = ()
+    calibration: tuple[str, ...] = ()
+    path: str | None = None
+    name: str | None = None
+    text_field: str = "text"
+    train_split: str = "train"
+    validation_split: str = "validation"
+    calibration_split: str | None = None
+    max_documents: int | None = None
+
+    def __post_init__(self) -> None:
+        if self.source not in _DATA_SOURCES:
+            raise ValueError(
+                f"StudyConfig.data.source must be one of {_DATA_SOURCES}, got {self.source!r}."
+            )
+        for name in ("train", "validation", "calibration"):
+            value = getattr(self, name)
+            if isinstance(value, str):
+                value = (value,)
+            object.__setattr__(self, name, tuple(str(v) for v in value))
+        if self.source == "text":
+            if not self.train or not self.validation:
+                raise ValueError(
+                    'StudyConfig.data: source "text" needs "train" and "validation" lists of text files '
+                    '(e.g. {"source": "text", "train": ["a.txt"], "validation": ["b.txt"]}).'
+                )
+        elif self.train or self.validation or self.calibration:
+            raise ValueError('StudyConfig.data: train/validation/calibration files are only used with source "text".')
+        if self.source == "hub" and not self.path:
+            raise ValueError('StudyConfig.data: source "hub" needs "path" (a datasets id, e.g. "wikitext").')
+        if self.max_documents is not None:
+            _pos_int("StudyConfig.data.max_documents", self.max_documents)
+
+    def to_dict(self) -> dict[str, Any]:
+        out = dataclasses.asdict(self)
+        for k in ("train", "validation", "calibration"):
+            out[k] = list(out[k])
+        return out
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class CalibrationConfig:
+    """Calibration tokens for importance scores: ``num_sequences`` x ``seq_len`` (both explicit)."""
+
+    num_sequences: int = 32
+    seq_len: int | None = None
+    method: str = "activation"
+    batch_size: int = 8
+
+    def __post_init__(self) -> None:
+        _pos_int("StudyConfig.calibration.num_sequences", self.num_sequences)
+        if self.seq_len is None:
+            raise ValueError(
+                'StudyConfig.calibration: give seq_len explicitly (e.g. {"num_sequences": 32, "seq_len": 256}); '
+                "evoprune never defaults it to the model's maximum context."
+            )
+        _pos_int("StudyConfig.calibration.seq_len", self.seq_len)
+        _pos_int("StudyConfig.calibration.batch_size", self.batch_size)
+        from ..pruning import IMPORTANCE_METHODS
+
+        if self.method not in IMPORTANCE_METHODS:
+            raise ValueError(f"StudyConfig.calibration.method must be one of {IMPORTANCE_METHODS}, got {self.method!r}.")
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+
+def _norm_evaluator(stage: str, spec: Any) -> dict[str, Any]:
+    if isinstance(spec, str):
+        spec = {"type": spec}
+    if not isinstance(spec, Mapping) or "type" not in spec:
+        raise ValueError(
+            f"StudyConfig.stages[{stage!r}].evaluators: each entry is a type name ({_EVALUATOR_TYPES} or "
+            f"'pkg.mod:Class') or a dict with 'type' and options, got {spec!r}."
+        )
+    spec = _jsonable(f"stage {stage!r} evaluator", dict(spec))
+    t = spec["type"]
+    if t not in _EVALUATOR_TYPES and ":" not in t:
+        raise ValueError(
+            f"StudyConfig.stages[{stage!r}]: unknown evaluator type {t!r}; use one of {_EVALUATOR_TYPES} "
+            "or an import path 'pkg.mod:Class'."
+        )
+    if t == "cost" and spec.get("metric", "params") not in METRICS:
+        raise ValueError(f"StudyConfig.stages[{stage!r}]: cost metric must be one of {METRICS}, got {spec.get('metric')!r}.")
+    if t == "lm_eval" and not spec.get("tasks"):
+        raise ValueError(f"StudyConfig.stages[{stage!r}]: an lm_eval evaluator needs 'tasks'.")
+    return spec
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class StageConfig:
+    """One stage of the evaluation schedule (see :class:`evoprune.evaluators.Stage`).
+
+    ``evaluators``: names (``"kl"``, ``"ppl"``, ``"latency"``, ``"cost"``,
+    ``"lm_eval"``) or dicts ``{"type": "kl", "top_k": 256, "name": "kl"}``; an
+    evaluator's default name is its type. ``promote``: ``None`` (everyone goes
+    on), ``{"top_k": 4}`` or ``{"top_fraction": 0.25, "min_count": 1}``.
+    """
+
+    name: str
+    evaluators: tuple[Any, ...] = ("kl",)
+    eval_tokens: int = 2048
+    seq_len: int = 256
+    finetune_tokens: int = 0
+    finetune: Mapping[str, Any] = dataclasses.field(default_factory=dict)
+    promote: Mapping[str, Any] | None = None
+    objective: str | None = None
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.name, str) or not self.name:
+            raise ValueError("StudyConfig.stages: every stage needs a non-empty 'name'.")
+        evs = self.evaluators
+        if isinstance(evs, (str, Mapping)):
+            evs = (evs,)
+        evs = tuple(_norm_evaluator(self.name, e) for e in evs)
+        if not evs:
+            raise ValueError(f"StudyConfig.stages[{self.name!r}] needs at least one evaluator (e.g. ['kl']).")
+        object.__setattr__(self, "evaluators", evs)
+        _pos_int(f"StudyConfig.stages[{self.name!r}].eval_tokens", self.eval_tokens, zero=True)
+        _pos_int(f"StudyConfig.stages[{self.name!r}].seq_len", self.seq_len)
+        _pos_int(f"StudyConfig.stages[{self.name!r}].finetune_tokens", self.finetune_tokens, zero=True)
+        object.__setattr__(self, "finetune", _jsonable("finetune", dict(self.finetune or {})))
+        if self.promote is not None:
+            p = dict(self.promote)
+            if set(p) == {"top_k"}:
+                _pos_int(f"StudyConfig.stages[{self.name!r}].promote.top_k", p["top_k"])
+            elif "top_fraction" in p and set(p) <= {"top_fraction", "min_count"}:
+                f = p["top_fraction"]
+                if isinstance(f, bool) or not isinstance(f, (int, float)) or not 0 < f <= 1:
+                    raise ValueError(f"StudyConfig.stages[{self.name!r}].promote.top_fraction must be in (0, 1], got {f!r}.")
+            else:
+                raise ValueError(
+                    f'StudyConfig.stages[{self.name!r}].promote must be null, {{"top_k": K}} or '
+                    f'{{"top_fraction": F, "min_count": M}}; got {self.promote!r}.'
+                )
+            object.__setattr__(self, "promote", p)
+
+    def evaluator_names(self) -> list[str]:
+        return [e.get("name", e["type"].rpartition(":")[2]) for e in self.evaluators]
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "name": self.name,
+            "evaluators": [dict(e) for e in self.evaluators],
+            "eval_tokens": self.eval_tokens,
+            "seq_len": self.seq_len,
+            "finetune_tokens": self.finetune_tokens,
+            "finetune": dict(self.finetune),
+            "promote": None if self.promote is None else dict(self.promote),
+            "objective": self.objective,
+        }
+
+    def __hash__(self) -> int:
+        return hash(json.dumps(self.to_dict(), sort_keys=True))
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class SamplerConfig:
+    """``name``: one of :data:`SAMPLER_NAMES` or ``"pkg.mod:Class"``; ``options``: its keyword arguments.
+
+    Evolutionary options: those of :class:`~evoprune.search.EvolutionarySampler`
+    plus ``budget_sweep: [0.8, 0.6, ...]`` (a :class:`~evoprune.search.BudgetSweep`
+    over ratios of the first budget's metric, or ``sweep_metric``). Optuna
+    samplers get their own constructor options; ``budget_mode`` (``"constrain"``
+    / ``"repair"``) is taken out and given to the Searcher.
+    """
+
+    name: str = "evolutionary"
+    options: Mapping[str, Any] = dataclasses.field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.name, str) or (self.name not in SAMPLER_NAMES and ":" not in self.name):
+            raise ValueError(
+                f"StudyConfig.sampler.name must be one of {SAMPLER_NAMES} or an import path 'pkg.mod:Class', "
+                f"got {self.name!r}."
+            )
+        object.__setattr__(self, "options", _jsonable("StudyConfig.sampler.options", dict(self.options or {})))
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"name": self.name, "options": dict(self.options)}
+
+    def __hash__(self) -> int:
+        return hash(json.dumps(self.to_dict(), sort_keys=True))
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class StopConfig:
+    """Default stop conditions of :meth:`Searcher.run` (any that is set stops the search)."""
+
+    n_trials: int | None = None
+    n_generations: int | None = None
+    max_tokens: int | None = None
+    timeout: float | None = None
+
+    def __post_init__(self) -> None:
+        for name in ("n_trials", "n_generations", "max_tokens"):
+            v = getattr(self, name)
+            if v is not None:
+                _pos_int(f"StudyConfig.stop.{name}", v)
+        if self.timeout is not None and (not isinstance(self.timeout, (int, float)) or self.timeout <= 0):
+            raise ValueError(f"StudyConfig.stop.timeout must be a positive number of seconds, got {self.timeout!r}.")
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    def kwargs(self) -> dict[str, Any]:
+        return {k: v for k, v in self.to_dict().items() if v is not None}
+
+
+# --------------------------------------------------------------------------- the config
+
+
+def _default_stages() -> tuple[StageConfig, ...]:
+    return (
+        StageConfig(name="s1", evaluators=("kl",), eval_tokens=2048, seq_len=256, promote={"top_k": 4}),
+        StageConfig(name="final", evaluators=("kl",), eval_tokens=16384, seq_len=256),
+    )
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class StudyConfig:
+    """One study: model, data, search space, budgets, stage schedule, sampler, objectives, seed, stops.
+
+    All arguments are keyword-only; nested parts accept plain dicts.
+
+    Args:
+        model: ``"reference:small"`` (default), ``"reference:tiny"``, a checkpoint
+            folder or a hub id.
+        tokenizer: tokenizer path or id (default: the model's).
+        dtype: ``"float32"`` (default), ``"bfloat16"``, ``"float16"`` or ``"auto"``.
+        device: ``"cpu"`` (default), ``"cuda"``, ``"cuda:1"``, ... or ``"auto"``.
+        data: a :class:`DataConfig` / dict (see the module docstring).
+        calibration: a :class:`CalibrationConfig` / dict; ``seq_len`` is required.
+        space: keyword options of :meth:`SearchSpace.from_model` (JSON values;
+            lists for tuples), e.g. ``{"attention": "kv_groups", "mlp_step": 64,
+            "drop_blocks": true, "frozen_layers": [0, -1]}``.
+        budget: one budget dict/:class:`~evoprune.space.Budget` or a list of them
+            (``{"metric": "params", "max_ratio": 0.5}``).
+        stages: the evaluation schedule, a list of :class:`StageConfig` / dicts.
+        sampler: a :class:`SamplerConfig` / dict ``{"name": ..., "options": {...}}``.
+        objectives: told objective names: evaluator names of the last stage
+            (``"kl"``), or cost metrics (``"params"``, ``"flops"``, ``"latency"``...);
+            e.g. ``["kl"]`` or ``["kl", "params"]``.
+        seed: the study seed (sampler RNG and evaluation token sets).
+        stop: a :class:`StopConfig` / dict.
+        eval_batch_size: sequences per forward pass in evaluation.
+        cache_dir: importance and dense-reference caches (default: evoprune's cache).
+    """
+
+    model: str = "reference:small"
+    tokenizer: str | None = None
+    dtype: str = "float32"
+    device: str = "cpu"
+    data: DataConfig = dataclasses.field(default_factory=DataConfig)
+    calibration: CalibrationConfig = dataclasses.field(
+        default_factory=lambda: CalibrationConfig(num_sequences=32, seq_len=256)
+    )
+    space: Mapping[str, Any] = dataclasses.field(default_factory=dict)
+    budget: tuple[Budget, ...] = ()
+    stages: tuple[StageConfig, ...] = dataclasses.field(default_factory=_default_stages)
+    sampler: SamplerConfig = dataclasses.field(default_factory=SamplerConfig)
+    objectives: tuple[str, ...] = ("kl",)
+    seed: int = 0
+    stop: StopConfig = dataclasses.field(default_factory=StopConfig)
+    eval_batch_size: int = 8
+    cache_dir: str | None = None
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.model, str) or not self.model:
+            raise ValueError("StudyConfig.model must be 'reference:small', 'reference:tiny', a folder or a hub id.")
+        if self.model.startswith("reference:"):
+            from .._reference import SIZES
+
+            size = self.model.partition(":")[2]
+            if size not in SIZES:
+                raise ValueError(f"StudyConfig.model: unknown reference size {size!r}; use one of {sorted(SIZES)}.")
+        if self.dtype not in _DTYPES:
+            raise ValueError(f"StudyConfig.dtype must be one of {_DTYPES}, got {self.dtype!r}.")
+        if not isinstance(self.device, str) or not self.device:
+            raise ValueError("StudyConfig.device must be a string such as 'cpu', 'cuda', 'cuda:0' or 'auto'.")
+        object.__setattr__(self, "data", _from(DataConfig, "data", self.data))
+        calib = self.calibration
+        if isinstance(calib, Mapping):
+            _check_keys("StudyConfig.calibration", calib, [f.name for f in dataclasses.fields(CalibrationConfig)])
+            if "seq_len" not in calib:
+                raise ValueError(
+                    'StudyConfig.calibration: give seq_len explicitly (e.g. {"num_sequences": 32, "seq_len": 256}); '
+                    "evoprune never defaults it to the model's maximum context."
+                )
+        object.__setattr__(self, "calibration", _from(CalibrationConfig, "calibration", calib))
+        space = _jsonable("StudyConfig.space", dict(self.space or {}))
+        if "budget" in space:
+            raise ValueError("StudyConfig.space: put budgets in StudyConfig.budget, not in the space options.")
+        from ..space import SearchSpace
+
+        known = {f.name for f in dataclasses.fields(SearchSpace) if f.init} - {"spec", "budget"}
+        unknown = sorted(set(space) - known)
+        if unknown:
+            raise ValueError(f"StudyConfig.space: unknown SearchSpace options {unknown}; known: {sorted(known)}.")
+        object.__setattr__(self, "space", space)
+        budget = self.budget
+        if budget is None:
+            budget = ()
+        if isinstance(budget, (Budget, Mapping)):
+            budget = (budget,)
+        object.__setattr__(
+            self, "budget", tuple(b if isinstance(b, Budget) else Budget.from_dict(b) for b in budget)
+        )
+        stages = self.stages
+        if isinstance(stages, (Mapping, StageConfig)):
+            stages = (stages,)
+        stages = tuple(s if isinstance(s, StageConfig) else _from(StageConfig, "stages[]", s) for s in stages)
+        if not stages:
+            raise ValueError("StudyConfig.stages needs at least one stage.")
+        names = [s.name for s in stages]
+        if len(set(names)) != len(names):
+            raise ValueError(f"StudyConfig.stages: stage names must be distinct, got {names}.")
+        object.__setattr__(self, "stages", stages)
+        sampler = self.sampler
+        if isinstance(sampler, str):
+            sampler = {"name": sampler}
+        object.__setattr__(self, "sampler", _from(SamplerConfig, "sampler", sampler))
+        objectives = (self.objectives,) if isinstance(self.objectives, str) else tuple(self.objectives)
+        if not objectives or not all(isinstance(o, str) and o for o in objectives):
+            raise ValueError("StudyConfig.objectives must be a non-empty list of names, e.g. ['kl'] or ['kl', 'params'].")
+        if len(set(objectives)) != len(objectives):
+            raise ValueError(f"StudyConfig.objectives has duplicates: {objectives}.")
+        last = set(stages[-1].evaluator_names())
+        for o in objectives:
+            if o not in last and o not in METRICS and not (o == "kl" and any(e["type"] == "kl" for e in stages[-1].evaluators)):
+                raise ValueError(
+                    f"StudyConfig.objectives: {o!r} is neither an evaluator of the last stage "
+                    f"{stages[-1].name!r} ({sorted(last)}) nor a cost metric {METRICS}."
+                )
+        object.__setattr__(self, "objectives", objectives)
+        if isinstance(self.seed, bool) or not isinstance(self.seed, int):
+            raise ValueError(f"StudyConfig.seed must be an int, got {self.seed!r}.")
+        object.__setattr__(self, "stop", _from(StopConfig, "stop", self.stop))
+        _pos_int("StudyConfig.eval_batch_size", self.eval_batch_size)
+        if self.cache_dir is not None and not isinstance(self.cache_dir, str):
+            object.__setattr__(self, "cache_dir", os.fspath(self.cache_dir))
+
+    # -- serialization ----------------------------------------------------------------------
+    def to_dict(self) -> dict[str, Any]:
+        """Plain JSON-able dict; :meth:`from_dict` rebuilds an equal config."""
+        return {
+            "model": self.model,
+            "tokenizer": self.tokenizer,
+            "dtype": self.dtype,
+            "device": self.device,
+            "data": self.data.to_dict(),
+            "calibration": self.calibration.to_dict(),
+            "space": dict(self.space),
+            "budget": [b.to_dict() for b in self.budget],
+            "stages": [s.to_dict() for s in self.stages],
+            "sampler": self.sampler.to_dict(),
+            "objectives": list(self.objectives),
+            "seed": self.seed,
+            "stop": self.stop.to_dict(),
+            "eval_batch_size": self.eval_batch_size,
+            "cache_dir": self.cache_dir,
+        }
+
+    @classmethod
+    def from_dict(cls, data: Mapping[str, Any]) -> "StudyConfig":
+        _check_keys("StudyConfig", data, [f.name for f in dataclasses.fields(cls)])
+        return cls(**dict(data))
+
+    def to_json(self) -> str:
+        """Canonical JSON (sorted keys)."""
+        return json.dumps(self.to_dict(), sort_keys=True, separators=(",", ":"))
+
+    @classmethod
+    def from_json(cls, text: str) -> "StudyConfig":
+        return cls.from_dict(json.loads(text))
+
+    @classmethod
+    def from_yaml(cls, path: str | os.PathLike[str]) -> "StudyConfig":
+        """Read a YAML file (see ``studies/reference_small.yaml``)."""
+        import yaml
+
+        p = Path(path)
+        try:
+            data = yaml.safe_load(p.read_text(encoding="utf-8"))
+        except FileNotFoundError:
+            raise FileNotFoundError(f"StudyConfig.from_yaml: no such file {p}.") from None
+        if not isinstance(data, Mapping):
+            raise ValueError(f"StudyConfig.from_yaml: {p} must hold a mapping at the top level.")
+        return cls.from_dict(data)
+
+    def to_yaml(self) -> str:
+        import yaml
+
+        return yaml.safe_dump(self.to_dict(), sort_keys=False)
+
+    @property
+    def fingerprint(self) -> str:
+        """Digest of the canonical JSON."""
+        return hashlib.sha256(self.to_json().encode()).hexdigest()[:16]
+
+    def replace(self, **changes: Any) -> "StudyConfig":
+        """A copy with some fields changed (validated again)."""
+        return dataclasses.replace(self, **changes)
+
+

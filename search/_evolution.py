@@ -1,0 +1,742 @@
+"""EvoPress / DarwinLM style evolutionary search with budget-preserving level switches.
+
+The sampler keeps a parent population (``parents``, default 1: a (1+λ) strategy)
+and, each generation, proposes ``offspring`` new candidates. An offspring is a
+parent changed by ``min(U{1..3}, U{1..3})`` *level switches* (EvoPress): one gene
+moves one level up (more compression) and another gene -- of the same kind by
+default -- one level down, so what one saves the other spends. Where neighbouring
+levels save the same amount in every layer (widths, block drops; see
+:meth:`~evoprune.space.SearchSpace.step_savings`) the budget cost is preserved
+exactly; otherwise the partner whose move keeps the cost closest is chosen among
+the moves that keep every budget, so a mutation never leaves the budget and no
+repair is needed. Candidates already seen (by ``candidate.key``, over the whole
+run) are rejected and redrawn.
+
+The driver (:class:`~evoprune.search.Searcher`) scores a generation through the
+stage pipeline: every offspring at the first stage, the stage's promotion rule
+(``TopK``) picks who goes on, and so on; only candidates that reach the last
+stage compete with the parents (elitism: the parents keep their last-stage
+fitness -- stage token sets are a deterministic function of data fingerprint,
+stage and seed, so re-scoring a parent on them would reproduce the same number
+and is skipped). The best ``parents`` of parents + finalists survive.
+
+The whole state (generation, population with fitness, seen keys, RNG) is a JSON
+dict (:meth:`EvolutionarySampler.state_dict`) so a study can be resumed exactly.
+
+Example (no model needed to drive the sampler by hand)::
+
+    >>> from evoprune.space import Budget, SearchSpace
+    >>> from evoprune.search import EvolutionarySampler
+    >>> space = SearchSpace.from_model(
+    ...     dict(model_type="llama", num_hidden_layers=8, hidden_size=64, num_attention_heads=4,
+    ...          num_key_value_heads=2, intermediate_size=128, vocab_size=100),
+    ...     attention=None, mlp=False, drop_blocks=True, budget=Budget(metric="params", max_ratio=0.7))
+    >>> evo = EvolutionarySampler(offspring=4, init="uniform", seed=0)
+    >>> evo.setup(space)
+    >>> gen0 = evo.ask_generation()                      # the initial parent
+    >>> evo.tell_generation([(p.candidate, 1.0) for p in gen0])
+    >>> kids = evo.ask_generation()
+    >>> len(kids), all(space.cost(k.candidate, "params") == space.cost(gen0[0].candidate, "params") for k in kids)
+    (4, True)
+    >>> evo.tell_generation([(k.candidate, 0.5 + i) for i, k in enumerate(kids)])
+    >>> evo.best[1], evo.generation
+    (0.5, 2)
+    >>> twin = EvolutionarySampler(offspring=4, init="uniform", seed=0)
+    >>> twin.setup(space); twin.load_state_dict(evo.state_dict())
+    >>> [k.candidate for k in twin.ask_generation()] == [k.candidate for k in evo.ask_generation()]
+    True
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from collections.abc import Callable, Mapping, Sequence
+from typing import Any
+
+import numpy as np
+
+from .._logging import get_logger
+from ..space import Budget, Candidate, SearchSpace
+
+__all__ = ["BudgetSweep", "EvolutionarySampler", "Proposal", "fill_budget", "level_switch"]
+
+_log = get_logger("search.evolution")
+_STATE_VERSION = 1
+INIT_MODES = ("uniform", "random")
+
+
+@dataclasses.dataclass(frozen=True)
+class Proposal:
+    """One candidate the sampler wants scored.
+
+    Attributes:
+        candidate: the candidate.
+        source: ``"initial"``, ``"seed"`` or ``"evolution"`` (recorded by the driver).
+        group: label of the sub-run it belongs to (e.g. ``"params<=0.5"`` in a
+            :class:`BudgetSweep`), ``None`` for a plain run.
+        space: the space (and budget) the candidate was made for.
+    """
+
+    candidate: Candidate
+    source: str
+    group: str | None = None
+    space: SearchSpace | None = None
+
+
+# --------------------------------------------------------------------------- RNG state <-> JSON
+
+
+def _rng_state(rng: np.random.Generator) -> dict[str, Any]:
+    """JSON-able bit generator state (128-bit integers as decimal strings)."""
+
+    def enc(v: Any) -> Any:
+        if isinstance(v, dict):
+            return {k: enc(x) for k, x in v.items()}
+        if isinstance(v, (int, np.integer)) and not isinstance(v, bool):
+            return str(int(v))
+        return v
+
+    return enc(rng.bit_generator.state)
+
+
+def _set_rng_state(rng: np.random.Generator, state: Mapping[str, Any]) -> None:
+    def dec(v: Any) -> Any:
+        if isinstance(v, dict):
+            return {k: dec(x) for k, x in v.items()}
+        if isinstance(v, str) and (v.isdigit() or (v.startswith("-") and v[1:].isdigit())):
+            return int(v)
+        return v
+
+    if state.get("bit_generator") != type(rng.bit_generator).__name__:
+        raise ValueError(
+            f"sampler state was saved with bit generator {state.get('bit_generator')!r}, "
+            f"this sampler uses {type(rng.bit_generator).__name__}."
+        )
+    rng.bit_generator.state = dec(dict(state))
+
+
+# --------------------------------------------------------------------------- mutation
+
+
+def _metrics(space: SearchSpace) -> list[tuple[str, float | None, float | None]]:
+    bounds = list(space.budget_bounds())
+    return bounds if bounds else [("params", None, None)]
+
+
+def level_switch(
+    space: SearchSpace,
+    levels: Sequence[int],
+    rng: np.random.Generator,
+    *,
+    same_kind: bool = True,
+    kinds: Sequence[str] | None = None,
+) -> list[int] | None:
+    """One EvoPress level switch on a level vector (``space.genes`` order); ``None`` if no move exists.
+
+    A gene ``a`` (uniform among genes with a valid partner) moves one level up
+    and a gene ``b`` one level down; ``b`` is drawn among the partners that keep
+    every budget of ``space`` and, among those, change the budget costs the least
+    (an exact zero whenever equal-saving partners exist; with ``same_kind=False``
+    the partner's kind is drawn first, uniformly among the kinds that have a
+    valid partner). If no switch exists at all (every gene at its top level,
+    say), one gene moves one level down if the budget has room for it. Moves
+    that do not change the candidate (the widths of a dropped block) are never used. With
+    ``same_kind`` (default) ``a`` and ``b`` have the same gene kind; ``kinds``
+    restricts which kinds may move.
+
+    >>> from evoprune.space import Budget, SearchSpace
+    >>> space = SearchSpace.from_model(dict(model_type="llama", num_hidden_layers=4, hidden_size=64,
+    ...     num_attention_heads=4, num_key_value_heads=2, intermediate_size=128, vocab_size=100),
+    ...     attention=None, mlp_step=32, budget=Budget(metric="params", max_ratio=0.8))
+    >>> lv = list(space.levels_of(space.uniform(0.8)).values())
+    >>> new = level_switch(space, lv, np.random.default_rng(0))
+    >>> sorted(int(a - b) for a, b in zip(new, lv)), sum(new) == sum(lv)
+    ([-1, 0, 0, 1], True)
+    """
+    genes = space.genes
+    lv = list(int(v) for v in levels)
+    names = [g.name for g in genes]
+    base = space.candidate_from_levels(dict(zip(names, lv)))
+    bounds = _metrics(space)
+    cm = space.cost_model
+    dense = np.array([space.dense_cost(m) for m, _, _ in bounds], dtype=float)
+    totals = np.array([cm.cost(base, m) for m, _, _ in bounds], dtype=float)
+    layer_cost = {}
+
+    def lcost(layer_cfg: Any) -> np.ndarray:
+        key = layer_cfg
+        if key not in layer_cost:
+            layer_cost[key] = np.array([cm.layer_cost(layer_cfg, m) for m, _, _ in bounds], dtype=float)
+        return layer_cost[key]
+
+    allowed = set(kinds) if kinds is not None else None
+    ups: list[tuple[int, np.ndarray, Any]] = []
+    downs: list[tuple[int, np.ndarray, Any]] = []
+    for k, g in enumerate(genes):
+        if allowed is not None and g.kind not in allowed:
+            continue
+        for step, bucket in ((1, ups), (-1, downs)):
+            new = lv[k] + step
+            if not 0 <= new <= g.top:
+                continue
+            moved = list(lv)
+            moved[k] = new
+            try:
+                cand = space.candidate_from_levels(dict(zip(names, moved)))
+            except ValueError:  # would drop every block
+                continue
+            old_layer, new_layer = base.layers[g.layer], cand.layers[g.layer]
+            if old_layer == new_layer:
+                continue  # inert (e.g. the width of a dropped block)
+            bucket.append((k, lcost(new_layer) - lcost(old_layer), new_layer))
+    lo = np.array([-np.inf if b is None else b for _, b, _ in bounds], dtype=float)
+    hi = np.array([np.inf if b is None else b for _, _, b in bounds], dtype=float)
+
+    def single_down() -> list[int] | None:
+        """No switch exists (e.g. every gene at its top level): spend budget slack on one gene instead."""
+        fits = [k for k, d, _ in downs if np.all(totals + d <= hi + np.maximum(np.abs(hi), 1.0) * 1e-12)
+                and np.all(totals + d >= lo)]
+        if not fits:
+            return None
+        out = list(lv)
+        out[fits[int(rng.integers(len(fits)))]] -= 1
+        return out
+
+    if not ups or not downs:
+        return single_down()
+    feasible_now = bool(np.all(totals <= hi * (1 + 1e-12)) and np.all(totals >= lo * (1 - 1e-12)))
+    up_idx = [u[0] for u in ups]
+    down_idx = [d[0] for d in downs]
+    d_up = np.stack([u[1] for u in ups])  # [U, M]
+    d_down = np.stack([d[1] for d in downs])  # [D, M]
+    net = d_up[:, None, :] + d_down[None, :, :]  # [U, D, M]
+    after = totals[None, None, :] + net
+    tol = np.maximum(np.abs(hi), 1.0) * 1e-12
+    ok = np.all(after <= hi + tol, axis=-1) & np.all(after >= lo - np.maximum(np.abs(lo), 1.0) * 1e-12, axis=-1)
+    if not feasible_now:  # outside the budget already: only moves that do not worsen it
+        ok = np.all(net <= 0, axis=-1) | ok
+    layer_of_up = [genes[k].layer for k in up_idx]
+    ok &= np.array(up_idx)[:, None] != np.array(down_idx)[None, :]
+    if same_kind:
+        ok &= np.array([genes[k].kind for k in up_idx])[:, None] == np.array([genes[k].kind for k in down_idx])[None, :]
+    # same-layer pairs (cross-kind only): the layer's cost is not the sum of both deltas
+    if not same_kind:
+        for i, a in enumerate(up_idx):
+            for j, b in enumerate(down_idx):
+                if ok[i, j] and genes[b].layer == layer_of_up[i]:
+                    moved = list(lv)
+                    moved[a] += 1
+                    moved[b] -= 1
+                    try:
+                        cand = space.candidate_from_levels(dict(zip(names, moved)))
+                    except ValueError:
+                        ok[i, j] = False
+                        continue
+                    li = genes[a].layer
+                    exact = lcost(cand.layers[li]) - lcost(base.layers[li])
+                    net[i, j] = exact
+                    t = totals + exact
+                    ok[i, j] = bool(np.all(t <= hi + tol) and np.all(t >= lo - 1e-12 * np.maximum(np.abs(lo), 1.0)))
+                    if ok[i, j] and cand == base:
+                        ok[i, j] = False
+    rows = np.flatnonzero(ok.any(axis=1))
+    if rows.size == 0:
+        return single_down()
+    i = int(rows[rng.integers(rows.size)])
+    change = np.abs(net[i] / dense).sum(-1)
+    change = np.where(ok[i], change, np.inf)
+    if not same_kind:  # the partner's kind first (uniform among kinds with a valid partner), then the closest
+        down_kinds = np.array([genes[k].kind for k in down_idx])
+        options = sorted({str(k) for k in down_kinds[ok[i]]})
+        kind = options[int(rng.integers(len(options)))]
+        change = np.where(down_kinds == kind, change, np.inf)
+    best = change.min()
+    cols = np.flatnonzero(ok[i] & (change <= best + 1e-12))
+    j = int(cols[rng.integers(cols.size)])
+    out = list(lv)
+    out[up_idx[i]] += 1
+    out[down_idx[j]] -= 1
+    return out
+
+
+def fill_budget(space: SearchSpace, candidate: Candidate, rng: np.random.Generator | int | None = None) -> Candidate:
+    """Spend budget slack: move random genes one level down (less compression) while every budget holds.
+
+    Level switches keep the cost of the initial candidate for the whole run, so
+    slack left by coarse levels (e.g. a uniform candidate a few percent under the
+    budget) would never be used; this fills it first. Without an upper budget
+    the candidate is returned unchanged.
+
+    >>> from evoprune.space import Budget, SearchSpace
+    >>> space = SearchSpace.from_model(dict(model_type="llama", num_hidden_layers=4, hidden_size=64,
+    ...     num_attention_heads=4, num_key_value_heads=2, intermediate_size=128, vocab_size=100),
+    ...     attention=None, mlp_step=16, budget=Budget(metric="params", max_ratio=0.8))
+    >>> u = space.uniform(0.8)
+    >>> f = fill_budget(space, u, 0)
+    >>> space.satisfies_budget(f), space.ratio(u, "params") <= space.ratio(f, "params") <= 0.8
+    (True, True)
+    """
+    if not any(hi is not None for _, _, hi in space.budget_bounds()):
+        return candidate
+    rng = np.random.default_rng(rng)
+    names = space.gene_names
+    lv = dict(space.levels_of(candidate))
+    while True:
+        moves = []
+        for name in names:
+            if lv[name] == 0:
+                continue
+            trial = dict(lv)
+            trial[name] -= 1
+            cand = space.candidate_from_levels(trial)
+            if space.satisfies_budget(cand) and cand != space.candidate_from_levels(lv):
+                moves.append(name)
+        if not moves:
+            return space.candidate_from_levels(lv)
+        lv[moves[int(rng.integers(len(moves)))]] -= 1
+
+
+# --------------------------------------------------------------------------- the sampler
+
+
+class EvolutionarySampler:
+    """(μ+λ) evolutionary search with level-switch mutation (EvoPress / DarwinLM).
+
+    All arguments are keyword-only.
+
+    Args:
+        offspring: λ, candidates proposed per generation (EvoPress: 16-64).
+        parents: μ, size of the parent population (default 1).
+        init: the first parent(s): ``"uniform"`` (every block compressed alike to
+            the budget, see :meth:`SearchSpace.uniform`; repaired into the budget
+            if needed), ``"random"`` (best of ``init_samples`` random candidates),
+            a :class:`~evoprune.space.Candidate` or a list of them (e.g. from a
+            baseline such as :func:`~evoprune.search.shortgpt`).
+        init_samples: how many random candidates ``init="random"`` scores
+            (default: ``offspring``); also fills up a short seed list.
+        max_flips: flips per mutation are ``min(U{1..max_flips}, U{1..max_flips})``.
+        same_kind: switch levels only between genes of the same kind (an MLP
+            width against an MLP width, a block against a block).
+        kinds: restrict mutation to these gene kinds (default: all).
+        seed: seeds the sampler's RNG (same seed, same space, same scores:
+            same run).
+        fill: spend the budget slack of every initial candidate and offspring
+            (:func:`fill_budget`): level switches keep the initial cost for the
+            whole run, so slack left by coarse levels (or by switches between
+            genes of different kinds, whose steps differ) would be wasted. Exact
+            switches leave no slack, so this changes nothing for them.
+        max_tries: redraws per offspring slot before giving up on it (all of a
+            parent's neighbours may have been seen).
+
+    The driver calls :meth:`setup` once, then alternately :meth:`ask_generation`
+    and :meth:`tell_generation`. :attr:`min_finalists` tells it how many
+    candidates of the current generation must reach the last stage (μ at
+    generation 0, else whatever the stage promotion rules let through).
+    """
+
+    kind = "evolutionary"
+
+    def __init__(
+        self,
+        *,
+        offspring: int = 16,
+        parents: int = 1,
+        init: str | Candidate | Sequence[Candidate] = "uniform",
+        init_samples: int | None = None,
+        max_flips: int = 3,
+        same_kind: bool = True,
+        kinds: Sequence[str] | None = None,
+        seed: int = 0,
+        max_tries: int = 200,
+        fill: bool = True,
+    ) -> None:
+        for name, value, low in (("offspring", offspring, 1), ("parents", parents, 1), ("max_flips", max_flips, 1),
+                                 ("max_tries", max_tries, 1)):
+            if isinstance(value, bool) or not isinstance(value, int) or value < low:
+                raise ValueError(f"EvolutionarySampler: {name} must be an int >= {low}, got {value!r}.")
+        if init_samples is not None and (not isinstance(init_samples, int) or init_samples < 1):
+            raise ValueError(f"EvolutionarySampler: init_samples must be a positive int, got {init_samples!r}.")
+        if isinstance(init, str):
+            if init not in INIT_MODES:
+                raise ValueError(
+                    f"EvolutionarySampler: init must be one of {INIT_MODES}, a Candidate or a list of Candidates; "
+                    f"got {init!r}."
+                )
+            seeds: tuple[Candidate, ...] = ()
+        else:
+            seeds = (init,) if isinstance(init, Candidate) else tuple(init)
+            if not seeds or not all(isinstance(c, Candidate) for c in seeds):
+                raise TypeError("EvolutionarySampler: init must be 'uniform', 'random', a Candidate or Candidates.")
+            init = "seed"
+        if not isinstance(seed, int) or isinstance(seed, bool):
+            raise TypeError(f"EvolutionarySampler: seed must be an int, got {seed!r}.")
+        self.offspring = offspring
+        self.parents = parents
+        self.init = init
+        self.seeds = seeds
+        self.init_samples = init_samples if init_samples is not None else offspring
+        self.max_flips = max_flips
+        self.same_kind = bool(same_kind)
+        self.kinds = tuple(kinds) if kinds is not None else None
+        self.seed = seed
+        self.max_tries = max_tries
+        self.fill = bool(fill)
+        self.space: SearchSpace | None = None
+        self.group: str | None = None
+        self._rng = np.random.default_rng(seed)
+        self._generation = 0
+        self._population: list[tuple[Candidate, float]] = []
+        self._seen: dict[str, None] = {}  # ordered set
+        self._pending: list[Candidate] = []
+
+    def __repr__(self) -> str:
+        return (
+            f"EvolutionarySampler(offspring={self.offspring}, parents={self.parents}, init={self.init!r}, "
+            f"seed={self.seed})"
+        )
+
+    # -- setup ------------------------------------------------------------------------------
+    def setup(self, space: SearchSpace) -> None:
+        """Bind the search space (call once, before asking)."""
+        if not isinstance(space, SearchSpace):
+            raise TypeError(f"EvolutionarySampler.setup needs a SearchSpace, got {type(space).__name__}.")
+        for c in self.seeds:
+            space.validate(c)
+        if self.kinds is not None:
+            present = {g.kind for g in space.genes}
+            missing = set(self.kinds) - present
+            if missing:
+                raise ValueError(
+                    f"EvolutionarySampler: kinds {sorted(missing)} have no genes in this space (it has {sorted(present)})."
+                )
+        self.space = space
+
+    def _need_space(self) -> SearchSpace:
+        if self.space is None:
+            raise RuntimeError("EvolutionarySampler: call setup(space) first (the Searcher does this).")
+        return self.space
+
+    # -- read-only views ---------------------------------------------------------------------
+    @property
+    def generation(self) -> int:
+        """Generations told so far (0: the initial population has not been scored yet)."""
+        return self._generation
+
+    @property
+    def population(self) -> list[tuple[Candidate, float]]:
+        """Parents and their last-stage fitness, best first."""
+        return list(self._population)
+
+    @property
+    def best(self) -> tuple[Candidate, float] | None:
+        return self._population[0] if self._population else None
+
+    @property
+    def min_finalists(self) -> int:
+        """Candidates of the current generation that must reach the last stage."""
+        return self.parents if self._generation == 0 else 0
+
+    def seen(self, key: str) -> bool:
+        return key in self._seen
+
+    # -- mutation ----------------------------------------------------------------------------
+    def mutate(self, candidate: Candidate, rng: np.random.Generator | None = None) -> Candidate:
+        """``min(U{1..k}, U{1..k})`` level switches of ``candidate`` (may return it unchanged if stuck)."""
+        space = self._need_space()
+        rng = self._rng if rng is None else rng
+        lv = list(space.levels_of(candidate).values())
+        flips = int(min(rng.integers(1, self.max_flips + 1), rng.integers(1, self.max_flips + 1)))
+        for _ in range(flips):
+            new = level_switch(space, lv, rng, same_kind=self.same_kind, kinds=self.kinds)
+            if new is None:
+                break
+            lv = new
+        return space.candidate_from_levels(dict(zip(space.gene_names, lv)))
+
+    # -- ask / tell --------------------------------------------------------------------------
+    def _initial(self, claim: Callable[[str], bool]) -> list[Candidate]:
+        space = self._need_space()
+        out: list[Candidate] = []
+
+        def take(c: Candidate) -> None:
+            c = space.canonical(c)
+            if self.fill:
+                c = fill_budget(space, c, self._rng)
+            if c.key in self._seen or any(o.key == c.key for o in out):
+                return
+            if claim(c.key):
+                out.append(c)
+
+        if self.init == "seed":
+            for c in self.seeds:
+                if space.budget and not space.satisfies_budget(c):
+                    _log.warning("seed candidate outside the budget; repairing it", extra={"fields": {"key": c.key}})
+                    c = space.repair(c, self._rng)
+                take(c)
+            n_random = max(0, self.parents - len(out))
+        elif self.init == "uniform":
+            take(_uniform_in_budget(space, self._rng))
+            n_random = max(0, self.parents - len(out))
+        else:
+            n_random = self.init_samples
+        tries = 0
+        target = len(out) + n_random
+        while len(out) < target and tries < self.max_tries * max(1, n_random):
+            tries += 1
+            take(space.random(self._rng))
+        if len(out) < self.parents:
+            raise RuntimeError(
+                f"EvolutionarySampler: could only build {len(out)} distinct initial candidates for {self.parents} "
+                "parents; lower parents or enlarge the space."
+            )
+        return out
+
+    def ask_generation(self, claim: Callable[[str], bool] | None = None) -> list[Proposal]:
+        """The candidates of the current generation (initial population at generation 0).
+
+        ``claim(key) -> bool`` (e.g. :meth:`Recorder.claim`) may veto candidates
+        another worker already took; vetoed ones are redrawn. Asking again
+        before :meth:`tell_generation` returns the same proposals.
+        """
+        self._need_space()
+        if self._pending:
+            return [self._proposal(c) for c in self._pending]
+        claim = claim or (lambda key: True)
+        if self._generation == 0:
+            batch = self._initial(claim)
+            source = "seed" if self.init == "seed" else "initial"
+        else:
+            if not self._population:
+                raise RuntimeError("EvolutionarySampler: no parents (no candidate of the first generation was scored).")
+            batch = []
+            keys = set()
+            for _slot in range(self.offspring):
+                for _try in range(self.max_tries):
+                    parent = self._population[int(self._rng.integers(len(self._population)))][0]
+                    child = self.mutate(parent)
+                    if self.fill:
+                        child = fill_budget(self.space, child, self._rng)
+                    if child.key in self._seen or child.key in keys:
+                        continue
+                    if not claim(child.key):
+                        self._seen[child.key] = None
+                        continue
+                    batch.append(child)
+                    keys.add(child.key)
+                    break
+            if not batch:
+                _log.warning("no unseen offspring found; the neighbourhood of the parents is exhausted",
+                             extra={"fields": {"generation": self._generation, "group": self.group}})
+            source = "evolution"
+        for c in batch:
+            self._seen[c.key] = None
+        self._pending = batch
+        _log.debug("asked generation %d (%d candidates)", self._generation, len(batch))
+        return [self._proposal(c, source) for c in batch]
+
+    def _proposal(self, candidate: Candidate, source: str | None = None) -> Proposal:
+        if source is None:
+            source = "evolution" if self._generation else ("seed" if self.init == "seed" else "initial")
+        return Proposal(candidate=candidate, source=source, group=self.group, space=self.space)
+
+    def tell_generation(self, results: Sequence[tuple[Candidate, float | None]]) -> None:
+        """Last-stage fitness of the generation's candidates (``None`` or NaN: did not reach it).
+
+        The best ``parents`` of the current parents and the finalists become the
+        next parents (ties go to the newcomer). Candidates not in the pending
+        generation are ignored.
+        """
+        pending = {c.key: c for c in self._pending}
+        finalists = []
+        for cand, value in results:
+            if cand.key not in pending or value is None:
+                continue
+            value = float(value)
+            if math.isnan(value):
+                continue
+            finalists.append((pending[cand.key], value))
+        pool = finalists + list(self._population)  # newcomers first: stable sort gives them ties
+        pool.sort(key=lambda cv: cv[1])
+        if not pool and self._generation == 0:
+            raise RuntimeError(
+                "EvolutionarySampler: no initial candidate reached the last stage; check the stage promotion rules."
+            )
+        self._population = pool[: self.parents]
+        self._pending = []
+        self._generation += 1
+        if self._population:
+            _log.info(
+                "generation %d done: best %.6g",
+                self._generation,
+                self._population[0][1],
+                extra={"fields": {"group": self.group, "finalists": len(finalists)}},
+            )
+
+    # -- state ---------------------------------------------------------------------------------
+    def state_dict(self) -> dict[str, Any]:
+        """Everything needed to continue exactly: JSON-able (``json.dumps`` works on it)."""
+        return {
+            "version": _STATE_VERSION,
+            "kind": self.kind,
+            "settings": self._settings(),
+            "generation": self._generation,
+            "population": [{"candidate": c.to_dict(), "fitness": f} for c, f in self._population],
+            "pending": [c.to_dict() for c in self._pending],
+            "seen": list(self._seen),
+            "rng": _rng_state(self._rng),
+        }
+
+    def _settings(self) -> dict[str, Any]:
+        return {
+            "offspring": self.offspring,
+            "parents": self.parents,
+            "init": self.init,
+            "seeds": [c.to_dict() for c in self.seeds],
+            "init_samples": self.init_samples,
+            "max_flips": self.max_flips,
+            "same_kind": self.same_kind,
+            "kinds": None if self.kinds is None else list(self.kinds),
+            "seed": self.seed,
+            "fill": self.fill,
+        }
+
+    def load_state_dict(self, state: Mapping[str, Any]) -> None:
+        """Restore :meth:`state_dict`; the sampler must be set up with the same settings."""
+        if state.get("version") != _STATE_VERSION or state.get("kind") != self.kind:
+            raise ValueError(
+                f"not an {type(self).__name__} state (version {state.get('version')}, kind {state.get('kind')!r})."
+            )
+        settings = state.get("settings", {})
+        mine = self._settings()
+        diff = {k: (settings.get(k), v) for k, v in mine.items() if k in settings and settings.get(k) != v}
+        if diff:
+            raise ValueError(
+                f"{type(self).__name__}: the saved state was made with other settings {diff} (saved, current); "
+                "rebuild the sampler with the study's settings to resume it."
+            )
+        self._generation = int(state["generation"])
+        self._population = [(Candidate.from_dict(p["candidate"]), float(p["fitness"])) for p in state["population"]]
+        self._pending = [Candidate.from_dict(c) for c in state.get("pending", [])]
+        self._seen = dict.fromkeys(state["seen"])
+        _set_rng_state(self._rng, state["rng"])
+
+
+def _uniform_in_budget(space: SearchSpace, rng: np.random.Generator) -> Candidate:
+    """``space.uniform`` at the (first) budget ratio, repaired into every budget; repaired dense otherwise."""
+    bounds = space.budget_bounds()
+    cand = None
+    if bounds:
+        metric, _lo, hi = bounds[0]
+        if hi is not None:
+            try:
+                cand = space.uniform(min(1.0, hi / space.dense_cost(metric)), metric=metric)
+            except ValueError:
+                cand = None
+    if cand is None:
+        cand = space.dense()
+    if space.budget and not space.satisfies_budget(cand):
+        cand = space.repair(cand, rng)
+    return cand
+
+
+# --------------------------------------------------------------------------- budget sweep
+
+
+class BudgetSweep:
+    """Multi-objective evolution: one evolutionary run per budget level in one study.
+
+    Each level ``r`` of ``levels`` gets its own :class:`EvolutionarySampler`
+    (seeded ``seed + index``) on the space with budget ``metric <= r * dense``;
+    generations go round-robin over the levels, so a study stopped at any time
+    has results for every level. Told with objectives such as ``["kl",
+    "params"]``, the study's Pareto front (``study.best_trials``) collects the
+    best of every level.
+
+    Args:
+        levels: budget ratios, e.g. ``(0.8, 0.6, 0.4)``.
+        metric: the budget metric (default ``"params"``).
+        **options: :class:`EvolutionarySampler` arguments shared by every level.
+
+    The budgets of the space passed to :meth:`setup` on other metrics are kept;
+    a budget on ``metric`` is replaced by each level's.
+    """
+
+    kind = "budget_sweep"
+
+    def __init__(self, *, levels: Sequence[float], metric: str = "params", **options: Any) -> None:
+        levels = tuple(float(r) for r in levels)
+        if not levels or any(not 0.0 < r <= 1.0 for r in levels):
+            raise ValueError(f"BudgetSweep: levels must be ratios in (0, 1], got {levels!r}.")
+        if len(set(levels)) != len(levels):
+            raise ValueError(f"BudgetSweep: levels has duplicates: {levels}.")
+        self.levels = levels
+        self.metric = metric
+        self.options = dict(options)
+        seed = int(self.options.pop("seed", 0))
+        self.seed = seed
+        self.runs = [EvolutionarySampler(seed=seed + i, **self.options) for i in range(len(levels))]
+        for r, run in zip(levels, self.runs):
+            run.group = f"{metric}<={r:g}"
+        self._turn = 0
+        self.space: SearchSpace | None = None
+
+    def __repr__(self) -> str:
+        return f"BudgetSweep(levels={self.levels}, metric={self.metric!r})"
+
+    def setup(self, space: SearchSpace) -> None:
+        keep = tuple(b for b in space.budget if b.metric != self.metric)
+        for r, run in zip(self.levels, self.runs):
+            sub = dataclasses.replace(space, budget=keep + (Budget(metric=self.metric, max_ratio=r),))
+            run.setup(sub)
+        self.space = space
+
+    @property
+    def current(self) -> EvolutionarySampler:
+        return self.runs[self._turn % len(self.runs)]
+
+    @property
+    def generation(self) -> int:
+        """Generations told so far, summed over levels."""
+        return sum(run.generation for run in self.runs)
+
+    @property
+    def min_finalists(self) -> int:
+        return self.current.min_finalists
+
+    def seen(self, key: str) -> bool:
+        return any(run.seen(key) for run in self.runs)
+
+    def ask_generation(self, claim: Callable[[str], bool] | None = None) -> list[Proposal]:
+        return self.current.ask_generation(claim)
+
+    def tell_generation(self, results: Sequence[tuple[Candidate, float | None]]) -> None:
+        self.current.tell_generation(results)
+        self._turn += 1
+
+    @property
+    def best(self) -> list[tuple[str, Candidate, float]]:
+        """Best candidate of every level that has one: ``(group, candidate, fitness)``."""
+        return [(run.group or "", *run.best) for run in self.runs if run.best is not None]
+
+    def state_dict(self) -> dict[str, Any]:
+        return {
+            "version": _STATE_VERSION,
+            "kind": self.kind,
+            "settings": {"levels": list(self.levels), "metric": self.metric, "seed": self.seed},
+            "turn": self._turn,
+            "runs": [run.state_dict() for run in self.runs],
+        }
+
+    def load_state_dict(self, state: Mapping[str, Any]) -> None:
+        if state.get("version") != _STATE_VERSION or state.get("kind") != self.kind:
+            raise ValueError(f"not a BudgetSweep state (kind {state.get('kind')!r}).")
+        s = state["settings"]
+        if list(s["levels"]) != list(self.levels) or s["metric"] != self.metric or s["seed"] != self.seed:
+            raise ValueError(
+                f"BudgetSweep: the saved state has levels={s['levels']}, metric={s['metric']!r}, seed={s['seed']}; "
+                "rebuild the sampler with the study's settings to resume it."
+            )
+        self._turn = int(state["turn"])
+        for run, sub in zip(self.runs, state["runs"]):
+            run.load_state_dict(sub)

@@ -1,0 +1,378 @@
+"""`build_runtime`: a :class:`StudyConfig` turned into live objects (model, data, pruner, space, pipeline).
+
+::
+
+    from evoprune.search import StudyConfig, build_runtime
+    runtime = build_runtime(StudyConfig.from_yaml("studies/reference_small.yaml"))
+    runtime.fingerprints        # {"model": ..., "data": ..., "space": ..., "config": ...}
+    study = runtime.create_study()                # in memory; or storage=..., study_name=...
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+from .._logging import get_logger
+from ..space import SearchSpace
+from ._config import StageConfig, StudyConfig, load_object
+from ._evolution import BudgetSweep, EvolutionarySampler
+from ._searcher import objective_directions
+
+__all__ = ["Runtime", "build_pipeline", "build_runtime", "make_sampler", "resolve_model_path"]
+
+_log = get_logger("search.runtime")
+
+
+@dataclasses.dataclass
+class Runtime:
+    """Everything a search needs in memory. Build it with :func:`build_runtime`, or by hand in tests.
+
+    Attributes:
+        model: the dense causal LM (permuted in place by the pruner; function unchanged).
+        space: the :class:`~evoprune.space.SearchSpace` (with the config's budgets).
+        pipeline: the :class:`~evoprune.evaluators.Pipeline` of the stage schedule.
+        context: the :class:`~evoprune.evaluators.EvalContext` (eval/train tokens, pruner, cost model).
+        objectives: told objective names (``["kl"]``, ``["kl", "params"]``, ...).
+        pruner: the :class:`~evoprune.pruning.Pruner`.
+        tokenizer: the tokenizer (may be ``None`` for hand-built runtimes).
+        calib_ids: the calibration tokens ``[n, seq_len]``.
+        config: the :class:`StudyConfig` (``None`` for hand-built runtimes).
+        fingerprints: ``{"model", "data", "space", "config"}`` digests for the study database.
+        model_path: where the model was loaded from.
+    """
+
+    model: Any
+    space: SearchSpace
+    pipeline: Any
+    context: Any
+    objectives: Sequence[str] = ("kl",)
+    pruner: Any = None
+    tokenizer: Any = None
+    calib_ids: Any = None
+    config: StudyConfig | None = None
+    fingerprints: dict[str, str] = dataclasses.field(default_factory=dict)
+    model_path: str | None = None
+
+    @property
+    def directions(self) -> list[str]:
+        """Study directions for :attr:`objectives`."""
+        return objective_directions(self.objectives, self.pipeline, self.space)
+
+    @property
+    def seed(self) -> int:
+        return int(getattr(self.context, "seed", 0) or 0)
+
+    def create_study(self, storage: Any = None, study_name: str | None = None, *, load_if_exists: bool = False,
+                     sampler: Any = None) -> Any:
+        """An :class:`optuna.Study` with the right directions; the Optuna sampler of the config unless given.
+
+        (For an evolutionary config the study's own sampler is never asked: the
+        :class:`Searcher` fixes every trial's params.)
+        """
+        import optuna
+
+        if sampler is None and self.config is not None:
+            built = make_sampler(self.config.sampler.name, self.config.sampler.options, seed=self.seed)[0]
+            if isinstance(built, optuna.samplers.BaseSampler):
+                sampler = built
+        return optuna.create_study(
+            storage=storage, study_name=study_name, directions=self.directions, sampler=sampler,
+            load_if_exists=load_if_exists,
+        )
+
+    def make_sampler(self) -> tuple[Any, str | None]:
+        """``(sampler, budget_mode)`` of the config (for :class:`Searcher`)."""
+        if self.config is None:
+            raise ValueError("Runtime.make_sampler: this runtime has no config; build the sampler yourself.")
+        return make_sampler(self.config.sampler.name, self.config.sampler.options, seed=self.seed, space=self.space)
+
+
+# --------------------------------------------------------------------------- samplers
+
+
+def make_sampler(
+    name: str, options: Mapping[str, Any] | None = None, *, seed: int = 0, space: SearchSpace | None = None
+) -> tuple[Any, str | None]:
+    """Build a sampler by config name; returns ``(sampler, budget_mode)``.
+
+    ``"evolutionary"`` gives an :class:`EvolutionarySampler` (or, with option
+    ``budget_sweep: [ratios]``, a :class:`BudgetSweep` over the first budget's
+    metric of ``space`` or ``sweep_metric``); ``"tpe"``, ``"nsgaii"``,
+    ``"random"``, ``"gp"``, ``"qmc"`` give Optuna samplers; ``"pkg.mod:Class"``
+    is imported and called with ``options`` (plus ``seed`` if it takes one).
+    ``options["budget_mode"]`` is removed and returned for the Searcher.
+
+    >>> s, mode = make_sampler("tpe", {"n_startup_trials": 5, "budget_mode": "repair"}, seed=3)
+    >>> type(s).__name__, mode
+    ('TPESampler', 'repair')
+    """
+    import inspect
+
+    import optuna
+
+    opts = dict(options or {})
+    budget_mode = opts.pop("budget_mode", None)
+    opts.setdefault("seed", seed)
+    if name == "evolutionary":
+        sweep = opts.pop("budget_sweep", None)
+        metric = opts.pop("sweep_metric", None)
+        if "init" in opts and isinstance(opts["init"], (list, dict)) :
+            from ..space import Candidate
+
+            init = opts["init"]
+            opts["init"] = [Candidate.from_dict(c) for c in init] if isinstance(init, list) else Candidate.from_dict(init)
+        if sweep is not None:
+            if metric is None:
+                metric = space.budget[0].metric if space is not None and space.budget else "params"
+            return BudgetSweep(levels=sweep, metric=metric, **opts), budget_mode
+        return EvolutionarySampler(**opts), budget_mode
+    table = {
+        "tpe": optuna.samplers.TPESampler,
+        "nsgaii": optuna.samplers.NSGAIISampler,
+        "random": optuna.samplers.RandomSampler,
+        "gp": optuna.samplers.GPSampler,
+        "qmc": optuna.samplers.QMCSampler,
+    }
+    if name in table:
+        cls = table[name]
+    else:
+        cls = load_object(name)
+        try:
+            params = inspect.signature(cls).parameters
+        except (TypeError, ValueError):
+            params = {}
+        if "seed" not in params and not any(p.kind == p.VAR_KEYWORD for p in params.values()):
+            opts.pop("seed")
+    try:
+        return cls(**opts), budget_mode
+    except TypeError as exc:
+        raise ValueError(f"sampler {name!r}: bad options {sorted(opts)}: {exc}") from None
+
+
+# --------------------------------------------------------------------------- pipeline
+
+
+def _evaluator(spec: Mapping[str, Any]) -> Any:
+    from .. import evaluators as ev
+
+    spec = dict(spec)
+    t = spec.pop("type")
+    name = spec.pop("name", None)
+    if t == "kl":
+        return ev.KLToDense(name=name or "kl", **spec)
+    if t == "ppl":
+        return ev.Perplexity(name=name or "ppl", **spec)
+    if t == "latency":
+        return ev.Latency(name=name or "latency", **spec)
+    if t == "cost":
+        return ev.Cost(name=name, **spec)
+    if t == "lm_eval":
+        tasks = spec.pop("tasks")
+        return ev.LMEval(tasks, name=name, **spec)
+    cls = load_object(t)
+    return cls(name=name, **spec) if name is not None else cls(**spec)
+
+
+def build_pipeline(stages: Sequence[StageConfig]) -> Any:
+    """The :class:`~evoprune.evaluators.Pipeline` of a stage schedule."""
+    from ..evaluators import Pipeline, Stage, TopFraction, TopK
+
+    out = []
+    for s in stages:
+        promote = None
+        if s.promote is not None:
+            if "top_k" in s.promote:
+                promote = TopK(int(s.promote["top_k"]))
+            else:
+                promote = TopFraction(float(s.promote["top_fraction"]), int(s.promote.get("min_count", 1)))
+        out.append(
+            Stage(
+                name=s.name,
+                evaluators=tuple(_evaluator(e) for e in s.evaluators),
+                eval_tokens=s.eval_tokens,
+                seq_len=s.seq_len,
+                finetune_tokens=s.finetune_tokens,
+                finetune=dict(s.finetune),
+                promote=promote,
+                objective=s.objective,
+            )
+        )
+    return Pipeline(out)
+
+
+# --------------------------------------------------------------------------- model and data
+
+
+def resolve_model_path(model: str, *, cache_dir: str | None = None) -> str:
+    """``"reference:<size>"`` -> the built reference checkpoint folder (built once, offline afterwards)."""
+    if model.startswith("reference:"):
+        from .._reference import build_reference_model
+
+        return str(build_reference_model(model.partition(":")[2], cache_dir=cache_dir, progress=False))
+    return model
+
+
+def _torch_dtype(name: str) -> Any:
+    import torch
+
+    return {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16, "auto": "auto"}[name]
+
+
+def _device(name: str) -> str:
+    if name == "auto":
+        import torch
+
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    return name
+
+
+def _tokenize_texts(tokenizer: Any, texts: Sequence[str]) -> Any:
+    import torch
+
+    encoded = tokenizer(list(texts), add_special_tokens=False)["input_ids"]
+    eos = getattr(tokenizer, "eos_token_id", None)
+    stream: list[int] = []
+    for ids in encoded:
+        stream.extend(ids)
+        if eos is not None:
+            stream.append(int(eos))
+    return torch.tensor(stream, dtype=torch.long)
+
+
+def _load_splits(config: StudyConfig, tokenizer: Any) -> dict[str, Any]:
+    """``{"train", "validation", "calibration"}`` -> 1-D token streams."""
+    data = config.data
+    if data.source == "reference":
+        from .._corpus import load_reference_corpus, tokenized_split
+
+        corpus = load_reference_corpus(config.cache_dir)
+        return {s: tokenized_split(tokenizer, s, corpus)[0] for s in ("train", "validation", "calibration")}
+    if data.source == "text":
+        def read(paths: Sequence[str]) -> list[str]:
+            out = []
+            for p in paths:
+                path = Path(p).expanduser()
+                if not path.is_file():
+                    raise FileNotFoundError(f"StudyConfig.data: text file {path} does not exist.")
+                out.append(path.read_text(encoding="utf-8"))
+            return out[: data.max_documents] if data.max_documents else out
+
+        train = read(data.train)
+        return {
+            "train": _tokenize_texts(tokenizer, train),
+            "validation": _tokenize_texts(tokenizer, read(data.validation)),
+            "calibration": _tokenize_texts(tokenizer, read(data.calibration) if data.calibration else train),
+        }
+    # hub
+    try:
+        import datasets
+    except ImportError:
+        raise ImportError(
+            'StudyConfig.data source "hub" needs the `datasets` package: pip install datasets '
+            '(or use source "text" with local files).'
+        ) from None
+
+    def split(name: str) -> list[str]:
+        ds = datasets.load_dataset(data.path, data.name, split=name)
+        if data.text_field not in ds.column_names:
+            raise ValueError(
+                f"StudyConfig.data: dataset {data.path!r} split {name!r} has no column {data.text_field!r} "
+                f"(columns: {ds.column_names}); set data.text_field."
+            )
+        texts = [t for t in ds[data.text_field] if t and t.strip()]
+        return texts[: data.max_documents] if data.max_documents else texts
+
+    train = split(data.train_split)
+    return {
+        "train": _tokenize_texts(tokenizer, train),
+        "validation": _tokenize_texts(tokenizer, split(data.validation_split)),
+        "calibration": _tokenize_texts(tokenizer, split(data.calibration_split)) if data.calibration_split else
+        _tokenize_texts(tokenizer, train),
+    }
+
+
+def _digest(*parts: str) -> str:
+    return hashlib.sha256("|".join(parts).encode()).hexdigest()[:16]
+
+
+def build_runtime(config: StudyConfig, *, model: Any = None, tokenizer: Any = None) -> Runtime:
+    """Load the model, tokenizer and data of ``config`` and build pruner, space, pipeline and context.
+
+    ``model``/``tokenizer`` may be passed to reuse objects already in memory
+    (the model must be the dense, unpermuted model of ``config.model``).
+
+    Fingerprints (``runtime.fingerprints``): ``model`` (weights sample digest of
+    the dense model before permutation), ``data`` (calibration, validation and
+    train token streams), ``space`` (:attr:`SearchSpace.key`) and ``config``.
+    """
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from ..evaluators import EvalContext, ids_fingerprint, make_token_set, model_fingerprint
+    from ..pruning import Pruner
+
+    if not isinstance(config, StudyConfig):
+        raise TypeError(f"build_runtime needs a StudyConfig, got {type(config).__name__}.")
+    path = resolve_model_path(config.model, cache_dir=config.cache_dir) if model is None else None
+    device = _device(config.device)
+    if model is None:
+        _log.info("loading model", extra={"fields": {"model": path, "dtype": config.dtype, "device": device}})
+        model = AutoModelForCausalLM.from_pretrained(path, dtype=_torch_dtype(config.dtype))
+        model.to(device)
+    model.eval()
+    if tokenizer is None:
+        tok_src = config.tokenizer or path
+        if tok_src is None:
+            raise ValueError("build_runtime: pass tokenizer= together with model= (or set config.tokenizer).")
+        tokenizer = AutoTokenizer.from_pretrained(tok_src)
+    splits = _load_splits(config, tokenizer)
+    calib_cfg = config.calibration
+    max_pos = getattr(model.config, "max_position_embeddings", None)
+    for what, seq_len in [("calibration", calib_cfg.seq_len)] + [(f"stage {s.name!r}", s.seq_len) for s in config.stages]:
+        if max_pos is not None and seq_len > max_pos:
+            raise ValueError(f"{what}: seq_len {seq_len} exceeds the model's max_position_embeddings={max_pos}.")
+    fps = {k: ids_fingerprint(v) for k, v in splits.items()}
+    data_fp = _digest(fps["calibration"], fps["validation"], fps["train"])
+    calib = make_token_set(
+        splits["calibration"], num_tokens=calib_cfg.num_sequences * calib_cfg.seq_len, seq_len=calib_cfg.seq_len,
+        stage="calibration", seed=config.seed, data_fingerprint=fps["calibration"],
+    ).ids
+    model_fp = model_fingerprint(model)
+    cache = Path(config.cache_dir).expanduser() if config.cache_dir else None
+    if cache is None:
+        from ..evaluators import default_cache_dir
+
+        cache = default_cache_dir()
+    pruner = Pruner(
+        model, calib, method=calib_cfg.method, cache_dir=cache / "importance", model_fingerprint=model_fp,
+        data_fingerprint=_digest(fps["calibration"], str(config.seed), str(calib_cfg.num_sequences),
+                                 str(calib_cfg.seq_len)),
+        calib_batch_size=calib_cfg.batch_size,
+    )
+    space_opts = dict(config.space)
+    for key in ("attn_levels", "sparsity_levels", "frozen_layers"):
+        if space_opts.get(key) is not None:
+            space_opts[key] = tuple(space_opts[key])
+    if space_opts.get("latency") is not None:
+        from ..space import LatencyTable
+
+        space_opts["latency"] = LatencyTable.from_dict(space_opts["latency"])
+    space = SearchSpace.from_model(model.config, budget=config.budget, **space_opts)
+    pipeline = build_pipeline(config.stages)
+    context = EvalContext(
+        eval_ids=splits["validation"], train_ids=splits["train"], data_fingerprint=data_fp, seed=config.seed,
+        device=device, pruner=pruner, cost_model=space.cost_model, tokenizer=tokenizer,
+        batch_size=config.eval_batch_size, cache_dir=cache / "dense_reference", model_fingerprint=model_fp,
+    )
+    runtime = Runtime(
+        model=model, space=space, pipeline=pipeline, context=context, objectives=list(config.objectives),
+        pruner=pruner, tokenizer=tokenizer, calib_ids=calib, config=config,
+        fingerprints={"model": model_fp, "data": data_fp, "space": space.key, "config": config.fingerprint},
+        model_path=path,
+    )
+    runtime.directions  # validate objectives against the pipeline now
+    _log.info("runtime ready", extra={"fields": {**runtime.fingerprints, "genes": len(space.genes)}})
+    return runtime

@@ -1,0 +1,568 @@
+"""The ask -> candidate -> apply -> staged evaluation -> tell driver.
+
+:class:`Searcher` runs a search on an :class:`optuna.Study`, with either
+
+* a *generation sampler* (:class:`~evoprune.search.EvolutionarySampler`,
+  :class:`~evoprune.search.BudgetSweep`): each generation's candidates become
+  Optuna trials with fixed params (``study.enqueue_trial`` + ``study.ask``), are
+  scored together through the stage pipeline, and the best survive; or
+* an Optuna sampler (TPE, NSGA-II, random, GP, QMC, your own ``BaseSampler``;
+  the study's own when ``sampler`` is ``None``): one trial per candidate via
+  :meth:`SearchSpace.suggest <evoprune.space.SearchSpace.suggest>`.
+
+Staged evaluation and trial states (the decision, documented once):
+
+* A candidate that reaches the **last stage** is told ``COMPLETE`` with its
+  objective values (``objectives``, e.g. ``["kl"]`` or ``["kl", "params"]``).
+* A candidate **not promoted** past stage ``i`` is told ``PRUNED``. In a
+  single-objective study each stage objective was ``trial.report``-ed at step
+  ``i`` first, so the trial carries its stage value and TPE ranks it by (stage
+  reached, value) -- never above a completed trial; multi-objective studies
+  cannot report (Optuna raises), and NSGA-II ignores pruned trials. Either way
+  ``study.best_trial(s)`` only ever returns candidates scored on the last
+  stage's token set, so a candidate judged on few tokens cannot beat one judged
+  on many. ``user_attrs["evoprune:stage_reached"]`` / ``"evoprune:stage_index"``
+  say how far every trial got.
+* A NaN objective tells ``FAIL``; an exception during evaluation tells ``FAIL``,
+  releases the candidate's claim and re-raises.
+
+Budgets with Optuna samplers (``budget_mode``):
+
+* ``"constrain"`` (default for TPE and NSGA-II): the budget violations are set
+  with ``trial.set_constraint``; a candidate outside the budget is **not
+  evaluated** and is told ``COMPLETE`` with placeholder values (cost objectives
+  exact, evaluated objectives the worst feasible value seen so far, or ``1e6``)
+  and ``user_attrs["evoprune:infeasible"] = True``. Constrained samplers rank
+  infeasible trials by their violations only, and ``best_trial(s)`` skip them.
+* ``"repair"`` (default for the others): the suggested candidate is moved into
+  the budget by :meth:`SearchSpace.repair` (deterministically, seeded by the
+  trial number) and the repaired one is evaluated
+  (``user_attrs["evoprune:repaired"]``).
+
+Duplicates: an Optuna-sampler trial whose (repaired) candidate was already
+evaluated is not evaluated again; it is told the earlier trial's values
+(``user_attrs["evoprune:duplicate_of"]``), or ``FAIL`` if that one is still
+running. The evolutionary sampler never proposes a seen candidate.
+
+Stop conditions (any that is given): ``n_trials`` (trials run by this call),
+``n_generations`` (generation samplers), ``max_tokens`` (forward tokens:
+evaluation tokens of every stage plus fine-tuning tokens), ``timeout``
+(seconds). A generation always completes, so a generation sampler may run past
+``n_trials``/``timeout`` by up to one generation; with ``max_tokens`` a new
+generation starts only if the previous generation's token cost still fits
+(the first generation of a call always runs).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import time
+from collections.abc import Sequence
+from typing import Any
+
+import numpy as np
+
+from .._logging import get_logger
+from ..space import METRICS, Candidate, SearchSpace
+from ._recorder import ATTR_PREFIX, OptunaRecorder
+
+__all__ = ["BUDGET_MODES", "SearchStats", "Searcher", "objective_directions", "trial_candidate"]
+
+_log = get_logger("search")
+BUDGET_MODES = ("constrain", "repair")
+_PLACEHOLDER = 1e6
+
+
+@dataclasses.dataclass
+class SearchStats:
+    """What a :meth:`Searcher.run` call did."""
+
+    trials: int = 0
+    evaluated: int = 0
+    complete: int = 0
+    pruned: int = 0
+    failed: int = 0
+    infeasible: int = 0
+    duplicates: int = 0
+    generations: int = 0
+    tokens: int = 0
+    seconds: float = 0.0
+    stage_evaluations: dict[str, int] = dataclasses.field(default_factory=dict)
+    stopped_by: str | None = None
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+
+@dataclasses.dataclass
+class _Entry:
+    trial: Any
+    candidate: Candidate
+    space: SearchSpace
+    stages: list[Any] = dataclasses.field(default_factory=list)
+    done: bool = False
+    final: float | None = None
+
+
+def _is_kl(ev: Any) -> bool:
+    return type(ev).__name__ == "KLToDense"
+
+
+def _objective_source(name: str, pipeline: Any, space: SearchSpace) -> tuple[str, Any]:
+    """``("evaluator", evaluator)`` or ``("cost", metric)`` for an objective name."""
+    last = pipeline.stages[-1]
+    for ev in last.evaluators:
+        if ev.name == name:
+            return "evaluator", ev
+    if name == "kl":
+        for ev in last.evaluators:
+            if _is_kl(ev):
+                return "evaluator", ev
+    if name in METRICS:
+        if name == "latency" and space.latency is None:
+            raise ValueError(
+                "objective 'latency': add a Latency() evaluator named 'latency' to the last stage (measured), "
+                "or give the space a LatencyTable (space option latency=...)."
+            )
+        return "cost", name
+    names = [ev.name for ev in last.evaluators]
+    raise ValueError(
+        f"objective {name!r} is neither an evaluator of the last stage {last.name!r} ({names}) nor a cost metric "
+        f"{METRICS}; use one of those names (or 'kl' for the last stage's KLToDense)."
+    )
+
+
+def objective_directions(objectives: Sequence[str], pipeline: Any, space: SearchSpace) -> list[str]:
+    """Optuna study directions for ``objectives`` (create the study with ``directions=``).
+
+    Evaluator objectives take the evaluator's direction, cost metrics (ratio to
+    dense) are minimized.
+    """
+    out = []
+    for name in objectives:
+        kind, src = _objective_source(name, pipeline, space)
+        out.append(src.direction if kind == "evaluator" else "minimize")
+    return out
+
+
+def trial_candidate(trial: Any, space: SearchSpace | None = None) -> Candidate:
+    """The candidate a (frozen) trial evaluated: the recorded one (``evoprune:candidate``, which is the
+    repaired candidate in ``"repair"`` mode), else ``space.candidate_from_params(trial.params)``."""
+    data = trial.user_attrs.get(ATTR_PREFIX + "candidate")
+    if data is not None:
+        return Candidate.from_dict(data)
+    if space is None:
+        raise ValueError(f"trial {trial.number} has no recorded candidate; pass the space to decode its params.")
+    return space.candidate_from_params(trial.params)
+
+
+def _direction_name(d: Any) -> str:
+    return "maximize" if str(d).lower().endswith("maximize") else "minimize"
+
+
+def _stage_key(value: float, direction: str) -> float:
+    if value is None or math.isnan(value):
+        return math.inf
+    return value if direction == "minimize" else -value
+
+
+class Searcher:
+    """Drive a search on an Optuna study and record every stage result.
+
+    Args:
+        runtime: a :class:`~evoprune.search.Runtime` (from :func:`build_runtime`,
+            or built by hand) giving ``model`` (dense), ``space``, ``pipeline``,
+            ``context`` and ``objectives``.
+        study: the :class:`optuna.Study`; its directions must match
+            :attr:`directions` (``optuna.create_study(directions=runtime.directions)``).
+        sampler: an :class:`EvolutionarySampler` / :class:`BudgetSweep`, an Optuna
+            ``BaseSampler`` (installed as ``study.sampler``), or ``None`` (the
+            study's own sampler).
+        recorder: a :class:`Recorder` (default :class:`OptunaRecorder` on ``study``).
+        budget_mode: ``"constrain"`` or ``"repair"`` for Optuna samplers (see
+            the module docstring); default ``"constrain"`` for TPE and NSGA-II,
+            else ``"repair"``.
+        progress: show a tqdm bar with the best value so far.
+
+    Example (see ``studies/reference_small.py`` for a full script)::
+
+        runtime = build_runtime(StudyConfig.from_yaml("studies/reference_small.yaml"))
+        study = optuna.create_study(directions=runtime.directions)
+        searcher = Searcher(runtime, study, sampler=EvolutionarySampler(offspring=16, seed=0))
+        stats = searcher.run(n_generations=20)
+        best = runtime.space.candidate_from_params(study.best_trial.params)
+    """
+
+    def __init__(
+        self,
+        runtime: Any,
+        study: Any,
+        sampler: Any = None,
+        recorder: Any = None,
+        *,
+        budget_mode: str | None = None,
+        progress: bool = True,
+    ) -> None:
+        import optuna
+
+        for attr in ("model", "space", "pipeline", "context", "objectives"):
+            if not hasattr(runtime, attr):
+                raise TypeError(f"Searcher: runtime has no {attr!r}; build it with evoprune.search.build_runtime(config).")
+        self.runtime = runtime
+        self.study = study
+        self.space: SearchSpace = runtime.space
+        self.pipeline = runtime.pipeline
+        self.context = runtime.context
+        self.model = runtime.model
+        self.objectives = list(runtime.objectives)
+        if not self.objectives:
+            raise ValueError("Searcher: runtime.objectives is empty; use e.g. ['kl'] or ['kl', 'params'].")
+        self.directions = objective_directions(self.objectives, self.pipeline, self.space)
+        study_dirs = [_direction_name(d) for d in study.directions]
+        if study_dirs != self.directions:
+            raise ValueError(
+                f"Searcher: the study's directions {study_dirs} do not match the objectives {self.objectives} "
+                f"({self.directions}); create it with optuna.create_study(directions={self.directions})."
+            )
+        self._sources = [_objective_source(n, self.pipeline, self.space) for n in self.objectives]
+        self.generational = hasattr(sampler, "ask_generation") and hasattr(sampler, "tell_generation")
+        if sampler is not None and not self.generational:
+            if not isinstance(sampler, optuna.samplers.BaseSampler):
+                raise TypeError(
+                    "Searcher: sampler must be an EvolutionarySampler/BudgetSweep (ask_generation/tell_generation), "
+                    f"an optuna.samplers.BaseSampler, or None; got {type(sampler).__name__}."
+                )
+            study.sampler = sampler
+        self.sampler = sampler
+        if self.generational:
+            sampler.setup(self.space)
+        if budget_mode is None:
+            constrained = (optuna.samplers.TPESampler, optuna.samplers.NSGAIISampler, optuna.samplers.NSGAIIISampler)
+            budget_mode = "constrain" if isinstance(study.sampler, constrained) else "repair"
+        if budget_mode not in BUDGET_MODES:
+            raise ValueError(f"Searcher: budget_mode must be one of {BUDGET_MODES}, got {budget_mode!r}.")
+        self.budget_mode = budget_mode
+        self.recorder = recorder if recorder is not None else OptunaRecorder(study)
+        self.progress = progress
+        self._distributions = self.space.optuna_distributions()
+        self._prepared = False
+        self._loaded_state = False
+        self._worst: list[float | None] = [None] * len(self.objectives)
+        self._last_generation_tokens = 0
+        self.stats = SearchStats()
+
+    # ------------------------------------------------------------------ public
+
+    @property
+    def single_objective(self) -> bool:
+        return len(self.objectives) == 1
+
+    def prepare(self) -> None:
+        """Compute the dense references (the model must be dense) and load saved sampler state."""
+        if not self._prepared:
+            pruner = getattr(self.context, "pruner", None)
+            if pruner is not None and getattr(pruner, "is_applied", False):
+                pruner.revert()
+            self.pipeline.prepare(self.model, self.context)
+            self._prepared = True
+        if self.generational and not self._loaded_state:
+            saved = self.recorder.load_sampler_state()
+            if saved is not None:
+                generation, state = saved
+                self.sampler.load_state_dict(state)
+                _log.info("resumed sampler state", extra={"fields": {"generation": generation}})
+            self._loaded_state = True
+
+    def run(
+        self,
+        n_trials: int | None = None,
+        n_generations: int | None = None,
+        max_tokens: int | None = None,
+        timeout: float | None = None,
+    ) -> SearchStats:
+        """Search until a stop condition holds; returns what this call did (:class:`SearchStats`).
+
+        At least one of ``n_trials``, ``n_generations`` (generation samplers only),
+        ``max_tokens`` or ``timeout`` must be given.
+        """
+        if n_trials is None and n_generations is None and max_tokens is None and timeout is None:
+            raise ValueError("Searcher.run: give a stop condition: n_trials, n_generations, max_tokens or timeout.")
+        if n_generations is not None and not self.generational:
+            raise ValueError(
+                "Searcher.run: n_generations needs a generation sampler (EvolutionarySampler or BudgetSweep); "
+                "use n_trials with Optuna samplers."
+            )
+        for name, v in (("n_trials", n_trials), ("n_generations", n_generations), ("max_tokens", max_tokens)):
+            if v is not None and (isinstance(v, bool) or not isinstance(v, int) or v < 0):
+                raise ValueError(f"Searcher.run: {name} must be a non-negative int, got {v!r}.")
+        if timeout is not None and timeout < 0:
+            raise ValueError(f"Searcher.run: timeout must be >= 0 seconds, got {timeout!r}.")
+        self.prepare()
+        stats = SearchStats()
+        self.stats = stats
+        self._last_generation_tokens = 0
+        start = time.monotonic()
+        bar = None
+        if self.progress:
+            from tqdm.auto import tqdm
+
+            bar = tqdm(total=n_trials, desc="search", unit="trial", dynamic_ncols=True)
+        self._bar = bar
+        try:
+            while True:
+                reason = self._stop_reason(stats, start, n_trials, n_generations, max_tokens, timeout)
+                if reason is not None:
+                    stats.stopped_by = reason
+                    break
+                if self.generational:
+                    if max_tokens is not None and stats.tokens + self._last_generation_tokens > max_tokens:
+                        stats.stopped_by = "max_tokens"
+                        break
+                    before = stats.tokens
+                    if not self._generation_step(stats):
+                        stats.stopped_by = "exhausted"
+                        break
+                    self._last_generation_tokens = stats.tokens - before
+                else:
+                    self._trial_step(stats)
+                stats.seconds = time.monotonic() - start
+        finally:
+            stats.seconds = time.monotonic() - start
+            if bar is not None:
+                bar.close()
+            self._bar = None
+        _log.info("search stopped", extra={"fields": {**{k: v for k, v in stats.to_dict().items()
+                                                              if k != "stage_evaluations"}}})
+        return stats
+
+    # ------------------------------------------------------------------ loop pieces
+
+    def _stop_reason(self, stats, start, n_trials, n_generations, max_tokens, timeout) -> str | None:
+        if n_trials is not None and stats.trials >= n_trials:
+            return "n_trials"
+        if n_generations is not None and stats.generations >= n_generations:
+            return "n_generations"
+        if max_tokens is not None and stats.tokens >= max_tokens:
+            return "max_tokens"
+        if timeout is not None and time.monotonic() - start >= timeout:
+            return "timeout"
+        return None
+
+    def _new_trial(self, candidate: Candidate, source: str, space: SearchSpace, group: str | None) -> Any:
+        params = self.space.params_of(candidate)
+        attrs = {ATTR_PREFIX + "source": source}
+        if group is not None:
+            attrs[ATTR_PREFIX + "group"] = group
+        self.study.enqueue_trial(params, user_attrs=attrs)
+        trial = self.study.ask(self._distributions)
+        if {k: int(v) for k, v in trial.params.items()} != params:
+            self.study.tell(trial, state=_state("FAIL"))
+            raise RuntimeError(
+                "Searcher: study.ask() returned another enqueued trial than the evolutionary candidate (someone "
+                "enqueued trials into this study); run one evolutionary driver per study and enqueue seeds through "
+                "EvolutionarySampler(init=[...])."
+            )
+        for key, value in space.constraints(candidate).items():
+            trial.set_constraint(key, value)
+        return trial
+
+    def _generation_step(self, stats: SearchStats) -> bool:
+        sampler = self.sampler
+        proposals = sampler.ask_generation(self.recorder.claim)
+        if not proposals:
+            return False
+        entries = []
+        for p in proposals:
+            space = p.space if p.space is not None else self.space
+            trial = self._new_trial(p.candidate, p.source, space, p.group)
+            self.recorder.record_candidate(trial._trial_id, p.candidate, source=p.source)
+            entries.append(_Entry(trial=trial, candidate=p.candidate, space=space))
+            stats.trials += 1
+        self._evaluate(entries, stats, batch=True, min_final=sampler.min_finalists)
+        sampler.tell_generation([(e.candidate, e.final) for e in entries])
+        stats.generations += 1
+        self.recorder.save_sampler_state(sampler.generation, sampler.state_dict())
+        return True
+
+    def _trial_step(self, stats: SearchStats) -> None:
+        trial = self.study.ask()
+        stats.trials += 1
+        constrain = self.budget_mode == "constrain"
+        try:
+            candidate = self.space.suggest(trial, set_constraints=constrain)
+        except ValueError as exc:  # e.g. levels that drop every block
+            _log.warning("suggested params give no candidate (%s); trial failed", exc)
+            self.study.tell(trial, state=_state("FAIL"))
+            stats.failed += 1
+            self._tick(None)
+            return
+        source = trial.user_attrs.get(ATTR_PREFIX + "source", "sampler")
+        if self.space.budget and not self.space.satisfies_budget(candidate):
+            if constrain:
+                self._tell_infeasible(trial, candidate, stats)
+                return
+            candidate = self.space.repair(candidate, np.random.default_rng([self._seed(), trial.number]))
+            trial.set_user_attr(ATTR_PREFIX + "repaired", True)
+        if not self.recorder.claim(candidate.key):
+            self._tell_duplicate(trial, candidate, stats)
+            return
+        self.recorder.record_candidate(trial._trial_id, candidate, source=source)
+        entry = _Entry(trial=trial, candidate=candidate, space=self.space)
+        self._evaluate([entry], stats, batch=False, min_final=0)
+
+    def _seed(self) -> int:
+        return int(getattr(self.context, "seed", 0) or 0)
+
+    # ------------------------------------------------------------------ evaluation
+
+    def _evaluate(self, entries: list[_Entry], stats: SearchStats, *, batch: bool, min_final: int) -> None:
+        stages = self.pipeline.stages
+        try:
+            for si, st in enumerate(stages):
+                active = [e for e in entries if not e.done]
+                if not active:
+                    break
+                last = si == len(stages) - 1
+                for e in active:
+                    sr = self.pipeline.run_stage(st, self.model, e.candidate, self.context)
+                    e.stages.append(sr)
+                    stats.stage_evaluations[st.name] = stats.stage_evaluations.get(st.name, 0) + 1
+                    for rec in sr.records:
+                        self.recorder.record_stage(
+                            e.trial._trial_id, rec.stage, rec.evaluator, rec.tokens, rec.value, rec.seconds,
+                            rec.details,
+                        )
+                        stats.tokens += int(rec.tokens or 0)
+                    if self.single_objective and not math.isnan(sr.objective):
+                        e.trial.report(sr.objective, si)
+                values = [e.stages[-1].objective for e in active]
+                if last:
+                    promoted: list[bool | None] = [None] * len(active)
+                elif st.promote is None:
+                    promoted = [True] * len(active)
+                elif batch:
+                    promoted = list(st.promote.select(values, direction=st.direction))
+                    if sum(promoted) < min_final:
+                        order = sorted(range(len(values)), key=lambda i: (_stage_key(values[i], st.direction), i))
+                        for i in order[:min_final]:
+                            promoted[i] = True
+                else:
+                    history = self.recorder.stage_history(st.name)
+                    promoted = [st.promote.promotes(values[0], history, direction=st.direction)]
+                for e, v, p in zip(active, values, promoted):
+                    if math.isnan(v):
+                        p = False if not last else None
+                    self.recorder.record_stage_result(e.trial._trial_id, st.name, si, v, p)
+                    if math.isnan(v):
+                        self._finish(e, "FAIL", stats)
+                    elif last:
+                        e.final = v
+                        self._finish(e, "COMPLETE", stats)
+                    elif not p:
+                        self._finish(e, "PRUNED", stats)
+        except BaseException:
+            for e in entries:
+                if not e.done:
+                    self.recorder.release(e.candidate.key)
+                    try:
+                        self.study.tell(e.trial, state=_state("FAIL"))
+                    except Exception:  # pragma: no cover - best effort while failing
+                        pass
+                    e.done = True
+                    stats.failed += 1
+            raise
+
+    def _values(self, entry: _Entry) -> list[float]:
+        final = entry.stages[-1]
+        out = []
+        for kind, src in self._sources:
+            if kind == "evaluator":
+                out.append(final.value(src.name))
+            else:
+                out.append(self.space.ratio(entry.candidate, src))
+        return out
+
+    def _finish(self, entry: _Entry, state: str, stats: SearchStats) -> None:
+        trial = entry.trial
+        if state == "COMPLETE":
+            values = self._values(entry)
+            self.study.tell(trial, values if len(values) > 1 else values[0])
+            stats.complete += 1
+            for i, (v, d) in enumerate(zip(values, self.directions)):
+                if self._sources[i][0] == "evaluator" and math.isfinite(v):
+                    w = self._worst[i]
+                    self._worst[i] = v if w is None else (max(w, v) if d == "minimize" else min(w, v))
+            self._tick(values[0] if len(values) == 1 else None)
+        elif state == "PRUNED":
+            self.study.tell(trial, state=_state("PRUNED"))
+            stats.pruned += 1
+            self._tick(None)
+        else:
+            self.recorder.release(entry.candidate.key)
+            self.study.tell(trial, state=_state("FAIL"))
+            stats.failed += 1
+            self._tick(None)
+        stats.evaluated += 1
+        entry.done = True
+
+    def _tell_infeasible(self, trial: Any, candidate: Candidate, stats: SearchStats) -> None:
+        values = []
+        for i, (kind, src) in enumerate(self._sources):
+            if kind == "cost":
+                values.append(self.space.ratio(candidate, src))
+            else:
+                worst = self._worst[i]
+                if worst is None:
+                    worst = _PLACEHOLDER if self.directions[i] == "minimize" else -_PLACEHOLDER
+                values.append(worst)
+        trial.set_user_attr(ATTR_PREFIX + "infeasible", True)
+        self.study.tell(trial, values if len(values) > 1 else values[0])
+        stats.infeasible += 1
+        self._tick(None)
+
+    def _tell_duplicate(self, trial: Any, candidate: Candidate, stats: SearchStats) -> None:
+        import optuna
+
+        stats.duplicates += 1
+        key_attr = ATTR_PREFIX + "candidate_key"
+        for t in self.study.get_trials(deepcopy=False):
+            if t.number == trial.number or t.user_attrs.get(key_attr) != candidate.key:
+                continue
+            if t.user_attrs.get(ATTR_PREFIX + "infeasible"):
+                continue
+            trial.set_user_attr(ATTR_PREFIX + "duplicate_of", t.number)
+            self.recorder.record_candidate(trial._trial_id, candidate, source="duplicate")
+            if t.state == optuna.trial.TrialState.COMPLETE:
+                self.study.tell(trial, t.values if len(t.values) > 1 else t.values[0])
+                self._tick(None)
+                return
+            if t.state == optuna.trial.TrialState.PRUNED:
+                if self.single_objective:
+                    for step, v in sorted(t.intermediate_values.items()):
+                        trial.report(v, step)
+                self.study.tell(trial, state=_state("PRUNED"))
+                self._tick(None)
+                return
+        self.study.tell(trial, state=_state("FAIL"))
+        self._tick(None)
+
+    def _tick(self, value: float | None) -> None:
+        bar = getattr(self, "_bar", None)
+        if bar is None:
+            return
+        bar.update(1)
+        if self.single_objective:
+            try:
+                best = self.study.best_value
+            except ValueError:
+                return
+            bar.set_postfix({f"best {self.objectives[0]}": f"{best:.5g}"}, refresh=False)
+        else:
+            bar.set_postfix({"front": len(self.study.best_trials)}, refresh=False)
+
+
+def _state(name: str) -> Any:
+    from optuna.trial import TrialState
+
+    return getattr(TrialState, name)

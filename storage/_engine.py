@@ -1,0 +1,175 @@
+"""Storage URLs, engines and Optuna's RDB storage on them.
+
+One SQLAlchemy engine serves both Optuna's tables and evoprune's: it is the
+engine of the :class:`optuna.storages.RDBStorage`, so a study database is an
+ordinary Optuna database (``optuna.load_study`` and ``optuna-dashboard`` open
+it as is).
+
+SQLite files are switched to WAL mode, get a busy timeout and start every
+transaction with ``BEGIN IMMEDIATE`` (a deferred transaction that later wants
+to write fails at once with "database is locked" instead of waiting; an
+immediate one waits for the lock). That makes a handful of processes on one
+machine safe; for many workers use PostgreSQL or MySQL.
+
+>>> normalize_url("studies/run.db").startswith("sqlite:///")
+True
+>>> normalize_url("postgresql://u@db:5432/evo")
+'postgresql+psycopg://u@db:5432/evo'
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import os
+import warnings
+from pathlib import Path
+from typing import Any
+
+import sqlalchemy as sa
+from sqlalchemy import event
+
+__all__ = [
+    "DEFAULT_GRACE_PERIOD",
+    "DEFAULT_HEARTBEAT_INTERVAL",
+    "SQLITE_BUSY_TIMEOUT_S",
+    "default_storage_url",
+    "normalize_url",
+    "open_rdb_storage",
+    "redact_url",
+]
+
+#: Seconds between heartbeats of a running trial.
+DEFAULT_HEARTBEAT_INTERVAL = 10
+#: A running trial whose heartbeat is older than this many seconds is considered dead.
+DEFAULT_GRACE_PERIOD = 60
+#: How long a SQLite connection waits for a lock before giving up.
+SQLITE_BUSY_TIMEOUT_S = 60.0
+
+_SCHEMES = ("sqlite", "postgresql", "postgres", "mysql", "mariadb")
+
+
+def normalize_url(url: str | os.PathLike[str]) -> str:
+    """A SQLAlchemy URL for ``url``: a URL is completed with an installed driver
+    (``postgresql://`` -> ``postgresql+psycopg://`` when psycopg2 is absent,
+    ``mysql://`` -> ``mysql+pymysql://`` when mysqlclient is absent); a plain file path
+    becomes an absolute ``sqlite:///`` URL."""
+    text = os.fspath(url)
+    if not text:
+        raise ValueError("storage URL is empty; pass e.g. sqlite:///study.db or postgresql://user@host/db.")
+    if "://" not in text:
+        return "sqlite:///" + str(Path(text).expanduser().resolve())
+    scheme, rest = text.split("://", 1)
+    base = scheme.split("+", 1)[0]
+    if base not in _SCHEMES:
+        raise ValueError(
+            f"unsupported storage URL scheme {scheme!r}; use sqlite:///FILE, postgresql://... or mysql://..."
+        )
+    if "+" not in scheme:
+        if base in ("postgresql", "postgres"):
+            if importlib.util.find_spec("psycopg2") is None and importlib.util.find_spec("psycopg") is not None:
+                scheme = "postgresql+psycopg"
+            else:
+                scheme = "postgresql"
+        elif base in ("mysql", "mariadb"):
+            if importlib.util.find_spec("MySQLdb") is None and importlib.util.find_spec("pymysql") is not None:
+                scheme = f"{base}+pymysql"
+    return f"{scheme}://{rest}"
+
+
+def redact_url(url: str) -> str:
+    """``url`` with any password hidden (for logs and error messages)."""
+    try:
+        return sa.engine.make_url(url).render_as_string(hide_password=True)
+    except Exception:  # pragma: no cover - unparsable: show only the scheme
+        return url.split("://", 1)[0] + "://..."
+
+
+def default_storage_url(config_path: str | os.PathLike[str] | None) -> str:
+    """The default study database: ``<config stem>.db`` next to the config file,
+    or ``./evoprune.db`` for a config that has no file."""
+    if config_path is None:
+        return normalize_url("evoprune.db")
+    path = Path(config_path).expanduser().resolve()
+    return normalize_url(path.with_suffix(".db"))
+
+
+def _is_sqlite(url: str) -> bool:
+    return url.split("://", 1)[0].split("+", 1)[0] == "sqlite"
+
+
+def _sqlite_file(url: str) -> str | None:
+    db = sa.engine.make_url(url).database
+    if not db or db == ":memory:" or db.startswith("file:"):
+        return None
+    return db
+
+
+def _on_sqlite_connect(dbapi_conn: Any, _record: Any) -> None:
+    # Let SQLAlchemy's "begin" hook below issue BEGIN itself.
+    dbapi_conn.isolation_level = None
+    cur = dbapi_conn.cursor()
+    try:
+        cur.execute(f"PRAGMA busy_timeout = {int(SQLITE_BUSY_TIMEOUT_S * 1000)}")
+        cur.execute("PRAGMA journal_mode = WAL")
+        cur.execute("PRAGMA synchronous = NORMAL")
+    finally:
+        cur.close()
+
+
+def _on_sqlite_begin(conn: sa.Connection) -> None:
+    conn.exec_driver_sql("BEGIN IMMEDIATE")
+
+
+def configure_sqlite_engine(engine: sa.Engine) -> None:
+    """WAL, busy timeout and ``BEGIN IMMEDIATE`` on every (new) connection of a SQLite engine."""
+    if engine.dialect.name != "sqlite" or getattr(engine, "_evoprune_sqlite", False):
+        return
+    event.listen(engine, "connect", _on_sqlite_connect)
+    event.listen(engine, "begin", _on_sqlite_begin)
+    engine._evoprune_sqlite = True  # type: ignore[attr-defined]
+    engine.dispose()  # connections opened before the listeners existed are dropped
+
+
+def open_rdb_storage(
+    url: str,
+    *,
+    heartbeat_interval: int | None = None,
+    grace_period: int | None = DEFAULT_GRACE_PERIOD,
+    engine_kwargs: dict[str, Any] | None = None,
+) -> Any:
+    """An :class:`optuna.storages.RDBStorage` on ``url``.
+
+    For SQLite files, WAL mode is switched on before Optuna touches the file and the
+    engine is configured with :func:`configure_sqlite_engine`. Optuna's own heartbeat
+    (``heartbeat_interval``) is off by default: it only runs inside ``Study.optimize`` and
+    warns on every ``ask``; evoprune's :class:`~evoprune.storage.Heartbeat` thread writes the
+    same ``trial_heartbeats`` rows instead.
+    """
+    import optuna
+
+    url = normalize_url(url)
+    kwargs = dict(engine_kwargs or {})
+    if _is_sqlite(url):
+        path = _sqlite_file(url)
+        if path is not None:
+            Path(path).parent.mkdir(parents=True, exist_ok=True)
+            import sqlite3
+
+            with sqlite3.connect(path, timeout=SQLITE_BUSY_TIMEOUT_S) as raw:  # WAL persists in the file
+                raw.execute("PRAGMA journal_mode = WAL")
+            raw.close()
+        connect_args = dict(kwargs.get("connect_args", {}))
+        connect_args.setdefault("timeout", SQLITE_BUSY_TIMEOUT_S)
+        kwargs["connect_args"] = connect_args
+    else:
+        kwargs.setdefault("pool_pre_ping", True)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+        storage = optuna.storages.RDBStorage(
+            url,
+            engine_kwargs=kwargs,
+            heartbeat_interval=heartbeat_interval,
+            grace_period=grace_period,
+        )
+    configure_sqlite_engine(storage.engine)
+    return storage

@@ -1,0 +1,560 @@
+"""`create_study` / `load_study`: an evoprune study in an Optuna RDB database.
+
+A study database is an ordinary Optuna database (``optuna.load_study`` and
+``optuna-dashboard URL`` open it) plus evoprune's ``evoprune_*`` tables: the full
+config, model and data fingerprints, each trial's candidate, every stage result,
+the sampler state per generation, workers and claims, exported artifacts.
+Resuming needs the storage URL and the study name, nothing else::
+
+    import evoprune
+    study = evoprune.create_study("studies/tiny.yaml")          # -> studies/tiny.db (SQLite, WAL)
+    study.run(n_generations=5)
+    # ... the process dies; later, anywhere:
+    study = evoprune.load_study(storage="sqlite:///studies/tiny.db", study_name="tiny")
+    study.run(n_generations=5)          # same config, stored sampler state, dead trials retried
+    for point in study.pareto_front():
+        print(point.number, point.values, point.candidate_key)
+    study.export(study.pareto_front()[0].number, "out/best")
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import os
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+import sqlalchemy as sa
+
+from .._logging import get_logger
+from ._database import Artifact, StageOutcome, StageRecord, StudyDatabase, pareto_mask
+from ._engine import DEFAULT_GRACE_PERIOD, DEFAULT_HEARTBEAT_INTERVAL, default_storage_url, normalize_url, open_rdb_storage, redact_url
+from ._coordination import coordinated_study
+from ._liveness import Heartbeat, ReapReport, reap
+from ._recorder import SQLRecorder
+
+__all__ = ["EvoStudy", "ParetoPoint", "StudyNotFoundError", "create_study", "list_studies", "load_study"]
+
+_log = get_logger("storage.study")
+
+
+def _fixed_params_sampler_class() -> type:
+    import optuna
+
+    class FixedParamsSampler(optuna.samplers.BaseSampler):
+        """Gives each new trial the next of a list of fixed params (per process: no shared enqueue queue)."""
+
+        def __init__(self, queue: list[dict[str, int]]) -> None:
+            self._queue = list(queue)
+            self._current: dict[str, int] = {}
+
+        def infer_relative_search_space(self, study: Any, trial: Any) -> dict[str, Any]:
+            return {}
+
+        def sample_relative(self, study: Any, trial: Any, search_space: Any) -> dict[str, Any]:
+            return {}
+
+        def before_trial(self, study: Any, trial: Any) -> None:
+            self._current = self._queue.pop(0) if self._queue else {}
+
+        def sample_independent(self, study: Any, trial: Any, param_name: str, param_distribution: Any) -> Any:
+            if param_name not in self._current:
+                raise RuntimeError(f"no fixed value for param {param_name!r} of the retried candidate")
+            return self._current[param_name]
+
+    return FixedParamsSampler
+
+
+def _FixedParamsSampler(queue: list[dict[str, int]]) -> Any:
+    return _fixed_params_sampler_class()(queue)
+
+
+class StudyNotFoundError(LookupError):
+    """No study of that name in the database."""
+
+
+@dataclasses.dataclass(frozen=True)
+class ParetoPoint:
+    """A non-dominated COMPLETE trial."""
+
+    number: int
+    trial_id: int
+    values: tuple[float, ...]
+    candidate_key: str | None
+
+
+def _coerce_config(config: Any) -> tuple[Any, Path | None]:
+    from ..search import StudyConfig
+
+    if isinstance(config, StudyConfig):
+        return config, None
+    if isinstance(config, Mapping):
+        return StudyConfig.from_dict(config), None
+    if isinstance(config, (str, os.PathLike)):
+        path = Path(config).expanduser()
+        if not path.is_file():
+            raise FileNotFoundError(f"study config {path} does not exist; pass a YAML/JSON file or a StudyConfig.")
+        if path.suffix.lower() == ".json":
+            return StudyConfig.from_json(path.read_text(encoding="utf-8")), path
+        return StudyConfig.from_yaml(path), path
+    raise TypeError(f"config must be a StudyConfig, a dict or a path to a YAML/JSON file, got {type(config).__name__}.")
+
+
+def study_directions(config: Any) -> list[str]:
+    """Optuna directions of ``config.objectives`` (no model needed): evaluator objectives take the
+    direction of the last stage's evaluator of that name, cost metrics are minimized."""
+    from ..search import build_pipeline
+
+    last = build_pipeline(config.stages).stages[-1]
+    out = []
+    for name in config.objectives:
+        ev = next((e for e in last.evaluators if e.name == name), None)
+        if ev is None and name == "kl":
+            ev = next((e for e in last.evaluators if type(e).__name__ == "KLToDense"), None)
+        out.append(ev.direction if ev is not None else "minimize")
+    return out
+
+
+def _study_sampler(config: Any) -> Any:
+    """The Optuna study's own sampler: the config's Optuna sampler, or -- for generation samplers,
+    whose trials get fixed params -- a RandomSampler, which never reads the trial history (Optuna's
+    default TPE/NSGA-II would load every trial on each ask)."""
+    import optuna
+
+    from ..search import make_sampler
+
+    built = make_sampler(config.sampler.name, config.sampler.options, seed=config.seed)[0]
+    if isinstance(built, optuna.samplers.BaseSampler):
+        return built
+    return optuna.samplers.RandomSampler(seed=config.seed)
+
+
+def _default_name(config: Any, path: Path | None) -> str:
+    if path is not None:
+        return path.stem
+    return "evoprune-" + config.fingerprint[:8]
+
+
+def _version() -> str:
+    from .. import __version__
+
+    return __version__
+
+
+class EvoStudy:
+    """An evoprune study: the Optuna study plus its evoprune rows. Get one from :func:`create_study`
+    or :func:`load_study`.
+
+    Attributes:
+        name, url: study name and (password-free) storage URL.
+        config: the :class:`~evoprune.search.StudyConfig` (as stored).
+        optuna_study: the :class:`optuna.Study` (trials, params, values, states); its
+            ``enqueue_trial``/``ask`` pairs are atomic across workers (see
+            :mod:`evoprune.storage._coordination`).
+        storage: the :class:`optuna.storages.RDBStorage`.
+        db: the :class:`~evoprune.storage.StudyDatabase` (evoprune's tables).
+        recorder: a :class:`~evoprune.storage.SQLRecorder` for the search driver.
+    """
+
+    def __init__(self, *, storage: Any, optuna_study: Any, db: StudyDatabase, config: Any, url: str,
+                 heartbeat_interval: float = DEFAULT_HEARTBEAT_INTERVAL,
+                 grace_period: float = DEFAULT_GRACE_PERIOD) -> None:
+        self.storage = storage
+        self.optuna_study = optuna_study
+        self.db = db
+        self.config = config
+        self._url = url
+        self.heartbeat_interval = float(heartbeat_interval)
+        self.grace_period = float(grace_period)
+        self.recorder = SQLRecorder(db, storage)
+        self.last_retried = 0
+
+    def __repr__(self) -> str:
+        return f"EvoStudy(name={self.name!r}, url={self.url!r})"
+
+    def close(self) -> None:
+        """Release the study's connections (and its ask lock)."""
+        close = getattr(self.optuna_study, "close", None)
+        if close is not None:
+            close()
+        self.storage.engine.dispose()
+
+    def __enter__(self) -> EvoStudy:
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self.close()
+
+    @property
+    def name(self) -> str:
+        return self.db.study_name
+
+    @property
+    def url(self) -> str:
+        return redact_url(self._url)
+
+    @property
+    def directions(self) -> list[str]:
+        return [d.name.lower() for d in self.optuna_study.directions]
+
+    # ------------------------------------------------------------------ reading
+    def trials(self, states: Sequence[Any] | None = None) -> list[Any]:
+        """The study's trials (``FrozenTrial``, not copied: do not modify them)."""
+        return self.optuna_study.get_trials(deepcopy=False, states=states)
+
+    def _trial_id(self, number: int) -> int:
+        return self.storage.get_trial_id_from_study_id_trial_number(self.db.optuna_study_id, int(number))
+
+    def candidate(self, number: int) -> Any:
+        """The :class:`~evoprune.space.Candidate` trial ``number`` evaluated."""
+        from ..space import Candidate
+
+        found = self.db.candidate_of(self._trial_id(number))
+        if found is None:
+            raise LookupError(f"trial {number} of study {self.name!r} has no recorded candidate.")
+        return Candidate.from_json(found[1])
+
+    def stage_records(self, number: int | None = None) -> list[StageRecord]:
+        """Evaluator results (of trial ``number``, or all)."""
+        return self.db.stage_records(None if number is None else self._trial_id(number))
+
+    def stage_outcomes(self, number: int | None = None) -> list[StageOutcome]:
+        """Stage objectives and promotion decisions (of trial ``number``, or all)."""
+        return self.db.stage_outcomes(None if number is None else self._trial_id(number))
+
+    def artifacts(self) -> list[Artifact]:
+        return self.db.artifacts()
+
+    def pareto_front(self) -> list[ParetoPoint]:
+        """The non-dominated COMPLETE trials, by trial number; one query over Optuna's value rows
+        (no ``FrozenTrial`` objects), so it stays fast for tens of thousands of trials."""
+        from optuna.trial import TrialState
+
+        from ._schema import TrialRow
+
+        om = self.db._om
+        tm, tv = om.TrialModel, om.TrialValueModel
+        n_obj = len(self.optuna_study.directions)
+
+        def run(conn: sa.Connection) -> list[Any]:
+            return conn.execute(
+                sa.select(tm.trial_id, tm.number, tv.objective, tv.value, tv.value_type, TrialRow.candidate_key)
+                .join(tv, tv.trial_id == tm.trial_id)
+                .outerjoin(TrialRow, TrialRow.trial_id == tm.trial_id)
+                .where(tm.study_id == self.db.optuna_study_id, tm.state == TrialState.COMPLETE)
+                .order_by(tm.number, tv.objective)
+            ).all()
+
+        rows = self.db._read(run)
+        vt = tv.TrialValueType
+        trials: dict[int, list[Any]] = {}
+        for r in rows:
+            entry = trials.setdefault(r.number, [r.trial_id, [float("nan")] * n_obj, r.candidate_key])
+            if r.value_type == vt.INF_POS:
+                value = float("inf")
+            elif r.value_type == vt.INF_NEG:
+                value = float("-inf")
+            else:
+                value = float(r.value)
+            entry[1][r.objective] = value
+        numbers = sorted(trials)
+        mask = pareto_mask([trials[n][1] for n in numbers], self.directions)
+        return [
+            ParetoPoint(number=n, trial_id=trials[n][0], values=tuple(trials[n][1]), candidate_key=trials[n][2])
+            for n, keep in zip(numbers, mask) if keep
+        ]
+
+    @property
+    def best_trials(self) -> list[Any]:
+        """``FrozenTrial`` of every Pareto-front trial (the best trial for one objective, ties included)."""
+        return [self.storage.get_trial(p.trial_id) for p in self.pareto_front()]
+
+    def fingerprints(self) -> dict[str, str]:
+        return self.db.fingerprints()
+
+    def check(self) -> list[str]:
+        """Integrity problems of the study's rows (empty: sound)."""
+        return self.db.integrity_problems()
+
+    # ------------------------------------------------------------------ workers
+    def reap(self) -> ReapReport:
+        """Fail RUNNING trials of dead workers and release their claims so they are retried."""
+        return reap(self.db, self.storage, grace_period=self.grace_period)
+
+    def verify_fingerprints(self, fingerprints: Mapping[str, str]) -> None:
+        """Store the model/data fingerprints on first use; afterwards raise
+        :class:`~evoprune.storage.FingerprintMismatchError` naming whichever changed."""
+        fps = {k: v for k, v in fingerprints.items() if k in ("model", "data", "space")}
+        self.db.check_fingerprints(fps)
+        self.db.record_fingerprints(fps)
+
+    def build_runtime(self, **kwargs: Any) -> Any:
+        """Load model and data of the stored config and check their fingerprints against the study's."""
+        from ..search import build_runtime
+
+        runtime = build_runtime(self.config, **kwargs)
+        self.verify_fingerprints(runtime.fingerprints)
+        return runtime
+
+    def run(
+        self,
+        n_trials: int | None = None,
+        n_generations: int | None = None,
+        *,
+        timeout: float | None = None,
+        max_tokens: int | None = None,
+        runtime: Any = None,
+        progress: bool = False,
+        command: str = "run",
+        retry_failed: bool = True,
+    ) -> Any:
+        """Search (or continue searching) with the stored config, sampler state and a heartbeat.
+
+        Stops after any of ``n_trials``, ``n_generations``, ``timeout`` or ``max_tokens``
+        (default: the config's ``stop`` section). Before searching, trials of dead workers
+        are failed and their candidates released for retry; the model and data fingerprints
+        must match the stored ones. With ``retry_failed``, candidates released by failed trials that
+        the search did not take up again are evaluated afterwards (:meth:`retry_released`).
+        Returns the :class:`~evoprune.search.SearchStats` of the search (``last_retried``: how many
+        candidates the retry pass evaluated).
+        """
+        from ..search import Searcher
+
+        stops = {k: v for k, v in dict(n_trials=n_trials, n_generations=n_generations, timeout=timeout,
+                                       max_tokens=max_tokens).items() if v is not None}
+        if not stops:
+            stops = self.config.stop.kwargs()
+        if not stops:
+            raise ValueError(
+                f"study {self.name!r}: no stop condition; pass n_trials/n_generations/timeout/max_tokens "
+                "(CLI: --n-trials, --generations, --timeout) or set `stop` in the config."
+            )
+        if runtime is None:
+            runtime = self.build_runtime()
+        else:
+            self.verify_fingerprints(runtime.fingerprints)
+        sampler, budget_mode = runtime.make_sampler()
+        self.db.register_worker(command=command)
+        report = self.reap()
+        if report:
+            _log.warning(
+                "recovered from dead workers",
+                extra={"fields": {"failed_trials": report.failed_trials, "released": report.released_claims}},
+            )
+        heartbeat = Heartbeat(self.db, self.storage, interval=self.heartbeat_interval,
+                              reap=self.reap, reap_every=self.grace_period)
+        stopped = "crashed"
+        try:
+            with heartbeat:
+                searcher = Searcher(runtime, self.optuna_study, sampler, self.recorder, budget_mode=budget_mode,
+                                    progress=progress)
+                stats = searcher.run(**stops)
+                if retry_failed:
+                    self.reap()  # workers that died during the search release their candidates now
+                    self.last_retried = self.retry_released(runtime)
+            stopped = f"finished ({stats.stopped_by})"
+            return stats
+        except KeyboardInterrupt:
+            stopped = "interrupted"
+            raise
+        finally:
+            try:
+                self.db.stop_worker(stopped)
+            except Exception:  # pragma: no cover - database gone
+                pass
+
+    def retry_released(self, runtime: Any, *, limit: int | None = None) -> int:
+        """Evaluate again the candidates whose trials failed (dead worker, evaluation error) and that
+        nobody has claimed since: each becomes a new trial with the candidate's params, claimed,
+        staged and told like any other. Returns how many were retried."""
+        from ..search import Searcher
+        from ..space import Candidate
+
+        todo = self.db.retryable()[:limit]
+        if not todo:
+            return 0
+        fixed = _FixedParamsSampler([runtime.space.params_of(Candidate.from_json(text)) for _, text in todo])
+        own = self.optuna_study.sampler
+        try:
+            Searcher(runtime, self.optuna_study, fixed, self.recorder, budget_mode="repair",
+                     progress=False).run(n_trials=len(todo))
+        finally:
+            self.optuna_study.sampler = own
+        _log.info("retried candidates of failed trials", extra={"fields": {"study": self.name, "n": len(todo)}})
+        return len(todo)
+
+    # ------------------------------------------------------------------ export
+    def export(self, number: int, out_dir: str | os.PathLike[str], *, runtime: Any = None) -> Artifact:
+        """Write trial ``number``'s candidate as an HF checkpoint (``Pruner.export``) and record it
+        (path, sha256 of the folder's files, candidate, metrics)."""
+        from optuna.trial import TrialState
+
+        trial = self.storage.get_trial(self._trial_id(number))
+        if trial.state != TrialState.COMPLETE:
+            raise ValueError(
+                f"trial {number} of study {self.name!r} is {trial.state.name}; only COMPLETE trials are exported "
+                "(see `evoprune show` for the best ones)."
+            )
+        candidate = self.candidate(number)
+        out = Path(out_dir).expanduser().resolve()
+        if out.exists() and any(out.iterdir()):
+            raise FileExistsError(f"{out} exists and is not empty; choose a new --out folder.")
+        if runtime is None:
+            runtime = self.build_runtime()
+        else:
+            self.verify_fingerprints(runtime.fingerprints)
+        path = runtime.pruner.export(candidate, out, tokenizer=runtime.tokenizer)
+        digest = directory_sha256(path)
+        metrics: dict[str, Any] = {
+            "values": dict(zip(self.config.objectives, trial.values)),
+            "stages": {f"{r.stage}/{r.evaluator}": r.value for r in self.stage_records(number)},
+            "params_ratio": runtime.space.ratio(candidate, "params"),
+            "trial": number,
+            "study": self.name,
+            "fingerprints": self.fingerprints(),
+        }
+        self.db.record_artifact(trial._trial_id, path=str(path), sha256=digest, metrics=metrics)
+        return self.db.artifacts()[-1]
+
+
+def directory_sha256(path: str | os.PathLike[str]) -> str:
+    """sha256 over a folder's files (relative path, size and bytes, in sorted order)."""
+    root = Path(path)
+    h = hashlib.sha256()
+    files = sorted(p for p in root.rglob("*") if p.is_file()) if root.is_dir() else [root]
+    for f in files:
+        rel = f.relative_to(root).as_posix() if root.is_dir() else f.name
+        h.update(f"{rel}\0{f.stat().st_size}\0".encode())
+        with open(f, "rb") as fh:
+            for chunk in iter(lambda: fh.read(1 << 20), b""):
+                h.update(chunk)
+    return h.hexdigest()
+
+
+def create_study(
+    config: Any,
+    *,
+    storage: str | os.PathLike[str] | None = None,
+    study_name: str | None = None,
+    load_if_exists: bool = True,
+    heartbeat_interval: float = DEFAULT_HEARTBEAT_INTERVAL,
+    grace_period: float = DEFAULT_GRACE_PERIOD,
+) -> EvoStudy:
+    """Create (or, with ``load_if_exists``, open) an evoprune study.
+
+    Args:
+        config: a :class:`~evoprune.search.StudyConfig`, its dict, or a YAML/JSON file.
+        storage: a SQLAlchemy URL (``sqlite:///file.db``, ``postgresql://user@host/db``,
+            ``mysql://user@host/db``) or a file path; default: ``<config stem>.db`` next to the
+            config file (``./evoprune.db`` for an in-memory config), SQLite in WAL mode.
+        study_name: default: the config file's stem (or ``evoprune-<config digest>``).
+        load_if_exists: open an existing study of that name instead of failing; its stored
+            config must equal ``config`` (to continue it with its own config use :func:`load_study`).
+        heartbeat_interval: seconds between heartbeats of a running search.
+        grace_period: seconds without heartbeat after which a worker counts as dead.
+
+    Example::
+
+        >>> import tempfile, os
+        >>> from evoprune.search import StudyConfig
+        >>> cfg = StudyConfig(model="reference:tiny", calibration={"num_sequences": 4, "seq_len": 32},
+        ...                   stages=[{"name": "final", "evaluators": ["kl"], "eval_tokens": 256, "seq_len": 32}],
+        ...                   objectives=["kl", "params"])
+        >>> url = "sqlite:///" + os.path.join(tempfile.mkdtemp(), "s.db")
+        >>> study = create_study(cfg, storage=url, study_name="demo")
+        >>> study.directions, study.name
+        (['minimize', 'minimize'], 'demo')
+        >>> load_study(storage=url, study_name="demo").config == cfg
+        True
+    """
+    import optuna
+
+    cfg, path = _coerce_config(config)
+    url = normalize_url(storage) if storage is not None else default_storage_url(path)
+    name = study_name or _default_name(cfg, path)
+    rdb = open_rdb_storage(url)
+    directions = study_directions(cfg)
+    try:
+        study = optuna.create_study(storage=rdb, study_name=name, directions=directions,
+                                    load_if_exists=load_if_exists, sampler=_study_sampler(cfg))
+    except optuna.exceptions.DuplicatedStudyError:
+        raise optuna.exceptions.DuplicatedStudyError(
+            f"study {name!r} already exists in {redact_url(url)}; continue it with `evoprune resume --storage URL "
+            f"--study {name}` / evoprune.load_study(...), or choose another study_name."
+        ) from None
+    study = coordinated_study(name, rdb, study.sampler, url)
+    stored = [d.name.lower() for d in study.directions]
+    if stored != directions:
+        raise ValueError(
+            f"study {name!r} exists with directions {stored}, but this config's objectives need {directions}; "
+            "choose another study name."
+        )
+    db = StudyDatabase.create_or_open(rdb.engine, optuna_study_id=study._study_id, study_name=name,
+                                      config=cfg.to_dict(), evoprune_version=_version())
+    _log.info("study ready", extra={"fields": {"study": name, "storage": redact_url(url)}})
+    return EvoStudy(storage=rdb, optuna_study=study, db=db, config=cfg, url=url,
+                    heartbeat_interval=heartbeat_interval, grace_period=grace_period)
+
+
+def list_studies(storage: str | os.PathLike[str]) -> list[dict[str, Any]]:
+    """Every study in the database: name, directions, trial counts by state, whether it is an evoprune study."""
+    from ._schema import StudyRow
+
+    url = normalize_url(storage)
+    rdb = open_rdb_storage(url)
+    out = []
+    evo_ids: set[int] = set()
+    with rdb.engine.connect() as conn:
+        if sa.inspect(conn).has_table(StudyRow.__tablename__):
+            evo_ids = {r[0] for r in conn.execute(sa.select(StudyRow.optuna_study_id))}
+        om = __import__("optuna.storages._rdb.models", fromlist=["models"])
+        counts = conn.execute(
+            sa.select(om.TrialModel.study_id, om.TrialModel.state, sa.func.count())
+            .group_by(om.TrialModel.study_id, om.TrialModel.state)
+        ).all()
+    by_study: dict[int, dict[str, int]] = {}
+    for sid, state, n in counts:
+        by_study.setdefault(sid, {})[state.name] = int(n)
+    for s in rdb.get_all_studies():
+        out.append({
+            "name": s.study_name,
+            "study_id": s._study_id,
+            "directions": [d.name.lower() for d in s.directions],
+            "trials": by_study.get(s._study_id, {}),
+            "evoprune": s._study_id in evo_ids,
+        })
+    return out
+
+
+def load_study(
+    *,
+    storage: str | os.PathLike[str],
+    study_name: str,
+    heartbeat_interval: float = DEFAULT_HEARTBEAT_INTERVAL,
+    grace_period: float = DEFAULT_GRACE_PERIOD,
+) -> EvoStudy:
+    """Open an existing evoprune study: its stored config, fingerprints, sampler state and trials.
+
+    Raises:
+        StudyNotFoundError: no such study (the message lists the studies that exist).
+        LookupError: the study is a plain Optuna study without evoprune data.
+    """
+    from ..search import StudyConfig
+
+    url = normalize_url(storage)
+    rdb = open_rdb_storage(url)
+    try:
+        study = coordinated_study(study_name, rdb, None, url)
+    except KeyError:
+        names = [s.study_name for s in rdb.get_all_studies()]
+        raise StudyNotFoundError(
+            f"no study named {study_name!r} in {redact_url(url)}; studies there: {names or 'none'}. "
+            "List them with `evoprune studies --storage URL`."
+        ) from None
+    db = StudyDatabase.open(rdb.engine, optuna_study_id=study._study_id, study_name=study_name)
+    config = StudyConfig.from_dict(db.config())
+    study.sampler = _study_sampler(config)
+    return EvoStudy(storage=rdb, optuna_study=study, db=db, config=config, url=url,
+                    heartbeat_interval=heartbeat_interval, grace_period=grace_period)
