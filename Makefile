@@ -18,8 +18,15 @@ install: $(STAMP)
 test: $(STAMP)
 	$(PY) -m pytest -q
 
+# Build the offline reference model (cached), search 8 generations of the example
+# study, print its best trials and export the best one as an HF checkpoint.
 demo: $(STAMP)
 	$(VENV)/bin/evoprune reference-model --size small
+	mkdir -p out
+	$(VENV)/bin/evoprune search studies/reference_small.yaml --storage sqlite:///out/demo.db --study demo --generations 8 --progress
+	$(VENV)/bin/evoprune show --storage sqlite:///out/demo.db --study demo
+	rm -rf out/demo-best
+	$(VENV)/bin/evoprune export --storage sqlite:///out/demo.db --study demo --trial best --out out/demo-best
 
 clean:
 	rm -rf $(VENV) build *.egg-info .pytest_cache

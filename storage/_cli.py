@@ -124,12 +124,30 @@ def _cmd_worker(args: argparse.Namespace) -> int:
     return _cmd_resume(args, command="worker")
 
 
+def _resolve_trial(study: Any, trial: str) -> int:
+    """A trial number, or ``best`` (the best complete trial of a single-objective study)."""
+    if trial != "best":
+        try:
+            return int(trial)
+        except ValueError:
+            raise ValueError(f"--trial must be a trial number or 'best', got {trial!r}.") from None
+    if len(study.optuna_study.directions) != 1:
+        raise ValueError(
+            "--trial best needs a single-objective study; this one has "
+            f"{len(study.optuna_study.directions)} objectives: pick a trial number from `evoprune show`."
+        )
+    front = study.pareto_front()
+    if not front:
+        raise ValueError("--trial best: the study has no complete trial yet; run `evoprune search` or `resume` first.")
+    return front[0].number
+
+
 def _cmd_export(args: argparse.Namespace) -> int:
     from ._study import load_study
 
     def go() -> int:
         study = load_study(storage=args.storage, study_name=args.study)
-        art = study.export(args.trial, args.out)
+        art = study.export(_resolve_trial(study, args.trial), args.out)
         print(f"exported trial {art.trial_number} of {study.name!r} to {art.path}")
         print(f"sha256 {art.sha256}  candidate {art.candidate_key}")
         print(json.dumps(art.metrics.get("values", {}), sort_keys=True))
@@ -243,7 +261,8 @@ def register_cli(subparsers: Any) -> None:
     p = subparsers.add_parser("export", help="write a trial's model as a Hugging Face checkpoint and record it")
     storage_arg(p)
     study_arg(p)
-    p.add_argument("--trial", type=int, required=True, metavar="N", help="trial number (see `evoprune show`)")
+    p.add_argument("--trial", required=True, metavar="N",
+                   help="trial number (see `evoprune show`), or 'best' for a single-objective study")
     p.add_argument("--out", required=True, metavar="DIR", help="new (or empty) output folder")
     p.set_defaults(func=_cmd_export)
 
