@@ -34,7 +34,7 @@ def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--model", default="reference:small")
     ap.add_argument("--levels", type=float, nargs="+",
-                    default=[round(float(x), 3) for x in np.linspace(0.82, 0.38, 10)])
+                    default=[round(float(x), 3) for x in np.linspace(0.82, 0.40, 10)])
     ap.add_argument("--generations", type=int, default=40, help="generations in all (round-robin over levels)")
     ap.add_argument("--offspring", type=int, default=8)
     ap.add_argument("--screen-tokens", type=int, default=256)

@@ -139,7 +139,9 @@ def level_switch(
     every budget of ``space`` and, among those, change the budget costs the least
     (an exact zero whenever equal-saving partners exist; with ``same_kind=False``
     the partner's kind is drawn first, uniformly among the kinds that have a
-    valid partner). If no switch exists at all (every gene at its top level,
+    valid partner). A block swap (one block dropped, another restored) gives
+    the restored block the widths and sparsities the dropped one had, which
+    keeps the cost exactly. If no switch exists at all (every gene at its top level,
     say), one gene moves one level down if the budget has room for it. Moves
     that do not change the candidate (the widths of a dropped block) are never used. With
     ``same_kind`` (default) ``a`` and ``b`` have the same gene kind; ``kinds``
@@ -240,6 +242,27 @@ def level_switch(
                     ok[i, j] = bool(np.all(t <= hi + tol) and np.all(t >= lo - 1e-12 * np.maximum(np.abs(lo), 1.0)))
                     if ok[i, j] and cand == base:
                         ok[i, j] = False
+    # block swaps: the restored block takes over the widths/sparsities of the block being dropped, so
+    # the cost is unchanged exactly (restoring it dense would rarely fit the budget)
+    index = {g.name: k for k, g in enumerate(genes)}
+    transfer: dict[tuple[int, int], list[tuple[int, int]]] = {}
+    for i, a in enumerate(up_idx):
+        if genes[a].kind != "block":
+            continue
+        la = genes[a].layer
+        for j, b in enumerate(down_idx):
+            if genes[b].kind != "block" or a == b:
+                continue
+            lb = genes[b].layer
+            moves = []
+            for g in genes:
+                if g.layer == la and g.kind != "block":
+                    other = index.get(f"L{lb}.{g.kind}")
+                    if other is not None:
+                        moves.append((other, lv[index[g.name]]))
+            transfer[(i, j)] = moves
+            net[i, j] = 0.0
+            ok[i, j] = feasible_now or bool(np.all(totals <= hi + tol) and np.all(totals >= lo))
     rows = np.flatnonzero(ok.any(axis=1))
     if rows.size == 0:
         return single_down()
@@ -257,6 +280,8 @@ def level_switch(
     out = list(lv)
     out[up_idx[i]] += 1
     out[down_idx[j]] -= 1
+    for k, level in transfer.get((i, j), ()):
+        out[k] = level
     return out
 
 
@@ -389,6 +414,7 @@ class EvolutionarySampler:
         self._population: list[tuple[Candidate, float]] = []
         self._seen: dict[str, None] = {}  # ordered set
         self._pending: list[Candidate] = []
+        self._migrants: set[str] = set()
 
     def __repr__(self) -> str:
         return (
@@ -492,14 +518,20 @@ class EvolutionarySampler:
             )
         return out
 
-    def ask_generation(self, claim: Callable[[str], bool] | None = None) -> list[Proposal]:
+    def ask_generation(
+        self, claim: Callable[[str], bool] | None = None, migrants: Sequence[Candidate] = ()
+    ) -> list[Proposal]:
         """The candidates of the current generation (initial population at generation 0).
 
         ``claim(key) -> bool`` (e.g. :meth:`Recorder.claim`) may veto candidates
-        another worker already took; vetoed ones are redrawn. Asking again
-        before :meth:`tell_generation` returns the same proposals.
+        another worker already took; vetoed ones are redrawn. ``migrants`` are
+        candidates from elsewhere (e.g. the best of a neighbouring budget level);
+        after the offspring, each is fitted into this space's budget
+        (:meth:`SearchSpace.repair`, then :func:`fill_budget`) and, if unseen,
+        scored with the generation (source ``"migrant"``). Asking again before
+        :meth:`tell_generation` returns the same proposals.
         """
-        self._need_space()
+        space = self._need_space()
         if self._pending:
             return [self._proposal(c) for c in self._pending]
         claim = claim or (lambda key: True)
@@ -529,6 +561,19 @@ class EvolutionarySampler:
                 _log.warning("no unseen offspring found; the neighbourhood of the parents is exhausted",
                              extra={"fields": {"generation": self._generation, "group": self.group}})
             source = "evolution"
+            n_children = len(batch)
+            for m in migrants if batch else ():
+                m = space.canonical(m) if space.contains(m) else None
+                if m is None:
+                    continue
+                if space.budget and not space.satisfies_budget(m):
+                    m = space.repair(m, self._rng)
+                m = fill_budget(space, m, self._rng)
+                if m.key in self._seen or m.key in keys or not claim(m.key):
+                    continue
+                batch.append(m)
+                keys.add(m.key)
+            self._migrants = {c.key for c in batch[n_children:]}
         for c in batch:
             self._seen[c.key] = None
         self._pending = batch
@@ -538,6 +583,8 @@ class EvolutionarySampler:
     def _proposal(self, candidate: Candidate, source: str | None = None) -> Proposal:
         if source is None:
             source = "evolution" if self._generation else ("seed" if self.init == "seed" else "initial")
+        if candidate.key in self._migrants:
+            source = "migrant"
         return Proposal(candidate=candidate, source=source, group=self.group, space=self.space)
 
     def tell_generation(self, results: Sequence[tuple[Candidate, float | None]]) -> None:
@@ -583,6 +630,7 @@ class EvolutionarySampler:
             "generation": self._generation,
             "population": [{"candidate": c.to_dict(), "fitness": f} for c, f in self._population],
             "pending": [c.to_dict() for c in self._pending],
+            "migrants": sorted(self._migrants),
             "seen": list(self._seen),
             "rng": _rng_state(self._rng),
         }
@@ -618,6 +666,7 @@ class EvolutionarySampler:
         self._generation = int(state["generation"])
         self._population = [(Candidate.from_dict(p["candidate"]), float(p["fitness"])) for p in state["population"]]
         self._pending = [Candidate.from_dict(c) for c in state.get("pending", [])]
+        self._migrants = set(state.get("migrants", []))
         self._seen = dict.fromkeys(state["seen"])
         _set_rng_state(self._rng, state["rng"])
 
@@ -656,6 +705,9 @@ class BudgetSweep:
     Args:
         levels: budget ratios, e.g. ``(0.8, 0.6, 0.4)``.
         metric: the budget metric (default ``"params"``).
+        migrate: each generation of a level also scores the best candidates of
+            the neighbouring levels, fitted into its budget (an island model:
+            a good architecture at 60 % is a good start at 55 % and 65 %).
         **options: :class:`EvolutionarySampler` arguments shared by every level.
 
     The budgets of the space passed to :meth:`setup` on other metrics are kept;
@@ -664,7 +716,8 @@ class BudgetSweep:
 
     kind = "budget_sweep"
 
-    def __init__(self, *, levels: Sequence[float], metric: str = "params", **options: Any) -> None:
+    def __init__(self, *, levels: Sequence[float], metric: str = "params", migrate: bool = True,
+                 **options: Any) -> None:
         levels = tuple(float(r) for r in levels)
         if not levels or any(not 0.0 < r <= 1.0 for r in levels):
             raise ValueError(f"BudgetSweep: levels must be ratios in (0, 1], got {levels!r}.")
@@ -672,6 +725,7 @@ class BudgetSweep:
             raise ValueError(f"BudgetSweep: levels has duplicates: {levels}.")
         self.levels = levels
         self.metric = metric
+        self.migrate = bool(migrate)
         self.options = dict(options)
         seed = int(self.options.pop("seed", 0))
         self.seed = seed
@@ -679,6 +733,7 @@ class BudgetSweep:
         for r, run in zip(levels, self.runs):
             run.group = f"{metric}<={r:g}"
         self._turn = 0
+        self._exhausted: set[int] = set()
         self.space: SearchSpace | None = None
 
     def __repr__(self) -> str:
@@ -708,7 +763,22 @@ class BudgetSweep:
         return any(run.seen(key) for run in self.runs)
 
     def ask_generation(self, claim: Callable[[str], bool] | None = None) -> list[Proposal]:
-        return self.current.ask_generation(claim)
+        """The current level's generation; a level whose neighbourhood is exhausted is skipped for good."""
+        for _ in range(len(self.runs)):
+            index = self._turn % len(self.runs)
+            if index not in self._exhausted:
+                migrants = []
+                if self.migrate:
+                    for nb in (index - 1, index + 1):
+                        if 0 <= nb < len(self.runs) and self.runs[nb].best is not None:
+                            migrants.append(self.runs[nb].best[0])
+                props = self.runs[index].ask_generation(claim, migrants)
+                if props:
+                    return props
+                self._exhausted.add(index)
+                _log.info("budget level exhausted", extra={"fields": {"group": self.runs[index].group}})
+            self._turn += 1
+        return []
 
     def tell_generation(self, results: Sequence[tuple[Candidate, float | None]]) -> None:
         self.current.tell_generation(results)
@@ -723,8 +793,10 @@ class BudgetSweep:
         return {
             "version": _STATE_VERSION,
             "kind": self.kind,
-            "settings": {"levels": list(self.levels), "metric": self.metric, "seed": self.seed},
+            "settings": {"levels": list(self.levels), "metric": self.metric, "seed": self.seed,
+                         "migrate": self.migrate},
             "turn": self._turn,
+            "exhausted": sorted(self._exhausted),
             "runs": [run.state_dict() for run in self.runs],
         }
 
@@ -738,5 +810,6 @@ class BudgetSweep:
                 "rebuild the sampler with the study's settings to resume it."
             )
         self._turn = int(state["turn"])
+        self._exhausted = {int(i) for i in state.get("exhausted", ())}
         for run, sub in zip(self.runs, state["runs"]):
             run.load_state_dict(sub)
