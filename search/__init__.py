@@ -3,14 +3,14 @@
 ::
 
     import optuna
-    from evoprune.search import EvolutionarySampler, Searcher, StudyConfig, build_runtime
+    from evoprune.search import Searcher, StudyConfig, build_runtime, trial_candidate
 
     config = StudyConfig.from_yaml("studies/reference_small.yaml")
     runtime = build_runtime(config)               # model, data, pruner, space, pipeline, context
     study = runtime.create_study()                # optuna.Study with the objectives' directions
     sampler, budget_mode = runtime.make_sampler() # EvolutionarySampler / BudgetSweep / Optuna sampler
     Searcher(runtime, study, sampler, budget_mode=budget_mode).run(**config.stop.kwargs())
-    best = runtime.space.candidate_from_params(study.best_trial.params)
+    best = trial_candidate(study.best_trial, runtime.space)   # the evaluated candidate
 
 Pieces: :class:`StudyConfig` + :func:`build_runtime` (:class:`Runtime`);
 :class:`EvolutionarySampler` (level-switch mutation, staged selection, JSON
@@ -19,7 +19,8 @@ front); :func:`make_sampler` (Optuna TPE/NSGA-II/random/GP/QMC or your own
 ``BaseSampler``); :class:`Searcher` (ask -> apply -> stages -> tell); the
 :class:`Recorder` protocol and its default :class:`OptunaRecorder`; baselines
 :func:`uniform`, :func:`shortgpt`, :func:`sleb`, :func:`flap`; Pareto helpers
-:func:`pareto_front`, :func:`hypervolume`.
+:func:`pareto_front`, :func:`hypervolume`, :func:`study_front`; :func:`fill_budget`,
+:func:`level_switch`, :func:`trial_candidate`.
 """
 
 from ._baselines import calibration_loss, flap, flap_scores, shortgpt, sleb, uniform

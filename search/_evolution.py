@@ -7,10 +7,12 @@ moves one level up (more compression) and another gene -- of the same kind by
 default -- one level down, so what one saves the other spends. Where neighbouring
 levels save the same amount in every layer (widths, block drops; see
 :meth:`~evoprune.space.SearchSpace.step_savings`) the budget cost is preserved
-exactly; otherwise the partner whose move keeps the cost closest is chosen among
-the moves that keep every budget, so a mutation never leaves the budget and no
-repair is needed. Candidates already seen (by ``candidate.key``, over the whole
-run) are rejected and redrawn.
+exactly; a block swap hands the dropped block's widths to the restored one, which
+is exact too; otherwise the partner whose move keeps the cost closest is chosen
+among the moves that keep every budget, so a mutation never leaves the budget
+and no repair is needed. Budget slack (coarse levels) is spent once on the
+initial candidates and on offspring (:func:`fill_budget`). Candidates already
+seen (by ``candidate.key``, over the whole run) are rejected and redrawn.
 
 The driver (:class:`~evoprune.search.Searcher`) scores a generation through the
 stage pipeline: every offspring at the first stage, the stage's promotion rule

@@ -66,6 +66,7 @@ def test_validation_messages(changes, match):
         StudyConfig.from_dict(changes)
 
 
+@pytest.mark.filterwarnings("ignore::optuna.exceptions.ExperimentalWarning")
 def test_make_sampler_names():
     assert isinstance(make_sampler("evolutionary", {"offspring": 4})[0], EvolutionarySampler)
     sweep, _ = make_sampler("evolutionary", {"budget_sweep": [0.8, 0.5]})

@@ -117,18 +117,24 @@ def test_same_seed_same_trials(base):
     assert run(1, "tpe") == run(1, "tpe")
 
 
-@pytest.mark.parametrize("name", ["tpe", "nsgaii", "random"])
+@pytest.mark.parametrize("name", ["tpe", "nsgaii", "random", "gp", "qmc"])
 def test_optuna_samplers_drive_the_space(base, name):
+    import warnings
+
     rt = make_runtime(base, WIDTH)
-    sampler = {
-        "tpe": optuna.samplers.TPESampler(seed=0, n_startup_trials=4),
-        "nsgaii": optuna.samplers.NSGAIISampler(seed=0, population_size=4),
-        "random": optuna.samplers.RandomSampler(seed=0),
-    }[name]
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+        sampler = {
+            "tpe": lambda: optuna.samplers.TPESampler(seed=0, n_startup_trials=4),
+            "nsgaii": lambda: optuna.samplers.NSGAIISampler(seed=0, population_size=4),
+            "random": lambda: optuna.samplers.RandomSampler(seed=0),
+            "gp": lambda: optuna.samplers.GPSampler(seed=0, n_startup_trials=4),
+            "qmc": lambda: optuna.samplers.QMCSampler(seed=0),
+        }[name]()
     study = optuna.create_study(directions=rt.directions)
     searcher = Searcher(rt, study, sampler, progress=False)
     assert study.sampler is sampler
-    assert searcher.budget_mode == ("repair" if name == "random" else "constrain")
+    assert searcher.budget_mode == ("constrain" if name in ("tpe", "nsgaii") else "repair")
     stats = searcher.run(n_trials=10)
     assert stats.trials == 10 == len(study.trials)
     for t in study.trials:
