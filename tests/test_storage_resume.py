@@ -108,7 +108,10 @@ def test_sigkill_mid_search_then_resume(url, tmp_path):
     trials = {t.number: t for t in after.trials()}
     for n in running:
         assert trials[n].state == TrialState.FAIL
-        assert "died" in trials[n].system_attrs["evoprune:fail_reason"]
+        # "worker ... died" for a trial it was evaluating; "orphaned" for one it had asked but
+        # not yet started when it was killed: both are reaped because their process is gone
+        reason = trials[n].system_attrs["evoprune:fail_reason"]
+        assert "died" in reason or "orphaned" in reason, reason
     claims = after.db.claims()
     for n in running:
         key = snap[n][2]
