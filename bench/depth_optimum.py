@@ -35,7 +35,7 @@ import sys
 import time
 
 import optuna
-import torch
+from _common import add_common_args, start
 
 from evoprune.evaluators import KLToDense, Pipeline, Stage, TopK
 from evoprune.search import (
@@ -76,26 +76,22 @@ class MemoKL:
 
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--model", default="reference:small")
     ap.add_argument("--drop", type=int, default=3, help="blocks to drop")
     ap.add_argument("--seeds", type=int, default=5)
     ap.add_argument("--offspring", type=int, default=16)
     ap.add_argument("--screen-tokens", type=int, default=1024)
     ap.add_argument("--final-tokens", type=int, default=8192)
-    ap.add_argument("--seq-len", type=int, default=128)
     ap.add_argument("--max-full-evals", type=int, default=30, help="cap per method and seed")
-    ap.add_argument("--threads", type=int, default=2)
+    add_common_args(ap)
     args = ap.parse_args(argv)
-    torch.set_num_threads(args.threads)
-    optuna.logging.set_verbosity(optuna.logging.WARNING)
-    t_start = time.time()
+    t_start = start(args)
 
     cfg = StudyConfig.from_dict({
         "model": args.model,
         "calibration": {"num_sequences": 16, "seq_len": args.seq_len},
         "space": {"attention": None, "mlp": False, "drop_blocks": True},
         "stages": [{"name": "final", "evaluators": ["kl"], "eval_tokens": args.final_tokens, "seq_len": args.seq_len}],
-        "seed": 0,
+        "seed": args.seed,
     })
     rt = build_runtime(cfg)
     space0 = rt.space

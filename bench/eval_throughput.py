@@ -26,8 +26,8 @@ import argparse
 import statistics
 import time
 
-import numpy as np
 import torch
+from _common import add_common_args, distinct_random, reference_setup, start, target
 
 
 def _args(argv=None):
@@ -35,14 +35,10 @@ def _args(argv=None):
     p.add_argument("--size", default="small", help="reference model size (tiny|small)")
     p.add_argument("--candidates", type=int, default=24)
     p.add_argument("--tokens", type=int, default=2048, help="stage-1 evaluation tokens")
-    p.add_argument("--seq-len", type=int, default=256)
     p.add_argument("--batch-size", type=int, default=8)
     p.add_argument("--budget", type=float, default=0.5, help="max params ratio (min is budget - 0.05)")
     p.add_argument("--repeats", type=int, default=3)
-    p.add_argument("--threads", type=int, default=1,
-                   help="intra-op threads (1 keeps timings stable on a shared 2-core machine)")
-    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    p.add_argument("--seed", type=int, default=0)
+    add_common_args(p, model=None, seq_len=256, threads=1, device=True)
     return p.parse_args(argv)
 
 
@@ -53,36 +49,14 @@ def _sync(device):
 
 def main(argv=None) -> int:
     args = _args(argv)
-    torch.set_num_threads(args.threads)
-    import transformers
-
-    from evoprune._corpus import load_reference_corpus, tokenized_split
-    from evoprune._reference import build_reference_model
+    start(args)
     from evoprune.evaluators import EvalContext, KLToDense, Pipeline, Stage
-    from evoprune.pruning import Pruner
-    from evoprune.space import Budget, SearchSpace
 
     device = torch.device(args.device)
     t_setup = time.perf_counter()
-    path = build_reference_model(args.size, progress=False)
-    tok = transformers.AutoTokenizer.from_pretrained(path)
-    model = transformers.AutoModelForCausalLM.from_pretrained(path).eval().to(device)
-    corpus = load_reference_corpus()
-    eval_ids, eval_fp = tokenized_split(tok, "validation", corpus)
-    calib_ids, calib_fp = tokenized_split(tok, "calibration", corpus)
-    n_cal = min(32, calib_ids.numel() // args.seq_len)
-    calib = calib_ids[: n_cal * args.seq_len].view(n_cal, args.seq_len).to(device)
-    pruner = Pruner(model, calib, data_fingerprint=calib_fp)
-    space = SearchSpace.from_model(
-        model, drop_blocks=True, budget=Budget(metric="params", max_ratio=args.budget, min_ratio=args.budget - 0.05)
-    )
-    rng = np.random.default_rng(args.seed)
-    cands, seen = [], set()
-    while len(cands) < args.candidates:
-        c = space.random(rng)
-        if c.key not in seen:
-            seen.add(c.key)
-            cands.append(c)
+    ref = reference_setup(args.size, seq_len=args.seq_len, budget=args.budget, device=device)
+    model, pruner, space, eval_ids, eval_fp = ref.model, ref.pruner, ref.space, ref.eval_ids, ref.eval_fingerprint
+    cands = distinct_random(space, args.candidates, args.seed)
     ctx = EvalContext(eval_ids=eval_ids, data_fingerprint=eval_fp, pruner=pruner, batch_size=args.batch_size,
                       cache_dir=False, seed=args.seed, device=device)
     stage = Stage(name="stage1", evaluators=[KLToDense()], eval_tokens=args.tokens, seq_len=args.seq_len)
@@ -143,7 +117,7 @@ def main(argv=None) -> int:
     _sync(device)
     e2e = len(cands) / (time.perf_counter() - t0)
     print(f"run_batch end-to-end candidates/s: {e2e:.3f}")
-    print(f"TARGET stage1_over_bare_throughput {ratio:.3f} >= 0.85 {'PASS' if ratio >= 0.85 else 'FAIL'}")
+    target("stage1_over_bare_throughput", ratio, ">=", 0.85)
     return 0
 
 

@@ -24,7 +24,7 @@ import time
 
 import numpy as np
 import optuna
-import torch
+from _common import add_common_args, start
 
 from evoprune.evaluators import KLToDense, Pipeline, Stage, TopK
 from evoprune.search import ATTR_PREFIX, BudgetSweep, Searcher, StudyConfig, build_runtime, hypervolume, study_front
@@ -32,7 +32,6 @@ from evoprune.search import ATTR_PREFIX, BudgetSweep, Searcher, StudyConfig, bui
 
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--model", default="reference:small")
     ap.add_argument("--levels", type=float, nargs="+",
                     default=[round(float(x), 3) for x in np.linspace(0.82, 0.40, 10)])
     ap.add_argument("--generations", type=int, default=40, help="generations in all (round-robin over levels)")
@@ -40,14 +39,10 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--screen-tokens", type=int, default=256)
     ap.add_argument("--final-tokens", type=int, default=2048)
     ap.add_argument("--mlp-step", type=int, default=64)
-    ap.add_argument("--seq-len", type=int, default=128)
     ap.add_argument("--nsgaii", type=int, default=1, help="also run NSGA-II at the same token budget (1/0)")
-    ap.add_argument("--seed", type=int, default=0)
-    ap.add_argument("--threads", type=int, default=2)
+    add_common_args(ap)
     args = ap.parse_args(argv)
-    torch.set_num_threads(args.threads)
-    optuna.logging.set_verbosity(optuna.logging.WARNING)
-    t_start = time.time()
+    t_start = start(args)
 
     cfg = StudyConfig.from_dict({
         "model": args.model,

@@ -29,7 +29,7 @@ import sys
 import time
 
 import optuna
-import torch
+from _common import add_common_args, start
 
 from evoprune.evaluators import KLToDense, Pipeline, Stage, TopK
 from evoprune.search import (
@@ -46,7 +46,6 @@ from evoprune.search import (
 
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--model", default="reference:small")
     ap.add_argument("--ratio", type=float, default=0.5, help="nonzero-params budget ratio")
     ap.add_argument("--tokens", type=int, default=160_000, help="forward-token budget per search method")
     ap.add_argument("--offspring", type=int, default=12)
@@ -54,14 +53,10 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--mid-tokens", type=int, default=1024)
     ap.add_argument("--search-tokens", type=int, default=2048)
     ap.add_argument("--report-tokens", type=int, default=32768)
-    ap.add_argument("--seq-len", type=int, default=128)
     ap.add_argument("--mlp-step", type=int, default=64)
-    ap.add_argument("--seed", type=int, default=0)
-    ap.add_argument("--threads", type=int, default=2)
+    add_common_args(ap)
     args = ap.parse_args(argv)
-    torch.set_num_threads(args.threads)
-    optuna.logging.set_verbosity(optuna.logging.WARNING)
-    t_start = time.time()
+    t_start = start(args)
 
     cfg = StudyConfig.from_dict({
         "model": args.model,

@@ -25,7 +25,9 @@ import math
 import time
 
 import numpy as np
+import scipy.stats
 import torch
+from _common import add_common_args, distinct_random, reference_setup, start, target
 
 
 def _args(argv=None):
@@ -37,73 +39,34 @@ def _args(argv=None):
     p.add_argument("--mid-tokens", type=int, default=8192, help="0 to skip the middle stage")
     p.add_argument("--final-tokens", type=int, default=65536)
     p.add_argument("--final-top-k", type=int, default=0, help="top-k KL for the final stage (0: full)")
-    p.add_argument("--seq-len", type=int, default=256)
     p.add_argument("--batch-size", type=int, default=8)
     p.add_argument("--ft-candidates", type=int, default=16, help="fine-tuned subset size (0 to skip)")
     p.add_argument("--ft-tokens", type=int, default=16384)
     p.add_argument("--ft-lr", type=float, default=1e-4)
     p.add_argument("--ft-eval-tokens", type=int, default=8192)
-    p.add_argument("--threads", type=int, default=1,
-                   help="intra-op threads (1 is steadier on a shared 2-core machine)")
-    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    p.add_argument("--seed", type=int, default=0)
+    add_common_args(p, model=None, seq_len=256, threads=1, device=True)
     return p.parse_args(argv)
 
 
-def _ranks(x) -> np.ndarray:
-    x = np.asarray(x, dtype=float)
-    order = np.argsort(x, kind="mergesort")
-    ranks = np.empty(len(x))
-    i = 0
-    while i < len(x):  # average ranks of ties
-        j = i
-        while j + 1 < len(x) and x[order[j + 1]] == x[order[i]]:
-            j += 1
-        ranks[order[i : j + 1]] = (i + j) / 2
-        i = j + 1
-    return ranks
-
-
 def spearman(a, b) -> float:
-    ra, rb = _ranks(a), _ranks(b)
-    if ra.std() == 0 or rb.std() == 0:
+    """Spearman rank correlation (average ranks for ties); NaN when one side is constant."""
+    if np.std(a) == 0 or np.std(b) == 0:
         return math.nan
-    return float(np.corrcoef(ra, rb)[0, 1])
+    return float(scipy.stats.spearmanr(a, b).statistic)
 
 
 def main(argv=None) -> int:
     args = _args(argv)
-    torch.set_num_threads(args.threads)
-    import transformers
-
-    from evoprune._corpus import load_reference_corpus, tokenized_split
-    from evoprune._reference import build_reference_model
+    start(args)
     from evoprune.evaluators import EvalContext, FineTuned, KLToDense, Pipeline, Stage
-    from evoprune.pruning import Pruner
-    from evoprune.space import Budget, SearchSpace
 
     t_start = time.perf_counter()
     device = torch.device(args.device)
-    path = build_reference_model(args.size, progress=False)
-    tok = transformers.AutoTokenizer.from_pretrained(path)
-    model = transformers.AutoModelForCausalLM.from_pretrained(path).eval().to(device)
-    corpus = load_reference_corpus()
-    eval_ids, eval_fp = tokenized_split(tok, "validation", corpus)
-    calib_ids, calib_fp = tokenized_split(tok, "calibration", corpus)
-    train_ids, train_fp = tokenized_split(tok, "train", corpus) if args.ft_candidates else (None, "-")
-    n_cal = min(32, calib_ids.numel() // args.seq_len)
-    pruner = Pruner(model, calib_ids[: n_cal * args.seq_len].view(n_cal, args.seq_len).to(device),
-                    data_fingerprint=calib_fp)
-    space = SearchSpace.from_model(
-        model, drop_blocks=True, budget=Budget(metric="params", max_ratio=args.budget, min_ratio=args.budget - 0.05)
-    )
-    rng = np.random.default_rng(args.seed)
-    cands, seen = [], set()
-    while len(cands) < args.candidates:
-        c = space.random(rng)
-        if c.key not in seen:
-            seen.add(c.key)
-            cands.append(c)
+    ref = reference_setup(args.size, seq_len=args.seq_len, budget=args.budget, device=device,
+                          train=bool(args.ft_candidates))
+    model, pruner, space = ref.model, ref.pruner, ref.space
+    eval_ids, eval_fp, train_ids, train_fp = ref.eval_ids, ref.eval_fingerprint, ref.train_ids, ref.train_fingerprint
+    cands = distinct_random(space, args.candidates, args.seed)
     final_tokens = min(args.final_tokens, (eval_ids.numel() // args.seq_len) * args.seq_len)
     ctx = EvalContext(eval_ids=eval_ids, train_ids=train_ids, data_fingerprint=f"{eval_fp[:16]}-{train_fp[:16]}",
                       pruner=pruner, batch_size=args.batch_size, cache_dir=False, seed=args.seed, device=device)
@@ -199,7 +162,7 @@ def main(argv=None) -> int:
         recall = {k: len(top8 & set(order[:k])) for k in (4, 8, 16, 32) if k <= len(order)}
         print(f"{n}: final best is rank {need} of {len(order)}; final top-8 kept by a top-k cut: "
               + ", ".join(f"k={k}: {v}/8" for k, v in recall.items()))
-    print(f"TARGET spearman_stage1_final {rho1:.3f} >= 0.7 {'PASS' if rho1 >= 0.7 else 'FAIL'}")
+    target("spearman_stage1_final", rho1, ">=", 0.7)
     return 0
 
 

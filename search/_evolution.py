@@ -465,6 +465,13 @@ class EvolutionarySampler:
         """Candidates of the current generation that must reach the last stage."""
         return self.parents if self._generation == 0 else 0
 
+    @property
+    def pending(self) -> list[Candidate]:
+        """The asked but not yet told generation (empty between generations). A sampler restored
+        from a state saved mid-generation returns exactly these from :meth:`ask_generation` again,
+        without asking ``claim``: the driver replays the interrupted generation."""
+        return list(self._pending)
+
     def seen(self, key: str) -> bool:
         return key in self._seen
 
@@ -760,6 +767,11 @@ class BudgetSweep:
     @property
     def min_finalists(self) -> int:
         return self.current.min_finalists
+
+    @property
+    def pending(self) -> list[Candidate]:
+        """The current level's asked but not yet told generation (see :attr:`EvolutionarySampler.pending`)."""
+        return self.current.pending
 
     def seen(self, key: str) -> bool:
         return any(run.seen(key) for run in self.runs)

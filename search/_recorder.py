@@ -42,9 +42,13 @@ Conventions every implementation must keep:
   :meth:`EvolutionarySampler.state_dict` (or of any stateful sampler); save
   it atomically, replacing the previous one, and return only once it is
   durable. ``load_sampler_state()`` returns the last ``(generation, state)`` or
-  ``None`` for a new study. The driver saves after every generation and loads
-  once at the start of :meth:`Searcher.run`, so a resumed study continues the
-  evolution exactly.
+  ``None`` for a new study. The driver saves right after asking a generation
+  (the state then holds the generation's pending candidates) and again after
+  telling it, and loads once at the start of :meth:`Searcher.run`, so a resumed
+  study continues the evolution exactly: an interrupted generation is replayed
+  with the same candidates, and those whose trials already finished are reused
+  through the optional ``finished_trial(candidate_key)`` (``{"stages": {stage:
+  objective}, ...}`` or ``None``) instead of being evaluated again.
 * ``claim(candidate_key) -> bool`` atomically reserves a candidate for
   evaluation: ``True`` for the first caller in the whole study (any worker),
   ``False`` for every later one. A SQL recorder implements it as an ``INSERT``
@@ -243,6 +247,22 @@ class OptunaRecorder:
         return [
             _float(t.user_attrs[key]) for t in self.study.get_trials(deepcopy=False) if key in t.user_attrs
         ]
+
+    def finished_trial(self, candidate_key: str) -> dict[str, Any] | None:
+        """The first COMPLETE or PRUNED trial of ``candidate_key``: ``{"trial_id", "number", "state",
+        "stages": {stage: objective}}``, or ``None``. Optional for recorders: the driver uses it, when
+        present, to reuse what already finished when it replays an interrupted generation."""
+        from optuna.trial import TrialState
+
+        key_attr, prefix = ATTR_PREFIX + "candidate_key", ATTR_PREFIX + "objective:"
+        for t in sorted(self.study.get_trials(deepcopy=False), key=lambda t: t.number):
+            if t.user_attrs.get(key_attr) != candidate_key or t.state not in (TrialState.COMPLETE, TrialState.PRUNED):
+                continue
+            if t.user_attrs.get(ATTR_PREFIX + "infeasible") or ATTR_PREFIX + "duplicate_of" in t.user_attrs:
+                continue
+            stages = {k[len(prefix):]: _float(v) for k, v in t.user_attrs.items() if k.startswith(prefix)}
+            return {"trial_id": t._trial_id, "number": t.number, "state": t.state.name, "stages": stages}
+        return None
 
     # -- sampler state --------------------------------------------------------------------
     def save_sampler_state(self, generation: int, state: Mapping[str, Any]) -> None:

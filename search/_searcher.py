@@ -86,6 +86,7 @@ class SearchStats:
     infeasible: int = 0
     duplicates: int = 0
     generations: int = 0
+    replayed: int = 0
     tokens: int = 0
     seconds: float = 0.0
     stage_evaluations: dict[str, int] = dataclasses.field(default_factory=dict)
@@ -103,6 +104,16 @@ class _Entry:
     stages: list[Any] = dataclasses.field(default_factory=list)
     done: bool = False
     final: float | None = None
+    #: stage -> objective of an earlier finished trial of this candidate (replayed generation): its
+    #: results are reused, not evaluated or told again.
+    stored: dict[str, float] | None = None
+
+
+@dataclasses.dataclass(frozen=True)
+class _StoredStage:
+    """A stage result read back from the study (replay of an interrupted generation)."""
+
+    objective: float
 
 
 def _is_kl(ev: Any) -> bool:
@@ -369,16 +380,40 @@ class Searcher:
 
     def _generation_step(self, stats: SearchStats) -> bool:
         sampler = self.sampler
+        replay = bool(getattr(sampler, "pending", None))
         proposals = sampler.ask_generation(self.recorder.claim)
         if not proposals:
             return False
+        if not replay:
+            # Durable before the first trial exists: a process killed from here on replays exactly
+            # this generation (same candidates, same promotion) instead of drawing a new one.
+            self.recorder.save_sampler_state(sampler.generation, sampler.state_dict())
+        finished = getattr(self.recorder, "finished_trial", None)
         entries = []
         for p in proposals:
             space = p.space if p.space is not None else self.space
+            if replay:
+                done = finished(p.candidate.key) if finished is not None else None
+                if done is not None:
+                    entries.append(_Entry(trial=None, candidate=p.candidate, space=space,
+                                          stored={k: float(v) for k, v in done["stages"].items()}))
+                    stats.replayed += 1
+                    continue
+                if not self.recorder.claim(p.candidate.key):
+                    _log.warning(
+                        "candidate of the interrupted generation is being evaluated by another worker; "
+                        "this generation goes on without it",
+                        extra={"fields": {"key": p.candidate.key, "generation": sampler.generation}},
+                    )
+                    continue
             trial = self._new_trial(p.candidate, p.source, space, p.group)
             self.recorder.record_candidate(trial._trial_id, p.candidate, source=p.source)
             entries.append(_Entry(trial=trial, candidate=p.candidate, space=space))
             stats.trials += 1
+        if replay:
+            _log.info("replaying an interrupted generation",
+                      extra={"fields": {"generation": sampler.generation, "candidates": len(proposals),
+                                        "reused": sum(e.stored is not None for e in entries)}})
         self._evaluate(entries, stats, batch=True, min_final=sampler.min_finalists)
         sampler.tell_generation([(e.candidate, e.final) for e in entries])
         stats.generations += 1
@@ -425,6 +460,9 @@ class Searcher:
                     break
                 last = si == len(stages) - 1
                 for e in active:
+                    if e.stored is not None:
+                        e.stages.append(_StoredStage(e.stored.get(st.name, math.nan)))
+                        continue
                     sr = self.pipeline.run_stage(st, self.model, e.candidate, self.context)
                     e.stages.append(sr)
                     stats.stage_evaluations[st.name] = stats.stage_evaluations.get(st.name, 0) + 1
@@ -451,6 +489,9 @@ class Searcher:
                     history = self.recorder.stage_history(st.name)
                     promoted = [st.promote.promotes(values[0], history, direction=st.direction)]
                 for e, v, p in zip(active, values, promoted):
+                    if e.stored is not None:
+                        self._settle_stored(e, st, si, last, p)
+                        continue
                     if math.isnan(v):
                         p = False if not last else None
                     self.recorder.record_stage_result(e.trial._trial_id, st.name, si, v, p)
@@ -463,7 +504,7 @@ class Searcher:
                         self._finish(e, "PRUNED", stats)
         except BaseException:
             for e in entries:
-                if not e.done:
+                if not e.done and e.trial is not None:
                     self.recorder.release(e.candidate.key)
                     try:
                         self.study.tell(e.trial, state=_state("FAIL"))
@@ -472,6 +513,21 @@ class Searcher:
                     e.done = True
                     stats.failed += 1
             raise
+
+    def _settle_stored(self, e: _Entry, st: Any, si: int, last: bool, promoted: bool | None) -> None:
+        """Follow a reused trial's recorded outcome at stage ``si`` (it is already told)."""
+        stages = [s.name for s in self.pipeline.stages]
+        goes_on = not last and si + 1 < len(stages) and stages[si + 1] in e.stored
+        if last:
+            e.final = e.stored.get(st.name)
+        if not last and promoted is not None and bool(promoted) != goes_on:
+            _log.warning(
+                "a replayed candidate's recorded promotion differs from the one computed now (evaluation "
+                "is not bit-reproducible here); the recorded outcome is kept",
+                extra={"fields": {"key": e.candidate.key, "stage": st.name, "recorded": goes_on}},
+            )
+        if not goes_on:
+            e.done = True
 
     def _values(self, entry: _Entry) -> list[float]:
         final = entry.stages[-1]

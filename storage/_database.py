@@ -865,7 +865,9 @@ class StudyDatabase:
 
     # ------------------------------------------------------------------ maintenance
     def release_claims_of_failed_trials(self) -> int:
-        """Release claims whose trial FAILED (so the candidate can be retried); returns how many."""
+        """Release claims still held by a FAILED trial (its worker died: the driver itself releases
+        the claim of an evaluation that failed), so the candidate can be retried; returns how many.
+        A death is not the candidate's fault, so it gives the attempt back."""
         from optuna.trial import TrialState
 
         tm = self._om.TrialModel
@@ -875,12 +877,13 @@ class StudyDatabase:
                 sa.update(ClaimRow)
                 .where(ClaimRow.study_id == self.study_id, ClaimRow.status == "claimed",
                        ClaimRow.trial_id.in_(failed))
-                .values(status="released", updated_at=utcnow())
+                .values(status="released", attempts=ClaimRow.attempts - 1, updated_at=utcnow())
             ).rowcount
         )
 
     def release_claims_of(self, owners: Iterable[str]) -> int:
-        """Release claims held by ``owners`` that have no trial yet (the owner died before asking one)."""
+        """Release claims held by ``owners`` that have no trial yet (the owner died before asking one);
+        like :meth:`release_claims_of_failed_trials` this gives the attempt back."""
         owners = list(owners)
         if not owners:
             return 0
@@ -889,7 +892,7 @@ class StudyDatabase:
                 sa.update(ClaimRow)
                 .where(ClaimRow.study_id == self.study_id, ClaimRow.status == "claimed",
                        ClaimRow.owner.in_(owners), ClaimRow.trial_id.is_(None))
-                .values(status="released", updated_at=utcnow())
+                .values(status="released", attempts=ClaimRow.attempts - 1, updated_at=utcnow())
             ).rowcount
         )
 

@@ -21,8 +21,8 @@ class SQLRecorder:
         db: the study's :class:`StudyDatabase`.
         storage: the study's Optuna RDB storage (for trial heartbeats and the candidate-key
             user attribute that optuna-dashboard shows); optional.
-        max_attempts: how often one candidate may be claimed in all (a released claim --
-            failed evaluation or dead worker -- can be taken again until then).
+        max_attempts: how often one candidate's evaluation may fail in all (a released claim can be
+            taken again until then; a claim released because its worker died does not count).
         keep_sampler_states: keep the sampler states of this many newest generations
             (``None``: all of them).
         directions: stage name -> promotion direction, stored with each stage outcome.

@@ -121,8 +121,11 @@ class WorkerRow(Base):
 
 class ClaimRow(Base):
     """A reserved candidate. ``(study_id, candidate_key)`` is unique, so of two workers that
-    claim the same candidate exactly one ``INSERT`` succeeds. A released claim (its evaluation
-    failed or its worker died) may be taken again, at most ``max_attempts`` times in all."""
+    claim the same candidate exactly one ``INSERT`` succeeds. A released claim may be taken
+    again: ``attempts`` counts the evaluations that failed (plus the one in progress), at most
+    ``max_attempts``; a claim released because its worker died gives its attempt back (a kill,
+    a reboot or a lost machine is not the candidate's fault), so an interrupted search can be
+    resumed any number of times."""
 
     __tablename__ = "evoprune_claims"
     __table_args__ = (sa.UniqueConstraint("study_id", "candidate_key"),)

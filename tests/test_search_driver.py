@@ -103,6 +103,78 @@ def test_resume_continues_exactly(base):
     assert [t.values for t in one.trials] == [t.values for t in two.trials]
 
 
+class _Interrupting(KLToDense):
+    """KL that raises KeyboardInterrupt (as Ctrl-C would) at given calls, counted over all runs."""
+
+    def __init__(self, at, **kw):
+        super().__init__(**kw)
+        self.at, self.calls = set(at), 0
+
+    def evaluate(self, *args, **kwargs):
+        self.calls += 1
+        if self.calls in self.at:
+            raise KeyboardInterrupt
+        return super().evaluate(*args, **kwargs)
+
+
+def _results(study):
+    return sorted((t.user_attrs[ATTR_PREFIX + "candidate_key"], t.state.name, tuple(t.values or ()))
+                  for t in study.trials if t.state in (STATE.COMPLETE, STATE.PRUNED))
+
+
+@pytest.mark.parametrize("kind", ["evolution", "sweep"])
+def test_interrupted_generation_is_replayed_exactly(base, kind):
+    """Interrupted mid-generation (s1 of some candidates done, others pruned or complete), resumed from
+    the study alone: the generation is replayed with the same candidates, finished trials are reused
+    (not evaluated or told again), and the end result equals an uninterrupted run's."""
+    objectives = ("kl", "params") if kind == "sweep" else ("kl",)
+
+    def sampler():
+        if kind == "sweep":
+            return BudgetSweep(levels=(0.8, 0.6), offspring=4, seed=5)
+        return EvolutionarySampler(offspring=4, seed=5)
+
+    def stages(kl):
+        return [Stage(name="s1", evaluators=[kl], eval_tokens=128, seq_len=32, promote=TopK(2)),
+                Stage(name="final", evaluators=[kl], eval_tokens=512, seq_len=32)]
+
+    rt = make_runtime(base, WIDTH, objectives=objectives, stages=stages(KLToDense(name="kl")))
+    ref = optuna.create_study(directions=rt.directions)
+    Searcher(rt, ref, sampler(), progress=False).run(n_generations=5)
+
+    kl = _Interrupting(at=(3, 9, 10, 16), name="kl")
+    rt2 = make_runtime(base, WIDTH, objectives=objectives, stages=stages(kl))
+    study = optuna.create_study(directions=rt2.directions)
+    rec = OptunaRecorder(study)
+    interrupts, replayed = 0, 0
+    while True:
+        saved = rec.load_sampler_state()
+        done = saved[0] if saved else 0
+        if done >= 5:
+            break
+        searcher = Searcher(rt2, study, sampler(), rec, progress=False)
+        try:
+            searcher.run(n_generations=5 - done)
+        except KeyboardInterrupt:
+            interrupts += 1
+            assert not rt2.pruner.is_applied
+            # the state was saved right after the ask: it holds the interrupted generation
+            assert searcher.sampler.pending and rec.load_sampler_state()[0] == searcher.sampler.generation
+        finally:
+            replayed += searcher.stats.replayed
+    assert interrupts == 4
+    assert replayed > 0  # some finished trials of interrupted generations were reused
+    assert _results(study) == _results(ref)
+    keys = [k for k, _, _ in _results(study)]
+    assert len(keys) == len(set(keys))  # reused, not evaluated twice
+    if kind == "sweep":
+        assert {t.number for t in ref.best_trials} and sorted(
+            (t.user_attrs[ATTR_PREFIX + "candidate_key"], tuple(t.values)) for t in study.best_trials
+        ) == sorted((t.user_attrs[ATTR_PREFIX + "candidate_key"], tuple(t.values)) for t in ref.best_trials)
+    else:
+        assert study.best_value == ref.best_value
+
+
 def test_same_seed_same_trials(base):
     rt = make_runtime(base, WIDTH)
 

@@ -200,6 +200,8 @@ def test_stale_running_trial_failed_and_retried(storage_url):
         rec.record_candidate(trial._trial_id, cand, source="evolution")
         trials[name] = (trial, cand)
     orphan = live.optuna_study.ask()  # asked, then its process died before recording a candidate
+    unstarted = _candidate(3)  # claimed, then its worker died before asking a trial for it
+    assert SQLRecorder(dead_local, live.storage).claim(unstarted.key)
     with Heartbeat(busy_remote, live.storage, interval=0.3):
         time.sleep(2.5)  # > grace period for the silent one (database clocks have 1 s resolution)
         report = live.reap()
@@ -216,6 +218,11 @@ def test_stale_running_trial_failed_and_retried(storage_url):
     retry = dict(live.db.retryable())
     assert set(retry) == {trials["dead"][1].key, trials["silent"][1].key}
     assert Candidate.from_json(retry[trials["dead"][1].key]) == trials["dead"][1]
+    claims = live.db.claims()
+    # a death is not the candidate's fault: the attempt is given back (resume any number of times)
+    assert claims[trials["dead"][1].key] == {**claims[trials["dead"][1].key], "status": "released", "attempts": 0}
+    assert claims[unstarted.key]["status"] == "released" and claims[unstarted.key]["attempts"] == 0
+    assert claims[trials["busy"][1].key]["attempts"] == 1
     assert live.recorder.claim(trials["dead"][1].key) is True
     assert live.recorder.claim(trials["busy"][1].key) is False
     # once no other worker is alive, orphaned RUNNING trials are failed as well
@@ -223,6 +230,16 @@ def test_stale_running_trial_failed_and_retried(storage_url):
     live.reap()
     assert live.storage.get_trial(orphan._trial_id).state == TrialState.FAIL
     assert live.storage.get_trial(trials["busy"][0]._trial_id).state == TrialState.RUNNING  # beat recently
+    for i in range(4):  # killed more often than max_attempts (3): still claimed and evaluated again
+        ghost = worker_as(Owner(host=Owner.current().host, pid=_dead_pid(), proc_start="1", token=f"ghost{i}"))
+        rec = SQLRecorder(ghost, live.storage)
+        assert rec.claim(unstarted.key)
+        tr = live.optuna_study.ask()
+        rec.record_candidate(tr._trial_id, unstarted, source="evolution")
+        live.reap()
+        assert live.storage.get_trial(tr._trial_id).state == TrialState.FAIL
+        assert live.db.claims()[unstarted.key] | {"owner": None, "trial_id": None} == {
+            "owner": None, "status": "released", "attempts": 0, "trial_id": None}
     _dispose(live)
 
 
