@@ -8,9 +8,9 @@ per table), then timed, each in a fresh process-level state (new engines):
 
 * ``resume``: what ``evoprune resume`` does besides loading the model -- open the storage,
   load the study and its config, reap dead workers, check fingerprints, load the sampler
-  state -- up to its first new trial (claim, enqueue fixed params, ask, record the candidate),
-  never materializing all trials (Optuna's trial cache would read all 10,000 on the first ask;
-  the study's ``ask`` looks up waiting trials directly);
+  state -- up to its first new trial (claim, create the trial with fixed params, record the candidate),
+  never materializing all trials (``study.ask()`` would: Optuna's trial cache reads all 10,000
+  when it looks for waiting trials; the driver creates its trials RUNNING in one call instead);
 * ``pareto``: ``EvoStudy.pareto_front()`` (one query over Optuna's value rows), checked
   against Optuna's own ``study.best_trials``;
 * for information: ``get_trials(deepcopy=False)`` of all 10,000 trials.
@@ -136,9 +136,10 @@ def populate(url: str, n_trials: int, *, seed: int = 0) -> dict:
 
 def time_resume(url: str, space, rng) -> tuple[float, dict]:
     """Open the study as ``evoprune resume`` does (minus loading the model) and create its next trial
-    the way the search driver does (claim, enqueue fixed params, ask, record the candidate)."""
+    the way the search driver does (claim, create the trial with fixed params, record the candidate)."""
     from optuna.trial import TrialState
 
+    from evoprune.search._searcher import fixed_trial
     from evoprune.storage import load_study
 
     candidate = space.random(rng)
@@ -149,8 +150,8 @@ def time_resume(url: str, space, rng) -> tuple[float, dict]:
     generation, state = study.recorder.load_sampler_state()
     t_state = time.perf_counter() - t
     assert study.recorder.claim(candidate.key)
-    study.optuna_study.enqueue_trial(space.params_of(candidate), user_attrs={"evoprune:source": "evolution"})
-    trial = study.optuna_study.ask(space.optuna_distributions())
+    trial = fixed_trial(study.optuna_study, space.params_of(candidate), space.optuna_distributions(),
+                        user_attrs={"evoprune:source": "evolution"})
     study.recorder.record_candidate(trial._trial_id, candidate, source="evolution")
     elapsed = time.perf_counter() - t
     info = {"generation": generation, "seen": len(state["seen"]), "reaped": bool(report), "state_s": t_state}

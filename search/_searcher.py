@@ -4,7 +4,7 @@
 
 * a *generation sampler* (:class:`~evoprune.search.EvolutionarySampler`,
   :class:`~evoprune.search.BudgetSweep`): each generation's candidates become
-  Optuna trials with fixed params (``study.enqueue_trial`` + ``study.ask``), are
+  Optuna trials with fixed params (:func:`fixed_trial`: created RUNNING, in one storage call), are
   scored together through the stage pipeline, and the best survive; or
 * an Optuna sampler (TPE, NSGA-II, random, GP, QMC, your own ``BaseSampler``;
   the study's own when ``sampler`` is ``None``): one trial per candidate via
@@ -67,7 +67,7 @@ from .._logging import get_logger
 from ..space import METRICS, Candidate, SearchSpace
 from ._recorder import ATTR_PREFIX, OptunaRecorder
 
-__all__ = ["BUDGET_MODES", "SearchStats", "Searcher", "objective_directions", "trial_candidate"]
+__all__ = ["BUDGET_MODES", "SearchStats", "Searcher", "fixed_trial", "objective_directions", "trial_candidate"]
 
 _log = get_logger("search")
 BUDGET_MODES = ("constrain", "repair")
@@ -365,15 +365,7 @@ class Searcher:
         attrs = {ATTR_PREFIX + "source": source}
         if group is not None:
             attrs[ATTR_PREFIX + "group"] = group
-        self.study.enqueue_trial(params, user_attrs=attrs)
-        trial = self.study.ask(self._distributions)
-        if {k: int(v) for k, v in trial.params.items()} != params:
-            self.study.tell(trial, state=_state("FAIL"))
-            raise RuntimeError(
-                "Searcher: study.ask() returned another enqueued trial than the evolutionary candidate (someone "
-                "enqueued trials into this study); run one evolutionary driver per study and enqueue seeds through "
-                "EvolutionarySampler(init=[...])."
-            )
+        trial = fixed_trial(self.study, params, self._distributions, user_attrs=attrs)
         for key, value in space.constraints(candidate).items():
             trial.set_constraint(key, value)
         return trial
@@ -401,8 +393,8 @@ class Searcher:
                     continue
                 if not self.recorder.claim(p.candidate.key):
                     _log.warning(
-                        "candidate of the interrupted generation is being evaluated by another worker; "
-                        "this generation goes on without it",
+                        "candidate of the interrupted generation is not claimable (another worker is "
+                        "evaluating it, or its evaluation failed too often); this generation goes on without it",
                         extra={"fields": {"key": p.candidate.key, "generation": sampler.generation}},
                     )
                     continue
@@ -616,6 +608,37 @@ class Searcher:
             bar.set_postfix({f"best {self.objectives[0]}": f"{best:.5g}"}, refresh=False)
         else:
             bar.set_postfix({"front": len(self.study.best_trials)}, refresh=False)
+
+
+def fixed_trial(study: Any, params: dict[str, Any], distributions: dict[str, Any], *,
+                user_attrs: dict[str, Any] | None = None) -> Any:
+    """A new RUNNING :class:`optuna.Trial` of ``study`` with ``params`` already set.
+
+    One storage call creates it (a RUNNING template trial), so workers creating trials at the same
+    moment can never swap them -- unlike ``enqueue_trial`` + ``ask``, where ``ask`` pops the
+    study's oldest WAITING trial, whoever enqueued it -- and a process killed in between leaves
+    nothing half-made. The study's sampler is not asked for these params.
+    """
+    import datetime
+
+    import optuna
+    from optuna.trial import FrozenTrial, TrialState
+
+    unknown = sorted(set(params) - set(distributions))
+    if unknown:
+        raise ValueError(f"fixed_trial: no distribution for params {unknown}.")
+    dists = {k: distributions[k] for k in params}
+    for k, v in params.items():
+        if not dists[k]._contains(dists[k].to_internal_repr(v)):
+            raise ValueError(f"fixed_trial: param {k}={v!r} is outside its distribution {dists[k]}.")
+    template = FrozenTrial(
+        number=-1, state=TrialState.RUNNING, value=None, values=None,
+        datetime_start=datetime.datetime.now(), datetime_complete=None, params=dict(params),
+        distributions=dists, user_attrs=dict(user_attrs or {}), system_attrs={}, intermediate_values={},
+        trial_id=-1,
+    )
+    trial_id = study._storage.create_new_trial(study._study_id, template_trial=template)
+    return optuna.Trial(study, trial_id)
 
 
 def _state(name: str) -> Any:

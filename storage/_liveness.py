@@ -13,7 +13,8 @@ generations) then decides who is dead:
 * a RUNNING trial whose Optuna heartbeat is older than ``grace_period``;
 * a RUNNING trial that no worker ever recorded (it was asked, then its process
   died before recording a candidate), once no other worker is alive; likewise a
-  WAITING trial the search driver enqueued but never asked.
+  WAITING trial tagged by the search driver (evoprune 0.1 enqueued fixed params
+  and asked for them; the driver now creates its trials RUNNING in one call).
 
 Their trials become FAIL (Optuna state, with the system attribute
 ``evoprune:fail_reason``) and their claims are released, so the candidates are
@@ -39,7 +40,7 @@ __all__ = ["Heartbeat", "ReapReport", "reap"]
 _log = get_logger("storage.liveness")
 
 FAIL_REASON_ATTR = "evoprune:fail_reason"
-SOURCE_ATTR = "evoprune:source"  # set by the search driver on the trials it enqueues
+SOURCE_ATTR = "evoprune:source"  # set by the search driver on the trials it creates
 
 
 class Heartbeat:
@@ -152,8 +153,8 @@ def reap(db: StudyDatabase, storage: Any, *, grace_period: float) -> ReapReport:
         elif r.owner is None and not others_alive:
             to_fail.append((r.trial_id, r.number, "orphaned: asked by a process that is gone"))
     if not others_alive:
-        # Enqueued by the search driver (it tags its trials with evoprune:source) and never asked:
-        # the process died between enqueue and ask. The next ask would pop it with wrong params.
+        # Enqueued by an older search driver (tagged evoprune:source) and never asked: the process
+        # died between enqueue and ask. The next ask of an Optuna sampler would pop it.
         ua = om.TrialUserAttributeModel
 
         def waiting(conn: sa.Connection) -> list[Any]:

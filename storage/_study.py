@@ -31,7 +31,6 @@ import sqlalchemy as sa
 from .._logging import get_logger
 from ._database import Artifact, StageOutcome, StageRecord, StudyDatabase, pareto_mask
 from ._engine import DEFAULT_GRACE_PERIOD, DEFAULT_HEARTBEAT_INTERVAL, default_storage_url, normalize_url, open_rdb_storage, redact_url
-from ._coordination import coordinated_study
 from ._liveness import Heartbeat, ReapReport, reap
 from ._recorder import SQLRecorder
 
@@ -150,9 +149,7 @@ class EvoStudy:
     Attributes:
         name, url: study name and (password-free) storage URL.
         config: the :class:`~evoprune.search.StudyConfig` (as stored).
-        optuna_study: the :class:`optuna.Study` (trials, params, values, states); its
-            ``enqueue_trial``/``ask`` pairs are atomic across workers (see
-            :mod:`evoprune.storage._coordination`).
+        optuna_study: the :class:`optuna.Study` (trials, params, values, states).
         storage: the :class:`optuna.storages.RDBStorage`.
         db: the :class:`~evoprune.storage.StudyDatabase` (evoprune's tables).
         recorder: a :class:`~evoprune.storage.SQLRecorder` for the search driver.
@@ -175,10 +172,7 @@ class EvoStudy:
         return f"EvoStudy(name={self.name!r}, url={self.url!r})"
 
     def close(self) -> None:
-        """Release the study's connections (and its ask lock)."""
-        close = getattr(self.optuna_study, "close", None)
-        if close is not None:
-            close()
+        """Release the study's database connections."""
         self.storage.engine.dispose()
 
     def __enter__(self) -> EvoStudy:
@@ -484,7 +478,6 @@ def create_study(
             f"study {name!r} already exists in {redact_url(url)}; continue it with `evoprune resume --storage URL "
             f"--study {name}` / evoprune.load_study(...), or choose another study_name."
         ) from None
-    study = coordinated_study(name, rdb, study.sampler, url)
     stored = [d.name.lower() for d in study.directions]
     if stored != directions:
         raise ValueError(
@@ -541,12 +534,14 @@ def load_study(
         StudyNotFoundError: no such study (the message lists the studies that exist).
         LookupError: the study is a plain Optuna study without evoprune data.
     """
+    import optuna
+
     from ..search import StudyConfig
 
     url = normalize_url(storage)
     rdb = open_rdb_storage(url)
     try:
-        study = coordinated_study(study_name, rdb, None, url)
+        study = optuna.load_study(study_name=study_name, storage=rdb)
     except KeyError:
         names = [s.study_name for s in rdb.get_all_studies()]
         raise StudyNotFoundError(

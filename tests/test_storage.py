@@ -295,36 +295,46 @@ def test_cli_studies_show_check(storage_url, capsys):
     _dispose(study)
 
 
-def test_enqueue_and_ask_are_atomic_across_workers(storage_url):
-    """Two workers enqueue fixed params and ask: each gets its own trial, never the other's; a trial
-    enqueued by a process that died before asking is failed instead of being popped."""
+def test_fixed_trials_are_created_atomically_across_workers(storage_url):
+    """Two workers create trials with fixed params at the same moment (as the search driver does):
+    each gets its own params, in one storage call; a WAITING trial left by an older driver that died
+    between enqueue and ask is never taken, and reaping fails it."""
+    from evoprune.search._searcher import fixed_trial
+
     a = create_study(tiny_study_config(), storage=storage_url, study_name="ask")
     b = load_study(storage=storage_url, study_name="ask")
     dist = {"x": optuna.distributions.IntDistribution(0, 100)}
-    # an orphan: enqueued (tagged by the driver) by a process that is gone
-    a.storage.create_new_trial(a.db.optuna_study_id, template_trial=optuna.trial.create_trial(
+    orphan = a.storage.create_new_trial(a.db.optuna_study_id, template_trial=optuna.trial.create_trial(
         state=TrialState.WAITING, params={"x": 99}, distributions=dist, user_attrs={"evoprune:source": "evolution"}))
     got: dict[str, list[int]] = {"a": [], "b": []}
-    order: list[str] = []
+    errors: list[BaseException] = []
 
     def drive(study, name, values):
-        for v in values:
-            study.optuna_study.enqueue_trial({"x": v}, user_attrs={"evoprune:source": "evolution"})
-            order.append(name)
-            time.sleep(0.05)  # widen the enqueue -> ask window
-            trial = study.optuna_study.ask(dist)
-            got[name].append(trial.params["x"])
-            study.optuna_study.tell(trial, [0.0, 0.0])
+        try:
+            for v in values:
+                trial = fixed_trial(study.optuna_study, {"x": v}, dist, user_attrs={"evoprune:source": "evolution"})
+                assert study.storage.get_trial(trial._trial_id).state == TrialState.RUNNING
+                got[name].append(trial.params["x"])
+                study.optuna_study.tell(trial, [0.0, 0.0])
+        except BaseException as exc:  # surfaced below
+            errors.append(exc)
 
-    ta = threading.Thread(target=drive, args=(a, "a", [1, 2, 3, 4]))
-    tb = threading.Thread(target=drive, args=(b, "b", [11, 12, 13, 14]))
-    ta.start()
-    tb.start()
-    ta.join()
-    tb.join()
-    assert got == {"a": [1, 2, 3, 4], "b": [11, 12, 13, 14]}
+    threads = [threading.Thread(target=drive, args=(a, "a", list(range(1, 9)))),
+               threading.Thread(target=drive, args=(b, "b", list(range(11, 19))))]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert not errors, errors
+    assert got == {"a": list(range(1, 9)), "b": list(range(11, 19))}
     states = {t.params["x"]: t.state for t in a.trials()}
-    assert states[99] == TrialState.FAIL
+    assert states[99] == TrialState.WAITING and sum(s == TrialState.COMPLETE for s in states.values()) == 16
+    with pytest.raises(ValueError, match="outside its distribution"):
+        fixed_trial(a.optuna_study, {"x": 101}, dist)
+    with pytest.raises(ValueError, match="no distribution"):
+        fixed_trial(a.optuna_study, {"y": 1}, dist)
+    a.reap()
+    assert a.storage.get_trial(orphan).state == TrialState.FAIL
     a.close()
     b.close()
 
