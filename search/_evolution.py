@@ -472,6 +472,13 @@ class EvolutionarySampler:
         without asking ``claim``: the driver replays the interrupted generation."""
         return list(self._pending)
 
+    def discard_pending(self) -> None:
+        """Forget the asked generation (its candidates stay seen, so they are not drawn again); the
+        next :meth:`ask_generation` draws a new one. For a worker that finds the generation in the
+        saved state taken by other workers."""
+        self._pending = []
+        self._migrants = set()
+
     def seen(self, key: str) -> bool:
         return key in self._seen
 
@@ -772,6 +779,9 @@ class BudgetSweep:
     def pending(self) -> list[Candidate]:
         """The current level's asked but not yet told generation (see :attr:`EvolutionarySampler.pending`)."""
         return self.current.pending
+
+    def discard_pending(self) -> None:
+        self.current.discard_pending()
 
     def seen(self, key: str) -> bool:
         return any(run.seen(key) for run in self.runs)

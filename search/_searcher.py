@@ -373,44 +373,59 @@ class Searcher:
     def _generation_step(self, stats: SearchStats) -> bool:
         sampler = self.sampler
         replay = bool(getattr(sampler, "pending", None))
-        proposals = sampler.ask_generation(self.recorder.claim)
-        if not proposals:
-            return False
+        entries = self._replay(sampler, stats) if replay else []
+        if replay and not entries:
+            # Every candidate of the saved generation is another worker's: draw a generation of our own.
+            sampler.discard_pending()
+            replay = False
         if not replay:
+            proposals = sampler.ask_generation(self.recorder.claim)
+            if not proposals:
+                return False
             # Durable before the first trial exists: a process killed from here on replays exactly
             # this generation (same candidates, same promotion) instead of drawing a new one.
             self.recorder.save_sampler_state(sampler.generation, sampler.state_dict())
-        finished = getattr(self.recorder, "finished_trial", None)
-        entries = []
-        for p in proposals:
-            space = p.space if p.space is not None else self.space
-            if replay:
-                done = finished(p.candidate.key) if finished is not None else None
-                if done is not None:
-                    entries.append(_Entry(trial=None, candidate=p.candidate, space=space,
-                                          stored={k: float(v) for k, v in done["stages"].items()}))
-                    stats.replayed += 1
-                    continue
-                if not self.recorder.claim(p.candidate.key):
-                    _log.warning(
-                        "candidate of the interrupted generation is not claimable (another worker is "
-                        "evaluating it, or its evaluation failed too often); this generation goes on without it",
-                        extra={"fields": {"key": p.candidate.key, "generation": sampler.generation}},
-                    )
-                    continue
-            trial = self._new_trial(p.candidate, p.source, space, p.group)
-            self.recorder.record_candidate(trial._trial_id, p.candidate, source=p.source)
-            entries.append(_Entry(trial=trial, candidate=p.candidate, space=space))
-            stats.trials += 1
-        if replay:
-            _log.info("replaying an interrupted generation",
-                      extra={"fields": {"generation": sampler.generation, "candidates": len(proposals),
-                                        "reused": sum(e.stored is not None for e in entries)}})
+            for p in proposals:
+                entries.append(self._start(p, stats))
         self._evaluate(entries, stats, batch=True, min_final=sampler.min_finalists)
         sampler.tell_generation([(e.candidate, e.final) for e in entries])
         stats.generations += 1
         self.recorder.save_sampler_state(sampler.generation, sampler.state_dict())
         return True
+
+    def _start(self, p: Any, stats: SearchStats) -> _Entry:
+        """A new trial for proposal ``p`` (its candidate is claimed)."""
+        space = p.space if p.space is not None else self.space
+        trial = self._new_trial(p.candidate, p.source, space, p.group)
+        self.recorder.record_candidate(trial._trial_id, p.candidate, source=p.source)
+        stats.trials += 1
+        return _Entry(trial=trial, candidate=p.candidate, space=space)
+
+    def _replay(self, sampler: Any, stats: SearchStats) -> list[_Entry]:
+        """Entries of the generation that was asked but not told (saved state of a process that
+        stopped mid-generation): a candidate whose trial already finished is reused (its stored
+        stage results take part in promotion; it is not evaluated or told again), the others are
+        claimed again and get new trials. Candidates another worker holds are left out."""
+        proposals = sampler.ask_generation(self.recorder.claim)  # the pending ones, not claimed again
+        finished = getattr(self.recorder, "finished_trial", None)
+        entries, skipped, reused = [], 0, 0
+        for p in proposals:
+            done = finished(p.candidate.key) if finished is not None else None
+            if done is not None:
+                space = p.space if p.space is not None else self.space
+                entries.append(_Entry(trial=None, candidate=p.candidate, space=space,
+                                      stored={k: float(v) for k, v in done["stages"].items()}))
+                reused += 1
+            elif self.recorder.claim(p.candidate.key):
+                entries.append(self._start(p, stats))
+            else:
+                skipped += 1
+        log = _log.warning if skipped else _log.info
+        log("replaying an interrupted generation",
+            extra={"fields": {"generation": sampler.generation, "candidates": len(proposals),
+                              "reused": reused, "not_claimable": skipped}})
+        stats.replayed += reused
+        return entries
 
     def _trial_step(self, stats: SearchStats) -> None:
         trial = self.study.ask()

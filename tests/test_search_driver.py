@@ -175,6 +175,24 @@ def test_interrupted_generation_is_replayed_exactly(base, kind):
         assert study.best_value == ref.best_value
 
 
+def test_worker_joining_mid_generation_leaves_other_workers_candidates_alone(base):
+    """A second worker that loads a state saved mid-generation by a live worker (whose candidates are
+    claimed) neither evaluates them nor fails: it reuses what finished and draws its own otherwise."""
+    rt = make_runtime(base, WIDTH)
+    study = optuna.create_study(directions=rt.directions)
+    rec = OptunaRecorder(study)  # one claim table for both "workers"
+    first = EvolutionarySampler(offspring=4, seed=2)
+    first.setup(rt.space)
+    taken = [p.candidate.key for p in first.ask_generation(rec.claim)]  # worker 1 asked generation 0 ...
+    rec.save_sampler_state(first.generation, first.state_dict())  # ... and is evaluating it now
+    second = Searcher(rt, study, EvolutionarySampler(offspring=4, seed=2), rec, progress=False)
+    stats = second.run(n_generations=2)
+    assert stats.generations == 2 and stats.replayed == 0
+    evaluated = [t.user_attrs[ATTR_PREFIX + "candidate_key"] for t in study.trials]
+    assert evaluated and not set(evaluated) & set(taken)
+    assert all(t.state in (STATE.COMPLETE, STATE.PRUNED) for t in study.trials)
+
+
 def test_same_seed_same_trials(base):
     rt = make_runtime(base, WIDTH)
 
