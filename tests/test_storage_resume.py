@@ -74,12 +74,19 @@ def test_sigkill_mid_search_then_resume(url, tmp_path):
     watcher = sa.create_engine(normalize_url(url))
     try:
         deadline = time.monotonic() + 300
+        def ready() -> bool:
+            c = _counts(watcher)
+            return c.get("RUNNING", 0) >= 1 and c.get("COMPLETE", 0) + c.get("PRUNED", 0) >= 2
+
         while True:  # kill once some trials finished and others are being evaluated
             assert proc.poll() is None, f"search ended before it could be killed: {proc.stderr.read().decode()[-3000:]}"
             assert time.monotonic() < deadline, "search made no progress in 300 s"
-            c = _counts(watcher)
-            if c.get("RUNNING", 0) >= 1 and c.get("COMPLETE", 0) + c.get("PRUNED", 0) >= 2:
-                break
+            if ready():
+                # freeze it, then look again: the state it is killed in is the state checked
+                os.kill(proc.pid, signal.SIGSTOP)
+                if ready():
+                    break
+                os.kill(proc.pid, signal.SIGCONT)
             time.sleep(0.1)
         os.kill(proc.pid, signal.SIGKILL)
         proc.wait()
