@@ -633,6 +633,16 @@ def fixed_trial(study: Any, params: dict[str, Any], distributions: dict[str, Any
     moment can never swap them -- unlike ``enqueue_trial`` + ``ask``, where ``ask`` pops the
     study's oldest WAITING trial, whoever enqueued it -- and a process killed in between leaves
     nothing half-made. The study's sampler is not asked for these params.
+
+    >>> import optuna
+    >>> from optuna.distributions import IntDistribution
+    >>> study = optuna.create_study()
+    >>> trial = fixed_trial(study, {"L0.mlp": 2}, {"L0.mlp": IntDistribution(0, 4)})
+    >>> trial.params, trial.number
+    ({'L0.mlp': 2}, 0)
+    >>> _ = study.tell(trial, 0.5)
+    >>> study.best_trial.params
+    {'L0.mlp': 2}
     """
     import datetime
 

@@ -1,0 +1,43 @@
+"""The runnable examples in the package's docstrings (every listed module must have some)."""
+
+from __future__ import annotations
+
+import doctest
+import importlib
+
+import pytest
+
+MODULES = (
+    "evoprune.space",
+    "evoprune.space._candidate",
+    "evoprune.space._cost",
+    "evoprune.space._space",
+    "evoprune.evaluators._tokens",
+    "evoprune.evaluators._base",
+    "evoprune.evaluators._kl",
+    "evoprune.evaluators._cost",
+    "evoprune.evaluators._pipeline",
+    "evoprune.search._baselines",
+    "evoprune.search._config",
+    "evoprune.search._evolution",
+    "evoprune.search._pareto",
+    "evoprune.search._recorder",
+    "evoprune.search._runtime",
+    "evoprune.search._searcher",
+    "evoprune.storage._schema",
+    "evoprune.storage._engine",
+    "evoprune.storage._owner",
+    "evoprune.storage._database",
+    "evoprune.storage._study",
+)
+
+
+@pytest.mark.parametrize("name", MODULES)
+def test_docstring_examples(name):
+    import optuna
+
+    optuna.logging.set_verbosity(optuna.logging.WARNING)
+    module = importlib.import_module(name)
+    result = doctest.testmod(module, optionflags=doctest.ELLIPSIS | doctest.NORMALIZE_WHITESPACE)
+    assert result.attempted > 0, f"{name} has no examples"
+    assert result.failed == 0
