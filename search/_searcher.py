@@ -44,6 +44,17 @@ evaluated is not evaluated again; it is told the earlier trial's values
 (``user_attrs["evoprune:duplicate_of"]``), or ``FAIL`` if that one is still
 running. The evolutionary sampler never proposes a seen candidate.
 
+Interruption (generation samplers): the sampler state is saved right after a
+generation is asked (it then holds the generation's candidates) and again after
+it is told. A driver that starts on a state saved mid-generation -- the process
+was killed, or ``run`` raised -- replays that generation: a candidate whose
+trial already finished is reused through the recorder's ``finished_trial``
+(its stored stage objectives take part in promotion; it is not evaluated or
+told again), the others are claimed again and get new trials. With
+bit-reproducible evaluation the study ends exactly as an uninterrupted run
+(``bench/crash_resume.py``). A worker that finds the saved generation held by
+live workers draws a generation of its own.
+
 Stop conditions (any that is given): ``n_trials`` (trials run by this call),
 ``n_generations`` (generation samplers), ``max_tokens`` (forward tokens:
 evaluation tokens of every stage plus fine-tuning tokens), ``timeout``
