@@ -29,6 +29,16 @@ def add_common_args(ap: argparse.ArgumentParser, *, model: str | None = "referen
     return ap
 
 
+def add_reference_args(ap: argparse.ArgumentParser, *, candidates: int) -> argparse.ArgumentParser:
+    """``--size``, ``--candidates``, ``--budget``, ``--batch-size`` of the benches on random candidates
+    of the reference model (see :func:`reference_setup`)."""
+    ap.add_argument("--size", default="small", help="reference model size (tiny|small)")
+    ap.add_argument("--candidates", type=int, default=candidates)
+    ap.add_argument("--budget", type=float, default=0.5, help="max params ratio (min is budget - 0.05)")
+    ap.add_argument("--batch-size", type=int, default=8)
+    return ap
+
+
 def start(args: argparse.Namespace) -> float:
     """Apply ``--threads``, quiet Optuna's per-trial logging; returns the start time (``time.time()``)."""
     import optuna
@@ -94,11 +104,3 @@ def reference_setup(size: str, *, seq_len: int, budget: float, device: torch.dev
     )
     return ReferenceSetup(model=model, tokenizer=tok, pruner=pruner, space=space, eval_ids=eval_ids,
                           eval_fingerprint=eval_fp, train_ids=train_ids, train_fingerprint=train_fp)
-
-
-def target(name: str, value: float, op: str, limit: float, fmt: str = ".3f") -> bool:
-    """Print ``TARGET <name> <value> <op> <limit> PASS|FAIL``; returns whether it passed."""
-    ok = {"<=": value <= limit, ">=": value >= limit, "==": value == limit, "<": value < limit,
-          ">": value > limit}[op]
-    print(f"TARGET {name} {value:{fmt}} {op} {limit:g} {'PASS' if ok else 'FAIL'}")
-    return ok

@@ -383,21 +383,19 @@ class Searcher:
 
     def _generation_step(self, stats: SearchStats) -> bool:
         sampler = self.sampler
-        replay = bool(getattr(sampler, "pending", None))
-        entries = self._replay(sampler, stats) if replay else []
-        if replay and not entries:
+        pending = bool(getattr(sampler, "pending", None))
+        entries = self._replay(sampler, stats) if pending else []
+        if pending and not entries:
             # Every candidate of the saved generation is another worker's: draw a generation of our own.
             sampler.discard_pending()
-            replay = False
-        if not replay:
+        if not entries:
             proposals = sampler.ask_generation(self.recorder.claim)
             if not proposals:
                 return False
             # Durable before the first trial exists: a process killed from here on replays exactly
             # this generation (same candidates, same promotion) instead of drawing a new one.
             self.recorder.save_sampler_state(sampler.generation, sampler.state_dict())
-            for p in proposals:
-                entries.append(self._start(p, stats))
+            entries = [self._start(p, stats) for p in proposals]
         self._evaluate(entries, stats, batch=True, min_final=sampler.min_finalists)
         sampler.tell_generation([(e.candidate, e.final) for e in entries])
         stats.generations += 1
@@ -655,10 +653,8 @@ def fixed_trial(study: Any, params: dict[str, Any], distributions: dict[str, Any
     >>> study.best_trial.params
     {'L0.mlp': 2}
     """
-    import datetime
-
     import optuna
-    from optuna.trial import FrozenTrial, TrialState
+    from optuna.trial import TrialState, create_trial
 
     unknown = sorted(set(params) - set(distributions))
     if unknown:
@@ -667,12 +663,8 @@ def fixed_trial(study: Any, params: dict[str, Any], distributions: dict[str, Any
     for k, v in params.items():
         if not dists[k]._contains(dists[k].to_internal_repr(v)):
             raise ValueError(f"fixed_trial: param {k}={v!r} is outside its distribution {dists[k]}.")
-    template = FrozenTrial(
-        number=-1, state=TrialState.RUNNING, value=None, values=None,
-        datetime_start=datetime.datetime.now(), datetime_complete=None, params=dict(params),
-        distributions=dists, user_attrs=dict(user_attrs or {}), system_attrs={}, intermediate_values={},
-        trial_id=-1,
-    )
+    template = create_trial(state=TrialState.RUNNING, params=dict(params), distributions=dists,
+                            user_attrs=dict(user_attrs or {}))
     trial_id = study._storage.create_new_trial(study._study_id, template_trial=template)
     return optuna.Trial(study, trial_id)
 
