@@ -34,8 +34,8 @@ _EXPORTS: dict[str, str] = {
     "Searcher": "evoprune.search",
     "EvolutionarySampler": "evoprune.search",
     # storage
-    "create_study": "evoprune.storage",
-    "load_study": "evoprune.storage",
+    "create_study": "evoprune.search",
+    "load_study": "evoprune.search",
 }
 
 __all__ = ["__version__", *_EXPORTS]

@@ -1,22 +1,286 @@
-"""The ``evoprune`` command line.
+"""The ``evoprune`` command line: one module, calling the public API only.
 
-Each command group lives with the code it drives and registers itself through a
-``register_cli(subparsers)`` function listed in ``_COMMAND_MODULES``; every
-command handler returns an exit code.
+``evoprune search | resume | worker | export | studies | show | check`` drive studies
+(:mod:`evoprune.search`, :mod:`evoprune.storage`); ``evoprune reference-corpus`` and
+``reference-model`` build the offline reference data (registered by the data room's
+``register_cli``, listed in ``_COMMAND_MODULES``).
+
+Every handler returns an exit code: 0 done, 1 failed (the message says what to do),
+2 bad arguments or unknown study, 3 the model or data fingerprint changed, 130 interrupted.
+
+::
+
+    evoprune search studies/tiny.yaml --generations 20                # -> studies/tiny.db
+    evoprune resume --storage sqlite:///studies/tiny.db --study tiny --generations 20
+    evoprune worker --storage postgresql://me@db/evo --study tiny --n-trials 100   # on every GPU
+    evoprune show   --storage sqlite:///studies/tiny.db --study tiny
+    evoprune export --storage sqlite:///studies/tiny.db --study tiny --trial 17 --out out/t17
 """
 
 from __future__ import annotations
 
 import argparse
 import importlib
+import json
+import math
 import sys
 from collections.abc import Sequence
+from typing import Any
+
+import optuna
 
 from ._logging import configure_logging
+from .search import StudyNotFoundError, create_study, load_study
+from .storage import (
+    DEFAULT_GRACE_PERIOD,
+    DEFAULT_HEARTBEAT_INTERVAL,
+    ConfigMismatchError,
+    FingerprintMismatchError,
+    SchemaVersionError,
+    list_studies,
+)
+
+EXIT_OK, EXIT_FAIL, EXIT_USAGE, EXIT_FINGERPRINT, EXIT_INTERRUPTED = 0, 1, 2, 3, 130
+
+
+def _err(msg: str) -> None:
+    print(f"evoprune: error: {msg}", file=sys.stderr)
+
+
+def _stops(args: argparse.Namespace) -> dict[str, Any]:
+    return {k: v for k, v in dict(n_trials=args.n_trials, n_generations=args.generations, timeout=args.timeout,
+                                  max_tokens=args.max_tokens).items() if v is not None}
+
+
+def _run_guarded(fn: Any) -> int:
+    """Map evoprune's errors to exit codes and one clear line on stderr."""
+    try:
+        return int(fn() or 0)
+    except FingerprintMismatchError as exc:
+        _err(str(exc))
+        return EXIT_FINGERPRINT
+    except (StudyNotFoundError, FileNotFoundError, optuna.exceptions.DuplicatedStudyError) as exc:
+        _err(str(exc).strip("'\""))
+        return EXIT_USAGE
+    except (ConfigMismatchError, SchemaVersionError, LookupError, ValueError, TypeError) as exc:
+        _err(str(exc))
+        return EXIT_FAIL
+    except KeyboardInterrupt:
+        _err("interrupted; the study is saved -- continue it with `evoprune resume --storage URL --study NAME`.")
+        return EXIT_INTERRUPTED
+
+
+def _print_stats(study: Any, stats: Any) -> None:
+    print(f"study {study.name!r} in {study.url}: this run {stats.trials} trials ({stats.complete} complete, "
+          f"{stats.pruned} pruned, {stats.failed} failed), {stats.generations} generations, "
+          f"stopped by {stats.stopped_by}, {stats.seconds:.1f} s; {study.last_retried} failed candidates retried")
+    _print_front(study)
+
+
+def _fmt(v: float) -> str:
+    return f"{v:.6g}" if isinstance(v, float) and math.isfinite(v) else str(v)
+
+
+def _print_front(study: Any, limit: int = 20) -> None:
+    front = study.pareto_front()
+    objectives = list(study.config.objectives)
+    print(f"Pareto front ({len(front)} trials; objectives {objectives}, directions {study.directions}):")
+    print("  " + "  ".join(["trial".rjust(6)] + [o.rjust(12) for o in objectives] + ["candidate".rjust(16)]))
+    for p in front[:limit]:
+        print("  " + "  ".join([str(p.number).rjust(6)] + [_fmt(v).rjust(12) for v in p.values]
+                               + [str(p.candidate_key).rjust(16)]))
+    if len(front) > limit:
+        print(f"  ... {len(front) - limit} more")
+
+
+# --------------------------------------------------------------------------- handlers
+
+
+def _cmd_search(args: argparse.Namespace) -> int:
+    def go() -> int:
+        study = create_study(args.config, storage=args.storage, study_name=args.study, load_if_exists=True,
+                             heartbeat_interval=args.heartbeat, grace_period=args.grace)
+        print(f"study {study.name!r} in {study.url}")
+        stats = study.run(**_stops(args), progress=args.progress, command="search")
+        _print_stats(study, stats)
+        return EXIT_OK
+
+    return _run_guarded(go)
+
+
+def _cmd_resume(args: argparse.Namespace, command: str = "resume") -> int:
+    def go() -> int:
+        study = load_study(storage=args.storage, study_name=args.study, heartbeat_interval=args.heartbeat,
+                           grace_period=args.grace)
+        saved = study.sampler_state()
+        n = len(study.trials())
+        print(f"{command}: study {study.name!r} in {study.url}: {n} trials so far, sampler state "
+              f"{'generation ' + str(saved[0]) if saved else 'none yet'}; sampler {study.config.sampler.name!r} "
+              "from the stored config")
+        stats = study.run(**_stops(args), progress=args.progress, command=command)
+        _print_stats(study, stats)
+        return EXIT_OK
+
+    return _run_guarded(go)
+
+
+def _cmd_worker(args: argparse.Namespace) -> int:
+    return _cmd_resume(args, command="worker")
+
+
+def _resolve_trial(study: Any, trial: str) -> int:
+    """A trial number, or ``best`` (the best complete trial of a single-objective study)."""
+    if trial != "best":
+        try:
+            return int(trial)
+        except ValueError:
+            raise ValueError(f"--trial must be a trial number or 'best', got {trial!r}.") from None
+    if len(study.optuna_study.directions) != 1:
+        raise ValueError(
+            "--trial best needs a single-objective study; this one has "
+            f"{len(study.optuna_study.directions)} objectives: pick a trial number from `evoprune show`."
+        )
+    front = study.pareto_front()
+    if not front:
+        raise ValueError("--trial best: the study has no complete trial yet; run `evoprune search` or `resume` first.")
+    return front[0].number
+
+
+def _cmd_export(args: argparse.Namespace) -> int:
+    def go() -> int:
+        study = load_study(storage=args.storage, study_name=args.study)
+        art = study.export(_resolve_trial(study, args.trial), args.out)
+        print(f"exported trial {art.trial_number} of {study.name!r} to {art.path}")
+        print(f"sha256 {art.sha256}  candidate {art.candidate_key}")
+        print(json.dumps(art.metrics.get("values", {}), sort_keys=True))
+        return EXIT_OK
+
+    return _run_guarded(go)
+
+
+def _cmd_studies(args: argparse.Namespace) -> int:
+    def go() -> int:
+        rows = list_studies(args.storage)
+        if not rows:
+            print("no studies")
+            return EXIT_OK
+        print(f"{'study':<32} {'evoprune':>8} {'directions':<24} trials")
+        for r in rows:
+            counts = ", ".join(f"{k.lower()} {v}" for k, v in sorted(r["trials"].items())) or "none"
+            print(f"{r['name']:<32} {'yes' if r['evoprune'] else 'no':>8} {','.join(r['directions']):<24} {counts}")
+        return EXIT_OK
+
+    return _run_guarded(go)
+
+
+def _cmd_show(args: argparse.Namespace) -> int:
+    def go() -> int:
+        study = load_study(storage=args.storage, study_name=args.study)
+        states: dict[str, int] = {}
+        for t in study.trials():
+            states[t.state.name] = states.get(t.state.name, 0) + 1
+        saved = study.sampler_state()
+        print(f"study {study.name!r} in {study.url}")
+        print(f"  model {study.config.model!r}, sampler {study.config.sampler.name!r}, "
+              f"generation {saved[0] if saved else '-'}")
+        print("  trials: " + (", ".join(f"{k.lower()} {v}" for k, v in sorted(states.items())) or "none"))
+        print("  fingerprints: " + json.dumps(study.fingerprints(), sort_keys=True))
+        _print_front(study, limit=args.limit)
+        arts = study.artifacts()
+        if arts:
+            print("artifacts:")
+            for a in arts:
+                print(f"  trial {a.trial_number:>5}  {a.sha256[:16]}  {a.path}")
+        return EXIT_OK
+
+    return _run_guarded(go)
+
+
+def _cmd_check(args: argparse.Namespace) -> int:
+    def go() -> int:
+        study = load_study(storage=args.storage, study_name=args.study)
+        problems = study.check()
+        for p in problems:
+            print(f"problem: {p}")
+        print(f"study {study.name!r}: {'OK' if not problems else str(len(problems)) + ' problem(s)'}")
+        return EXIT_OK if not problems else EXIT_FAIL
+
+    return _run_guarded(go)
+
+
+# --------------------------------------------------------------------------- parser
+
+
+def _register_study_commands(subparsers: Any) -> None:
+    """Add ``search``, ``resume``, ``worker``, ``export``, ``studies``, ``show`` and ``check``."""
+    def storage_arg(p: argparse.ArgumentParser, required: bool = True) -> None:
+        p.add_argument("--storage", required=required, metavar="URL",
+                       help="sqlite:///FILE.db, postgresql://USER@HOST/DB or mysql://USER@HOST/DB"
+                            + ("" if required else " (default: CONFIG's stem + .db next to it)"))
+
+    def study_arg(p: argparse.ArgumentParser, required: bool = True) -> None:
+        p.add_argument("--study", required=required, metavar="NAME",
+                       help="study name" + ("" if required else " (default: CONFIG's file stem)"))
+
+    def run_args(p: argparse.ArgumentParser) -> None:
+        p.add_argument("--n-trials", type=int, default=None, metavar="N", help="stop after N trials (this process)")
+        p.add_argument("--generations", type=int, default=None, metavar="N", help="stop after N generations")
+        p.add_argument("--timeout", type=float, default=None, metavar="S", help="stop after S seconds")
+        p.add_argument("--max-tokens", type=int, default=None, metavar="N", help="stop after N forward tokens")
+        p.add_argument("--heartbeat", type=float, default=DEFAULT_HEARTBEAT_INTERVAL, metavar="S",
+                       help=f"seconds between heartbeats (default {DEFAULT_HEARTBEAT_INTERVAL})")
+        p.add_argument("--grace", type=float, default=DEFAULT_GRACE_PERIOD, metavar="S",
+                       help=f"a worker silent this long is presumed dead (default {DEFAULT_GRACE_PERIOD})")
+        p.add_argument("--progress", action="store_true", help="show a progress bar")
+
+    p = subparsers.add_parser("search", help="start (or continue) a study from a config file")
+    p.add_argument("config", metavar="CONFIG", help="study config (YAML or JSON)")
+    storage_arg(p, required=False)
+    study_arg(p, required=False)
+    run_args(p)
+    p.set_defaults(func=_cmd_search)
+
+    p = subparsers.add_parser("resume", help="continue a study from its database alone (stored config and sampler)")
+    storage_arg(p)
+    study_arg(p)
+    run_args(p)
+    p.set_defaults(func=_cmd_resume)
+
+    p = subparsers.add_parser("worker", help="join a study as one of many workers (PostgreSQL/MySQL recommended)")
+    storage_arg(p)
+    study_arg(p)
+    run_args(p)
+    p.set_defaults(func=_cmd_worker)
+
+    p = subparsers.add_parser("export", help="write a trial's model as a Hugging Face checkpoint and record it")
+    storage_arg(p)
+    study_arg(p)
+    p.add_argument("--trial", required=True, metavar="N",
+                   help="trial number (see `evoprune show`), or 'best' for a single-objective study")
+    p.add_argument("--out", required=True, metavar="DIR", help="new (or empty) output folder")
+    p.set_defaults(func=_cmd_export)
+
+    p = subparsers.add_parser("studies", help="list the studies in a database")
+    storage_arg(p)
+    p.set_defaults(func=_cmd_studies)
+
+    p = subparsers.add_parser("show", help="a study's progress, Pareto front and artifacts")
+    storage_arg(p)
+    study_arg(p)
+    p.add_argument("--limit", type=int, default=20, help="Pareto-front rows to print")
+    p.set_defaults(func=_cmd_show)
+
+    p = subparsers.add_parser("check", help="integrity check of a study's rows (exit 1 on problems)")
+    storage_arg(p)
+    study_arg(p)
+    p.set_defaults(func=_cmd_check)
+
+
+# --------------------------------------------------------------------------- main
 
 # module (relative to evoprune) -> defines register_cli(subparsers)
 _COMMAND_MODULES: tuple[str, ...] = (
-    "._reference", ".storage._cli",
+    ".data._reference_model",
 )
 
 
@@ -28,6 +292,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--log-level", default=None, help="DEBUG, INFO (default), WARNING, ...")
     parser.add_argument("--log-json", action="store_true", help="emit logs as JSON lines on stderr")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+    _register_study_commands(sub)
     for module in _COMMAND_MODULES:
         importlib.import_module(module, __package__).register_cli(sub)
     return parser

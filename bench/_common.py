@@ -84,8 +84,7 @@ def reference_setup(size: str, *, seq_len: int, budget: float, device: torch.dev
     split) and a space with ``drop_blocks`` and a params budget in ``[budget - 0.05, budget]``."""
     import transformers
 
-    from evoprune._corpus import load_reference_corpus, tokenized_split
-    from evoprune._reference import build_reference_model
+    from evoprune.data import build_reference_model, load_reference_corpus, tokenized_split
     from evoprune.pruning import Pruner
     from evoprune.space import Budget, SearchSpace
 

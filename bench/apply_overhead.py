@@ -64,7 +64,7 @@ def load_small_model(*, build_reference: bool = False, seed: int = 0) -> tuple[A
 
     reason = ""
     try:
-        from evoprune._reference import MARKER_FILE, build_reference_model, reference_model_dir
+        from evoprune.data._reference_model import MARKER_FILE, build_reference_model, reference_model_dir
 
         try:
             built = (Path(reference_model_dir("small", seed)) / MARKER_FILE).is_file()
@@ -76,7 +76,7 @@ def load_small_model(*, build_reference: bool = False, seed: int = 0) -> tuple[A
             return model.eval(), f"reference model 'small' from {path}"
         reason = reason or "not built yet (run `evoprune reference-model --size small` or pass --build-reference)"
     except ImportError as exc:
-        reason = f"evoprune._reference unavailable ({exc})"
+        reason = f"evoprune.data unavailable ({exc})"
     cfg = transformers.LlamaConfig(**FALLBACK_SHAPE)
     torch.manual_seed(seed)
     model = transformers.AutoModelForCausalLM.from_config(cfg, dtype=torch.float32)

@@ -53,7 +53,7 @@ def _cli(*args: str) -> list[str]:
 def _generation(url: str, study: str) -> int:
     import optuna
 
-    from evoprune.storage import load_study
+    from evoprune import load_study
 
     try:
         s = load_study(storage=url, study_name=study)
@@ -80,7 +80,7 @@ def _trial_count(url: str) -> int:
 
 
 def _search_span(url: str, study: str) -> float:
-    from evoprune.storage import load_study
+    from evoprune import load_study
 
     s = load_study(storage=url, study_name=study)
     trials = s.trials()
@@ -92,7 +92,7 @@ def _search_span(url: str, study: str) -> float:
 def _finished(url: str, study: str) -> dict[int, tuple]:
     from optuna.trial import TrialState
 
-    from evoprune.storage import load_study
+    from evoprune import load_study
 
     s = load_study(storage=url, study_name=study)
     out = {}
@@ -105,7 +105,7 @@ def _finished(url: str, study: str) -> dict[int, tuple]:
 
 
 def _front(url: str, study: str) -> set[tuple]:
-    from evoprune.storage import load_study
+    from evoprune import load_study
 
     s = load_study(storage=url, study_name=study)
     front = {(p.candidate_key, tuple(round(v, 12) for v in p.values)) for p in s.pareto_front()}
@@ -191,7 +191,7 @@ def main(argv=None) -> int:
                 print(f"the search stopped by itself at generation {_generation(crash_url, 's')} of {G}")
                 break
 
-    from evoprune.storage import load_study
+    from evoprune import load_study
 
     final = _finished(crash_url, "s")
     lost = sorted(n for n, v in snapshots.items() if final.get(n) != v)

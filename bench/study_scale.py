@@ -59,7 +59,7 @@ def populate(url: str, n_trials: int, *, seed: int = 0) -> dict:
     from optuna.trial import TrialState
 
     from evoprune.space import Budget, SearchSpace
-    from evoprune.storage import create_study
+    from evoprune import create_study
     from evoprune.storage._schema import ClaimRow, StageResultRow, StageRow, TrialRow
 
     study = create_study(_config(), storage=url, study_name="scale")
@@ -140,7 +140,7 @@ def time_resume(url: str, space, rng) -> tuple[float, dict]:
     from optuna.trial import TrialState
 
     from evoprune.search._searcher import fixed_trial
-    from evoprune.storage import load_study
+    from evoprune import load_study
 
     candidate = space.random(rng)
     t = time.perf_counter()
@@ -162,7 +162,7 @@ def time_resume(url: str, space, rng) -> tuple[float, dict]:
 
 
 def time_pareto(url: str) -> tuple[float, list, object]:
-    from evoprune.storage import load_study
+    from evoprune import load_study
 
     study = load_study(storage=url, study_name="scale")
     t = time.perf_counter()

@@ -57,7 +57,7 @@ def _worker(url: str, study: str, trials: int) -> subprocess.Popen:
 
 
 def _finished_count(url: str, study: str) -> int:
-    from evoprune.storage import load_study
+    from evoprune import load_study
 
     s = load_study(storage=url, study_name=study)
     n = sum(1 for t in s.trials() if t.state.name in ("COMPLETE", "PRUNED"))
@@ -66,7 +66,7 @@ def _finished_count(url: str, study: str) -> int:
 
 
 def _analyse(url: str, study: str) -> dict:
-    from evoprune.storage import load_study
+    from evoprune import load_study
 
     s = load_study(storage=url, study_name=study)
     trials = s.trials()
@@ -108,7 +108,7 @@ def _analyse(url: str, study: str) -> dict:
 
 
 def _run_phase(url: str, name: str, n_workers: int, trials: int, cfg: Path, *, kill_one: bool) -> dict:
-    from evoprune.storage import create_study
+    from evoprune import create_study
 
     s = create_study(cfg, storage=url, study_name=name)
     s.storage.engine.dispose()
@@ -116,7 +116,7 @@ def _run_phase(url: str, name: str, n_workers: int, trials: int, cfg: Path, *, k
     killed = None
     if kill_one:
         victim = procs[-1]
-        from evoprune.storage import load_study
+        from evoprune import load_study
 
         st = load_study(storage=url, study_name=name)
         deadline = time.monotonic() + 600

@@ -20,12 +20,17 @@ and ``evaluate(model, candidate, context) -> EvalResult`` (value, details,
 tokens, seconds); evaluators with dense reference data also have
 ``prepare(model, context)``. Evaluation tokens are deterministic functions of
 (data fingerprint, stage, seed): see :func:`make_token_set`.
+
+``model_fingerprint``, ``ids_fingerprint`` and ``default_cache_dir`` are
+re-exported from their one home (``evoprune._fingerprint``, ``evoprune._paths``).
 """
 
-from ._base import EvalContext, EvalResult, Evaluator, default_cache_dir, model_fingerprint
+from .._fingerprint import ids_fingerprint, model_fingerprint
+from .._paths import cache_root as default_cache_dir
+from ._base import EvalContext, EvalResult, Evaluator
 from ._cost import Cost
 from ._finetune import FineTuned, FineTuneReport, finetune, select_trainable
-from ._kl import DenseReference, KLToDense, Perplexity, dense_reference, reference_nbytes
+from ._kl import DenseReference, KLToDense, Perplexity, dense_reference, perplexity, reference_nbytes
 from ._latency import Latency, measure_latency
 from ._lmeval import LMEval
 from ._pipeline import (
@@ -38,7 +43,7 @@ from ._pipeline import (
     TopFraction,
     TopK,
 )
-from ._tokens import TokenSet, ids_fingerprint, make_token_set
+from ._tokens import TokenSet, make_token_set
 
 __all__ = [
     "CandidateResult",
@@ -68,6 +73,7 @@ __all__ = [
     "make_token_set",
     "measure_latency",
     "model_fingerprint",
+    "perplexity",
     "reference_nbytes",
     "select_trainable",
 ]

@@ -4,22 +4,20 @@ from __future__ import annotations
 
 import dataclasses
 import hashlib
-import json
-import os
 from pathlib import Path
 from typing import Any, Literal, Protocol, runtime_checkable
 
 import torch
 
+from .._fingerprint import ids_fingerprint, model_fingerprint
 from .._logging import get_logger
-from ._tokens import TokenSet, ids_fingerprint, make_token_set
+from .._paths import cache_root
+from ._tokens import TokenSet, make_token_set
 
 __all__ = [
     "EvalContext",
     "EvalResult",
     "Evaluator",
-    "model_fingerprint",
-    "default_cache_dir",
 ]
 
 _log = get_logger("evaluators")
@@ -80,48 +78,6 @@ def as_result(value: float | EvalResult, *, seconds: float = 0.0) -> EvalResult:
     return EvalResult(value=float(value), seconds=seconds)
 
 
-def default_cache_dir() -> Path:
-    """``$EVOPRUNE_CACHE_DIR`` or the platform's user cache dir for evoprune."""
-    root = os.environ.get("EVOPRUNE_CACHE_DIR")
-    if root:
-        return Path(root)
-    import platformdirs
-
-    return Path(platformdirs.user_cache_dir("evoprune"))
-
-
-def model_fingerprint(model: torch.nn.Module, *, samples_per_tensor: int = 4096) -> str:
-    """A digest (hex, 16 chars) of a model's config and weights.
-
-    Hashes the config JSON and, for every parameter and buffer, its name,
-    shape, dtype, ``samples_per_tensor`` evenly strided values and the float64
-    sum of all values. Compute it on the *dense* model (before any candidate
-    is applied). One pass over the weights; cheap next to a forward pass on
-    the evaluation tokens.
-    """
-    h = hashlib.sha256()
-    config = getattr(model, "config", None)
-    if config is not None:
-        try:
-            cfg = config.to_dict()
-        except Exception:  # pragma: no cover - exotic configs
-            cfg = {}
-        cfg = {k: v for k, v in cfg.items() if k not in ("_name_or_path", "transformers_version")}
-        h.update(json.dumps(cfg, sort_keys=True, default=str).encode())
-    with torch.no_grad():
-        tensors = list(model.named_parameters(remove_duplicate=False)) + list(model.named_buffers())
-        for name, t in tensors:
-            h.update(f"{name}|{tuple(t.shape)}|{t.dtype}|".encode())
-            flat = t.detach().reshape(-1)
-            if flat.numel() == 0:
-                continue
-            step = max(1, flat.numel() // samples_per_tensor)
-            sample = flat[::step][:samples_per_tensor].to("cpu", torch.float64)
-            h.update(sample.numpy().tobytes())
-            h.update(repr(float(flat.to(torch.float64).sum())).encode())
-    return h.hexdigest()[:16]
-
-
 @dataclasses.dataclass
 class EvalContext:
     """What evaluators share: data, the pruner, the cost model and caches.
@@ -143,7 +99,7 @@ class EvalContext:
         tokenizer: needed by :class:`LMEval`.
         batch_size: default forward batch size (sequences) for KL and perplexity.
         cache_dir: where dense reference logits are cached on disk; ``None``
-            means :func:`default_cache_dir`, ``False`` disables the disk cache.
+            means ``<cache root>/dense_reference`` (:func:`evoprune._paths.cache_root`), ``False`` disables the disk cache.
         model_fingerprint: identifies the dense model; computed on first use
             (on the dense model, in ``prepare``) if omitted.
         stage: name of the current stage (set by :meth:`for_stage`).
@@ -206,7 +162,7 @@ class EvalContext:
         if ids is None:
             raise ValueError(
                 f"EvalContext has no {split}_ids; pass {split}_ids=<1-D LongTensor> "
-                "(e.g. from evoprune._corpus.tokenized_split)."
+                "(e.g. from evoprune.data.tokenized_split)."
             )
         cache = self.shared.setdefault("token_sets", {})
         key = (split, stage, int(num_tokens), int(seq_len))
@@ -261,5 +217,5 @@ class EvalContext:
         if self.cache_dir is False:
             return None
         if self.cache_dir is None or self.cache_dir is True:
-            return default_cache_dir() / "dense_reference"
+            return cache_root() / "dense_reference"
         return Path(self.cache_dir)

@@ -31,6 +31,7 @@ import math
 import os
 import tempfile
 import time
+from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 
@@ -41,7 +42,7 @@ from .._logging import get_logger
 from ._base import EvalContext, EvalResult
 from ._tokens import TokenSet
 
-__all__ = ["DenseReference", "KLToDense", "Perplexity", "dense_reference", "reference_nbytes"]
+__all__ = ["DenseReference", "KLToDense", "Perplexity", "dense_reference", "perplexity", "reference_nbytes", "sequence_nll"]
 
 _log = get_logger("evaluators.kl")
 
@@ -392,6 +393,67 @@ class KLToDense:
         return EvalResult(value=value, details=details, tokens=tokens.num_tokens, seconds=time.perf_counter() - start)
 
 
+# --------------------------------------------------------------------------- perplexity
+# The one perplexity rule of evoprune: the Perplexity evaluator and the reference
+# model's validation perplexity (evoprune.data) both call these.
+
+
+def sequence_nll(
+    model: torch.nn.Module, batches: Iterable[torch.Tensor], *, device: torch.device | str | None = None
+) -> tuple[float, int]:
+    """Summed next-token NLL (nats) of ``model`` over ``[b, seq_len]`` batches, and the prediction count.
+
+    Each sequence's first token is context only: a batch contributes
+    ``b * (seq_len - 1)`` predictions. Runs in eval mode under
+    ``torch.inference_mode`` and restores training mode afterwards.
+    ``device`` defaults to the model's.
+    """
+    if device is None:
+        device = next(iter(model.parameters())).device
+    nll, count = 0.0, 0
+    was_training = model.training
+    if was_training:
+        model.eval()
+    try:
+        with torch.inference_mode():
+            for batch in batches:
+                batch = batch.to(device)
+                logits = _forward_logits(model, batch)[:, :-1]
+                loss = F.cross_entropy(
+                    logits.reshape(-1, logits.shape[-1]), batch[:, 1:].reshape(-1), reduction="sum"
+                )
+                nll += float(loss.double())
+                count += batch[:, 1:].numel()
+    finally:
+        if was_training:
+            model.train()
+    return nll, count
+
+
+def perplexity(
+    model: torch.nn.Module, windows: torch.Tensor, *, batch_size: int = 8, device: torch.device | str | None = None
+) -> float:
+    """``exp(mean next-token NLL)`` of ``model`` on ``windows`` (``[n, seq_len]`` token ids, ``seq_len >= 2``).
+
+    >>> import torch
+    >>> class Uniform(torch.nn.Module):  # equal logits over 10 tokens: perplexity 10
+    ...     def __init__(self):
+    ...         super().__init__()
+    ...         self.w = torch.nn.Parameter(torch.zeros(10))
+    ...     def forward(self, input_ids, use_cache=False):
+    ...         return (self.w.expand(*input_ids.shape, 10),)
+    >>> round(perplexity(Uniform(), torch.randint(0, 10, (3, 16))), 6)
+    10.0
+    """
+    if windows.dim() != 2 or windows.shape[0] == 0 or windows.shape[1] < 2:
+        raise ValueError(f"perplexity needs [n >= 1, seq_len >= 2] windows, got shape {tuple(windows.shape)}.")
+    if batch_size < 1:
+        raise ValueError(f"batch_size must be >= 1, got {batch_size}.")
+    batches = (windows[i : i + batch_size] for i in range(0, windows.shape[0], batch_size))
+    nll, count = sequence_nll(model, batches, device=device)
+    return math.exp(nll / count)
+
+
 class Perplexity:
     """Perplexity ``exp(mean next-token NLL)`` on the stage's token set (minimize).
 
@@ -432,25 +494,9 @@ class Perplexity:
         if tokens.seq_len < 2:
             raise ValueError("Perplexity needs seq_len >= 2.")
         start = time.perf_counter()
-        device = context.device_for(model)
         bs = self.batch_size or context.batch_size
-        nll = 0.0
-        was_training = model.training
-        if was_training:
-            model.eval()
-        try:
-            with torch.inference_mode():
-                for batch in _progress(tokens.batches(bs), context, self.name, tokens, bs):
-                    batch = batch.to(device)
-                    logits = _forward_logits(model, batch)[:, :-1]
-                    loss = F.cross_entropy(
-                        logits.reshape(-1, logits.shape[-1]), batch[:, 1:].reshape(-1), reduction="sum"
-                    )
-                    nll += float(loss.double())
-        finally:
-            if was_training:
-                model.train()
-        count = tokens.num_sequences * (tokens.seq_len - 1)
+        batches = _progress(tokens.batches(bs), context, self.name, tokens, bs)
+        nll, count = sequence_nll(model, batches, device=context.device_for(model))
         mean = nll / count
         return EvalResult(
             value=math.exp(mean),

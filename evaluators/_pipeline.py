@@ -14,7 +14,7 @@ import contextlib
 import dataclasses
 import math
 import time
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from typing import Any, Protocol, runtime_checkable
 
 import torch
@@ -398,40 +398,87 @@ class Pipeline:
         model: torch.nn.Module,
         context: EvalContext,
         *,
-        history: Mapping[str, Sequence[float]] | None = None,
+        history: Mapping[str, Sequence[float]] | Callable[[str], Sequence[float]] | None = None,
+        known: Sequence[Mapping[str, float] | None] | None = None,
+        min_promoted: int = 0,
+        on_scored: Callable[[int, int, StageResult], None] | None = None,
+        on_decided: Callable[[int, int, float, bool | None], None] | None = None,
     ) -> list[CandidateResult]:
-        """Run ``candidates`` through the stages; promoted ones go on.
+        """Run ``candidates`` through the stages; promoted ones go on. The one staged promotion loop
+        (the search driver runs its generations and single trials through it).
 
-        ``model`` must be dense when this is called (it calls :meth:`prepare`).
-        ``history`` maps a stage name to objective values of candidates already
-        seen at that stage (e.g. from the study database); with it, promotion
-        ranks the batch among all of them, otherwise within the batch.
-        Returns one :class:`CandidateResult` per candidate, in order.
+        Args:
+            candidates: what to score; ``model`` must be dense when this is called (it calls
+                :meth:`prepare`).
+            history: objective values of candidates already seen at each stage (a mapping, or a
+                function ``stage name -> values`` asked once per stage, e.g. the study database);
+                with it, promotion ranks the batch among all of them, otherwise within the batch.
+            known: per candidate, ``None`` or ``{stage: objective}`` recorded by an earlier run (an
+                interrupted generation being replayed): such a candidate is not evaluated; its known
+                value takes part in the ranking and it goes on exactly when a value for the next
+                stage is known.
+            min_promoted: at every stage but the last, promote at least this many (best first).
+            on_scored: ``(index, stage index, StageResult)`` after each evaluation (not for known).
+            on_decided: ``(index, stage index, objective, promoted)`` once the stage's promotion is
+                decided; ``promoted`` is ``None`` at the last stage and ``False`` for a NaN objective.
+
+        Returns one :class:`CandidateResult` per candidate, in order. A NaN objective is never
+        promoted. If an evaluation raises, the exception propagates (candidates already decided
+        got their ``on_decided`` call).
         """
         self.prepare(model, context)
+        known = list(known) if known is not None else [None] * len(candidates)
+        if len(known) != len(candidates):
+            raise ValueError(f"run_batch: {len(known)} known entries for {len(candidates)} candidates.")
         results = [CandidateResult(candidate=c) for c in candidates]
         active = list(range(len(candidates)))
+        names = [st.name for st in self.stages]
         for si, st in enumerate(self.stages):
             if not active:
                 break
+            last = si == len(self.stages) - 1
             it = active
-            if context.progress:
+            if context.progress and len(active) > 1:
                 from tqdm.auto import tqdm
 
                 it = tqdm(active, desc=f"stage {st.name}", leave=False)
             for i in it:
-                results[i].stages.append(self.run_stage(st, model, candidates[i], context))
-            last = si == len(self.stages) - 1
+                if known[i] is not None:
+                    value = float(known[i].get(st.name, math.nan))
+                    results[i].stages.append(StageResult(stage=st.name, records=[], objective=value,
+                                                         direction=st.direction, seconds=0.0))
+                    continue
+                sr = self.run_stage(st, model, candidates[i], context)
+                results[i].stages.append(sr)
+                if on_scored is not None:
+                    on_scored(i, si, sr)
             values = [results[i].stages[-1].objective for i in active]
             if last:
-                promoted = [False] * len(active)
+                promoted: list[bool | None] = [None] * len(active)
             elif st.promote is None:
                 promoted = [True] * len(active)
             else:
-                past = history.get(st.name, ()) if history is not None else ()
-                promoted = st.promote.select(values, direction=st.direction, history=past)
-            for i, p in zip(active, promoted):
-                results[i].stages[-1].promoted = p if not last else None
+                past = history(st.name) if callable(history) else (history or {}).get(st.name, ())
+                promoted = list(st.promote.select(values, direction=st.direction, history=past))
+                if sum(promoted) < min_promoted:
+                    order = sorted(range(len(values)), key=lambda k: (_key(values[k], st.direction), k))
+                    for k in order[:min_promoted]:
+                        promoted[k] = True
+            for k, i in enumerate(active):
+                if not last and math.isnan(values[k]):
+                    promoted[k] = False
+                if known[i] is not None and not last:
+                    goes_on = names[si + 1] in known[i]
+                    if st.promote is not None and bool(promoted[k]) != goes_on:
+                        _log.warning(
+                            "a replayed candidate's recorded promotion differs from the one computed now "
+                            "(evaluation is not bit-reproducible here); the recorded outcome is kept",
+                            extra={"fields": {"stage": st.name, "recorded": goes_on}},
+                        )
+                    promoted[k] = goes_on
+                results[i].stages[-1].promoted = promoted[k]
+                if on_decided is not None:
+                    on_decided(i, si, values[k], promoted[k])
             finite = [v for v in values if not math.isnan(v)]
             best = (min(finite) if st.direction == "minimize" else max(finite)) if finite else math.nan
             _log.info(
@@ -440,7 +487,7 @@ class Pipeline:
                 len(active),
                 st.objective_evaluator.name,
                 best,
-                sum(promoted) if not last else 0,
+                sum(bool(p) for p in promoted),
             )
             active = [i for i, p in zip(active, promoted) if p]
         return results

@@ -14,13 +14,9 @@ import math
 
 import torch
 
-__all__ = ["TokenSet", "make_token_set", "ids_fingerprint"]
+from .._fingerprint import ids_fingerprint
 
-
-def ids_fingerprint(ids: torch.Tensor) -> str:
-    """sha256 (hex, 16 chars) of a token-id tensor's values (as int64)."""
-    data = ids.detach().to("cpu", torch.int64).contiguous().numpy().tobytes()
-    return hashlib.sha256(data).hexdigest()[:16]
+__all__ = ["TokenSet", "make_token_set"]
 
 
 def _generator(*parts: object) -> torch.Generator:

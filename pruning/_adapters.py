@@ -5,11 +5,15 @@ backend never hard-codes module names; it asks the adapter. Fused projections
 are described by their row layout: Phi-3's ``qkv_proj`` rows are ``[q | k | v]``
 and its ``gate_up_proj`` rows are ``[gate | up]``.
 
+:class:`ArchAdapter` is an :class:`evoprune.space.ArchFacts` (the facts the cost model
+needs) plus module names, and it lives in the one per-architecture registry of
+``evoprune.space``: :func:`register_adapter` is all it takes to add an architecture.
+
 Example::
 
     >>> from evoprune.pruning import get_adapter
-    >>> get_adapter("phi3").qkv
-    'qkv_proj'
+    >>> get_adapter("phi3").qkv, get_adapter("phi3").fused_qkv
+    ('qkv_proj', True)
 """
 
 from __future__ import annotations
@@ -18,15 +22,20 @@ import dataclasses
 import importlib
 from typing import Any
 
+from ..space._archs import ArchFacts, find_arch, get_arch, register_arch, registered_archs, registered_model_types
+
 __all__ = ["ArchAdapter", "get_adapter", "register_adapter", "registered_model_types"]
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
-class ArchAdapter:
-    """How to find the prunable parts of one architecture's decoder blocks.
+class ArchAdapter(ArchFacts):
+    """How to find the prunable parts of one architecture's decoder blocks (and its cost facts).
 
     Args:
         model_type: the transformers ``config.model_type`` this adapter serves.
+        qkv_bias, o_bias, mlp_bias: whether the projections have biases (``None``: read
+            ``config.attention_bias`` / ``config.mlp_bias``, missing = ``False``); see
+            :class:`~evoprune.space.ArchFacts`.
         decoder_layer: dotted path ``"module:Class"`` of the decoder-layer class
             (patched while loading non-uniform checkpoints, see
             :func:`~evoprune.pruning.per_layer_modules`).
@@ -39,17 +48,22 @@ class ArchAdapter:
         gate, up: separate MLP input projections, or ``None`` when ``gate_up`` is fused.
         gate_up: fused ``[gate | up]`` projection name, or ``None``.
         down: MLP output projection name.
-        head_norms: per-``head_dim`` norms inside attention (kept unchanged, e.g. Qwen3's
-            ``q_norm``/``k_norm``).
+        head_norms: the per-``head_dim`` q and k norms inside attention, or ``()`` (kept
+            unchanged, e.g. Qwen3's ``("q_norm", "k_norm")``).
         attn_reads_config_heads: the attention forward reads
             ``config.num_attention_heads``/``num_key_value_heads`` (Phi-3 splits its fused
             output that way), so applied mode gives the module a per-layer config copy.
         attn_head_attrs: attention attributes holding head counts; ``"num_key_value_groups"``
             (query heads per KV head) is always set, ``"num_key_value_heads"`` and
             ``"num_heads"`` when listed.
+
+    ``fused_qkv``, ``fused_gate_up`` and ``qk_norm`` follow from ``qkv``, ``gate_up`` and
+    ``head_norms`` (not arguments).
     """
 
-    model_type: str
+    qk_norm: bool = dataclasses.field(init=False, default=False)
+    fused_qkv: bool = dataclasses.field(init=False, default=False)
+    fused_gate_up: bool = dataclasses.field(init=False, default=False)
     decoder_layer: str
     layers: str = "model.layers"
     attn: str = "self_attn"
@@ -70,9 +84,8 @@ class ArchAdapter:
     attn_head_attrs: tuple[str, ...] = ("num_key_value_groups",)
 
     def __post_init__(self) -> None:
-        if not self.model_type or not isinstance(self.model_type, str):
-            raise ValueError("ArchAdapter.model_type must be a non-empty string.")
-        if ":" not in self.decoder_layer:
+        super().__post_init__()
+        if not isinstance(self.decoder_layer, str) or ":" not in self.decoder_layer:
             raise ValueError(
                 f"ArchAdapter.decoder_layer must look like 'package.module:ClassName', got {self.decoder_layer!r}."
             )
@@ -87,6 +100,14 @@ class ArchAdapter:
             raise ValueError("ArchAdapter: with a fused gate_up projection set gate=up=None.")
         object.__setattr__(self, "head_norms", tuple(self.head_norms))
         object.__setattr__(self, "attn_head_attrs", tuple(self.attn_head_attrs))
+        if len(self.head_norms) not in (0, 2):
+            raise ValueError(
+                f"ArchAdapter.head_norms must name the q and k norms (2 * head_dim parameters) or be (); "
+                f"got {self.head_norms}."
+            )
+        object.__setattr__(self, "qk_norm", bool(self.head_norms))
+        object.__setattr__(self, "fused_qkv", self.qkv is not None)
+        object.__setattr__(self, "fused_gate_up", self.gate_up is not None)
 
     # -- module names ------------------------------------------------------------------------
     @property
@@ -104,14 +125,12 @@ class ArchAdapter:
         return getattr(importlib.import_module(module_name), cls_name)
 
 
-_REGISTRY: dict[str, ArchAdapter] = {}
-
-
 def register_adapter(adapter: ArchAdapter, *, replace: bool = False) -> ArchAdapter:
     """Register ``adapter`` for its ``model_type`` (``replace=True`` to override one).
 
-    A new architecture also needs its shape facts in ``evoprune.space.ModelSpec``
-    so that the cost model agrees with the pruned model.
+    The adapter goes into the one per-architecture registry of ``evoprune.space``, so
+    ``ModelSpec``, ``SearchSpace`` and ``CostModel`` accept the new ``model_type`` too; its
+    bias flags (``qkv_bias``/``o_bias``/``mlp_bias``) are what the parameter count needs.
 
     Example::
 
@@ -120,16 +139,17 @@ def register_adapter(adapter: ArchAdapter, *, replace: bool = False) -> ArchAdap
     """
     if not isinstance(adapter, ArchAdapter):
         raise TypeError(f"register_adapter expects an ArchAdapter, got {type(adapter).__name__}.")
-    if adapter.model_type in _REGISTRY and not replace:
+    if isinstance(find_arch(adapter.model_type), ArchAdapter) and not replace:
         raise ValueError(
             f"an adapter for model_type={adapter.model_type!r} is already registered; pass replace=True to override it."
         )
-    _REGISTRY[adapter.model_type] = adapter
+    register_arch(adapter, replace=replace)
     return adapter
 
 
-def registered_model_types() -> tuple[str, ...]:
-    return tuple(sorted(_REGISTRY))
+def registered_adapters() -> tuple[ArchAdapter, ...]:
+    """Every registered adapter, sorted by ``model_type``."""
+    return tuple(a for a in registered_archs() if isinstance(a, ArchAdapter))
 
 
 def get_adapter(obj: Any) -> ArchAdapter:
@@ -146,27 +166,31 @@ def get_adapter(obj: Any) -> ArchAdapter:
         model_type = getattr(config, "model_type", None)
         if model_type is None and isinstance(config, dict):
             model_type = config.get("model_type")
-    if model_type not in _REGISTRY:
+    adapter = find_arch(model_type)
+    if not isinstance(adapter, ArchAdapter):
         raise ValueError(
             f"evoprune.pruning does not support model_type={model_type!r}; supported architectures: "
-            f"{', '.join(registered_model_types())} (register_adapter adds one)."
+            f"{', '.join(a.model_type for a in registered_adapters())} (register_adapter adds one)."
         )
-    return _REGISTRY[model_type]
+    return adapter
+
+
+def _builtin(model_type: str, decoder_layer: str, **modules: Any) -> ArchAdapter:
+    """A built-in adapter: bias facts from the registry's built-in entry (one copy of each fact)."""
+    facts = get_arch(model_type)
+    return ArchAdapter(model_type=model_type, qkv_bias=facts.qkv_bias, o_bias=facts.o_bias,
+                       mlp_bias=facts.mlp_bias, decoder_layer=decoder_layer, **modules)
 
 
 _TF = "transformers.models"
 for _adapter in (
-    ArchAdapter(model_type="llama", decoder_layer=f"{_TF}.llama.modeling_llama:LlamaDecoderLayer"),
-    ArchAdapter(model_type="mistral", decoder_layer=f"{_TF}.mistral.modeling_mistral:MistralDecoderLayer"),
-    ArchAdapter(model_type="qwen2", decoder_layer=f"{_TF}.qwen2.modeling_qwen2:Qwen2DecoderLayer"),
-    ArchAdapter(
-        model_type="qwen3",
-        decoder_layer=f"{_TF}.qwen3.modeling_qwen3:Qwen3DecoderLayer",
-        head_norms=("q_norm", "k_norm"),
-    ),
-    ArchAdapter(
-        model_type="phi3",
-        decoder_layer=f"{_TF}.phi3.modeling_phi3:Phi3DecoderLayer",
+    _builtin("llama", f"{_TF}.llama.modeling_llama:LlamaDecoderLayer"),
+    _builtin("mistral", f"{_TF}.mistral.modeling_mistral:MistralDecoderLayer"),
+    _builtin("qwen2", f"{_TF}.qwen2.modeling_qwen2:Qwen2DecoderLayer"),
+    _builtin("qwen3", f"{_TF}.qwen3.modeling_qwen3:Qwen3DecoderLayer", head_norms=("q_norm", "k_norm")),
+    _builtin(
+        "phi3",
+        f"{_TF}.phi3.modeling_phi3:Phi3DecoderLayer",
         q=None,
         k=None,
         v=None,
@@ -178,5 +202,5 @@ for _adapter in (
         attn_head_attrs=("num_key_value_groups", "num_key_value_heads"),
     ),
 ):
-    register_adapter(_adapter)
+    register_adapter(_adapter)  # takes over the built-in entry; its facts must be the same
 del _adapter

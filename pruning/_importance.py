@@ -37,6 +37,7 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
+from .._fingerprint import ids_fingerprint, model_fingerprint  # noqa: F401  (model_fingerprint: for the pruner)
 from .._logging import get_logger
 from ._adapters import ArchAdapter
 
@@ -144,32 +145,14 @@ class Importance:
 
 
 # -- fingerprints ----------------------------------------------------------------------------------
-def model_fingerprint(model: torch.nn.Module) -> str:
-    """A cheap content fingerprint: config, every parameter's name/shape/dtype and a strided
-    sample of up to 4096 of its values (pass your own ``model_fingerprint`` for a full hash)."""
-    h = hashlib.sha256()
-    cfg = model.config.to_dict() if hasattr(model, "config") else {}
-    for key in ("_name_or_path", "transformers_version", "_attn_implementation_internal", "dtype", "torch_dtype"):
-        cfg.pop(key, None)
-    h.update(json.dumps(cfg, sort_keys=True, default=str).encode())
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            h.update(f"{name}:{tuple(p.shape)}:{p.dtype}".encode())
-            flat = p.detach().reshape(-1)
-            step = max(1, flat.numel() // 4096)
-            sample = flat[::step][:4096].to("cpu", torch.float64)
-            h.update(sample.numpy().tobytes())
-    return h.hexdigest()[:32]
+# model_fingerprint and ids_fingerprint live in evoprune._fingerprint (the one copy); the pruner
+# reaches them through this module.
 
 
 def data_fingerprint(calib_ids: torch.Tensor | None) -> str:
-    if calib_ids is None:
-        return "none"
-    h = hashlib.sha256()
-    ids = calib_ids.detach().to("cpu", torch.int64).contiguous()
-    h.update(str(tuple(ids.shape)).encode())
-    h.update(ids.numpy().tobytes())
-    return h.hexdigest()[:32]
+    """:func:`~evoprune._fingerprint.ids_fingerprint` of the calibration tokens, ``"none"`` without them
+    (their shape is part of :func:`cache_key`)."""
+    return "none" if calib_ids is None else ids_fingerprint(calib_ids)
 
 
 def cache_key(*, model_fp: str, data_fp: str, method: str, calib_shape: tuple[int, ...] | None) -> str:

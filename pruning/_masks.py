@@ -3,10 +3,14 @@
 Score of weight ``W[r, c]`` is ``|W[r, c]| * ||X[:, c]||_2`` (``X``: the linear's
 calibration inputs; all ones without calibration, i.e. magnitude pruning).
 
+Every row keeps :func:`evoprune.space.kept_per_row` weights, the rule the cost
+model counts with:
+
 * unstructured level ``s``: in every output row the ``floor(s * in_features)``
   lowest-scoring weights are pruned;
 * ``"2:4"`` (level 0.5): in every run of 4 consecutive inputs of a row the 2
-  lowest-scoring weights are pruned; trailing ``in_features % 4`` columns stay dense.
+  lowest-scoring weights are pruned; ``in_features`` must be a multiple of 4
+  (``ValueError`` otherwise).
 
 Ties break deterministically towards the lower column index being pruned first
 (stable sort), so the same weights always give the same mask.
@@ -19,13 +23,9 @@ from collections.abc import Hashable
 
 import torch
 
+from ..space import kept_per_row
+
 __all__ = ["wanda_mask", "MaskCache", "pack_mask", "unpack_mask"]
-
-
-def num_pruned_per_row(in_features: int, level: float) -> int:
-    """Weights pruned per output row at unstructured ``level`` (floor)."""
-    return int(float(level) * in_features)
-
 
 _CHUNK = 1 << 16  # score elements sorted at once (keeps temporaries around 1 MiB)
 
@@ -37,17 +37,9 @@ def wanda_mask(weight: torch.Tensor, input_norm: torch.Tensor | None, level: flo
     Rows are processed in chunks, so the temporary memory is a few MiB whatever the matrix size."""
     if weight.dim() != 2:
         raise ValueError(f"wanda_mask expects a 2-D weight, got shape {tuple(weight.shape)}.")
-    if pattern not in ("unstructured", "2:4"):
-        raise ValueError(f"unknown sparsity pattern {pattern!r}; use 'unstructured' or '2:4'.")
-    if level <= 0:
-        return None
     out_f, in_f = weight.shape
-    if pattern == "2:4":
-        if level != 0.5:
-            raise ValueError(f"2:4 sparsity needs level 0.5, got {level}.")
-        if in_f < 4:
-            return None
-    elif num_pruned_per_row(in_f, level) == 0:
+    n_prune = in_f - kept_per_row(in_f, level, pattern)  # validates pattern, level and width
+    if n_prune == 0:
         return None
     norm = None
     if input_norm is not None:
@@ -60,14 +52,12 @@ def wanda_mask(weight: torch.Tensor, input_norm: torch.Tensor | None, level: flo
         if norm is not None:
             score.mul_(norm)
         if pattern == "2:4":
-            groups = in_f // 4
-            blocks = score[:, : groups * 4].reshape(score.shape[0], groups, 4)
+            blocks = score.reshape(score.shape[0], in_f // 4, 4)
             order = torch.sort(blocks, dim=-1, stable=True).indices  # ascending: first two are pruned
             keep = torch.ones(blocks.shape, dtype=torch.bool, device=weight.device)
             keep.scatter_(-1, order[..., :2], False)
-            mask[start : start + rows, : groups * 4] = keep.reshape(score.shape[0], groups * 4)
+            mask[start : start + rows] = keep.reshape(score.shape[0], in_f)
         else:
-            n_prune = num_pruned_per_row(in_f, level)
             order = torch.sort(score, dim=1, stable=True).indices
             mask[start : start + rows].scatter_(1, order[:, :n_prune], False)
     return mask

@@ -13,7 +13,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from ._adapters import ArchAdapter, _REGISTRY
+from ._adapters import ArchAdapter, registered_adapters
 
 __all__ = ["DroppedAttention", "DroppedMLP", "per_layer_modules", "SKIP_VALUES"]
 
@@ -128,7 +128,7 @@ def per_layer_modules() -> Iterator[None]:
     global _depth
     with _lock:
         if _depth == 0:
-            for adapter in list(_REGISTRY.values()):
+            for adapter in registered_adapters():
                 try:
                     cls = adapter.decoder_layer_class()
                 except (ImportError, AttributeError):

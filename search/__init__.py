@@ -1,6 +1,16 @@
-"""evoprune.search: samplers, the ask/evaluate/tell driver, study configs and baseline seeds.
+"""evoprune.search: samplers, the ask/evaluate/tell driver, study configs and the study facade.
 
-::
+The study facade is what most users call (also as ``evoprune.create_study`` / ``evoprune.load_study``)::
+
+    import evoprune
+    study = evoprune.create_study("studies/reference_small.yaml", storage="sqlite:///out/s.db", study_name="s")
+    study.run(n_generations=10)                      # or: evoprune search studies/reference_small.yaml ...
+    again = evoprune.load_study(storage="sqlite:///out/s.db", study_name="s")
+    again.run(n_generations=10)                      # resumes: stored config and sampler state
+    again.pareto_front()                             # [ParetoPoint(number, trial_id, values, candidate_key)]
+    again.export(again.pareto_front()[0].number, "out/best")
+
+The pieces compose by hand too::
 
     import optuna
     from evoprune.search import Searcher, StudyConfig, build_runtime, trial_candidate
@@ -13,64 +23,56 @@
     best = trial_candidate(study.best_trial, runtime.space)   # the evaluated candidate
 
 Pieces: :class:`StudyConfig` + :func:`build_runtime` (:class:`Runtime`);
-:class:`EvolutionarySampler` (level-switch mutation, staged selection, JSON
-state) and :class:`BudgetSweep` (one evolution per budget level -> a Pareto
-front); :func:`make_sampler` (Optuna TPE/NSGA-II/random/GP/QMC or your own
-``BaseSampler``); :class:`Searcher` (ask -> apply -> stages -> tell); the
-:class:`Recorder` protocol and its default :class:`OptunaRecorder`; baselines
-:func:`uniform`, :func:`shortgpt`, :func:`sleb`, :func:`flap`; Pareto helpers
-:func:`pareto_front`, :func:`hypervolume`, :func:`study_front`; :func:`fill_budget`,
-:func:`level_switch`, :func:`trial_candidate`.
+:class:`GenerationSampler` (the protocol of samplers driven generation by generation),
+:class:`EvolutionarySampler` (level-switch mutation, staged selection, JSON state) and
+:class:`BudgetSweep` (one evolution per budget level -> a Pareto front); :func:`make_sampler`
+(Optuna TPE/NSGA-II/random/GP/QMC or your own ``BaseSampler``); :class:`Searcher` (ask -> apply
+-> stages -> tell); the :class:`Recorder` protocol and its in-Optuna :class:`OptunaRecorder`;
+baselines :func:`uniform`, :func:`shortgpt`, :func:`sleb`, :func:`flap`; the one Pareto front
+and hypervolume :func:`pareto_front`, :func:`hypervolume`, :func:`study_front`; the one
+objective resolver :func:`objective_directions`.
 """
 
 from ._baselines import calibration_loss, flap, flap_scores, shortgpt, sleb, uniform
-from ._config import (
-    SAMPLER_NAMES,
-    CalibrationConfig,
-    DataConfig,
-    SamplerConfig,
-    StageConfig,
-    StopConfig,
-    StudyConfig,
-    load_object,
-)
-from ._evolution import BudgetSweep, EvolutionarySampler, Proposal, fill_budget, level_switch
+from ._config import SAMPLER_NAMES, StudyConfig
+from ._evolution import EvolutionarySampler, fill_budget, level_switch
+from ._generation import GenerationSampler, Proposal
+from ._objectives import objective_directions
 from ._pareto import hypervolume, pareto_front, study_front
 from ._recorder import ATTR_PREFIX, OptunaRecorder, Recorder
-from ._runtime import Runtime, build_pipeline, build_runtime, make_sampler, resolve_model_path
-from ._searcher import BUDGET_MODES, Searcher, SearchStats, objective_directions, trial_candidate
+from ._runtime import Runtime, build_runtime, make_sampler
+from ._searcher import Searcher, SearchStats, trial_candidate
+from ._study import EvoStudy, ParetoPoint, StudyNotFoundError, create_study, load_study
+from ._sweep import BudgetSweep
 
 __all__ = [
     "ATTR_PREFIX",
-    "BUDGET_MODES",
     "SAMPLER_NAMES",
     "BudgetSweep",
-    "CalibrationConfig",
-    "DataConfig",
+    "EvoStudy",
     "EvolutionarySampler",
+    "GenerationSampler",
     "OptunaRecorder",
+    "ParetoPoint",
     "Proposal",
     "Recorder",
     "Runtime",
-    "SamplerConfig",
     "SearchStats",
     "Searcher",
-    "StageConfig",
-    "StopConfig",
     "StudyConfig",
-    "build_pipeline",
+    "StudyNotFoundError",
     "build_runtime",
     "calibration_loss",
+    "create_study",
+    "fill_budget",
     "flap",
     "flap_scores",
-    "fill_budget",
     "hypervolume",
     "level_switch",
-    "load_object",
+    "load_study",
     "make_sampler",
     "objective_directions",
     "pareto_front",
-    "resolve_model_path",
     "shortgpt",
     "sleb",
     "study_front",

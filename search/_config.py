@@ -43,7 +43,6 @@ from __future__ import annotations
 
 import dataclasses
 import hashlib
-import importlib
 import json
 import os
 from collections.abc import Mapping, Sequence
@@ -52,6 +51,8 @@ from typing import Any
 
 from .._logging import get_logger
 from ..space import METRICS, Budget
+from ._objectives import objective_source
+from ._stages import build_pipeline
 
 __all__ = [
     "CalibrationConfig",
@@ -61,7 +62,6 @@ __all__ = [
     "StageConfig",
     "StopConfig",
     "StudyConfig",
-    "load_object",
 ]
 
 _log = get_logger("search.config")
@@ -72,26 +72,6 @@ SAMPLER_NAMES: tuple[str, ...] = ("evolutionary", "tpe", "nsgaii", "random", "gp
 _DTYPES = ("float32", "float16", "bfloat16", "auto")
 _EVALUATOR_TYPES = ("kl", "ppl", "latency", "cost", "lm_eval")
 _DATA_SOURCES = ("reference", "text", "hub")
-
-
-def load_object(path: str) -> Any:
-    """Import ``"pkg.module:Name"`` (or ``"pkg.module.Name"``)."""
-    if ":" in path:
-        module, _, name = path.partition(":")
-    else:
-        module, _, name = path.rpartition(".")
-    if not module or not name:
-        raise ValueError(f"{path!r} is not an import path; write it as 'package.module:ClassName'.")
-    try:
-        obj = importlib.import_module(module)
-    except ImportError as exc:
-        raise ValueError(f"cannot import module {module!r} of {path!r}: {exc}") from None
-    for part in name.split("."):
-        try:
-            obj = getattr(obj, part)
-        except AttributeError:
-            raise ValueError(f"module {module!r} has no {name!r} (from {path!r}).") from None
-    return obj
 
 
 def _check_keys(what: str, data: Mapping[str, Any], allowed: Sequence[str]) -> None:
@@ -463,13 +443,12 @@ class StudyConfig:
             raise ValueError("StudyConfig.objectives must be a non-empty list of names, e.g. ['kl'] or ['kl', 'params'].")
         if len(set(objectives)) != len(objectives):
             raise ValueError(f"StudyConfig.objectives has duplicates: {objectives}.")
-        last = set(stages[-1].evaluator_names())
+        pipeline = build_pipeline(stages)
         for o in objectives:
-            if o not in last and o not in METRICS and not (o == "kl" and any(e["type"] == "kl" for e in stages[-1].evaluators)):
-                raise ValueError(
-                    f"StudyConfig.objectives: {o!r} is neither an evaluator of the last stage "
-                    f"{stages[-1].name!r} ({sorted(last)}) nor a cost metric {METRICS}."
-                )
+            try:
+                objective_source(o, pipeline)
+            except ValueError as exc:
+                raise ValueError(f"StudyConfig.objectives: {exc}") from None
         object.__setattr__(self, "objectives", objectives)
         if isinstance(self.seed, bool) or not isinstance(self.seed, int):
             raise ValueError(f"StudyConfig.seed must be an int, got {self.seed!r}.")

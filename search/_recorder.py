@@ -4,12 +4,14 @@ The :class:`~evoprune.search.Searcher` talks to an Optuna study for trials
 (ask/tell, params, values, states) and to a *recorder* for everything Optuna has
 no place for: the candidate of each trial, every stage result, the sampler's
 state and duplicate claims among workers. A recorder is any object with these
-eight methods (structural typing; no base class needed)::
+nine methods (the typed :class:`Recorder` protocol; no base class needed; the
+:class:`~evoprune.search.Searcher` refuses an object that lacks one)::
 
     record_candidate(trial_id, candidate, *, source)          -> None
     record_stage(trial_id, stage, evaluator, tokens, value, seconds, details) -> None
     record_stage_result(trial_id, stage, stage_index, objective, promoted) -> None
     stage_history(stage)                                      -> list[float]
+    finished_trial(candidate_key)                             -> dict | None
     save_sampler_state(generation, state)                     -> None
     load_sampler_state()                                      -> (generation, state) | None
     claim(candidate_key)                                      -> bool
@@ -36,7 +38,8 @@ Conventions every implementation must keep:
   candidate goes on (``None`` at the last stage).
 * ``stage_history(stage)`` returns the stage objective of every candidate that
   has been scored at ``stage`` in this study so far, by any worker, in any
-  order. The driver uses it so that asynchronous promotion (``TopK`` /
+  order; trials that FAILed are left out (their candidate is retried and must
+  not be counted twice). The driver uses it so that asynchronous promotion (``TopK`` /
   ``TopFraction`` over everything seen) agrees across workers.
 * ``save_sampler_state(generation, state)``: ``state`` is the JSON-able dict of
   :meth:`EvolutionarySampler.state_dict` (or of any stateful sampler); save
@@ -47,8 +50,11 @@ Conventions every implementation must keep:
   telling it, and loads once at the start of :meth:`Searcher.run`, so a resumed
   study continues the evolution exactly: an interrupted generation is replayed
   with the same candidates, and those whose trials already finished are reused
-  through the optional ``finished_trial(candidate_key)`` (``{"stages": {stage:
-  objective}, ...}`` or ``None``) instead of being evaluated again.
+  through ``finished_trial(candidate_key)`` instead of being evaluated again.
+* ``finished_trial(candidate_key)`` returns the first COMPLETE or PRUNED trial
+  that evaluated the candidate (not a repeat told another trial's values, not
+  an over-budget placeholder): ``{"trial_id", "number", "state", "stages":
+  {stage: objective}}``, or ``None``.
 * ``claim(candidate_key) -> bool`` atomically reserves a candidate for
   evaluation: ``True`` for the first caller in the whole study (any worker),
   ``False`` for every later one. A SQL recorder implements it as an ``INSERT``
@@ -58,8 +64,10 @@ Conventions every implementation must keep:
 
 :class:`OptunaRecorder` is the default implementation. It keeps everything in
 Optuna trial and study *user attributes*, so it works with every Optuna storage,
-in-memory included; its ``claim`` is atomic only within one process (use a SQL
-recorder from :mod:`evoprune.storage` for many workers). Keys it writes:
+in-memory included; its ``claim`` is atomic only within one process (for many
+workers use a study from :func:`evoprune.create_study`, whose ``recorder`` is the
+SQL recorder of :mod:`evoprune.storage`, with cross-process claims). Both behave
+alike otherwise (same failed-trial handling, same replay). Keys it writes:
 
 ===============================  =============================================
 trial user attr                  value
@@ -101,6 +109,7 @@ import threading
 from collections.abc import Mapping
 from typing import Any, Protocol, runtime_checkable
 
+from .._optuna_private import study_storage, trial_id
 from ..space import Candidate
 
 __all__ = ["ATTR_PREFIX", "OptunaRecorder", "Recorder"]
@@ -141,7 +150,11 @@ class Recorder(Protocol):
         ...
 
     def stage_history(self, stage: str) -> list[float]:
-        """Objective values of every candidate scored at ``stage`` so far (all workers)."""
+        """Objective values of every candidate scored at ``stage`` so far (all workers, failed excluded)."""
+        ...
+
+    def finished_trial(self, candidate_key: str) -> dict[str, Any] | None:
+        """The first finished trial that evaluated ``candidate_key`` with its stage objectives, or ``None``."""
         ...
 
     def save_sampler_state(self, generation: int, state: Mapping[str, Any]) -> None:
@@ -200,7 +213,7 @@ class OptunaRecorder:
 
     def __init__(self, study: Any) -> None:
         self.study = study
-        self._storage = study._storage  # Optuna keeps the storage private; the user-attr API needs it
+        self._storage = study_storage(study)  # Optuna keeps the storage private; the user-attr API needs it
         self._claimed: set[str] = set()
         self._released: set[str] = set()
         self._lock = threading.Lock()
@@ -243,15 +256,17 @@ class OptunaRecorder:
         set_attr(trial_id, ATTR_PREFIX + "stage_index", int(stage_index))
 
     def stage_history(self, stage: str) -> list[float]:
+        from optuna.trial import TrialState
+
         key = ATTR_PREFIX + f"objective:{stage}"
         return [
-            _float(t.user_attrs[key]) for t in self.study.get_trials(deepcopy=False) if key in t.user_attrs
+            _float(t.user_attrs[key]) for t in self.study.get_trials(deepcopy=False)
+            if key in t.user_attrs and t.state != TrialState.FAIL
         ]
 
     def finished_trial(self, candidate_key: str) -> dict[str, Any] | None:
         """The first COMPLETE or PRUNED trial of ``candidate_key``: ``{"trial_id", "number", "state",
-        "stages": {stage: objective}}``, or ``None``. Optional for recorders: the driver uses it, when
-        present, to reuse what already finished when it replays an interrupted generation."""
+        "stages": {stage: objective}}``, or ``None``."""
         from optuna.trial import TrialState
 
         key_attr, prefix = ATTR_PREFIX + "candidate_key", ATTR_PREFIX + "objective:"
@@ -261,7 +276,7 @@ class OptunaRecorder:
             if t.user_attrs.get(ATTR_PREFIX + "infeasible") or ATTR_PREFIX + "duplicate_of" in t.user_attrs:
                 continue
             stages = {k[len(prefix):]: _float(v) for k, v in t.user_attrs.items() if k.startswith(prefix)}
-            return {"trial_id": t._trial_id, "number": t.number, "state": t.state.name, "stages": stages}
+            return {"trial_id": trial_id(t), "number": t.number, "state": t.state.name, "stages": stages}
         return None
 
     # -- sampler state --------------------------------------------------------------------

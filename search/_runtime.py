@@ -13,14 +13,15 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 from collections.abc import Mapping, Sequence
-from pathlib import Path
 from typing import Any
 
 from .._logging import get_logger
 from ..space import SearchSpace
-from ._config import StageConfig, StudyConfig, load_object
-from ._evolution import BudgetSweep, EvolutionarySampler
-from ._searcher import objective_directions
+from ._config import StudyConfig
+from ._evolution import EvolutionarySampler
+from ._sweep import BudgetSweep
+from ._objectives import objective_directions
+from ._stages import build_pipeline, load_object
 
 __all__ = ["Runtime", "build_pipeline", "build_runtime", "make_sampler", "resolve_model_path"]
 
@@ -156,61 +157,13 @@ def make_sampler(
 # --------------------------------------------------------------------------- pipeline
 
 
-def _evaluator(spec: Mapping[str, Any]) -> Any:
-    from .. import evaluators as ev
-
-    spec = dict(spec)
-    t = spec.pop("type")
-    name = spec.pop("name", None)
-    if t == "kl":
-        return ev.KLToDense(name=name or "kl", **spec)
-    if t == "ppl":
-        return ev.Perplexity(name=name or "ppl", **spec)
-    if t == "latency":
-        return ev.Latency(name=name or "latency", **spec)
-    if t == "cost":
-        return ev.Cost(name=name, **spec)
-    if t == "lm_eval":
-        tasks = spec.pop("tasks")
-        return ev.LMEval(tasks, name=name, **spec)
-    cls = load_object(t)
-    return cls(name=name, **spec) if name is not None else cls(**spec)
-
-
-def build_pipeline(stages: Sequence[StageConfig]) -> Any:
-    """The :class:`~evoprune.evaluators.Pipeline` of a stage schedule."""
-    from ..evaluators import Pipeline, Stage, TopFraction, TopK
-
-    out = []
-    for s in stages:
-        promote = None
-        if s.promote is not None:
-            if "top_k" in s.promote:
-                promote = TopK(int(s.promote["top_k"]))
-            else:
-                promote = TopFraction(float(s.promote["top_fraction"]), int(s.promote.get("min_count", 1)))
-        out.append(
-            Stage(
-                name=s.name,
-                evaluators=tuple(_evaluator(e) for e in s.evaluators),
-                eval_tokens=s.eval_tokens,
-                seq_len=s.seq_len,
-                finetune_tokens=s.finetune_tokens,
-                finetune=dict(s.finetune),
-                promote=promote,
-                objective=s.objective,
-            )
-        )
-    return Pipeline(out)
-
-
 # --------------------------------------------------------------------------- model and data
 
 
 def resolve_model_path(model: str, *, cache_dir: str | None = None) -> str:
     """``"reference:<size>"`` -> the built reference checkpoint folder (built once, offline afterwards)."""
     if model.startswith("reference:"):
-        from .._reference import build_reference_model
+        from ..data import build_reference_model
 
         return str(build_reference_model(model.partition(":")[2], cache_dir=cache_dir, progress=False))
     return model
@@ -230,71 +183,6 @@ def _device(name: str) -> str:
     return name
 
 
-def _tokenize_texts(tokenizer: Any, texts: Sequence[str]) -> Any:
-    import torch
-
-    encoded = tokenizer(list(texts), add_special_tokens=False)["input_ids"]
-    eos = getattr(tokenizer, "eos_token_id", None)
-    stream: list[int] = []
-    for ids in encoded:
-        stream.extend(ids)
-        if eos is not None:
-            stream.append(int(eos))
-    return torch.tensor(stream, dtype=torch.long)
-
-
-def _load_splits(config: StudyConfig, tokenizer: Any) -> dict[str, Any]:
-    """``{"train", "validation", "calibration"}`` -> 1-D token streams."""
-    data = config.data
-    if data.source == "reference":
-        from .._corpus import load_reference_corpus, tokenized_split
-
-        corpus = load_reference_corpus(config.cache_dir)
-        return {s: tokenized_split(tokenizer, s, corpus)[0] for s in ("train", "validation", "calibration")}
-    if data.source == "text":
-        def read(paths: Sequence[str]) -> list[str]:
-            out = []
-            for p in paths:
-                path = Path(p).expanduser()
-                if not path.is_file():
-                    raise FileNotFoundError(f"StudyConfig.data: text file {path} does not exist.")
-                out.append(path.read_text(encoding="utf-8"))
-            return out[: data.max_documents] if data.max_documents else out
-
-        train = read(data.train)
-        return {
-            "train": _tokenize_texts(tokenizer, train),
-            "validation": _tokenize_texts(tokenizer, read(data.validation)),
-            "calibration": _tokenize_texts(tokenizer, read(data.calibration) if data.calibration else train),
-        }
-    # hub
-    try:
-        import datasets
-    except ImportError:
-        raise ImportError(
-            'StudyConfig.data source "hub" needs the `datasets` package: pip install datasets '
-            '(or use source "text" with local files).'
-        ) from None
-
-    def split(name: str) -> list[str]:
-        ds = datasets.load_dataset(data.path, data.name, split=name)
-        if data.text_field not in ds.column_names:
-            raise ValueError(
-                f"StudyConfig.data: dataset {data.path!r} split {name!r} has no column {data.text_field!r} "
-                f"(columns: {ds.column_names}); set data.text_field."
-            )
-        texts = [t for t in ds[data.text_field] if t and t.strip()]
-        return texts[: data.max_documents] if data.max_documents else texts
-
-    train = split(data.train_split)
-    return {
-        "train": _tokenize_texts(tokenizer, train),
-        "validation": _tokenize_texts(tokenizer, split(data.validation_split)),
-        "calibration": _tokenize_texts(tokenizer, split(data.calibration_split)) if data.calibration_split else
-        _tokenize_texts(tokenizer, train),
-    }
-
-
 def _digest(*parts: str) -> str:
     return hashlib.sha256("|".join(parts).encode()).hexdigest()[:16]
 
@@ -311,7 +199,10 @@ def build_runtime(config: StudyConfig, *, model: Any = None, tokenizer: Any = No
     """
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from ..evaluators import EvalContext, ids_fingerprint, make_token_set, model_fingerprint
+    from .._fingerprint import ids_fingerprint, model_fingerprint
+    from .._paths import cache_root
+    from ..data import load_splits
+    from ..evaluators import EvalContext, make_token_set
     from ..pruning import Pruner
 
     if not isinstance(config, StudyConfig):
@@ -328,7 +219,7 @@ def build_runtime(config: StudyConfig, *, model: Any = None, tokenizer: Any = No
         if tok_src is None:
             raise ValueError("build_runtime: pass tokenizer= together with model= (or set config.tokenizer).")
         tokenizer = AutoTokenizer.from_pretrained(tok_src)
-    splits = _load_splits(config, tokenizer)
+    splits = load_splits(config.data, tokenizer, cache_dir=config.cache_dir)
     calib_cfg = config.calibration
     max_pos = getattr(model.config, "max_position_embeddings", None)
     for what, seq_len in [("calibration", calib_cfg.seq_len)] + [(f"stage {s.name!r}", s.seq_len) for s in config.stages]:
@@ -341,11 +232,7 @@ def build_runtime(config: StudyConfig, *, model: Any = None, tokenizer: Any = No
         stage="calibration", seed=config.seed, data_fingerprint=fps["calibration"],
     ).ids
     model_fp = model_fingerprint(model)
-    cache = Path(config.cache_dir).expanduser() if config.cache_dir else None
-    if cache is None:
-        from ..evaluators import default_cache_dir
-
-        cache = default_cache_dir()
+    cache = cache_root(config.cache_dir or None)
     pruner = Pruner(
         model, calib, method=calib_cfg.method, cache_dir=cache / "importance", model_fingerprint=model_fp,
         data_fingerprint=_digest(fps["calibration"], str(config.seed), str(calib_cfg.num_sequences),

@@ -69,16 +69,18 @@ from __future__ import annotations
 import dataclasses
 import math
 import time
-from collections.abc import Sequence
 from typing import Any
 
 import numpy as np
 
 from .._logging import get_logger
-from ..space import METRICS, Candidate, SearchSpace
-from ._recorder import ATTR_PREFIX, OptunaRecorder
+from .._optuna_private import distribution_contains, study_id, study_storage, trial_id
+from ..space import Candidate, SearchSpace
+from ._generation import GenerationSampler
+from ._objectives import objective_directions, objective_source
+from ._recorder import ATTR_PREFIX, OptunaRecorder, Recorder
 
-__all__ = ["BUDGET_MODES", "SearchStats", "Searcher", "fixed_trial", "objective_directions", "trial_candidate"]
+__all__ = ["BUDGET_MODES", "SearchStats", "Searcher", "fixed_trial", "trial_candidate"]
 
 _log = get_logger("search")
 BUDGET_MODES = ("constrain", "repair")
@@ -118,54 +120,6 @@ class _Entry:
     #: stage -> objective of an earlier finished trial of this candidate (replayed generation): its
     #: results are reused, not evaluated or told again.
     stored: dict[str, float] | None = None
-
-
-@dataclasses.dataclass(frozen=True)
-class _StoredStage:
-    """A stage result read back from the study (replay of an interrupted generation)."""
-
-    objective: float
-
-
-def _is_kl(ev: Any) -> bool:
-    return type(ev).__name__ == "KLToDense"
-
-
-def _objective_source(name: str, pipeline: Any, space: SearchSpace) -> tuple[str, Any]:
-    """``("evaluator", evaluator)`` or ``("cost", metric)`` for an objective name."""
-    last = pipeline.stages[-1]
-    for ev in last.evaluators:
-        if ev.name == name:
-            return "evaluator", ev
-    if name == "kl":
-        for ev in last.evaluators:
-            if _is_kl(ev):
-                return "evaluator", ev
-    if name in METRICS:
-        if name == "latency" and space.latency is None:
-            raise ValueError(
-                "objective 'latency': add a Latency() evaluator named 'latency' to the last stage (measured), "
-                "or give the space a LatencyTable (space option latency=...)."
-            )
-        return "cost", name
-    names = [ev.name for ev in last.evaluators]
-    raise ValueError(
-        f"objective {name!r} is neither an evaluator of the last stage {last.name!r} ({names}) nor a cost metric "
-        f"{METRICS}; use one of those names (or 'kl' for the last stage's KLToDense)."
-    )
-
-
-def objective_directions(objectives: Sequence[str], pipeline: Any, space: SearchSpace) -> list[str]:
-    """Optuna study directions for ``objectives`` (create the study with ``directions=``).
-
-    Evaluator objectives take the evaluator's direction, cost metrics (ratio to
-    dense) are minimized.
-    """
-    out = []
-    for name in objectives:
-        kind, src = _objective_source(name, pipeline, space)
-        out.append(src.direction if kind == "evaluator" else "minimize")
-    return out
 
 
 def trial_candidate(trial: Any, space: SearchSpace | None = None) -> Candidate:
@@ -247,12 +201,12 @@ class Searcher:
                 f"Searcher: the study's directions {study_dirs} do not match the objectives {self.objectives} "
                 f"({self.directions}); create it with optuna.create_study(directions={self.directions})."
             )
-        self._sources = [_objective_source(n, self.pipeline, self.space) for n in self.objectives]
-        self.generational = hasattr(sampler, "ask_generation") and hasattr(sampler, "tell_generation")
+        self._sources = [objective_source(n, self.pipeline, self.space) for n in self.objectives]
+        self.generational = isinstance(sampler, GenerationSampler)
         if sampler is not None and not self.generational:
             if not isinstance(sampler, optuna.samplers.BaseSampler):
                 raise TypeError(
-                    "Searcher: sampler must be an EvolutionarySampler/BudgetSweep (ask_generation/tell_generation), "
+                    "Searcher: sampler must be a GenerationSampler (EvolutionarySampler, BudgetSweep), "
                     f"an optuna.samplers.BaseSampler, or None; got {type(sampler).__name__}."
                 )
             study.sampler = sampler
@@ -265,7 +219,10 @@ class Searcher:
         if budget_mode not in BUDGET_MODES:
             raise ValueError(f"Searcher: budget_mode must be one of {BUDGET_MODES}, got {budget_mode!r}.")
         self.budget_mode = budget_mode
-        self.recorder = recorder if recorder is not None else OptunaRecorder(study)
+        if recorder is not None and not isinstance(recorder, Recorder):
+            raise TypeError(f"Searcher: recorder {type(recorder).__name__} does not implement the Recorder protocol "
+                            "(evoprune.search.Recorder); use OptunaRecorder(study) or a study's .recorder.")
+        self.recorder: Recorder = recorder if recorder is not None else OptunaRecorder(study)
         self.progress = progress
         self._distributions = self.space.optuna_distributions()
         self._prepared = False
@@ -383,7 +340,7 @@ class Searcher:
 
     def _generation_step(self, stats: SearchStats) -> bool:
         sampler = self.sampler
-        pending = bool(getattr(sampler, "pending", None))
+        pending = bool(sampler.pending)
         entries = self._replay(sampler, stats) if pending else []
         if pending and not entries:
             # Every candidate of the saved generation is another worker's: draw a generation of our own.
@@ -406,7 +363,7 @@ class Searcher:
         """A new trial for proposal ``p`` (its candidate is claimed)."""
         space = p.space if p.space is not None else self.space
         trial = self._new_trial(p.candidate, p.source, space, p.group)
-        self.recorder.record_candidate(trial._trial_id, p.candidate, source=p.source)
+        self.recorder.record_candidate(trial_id(trial), p.candidate, source=p.source)
         stats.trials += 1
         return _Entry(trial=trial, candidate=p.candidate, space=space)
 
@@ -416,10 +373,9 @@ class Searcher:
         stage results take part in promotion; it is not evaluated or told again), the others are
         claimed again and get new trials. Candidates another worker holds are left out."""
         proposals = sampler.ask_generation(self.recorder.claim)  # the pending ones, not claimed again
-        finished = getattr(self.recorder, "finished_trial", None)
         entries, skipped, reused = [], 0, 0
         for p in proposals:
-            done = finished(p.candidate.key) if finished is not None else None
+            done = self.recorder.finished_trial(p.candidate.key)
             if done is not None:
                 space = p.space if p.space is not None else self.space
                 entries.append(_Entry(trial=None, candidate=p.candidate, space=space,
@@ -458,7 +414,7 @@ class Searcher:
         if not self.recorder.claim(candidate.key):
             self._tell_duplicate(trial, candidate, stats)
             return
-        self.recorder.record_candidate(trial._trial_id, candidate, source=source)
+        self.recorder.record_candidate(trial_id(trial), candidate, source=source)
         entry = _Entry(trial=trial, candidate=candidate, space=self.space)
         self._evaluate([entry], stats, batch=False, min_final=0)
 
@@ -468,91 +424,65 @@ class Searcher:
     # ------------------------------------------------------------------ evaluation
 
     def _evaluate(self, entries: list[_Entry], stats: SearchStats, *, batch: bool, min_final: int) -> None:
+        """Stage the entries through the pipeline's one promotion loop; record and tell as results come."""
         stages = self.pipeline.stages
-        try:
-            for si, st in enumerate(stages):
-                active = [e for e in entries if not e.done]
-                if not active:
-                    break
-                last = si == len(stages) - 1
-                for e in active:
-                    if e.stored is not None:
-                        e.stages.append(_StoredStage(e.stored.get(st.name, math.nan)))
-                        continue
-                    sr = self.pipeline.run_stage(st, self.model, e.candidate, self.context)
-                    e.stages.append(sr)
-                    stats.stage_evaluations[st.name] = stats.stage_evaluations.get(st.name, 0) + 1
-                    for rec in sr.records:
-                        self.recorder.record_stage(
-                            e.trial._trial_id, rec.stage, rec.evaluator, rec.tokens, rec.value, rec.seconds,
-                            rec.details,
-                        )
-                        stats.tokens += int(rec.tokens or 0)
-                    if self.single_objective and not math.isnan(sr.objective):
-                        e.trial.report(sr.objective, si)
-                values = [e.stages[-1].objective for e in active]
+
+        def scored(i: int, si: int, sr: Any) -> None:
+            e = entries[i]
+            e.stages.append(sr)
+            stats.stage_evaluations[sr.stage] = stats.stage_evaluations.get(sr.stage, 0) + 1
+            for rec in sr.records:
+                self.recorder.record_stage(trial_id(e.trial), rec.stage, rec.evaluator, rec.tokens, rec.value,
+                                           rec.seconds, rec.details)
+                stats.tokens += int(rec.tokens or 0)
+            if self.single_objective and not math.isnan(sr.objective):
+                e.trial.report(sr.objective, si)
+
+        def decided(i: int, si: int, value: float, promoted: bool | None) -> None:
+            e = entries[i]
+            last = si == len(stages) - 1
+            if e.stored is not None:  # a reused trial: already told, follow its recorded outcome
                 if last:
-                    promoted: list[bool | None] = [None] * len(active)
-                elif st.promote is None:
-                    promoted = [True] * len(active)
-                elif batch:
-                    promoted = list(st.promote.select(values, direction=st.direction))
-                    if sum(promoted) < min_final:
-                        order = sorted(range(len(values)), key=lambda i: (_stage_key(values[i], st.direction), i))
-                        for i in order[:min_final]:
-                            promoted[i] = True
-                else:
-                    history = self.recorder.stage_history(st.name)
-                    promoted = [st.promote.promotes(values[0], history, direction=st.direction)]
-                for e, v, p in zip(active, values, promoted):
-                    if e.stored is not None:
-                        self._settle_stored(e, st, si, last, p)
-                        continue
-                    if math.isnan(v):
-                        p = False if not last else None
-                    self.recorder.record_stage_result(e.trial._trial_id, st.name, si, v, p)
-                    if math.isnan(v):
-                        self._finish(e, "FAIL", stats)
-                    elif last:
-                        e.final = v
-                        self._finish(e, "COMPLETE", stats)
-                    elif not p:
-                        self._finish(e, "PRUNED", stats)
+                    e.final = value
+                if not promoted:
+                    e.done = True
+                return
+            self.recorder.record_stage_result(trial_id(e.trial), stages[si].name, si, value, promoted)
+            if math.isnan(value):
+                self._finish(e, "FAIL", stats)
+            elif last:
+                e.final = value
+                self._finish(e, "COMPLETE", stats)
+            elif not promoted:
+                self._finish(e, "PRUNED", stats)
+
+        try:
+            self.pipeline.run_batch(
+                [e.candidate for e in entries], self.model, self.context,
+                history=None if batch else self.recorder.stage_history,
+                known=[e.stored for e in entries], min_promoted=min_final if batch else 0,
+                on_scored=scored, on_decided=decided,
+            )
         except BaseException:
             for e in entries:
                 if not e.done and e.trial is not None:
                     self.recorder.release(e.candidate.key)
                     try:
                         self.study.tell(e.trial, state=_state("FAIL"))
-                    except Exception:  # pragma: no cover - best effort while failing
-                        pass
+                    except Exception as exc:  # the evaluation's own error is re-raised below
+                        _log.warning("could not fail trial %s after an error: %s", e.trial.number, exc)
                     e.done = True
                     stats.failed += 1
             raise
 
-    def _settle_stored(self, e: _Entry, st: Any, si: int, last: bool, promoted: bool | None) -> None:
-        """Follow a reused trial's recorded outcome at stage ``si`` (it is already told)."""
-        stages = [s.name for s in self.pipeline.stages]
-        goes_on = not last and si + 1 < len(stages) and stages[si + 1] in e.stored
-        if last:
-            e.final = e.stored.get(st.name)
-        if not last and promoted is not None and bool(promoted) != goes_on:
-            _log.warning(
-                "a replayed candidate's recorded promotion differs from the one computed now (evaluation "
-                "is not bit-reproducible here); the recorded outcome is kept",
-                extra={"fields": {"key": e.candidate.key, "stage": st.name, "recorded": goes_on}},
-            )
-        if not goes_on:
-            e.done = True
-
     def _values(self, entry: _Entry) -> list[float]:
         final = entry.stages[-1]
         out = []
-        for kind, src in self._sources:
-            if kind == "evaluator":
-                out.append(final.value(src.name))
+        for src in self._sources:
+            if src.kind == "evaluator":
+                out.append(final.value(src.evaluator.name))
             else:
-                out.append(self.space.ratio(entry.candidate, src))
+                out.append(self.space.ratio(entry.candidate, src.metric))
         return out
 
     def _finish(self, entry: _Entry, state: str, stats: SearchStats) -> None:
@@ -562,7 +492,7 @@ class Searcher:
             self.study.tell(trial, values if len(values) > 1 else values[0])
             stats.complete += 1
             for i, (v, d) in enumerate(zip(values, self.directions)):
-                if self._sources[i][0] == "evaluator" and math.isfinite(v):
+                if self._sources[i].kind == "evaluator" and math.isfinite(v):
                     w = self._worst[i]
                     self._worst[i] = v if w is None else (max(w, v) if d == "minimize" else min(w, v))
             self._tick(values[0] if len(values) == 1 else None)
@@ -580,9 +510,9 @@ class Searcher:
 
     def _tell_infeasible(self, trial: Any, candidate: Candidate, stats: SearchStats) -> None:
         values = []
-        for i, (kind, src) in enumerate(self._sources):
-            if kind == "cost":
-                values.append(self.space.ratio(candidate, src))
+        for i, src in enumerate(self._sources):
+            if src.kind == "cost":
+                values.append(self.space.ratio(candidate, src.metric))
             else:
                 worst = self._worst[i]
                 if worst is None:
@@ -604,7 +534,7 @@ class Searcher:
             if t.user_attrs.get(ATTR_PREFIX + "infeasible"):
                 continue
             trial.set_user_attr(ATTR_PREFIX + "duplicate_of", t.number)
-            self.recorder.record_candidate(trial._trial_id, candidate, source="duplicate")
+            self.recorder.record_candidate(trial_id(trial), candidate, source="duplicate")
             if t.state == optuna.trial.TrialState.COMPLETE:
                 self.study.tell(trial, t.values if len(t.values) > 1 else t.values[0])
                 self._tick(None)
@@ -661,12 +591,12 @@ def fixed_trial(study: Any, params: dict[str, Any], distributions: dict[str, Any
         raise ValueError(f"fixed_trial: no distribution for params {unknown}.")
     dists = {k: distributions[k] for k in params}
     for k, v in params.items():
-        if not dists[k]._contains(dists[k].to_internal_repr(v)):
+        if not distribution_contains(dists[k], v):
             raise ValueError(f"fixed_trial: param {k}={v!r} is outside its distribution {dists[k]}.")
     template = create_trial(state=TrialState.RUNNING, params=dict(params), distributions=dists,
                             user_attrs=dict(user_attrs or {}))
-    trial_id = study._storage.create_new_trial(study._study_id, template_trial=template)
-    return optuna.Trial(study, trial_id)
+    new_id = study_storage(study).create_new_trial(study_id(study), template_trial=template)
+    return optuna.Trial(study, new_id)
 
 
 def _state(name: str) -> Any:

@@ -10,24 +10,31 @@
 >>> cand = space.random(np.random.default_rng(0))      # uniform levels, then repaired into the budget
 >>> space.satisfies_budget(cand) and space.candidate_from_levels(space.levels_of(cand)) == cand
 True
+
+Architectures come from one registry (:func:`get_arch`, :data:`SUPPORTED_MODEL_TYPES`);
+``evoprune.pruning.register_adapter`` adds one. :func:`kept_per_row` is the one
+sparsity rule shared by the cost model and the pruning masks.
 """
 
-from ._candidate import ATTN_LINEARS, LINEAR_NAMES, MLP_LINEARS, SPARSITY_PATTERNS, Candidate, LayerConfig
-from ._cost import LATENCY_KINDS, METRICS, Budget, CostModel, LatencyTable, kept_per_row
-from ._space import ATTENTION_UNITS, GENE_KINDS, SPARSITY_GRANULARITIES, Gene, SearchSpace
-from ._spec import SUPPORTED_MODEL_TYPES, ModelSpec
+from typing import Any
 
+from ._archs import ArchFacts, get_arch, registered_model_types  # noqa: F401
+from ._candidate import ATTN_LINEARS, LINEAR_NAMES, MLP_LINEARS, Candidate, LayerConfig  # noqa: F401
+from ._cost import LATENCY_KINDS, METRICS, Budget, CostModel, LatencyTable  # noqa: F401
+from ._space import ATTENTION_UNITS, GENE_KINDS, SPARSITY_GRANULARITIES, Gene, SearchSpace  # noqa: F401
+from ._sparsity import SPARSITY_PATTERNS, kept_per_row
+from ._spec import ModelSpec
+
+# Also importable, not part of the advertised API: ATTENTION_UNITS, ATTN_LINEARS, LATENCY_KINDS,
+# MLP_LINEARS, SPARSITY_GRANULARITIES (option values, documented where they are used) and
+# registered_model_types (evoprune.pruning exports it).
 __all__ = [
-    "ATTENTION_UNITS",
-    "ATTN_LINEARS",
     "GENE_KINDS",
-    "LATENCY_KINDS",
     "LINEAR_NAMES",
     "METRICS",
-    "MLP_LINEARS",
-    "SPARSITY_GRANULARITIES",
     "SPARSITY_PATTERNS",
     "SUPPORTED_MODEL_TYPES",
+    "ArchFacts",
     "Budget",
     "Candidate",
     "CostModel",
@@ -36,5 +43,12 @@ __all__ = [
     "LayerConfig",
     "ModelSpec",
     "SearchSpace",
+    "get_arch",
     "kept_per_row",
 ]
+
+
+def __getattr__(name: str) -> Any:
+    if name == "SUPPORTED_MODEL_TYPES":  # derived from the registry: follows register_adapter
+        return registered_model_types()
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

@@ -13,14 +13,14 @@ import json
 from collections.abc import Iterable, Mapping
 from typing import Any
 
+from ._sparsity import SPARSITY_PATTERNS, check_sparsity
+
 LINEAR_NAMES: tuple[str, ...] = ("q", "k", "v", "o", "gate", "up", "down")
 """Logical names of the seven linear maps of a decoder block (fused projections,
 e.g. Phi-3's ``qkv_proj``/``gate_up_proj``, are addressed by their logical parts)."""
 
 ATTN_LINEARS: tuple[str, ...] = ("q", "k", "v", "o")
 MLP_LINEARS: tuple[str, ...] = ("gate", "up", "down")
-
-SPARSITY_PATTERNS: tuple[str, ...] = ("unstructured", "2:4")
 
 _JSON_VERSION = 1
 
@@ -151,7 +151,9 @@ class Candidate:
     Args:
         layers: one entry per decoder block of the dense model, in order.
         sparsity_pattern: ``"unstructured"`` or ``"2:4"``; with ``"2:4"`` every
-            sparsity level must be 0 or 0.5 (two of every four weights kept).
+            sparsity level must be 0 or 0.5 (two of every four weights kept) and every
+            sparse linear's input width a multiple of 4 (checked here for ``down``, whose
+            width is ``mlp_channels``; the others by ``ModelSpec.check_candidate``).
     """
 
     layers: tuple[LayerConfig, ...]
@@ -172,11 +174,13 @@ class Candidate:
         if self.sparsity_pattern == "2:4":
             for i, layer in enumerate(layers):
                 for name in LINEAR_NAMES:
-                    if layer.sparsity_of(name) not in (0.0, 0.5):
-                        raise ValueError(
-                            f"Candidate: with sparsity_pattern='2:4' every sparsity level must be 0 or 0.5; "
-                            f"layer {i} linear {name!r} has {layer.sparsity_of(name)}."
-                        )
+                    # down_proj reads the kept MLP channels: its width is known here (the others
+                    # need the model: ModelSpec.check_candidate)
+                    width = layer.mlp_channels if name == "down" and not layer.mlp_dropped else None
+                    try:
+                        check_sparsity(layer.sparsity_of(name), "2:4", width)
+                    except ValueError as exc:
+                        raise ValueError(f"Candidate (sparsity_pattern='2:4'): layer {i} linear {name!r}: {exc}") from None
         if all(layer.dropped for layer in layers):
             raise ValueError("Candidate drops every block; keep at least one sublayer.")
 

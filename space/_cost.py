@@ -20,9 +20,10 @@ query/KV heads, ``C`` kept MLP channels, ``T`` the cost model's ``seq_len``):
     ``sum(p.numel() for p in model.parameters())`` of the materialized model.
 ``nonzero_params``
     ``params`` with each kept linear weight of shape ``(out, in)`` at sparsity
-    ``s`` counted as ``out * (in - floor(s * in))`` (pruned per output row, as
-    Wanda/SparseGPT do; 2:4 is ``s = 0.5``). Embeddings, lm_head, norms and
-    biases stay dense.
+    ``s`` counted as ``out * kept_per_row(in, s)``, i.e. ``out * (in - floor(s * in))``
+    (pruned per output row, as Wanda/SparseGPT do; 2:4 is ``s = 0.5`` and needs
+    ``in`` divisible by 4). :func:`kept_per_row` is the rule the pruning masks
+    use too. Embeddings, lm_head, norms and biases stay dense.
 ``flops``
     Forward FLOPs per token at context length ``T``: ``2 *`` (every kept linear
     weight ``+ V*H`` for the lm_head, tied or not) ``+ 4 * nq * hd * (T + 1) / 2``
@@ -42,25 +43,18 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import statistics
 from collections.abc import Iterable, Mapping, Sequence
 from typing import Any
 
 from ._candidate import ATTN_LINEARS, MLP_LINEARS, Candidate, LayerConfig
+from ._sparsity import kept_per_row
 from ._spec import ModelSpec
 
 METRICS: tuple[str, ...] = ("params", "nonzero_params", "flops", "kv_bytes", "latency")
 """Cost metrics understood by :class:`CostModel` and :class:`Budget`."""
 
 LATENCY_KINDS: tuple[str, ...] = ("attn", "mlp")
-
-
-def kept_per_row(in_features: int, sparsity: float) -> int:
-    """Weights kept in one output row of ``in_features`` at ``sparsity``.
-
-    >>> kept_per_row(64, 0.5), kept_per_row(64, 0.7), kept_per_row(100, 0.29)
-    (32, 20, 71)
-    """
-    return in_features - math.floor(sparsity * in_features + 1e-9)
 
 
 # --------------------------------------------------------------------------- latency
@@ -170,7 +164,7 @@ class LatencyTable:
             groups.setdefault((kind, width), []).append(_check_seconds(f"LatencyTable.fit[{kind!r}, {width}]", seconds))
         if not groups:
             raise ValueError("LatencyTable.fit: no 'attn' or 'mlp' measurements given.")
-        table = {key: _median(values) for key, values in groups.items()}
+        table = {key: statistics.median(values) for key, values in groups.items()}
         if monotone:
             for kind in {k for k, _ in table}:
                 keys = sorted(k for k in table if k[0] == kind)
@@ -178,7 +172,7 @@ class LatencyTable:
                 for key, value in zip(keys, _isotonic([table[k] for k in keys], weights)):
                     table[key] = value
         if base is None:
-            base = _median(base_rows) if base_rows else 0.0
+            base = statistics.median(base_rows) if base_rows else 0.0
         return cls(entries=table, base=base)
 
     def to_dict(self) -> dict[str, Any]:
@@ -202,14 +196,11 @@ def _check_seconds(what: str, value: Any) -> float:
     return float(value)
 
 
-def _median(values: Sequence[float]) -> float:
-    s = sorted(values)
-    n = len(s)
-    return s[n // 2] if n % 2 else (s[n // 2 - 1] + s[n // 2]) / 2
-
-
 def _isotonic(values: Sequence[float], weights: Sequence[float]) -> list[float]:
-    """Weighted least-squares non-decreasing fit (pool adjacent violators)."""
+    """Weighted least-squares non-decreasing fit (pool adjacent violators).
+
+    Kept by hand: numpy has no isotonic fit, and scipy (``scipy.optimize.isotonic_regression``,
+    scipy >= 1.12) is not a runtime dependency of evoprune for these dozen lines."""
     blocks: list[list[float]] = []  # [mean, weight, count]
     for v, w in zip(values, weights):
         blocks.append([float(v), float(w), 1])
@@ -366,11 +357,12 @@ class CostModel:
 
     def attn_cost(
         self, num_kv_heads: int, q_per_kv: int, metric: str, *, sparsity: Mapping[str, float] | None = None,
-        seq_len: int | None = None,
+        seq_len: int | None = None, pattern: str = "unstructured",
     ) -> float:
         """Cost of one attention sublayer (with its input norm); 0 when dropped.
 
-        ``sparsity`` maps ``"q"``, ``"k"``, ``"v"``, ``"o"`` to levels (missing = 0).
+        ``sparsity`` maps ``"q"``, ``"k"``, ``"v"``, ``"o"`` to levels (missing = 0) of the
+        sparsity ``pattern``.
         """
         if num_kv_heads == 0:
             return 0
@@ -384,7 +376,7 @@ class CostModel:
             self._check_metric(metric)
             assert self.latency_table is not None
             return self.latency_table.lookup("attn", nq)
-        shapes = (("q", q_out, h), ("k", kv_out, h), ("v", kv_out, h), ("o", h, q_out))
+        shapes = s.attn_shapes(num_kv_heads, q_per_kv)
         if metric == "flops":
             t = self.seq_len if seq_len is None else seq_len
             return 2 * sum(r * c for _, r, c in shapes) + 2 * nq * hd * (t + 1)
@@ -393,16 +385,18 @@ class CostModel:
             return sum(r * c for _, r, c in shapes) + extra
         if metric == "nonzero_params":
             sp = sparsity or {}
-            return sum(r * kept_per_row(c, sp.get(n, 0.0)) for n, r, c in shapes) + extra
+            return sum(r * kept_per_row(c, sp.get(n, 0.0), pattern) for n, r, c in shapes) + extra
         self._check_metric(metric)
         raise AssertionError(metric)
 
     def mlp_cost(
-        self, channels: int, metric: str, *, sparsity: Mapping[str, float] | None = None
+        self, channels: int, metric: str, *, sparsity: Mapping[str, float] | None = None,
+        pattern: str = "unstructured",
     ) -> float:
         """Cost of one MLP sublayer (with its input norm); 0 when dropped.
 
-        ``sparsity`` maps ``"gate"``, ``"up"``, ``"down"`` to levels (missing = 0).
+        ``sparsity`` maps ``"gate"``, ``"up"``, ``"down"`` to levels (missing = 0) of the
+        sparsity ``pattern``.
         """
         if channels == 0:
             return 0
@@ -414,7 +408,7 @@ class CostModel:
             self._check_metric(metric)
             assert self.latency_table is not None
             return self.latency_table.lookup("mlp", channels)
-        shapes = (("gate", channels, h), ("up", channels, h), ("down", h, channels))
+        shapes = s.mlp_shapes(channels)
         if metric == "flops":
             return 2 * sum(r * c for _, r, c in shapes)
         extra = h + (2 * channels + h if s.mlp_bias else 0)
@@ -422,32 +416,39 @@ class CostModel:
             return sum(r * c for _, r, c in shapes) + extra
         if metric == "nonzero_params":
             sp = sparsity or {}
-            return sum(r * kept_per_row(c, sp.get(n, 0.0)) for n, r, c in shapes) + extra
+            return sum(r * kept_per_row(c, sp.get(n, 0.0), pattern) for n, r, c in shapes) + extra
         self._check_metric(metric)
         raise AssertionError(metric)
 
-    def layer_cost(self, layer: LayerConfig, metric: str, *, seq_len: int | None = None) -> float:
-        """Cost of one block: attention part + MLP part."""
+    def layer_cost(
+        self, layer: LayerConfig, metric: str, *, seq_len: int | None = None, pattern: str = "unstructured"
+    ) -> float:
+        """Cost of one block: attention part + MLP part (``pattern``: the candidate's sparsity pattern)."""
         self._check_metric(metric)
         attn_sp = mlp_sp = None
         if metric == "nonzero_params":
             attn_sp = {n: layer.sparsity_of(n) for n in ATTN_LINEARS}
             mlp_sp = {n: layer.sparsity_of(n) for n in MLP_LINEARS}
         return self.attn_cost(
-            layer.num_kv_heads, layer.q_per_kv, metric, sparsity=attn_sp, seq_len=seq_len
-        ) + self.mlp_cost(layer.mlp_channels, metric, sparsity=mlp_sp)
+            layer.num_kv_heads, layer.q_per_kv, metric, sparsity=attn_sp, seq_len=seq_len, pattern=pattern
+        ) + self.mlp_cost(layer.mlp_channels, metric, sparsity=mlp_sp, pattern=pattern)
 
     # ---- totals ------------------------------------------------------------
 
     def cost(self, candidate: Candidate, metric: str, *, seq_len: int | None = None) -> float:
-        """Total cost of ``candidate`` in ``metric`` (ints except for latency)."""
+        """Total cost of ``candidate`` in ``metric`` (ints except for latency).
+
+        Raises ``ValueError`` for a 2:4 candidate whose sparse linears' widths are not
+        multiples of 4 (see :meth:`ModelSpec.check_sparsity`)."""
         self._check_metric(metric)
         if candidate.num_layers != self.spec.num_layers:
             raise ValueError(
                 f"candidate has {candidate.num_layers} layers but the model has {self.spec.num_layers}."
             )
+        self.spec.check_sparsity(candidate)
+        pattern = candidate.sparsity_pattern
         return self.base_cost(metric, seq_len=seq_len) + sum(
-            self.layer_cost(layer, metric, seq_len=seq_len) for layer in candidate.layers
+            self.layer_cost(layer, metric, seq_len=seq_len, pattern=pattern) for layer in candidate.layers
         )
 
     def params(self, candidate: Candidate) -> int:

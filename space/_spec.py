@@ -1,9 +1,9 @@
 """`ModelSpec`: the architecture facts the search space and cost model need.
 
 Built from a transformers config (never from weights), so ``space/`` stays free
-of torch models. The pruning backend's adapters agree with these facts; the
-tests check that the cost model's parameter count equals the materialized
-model's ``sum(p.numel())``.
+of torch models. Per-architecture facts (biases, q/k norms, fused projections)
+come from the one registry in :mod:`evoprune.space._archs`; the tests check that
+the cost model's parameter count equals the materialized model's ``sum(p.numel())``.
 """
 
 from __future__ import annotations
@@ -11,21 +11,9 @@ from __future__ import annotations
 import dataclasses
 from typing import Any
 
+from ._archs import get_arch
 from ._candidate import Candidate, LayerConfig
-
-# model_type -> (qkv_bias, o_bias, mlp_bias, qk_norm, fused_qkv, fused_gate_up)
-# ``None`` for qkv_bias/o_bias means: read ``config.attention_bias``; for mlp_bias:
-# read ``config.mlp_bias`` (only Llama's MLP honours it; the others hard-code bias=False).
-_FLAGS = ("qkv_bias", "o_bias", "mlp_bias", "qk_norm", "fused_qkv", "fused_gate_up")
-_ARCH: dict[str, dict[str, Any]] = {
-    "llama": dict(zip(_FLAGS, (None, None, None, False, False, False))),
-    "mistral": dict(zip(_FLAGS, (False, False, False, False, False, False))),
-    "qwen2": dict(zip(_FLAGS, (True, False, False, False, False, False))),
-    "qwen3": dict(zip(_FLAGS, (None, None, False, True, False, False))),
-    "phi3": dict(zip(_FLAGS, (False, False, False, False, True, True))),
-}
-
-SUPPORTED_MODEL_TYPES: tuple[str, ...] = tuple(sorted(_ARCH))
+from ._sparsity import kept_per_row
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
@@ -73,16 +61,11 @@ class ModelSpec:
             config = config.get_text_config()
             get = lambda k, d=None: getattr(config, k, d)  # noqa: E731
         model_type = get("model_type")
-        if model_type not in _ARCH:
-            raise ValueError(
-                f"evoprune does not support model_type={model_type!r}; supported: {', '.join(SUPPORTED_MODEL_TYPES)}."
-            )
-        arch = _ARCH[model_type]
+        flags = get_arch(model_type).resolve(get)
         hidden = int(get("hidden_size"))
         heads = int(get("num_attention_heads"))
         kv = get("num_key_value_heads") or heads
         head_dim = get("head_dim") or hidden // heads
-        attention_bias = bool(get("attention_bias", False))
         return cls(
             model_type=model_type,
             num_layers=int(get("num_hidden_layers")),
@@ -93,12 +76,7 @@ class ModelSpec:
             intermediate_size=int(get("intermediate_size")),
             vocab_size=int(get("vocab_size")),
             tie_word_embeddings=bool(get("tie_word_embeddings", False)),
-            qkv_bias=attention_bias if arch["qkv_bias"] is None else arch["qkv_bias"],
-            o_bias=attention_bias if arch["o_bias"] is None else arch["o_bias"],
-            mlp_bias=bool(get("mlp_bias", False)) if arch["mlp_bias"] is None else arch["mlp_bias"],
-            qk_norm=arch["qk_norm"],
-            fused_qkv=arch["fused_qkv"],
-            fused_gate_up=arch["fused_gate_up"],
+            **flags,
         )
 
     def to_dict(self) -> dict[str, Any]:
@@ -127,6 +105,31 @@ class ModelSpec:
         """The candidate that keeps everything."""
         return Candidate(layers=(self.dense_layer(),) * self.num_layers)
 
+    def attn_shapes(self, num_kv_heads: int, q_per_kv: int) -> tuple[tuple[str, int, int], ...]:
+        """``((name, out_features, in_features), ...)`` of the kept q, k, v, o weights."""
+        h, hd = self.hidden_size, self.head_dim
+        q_out, kv_out = num_kv_heads * q_per_kv * hd, num_kv_heads * hd
+        return (("q", q_out, h), ("k", kv_out, h), ("v", kv_out, h), ("o", h, q_out))
+
+    def mlp_shapes(self, channels: int) -> tuple[tuple[str, int, int], ...]:
+        """``((name, out_features, in_features), ...)`` of the kept gate, up, down weights."""
+        h = self.hidden_size
+        return (("gate", channels, h), ("up", channels, h), ("down", h, channels))
+
+    def check_sparsity(self, candidate: Candidate) -> None:
+        """Raise ``ValueError`` if a sparse linear's width does not fit ``candidate.sparsity_pattern``
+        (2:4 needs input widths divisible by 4)."""
+        if candidate.sparsity_pattern == "unstructured":
+            return
+        for i, layer in enumerate(candidate.layers):
+            shapes = () if layer.attn_dropped else self.attn_shapes(layer.num_kv_heads, layer.q_per_kv)
+            shapes += () if layer.mlp_dropped else self.mlp_shapes(layer.mlp_channels)
+            for name, _, in_features in shapes:
+                try:
+                    kept_per_row(in_features, layer.sparsity_of(name), candidate.sparsity_pattern)
+                except ValueError as exc:
+                    raise ValueError(f"layer {i} linear {name!r}: {exc}") from None
+
     def check_candidate(self, candidate: Candidate) -> None:
         """Raise ``ValueError`` if ``candidate`` does not fit this model."""
         if candidate.num_layers != self.num_layers:
@@ -144,3 +147,4 @@ class ModelSpec:
                 raise ValueError(
                     f"layer {i}: mlp_channels={layer.mlp_channels} exceeds the model's {self.intermediate_size}."
                 )
+        self.check_sparsity(candidate)

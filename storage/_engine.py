@@ -3,7 +3,8 @@
 One SQLAlchemy engine serves both Optuna's tables and evoprune's: it is the
 engine of the :class:`optuna.storages.RDBStorage`, so a study database is an
 ordinary Optuna database (``optuna.load_study`` and ``optuna-dashboard`` open
-it as is).
+it as is). :func:`run_transaction` is the one place that runs a unit of work in a
+transaction and retries it after a transient lock conflict.
 
 SQLite files are switched to WAL mode, get a busy timeout and start every
 transaction with ``BEGIN IMMEDIATE`` (a deferred transaction that later wants
@@ -21,12 +22,16 @@ from __future__ import annotations
 
 import importlib.util
 import os
+import random
+import time
 import warnings
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import sqlalchemy as sa
 from sqlalchemy import event
+from sqlalchemy import exc as sa_exc
 
 __all__ = [
     "DEFAULT_GRACE_PERIOD",
@@ -36,7 +41,10 @@ __all__ = [
     "normalize_url",
     "open_rdb_storage",
     "redact_url",
+    "run_transaction",
 ]
+
+T = TypeVar("T")
 
 #: Seconds between heartbeats of a running trial.
 DEFAULT_HEARTBEAT_INTERVAL = 10
@@ -173,3 +181,55 @@ def open_rdb_storage(
         )
     configure_sqlite_engine(storage.engine)
     return storage
+
+
+# --------------------------------------------------------------------------- transactions
+
+#: Driver messages of lock conflicts that succeed when the transaction is simply run again.
+_TRANSIENT = ("database is locked", "deadlock", "lock wait timeout", "could not serialize", "busy")
+
+
+def is_transient(exc: BaseException, *, conflicts: bool = False) -> bool:
+    """Would running the failed transaction again succeed? True for lock conflicts (SQLite "database
+    is locked", MySQL deadlocks and lock wait timeouts, PostgreSQL serialization failures); with
+    ``conflicts``, also for a unique-constraint conflict with a concurrent writer (the next run reads
+    the row the other writer committed).
+
+    >>> is_transient(sa_exc.OperationalError("BEGIN", {}, Exception("database is locked")))
+    True
+    >>> is_transient(sa_exc.IntegrityError("INSERT", {}, Exception("UNIQUE constraint failed")))
+    False
+    """
+    if isinstance(exc, sa_exc.IntegrityError):
+        return conflicts
+    if not isinstance(exc, sa_exc.DBAPIError):
+        return False
+    text = str(getattr(exc, "orig", exc)).lower()
+    return any(s in text for s in _TRANSIENT)
+
+
+def run_transaction(engine: sa.Engine, fn: Callable[[sa.Connection], T], *, attempts: int = 8,
+                    retry_conflicts: bool = False) -> T:
+    """Run ``fn(conn)`` in one transaction (all or nothing) and return its result; run it again, after
+    a short random backoff, when it failed for a transient reason (see :func:`is_transient`).
+
+    Args:
+        engine: the study database's engine.
+        fn: the unit of work; it may run more than once, so it must not have effects outside ``conn``.
+        attempts: how often to run ``fn`` at most.
+        retry_conflicts: also run it again after a unique-constraint conflict (for a "create it
+            unless it exists" ``fn`` that races with another process doing the same).
+
+    >>> engine = sa.create_engine("sqlite://")
+    >>> run_transaction(engine, lambda conn: conn.execute(sa.text("SELECT 1 + 1")).scalar())
+    2
+    """
+    for attempt in range(attempts):
+        try:
+            with engine.begin() as conn:
+                return fn(conn)
+        except sa_exc.DBAPIError as exc:
+            if attempt + 1 >= attempts or not is_transient(exc, conflicts=retry_conflicts):
+                raise
+            time.sleep(min(2.0, 0.05 * 2**attempt) * (0.5 + random.random()))
+    raise AssertionError("unreachable")  # pragma: no cover

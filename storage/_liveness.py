@@ -1,24 +1,24 @@
-"""Heartbeats and the reaper: a dead worker's trials are failed and their candidates released.
+"""Who is alive: worker rows, heartbeats and the reaper that fails a dead worker's trials.
 
 Optuna's own heartbeat runs only inside ``Study.optimize``; evoprune drives trials by
-ask/tell, so each worker runs a :class:`Heartbeat` thread that, every
-``interval`` seconds, refreshes the worker's row and writes Optuna's
+ask/tell, so each worker registers a row in ``evoprune_workers`` and runs a :class:`Heartbeat`
+thread that, every ``interval`` seconds, refreshes that row and writes Optuna's
 ``trial_heartbeats`` row of every RUNNING trial it owns.
 
 :func:`reap` (run when a search, resume or worker starts, and between
 generations) then decides who is dead:
 
-* a worker on this host whose process is gone (or a zombie) -- immediately;
+* a worker on this host whose process is gone (or a zombie) -- immediately
+  (:class:`~evoprune.storage._owner.Owner` tells);
 * a worker anywhere whose heartbeat is older than ``grace_period`` seconds;
 * a RUNNING trial whose Optuna heartbeat is older than ``grace_period``;
 * a RUNNING trial that no worker ever recorded (it was asked, then its process
-  died before recording a candidate), once no other worker is alive; likewise a
-  WAITING trial tagged by the search driver (evoprune 0.1 enqueued fixed params
-  and asked for them; the driver now creates its trials RUNNING in one call).
+  died before recording a candidate), once no other worker is alive.
 
 Their trials become FAIL (Optuna state, with the system attribute
 ``evoprune:fail_reason``) and their claims are released, so the candidates are
-claimed and evaluated again -- retried, not lost.
+claimed and evaluated again -- retried, not lost. All ages are measured on the database's
+clock, so workers on machines whose clocks disagree judge each other alike.
 """
 
 from __future__ import annotations
@@ -26,21 +26,154 @@ from __future__ import annotations
 import dataclasses
 import threading
 import time
-from collections.abc import Callable
-from typing import Any
+from collections.abc import Callable, Iterable
+from typing import TYPE_CHECKING, Any
 
 import sqlalchemy as sa
 
 from .._logging import get_logger
-from ._database import StudyDatabase, _naive
-from ._schema import TrialRow
+from .._optuna_private import rdb_models
+from ._owner import Owner
+from ._scope import StudyScope
+from ._tables import TrialRow, WorkerRow
+from ._values import naive
 
-__all__ = ["Heartbeat", "ReapReport", "reap"]
+if TYPE_CHECKING:
+    from ._database import StudyDatabase
+
+__all__ = ["FAIL_REASON_ATTR", "Heartbeat", "ReapReport", "RunningTrial", "WorkersMixin", "reap"]
 
 _log = get_logger("storage.liveness")
 
 FAIL_REASON_ATTR = "evoprune:fail_reason"
-SOURCE_ATTR = "evoprune:source"  # set by the search driver on the trials it creates
+
+
+@dataclasses.dataclass(frozen=True)
+class RunningTrial:
+    """A RUNNING trial of the study, as the reaper sees it."""
+
+    trial_id: int
+    number: int
+    owner: str | None  # the worker that recorded its candidate; None: nobody did
+    heartbeat_age: float | None  # seconds since its last Optuna heartbeat (database clock); None: never beat
+
+
+class WorkersMixin(StudyScope):
+    """The worker and heartbeat methods of :class:`~evoprune.storage.StudyDatabase`."""
+
+    def register_worker(self, *, command: str = "") -> None:
+        """Record this process as working on the study (its heartbeat row)."""
+        o = self.owner
+
+        def run(conn: sa.Connection) -> None:
+            exists = conn.execute(sa.select(WorkerRow.id).where(WorkerRow.owner == o.name)).first()
+            if exists is None:
+                conn.execute(
+                    sa.insert(WorkerRow).values(
+                        study_id=self.study_id, owner=o.name, host=o.host[:255], pid=o.pid,
+                        proc_start=o.proc_start, command=command[:64],
+                    )
+                )
+            else:
+                conn.execute(
+                    sa.update(WorkerRow).where(WorkerRow.owner == o.name)
+                    .values(last_seen=sa.func.now(), stopped_at=None, stop_reason=None)
+                )
+
+        self._tx(run)
+
+    def beat(self) -> list[int]:
+        """Heartbeat: refresh this worker's ``last_seen`` and return the ids of the RUNNING trials it owns."""
+        from optuna.trial import TrialState
+
+        tm = rdb_models().TrialModel
+
+        def run(conn: sa.Connection) -> list[int]:
+            conn.execute(sa.update(WorkerRow).where(WorkerRow.owner == self.owner.name).values(last_seen=sa.func.now()))
+            rows = conn.execute(
+                sa.select(TrialRow.trial_id)
+                .join(tm, tm.trial_id == TrialRow.trial_id)
+                .where(TrialRow.owner == self.owner.name, tm.state == TrialState.RUNNING)
+            ).all()
+            return [int(r.trial_id) for r in rows]
+
+        return self._tx(run)
+
+    def stop_worker(self, reason: str = "finished") -> None:
+        """Mark this process' worker row stopped (it no longer counts as alive or dead)."""
+        self.mark_workers_dead([self.owner.name], reason)
+
+    def mark_workers_dead(self, owners: Iterable[str], reason: str) -> None:
+        """Mark the rows of ``owners`` stopped with ``reason`` (rows already stopped keep theirs)."""
+        owners = list(owners)
+        if owners:
+            self._tx(
+                lambda c: c.execute(
+                    sa.update(WorkerRow)
+                    .where(WorkerRow.owner.in_(owners), WorkerRow.stopped_at.is_(None))
+                    .values(stopped_at=sa.func.now(), stop_reason=reason[:255])
+                )
+            )
+
+    def workers(self) -> list[dict[str, Any]]:
+        """All workers of the study: their rows, plus ``db_now`` (the database clock when read)."""
+
+        def run(conn: sa.Connection) -> tuple[Any, list[Any]]:
+            now = conn.execute(sa.select(sa.func.now())).scalar()
+            rows = conn.execute(sa.select(WorkerRow.__table__).where(WorkerRow.study_id == self.study_id)).all()
+            return now, [dict(r._mapping) for r in rows]
+
+        now, rows = self._tx(run)
+        for r in rows:
+            r["db_now"] = now
+        return rows
+
+    def worker_liveness(self, grace_period: float) -> list[tuple[str, bool]]:
+        """``(owner, alive)`` of every other worker not stopped: a local one is alive while its process
+        is; a remote one while its heartbeat is at most ``grace_period`` seconds old."""
+        out = []
+        for w in self.workers():
+            if w["stopped_at"] is not None or w["owner"] == self.owner.name:
+                continue
+            alive = Owner(host=w["host"], pid=w["pid"], proc_start=w["proc_start"], token="").is_alive()
+            if alive is None:
+                alive = (naive(w["db_now"]) - naive(w["last_seen"])).total_seconds() <= grace_period
+            out.append((w["owner"], alive))
+        return out
+
+    def dead_workers(self, grace_period: float) -> list[str]:
+        """Other workers (not stopped) that are dead: gone on this host, or silent for ``grace_period`` s."""
+        return [owner for owner, alive in self.worker_liveness(grace_period) if not alive]
+
+    def live_workers(self, grace_period: float) -> list[str]:
+        """Other workers (not stopped) that are alive."""
+        return [owner for owner, alive in self.worker_liveness(grace_period) if alive]
+
+    def running_trials(self) -> list[RunningTrial]:
+        """Every RUNNING trial of the study with its worker and the age of its Optuna heartbeat."""
+        from optuna.trial import TrialState
+
+        om = rdb_models()
+        tm, hb = om.TrialModel, om.TrialHeartbeatModel
+
+        def run(conn: sa.Connection) -> tuple[Any, list[Any]]:
+            now = conn.execute(sa.select(sa.func.now())).scalar()
+            rows = conn.execute(
+                sa.select(tm.trial_id, tm.number, TrialRow.owner, hb.heartbeat)
+                .outerjoin(TrialRow, TrialRow.trial_id == tm.trial_id)
+                .outerjoin(hb, hb.trial_id == tm.trial_id)
+                .where(tm.study_id == self.optuna_study_id, tm.state == TrialState.RUNNING)
+                .order_by(tm.number)
+            ).all()
+            return now, rows
+
+        now, rows = self._tx(run)
+        return [
+            RunningTrial(trial_id=int(r.trial_id), number=int(r.number), owner=r.owner,
+                         heartbeat_age=None if r.heartbeat is None
+                         else (naive(now) - naive(r.heartbeat)).total_seconds())
+            for r in rows
+        ]
 
 
 class Heartbeat:
@@ -124,49 +257,20 @@ def reap(db: StudyDatabase, storage: Any, *, grace_period: float) -> ReapReport:
     import optuna
     from optuna.trial import TrialState
 
-    om = db._om
-    tm, hb = om.TrialModel, om.TrialHeartbeatModel
     report = ReapReport()
-    dead = set(db.dead_workers(grace_period))
-    others_alive = bool(db.live_workers(grace_period))
-
-    def running(conn: sa.Connection) -> tuple[Any, list[Any]]:
-        now = conn.execute(sa.select(sa.func.now())).scalar()
-        rows = conn.execute(
-            sa.select(tm.trial_id, tm.number, TrialRow.owner, hb.heartbeat)
-            .outerjoin(TrialRow, TrialRow.trial_id == tm.trial_id)
-            .outerjoin(hb, hb.trial_id == tm.trial_id)
-            .where(tm.study_id == db.optuna_study_id, tm.state == TrialState.RUNNING)
-        ).all()
-        return now, rows
-
-    now, rows = db._read(running)
-    now = _naive(now)
+    workers = db.worker_liveness(grace_period)
+    dead = {owner for owner, alive in workers if not alive}
+    others_alive = any(alive for _, alive in workers)
     to_fail: list[tuple[int, int, str]] = []
-    for r in rows:
-        if r.owner == db.owner.name:
+    for t in db.running_trials():
+        if t.owner == db.owner.name:
             continue
-        if r.owner is not None and r.owner in dead:
-            to_fail.append((r.trial_id, r.number, f"worker {r.owner} died"))
-        elif r.heartbeat is not None and (now - _naive(r.heartbeat)).total_seconds() > grace_period:
-            to_fail.append((r.trial_id, r.number, f"no heartbeat for more than {grace_period:g} s"))
-        elif r.owner is None and not others_alive:
-            to_fail.append((r.trial_id, r.number, "orphaned: asked by a process that is gone"))
-    if not others_alive:
-        # Enqueued by an older search driver (tagged evoprune:source) and never asked: the process
-        # died between enqueue and ask. The next ask of an Optuna sampler would pop it.
-        ua = om.TrialUserAttributeModel
-
-        def waiting(conn: sa.Connection) -> list[Any]:
-            return conn.execute(
-                sa.select(tm.trial_id, tm.number)
-                .join(ua, ua.trial_id == tm.trial_id)
-                .where(tm.study_id == db.optuna_study_id, tm.state == TrialState.WAITING,
-                       ua.key == SOURCE_ATTR)
-            ).all()
-
-        for r in db._read(waiting):
-            to_fail.append((r.trial_id, r.number, "enqueued by a process that is gone, never started"))
+        if t.owner is not None and t.owner in dead:
+            to_fail.append((t.trial_id, t.number, f"worker {t.owner} died"))
+        elif t.heartbeat_age is not None and t.heartbeat_age > grace_period:
+            to_fail.append((t.trial_id, t.number, f"no heartbeat for more than {grace_period:g} s"))
+        elif t.owner is None and not others_alive:
+            to_fail.append((t.trial_id, t.number, "orphaned: asked by a process that is gone"))
     for trial_id, number, reason in to_fail:
         try:
             # Optuna refuses attributes on finished trials, so the reason goes first.

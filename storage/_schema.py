@@ -1,335 +1,196 @@
-"""evoprune's own tables, next to Optuna's in the same database, and their migrations.
+"""The schema version of evoprune's tables and their migrations (alembic, like Optuna's own).
 
-Every table is prefixed ``evoprune_`` so it never collides with Optuna's
-(``studies``, ``trials``, ...). ``evoprune_schema_version`` holds one row with
-the schema version; :func:`migrate` brings any database (empty, Optuna-only or
-an older evoprune) to :data:`SCHEMA_VERSION` by running the ordered
-:data:`MIGRATIONS` it has not run yet, each in its own transaction.
+The migrations live in ``storage/migrations/versions`` (one file per schema version N, revision
+``"evoprune_v<N>"``); :func:`upgrade` runs the ones a database has not run yet with
+``alembic.command.upgrade`` on a programmatic config, the way Optuna upgrades its own tables.
+Alembic records them in ``evoprune_alembic_version``, a table of its own, so evoprune's revisions
+never mix with Optuna's ``alembic_version``. The integer row of ``evoprune_schema_version``
+(evoprune 0.1.0's version marker) is kept equal to the schema version, so an older evoprune
+refuses a database newer than itself, and a database written by evoprune 0.1.0 (that row, no
+alembic table) is stamped with its revision and then upgraded like any other.
 
 >>> import sqlalchemy as sa
 >>> engine = sa.create_engine("sqlite://")
 >>> schema_version(engine) is None            # no evoprune tables yet
 True
->>> migrate(engine)
-1
->>> schema_version(engine) == SCHEMA_VERSION
+>>> upgrade(engine) == SCHEMA_VERSION == schema_version(engine)
 True
 >>> sorted(t for t in sa.inspect(engine).get_table_names() if t.startswith("evoprune_"))[:3]
-['evoprune_artifacts', 'evoprune_claims', 'evoprune_fingerprints']
+['evoprune_alembic_version', 'evoprune_artifacts', 'evoprune_claims']
 """
 
 from __future__ import annotations
 
-import datetime as _dt
-import random
-import time
-from collections.abc import Callable, Sequence
+import contextlib
+import logging
+import os
+import zlib
+from collections.abc import Iterator, Sequence
+from typing import Any
 
 import sqlalchemy as sa
-from sqlalchemy import exc as sa_exc
-from sqlalchemy.dialects import mysql
-from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
 
 from .._logging import get_logger
+from ._engine import run_transaction
+from ._tables import SchemaVersionRow, utcnow
 
-__all__ = [
-    "MIGRATIONS",
-    "SCHEMA_VERSION",
-    "SchemaVersionError",
-    "migrate",
-    "schema_version",
-]
+__all__ = ["SCHEMA_VERSION", "VERSION_TABLE", "SchemaVersionError", "schema_version", "upgrade"]
 
 _log = get_logger("storage.schema")
 
-#: Version of the evoprune tables this code reads and writes.
+#: Version of the evoprune tables this code reads and writes: the number of its newest migration.
 SCHEMA_VERSION = 1
+#: Alembic's version table for evoprune's migrations (Optuna's own is ``alembic_version``).
+VERSION_TABLE = "evoprune_alembic_version"
 
-#: JSON documents are stored as text we serialize ourselves (canonical, NaN-free);
-#: MySQL's TEXT stops at 64 KiB, so use LONGTEXT there.
-JSONText = sa.Text().with_variant(mysql.LONGTEXT(), "mysql", "mariadb")
-
-
-def utcnow() -> _dt.datetime:
-    """Naive UTC timestamp (portable across SQLite, PostgreSQL and MySQL)."""
-    return _dt.datetime.now(_dt.timezone.utc).replace(tzinfo=None)
-
-
-class Base(DeclarativeBase):
-    metadata = sa.MetaData(
-        naming_convention={
-            "ix": "ix_%(table_name)s_%(column_0_N_name)s",
-            "uq": "uq_%(table_name)s_%(column_0_N_name)s",
-            "fk": "fk_%(table_name)s_%(column_0_name)s",
-            "pk": "pk_%(table_name)s",
-        }
-    )
-
-
-class SchemaVersionRow(Base):
-    """One row (id 1): the evoprune schema version of this database."""
-
-    __tablename__ = "evoprune_schema_version"
-    id: Mapped[int] = mapped_column(sa.Integer, primary_key=True, autoincrement=False)
-    version: Mapped[int] = mapped_column(sa.Integer, nullable=False)
-    updated_at: Mapped[_dt.datetime] = mapped_column(sa.DateTime, nullable=False, default=utcnow)
-
-
-class StudyRow(Base):
-    """An evoprune study: the Optuna study it extends and its full config."""
-
-    __tablename__ = "evoprune_studies"
-    id: Mapped[int] = mapped_column(sa.Integer, primary_key=True, autoincrement=True)
-    optuna_study_id: Mapped[int] = mapped_column(sa.Integer, nullable=False, unique=True)
-    study_name: Mapped[str] = mapped_column(sa.String(512), nullable=False)
-    config_json: Mapped[str] = mapped_column(JSONText, nullable=False)
-    config_sha256: Mapped[str] = mapped_column(sa.String(64), nullable=False)
-    evoprune_version: Mapped[str] = mapped_column(sa.String(32), nullable=False)
-    created_at: Mapped[_dt.datetime] = mapped_column(sa.DateTime, nullable=False, default=utcnow)
-
-
-class FingerprintRow(Base):
-    """Model / data fingerprints a study was started with (one row per kind)."""
-
-    __tablename__ = "evoprune_fingerprints"
-    __table_args__ = (sa.UniqueConstraint("study_id", "kind"),)
-    id: Mapped[int] = mapped_column(sa.Integer, primary_key=True, autoincrement=True)
-    study_id: Mapped[int] = mapped_column(sa.ForeignKey("evoprune_studies.id", ondelete="CASCADE"), nullable=False)
-    kind: Mapped[str] = mapped_column(sa.String(64), nullable=False)
-    value: Mapped[str] = mapped_column(sa.String(256), nullable=False)
-    details_json: Mapped[str] = mapped_column(JSONText, nullable=False, default="{}")
-    created_at: Mapped[_dt.datetime] = mapped_column(sa.DateTime, nullable=False, default=utcnow)
-
-
-class WorkerRow(Base):
-    """A process working on a study; ``last_seen`` is its heartbeat (database clock)."""
-
-    __tablename__ = "evoprune_workers"
-    __table_args__ = (sa.Index(None, "study_id"),)
-    id: Mapped[int] = mapped_column(sa.Integer, primary_key=True, autoincrement=True)
-    study_id: Mapped[int] = mapped_column(sa.ForeignKey("evoprune_studies.id", ondelete="CASCADE"), nullable=False)
-    owner: Mapped[str] = mapped_column(sa.String(255), nullable=False, unique=True)
-    host: Mapped[str] = mapped_column(sa.String(255), nullable=False)
-    pid: Mapped[int] = mapped_column(sa.Integer, nullable=False)
-    proc_start: Mapped[str] = mapped_column(sa.String(64), nullable=False, default="")
-    command: Mapped[str] = mapped_column(sa.String(64), nullable=False, default="")
-    started_at: Mapped[_dt.datetime] = mapped_column(sa.DateTime, nullable=False, server_default=sa.func.now())
-    last_seen: Mapped[_dt.datetime] = mapped_column(sa.DateTime, nullable=False, server_default=sa.func.now())
-    stopped_at: Mapped[_dt.datetime | None] = mapped_column(sa.DateTime, nullable=True)
-    stop_reason: Mapped[str | None] = mapped_column(sa.String(255), nullable=True)
-
-
-class ClaimRow(Base):
-    """A reserved candidate. ``(study_id, candidate_key)`` is unique, so of two workers that
-    claim the same candidate exactly one ``INSERT`` succeeds. A released claim may be taken
-    again: ``attempts`` counts the evaluations that failed (plus the one in progress), at most
-    ``max_attempts``; a claim released because its worker died gives its attempt back (a kill,
-    a reboot or a lost machine is not the candidate's fault), so an interrupted search can be
-    resumed any number of times."""
-
-    __tablename__ = "evoprune_claims"
-    __table_args__ = (sa.UniqueConstraint("study_id", "candidate_key"),)
-    id: Mapped[int] = mapped_column(sa.Integer, primary_key=True, autoincrement=True)
-    study_id: Mapped[int] = mapped_column(sa.ForeignKey("evoprune_studies.id", ondelete="CASCADE"), nullable=False)
-    candidate_key: Mapped[str] = mapped_column(sa.String(128), nullable=False)
-    owner: Mapped[str] = mapped_column(sa.String(255), nullable=False)
-    status: Mapped[str] = mapped_column(sa.String(16), nullable=False)  # "claimed" | "released"
-    attempts: Mapped[int] = mapped_column(sa.Integer, nullable=False, default=1)
-    trial_id: Mapped[int | None] = mapped_column(sa.Integer, nullable=True)
-    claimed_at: Mapped[_dt.datetime] = mapped_column(sa.DateTime, nullable=False, default=utcnow)
-    updated_at: Mapped[_dt.datetime] = mapped_column(sa.DateTime, nullable=False, default=utcnow)
-
-
-class TrialRow(Base):
-    """The candidate a trial evaluates (JSON and key), where it came from and who ran it."""
-
-    __tablename__ = "evoprune_trials"
-    __table_args__ = (sa.Index(None, "study_id", "candidate_key"),)
-    id: Mapped[int] = mapped_column(sa.Integer, primary_key=True, autoincrement=True)
-    study_id: Mapped[int] = mapped_column(sa.ForeignKey("evoprune_studies.id", ondelete="CASCADE"), nullable=False)
-    trial_id: Mapped[int] = mapped_column(sa.Integer, nullable=False, unique=True)
-    trial_number: Mapped[int] = mapped_column(sa.Integer, nullable=False)
-    candidate_key: Mapped[str] = mapped_column(sa.String(128), nullable=False)
-    candidate_json: Mapped[str] = mapped_column(JSONText, nullable=False)
-    source: Mapped[str] = mapped_column(sa.String(32), nullable=False)
-    owner: Mapped[str] = mapped_column(sa.String(255), nullable=False, default="")
-    created_at: Mapped[_dt.datetime] = mapped_column(sa.DateTime, nullable=False, default=utcnow)
-
-
-class StageRow(Base):
-    """A trial's outcome at one stage: the objective the promotion ranks and the decision."""
-
-    __tablename__ = "evoprune_stages"
-    __table_args__ = (sa.UniqueConstraint("trial_id", "stage"), sa.Index(None, "study_id", "stage"))
-    id: Mapped[int] = mapped_column(sa.Integer, primary_key=True, autoincrement=True)
-    study_id: Mapped[int] = mapped_column(sa.ForeignKey("evoprune_studies.id", ondelete="CASCADE"), nullable=False)
-    trial_id: Mapped[int] = mapped_column(sa.Integer, nullable=False)
-    stage: Mapped[str] = mapped_column(sa.String(128), nullable=False)
-    stage_index: Mapped[int] = mapped_column(sa.Integer, nullable=False, default=0)
-    objective: Mapped[float | None] = mapped_column(sa.Float(precision=53), nullable=True)
-    objective_repr: Mapped[str | None] = mapped_column(sa.String(16), nullable=True)
-    direction: Mapped[str | None] = mapped_column(sa.String(16), nullable=True)
-    promoted: Mapped[bool | None] = mapped_column(sa.Boolean, nullable=True)
-    seconds: Mapped[float] = mapped_column(sa.Float(precision=53), nullable=False, default=0.0)
-    created_at: Mapped[_dt.datetime] = mapped_column(sa.DateTime, nullable=False, default=utcnow)
-
-
-class StageResultRow(Base):
-    """One evaluator's result for one trial at one stage."""
-
-    __tablename__ = "evoprune_stage_results"
-    __table_args__ = (sa.UniqueConstraint("trial_id", "stage", "evaluator"), sa.Index(None, "study_id", "stage"))
-    id: Mapped[int] = mapped_column(sa.Integer, primary_key=True, autoincrement=True)
-    study_id: Mapped[int] = mapped_column(sa.ForeignKey("evoprune_studies.id", ondelete="CASCADE"), nullable=False)
-    trial_id: Mapped[int] = mapped_column(sa.Integer, nullable=False)
-    stage: Mapped[str] = mapped_column(sa.String(128), nullable=False)
-    evaluator: Mapped[str] = mapped_column(sa.String(128), nullable=False)
-    tokens: Mapped[int | None] = mapped_column(sa.BigInteger, nullable=True)
-    value: Mapped[float | None] = mapped_column(sa.Float(precision=53), nullable=True)
-    value_repr: Mapped[str | None] = mapped_column(sa.String(16), nullable=True)
-    seconds: Mapped[float] = mapped_column(sa.Float(precision=53), nullable=False, default=0.0)
-    direction: Mapped[str | None] = mapped_column(sa.String(16), nullable=True)
-    details_json: Mapped[str] = mapped_column(JSONText, nullable=False, default="{}")
-    created_at: Mapped[_dt.datetime] = mapped_column(sa.DateTime, nullable=False, default=utcnow)
-
-
-class SamplerStateRow(Base):
-    """The sampler's state at the start of a generation (first writer wins)."""
-
-    __tablename__ = "evoprune_sampler_states"
-    __table_args__ = (sa.UniqueConstraint("study_id", "generation"),)
-    id: Mapped[int] = mapped_column(sa.Integer, primary_key=True, autoincrement=True)
-    study_id: Mapped[int] = mapped_column(sa.ForeignKey("evoprune_studies.id", ondelete="CASCADE"), nullable=False)
-    generation: Mapped[int] = mapped_column(sa.Integer, nullable=False)
-    sampler: Mapped[str] = mapped_column(sa.String(255), nullable=False)
-    state_json: Mapped[str] = mapped_column(JSONText, nullable=False)
-    state_sha256: Mapped[str] = mapped_column(sa.String(64), nullable=False)
-    created_at: Mapped[_dt.datetime] = mapped_column(sa.DateTime, nullable=False, default=utcnow)
-
-
-class ArtifactRow(Base):
-    """An exported checkpoint: where, its content digest, the candidate and its metrics."""
-
-    __tablename__ = "evoprune_artifacts"
-    __table_args__ = (sa.Index(None, "study_id", "trial_id"),)
-    id: Mapped[int] = mapped_column(sa.Integer, primary_key=True, autoincrement=True)
-    study_id: Mapped[int] = mapped_column(sa.ForeignKey("evoprune_studies.id", ondelete="CASCADE"), nullable=False)
-    trial_id: Mapped[int] = mapped_column(sa.Integer, nullable=False)
-    trial_number: Mapped[int] = mapped_column(sa.Integer, nullable=False)
-    path: Mapped[str] = mapped_column(sa.Text, nullable=False)
-    sha256: Mapped[str] = mapped_column(sa.String(64), nullable=False)
-    candidate_key: Mapped[str] = mapped_column(sa.String(128), nullable=False)
-    candidate_json: Mapped[str] = mapped_column(JSONText, nullable=False)
-    metrics_json: Mapped[str] = mapped_column(JSONText, nullable=False, default="{}")
-    created_at: Mapped[_dt.datetime] = mapped_column(sa.DateTime, nullable=False, default=utcnow)
-
-
-# --------------------------------------------------------------------------- migrations
+MIGRATIONS_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "migrations")
+_REVISION_PREFIX = "evoprune_v"
+_LOCK_NAME = "evoprune_migrate"
+_LOCK_TIMEOUT_S = 600
 
 
 class SchemaVersionError(RuntimeError):
-    """The database's evoprune schema is newer than this code, or a migration failed."""
+    """The database's evoprune tables are newer than this evoprune understands, or migrating them failed."""
 
 
-Migration = Callable[[sa.Connection], None]
-
-_V1_TABLES = (
-    "evoprune_studies",
-    "evoprune_fingerprints",
-    "evoprune_workers",
-    "evoprune_claims",
-    "evoprune_trials",
-    "evoprune_stages",
-    "evoprune_stage_results",
-    "evoprune_sampler_states",
-    "evoprune_artifacts",
-)
+def _revision(version: int) -> str:
+    return f"{_REVISION_PREFIX}{version}"
 
 
-def _migrate_to_v1(conn: sa.Connection) -> None:
-    """Version 1: create the study, fingerprint, worker, claim, trial, stage, sampler-state and artifact tables.
-
-    (When a later version changes one of these tables, freeze its version-1 definition here so
-    that this migration keeps creating exactly the version-1 layout.)
-    """
-    tables = [Base.metadata.tables[name] for name in _V1_TABLES]
-    Base.metadata.create_all(conn, tables=tables, checkfirst=True)
+def _number(revision: str) -> int | None:
+    """The schema version of an evoprune revision id, ``None`` for one not named ``evoprune_v<N>``."""
+    tail = revision[len(_REVISION_PREFIX):] if revision.startswith(_REVISION_PREFIX) else ""
+    return int(tail) if tail.isdigit() else None
 
 
-#: Ordered migrations: ``MIGRATIONS[i]`` takes a database from version ``i`` to ``i + 1``.
-MIGRATIONS: tuple[Migration, ...] = (_migrate_to_v1,)
+def _newer_error(found: str, target: int) -> SchemaVersionError:
+    return SchemaVersionError(
+        f"this database has evoprune schema version {found}, newer than the {target} this evoprune "
+        "understands; upgrade evoprune (pip install -U evoprune) to open it."
+    )
 
-assert len(MIGRATIONS) == SCHEMA_VERSION
+
+def _alembic_config(connection: sa.Connection, version_locations: Sequence[str] = ()) -> Any:
+    from alembic.config import Config
+
+    config = Config()
+    config.set_main_option("script_location", MIGRATIONS_DIR.replace("%", "%%"))
+    if version_locations:
+        locations = [os.path.join(MIGRATIONS_DIR, "versions"), *map(os.fspath, version_locations)]
+        config.set_main_option("version_path_separator", "os")
+        config.set_main_option("version_locations", os.pathsep.join(locations).replace("%", "%%"))
+    config.attributes["connection"] = connection
+    return config
+
+
+def _current_revision(connection: sa.Connection) -> str | None:
+    from alembic.migration import MigrationContext
+
+    context = MigrationContext.configure(connection, opts={"version_table": VERSION_TABLE})
+    return context.get_current_revision()
+
+
+def _legacy_version(connection: sa.Connection) -> int | None:
+    """The integer of ``evoprune_schema_version`` (all an evoprune 0.1.0 database has), or ``None``."""
+    if not sa.inspect(connection).has_table(SchemaVersionRow.__tablename__):
+        return None
+    row = connection.execute(sa.select(SchemaVersionRow.version).where(SchemaVersionRow.id == 1)).scalar()
+    return None if row is None else int(row)
 
 
 def schema_version(engine: sa.Engine) -> int | None:
-    """The evoprune schema version stored in ``engine``'s database, ``None`` if it has none."""
+    """The evoprune schema version of ``engine``'s database, ``None`` if it has no evoprune tables."""
     with engine.connect() as conn:
-        if not sa.inspect(conn).has_table(SchemaVersionRow.__tablename__):
-            return None
-        row = conn.execute(sa.select(SchemaVersionRow.version).where(SchemaVersionRow.id == 1)).scalar()
-        return None if row is None else int(row)
+        revision = _current_revision(conn)
+        number = None if revision is None else _number(revision)
+        return number if number is not None else _legacy_version(conn)
 
 
-def _ensure_version_table(engine: sa.Engine) -> None:
-    with engine.begin() as conn:
-        Base.metadata.create_all(conn, tables=[SchemaVersionRow.__table__], checkfirst=True)
-        has = conn.execute(sa.select(SchemaVersionRow.version).where(SchemaVersionRow.id == 1)).first()
-        if has is None:
-            conn.execute(sa.insert(SchemaVersionRow).values(id=1, version=0, updated_at=utcnow()))
+def is_current(engine: sa.Engine) -> bool:
+    """Is the database at exactly this code's schema version (one query: nothing to migrate)?"""
+    with engine.connect() as conn:
+        return _current_revision(conn) == _revision(SCHEMA_VERSION)
 
 
-def _migrate_once(engine: sa.Engine, migrations: Sequence[Migration], target: int) -> int:
-    _ensure_version_table(engine)
-    while True:
-        with engine.begin() as conn:
-            # Row lock (PostgreSQL/MySQL) so concurrent processes migrate one at a time.
-            stmt = sa.select(SchemaVersionRow.version).where(SchemaVersionRow.id == 1)
-            if conn.dialect.name != "sqlite":
-                stmt = stmt.with_for_update()
-            else:  # take SQLite's write lock now instead of upgrading a read lock later
-                conn.execute(sa.update(SchemaVersionRow).where(SchemaVersionRow.id == 1).values(id=1))
-            current = int(conn.execute(stmt).scalar_one())
-            if current > target:
+@contextlib.contextmanager
+def _migration_lock(engine: sa.Engine) -> Iterator[None]:
+    """Let one process at a time migrate: a server-wide named lock held on a connection of its own
+    (PostgreSQL advisory lock, MySQL ``GET_LOCK``). SQLite needs none: the migration's transaction
+    starts with ``BEGIN IMMEDIATE``, which already excludes every other writer."""
+    dialect = engine.dialect.name
+    if dialect not in ("postgresql", "mysql", "mariadb"):
+        yield
+        return
+    key = zlib.crc32(_LOCK_NAME.encode())
+    with engine.connect() as conn:
+        if dialect == "postgresql":
+            conn.execute(sa.text("SELECT pg_advisory_lock(:k)"), {"k": key})
+        else:
+            got = conn.execute(sa.text("SELECT GET_LOCK(:n, :t)"), {"n": _LOCK_NAME, "t": _LOCK_TIMEOUT_S}).scalar()
+            if got != 1:
                 raise SchemaVersionError(
-                    f"this database has evoprune schema version {current}, newer than the {target} this "
-                    "evoprune understands; upgrade evoprune (pip install -U evoprune) to open it."
+                    f"waited {_LOCK_TIMEOUT_S} s for another process migrating the evoprune tables; try again."
                 )
-            if current == target:
-                return current
-            _log.info("migrating evoprune tables", extra={"fields": {"from": current, "to": current + 1}})
-            migrations[current](conn)
-            conn.execute(
-                sa.update(SchemaVersionRow)
-                .where(SchemaVersionRow.id == 1, SchemaVersionRow.version == current)
-                .values(version=current + 1, updated_at=utcnow())
-            )
+        conn.commit()
+        try:
+            yield
+        finally:
+            if dialect == "postgresql":
+                conn.execute(sa.text("SELECT pg_advisory_unlock(:k)"), {"k": key})
+            else:
+                conn.execute(sa.text("SELECT RELEASE_LOCK(:n)"), {"n": _LOCK_NAME})
+            conn.commit()
 
 
-def migrate(engine: sa.Engine, *, migrations: Sequence[Migration] | None = None, attempts: int = 6) -> int:
-    """Create or upgrade evoprune's tables in ``engine``'s database; return the resulting version.
+def _upgrade_in(connection: sa.Connection, version_locations: Sequence[str]) -> int:
+    from alembic import command
+    from alembic.script import ScriptDirectory
 
-    Safe to call from several processes at once: each migration runs in a transaction that holds
-    the version row, and a process that loses a race to create a table retries (MySQL commits DDL
-    implicitly, so its migrations are written to be re-runnable).
+    logging.getLogger("alembic").setLevel(logging.WARNING)  # as Optuna does: no INFO lines per run
+    config = _alembic_config(connection, version_locations)
+    script = ScriptDirectory.from_config(config)
+    head = script.get_current_head()
+    target = _number(head or "")
+    if target is None:
+        raise SchemaVersionError(f"evoprune's newest migration is {head!r}, not named {_REVISION_PREFIX}<N>.")
+    known = {rev.revision for rev in script.walk_revisions()}
+    current = _current_revision(connection)
+    if current is None:
+        legacy = _legacy_version(connection)
+        if legacy is not None and legacy > target:
+            raise _newer_error(str(legacy), target)
+        if legacy:  # evoprune 0.1.0 migrated it to `legacy` itself: record that, run what follows
+            _log.info("stamping evoprune tables of an older release",
+                      extra={"fields": {"schema_version": legacy, "revision": _revision(legacy)}})
+            command.stamp(config, _revision(legacy))
+            current = _revision(legacy)
+    elif current not in known:
+        number = _number(current)
+        raise _newer_error(str(number) if number is not None else repr(current), target)
+    if current != head:
+        _log.info("migrating evoprune tables", extra={"fields": {"from": current, "to": head}})
+        command.upgrade(config, "head")
+    values = {"version": target, "updated_at": utcnow()}
+    if connection.execute(sa.update(SchemaVersionRow).where(SchemaVersionRow.id == 1).values(**values)).rowcount == 0:
+        connection.execute(sa.insert(SchemaVersionRow).values(id=1, **values))
+    return target
+
+
+def upgrade(engine: sa.Engine, *, version_locations: Sequence[str] = ()) -> int:
+    """Create or upgrade evoprune's tables in ``engine``'s database; return the resulting schema version.
+
+    Runs the migrations the database has not run yet, in one transaction (on MySQL, which commits
+    each ``CREATE``/``ALTER`` at once, a migration that stopped half-way is written to run again)
+    under a lock that lets one process at a time migrate, so any number of workers may open a new
+    database at the same moment. An empty or Optuna-only database gets every table; a database of
+    evoprune 0.1.0 keeps its rows.
 
     Args:
         engine: a SQLAlchemy engine on the study database.
-        migrations: the ordered migrations (default :data:`MIGRATIONS`); the target version is their count.
-        attempts: how often to retry after a concurrent-creation conflict.
+        version_locations: extra folders of revision files (tests add a future version with it).
 
     Raises:
-        SchemaVersionError: the database is newer than this code, or migrating kept failing.
+        SchemaVersionError: the database is newer than this evoprune.
     """
-    migrations = tuple(MIGRATIONS if migrations is None else migrations)
-    target = len(migrations)
-    last: Exception | None = None
-    for attempt in range(attempts):
-        try:
-            return _migrate_once(engine, migrations, target)
-        except SchemaVersionError:
-            raise
-        except (sa_exc.OperationalError, sa_exc.ProgrammingError, sa_exc.IntegrityError) as exc:
-            last = exc
-            time.sleep(0.05 * (attempt + 1) + random.random() * 0.1)
-    raise SchemaVersionError(f"could not migrate the evoprune tables after {attempts} attempts: {last}") from last
+    with _migration_lock(engine):
+        return run_transaction(engine, lambda conn: _upgrade_in(conn, version_locations))

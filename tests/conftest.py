@@ -31,8 +31,8 @@ def tiny(arch):
 
 @pytest.fixture(scope="session")
 def reference_corpus():
-    """The cached reference corpus (``evoprune._corpus.ReferenceCorpus``)."""
-    from evoprune._corpus import CorpusUnavailableError, load_reference_corpus
+    """The cached reference corpus (``evoprune.data.ReferenceCorpus``)."""
+    from evoprune.data import CorpusUnavailableError, load_reference_corpus
 
     try:
         return load_reference_corpus()
@@ -49,6 +49,6 @@ def reference_tiny(reference_corpus):
     its validation perplexity and fingerprints, ``lm_eval_tasks/`` the
     test-split lm-eval tasks.
     """
-    from evoprune._reference import build_reference_model
+    from evoprune.data import build_reference_model
 
     return build_reference_model("tiny", progress=False)

@@ -44,7 +44,7 @@ def ref_data(reference_tiny, reference_corpus) -> RefData:
     """The trained tiny reference model (``reference_tiny``) with tokenized validation/calibration splits."""
     import transformers
 
-    from evoprune._corpus import tokenized_split
+    from evoprune.data import tokenized_split
 
     path = Path(reference_tiny)
     tok = transformers.AutoTokenizer.from_pretrained(path)

@@ -13,8 +13,11 @@ from pathlib import Path
 import pytest
 import torch
 
-from evoprune import _corpus, _lmeval_tasks, _reference
-from evoprune._corpus import SPLITS, CorpusUnavailableError, load_reference_corpus, tokenized_split
+from evoprune._fingerprint import ids_fingerprint
+from evoprune._paths import cache_root
+from evoprune.data import SPLITS, CorpusUnavailableError, load_reference_corpus, tokenized_split
+from evoprune.data import _corpus, _lmeval_tasks
+from evoprune.data import _reference_model as _reference
 
 #: Pinned: changes only when the sdist, the cleaning or the split rule changes
 #: (then bump CORPUS_FORMAT_VERSION and update this).
@@ -24,7 +27,7 @@ _OFFLINE = {"HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "TRANSFORMERS_OFF
 
 
 def _sdist_path() -> Path:
-    return _corpus.cache_root() / "downloads" / _corpus.SDIST_FILENAME
+    return cache_root() / "downloads" / _corpus.SDIST_FILENAME
 
 
 def _long_lines(text: str) -> set[str]:
@@ -95,7 +98,7 @@ def test_tokenized_split_stream_and_fingerprint(reference_corpus, reference_tiny
     assert int((ids == tok.eos_token_id).sum()) == len(reference_corpus.documents("validation"))
     assert int(ids[-1]) == tok.eos_token_id
     ids2, fp2 = tokenized_split(tok, "validation", reference_corpus)
-    assert fp == fp2 == _corpus.token_fingerprint(ids) and torch.equal(ids, ids2)
+    assert fp == fp2 == ids_fingerprint(ids, chars=64) and torch.equal(ids, ids2)
     assert re.fullmatch(r"[0-9a-f]{64}", fp)
     _, fp_test = tokenized_split(tok, "test", reference_corpus)
     assert fp_test != fp

@@ -133,7 +133,7 @@ def test_build_runtime_text_data_and_search(tmp_path):
 
 
 def _reference_tiny_cached() -> bool:
-    from evoprune._corpus import cache_root
+    from evoprune._paths import cache_root
 
     return any((p / ".evoprune_complete").is_file() for p in (cache_root() / "models").glob("reference-tiny-*"))
 

@@ -352,10 +352,18 @@ def test_recorder_protocol_and_custom_recorder(base):
         def release(self, key):
             self.claimed.discard(key)
 
+    class Incomplete(ListRecorder):
+        finished_trial = None  # the protocol's replay hook is missing
+
     rec = ListRecorder()
-    assert isinstance(rec, Recorder)
+    assert not isinstance(rec, Recorder)  # no finished_trial yet: the driver refuses it
     rt = make_runtime(base, WIDTH)
     study = optuna.create_study(directions=rt.directions)
+    with pytest.raises(TypeError, match="Recorder protocol"):
+        Searcher(rt, study, EvolutionarySampler(offspring=3, seed=0), recorder=rec, progress=False)
+    ListRecorder.finished_trial = lambda self, key: None
+    rec = ListRecorder()
+    assert isinstance(rec, Recorder) and not isinstance(Incomplete(), Recorder)
     Searcher(rt, study, EvolutionarySampler(offspring=3, seed=0), recorder=rec, progress=False).run(n_generations=2)
     assert rec.state[0] == 2
     assert sum(r[0] == "cand" for r in rec.rows) == 4

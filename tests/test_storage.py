@@ -342,7 +342,7 @@ def test_fixed_trials_are_created_atomically_across_workers(storage_url):
 def test_cli_resume_stops_when_a_fingerprint_changed(tmp_path, capsys, monkeypatch):
     """`evoprune resume` exits with code 3 and names what changed (the runtime is faked: no model)."""
     from evoprune._cli import main
-    from evoprune.storage import EvoStudy
+    from evoprune.search import EvoStudy
 
     url = f"sqlite:///{tmp_path / 'fp.db'}"
     study = create_study(tiny_study_config(), storage=url, study_name="fp")

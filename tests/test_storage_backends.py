@@ -176,7 +176,7 @@ def test_migration_path_runs_in_order_and_refuses_newer_databases(storage_url):
 def test_migration_adds_evoprune_tables_to_a_plain_optuna_database(storage_url):
     import optuna
 
-    from evoprune.storage import create_study
+    from evoprune import create_study
 
     optuna.create_study(storage=storage_url, study_name="plain")
     study = create_study(tiny_study_config(), storage=storage_url, study_name="evo")

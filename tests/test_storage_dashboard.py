@@ -16,7 +16,7 @@ import pytest
 from test_storage_backends import tiny_study_config
 
 from evoprune.space import Candidate, LayerConfig
-from evoprune.storage import create_study
+from evoprune import create_study
 
 
 def _free_port() -> int:

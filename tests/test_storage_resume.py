@@ -17,7 +17,7 @@ import sqlalchemy as sa
 from optuna.trial import TrialState
 from test_storage_backends import make_storage_url
 
-from evoprune.storage import load_study
+from evoprune import load_study
 
 CONFIG = """\
 model: reference:tiny

@@ -26,48 +26,61 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
-import sqlalchemy as sa
+import optuna
+from optuna.trial import TrialState
 
+from .. import __version__
 from .._logging import get_logger
-from ._database import Artifact, StageOutcome, StageRecord, StudyDatabase, pareto_mask
-from ._engine import DEFAULT_GRACE_PERIOD, DEFAULT_HEARTBEAT_INTERVAL, default_storage_url, normalize_url, open_rdb_storage, redact_url
-from ._liveness import Heartbeat, ReapReport, reap
-from ._recorder import SQLRecorder
+from .._optuna_private import study_id, trial_id
+from ..space import Candidate
+from ..storage import (
+    DEFAULT_GRACE_PERIOD,
+    DEFAULT_HEARTBEAT_INTERVAL,
+    Artifact,
+    Heartbeat,
+    ReapReport,
+    SQLRecorder,
+    StageOutcome,
+    StageRecord,
+    StudyDatabase,
+    default_storage_url,
+    normalize_url,
+    open_rdb_storage,
+    reap,
+    redact_url,
+)
+from ._config import StudyConfig
+from ._objectives import objective_directions
+from ._pareto import pareto_front
+from ._runtime import build_runtime, make_sampler
+from ._searcher import Searcher
+from ._stages import build_pipeline
 
-__all__ = ["EvoStudy", "ParetoPoint", "StudyNotFoundError", "create_study", "list_studies", "load_study"]
+__all__ = ["EvoStudy", "ParetoPoint", "StudyNotFoundError", "create_study", "load_study"]
 
-_log = get_logger("storage.study")
-
-
-def _fixed_params_sampler_class() -> type:
-    import optuna
-
-    class FixedParamsSampler(optuna.samplers.BaseSampler):
-        """Gives each new trial the next of a list of fixed params (per process: no shared enqueue queue)."""
-
-        def __init__(self, queue: list[dict[str, int]]) -> None:
-            self._queue = list(queue)
-            self._current: dict[str, int] = {}
-
-        def infer_relative_search_space(self, study: Any, trial: Any) -> dict[str, Any]:
-            return {}
-
-        def sample_relative(self, study: Any, trial: Any, search_space: Any) -> dict[str, Any]:
-            return {}
-
-        def before_trial(self, study: Any, trial: Any) -> None:
-            self._current = self._queue.pop(0) if self._queue else {}
-
-        def sample_independent(self, study: Any, trial: Any, param_name: str, param_distribution: Any) -> Any:
-            if param_name not in self._current:
-                raise RuntimeError(f"no fixed value for param {param_name!r} of the retried candidate")
-            return self._current[param_name]
-
-    return FixedParamsSampler
+_log = get_logger("search.study")
 
 
-def _FixedParamsSampler(queue: list[dict[str, int]]) -> Any:
-    return _fixed_params_sampler_class()(queue)
+class _FixedParamsSampler(optuna.samplers.BaseSampler):
+    """Gives each new trial the next of a list of fixed params (per process: no shared enqueue queue)."""
+
+    def __init__(self, queue: list[dict[str, int]]) -> None:
+        self._queue = list(queue)
+        self._current: dict[str, int] = {}
+
+    def infer_relative_search_space(self, study: Any, trial: Any) -> dict[str, Any]:
+        return {}
+
+    def sample_relative(self, study: Any, trial: Any, search_space: Any) -> dict[str, Any]:
+        return {}
+
+    def before_trial(self, study: Any, trial: Any) -> None:
+        self._current = self._queue.pop(0) if self._queue else {}
+
+    def sample_independent(self, study: Any, trial: Any, param_name: str, param_distribution: Any) -> Any:
+        if param_name not in self._current:
+            raise RuntimeError(f"no fixed value for param {param_name!r} of the retried candidate")
+        return self._current[param_name]
 
 
 class StudyNotFoundError(LookupError):
@@ -84,9 +97,7 @@ class ParetoPoint:
     candidate_key: str | None
 
 
-def _coerce_config(config: Any) -> tuple[Any, Path | None]:
-    from ..search import StudyConfig
-
+def _coerce_config(config: Any) -> tuple[StudyConfig, Path | None]:
     if isinstance(config, StudyConfig):
         return config, None
     if isinstance(config, Mapping):
@@ -101,45 +112,25 @@ def _coerce_config(config: Any) -> tuple[Any, Path | None]:
     raise TypeError(f"config must be a StudyConfig, a dict or a path to a YAML/JSON file, got {type(config).__name__}.")
 
 
-def study_directions(config: Any) -> list[str]:
-    """Optuna directions of ``config.objectives`` (no model needed): evaluator objectives take the
-    direction of the last stage's evaluator of that name, cost metrics are minimized."""
-    from ..search import build_pipeline
-
-    last = build_pipeline(config.stages).stages[-1]
-    out = []
-    for name in config.objectives:
-        ev = next((e for e in last.evaluators if e.name == name), None)
-        if ev is None and name == "kl":
-            ev = next((e for e in last.evaluators if type(e).__name__ == "KLToDense"), None)
-        out.append(ev.direction if ev is not None else "minimize")
-    return out
+def study_directions(config: StudyConfig) -> list[str]:
+    """Optuna directions of ``config.objectives`` (no model needed; see :func:`objective_directions`)."""
+    return objective_directions(config.objectives, build_pipeline(config.stages))
 
 
-def _study_sampler(config: Any) -> Any:
+def _study_sampler(config: StudyConfig) -> Any:
     """The Optuna study's own sampler: the config's Optuna sampler, or -- for generation samplers,
     whose trials get fixed params -- a RandomSampler, which never reads the trial history (Optuna's
     default TPE/NSGA-II would load every trial on each ask)."""
-    import optuna
-
-    from ..search import make_sampler
-
     built = make_sampler(config.sampler.name, config.sampler.options, seed=config.seed)[0]
     if isinstance(built, optuna.samplers.BaseSampler):
         return built
     return optuna.samplers.RandomSampler(seed=config.seed)
 
 
-def _default_name(config: Any, path: Path | None) -> str:
+def _default_name(config: StudyConfig, path: Path | None) -> str:
     if path is not None:
         return path.stem
     return "evoprune-" + config.fingerprint[:8]
-
-
-def _version() -> str:
-    from .. import __version__
-
-    return __version__
 
 
 class EvoStudy:
@@ -165,7 +156,10 @@ class EvoStudy:
         self._url = url
         self.heartbeat_interval = float(heartbeat_interval)
         self.grace_period = float(grace_period)
-        self.recorder = SQLRecorder(db, storage)
+        stages = build_pipeline(config.stages).stages
+        self.recorder = SQLRecorder(db, storage, directions={
+            st.name: {**{ev.name: ev.direction for ev in st.evaluators}, "objective": st.direction} for st in stages
+        })
         self.last_retried = 0
 
     def __repr__(self) -> str:
@@ -201,10 +195,8 @@ class EvoStudy:
     def _trial_id(self, number: int) -> int:
         return self.storage.get_trial_id_from_study_id_trial_number(self.db.optuna_study_id, int(number))
 
-    def candidate(self, number: int) -> Any:
+    def candidate(self, number: int) -> Candidate:
         """The :class:`~evoprune.space.Candidate` trial ``number`` evaluated."""
-        from ..space import Candidate
-
         found = self.db.candidate_of(self._trial_id(number))
         if found is None:
             raise LookupError(f"trial {number} of study {self.name!r} has no recorded candidate.")
@@ -222,48 +214,21 @@ class EvoStudy:
         return self.db.artifacts()
 
     def pareto_front(self) -> list[ParetoPoint]:
-        """The non-dominated COMPLETE trials, by trial number; one query over Optuna's value rows
-        (no ``FrozenTrial`` objects), so it stays fast for tens of thousands of trials."""
-        from optuna.trial import TrialState
-
-        from ._schema import TrialRow
-
-        om = self.db._om
-        tm, tv = om.TrialModel, om.TrialValueModel
-        n_obj = len(self.optuna_study.directions)
-
-        def run(conn: sa.Connection) -> list[Any]:
-            return conn.execute(
-                sa.select(tm.trial_id, tm.number, tv.objective, tv.value, tv.value_type, TrialRow.candidate_key)
-                .join(tv, tv.trial_id == tm.trial_id)
-                .outerjoin(TrialRow, TrialRow.trial_id == tm.trial_id)
-                .where(tm.study_id == self.db.optuna_study_id, tm.state == TrialState.COMPLETE)
-                .order_by(tm.number, tv.objective)
-            ).all()
-
-        rows = self.db._read(run)
-        vt = tv.TrialValueType
-        trials: dict[int, list[Any]] = {}
-        for r in rows:
-            entry = trials.setdefault(r.number, [r.trial_id, [float("nan")] * n_obj, r.candidate_key])
-            if r.value_type == vt.INF_POS:
-                value = float("inf")
-            elif r.value_type == vt.INF_NEG:
-                value = float("-inf")
-            else:
-                value = float(r.value)
-            entry[1][r.objective] = value
-        numbers = sorted(trials)
-        mask = pareto_mask([trials[n][1] for n in numbers], self.directions)
-        return [
-            ParetoPoint(number=n, trial_id=trials[n][0], values=tuple(trials[n][1]), candidate_key=trials[n][2])
-            for n, keep in zip(numbers, mask) if keep
-        ]
+        """The non-dominated feasible COMPLETE trials, by trial number -- the trials of
+        ``optuna_study.best_trials`` (ties kept), computed from one query over the value rows."""
+        rows = self.db.complete_values(len(self.optuna_study.directions))
+        keep = set(pareto_front([values for _, _, values, _ in rows], self.directions))
+        return [ParetoPoint(number=n, trial_id=tid, values=values, candidate_key=key)
+                for i, (n, tid, values, key) in enumerate(rows) if i in keep]
 
     @property
     def best_trials(self) -> list[Any]:
         """``FrozenTrial`` of every Pareto-front trial (the best trial for one objective, ties included)."""
         return [self.storage.get_trial(p.trial_id) for p in self.pareto_front()]
+
+    def sampler_state(self) -> tuple[int, dict[str, Any]] | None:
+        """The last saved ``(generation, state)`` of the study's generation sampler, or ``None``."""
+        return self.db.load_sampler_state()
 
     def fingerprints(self) -> dict[str, str]:
         return self.db.fingerprints()
@@ -286,8 +251,6 @@ class EvoStudy:
 
     def build_runtime(self, **kwargs: Any) -> Any:
         """Load model and data of the stored config and check their fingerprints against the study's."""
-        from ..search import build_runtime
-
         runtime = build_runtime(self.config, **kwargs)
         self.verify_fingerprints(runtime.fingerprints)
         return runtime
@@ -314,8 +277,6 @@ class EvoStudy:
         Returns the :class:`~evoprune.search.SearchStats` of the search (``last_retried``: how many
         candidates the retry pass evaluated).
         """
-        from ..search import Searcher
-
         stops = {k: v for k, v in dict(n_trials=n_trials, n_generations=n_generations, timeout=timeout,
                                        max_tokens=max_tokens).items() if v is not None}
         if not stops:
@@ -356,16 +317,13 @@ class EvoStudy:
         finally:
             try:
                 self.db.stop_worker(stopped)
-            except Exception:  # pragma: no cover - database gone
-                pass
+            except Exception as exc:  # pragma: no cover - database gone; the search's own error wins
+                _log.warning("could not mark this worker stopped: %s", exc)
 
     def retry_released(self, runtime: Any, *, limit: int | None = None) -> int:
         """Evaluate again the candidates whose trials failed (dead worker, evaluation error) and that
         nobody has claimed since: each becomes a new trial with the candidate's params, claimed,
         staged and told like any other. Returns how many were retried."""
-        from ..search import Searcher
-        from ..space import Candidate
-
         todo = self.db.retryable()[:limit]
         if not todo:
             return 0
@@ -383,8 +341,6 @@ class EvoStudy:
     def export(self, number: int, out_dir: str | os.PathLike[str], *, runtime: Any = None) -> Artifact:
         """Write trial ``number``'s candidate as an HF checkpoint (``Pruner.export``) and record it
         (path, sha256 of the folder's files, candidate, metrics)."""
-        from optuna.trial import TrialState
-
         trial = self.storage.get_trial(self._trial_id(number))
         if trial.state != TrialState.COMPLETE:
             raise ValueError(
@@ -409,7 +365,7 @@ class EvoStudy:
             "study": self.name,
             "fingerprints": self.fingerprints(),
         }
-        self.db.record_artifact(trial._trial_id, path=str(path), sha256=digest, metrics=metrics)
+        self.db.record_artifact(trial_id(trial), path=str(path), sha256=digest, metrics=metrics)
         return self.db.artifacts()[-1]
 
 
@@ -463,8 +419,6 @@ def create_study(
         >>> load_study(storage=url, study_name="demo").config == cfg
         True
     """
-    import optuna
-
     cfg, path = _coerce_config(config)
     url = normalize_url(storage) if storage is not None else default_storage_url(path)
     name = study_name or _default_name(cfg, path)
@@ -484,41 +438,11 @@ def create_study(
             f"study {name!r} exists with directions {stored}, but this config's objectives need {directions}; "
             "choose another study name."
         )
-    db = StudyDatabase.create_or_open(rdb.engine, optuna_study_id=study._study_id, study_name=name,
-                                      config=cfg.to_dict(), evoprune_version=_version())
+    db = StudyDatabase.create_or_open(rdb.engine, optuna_study_id=study_id(study), study_name=name,
+                                      config=cfg.to_dict(), evoprune_version=__version__)
     _log.info("study ready", extra={"fields": {"study": name, "storage": redact_url(url)}})
     return EvoStudy(storage=rdb, optuna_study=study, db=db, config=cfg, url=url,
                     heartbeat_interval=heartbeat_interval, grace_period=grace_period)
-
-
-def list_studies(storage: str | os.PathLike[str]) -> list[dict[str, Any]]:
-    """Every study in the database: name, directions, trial counts by state, whether it is an evoprune study."""
-    from ._schema import StudyRow
-
-    url = normalize_url(storage)
-    rdb = open_rdb_storage(url)
-    out = []
-    evo_ids: set[int] = set()
-    with rdb.engine.connect() as conn:
-        if sa.inspect(conn).has_table(StudyRow.__tablename__):
-            evo_ids = {r[0] for r in conn.execute(sa.select(StudyRow.optuna_study_id))}
-        om = __import__("optuna.storages._rdb.models", fromlist=["models"])
-        counts = conn.execute(
-            sa.select(om.TrialModel.study_id, om.TrialModel.state, sa.func.count())
-            .group_by(om.TrialModel.study_id, om.TrialModel.state)
-        ).all()
-    by_study: dict[int, dict[str, int]] = {}
-    for sid, state, n in counts:
-        by_study.setdefault(sid, {})[state.name] = int(n)
-    for s in rdb.get_all_studies():
-        out.append({
-            "name": s.study_name,
-            "study_id": s._study_id,
-            "directions": [d.name.lower() for d in s.directions],
-            "trials": by_study.get(s._study_id, {}),
-            "evoprune": s._study_id in evo_ids,
-        })
-    return out
 
 
 def load_study(
@@ -534,10 +458,6 @@ def load_study(
         StudyNotFoundError: no such study (the message lists the studies that exist).
         LookupError: the study is a plain Optuna study without evoprune data.
     """
-    import optuna
-
-    from ..search import StudyConfig
-
     url = normalize_url(storage)
     rdb = open_rdb_storage(url)
     try:
@@ -548,7 +468,7 @@ def load_study(
             f"no study named {study_name!r} in {redact_url(url)}; studies there: {names or 'none'}. "
             "List them with `evoprune studies --storage URL`."
         ) from None
-    db = StudyDatabase.open(rdb.engine, optuna_study_id=study._study_id, study_name=study_name)
+    db = StudyDatabase.open(rdb.engine, optuna_study_id=study_id(study), study_name=study_name)
     config = StudyConfig.from_dict(db.config())
     study.sampler = _study_sampler(config)
     return EvoStudy(storage=rdb, optuna_study=study, db=db, config=config, url=url,

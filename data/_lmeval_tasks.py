@@ -37,7 +37,7 @@ from pathlib import Path
 from typing import Any
 
 from ._corpus import ReferenceCorpus
-from ._logging import get_logger
+from .._logging import get_logger
 
 __all__ = ["CLOZE_TASK", "PPL_TASK", "cloze_items", "lmeval_tasks_up_to_date", "ppl_passages", "write_lmeval_tasks"]
 

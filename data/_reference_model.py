@@ -9,7 +9,7 @@ warmup then cosine decay), and saves a standard Hugging Face checkpoint
   unigram perplexity of the same validation tokens (from train-split
   frequencies), corpus and token fingerprints, seed, training tokens, timings;
 * ``lm_eval_tasks/``: the held-out test-split lm-eval tasks
-  (:mod:`evoprune._lmeval_tasks`);
+  (:mod:`evoprune.data._lmeval_tasks`);
 * ``.evoprune_complete``: the completion marker, written last.
 
 A build happens in a staging folder renamed into place at the end, so the
@@ -43,17 +43,11 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from ._corpus import (
-    SPLITS,
-    CorpusUnavailableError,
-    ReferenceCorpus,
-    cache_root,
-    load_reference_corpus,
-    make_staging_dir,
-    tokenized_split,
-)
+from .._logging import get_logger
+from .._paths import cache_root
+from ._corpus import SPLITS, CorpusUnavailableError, ReferenceCorpus, load_reference_corpus, make_staging_dir
 from ._lmeval_tasks import CLOZE_TASK, PPL_TASK, lmeval_tasks_up_to_date, write_lmeval_tasks
-from ._logging import get_logger
+from ._sources import tokenized_split
 
 if TYPE_CHECKING:  # pragma: no cover
     import torch
@@ -198,30 +192,17 @@ def evaluate_perplexity(
 ) -> tuple[float, torch.Tensor]:
     """Perplexity of ``model`` on a token stream cut into non-overlapping ``seq_len`` windows.
 
-    Every window's first token is context only; returns the perplexity and the
+    Every window's first token is context only; returns the perplexity
+    (:func:`evoprune.evaluators.perplexity`, the one perplexity rule) and the
     predicted target ids (``windows[:, 1:]``, flattened), so a baseline can be
     scored on exactly the same tokens.
     """
-    import torch
+    from ..evaluators import perplexity
 
     windows = _windows(ids, seq_len)
     if windows.numel() == 0:
         raise ValueError(f"need at least {seq_len} tokens, got {ids.numel()}")
-    device = next(model.parameters()).device
-    was_training = model.training
-    model.eval()
-    total, count = 0.0, 0
-    with torch.inference_mode():
-        for start in range(0, windows.shape[0], batch_size):
-            x = windows[start : start + batch_size].to(device)
-            logits = model(input_ids=x).logits[:, :-1].float()
-            nll = torch.nn.functional.cross_entropy(
-                logits.reshape(-1, logits.shape[-1]), x[:, 1:].reshape(-1), reduction="sum"
-            )
-            total += float(nll)
-            count += x[:, 1:].numel()
-    model.train(was_training)
-    return math.exp(total / count), windows[:, 1:].reshape(-1)
+    return perplexity(model, windows, batch_size=batch_size), windows[:, 1:].reshape(-1)
 
 
 def unigram_perplexity(train_ids: torch.Tensor, target_ids: torch.Tensor, vocab_size: int) -> float:

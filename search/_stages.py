@@ -1,0 +1,82 @@
+"""Stage schedule -> evaluators and :class:`~evoprune.evaluators.Pipeline` (one place).
+
+Config evaluator specs are ``{"type": ..., "name": ..., **options}``; a type is a built-in
+(``kl``, ``ppl``, ``latency``, ``cost``, ``lm_eval``) or an import path ``"pkg.mod:Class"``
+(:func:`load_object`). An evaluator's default name is its type.
+"""
+
+from __future__ import annotations
+
+import importlib
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+from .. import evaluators as ev
+
+__all__ = ["build_evaluator", "build_pipeline", "load_object"]
+
+
+def load_object(path: str) -> Any:
+    """Import ``"pkg.module:Name"`` (or ``"pkg.module.Name"``)."""
+    if ":" in path:
+        module, _, name = path.partition(":")
+    else:
+        module, _, name = path.rpartition(".")
+    if not module or not name:
+        raise ValueError(f"{path!r} is not an import path; write it as 'package.module:ClassName'.")
+    try:
+        obj = importlib.import_module(module)
+    except ImportError as exc:
+        raise ValueError(f"cannot import module {module!r} of {path!r}: {exc}") from None
+    for part in name.split("."):
+        try:
+            obj = getattr(obj, part)
+        except AttributeError:
+            raise ValueError(f"module {module!r} has no {name!r} (from {path!r}).") from None
+    return obj
+
+
+def build_evaluator(spec: Mapping[str, Any]) -> Any:
+    """The evaluator of one normalized config spec (``{"type": ..., "name": ..., **options}``)."""
+    spec = dict(spec)
+    t = spec.pop("type")
+    name = spec.pop("name", None)
+    if t == "kl":
+        return ev.KLToDense(name=name or "kl", **spec)
+    if t == "ppl":
+        return ev.Perplexity(name=name or "ppl", **spec)
+    if t == "latency":
+        return ev.Latency(name=name or "latency", **spec)
+    if t == "cost":
+        return ev.Cost(name=name, **spec)
+    if t == "lm_eval":
+        tasks = spec.pop("tasks")
+        return ev.LMEval(tasks, name=name, **spec)
+    cls = load_object(t)
+    return cls(name=name, **spec) if name is not None else cls(**spec)
+
+
+def build_pipeline(stages: Sequence[Any]) -> Any:
+    """The :class:`~evoprune.evaluators.Pipeline` of a stage schedule (:class:`StageConfig` objects)."""
+
+    out = []
+    for s in stages:
+        promote = None
+        if s.promote is not None:
+            if "top_k" in s.promote:
+                promote = ev.TopK(int(s.promote["top_k"]))
+            else:
+                promote = ev.TopFraction(float(s.promote["top_fraction"]), int(s.promote.get("min_count", 1)))
+        out.append(
+            ev.Stage(
+                name=s.name,
+                evaluators=tuple(build_evaluator(e) for e in s.evaluators),
+                eval_tokens=s.eval_tokens,
+                seq_len=s.seq_len,
+                finetune_tokens=s.finetune_tokens,
+                finetune=dict(s.finetune),
+                promote=promote,
+                objective=s.objective,
+            )
+        )
+    return ev.Pipeline(out)

@@ -1,0 +1,280 @@
+"""Budget moves on a :class:`~evoprune.space.SearchSpace`: uniform and random candidates,
+exact cheapest/most expensive candidates, per-step savings and budget repair.
+
+A mixin of ``SearchSpace``; every move works on level vectors and the additive
+:class:`~evoprune.space.CostModel` (costs per block, per attention/MLP part).
+"""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+
+from ._candidate import ATTN_LINEARS, MLP_LINEARS, Candidate
+
+
+class MovesMixin:
+    """Candidates by moving levels (uses the ``SearchSpace``'s genes, level mapping and cost model)."""
+
+    def uniform(self, target: int | float, *, metric: str | None = None) -> Candidate:
+        """A candidate that compresses every non-frozen block alike.
+
+        ``target`` as an ``int``: every gene except ``Li.block`` at that level
+        (``ValueError`` if some gene has fewer levels). As a ``float`` ratio in
+        ``(0, 1]``: all genes advance together along their non-dropping levels
+        (level ``round(t * last_non_drop_level)`` for a common ``t``) to the least
+        compressed setting whose ``metric`` (default: the first budget's metric,
+        else ``"params"``) is at most ``ratio`` of dense.
+        """
+        if isinstance(target, bool) or not isinstance(target, (int, float, np.integer, np.floating)):
+            raise TypeError(f"uniform() takes a level (int) or a ratio (float), got {target!r}.")
+        if isinstance(target, (int, np.integer)):
+            level = int(target)
+            lv = []
+            for g in self.genes:
+                if g.kind == "block":
+                    lv.append(0)
+                    continue
+                if not 0 <= level <= g.top:
+                    top = min(h.top for h in self.genes if h.kind != "block")
+                    raise ValueError(f"uniform({level}): gene {g.name} has levels 0..{g.top}; use a level in 0..{top}.")
+                lv.append(level)
+            return self._candidate(lv)
+        ratio = float(target)
+        if not 0.0 < ratio <= 1.0:
+            raise ValueError(f"uniform(ratio): ratio must be in (0, 1], got {ratio}.")
+        if metric is None:
+            metric = self.budget[0].metric if self.budget else "params"
+        self.cost_model._check_metric(metric)
+        limit = ratio * self.dense_cost(metric)
+        reach = [0 if g.kind == "block" else g.top - (1 if g.drops else 0) for g in self.genes]
+        ts = sorted({0.0, 1.0} | {(j - 0.5) / r for r in set(reach) if r for j in range(1, r + 1)})
+        best = None
+        for t in ts:
+            lv = [math.floor(t * r + 0.5 + 1e-9) if r else 0 for r in reach]
+            cand = self._candidate(lv)
+            cost = self.cost(cand, metric)
+            best = (cand, cost)
+            if cost <= limit * (1 + 1e-12):
+                return cand
+        assert best is not None
+        raise ValueError(
+            f"uniform({ratio}): the most compressed uniform candidate costs {best[1] / self.dense_cost(metric):.1%} "
+            f"of dense {metric}; use a larger ratio or a space that compresses more."
+        )
+
+    def random(self, rng: np.random.Generator | int | None = None, *, within_budget: bool = True) -> Candidate:
+        """A random candidate: every gene's level uniform, then :meth:`repair` if the space has a budget.
+
+        Deterministic given ``rng`` (a ``numpy.random.Generator`` or a seed).
+        """
+        rng = np.random.default_rng(rng)
+        for _ in range(1000):
+            lv = [int(rng.integers(0, g.top + 1)) for g in self.genes]
+            try:
+                cand = self._candidate(lv)
+            except ValueError:
+                continue  # every block dropped; draw again
+            if within_budget and self.budget:
+                return self.repair(cand, rng)
+            return cand
+        raise RuntimeError("random(): every draw dropped every block; freeze a layer (frozen_layers=(0,)).")
+
+    def step_savings(self, metric: str) -> dict[str, tuple[float, ...]]:
+        """Per gene, what each step ``level j -> j+1`` saves in ``metric`` with every other gene dense.
+
+        For ``params``, ``flops``, ``kv_bytes`` and ``latency`` the saving of an
+        ``attn`` or ``mlp`` step does not depend on the other genes (as long as
+        the block is kept), and genes of the same kind have equal savings in every
+        layer, so "one gene up, another of the same kind down" keeps the cost.
+        ``nonzero_params`` savings of width and sparsity steps depend on each other.
+
+        >>> from evoprune.space import ModelSpec, SearchSpace
+        >>> spec = ModelSpec.from_config(dict(model_type="llama", num_hidden_layers=2, hidden_size=64,
+        ...     num_attention_heads=8, num_key_value_heads=4, intermediate_size=128, vocab_size=97))
+        >>> SearchSpace.from_model(spec, attention=None, mlp_step=32).step_savings("params")["L0.mlp"]
+        (6144, 6144, 6144)
+        """
+        self.cost_model._check_metric(metric)
+        out: dict[str, tuple[float, ...]] = {}
+        for k, g in enumerate(self.genes):
+            lv = [0] * len(self.genes)
+            costs = []
+            for j in range(g.top + 1):
+                lv[k] = j
+                costs.append(self.cost_model.layer_cost(self._layer_from(g.layer, lv), metric))
+            out[g.name] = tuple(a - b for a, b in zip(costs, costs[1:]))
+        return out
+
+    def _part_options(self, i: int, probe: list[int], part: str, metric: str) -> list[tuple[float, int | None, bool]]:
+        """``(cost, level, drops)`` of each level of block ``i``'s ``part`` ("attn"/"mlp") gene,
+        the other genes as in ``probe``; one ``(cost, None, False)`` entry if the part has no gene."""
+        cm = self.cost_model
+        k = self._layer_genes[i].get(part)
+        levels: list[int | None] = [None] if k is None else list(range(self.genes[k].top + 1))
+        out = []
+        for j in levels:
+            lv = list(probe)
+            if k is not None and j is not None:
+                lv[k] = j
+            layer = self._layer_from(i, lv)
+            if part == "attn":
+                sp = {n: layer.sparsity_of(n) for n in ATTN_LINEARS}
+                cost = cm.attn_cost(layer.num_kv_heads, layer.q_per_kv, metric, sparsity=sp)
+            else:
+                sp = {n: layer.sparsity_of(n) for n in MLP_LINEARS}
+                cost = cm.mlp_cost(layer.mlp_channels, metric, sparsity=sp)
+            drops = k is not None and self.genes[k].drops and j == self.genes[k].top
+            out.append((cost, j, drops))
+        return out
+
+    def _extreme(self, metric: str, *, minimize: bool) -> tuple[list[int], float]:
+        """Levels and cost of the cheapest (``minimize``) or most expensive candidate in ``metric``.
+
+        Exact: costs are additive over blocks and over the attention/MLP parts of a
+        block, and nonzero counts only fall with sparsity, so sparsity sits at its
+        top level (minimize) or at 0 (maximize) and the widths are enumerated.
+        Ties go to the less compressed level.
+        """
+        cm = self.cost_model
+        key = (lambda o: (o[0], o[1] or 0)) if minimize else (lambda o: (-o[0], o[1] or 0))
+        lv = [0] * len(self.genes)
+        total = cm.base_cost(metric)
+        rescue: list[tuple[float, int, list[tuple[int, int]]]] = []  # (extra cost, layer, assignment)
+        for i in range(self.spec.num_layers):
+            g = self._layer_genes[i]
+            if not g:
+                total += cm.layer_cost(self._dense_layer, metric)
+                continue
+            probe = [0] * len(self.genes)
+            assign: list[tuple[int, int]] = []
+            for kind, k in g.items():
+                if kind.endswith("sparsity"):
+                    probe[k] = self.genes[k].top if minimize else 0
+                    assign.append((k, probe[k]))
+            attn_opts = self._part_options(i, probe, "attn", metric)
+            mlp_opts = self._part_options(i, probe, "mlp", metric)
+            best_a, best_m = min(attn_opts, key=key), min(mlp_opts, key=key)
+
+            def chosen(a: tuple[float, int | None, bool], m: tuple[float, int | None, bool]) -> list[tuple[int, int]]:
+                out = list(assign)
+                for part, opt in (("attn", a), ("mlp", m)):
+                    if opt[1] is not None:
+                        out.append((g[part], opt[1]))
+                return out
+
+            cost = best_a[0] + best_m[0]
+            layer_assign = chosen(best_a, best_m)
+            if "block" in g and minimize and cost > 0:
+                cost, layer_assign = 0, [(g["block"], 1)]
+            for k, level in layer_assign:
+                lv[k] = level
+            total += cost
+            if minimize:  # the cheapest way to keep this block, in case every block ends up dropped
+                keep_a = min((o for o in attn_opts if not o[2]), key=key)
+                keep_m = min((o for o in mlp_opts if not o[2]), key=key)
+                options = [(keep_a[0] + best_m[0], chosen(keep_a, best_m)), (best_a[0] + keep_m[0], chosen(best_a, keep_m))]
+                keep_cost, keep_assign = min(options, key=lambda o: o[0])
+                rescue.append((keep_cost - cost, i, keep_assign))
+        if all(self._layer_from(i, lv).dropped for i in range(self.spec.num_layers)):
+            extra, i, keep_assign = min(rescue, key=lambda r: (r[0], r[1]))
+            for k in self._layer_genes[i].values():
+                lv[k] = 0
+            for k, level in keep_assign:
+                lv[k] = level
+            total += extra
+        return lv, total
+
+    def smallest(self, metric: str) -> Candidate:
+        """The cheapest candidate of the space in ``metric`` (ties go to less compressed levels)."""
+        self.cost_model._check_metric(metric)
+        lv, _ = self._extreme(metric, minimize=True)
+        return self._candidate(lv)
+
+    def min_cost(self, metric: str) -> float:
+        """Cost of :meth:`smallest` (exact; used to reject budgets no candidate can meet)."""
+        self.cost_model._check_metric(metric)
+        return self._extreme(metric, minimize=True)[1]
+
+    def repair(
+        self, candidate: Candidate, rng: np.random.Generator | int | None = None, *, max_steps: int | None = None
+    ) -> Candidate:
+        """Move genes one level at a time until every budget holds; deterministic given ``rng``.
+
+        While an upper bound is exceeded, a random gene (order drawn from ``rng``)
+        whose next level up strictly lowers that metric moves up one level; while a
+        lower bound is undershot, a random gene whose next level down raises it
+        moves down. A move never breaks a budget that already holds. Returns the
+        canonical candidate unchanged if it already satisfies the budget.
+
+        Raises ``ValueError`` when the budget cannot be reached by such moves
+        (e.g. a band narrower than one level step).
+        """
+        rng = np.random.default_rng(rng)
+        lv = self._check_levels(self.levels_of(candidate), strict_missing=True, ignore_unknown=False)
+        if not self.budget:
+            return self._candidate(lv)
+        cm = self.cost_model
+        n_layers = self.spec.num_layers
+        bounds = self.budget_bounds()
+        layers = [self._layer_from(i, lv) for i in range(n_layers)]
+        costs = {m: [cm.layer_cost(layer, m) for layer in layers] for m, _, _ in bounds}
+        totals = {m: cm.base_cost(m) + sum(costs[m]) for m, _, _ in bounds}
+        kept = sum(not layer.dropped for layer in layers)
+        if max_steps is None:
+            max_steps = 4 * sum(g.top + 1 for g in self.genes) + 100
+
+        def violation(metric: str, lo: float | None, hi: float | None, total: float) -> int:
+            if hi is not None and total > hi:
+                return 1
+            if lo is not None and total < lo:
+                return -1
+            return 0
+
+        for _ in range(max_steps):
+            target = next(((m, lo, hi) for m, lo, hi in bounds if violation(m, lo, hi, totals[m])), None)
+            if target is None:
+                return self._candidate(lv)
+            metric, lo, hi = target
+            direction = violation(metric, lo, hi, totals[metric])
+            moved = False
+            for k in rng.permutation(len(self.genes)):
+                g = self.genes[k]
+                new = lv[k] + direction
+                if not 0 <= new <= g.top:
+                    continue
+                old = lv[k]
+                lv[k] = new
+                layer = self._layer_from(g.layer, lv)
+                was_dropped = layers[g.layer].dropped
+                if layer.dropped and not was_dropped and kept == 1:
+                    lv[k] = old
+                    continue
+                new_costs = {m: cm.layer_cost(layer, m) for m, _, _ in bounds}
+                new_totals = {m: totals[m] - costs[m][g.layer] + new_costs[m] for m, _, _ in bounds}
+                improves = (new_totals[metric] - totals[metric]) * direction < 0
+                keeps_others = all(
+                    violation(m, l, h, new_totals[m]) == 0
+                    for m, l, h in bounds
+                    if violation(m, l, h, totals[m]) == 0
+                )
+                if improves and keeps_others:
+                    for m, _, _ in bounds:
+                        costs[m][g.layer] = new_costs[m]
+                    totals = new_totals
+                    layers[g.layer] = layer
+                    kept += int(was_dropped) - int(layer.dropped)
+                    moved = True
+                    break
+                lv[k] = old
+            if not moved:
+                break
+        for metric, _, _ in bounds:  # fall back to the cheapest candidates
+            cand = self.smallest(metric)
+            if self.satisfies_budget(cand):
+                return cand
+        raise ValueError(
+            f"repair could not meet the budget {self.budget} from this candidate; the budget band may be narrower "
+            "than one level step. Widen it or use finer levels."
+        )

@@ -1,0 +1,113 @@
+"""The integrity check of one study's rows (``evoprune check``, ``EvoStudy.check()``)."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import sqlalchemy as sa
+
+from .._optuna_private import rdb_models
+from ._schema import SCHEMA_VERSION, schema_version
+from ._scope import StudyScope
+from ._tables import ClaimRow, SamplerStateRow, StageResultRow, StageRow, TrialRow
+from ._values import from_json, sha256_text
+
+__all__ = ["CheckMixin"]
+
+
+class CheckMixin(StudyScope):
+    """The :meth:`integrity_problems` method of :class:`~evoprune.storage.StudyDatabase`."""
+
+    def integrity_problems(self) -> list[str]:
+        """Consistency checks of the study's rows; an empty list means the study is sound.
+
+        Checks: schema version; every evoprune row refers to a trial of this study; no candidate
+        is COMPLETE in two trials; every COMPLETE trial has its candidate and stage rows (except
+        the driver's infeasible placeholders and duplicate copies, which are told unevaluated);
+        every stage row has evaluator rows; JSON parses; sampler-state checksums; claims point at
+        trials that evaluate their candidate.
+        """
+        from optuna.trial import TrialState
+
+        problems: list[str] = []
+        om = rdb_models()
+        tm, ua = om.TrialModel, om.TrialUserAttributeModel
+        version = schema_version(self.engine)
+        if version != SCHEMA_VERSION:
+            problems.append(f"schema version is {version}, expected {SCHEMA_VERSION}")
+
+        def run(conn: sa.Connection) -> dict[str, Any]:
+            trials = {
+                r.trial_id: (r.number, r.state)
+                for r in conn.execute(sa.select(tm.trial_id, tm.number, tm.state).where(tm.study_id == self.optuna_study_id))
+            }
+            tr = conn.execute(sa.select(TrialRow.__table__).where(TrialRow.study_id == self.study_id)).all()
+            stages = conn.execute(sa.select(StageRow.__table__).where(StageRow.study_id == self.study_id)).all()
+            results = conn.execute(
+                sa.select(StageResultRow.trial_id, StageResultRow.stage, StageResultRow.details_json)
+                .where(StageResultRow.study_id == self.study_id)
+            ).all()
+            claims = conn.execute(sa.select(ClaimRow.__table__).where(ClaimRow.study_id == self.study_id)).all()
+            states = conn.execute(
+                sa.select(SamplerStateRow.__table__).where(SamplerStateRow.study_id == self.study_id)
+            ).all()
+            # told without an evaluation by the driver: infeasible placeholders and copies of duplicates
+            unevaluated = {
+                r.trial_id
+                for r in conn.execute(
+                    sa.select(ua.trial_id).join(tm, tm.trial_id == ua.trial_id)
+                    .where(tm.study_id == self.optuna_study_id,
+                           ua.key.in_(("evoprune:infeasible", "evoprune:duplicate_of")))
+                )
+            }
+            return dict(trials=trials, tr=tr, stages=stages, results=results, claims=claims, states=states,
+                        unevaluated=unevaluated)
+
+        d = self._tx(run)
+        trials = d["trials"]
+        by_trial = {}
+        complete_keys: dict[str, list[int]] = {}
+        for row in d["tr"]:
+            by_trial[row.trial_id] = row
+            if row.trial_id not in trials:
+                problems.append(f"candidate row for trial id {row.trial_id}, which is not a trial of this study")
+                continue
+            try:
+                from_json(row.candidate_json)
+            except ValueError:
+                problems.append(f"trial {row.trial_number}: candidate JSON does not parse")
+            if trials[row.trial_id][1] == TrialState.COMPLETE:
+                complete_keys.setdefault(row.candidate_key, []).append(row.trial_number)
+        for key, numbers in complete_keys.items():
+            if len(numbers) > 1:
+                problems.append(f"candidate {key} completed in {len(numbers)} trials {sorted(numbers)} (duplicate)")
+        stage_keys = {(s.trial_id, s.stage) for s in d["stages"]}
+        result_keys = {(r.trial_id, r.stage) for r in d["results"]}
+        for s in d["stages"]:
+            if s.trial_id not in trials:
+                problems.append(f"stage row for trial id {s.trial_id}, which is not a trial of this study")
+            elif (s.trial_id, s.stage) not in result_keys:
+                problems.append(f"trial {trials[s.trial_id][0]}: stage {s.stage!r} has no evaluator results")
+        for r in d["results"]:
+            if r.trial_id not in trials:
+                problems.append(f"stage result for trial id {r.trial_id}, which is not a trial of this study")
+            try:
+                from_json(r.details_json)
+            except ValueError:
+                problems.append(f"trial id {r.trial_id}: details JSON of stage {r.stage!r} does not parse")
+        for tid, (number, state) in trials.items():
+            if state == TrialState.COMPLETE and tid not in d["unevaluated"]:
+                if tid not in by_trial:
+                    problems.append(f"trial {number} is COMPLETE but has no candidate row")
+                if not any(k[0] == tid for k in stage_keys):
+                    problems.append(f"trial {number} is COMPLETE but has no stage results")
+        for c in d["claims"]:
+            if c.trial_id is not None:
+                row = by_trial.get(c.trial_id)
+                if row is None or row.candidate_key != c.candidate_key:
+                    problems.append(f"claim of {c.candidate_key} points at trial id {c.trial_id}, "
+                                    "which does not evaluate it")
+        for s in d["states"]:
+            if sha256_text(s.state_json) != s.state_sha256:
+                problems.append(f"sampler state of generation {s.generation}: checksum mismatch")
+        return problems
