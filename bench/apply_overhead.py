@@ -117,6 +117,8 @@ def random_half_candidates(spec: ModelSpec, n: int, seed: int, *, sparse_every: 
             kv = 0 if drop_attn else rng.randint(1, spec.num_kv_heads)
             m = 0 if drop_attn else rng.randint(1, spec.q_per_kv)
             mc = 0 if drop_mlp else rng.randint(spec.intermediate_size // 8, spec.intermediate_size)
+            if pattern == "2:4" and mc:
+                mc -= mc % 4  # 2:4 needs input widths divisible by 4
             level = 0.0
             if sparse:
                 level = 0.5 if pattern == "2:4" else rng.choice((0.0, 0.3, 0.5))

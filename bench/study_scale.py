@@ -55,12 +55,14 @@ def populate(url: str, n_trials: int, *, seed: int = 0) -> dict:
     """Create the study and bulk-insert ``n_trials`` finished trials with all their rows."""
     import sqlalchemy as sa
     from optuna.distributions import distribution_to_json
-    from optuna.storages._rdb import models as om
     from optuna.trial import TrialState
 
-    from evoprune.space import Budget, SearchSpace
     from evoprune import create_study
-    from evoprune.storage._schema import ClaimRow, StageResultRow, StageRow, TrialRow
+    from evoprune._optuna_private import rdb_models
+    from evoprune.space import Budget, SearchSpace
+    from evoprune.storage._tables import ClaimRow, StageResultRow, StageRow, TrialRow
+
+    om = rdb_models()
 
     study = create_study(_config(), storage=url, study_name="scale")
     space = SearchSpace.from_model(
@@ -79,7 +81,8 @@ def populate(url: str, n_trials: int, *, seed: int = 0) -> dict:
     sid, esid = study.db.optuna_study_id, study.db.study_id
     t0 = dt.datetime(2026, 1, 1)
     trials, values, params, uattrs, erows, claims, stages, results = [], [], [], [], [], [], [], []
-    first_id = 1 + (study.storage.engine.connect().execute(sa.select(sa.func.max(om.TrialModel.trial_id))).scalar() or 0)
+    with study.storage.engine.connect() as conn:
+        first_id = 1 + (conn.execute(sa.select(sa.func.max(om.TrialModel.trial_id))).scalar() or 0)
     for i, c in enumerate(cands):
         tid = first_id + i
         s1 = float(rng.gamma(2.0, 0.05))
@@ -130,8 +133,8 @@ def populate(url: str, n_trials: int, *, seed: int = 0) -> dict:
                                             "pending": [], "seen": seen, "rng": {"state": str(g)}})
     study.db.record_fingerprints({"model": "m" * 16, "data": "d" * 16, "space": space.key})
     study.close()
-    return {"space": space, "insert_s": insert_s, "rows": len(trials) + len(values) + len(params) + len(uattrs) + len(erows)
-            + len(claims) + len(stages) + len(results)}
+    tables = (trials, values, params, uattrs, erows, claims, stages, results)
+    return {"space": space, "insert_s": insert_s, "rows": sum(len(rows) for rows in tables)}
 
 
 def time_resume(url: str, space, rng) -> tuple[float, dict]:
@@ -139,8 +142,9 @@ def time_resume(url: str, space, rng) -> tuple[float, dict]:
     the way the search driver does (claim, create the trial with fixed params, record the candidate)."""
     from optuna.trial import TrialState
 
-    from evoprune.search._searcher import fixed_trial
     from evoprune import load_study
+    from evoprune._optuna_private import trial_id
+    from evoprune.search._searcher import fixed_trial
 
     candidate = space.random(rng)
     t = time.perf_counter()
@@ -152,7 +156,7 @@ def time_resume(url: str, space, rng) -> tuple[float, dict]:
     assert study.recorder.claim(candidate.key)
     trial = fixed_trial(study.optuna_study, space.params_of(candidate), space.optuna_distributions(),
                         user_attrs={"evoprune:source": "evolution"})
-    study.recorder.record_candidate(trial._trial_id, candidate, source="evolution")
+    study.recorder.record_candidate(trial_id(trial), candidate, source="evolution")
     elapsed = time.perf_counter() - t
     info = {"generation": generation, "seen": len(state["seen"]), "reaped": bool(report), "state_s": t_state}
     study.optuna_study.tell(trial, state=TrialState.FAIL)  # not evaluated here

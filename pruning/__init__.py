@@ -27,6 +27,9 @@ copy) or into a new, physically smaller model::
     pruner.export(candidate, "qwen3-half", tokenizer=AutoTokenizer.from_pretrained("Qwen/Qwen3-0.6B"))
     again = load_pruned("qwen3-half")               # fresh process: same logits again
 
+A new architecture needs one call, :func:`register_adapter` (module names plus the bias
+facts the cost model needs; see :class:`ArchAdapter`).
+
 Plain ``from_pretrained`` works inside :func:`per_layer_modules` (a scoped patch that
 always restores the original classes)::
 
@@ -35,14 +38,14 @@ always restores the original classes)::
 """
 
 from ._adapters import ArchAdapter, get_adapter, register_adapter, registered_model_types
+from ._export import EXPORT_FORMAT_VERSION  # noqa: F401  (importable; written into exported configs)
 from ._importance import IMPORTANCE_METHODS, Importance
 from ._load import load_pruned
 from ._masks import wanda_mask
 from ._modules import DroppedAttention, DroppedMLP, per_layer_modules
-from ._pruner import EXPORT_FORMAT_VERSION, Pruner
+from ._pruner import Pruner
 
 __all__ = [
-    "EXPORT_FORMAT_VERSION",
     "IMPORTANCE_METHODS",
     "ArchAdapter",
     "DroppedAttention",

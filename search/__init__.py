@@ -35,7 +35,8 @@ objective resolver :func:`objective_directions`.
 
 from ._baselines import calibration_loss, flap, flap_scores, shortgpt, sleb, uniform
 from ._config import SAMPLER_NAMES, StudyConfig
-from ._evolution import EvolutionarySampler, fill_budget, level_switch
+from ._evolution import EvolutionarySampler
+from ._mutation import fill_budget, level_switch
 from ._generation import GenerationSampler, Proposal
 from ._objectives import objective_directions
 from ._pareto import hypervolume, pareto_front, study_front

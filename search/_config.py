@@ -27,7 +27,7 @@ read it back::
     ValueError: StudyConfig.calibration: give seq_len explicitly (e.g. {"num_sequences": 32, "seq_len": 256}); evoprune never defaults it to the model's maximum context.
 
 Model strings: ``"reference:small"`` / ``"reference:tiny"`` (the offline reference
-model, built once by :func:`evoprune._reference.build_reference_model`), a local
+model, built once by :func:`evoprune.data.build_reference_model`), a local
 checkpoint folder, or a hub id (``AutoModelForCausalLM.from_pretrained``).
 
 Data (``data``): ``{"source": "reference"}`` (default: the reference corpus'
@@ -50,6 +50,7 @@ from pathlib import Path
 from typing import Any
 
 from .._logging import get_logger
+from ..data import SIZES
 from ..space import METRICS, Budget
 from ._objectives import objective_source
 from ._stages import build_pipeline
@@ -387,8 +388,6 @@ class StudyConfig:
         if not isinstance(self.model, str) or not self.model:
             raise ValueError("StudyConfig.model must be 'reference:small', 'reference:tiny', a folder or a hub id.")
         if self.model.startswith("reference:"):
-            from .._reference import SIZES
-
             size = self.model.partition(":")[2]
             if size not in SIZES:
                 raise ValueError(f"StudyConfig.model: unknown reference size {size!r}; use one of {sorted(SIZES)}.")

@@ -41,12 +41,9 @@ def build_evaluator(spec: Mapping[str, Any]) -> Any:
     spec = dict(spec)
     t = spec.pop("type")
     name = spec.pop("name", None)
-    if t == "kl":
-        return ev.KLToDense(name=name or "kl", **spec)
-    if t == "ppl":
-        return ev.Perplexity(name=name or "ppl", **spec)
-    if t == "latency":
-        return ev.Latency(name=name or "latency", **spec)
+    builtin = {"kl": ev.KLToDense, "ppl": ev.Perplexity, "latency": ev.Latency}.get(t)
+    if builtin is not None:  # their default name is their type
+        return builtin(**spec) if name is None else builtin(name=name, **spec)
     if t == "cost":
         return ev.Cost(name=name, **spec)
     if t == "lm_eval":

@@ -20,7 +20,6 @@ Resuming needs the storage URL and the study name, nothing else::
 from __future__ import annotations
 
 import dataclasses
-import hashlib
 import os
 from collections.abc import Mapping, Sequence
 from pathlib import Path
@@ -30,6 +29,7 @@ import optuna
 from optuna.trial import TrialState
 
 from .. import __version__
+from .._fingerprint import directory_sha256
 from .._logging import get_logger
 from .._optuna_private import study_id, trial_id
 from ..space import Candidate
@@ -367,20 +367,6 @@ class EvoStudy:
         }
         self.db.record_artifact(trial_id(trial), path=str(path), sha256=digest, metrics=metrics)
         return self.db.artifacts()[-1]
-
-
-def directory_sha256(path: str | os.PathLike[str]) -> str:
-    """sha256 over a folder's files (relative path, size and bytes, in sorted order)."""
-    root = Path(path)
-    h = hashlib.sha256()
-    files = sorted(p for p in root.rglob("*") if p.is_file()) if root.is_dir() else [root]
-    for f in files:
-        rel = f.relative_to(root).as_posix() if root.is_dir() else f.name
-        h.update(f"{rel}\0{f.stat().st_size}\0".encode())
-        with open(f, "rb") as fh:
-            for chunk in iter(lambda: fh.read(1 << 20), b""):
-                h.update(chunk)
-    return h.hexdigest()
 
 
 def create_study(

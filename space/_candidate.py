@@ -180,7 +180,9 @@ class Candidate:
                     try:
                         check_sparsity(layer.sparsity_of(name), "2:4", width)
                     except ValueError as exc:
-                        raise ValueError(f"Candidate (sparsity_pattern='2:4'): layer {i} linear {name!r}: {exc}") from None
+                        raise ValueError(
+                            f"Candidate (sparsity_pattern='2:4'): layer {i} linear {name!r}: {exc}"
+                        ) from None
         if all(layer.dropped for layer in layers):
             raise ValueError("Candidate drops every block; keep at least one sublayer.")
 

@@ -10,7 +10,7 @@ from .._optuna_private import rdb_models
 from ._schema import SCHEMA_VERSION, schema_version
 from ._scope import StudyScope
 from ._tables import ClaimRow, SamplerStateRow, StageResultRow, StageRow, TrialRow
-from ._values import from_json, sha256_text
+from ._values import DUPLICATE_OF_ATTR, INFEASIBLE_ATTR, from_json, sha256_text
 
 __all__ = ["CheckMixin"]
 
@@ -39,7 +39,8 @@ class CheckMixin(StudyScope):
         def run(conn: sa.Connection) -> dict[str, Any]:
             trials = {
                 r.trial_id: (r.number, r.state)
-                for r in conn.execute(sa.select(tm.trial_id, tm.number, tm.state).where(tm.study_id == self.optuna_study_id))
+                for r in conn.execute(
+                    sa.select(tm.trial_id, tm.number, tm.state).where(tm.study_id == self.optuna_study_id))
             }
             tr = conn.execute(sa.select(TrialRow.__table__).where(TrialRow.study_id == self.study_id)).all()
             stages = conn.execute(sa.select(StageRow.__table__).where(StageRow.study_id == self.study_id)).all()
@@ -57,7 +58,7 @@ class CheckMixin(StudyScope):
                 for r in conn.execute(
                     sa.select(ua.trial_id).join(tm, tm.trial_id == ua.trial_id)
                     .where(tm.study_id == self.optuna_study_id,
-                           ua.key.in_(("evoprune:infeasible", "evoprune:duplicate_of")))
+                           ua.key.in_((INFEASIBLE_ATTR, DUPLICATE_OF_ATTR)))
                 )
             }
             return dict(trials=trials, tr=tr, stages=stages, results=results, claims=claims, states=states,

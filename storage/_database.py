@@ -25,9 +25,19 @@ from ._engine import normalize_url, open_rdb_storage, run_transaction
 from ._liveness import WorkersMixin
 from ._owner import Owner
 from ._schema import is_current, schema_version, upgrade
-from ._scope import StudyScope
-from ._tables import ArtifactRow, FingerprintRow, SamplerStateRow, StageResultRow, StageRow, StudyRow, TrialRow, utcnow
+from ._tables import (
+    ArtifactRow,
+    ClaimRow,
+    FingerprintRow,
+    SamplerStateRow,
+    StageResultRow,
+    StageRow,
+    StudyRow,
+    TrialRow,
+    utcnow,
+)
 from ._values import (
+    INFEASIBLE_ATTR,
     Artifact,
     StageOutcome,
     StageRecord,
@@ -71,7 +81,7 @@ class ConfigMismatchError(RuntimeError):
     """A study of that name exists with a different config."""
 
 
-class StudyDatabase(ClaimsMixin, WorkersMixin, CheckMixin, StudyScope):
+class StudyDatabase(ClaimsMixin, WorkersMixin, CheckMixin):
     """evoprune's rows for one study (plus read access to its Optuna trials).
 
     Args:
@@ -88,7 +98,7 @@ class StudyDatabase(ClaimsMixin, WorkersMixin, CheckMixin, StudyScope):
 
     Use :meth:`create_or_open` / :meth:`open` to get one:
 
-    >>> import optuna, sqlalchemy as sa
+    >>> import optuna
     >>> storage = optuna.storages.RDBStorage("sqlite://")
     >>> study = optuna.create_study(storage=storage, study_name="s")
     >>> db = StudyDatabase.create_or_open(storage.engine, optuna_study_id=study_id(study), study_name="s",
@@ -101,11 +111,6 @@ class StudyDatabase(ClaimsMixin, WorkersMixin, CheckMixin, StudyScope):
     >>> db.integrity_problems()
     []
     """
-
-    @staticmethod
-    def _ensure_schema(engine: sa.Engine) -> None:
-        if not is_current(engine):
-            upgrade(engine)
 
     # ------------------------------------------------------------------ studies
     @classmethod
@@ -126,7 +131,8 @@ class StudyDatabase(ClaimsMixin, WorkersMixin, CheckMixin, StudyScope):
             ConfigMismatchError: the study exists with a different config.
             SchemaVersionError: the database is newer than this evoprune.
         """
-        cls._ensure_schema(engine)
+        if not is_current(engine):
+            upgrade(engine)
         text = canonical_json(config, where="config")
         digest = sha256_text(text)
 
@@ -206,10 +212,10 @@ class StudyDatabase(ClaimsMixin, WorkersMixin, CheckMixin, StudyScope):
         if changed:
             raise FingerprintMismatchError(self.study_name, changed)
 
-    def record_fingerprints(self, current: Mapping[str, str], *, details: Mapping[str, Any] | None = None) -> None:
+    def record_fingerprints(self, current: Mapping[str, str]) -> None:
         """Store fingerprints not stored yet; raise :class:`FingerprintMismatchError` if a stored one differs."""
-        values = {check_name(k, "fingerprint kind", 64): check_name(str(v), f"{k} fingerprint", 256) for k, v in current.items()}
-        detail_text = {k: canonical_json((details or {}).get(k, {}), where=f"{k} details") for k in values}
+        values = {check_name(k, "fingerprint kind", 64): check_name(str(v), f"{k} fingerprint", 256)
+                  for k, v in current.items()}
 
         def run(conn: sa.Connection) -> dict[str, tuple[str, str]]:
             stored = {
@@ -225,7 +231,7 @@ class StudyDatabase(ClaimsMixin, WorkersMixin, CheckMixin, StudyScope):
                 if k not in stored:
                     conn.execute(
                         sa.insert(FingerprintRow).values(
-                            study_id=self.study_id, kind=k, value=v, details_json=detail_text[k], created_at=utcnow()
+                            study_id=self.study_id, kind=k, value=v, details_json="{}", created_at=utcnow()
                         )
                     )
             return {}
@@ -419,9 +425,10 @@ class StudyDatabase(ClaimsMixin, WorkersMixin, CheckMixin, StudyScope):
         ]
 
     # ------------------------------------------------------------------ sampler state
-    def save_sampler_state(self, generation: int, state: Mapping[str, Any], *, sampler: str = "",
-                           keep_last: int | None = None) -> None:
-        """Store the sampler state of ``generation`` (a repeat for the same generation replaces it).
+    def save_sampler_state(self, generation: int, state: Mapping[str, Any], *, keep_last: int | None = None
+                           ) -> None:
+        """Store the sampler state of ``generation`` (a repeat for the same generation replaces it); the
+        ``sampler`` column gets the state's ``"kind"`` (e.g. ``"evolutionary"``).
 
         ``keep_last``: keep only the states of the last that many generations (a state holds every
         candidate key seen so far, so keeping all of them grows quadratically); ``None`` keeps all.
@@ -434,7 +441,7 @@ class StudyDatabase(ClaimsMixin, WorkersMixin, CheckMixin, StudyScope):
             raise TypeError(f"sampler state must be a dict, got {type(state).__name__}.")
         text = canonical_json(dict(state), where="sampler state")
         digest = sha256_text(text)
-        name = str(sampler or state.get("sampler") or state.get("class") or "")[:255]
+        name = str(state.get("kind") or "")[:255]
 
         def run(conn: sa.Connection) -> None:
             n = conn.execute(
@@ -534,7 +541,7 @@ class StudyDatabase(ClaimsMixin, WorkersMixin, CheckMixin, StudyScope):
 
         om = rdb_models()
         tm, tv, ua = om.TrialModel, om.TrialValueModel, om.TrialUserAttributeModel
-        infeasible = sa.select(ua.trial_id).where(ua.key == "evoprune:infeasible", ua.value_json == "true")
+        infeasible = sa.select(ua.trial_id).where(ua.key == INFEASIBLE_ATTR, ua.value_json == "true")
 
         def run(conn: sa.Connection) -> list[Any]:
             return conn.execute(

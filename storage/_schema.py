@@ -77,7 +77,7 @@ def _alembic_config(connection: sa.Connection, version_locations: Sequence[str] 
     config.set_main_option("script_location", MIGRATIONS_DIR.replace("%", "%%"))
     if version_locations:
         locations = [os.path.join(MIGRATIONS_DIR, "versions"), *map(os.fspath, version_locations)]
-        config.set_main_option("version_path_separator", "os")
+        config.set_main_option("path_separator", "os")  # alembic < 1.16 splits on spaces
         config.set_main_option("version_locations", os.pathsep.join(locations).replace("%", "%%"))
     config.attributes["connection"] = connection
     return config
@@ -107,7 +107,8 @@ def schema_version(engine: sa.Engine) -> int | None:
 
 
 def is_current(engine: sa.Engine) -> bool:
-    """Is the database at exactly this code's schema version (one query: nothing to migrate)?"""
+    """Is the database at exactly this code's schema version (nothing to migrate)? A cheap check
+    that opening a study makes before it takes the migration lock."""
     with engine.connect() as conn:
         return _current_revision(conn) == _revision(SCHEMA_VERSION)
 
@@ -115,18 +116,20 @@ def is_current(engine: sa.Engine) -> bool:
 @contextlib.contextmanager
 def _migration_lock(engine: sa.Engine) -> Iterator[None]:
     """Let one process at a time migrate: a server-wide named lock held on a connection of its own
-    (PostgreSQL advisory lock, MySQL ``GET_LOCK``). SQLite needs none: the migration's transaction
-    starts with ``BEGIN IMMEDIATE``, which already excludes every other writer."""
+    (PostgreSQL advisory lock, MySQL ``GET_LOCK``), named after the database. SQLite needs none: on
+    an engine of :func:`~evoprune.storage.open_rdb_storage` the migration's transaction starts with
+    ``BEGIN IMMEDIATE``, which already excludes every other writer."""
     dialect = engine.dialect.name
     if dialect not in ("postgresql", "mysql", "mariadb"):
         yield
         return
-    key = zlib.crc32(_LOCK_NAME.encode())
+    name = f"{_LOCK_NAME}:{engine.url.database or ''}"[:64]  # MySQL's limit for lock names
+    key = zlib.crc32(name.encode())
     with engine.connect() as conn:
         if dialect == "postgresql":
             conn.execute(sa.text("SELECT pg_advisory_lock(:k)"), {"k": key})
         else:
-            got = conn.execute(sa.text("SELECT GET_LOCK(:n, :t)"), {"n": _LOCK_NAME, "t": _LOCK_TIMEOUT_S}).scalar()
+            got = conn.execute(sa.text("SELECT GET_LOCK(:n, :t)"), {"n": name, "t": _LOCK_TIMEOUT_S}).scalar()
             if got != 1:
                 raise SchemaVersionError(
                     f"waited {_LOCK_TIMEOUT_S} s for another process migrating the evoprune tables; try again."
@@ -138,7 +141,7 @@ def _migration_lock(engine: sa.Engine) -> Iterator[None]:
             if dialect == "postgresql":
                 conn.execute(sa.text("SELECT pg_advisory_unlock(:k)"), {"k": key})
             else:
-                conn.execute(sa.text("SELECT RELEASE_LOCK(:n)"), {"n": _LOCK_NAME})
+                conn.execute(sa.text("SELECT RELEASE_LOCK(:n)"), {"n": name})
             conn.commit()
 
 

@@ -17,6 +17,8 @@ from collections.abc import Mapping
 from typing import Any
 
 __all__ = [
+    "DUPLICATE_OF_ATTR",
+    "INFEASIBLE_ATTR",
     "Artifact",
     "StageOutcome",
     "StageRecord",
@@ -31,6 +33,12 @@ __all__ = [
 
 
 # --------------------------------------------------------------------------- JSON
+
+#: Optuna user attributes the search driver sets on trials it tells without evaluating them, which
+#: the database's reads (Pareto values, integrity check) must recognise: a trial outside the budget
+#: (told placeholder values) and a trial that repeated an earlier candidate (told that one's values).
+INFEASIBLE_ATTR = "evoprune:infeasible"
+DUPLICATE_OF_ATTR = "evoprune:duplicate_of"
 
 
 def _plain(value: Any, where: str) -> Any:

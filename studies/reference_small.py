@@ -4,8 +4,10 @@
     python studies/reference_small.py --config studies/pareto_small.yaml --generations 12
     python studies/reference_small.py --generations 5 --export out/small-60
 
-Copy this file as a starting point; it only uses the public API of
-``evoprune.search`` (StudyConfig, build_runtime, Searcher, baselines).
+Copy this file as a starting point; it only uses the public API (``evoprune.create_study``, the
+study object, ``evoprune.search`` baselines and helpers), the same path as ``evoprune search``:
+the study lives in a SQL database (``--storage``, default ``out/<config stem>.db``) and can be
+resumed with ``evoprune resume``.
 """
 
 from __future__ import annotations
@@ -16,79 +18,69 @@ from pathlib import Path
 
 import optuna
 
+import evoprune
 from evoprune._logging import configure_logging
-from evoprune.search import (
-    ATTR_PREFIX,
-    BudgetSweep,
-    Searcher,
-    StudyConfig,
-    build_runtime,
-    hypervolume,
-    shortgpt,
-    sleb,
-    uniform,
-)
+from evoprune.search import hypervolume, shortgpt, sleb, uniform
 
 
 def main(argv: list[str] | None = None) -> int:
     here = Path(__file__).resolve().parent
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--config", default=str(here / "reference_small.yaml"))
-    ap.add_argument("--generations", type=int, default=None, help="override stop.n_generations")
-    ap.add_argument("--storage", default=None, help="Optuna storage URL (default: in memory)")
+    ap.add_argument("--generations", type=int, default=None, help="stop after N generations (default: the config's stop)")
+    ap.add_argument("--storage", default=None, help="study database URL (default: sqlite:///out/<config stem>.db)")
     ap.add_argument("--export", default=None, help="folder to export the best candidate to")
     args = ap.parse_args(argv)
     configure_logging("INFO")
     optuna.logging.set_verbosity(optuna.logging.WARNING)
 
-    config = StudyConfig.from_yaml(args.config)
-    if args.generations is not None:
-        config = config.replace(stop={**config.stop.to_dict(), "n_generations": args.generations})
-    runtime = build_runtime(config)
+    name = Path(args.config).stem
+    storage = args.storage or f"sqlite:///{Path('out').resolve() / (name + '.db')}"
+    Path("out").mkdir(exist_ok=True)
+    study = evoprune.create_study(args.config, storage=storage, study_name=name)
+    runtime = study.build_runtime()
     space = runtime.space
-    print(f"model {runtime.model_path}\nfingerprints {runtime.fingerprints}")
+    print(f"study {study.name!r} in {study.url}\nmodel {runtime.model_path}\nfingerprints {runtime.fingerprints}")
     print(f"space: {len(space.genes)} genes, budget {[b.to_dict() for b in space.budget]}")
 
-    study = runtime.create_study(storage=args.storage)
-    sampler, budget_mode = runtime.make_sampler()
-    searcher = Searcher(runtime, study, sampler, budget_mode=budget_mode)
-    stats = searcher.run(**config.stop.kwargs())
+    stops = {"n_generations": args.generations} if args.generations is not None else {}
+    stats = study.run(**stops, runtime=runtime)
     print(f"search: {stats.trials} trials, {stats.generations} generations, {stats.tokens} forward tokens, "
           f"{stats.seconds:.0f}s, stopped by {stats.stopped_by}")
 
-    if len(runtime.objectives) > 1:
-        front = sorted(study.best_trials, key=lambda t: t.values[1])
-        print(f"Pareto front ({len(front)} points): {runtime.objectives}")
-        for t in front:
-            print(f"  trial {t.number:4d}  " + "  ".join(f"{v:.4f}" for v in t.values)
-                  + f"  {t.user_attrs.get(ATTR_PREFIX + 'group', '')}")
-        ref = [max(t.values[0] for t in front) * 1.1, 1.0]
-        print(f"hypervolume (reference {ref}): {hypervolume([t.values for t in front], ref):.4f}")
+    front = study.pareto_front()
+    objectives = list(study.config.objectives)
+    if len(objectives) > 1:
+        front = sorted(front, key=lambda p: p.values[1])
+        print(f"Pareto front ({len(front)} points): {objectives}")
+        for p in front:
+            print(f"  trial {p.number:4d}  " + "  ".join(f"{v:.4f}" for v in p.values))
+        ref = [max(p.values[0] for p in front) * 1.1, 1.0]
+        print(f"hypervolume (reference {ref}): {hypervolume([p.values for p in front], ref):.4f}")
         return 0
 
-    best = space.candidate_from_params(study.best_trial.params)
+    best_point = front[0]
+    best = study.candidate(best_point.number)
     final = runtime.pipeline.stages[-1]
-    print(f"best {runtime.objectives[0]} {study.best_value:.5f} at {space.ratio(best, 'params'):.3f} of dense params")
+    print(f"best {objectives[0]} {best_point.values[0]:.5f} at {space.ratio(best, 'params'):.3f} of dense params")
 
     # one-shot baselines, scored on the same last-stage token set
     baselines = {"uniform": lambda: uniform(space)}
     if space.genes_of_kind("block"):
         baselines["shortgpt"] = lambda: shortgpt(space, runtime.pruner)
         baselines["sleb"] = lambda: sleb(space, runtime.pruner, runtime.calib_ids)
-    for name, make in baselines.items():
+    for bname, make in baselines.items():
         try:
             cand = make()
         except ValueError as exc:
-            print(f"  {name}: n/a ({exc})")
+            print(f"  {bname}: n/a ({exc})")
             continue
         res = runtime.pipeline.run_stage(final, runtime.model, cand, runtime.context)
-        print(f"  {name:9s} {res.objective:.5f} at {space.ratio(cand, 'params'):.3f} of dense params")
+        print(f"  {bname:9s} {res.objective:.5f} at {space.ratio(cand, 'params'):.3f} of dense params")
 
     if args.export:
-        path = runtime.pruner.export(best, args.export, tokenizer=runtime.tokenizer)
-        print(f"exported to {path} (load with evoprune.pruning.load_pruned)")
-    if isinstance(sampler, BudgetSweep):
-        print(sampler.best)
+        art = study.export(best_point.number, args.export, runtime=runtime)
+        print(f"exported to {art.path} (load with evoprune.load_pruned)")
     return 0
 
 

@@ -141,7 +141,7 @@ def test_finetuned_wrapper_scores_the_finetuned_candidate(ref_data):
     with pruner.applied(cand):
         plain = kl.evaluate(model, cand, ctx).value
         pairs = wrapped.evaluate_all(model, cand, ctx)
-        assert [n for n, _ in pairs] == ["finetune", "kl_to_dense"]
+        assert [n for n, _ in pairs] == ["finetune", "kl"]
         assert pairs[0][1].tokens == 4096 and pairs[1][1].details["finetune_tokens"] == 4096
         tuned = pairs[1][1].value
         assert tuned != plain

@@ -38,7 +38,7 @@ def _stages():
               promote=TopK(3)),
         Stage(name="s2", evaluators=[KLToDense(top_k=64), Perplexity()], eval_tokens=2048, seq_len=128,
               finetune_tokens=1024, finetune={"lr": 1e-3, "batch_size": 4}, promote=TopFraction(0.5)),
-        Stage(name="final", evaluators=[Perplexity(), KLToDense()], objective="kl_to_dense", eval_tokens=4096,
+        Stage(name="final", evaluators=[Perplexity(), KLToDense()], objective="kl", eval_tokens=4096,
               seq_len=128),
     ]
 
@@ -83,17 +83,17 @@ def test_pipeline_promotes_records_and_restores(ref_data):
     assert results[reached_final[0]].last_stage == "final"
     # records: (stage, evaluator, tokens, value, seconds)
     rec = results[best3[0]].stage("s1").records
-    assert [r.evaluator for r in rec] == ["kl_to_dense", "params_ratio", "live_params"]
+    assert [r.evaluator for r in rec] == ["kl", "params_ratio", "live_params"]
     assert rec[0].tokens == 1024 and rec[0].seconds > 0 and rec[0].direction == "minimize"
     assert rec[1].tokens is None and 0 < rec[1].value < 1
     # the user evaluator saw the applied (smaller) model
     assert rec[2].value == ctx.cost_model.params(cands[best3[0]])
     s2rec = results[reached_s2[0]].stage("s2").records
-    assert [r.evaluator for r in s2rec] == ["finetune", "kl_to_dense", "perplexity"]
+    assert [r.evaluator for r in s2rec] == ["finetune", "kl", "ppl"]
     assert s2rec[0].tokens == 1024 and s2rec[1].tokens == 2048
     assert s2rec[1].details["finetune_tokens"] == 1024
     fin = results[reached_final[0]].stage("final")
-    assert fin.objective == fin.value("kl_to_dense") and fin.direction == "minimize"
+    assert fin.objective == fin.value("kl") and fin.direction == "minimize"
     assert all(math.isfinite(r.value) for r in results[reached_final[0]].records)
     # everything is JSON-able for the study database
     import json

@@ -51,6 +51,8 @@ def random_layer(spec: ModelSpec, rng: random.Random, pattern: str) -> LayerConf
     kv = 0 if drop_attn else rng.randint(1, spec.num_kv_heads)
     m = 0 if drop_attn else rng.randint(1, spec.q_per_kv)
     mc = 0 if drop_mlp else rng.randint(1, spec.intermediate_size)
+    if pattern == "2:4" and mc:  # 2:4 needs down_proj's input width (the kept channels) divisible by 4
+        mc = max(4, mc - mc % 4)
     overrides = {}
     for name in rng.sample(("q", "k", "v", "o", "gate", "up", "down"), rng.randint(0, 3)):
         overrides[name] = rng.choice(levels)
@@ -228,9 +230,14 @@ def test_wanda_mask_rules():
     assert m[0].tolist() == [False, True, False, True, True, False]
     # row 1 ties (3,3,3,3): stable -> lower index pruned first; scores 3,3,3,3,10,2
     assert m[1].tolist() == [False, False, True, True, True, False]
-    m24 = wanda_mask(w, norm, 0.5, "2:4")
-    assert m24[:, :4].sum(-1).tolist() == [2, 2] and m24[:, 4:].all()
-    assert torch.equal(m24, wanda_mask(w, norm, 0.5, "2:4"))
+    w8, norm8 = torch.cat([w, w[:, :2]], 1), torch.cat([norm, norm[:2]])
+    m24 = wanda_mask(w8, norm8, 0.5, "2:4")
+    # groups of 4: row 0 scores (1,4,2,3 | 5,0.5,1,4) -> keep cols 1,3 | 4,7
+    assert m24[0].tolist() == [False, True, False, True, True, False, False, True]
+    assert m24.view(2, 2, 4).sum(-1).eq(2).all()
+    assert torch.equal(m24, wanda_mask(w8, norm8, 0.5, "2:4"))
+    with pytest.raises(ValueError, match="divisible by 4"):  # 6 inputs: no whole groups of 4
+        wanda_mask(w, norm, 0.5, "2:4")
     assert wanda_mask(w, norm, 0.0, "unstructured") is None
     assert wanda_mask(w, None, 0.1, "unstructured") is None  # floor(0.1 * 6) = 0
 

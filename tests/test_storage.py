@@ -18,19 +18,17 @@ import sqlalchemy as sa
 from optuna.trial import TrialState
 from test_storage_backends import storage_url, tiny_study_config  # noqa: F401  (fixture)
 
+from evoprune._optuna_private import trial_id
+from evoprune.search import StudyNotFoundError, create_study, load_study
 from evoprune.space import Candidate, LayerConfig
 from evoprune.storage import (
     ConfigMismatchError,
     FingerprintMismatchError,
     Heartbeat,
-    Owner,
     SQLRecorder,
     StudyDatabase,
-    StudyNotFoundError,
-    create_study,
-    load_study,
-    pareto_mask,
 )
+from evoprune.storage._owner import Owner
 
 optuna.logging.set_verbosity(optuna.logging.WARNING)
 
@@ -60,11 +58,11 @@ def test_recorder_round_trip(storage_url):
     cand = _candidate(1)
     assert rec.claim(cand.key)
     trial = study.optuna_study.ask()
-    rec.record_candidate(trial._trial_id, cand, source="evolution")
-    rec.record_stage(trial._trial_id, "s1", "kl", 512, 0.25, 0.5, {"per_token": [0.1, 0.2], "note": "x"})
-    rec.record_stage(trial._trial_id, "s1", "finetune", 1000, float("nan"), 1.5, {})
-    rec.record_stage(trial._trial_id, "s1", "latency", None, float("inf"), 0.0, {"np": np.float32(2.5)})
-    rec.record_stage_result(trial._trial_id, "s1", 0, 0.25, True)
+    rec.record_candidate(trial_id(trial), cand, source="evolution")
+    rec.record_stage(trial_id(trial), "s1", "kl", 512, 0.25, 0.5, {"per_token": [0.1, 0.2], "note": "x"})
+    rec.record_stage(trial_id(trial), "s1", "finetune", 1000, float("nan"), 1.5, {})
+    rec.record_stage(trial_id(trial), "s1", "latency", None, float("inf"), 0.0, {"np": np.float32(2.5)})
+    rec.record_stage_result(trial_id(trial), "s1", 0, 0.25, True)
     rec.save_sampler_state(0, {"generation": 0, "rng": {"s": "123456789012345678901234567890"}})
     rec.save_sampler_state(1, {"generation": 1, "population": [{"fitness": 0.25}], "x": float("inf")})
     study.optuna_study.tell(trial, [0.25, 0.8])
@@ -86,7 +84,7 @@ def test_recorder_round_trip(storage_url):
     assert [p.number for p in again.pareto_front()] == [trial.number]
     assert again.pareto_front()[0].candidate_key == cand.key
     assert again.recorder.finished_trial(cand.key) == {
-        "trial_id": trial._trial_id, "number": trial.number, "state": "COMPLETE", "stages": {"s1": 0.25}}
+        "trial_id": trial_id(trial), "number": trial.number, "state": "COMPLETE", "stages": {"s1": 0.25}}
     assert again.recorder.finished_trial("unknown") is None
     assert again.check() == []
     # the candidate key is visible to Optuna (and optuna-dashboard) as a user attribute
@@ -99,7 +97,7 @@ def test_writes_are_validated_and_atomic(storage_url):
     other = create_study(tiny_study_config(seed=2), storage=storage_url, study_name="other")
     db = study.db
     trial = study.optuna_study.ask()
-    tid = trial._trial_id
+    tid = trial_id(trial)
     with pytest.raises(TypeError, match="not JSON-able"):
         db.record_stage(tid, "s1", "kl", 10, 0.1, 0.1, {"bad": object()})
     with pytest.raises(ValueError, match="tokens"):
@@ -197,7 +195,7 @@ def test_stale_running_trial_failed_and_retried(storage_url):
         rec = SQLRecorder(db, live.storage)
         assert rec.claim(cand.key)
         trial = live.optuna_study.ask()
-        rec.record_candidate(trial._trial_id, cand, source="evolution")
+        rec.record_candidate(trial_id(trial), cand, source="evolution")
         trials[name] = (trial, cand)
     orphan = live.optuna_study.ask()  # asked, then its process died before recording a candidate
     unstarted = _candidate(3)  # claimed, then its worker died before asking a trial for it
@@ -228,16 +226,16 @@ def test_stale_running_trial_failed_and_retried(storage_url):
     # once no other worker is alive, orphaned RUNNING trials are failed as well
     busy_remote.stop_worker("done")
     live.reap()
-    assert live.storage.get_trial(orphan._trial_id).state == TrialState.FAIL
-    assert live.storage.get_trial(trials["busy"][0]._trial_id).state == TrialState.RUNNING  # beat recently
+    assert live.storage.get_trial(trial_id(orphan)).state == TrialState.FAIL
+    assert live.storage.get_trial(trial_id(trials["busy"][0])).state == TrialState.RUNNING  # beat recently
     for i in range(4):  # killed more often than max_attempts (3): still claimed and evaluated again
         ghost = worker_as(Owner(host=Owner.current().host, pid=_dead_pid(), proc_start="1", token=f"ghost{i}"))
         rec = SQLRecorder(ghost, live.storage)
         assert rec.claim(unstarted.key)
         tr = live.optuna_study.ask()
-        rec.record_candidate(tr._trial_id, unstarted, source="evolution")
+        rec.record_candidate(trial_id(tr), unstarted, source="evolution")
         live.reap()
-        assert live.storage.get_trial(tr._trial_id).state == TrialState.FAIL
+        assert live.storage.get_trial(trial_id(tr)).state == TrialState.FAIL
         assert live.db.claims()[unstarted.key] | {"owner": None, "trial_id": None} == {
             "owner": None, "status": "released", "attempts": 0, "trial_id": None}
     _dispose(live)
@@ -247,9 +245,9 @@ def test_optuna_load_study_opens_the_database(storage_url):
     study = create_study(tiny_study_config(), storage=storage_url, study_name="compat")
     for i, values in enumerate([(0.3, 0.7), (0.2, 0.8), (0.4, 0.75)]):
         t = study.optuna_study.ask()
-        study.recorder.record_candidate(t._trial_id, _candidate(i), source="initial")
-        study.recorder.record_stage(t._trial_id, "final", "kl", 1024, values[0], 0.1, {})
-        study.recorder.record_stage_result(t._trial_id, "final", 1, values[0], None)
+        study.recorder.record_candidate(trial_id(t), _candidate(i), source="initial")
+        study.recorder.record_stage(trial_id(t), "final", "kl", 1024, values[0], 0.1, {})
+        study.recorder.record_stage_result(trial_id(t), "final", 1, values[0], None)
         study.optuna_study.tell(t, list(values))
     plain = optuna.load_study(study_name="compat", storage=study.storage.url)
     assert [t.values for t in plain.trials] == [[0.3, 0.7], [0.2, 0.8], [0.4, 0.75]]
@@ -257,25 +255,14 @@ def test_optuna_load_study_opens_the_database(storage_url):
     _dispose(study)
 
 
-def test_pareto_front_matches_optuna(tmp_path):
-    rng = np.random.default_rng(0)
-    values = rng.random((300, 2)).round(2)
-    dirs = ["minimize", "maximize"]
-    study = optuna.create_study(directions=dirs)
-    for v in values:
-        study.add_trial(optuna.trial.create_trial(values=list(v)))
-    expected = sorted(t.number for t in study.best_trials)
-    assert [i for i, keep in enumerate(pareto_mask(values, dirs)) if keep] == expected
-
-
 def test_cli_studies_show_check(storage_url, capsys):
     from evoprune._cli import main
 
     study = create_study(tiny_study_config(), storage=storage_url, study_name="cli")
     t = study.optuna_study.ask()
-    study.recorder.record_candidate(t._trial_id, _candidate(0), source="initial")
-    study.recorder.record_stage(t._trial_id, "final", "kl", 1024, 0.5, 0.1, {})
-    study.recorder.record_stage_result(t._trial_id, "final", 1, 0.5, None)
+    study.recorder.record_candidate(trial_id(t), _candidate(0), source="initial")
+    study.recorder.record_stage(trial_id(t), "final", "kl", 1024, 0.5, 0.1, {})
+    study.recorder.record_stage_result(trial_id(t), "final", 1, 0.5, None)
     study.optuna_study.tell(t, [0.5, 0.7])
     url = study.storage.url
     assert main(["studies", "--storage", url]) == 0
@@ -297,15 +284,15 @@ def test_cli_studies_show_check(storage_url, capsys):
 
 def test_fixed_trials_are_created_atomically_across_workers(storage_url):
     """Two workers create trials with fixed params at the same moment (as the search driver does):
-    each gets its own params, in one storage call; a WAITING trial left by an older driver that died
-    between enqueue and ask is never taken, and reaping fails it."""
+    each gets its own params, in one storage call, and a WAITING trial (enqueued by anyone) is never
+    taken by them; reaping leaves it alone (no worker runs it)."""
     from evoprune.search._searcher import fixed_trial
 
     a = create_study(tiny_study_config(), storage=storage_url, study_name="ask")
     b = load_study(storage=storage_url, study_name="ask")
     dist = {"x": optuna.distributions.IntDistribution(0, 100)}
-    orphan = a.storage.create_new_trial(a.db.optuna_study_id, template_trial=optuna.trial.create_trial(
-        state=TrialState.WAITING, params={"x": 99}, distributions=dist, user_attrs={"evoprune:source": "evolution"}))
+    waiting = a.storage.create_new_trial(a.db.optuna_study_id, template_trial=optuna.trial.create_trial(
+        state=TrialState.WAITING, params={"x": 99}, distributions=dist))
     got: dict[str, list[int]] = {"a": [], "b": []}
     errors: list[BaseException] = []
 
@@ -313,7 +300,7 @@ def test_fixed_trials_are_created_atomically_across_workers(storage_url):
         try:
             for v in values:
                 trial = fixed_trial(study.optuna_study, {"x": v}, dist, user_attrs={"evoprune:source": "evolution"})
-                assert study.storage.get_trial(trial._trial_id).state == TrialState.RUNNING
+                assert study.storage.get_trial(trial_id(trial)).state == TrialState.RUNNING
                 got[name].append(trial.params["x"])
                 study.optuna_study.tell(trial, [0.0, 0.0])
         except BaseException as exc:  # surfaced below
@@ -334,7 +321,7 @@ def test_fixed_trials_are_created_atomically_across_workers(storage_url):
     with pytest.raises(ValueError, match="no distribution"):
         fixed_trial(a.optuna_study, {"y": 1}, dist)
     a.reap()
-    assert a.storage.get_trial(orphan).state == TrialState.FAIL
+    assert a.storage.get_trial(waiting).state == TrialState.WAITING
     a.close()
     b.close()
 

@@ -1,5 +1,4 @@
-"""Storage backends for the storage tests (fixtures imported by the other test_storage*.py files)
-plus the schema tests: create, version, migrate.
+"""Storage backends for the storage tests (fixtures imported by the other test_storage*.py files).
 
 Every test that takes ``storage_url`` runs once per backend, like Optuna's own storage tests:
 
@@ -14,14 +13,10 @@ A server backend is skipped (with the reason) only when no server answers.
 from __future__ import annotations
 
 import os
-import threading
 import uuid
 
 import pytest
 import sqlalchemy as sa
-
-from evoprune.storage import SCHEMA_VERSION, SchemaVersionError, migrate, schema_version
-from evoprune.storage._schema import MIGRATIONS
 
 SERVERS = {
     "postgresql": os.environ.get("EVOPRUNE_TEST_POSTGRES", "postgresql+psycopg://postgres@127.0.0.1:5432/test"),
@@ -103,10 +98,8 @@ def tiny_study_config(**changes):
     return StudyConfig.from_dict(data)
 
 
-# --------------------------------------------------------------------------- schema
-
-
-def _engine(url: str) -> sa.Engine:
+def storage_engine(url: str) -> sa.Engine:
+    """An engine on ``url`` configured as evoprune configures its own (SQLite: WAL, ``BEGIN IMMEDIATE``)."""
     from evoprune.storage._engine import configure_sqlite_engine, normalize_url
 
     engine = sa.create_engine(normalize_url(url))
@@ -114,72 +107,52 @@ def _engine(url: str) -> sa.Engine:
     return engine
 
 
-def test_schema_create_version_and_idempotent_migrate(storage_url):
-    engine = _engine(storage_url)
+# --------------------------------------------------------------------------- the backends themselves
+
+
+def test_each_backend_starts_empty(storage_url):
+    engine = storage_engine(storage_url)
     try:
-        assert schema_version(engine) is None
-        assert migrate(engine) == SCHEMA_VERSION
-        assert schema_version(engine) == SCHEMA_VERSION
-        names = set(sa.inspect(engine).get_table_names())
-        for table in ("evoprune_schema_version", "evoprune_studies", "evoprune_trials", "evoprune_claims",
-                      "evoprune_stages", "evoprune_stage_results", "evoprune_sampler_states",
-                      "evoprune_fingerprints", "evoprune_artifacts", "evoprune_workers"):
-            assert table in names
-        assert not any(n in names for n in ("trials", "studies")), "evoprune must not create Optuna's tables"
-        assert migrate(engine) == SCHEMA_VERSION  # idempotent
-        with engine.connect() as conn:
-            assert conn.execute(sa.text("SELECT COUNT(*) FROM evoprune_schema_version")).scalar() == 1
+        assert sa.inspect(engine).get_table_names() == []
     finally:
         engine.dispose()
 
 
-def test_concurrent_first_migration(storage_url):
-    engines = [_engine(storage_url) for _ in range(3)]
-    results, errors = [], []
+def test_run_transaction_retries_lock_conflicts_only(storage_url):
+    """One retry helper for every transaction: a lock conflict runs the whole unit again (its first
+    run rolled back); a unique-constraint conflict does not, unless the caller says it may."""
+    from evoprune.storage._engine import run_transaction
 
-    def go(e):
-        try:
-            results.append(migrate(e))
-        except Exception as exc:  # pragma: no cover - reported below
-            errors.append(exc)
-
-    threads = [threading.Thread(target=go, args=(e,)) for e in engines]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join()
-    for e in engines:
-        e.dispose()
-    assert not errors and results == [SCHEMA_VERSION] * 3
-
-
-def test_migration_path_runs_in_order_and_refuses_newer_databases(storage_url):
-    engine = _engine(storage_url)
+    engine = storage_engine(storage_url)
+    meta = sa.MetaData()
+    table = sa.Table("t", meta, sa.Column("k", sa.String(16), primary_key=True))
+    meta.create_all(engine)
     calls = []
 
-    def to_v2(conn):
-        calls.append(2)
-        conn.execute(sa.text("ALTER TABLE evoprune_artifacts ADD COLUMN note VARCHAR(64)"))
+    def insert_then_locked(conn):
+        calls.append(1)
+        conn.execute(sa.insert(table).values(k=f"k{len(calls)}"))
+        if len(calls) == 1:
+            raise sa.exc.OperationalError("INSERT", {}, Exception("database is locked"))
+        return len(calls)
+
+    def create_unless_exists(conn):
+        calls.append(1)
+        if conn.execute(sa.select(table.c.k).where(table.c.k == "x")).first() is None:
+            conn.execute(sa.insert(table).values(k="x"))
+            if len(calls) == 1:  # as if another process inserted "x" at the same moment
+                conn.execute(sa.insert(table).values(k="x"))
+        return "ok"
 
     try:
-        assert migrate(engine, migrations=MIGRATIONS[:1]) == 1
-        assert migrate(engine, migrations=(*MIGRATIONS[:1], to_v2)) == 2
-        assert calls == [2]
-        assert "note" in {c["name"] for c in sa.inspect(engine).get_columns("evoprune_artifacts")}
-        assert migrate(engine, migrations=(*MIGRATIONS[:1], to_v2)) == 2 and calls == [2]  # not run twice
-        with pytest.raises(SchemaVersionError, match="newer.*upgrade evoprune"):
-            migrate(engine)  # this code knows version 1 only
+        assert run_transaction(engine, insert_then_locked) == 2
+        with engine.connect() as conn:
+            assert conn.execute(sa.select(table.c.k)).scalars().all() == ["k2"]
+        calls.clear()
+        with pytest.raises(sa.exc.IntegrityError):
+            run_transaction(engine, create_unless_exists)
+        assert len(calls) == 1
+        calls.clear()
+        assert run_transaction(engine, create_unless_exists, retry_conflicts=True) == "ok" and len(calls) == 2
     finally:
         engine.dispose()
-
-
-def test_migration_adds_evoprune_tables_to_a_plain_optuna_database(storage_url):
-    import optuna
-
-    from evoprune import create_study
-
-    optuna.create_study(storage=storage_url, study_name="plain")
-    study = create_study(tiny_study_config(), storage=storage_url, study_name="evo")
-    assert schema_version(study.storage.engine) == SCHEMA_VERSION
-    assert {s.study_name for s in optuna.get_all_study_summaries(storage_url)} == {"plain", "evo"}
-    study.storage.engine.dispose()

@@ -15,8 +15,9 @@ import optuna
 import pytest
 from test_storage_backends import tiny_study_config
 
-from evoprune.space import Candidate, LayerConfig
 from evoprune import create_study
+from evoprune._optuna_private import trial_id
+from evoprune.space import Candidate, LayerConfig
 
 
 def _free_port() -> int:
@@ -47,7 +48,7 @@ def test_optuna_dashboard_serves_the_study(tmp_path):
     for i, values in enumerate([(0.3, 0.7), (0.2, 0.8)]):
         cand = Candidate(layers=(LayerConfig(num_kv_heads=2, q_per_kv=2, mlp_channels=16 * (i + 1)),) * 4)
         t = study.optuna_study.ask()
-        study.recorder.record_candidate(t._trial_id, cand, source="initial")
+        study.recorder.record_candidate(trial_id(t), cand, source="initial")
         study.optuna_study.tell(t, list(values))
     study.storage.engine.dispose()
     port = _free_port()

@@ -1,8 +1,10 @@
 """Schema version 1 (evoprune 0.1.0): the study, fingerprint, worker, claim, trial, stage,
 stage-result, sampler-state and artifact tables, and the integer schema-version row table.
 
-The layout is frozen here (not imported from ``storage/_tables.py``), so this migration keeps
-creating exactly the version-1 tables when later versions change the models. A table that
+The layout is frozen here, not imported from ``storage/_tables.py``, so this migration keeps
+creating exactly the version-1 tables when later versions change the models; its constraints
+are listed in the order evoprune 0.1.0 wrote them, so a new SQLite database has exactly the DDL
+of a 0.1.0 one. A table that
 already exists is left alone: a run that stopped half-way (MySQL commits each ``CREATE TABLE``)
 can simply run again. A database that evoprune 0.1.0 created is stamped with this revision
 without running it.
@@ -31,9 +33,13 @@ def _id(table: str) -> tuple[sa.Column, sa.PrimaryKeyConstraint]:
         "id", name=f"pk_{table}")
 
 
-def _study_fk(table: str) -> tuple[sa.Column, sa.ForeignKeyConstraint]:
-    return sa.Column("study_id", sa.Integer, nullable=False), sa.ForeignKeyConstraint(
-        ["study_id"], ["evoprune_studies.id"], name=f"fk_{table}_study_id", ondelete="CASCADE")
+def _study_id() -> sa.Column:
+    return sa.Column("study_id", sa.Integer, nullable=False)
+
+
+def _study_fk(table: str) -> sa.ForeignKeyConstraint:
+    return sa.ForeignKeyConstraint(["study_id"], ["evoprune_studies.id"], name=f"fk_{table}_study_id",
+                                   ondelete="CASCADE")
 
 
 def _created() -> sa.Column:
@@ -70,17 +76,18 @@ def upgrade() -> None:
     _create(
         "evoprune_fingerprints",
         *_id("evoprune_fingerprints"),
-        *_study_fk("evoprune_fingerprints"),
+        _study_id(),
         sa.Column("kind", sa.String(64), nullable=False),
         sa.Column("value", sa.String(256), nullable=False),
         sa.Column("details_json", JSONText, nullable=False),
         _created(),
         sa.UniqueConstraint("study_id", "kind", name="uq_evoprune_fingerprints_study_id_kind"),
+        _study_fk("evoprune_fingerprints"),
     )
     _create(
         "evoprune_workers",
         *_id("evoprune_workers"),
-        *_study_fk("evoprune_workers"),
+        _study_id(),
         sa.Column("owner", sa.String(255), nullable=False),
         sa.Column("host", sa.String(255), nullable=False),
         sa.Column("pid", sa.Integer, nullable=False),
@@ -90,13 +97,14 @@ def upgrade() -> None:
         sa.Column("last_seen", sa.DateTime, nullable=False, server_default=sa.func.now()),
         sa.Column("stopped_at", sa.DateTime, nullable=True),
         sa.Column("stop_reason", sa.String(255), nullable=True),
+        _study_fk("evoprune_workers"),
         sa.UniqueConstraint("owner", name="uq_evoprune_workers_owner"),
         indexes=(("study_id",),),
     )
     _create(
         "evoprune_claims",
         *_id("evoprune_claims"),
-        *_study_fk("evoprune_claims"),
+        _study_id(),
         sa.Column("candidate_key", sa.String(128), nullable=False),
         sa.Column("owner", sa.String(255), nullable=False),
         sa.Column("status", sa.String(16), nullable=False),
@@ -105,11 +113,12 @@ def upgrade() -> None:
         sa.Column("claimed_at", sa.DateTime, nullable=False),
         sa.Column("updated_at", sa.DateTime, nullable=False),
         sa.UniqueConstraint("study_id", "candidate_key", name="uq_evoprune_claims_study_id_candidate_key"),
+        _study_fk("evoprune_claims"),
     )
     _create(
         "evoprune_trials",
         *_id("evoprune_trials"),
-        *_study_fk("evoprune_trials"),
+        _study_id(),
         sa.Column("trial_id", sa.Integer, nullable=False),
         sa.Column("trial_number", sa.Integer, nullable=False),
         sa.Column("candidate_key", sa.String(128), nullable=False),
@@ -117,13 +126,14 @@ def upgrade() -> None:
         sa.Column("source", sa.String(32), nullable=False),
         sa.Column("owner", sa.String(255), nullable=False),
         _created(),
+        _study_fk("evoprune_trials"),
         sa.UniqueConstraint("trial_id", name="uq_evoprune_trials_trial_id"),
         indexes=(("study_id", "candidate_key"),),
     )
     _create(
         "evoprune_stages",
         *_id("evoprune_stages"),
-        *_study_fk("evoprune_stages"),
+        _study_id(),
         sa.Column("trial_id", sa.Integer, nullable=False),
         sa.Column("stage", sa.String(128), nullable=False),
         sa.Column("stage_index", sa.Integer, nullable=False),
@@ -134,12 +144,13 @@ def upgrade() -> None:
         sa.Column("seconds", Float53, nullable=False),
         _created(),
         sa.UniqueConstraint("trial_id", "stage", name="uq_evoprune_stages_trial_id_stage"),
+        _study_fk("evoprune_stages"),
         indexes=(("study_id", "stage"),),
     )
     _create(
         "evoprune_stage_results",
         *_id("evoprune_stage_results"),
-        *_study_fk("evoprune_stage_results"),
+        _study_id(),
         sa.Column("trial_id", sa.Integer, nullable=False),
         sa.Column("stage", sa.String(128), nullable=False),
         sa.Column("evaluator", sa.String(128), nullable=False),
@@ -152,23 +163,25 @@ def upgrade() -> None:
         _created(),
         sa.UniqueConstraint("trial_id", "stage", "evaluator",
                             name="uq_evoprune_stage_results_trial_id_stage_evaluator"),
+        _study_fk("evoprune_stage_results"),
         indexes=(("study_id", "stage"),),
     )
     _create(
         "evoprune_sampler_states",
         *_id("evoprune_sampler_states"),
-        *_study_fk("evoprune_sampler_states"),
+        _study_id(),
         sa.Column("generation", sa.Integer, nullable=False),
         sa.Column("sampler", sa.String(255), nullable=False),
         sa.Column("state_json", JSONText, nullable=False),
         sa.Column("state_sha256", sa.String(64), nullable=False),
         _created(),
         sa.UniqueConstraint("study_id", "generation", name="uq_evoprune_sampler_states_study_id_generation"),
+        _study_fk("evoprune_sampler_states"),
     )
     _create(
         "evoprune_artifacts",
         *_id("evoprune_artifacts"),
-        *_study_fk("evoprune_artifacts"),
+        _study_id(),
         sa.Column("trial_id", sa.Integer, nullable=False),
         sa.Column("trial_number", sa.Integer, nullable=False),
         sa.Column("path", sa.Text, nullable=False),
@@ -177,6 +190,7 @@ def upgrade() -> None:
         sa.Column("candidate_json", JSONText, nullable=False),
         sa.Column("metrics_json", JSONText, nullable=False),
         _created(),
+        _study_fk("evoprune_artifacts"),
         indexes=(("study_id", "trial_id"),),
     )
 

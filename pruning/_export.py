@@ -1,0 +1,262 @@
+"""Materialize and export: a candidate as a new, physically smaller model or an HF checkpoint.
+
+A mixin of :class:`~evoprune.pruning.Pruner` (it reads the pruner's permuted dense
+model, its per-block plans and its mask cache). The exported ``config.json`` writes the
+per-layer differences in transformers' ``per_layer_config`` field plus an ``evoprune``
+section; :func:`~evoprune.pruning.load_pruned` reads it back.
+"""
+
+from __future__ import annotations
+
+import copy
+import os
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from .. import __version__ as _evoprune_version
+from ..space import Candidate
+from ._modules import per_layer_modules, quiet_heterogeneous_warnings
+
+__all__ = ["EXPORT_FORMAT_VERSION", "ExportMixin"]
+
+EXPORT_FORMAT_VERSION = 1
+
+
+class ExportMixin:
+    """``pruned_config``, ``materialize`` and ``export`` of a :class:`~evoprune.pruning.Pruner`."""
+
+    def pruned_config(self, candidate: Candidate) -> Any:
+        """The transformers config of ``candidate``'s materialized model (``per_layer_config`` +
+        an ``evoprune`` section)."""
+        self.spec.check_candidate(candidate)
+        dense_cfg = self.model.config
+        d = dense_cfg.to_dict()
+        d.pop("per_layer_config", None)
+        # applied mode edits num_hidden_layers/layer_types on the live config: use the dense values
+        types = list(self._dense_layer_types) if self._dense_layer_types is not None else None
+        kept = candidate.kept_layers
+        d["num_hidden_layers"] = len(kept)
+        d["head_dim"] = self.spec.head_dim
+        if types is not None:
+            d["layer_types"] = [types[i] for i in kept]
+            _check_cache_layer_types(d["layer_types"], [not candidate.layers[i].attn_dropped for i in kept])
+        per_layer: dict[int, dict[str, Any]] = {}
+        for j, i in enumerate(kept):
+            lc = candidate.layers[i]
+            over: dict[str, Any] = {}
+            skip = []
+            if lc.attn_dropped:
+                skip.append("attention")
+            else:
+                over["num_attention_heads"] = lc.num_q_heads
+                over["num_key_value_heads"] = lc.num_kv_heads
+            if lc.mlp_dropped:
+                skip.append("mlp")
+            else:
+                over["intermediate_size"] = lc.mlp_channels
+            if skip:
+                over["skip"] = skip
+            per_layer[j] = over
+        d["per_layer_config"] = per_layer
+        d["allow_global_per_layer_attribute_access"] = True
+        d["serialize_explicit_per_layer_config"] = True
+        d["evoprune"] = {
+            "format_version": EXPORT_FORMAT_VERSION,
+            "evoprune_version": _evoprune_version,
+            "candidate": candidate.to_dict(),
+            "candidate_key": candidate.key,
+            "dense_layers": list(kept),
+            "dense_num_layers": self.spec.num_layers,
+            "dense_num_attention_heads": self.spec.num_heads,
+            "dense_num_key_value_heads": self.spec.num_kv_heads,
+            "dense_intermediate_size": self.spec.intermediate_size,
+            "dense_name_or_path": getattr(dense_cfg, "_name_or_path", "") or None,
+            "importance_method": self.method,
+            "model_fingerprint": self.model_fingerprint,
+            "data_fingerprint": self.data_fingerprint,
+        }
+        with quiet_heterogeneous_warnings():
+            cfg = type(dense_cfg).from_dict(d)
+        cfg._attn_implementation = dense_cfg._attn_implementation
+        return cfg
+
+    @torch.no_grad()
+    def materialize(self, candidate: Candidate) -> nn.Module:
+        """A new, physically smaller model of ``candidate`` (works whether or not something is applied).
+
+        Linear and norm modules are sliced (fresh contiguous tensors on each source
+        parameter's device), dropped blocks removed, dropped sublayers replaced by
+        parameter-free :class:`DroppedAttention`/:class:`DroppedMLP` (+ ``nn.Identity`` norms),
+        sparsity zeros baked in, and attention ``layer_idx`` renumbered compactly so that
+        ``generate()`` with a KV cache works. The config carries ``per_layer_config``.
+        """
+        self.spec.check_candidate(candidate)
+        a = self.adapter
+        config = self.pruned_config(candidate)
+        sd: dict[str, torch.Tensor] = {}
+        memo: dict[int, torch.Tensor] = {}
+
+        def take(t: torch.Tensor) -> torch.Tensor:
+            key = id(t)
+            if key not in memo:
+                memo[key] = t.detach().clone().contiguous()
+            return memo[key]
+
+        prefix = a.layers + "."
+        for name, t in self.model.state_dict(keep_vars=True).items():
+            if not name.startswith(prefix):
+                sd[name] = take(t)
+        pattern = candidate.sparsity_pattern
+        for j, i in enumerate(candidate.kept_layers):
+            r, lc = self._refs[i], candidate.layers[i]
+            pfx = f"{a.layers}.{j}."
+            subs = {a.attn, a.mlp, a.attn_norm, a.mlp_norm}
+            for name, t in r.layer._parameters.items():
+                if t is not None:
+                    sd[pfx + name] = take(t)
+            for name, t in r.layer._buffers.items():
+                if t is not None and name not in r.layer._non_persistent_buffers_set:
+                    sd[pfx + name] = take(t)
+            for cname, child in r.layer.named_children():
+                if cname in subs:
+                    continue
+                for n, t in child.state_dict(keep_vars=True).items():
+                    sd[f"{pfx}{cname}.{n}"] = take(t)
+            for sub, norm_name, dropped, mod in (
+                ("attn", a.attn_norm, lc.attn_dropped, r.attn),
+                ("mlp", a.mlp_norm, lc.mlp_dropped, r.mlp),
+            ):
+                if dropped:
+                    continue
+                norm = r.attn_norm if sub == "attn" else r.mlp_norm
+                for n, t in norm.state_dict(keep_vars=True).items():
+                    sd[f"{pfx}{norm_name}.{n}"] = take(t)
+                sub_name = a.attn if sub == "attn" else a.mlp
+                linear_names = a.attn_linears if sub == "attn" else a.mlp_linears
+                for n, t in mod.state_dict(keep_vars=True).items():
+                    if n.split(".", 1)[0] in linear_names:
+                        continue
+                    sd[f"{pfx}{sub_name}.{n}"] = take(t)
+                for plan in self._plans(i, sub, lc):
+                    ws, bs = [], []
+                    for part in plan.parts:
+                        mask = self._mask(part, lc.sparsity_of(part.logical), pattern)
+                        w = part.weight * mask if mask is not None else part.weight
+                        ws.append(w.reshape(part.shape2d))
+                        if part.bias is not None:
+                            bs.append(part.bias.reshape(-1))
+                    mod_pfx = f"{pfx}{sub_name}.{plan.name}."
+                    sd[mod_pfx + "weight"] = torch.cat(ws, 0).contiguous() if len(ws) > 1 else ws[0].clone().contiguous()
+                    if plan.bias_sliced:
+                        if bs:
+                            sd[mod_pfx + "bias"] = torch.cat(bs, 0).contiguous() if len(bs) > 1 else bs[0].clone()
+                    elif r.bias[plan.name] is not None:
+                        sd[mod_pfx + "bias"] = take(r.bias[plan.name])
+        new = self._build(config, sd, candidate)
+        return new
+
+    def _build(self, config: Any, sd: dict[str, torch.Tensor], candidate: Candidate) -> nn.Module:
+        dense = self.model
+        with per_layer_modules(), torch.device("meta"):
+            new = type(dense)(config)
+        missing, unexpected = new.load_state_dict(sd, strict=False, assign=True)
+        tied = _tied_pairs(new)
+        missing = [k for k in missing if k not in tied]
+        if missing or unexpected:
+            raise RuntimeError(
+                f"materialize: state dict mismatch (missing={missing[:8]}, unexpected={unexpected[:8]}); "
+                "the adapter does not describe this model's modules."
+            )
+        if tied and getattr(config, "tie_word_embeddings", False):
+            new.tie_weights()
+        kept = candidate.kept_layers
+        prefix = self.adapter.layers + "."
+        for name, buf in list(new.named_buffers()):
+            if not buf.is_meta:
+                continue
+            src_name = name
+            if name.startswith(prefix):
+                j, _, rest = name[len(prefix):].partition(".")
+                src_mod = self._refs[kept[int(j)]].layer
+                src = src_mod.get_buffer(rest)
+            else:
+                src = dense.get_buffer(src_name)
+            mod_name, _, bname = name.rpartition(".")
+            new.get_submodule(mod_name)._buffers[bname] = src.detach().clone()
+        for name, p in new.named_parameters():
+            if p.is_meta:
+                raise RuntimeError(f"materialize: parameter {name} was not filled.")
+        if hasattr(dense, "generation_config") and dense.generation_config is not None:
+            new.generation_config = copy.deepcopy(dense.generation_config)
+        new.train(dense.training)
+        device_map = getattr(dense, "hf_device_map", None)
+        if isinstance(device_map, dict) and len(set(device_map.values())) > 1:
+            _dispatch(new, device_map, kept, self.adapter.layers)
+        return new
+
+    def export(self, candidate: Candidate, path: str | os.PathLike[str], tokenizer: Any = None, **save_kwargs: Any) -> Path:
+        """Write ``candidate`` as a standard HF checkpoint directory and return its path.
+
+        Contents: ``model*.safetensors``, ``config.json`` (with ``per_layer_config`` for the
+        per-layer differences and an ``evoprune`` section holding the candidate),
+        ``generation_config.json`` and, when given, the tokenizer files. No pickles.
+        Load it with :func:`~evoprune.pruning.load_pruned`.
+
+        In ``config.json`` the global ``num_attention_heads``/``num_key_value_heads``/
+        ``intermediate_size`` keep the dense values (``allow_global_per_layer_attribute_access``
+        is set so transformers' config validation can read them); each block's real sizes and
+        ``skip`` list are in ``per_layer_config`` (written explicitly for every block), and
+        ``num_hidden_layers`` counts the kept blocks.
+        """
+        path = Path(path)
+        path.mkdir(parents=True, exist_ok=True)
+        model = self.materialize(candidate)
+        with quiet_heterogeneous_warnings():
+            model.save_pretrained(path, **save_kwargs)
+        if tokenizer is not None:
+            tokenizer.save_pretrained(path)
+        del model
+        return path
+
+
+def _check_cache_layer_types(types: list[str], has_attn: list[bool]) -> None:
+    """With compact attention indices, KV-cache layer ``a`` is built from ``layer_types[a]`` while the
+    ``a``-th attention block has type ``layer_types[j]``; they must agree."""
+    attn_blocks = [j for j, f in enumerate(has_attn) if f]
+    for a_idx, j in enumerate(attn_blocks):
+        if types[a_idx] != types[j]:
+            raise NotImplementedError(
+                "this candidate drops attention sublayers in a model that mixes attention layer types "
+                f"({sorted(set(types))}); the KV cache would pair cache layer {a_idx} ({types[a_idx]}) with "
+                f"block {j} ({types[j]}). Not supported yet."
+            )
+
+
+def _tied_pairs(model: nn.Module) -> set[str]:
+    keys = getattr(model, "_tied_weights_keys", None) or {}
+    if isinstance(keys, dict):
+        return set(keys)
+    return set(keys)
+
+
+def _dispatch(model: nn.Module, device_map: dict[str, Any], kept: tuple[int, ...], layers_path: str) -> None:
+    """Re-apply a multi-device ``hf_device_map`` (renumbered for removed blocks) with accelerate."""
+    try:
+        from accelerate import dispatch_model
+    except ImportError as exc:  # pragma: no cover - depends on the environment
+        raise RuntimeError("materializing a model spread over several devices needs `accelerate`.") from exc
+    new_index = {i: j for j, i in enumerate(kept)}
+    prefix = layers_path + "."
+    remapped: dict[str, Any] = {}
+    for name, dev in device_map.items():
+        if name.startswith(prefix):
+            idx, _, rest = name[len(prefix):].partition(".")
+            if int(idx) not in new_index:
+                continue
+            name = f"{prefix}{new_index[int(idx)]}" + (f".{rest}" if rest else "")
+        remapped[name] = dev
+    dispatch_model(model, device_map=remapped)
+    model.hf_device_map = remapped
