@@ -74,8 +74,7 @@ def hypervolume(points: Any, reference: Sequence[float], directions: Sequence[st
 
 
 def study_front(study: Any) -> list[Any]:
-    """The study's Pareto-optimal feasible COMPLETE trials (``study.best_trials``), one per evaluated
-    candidate -- a trial that repeated an earlier candidate (``user_attrs["evoprune:duplicate_of"]``)
-    carries that trial's values and is left out -- sorted by values, then trial number."""
-    return sorted((t for t in study.best_trials if "evoprune:duplicate_of" not in t.user_attrs),
-                  key=lambda t: (tuple(t.values), t.number))
+    """The study's Pareto-optimal feasible COMPLETE trials (``study.best_trials``, ties kept: the same
+    trials as :meth:`EvoStudy.pareto_front <evoprune.search.EvoStudy.pareto_front>`), sorted by
+    values, then trial number."""
+    return sorted(study.best_trials, key=lambda t: (tuple(t.values), t.number))

@@ -111,6 +111,7 @@ from typing import Any, Protocol, runtime_checkable
 
 from .._optuna_private import study_storage, trial_id
 from ..space import Candidate
+from ..storage._values import CANDIDATE_KEY_ATTR, DUPLICATE_OF_ATTR, INFEASIBLE_ATTR
 
 __all__ = ["ATTR_PREFIX", "OptunaRecorder", "Recorder"]
 
@@ -222,7 +223,7 @@ class OptunaRecorder:
     def record_candidate(self, trial_id: int, candidate: Candidate, *, source: str = "sampler") -> None:
         set_attr = self._storage.set_trial_user_attr
         set_attr(trial_id, ATTR_PREFIX + "candidate", candidate.to_dict())
-        set_attr(trial_id, ATTR_PREFIX + "candidate_key", candidate.key)
+        set_attr(trial_id, CANDIDATE_KEY_ATTR, candidate.key)
         set_attr(trial_id, ATTR_PREFIX + "source", str(source))
 
     def record_stage(
@@ -269,11 +270,11 @@ class OptunaRecorder:
         "stages": {stage: objective}}``, or ``None``."""
         from optuna.trial import TrialState
 
-        key_attr, prefix = ATTR_PREFIX + "candidate_key", ATTR_PREFIX + "objective:"
+        key_attr, prefix = CANDIDATE_KEY_ATTR, ATTR_PREFIX + "objective:"
         for t in sorted(self.study.get_trials(deepcopy=False), key=lambda t: t.number):
             if t.user_attrs.get(key_attr) != candidate_key or t.state not in (TrialState.COMPLETE, TrialState.PRUNED):
                 continue
-            if t.user_attrs.get(ATTR_PREFIX + "infeasible") or ATTR_PREFIX + "duplicate_of" in t.user_attrs:
+            if t.user_attrs.get(INFEASIBLE_ATTR) or DUPLICATE_OF_ATTR in t.user_attrs:
                 continue
             stages = {k[len(prefix):]: _float(v) for k, v in t.user_attrs.items() if k.startswith(prefix)}
             return {"trial_id": trial_id(t), "number": t.number, "state": t.state.name, "stages": stages}
@@ -297,7 +298,7 @@ class OptunaRecorder:
             if candidate_key in self._claimed:
                 return False
             if candidate_key not in self._released:
-                key_attr = ATTR_PREFIX + "candidate_key"
+                key_attr = CANDIDATE_KEY_ATTR
                 for t in self.study.get_trials(deepcopy=False):
                     if t.user_attrs.get(key_attr) == candidate_key and t.state.is_finished():
                         self._claimed.add(candidate_key)

@@ -75,7 +75,8 @@ import numpy as np
 
 from .._logging import get_logger
 from .._optuna_private import distribution_contains, study_id, study_storage, trial_id
-from ..space import Candidate, SearchSpace
+from ..space import Candidate
+from ..storage._values import CANDIDATE_KEY_ATTR, DUPLICATE_OF_ATTR, INFEASIBLE_ATTR, SearchSpace
 from ._generation import GenerationSampler
 from ._objectives import objective_directions, objective_source
 from ._recorder import ATTR_PREFIX, OptunaRecorder, Recorder
@@ -518,7 +519,7 @@ class Searcher:
                 if worst is None:
                     worst = _PLACEHOLDER if self.directions[i] == "minimize" else -_PLACEHOLDER
                 values.append(worst)
-        trial.set_user_attr(ATTR_PREFIX + "infeasible", True)
+        trial.set_user_attr(INFEASIBLE_ATTR, True)
         self.study.tell(trial, values if len(values) > 1 else values[0])
         stats.infeasible += 1
         self._tick(None)
@@ -527,13 +528,13 @@ class Searcher:
         import optuna
 
         stats.duplicates += 1
-        key_attr = ATTR_PREFIX + "candidate_key"
+        key_attr = CANDIDATE_KEY_ATTR
         for t in self.study.get_trials(deepcopy=False):
             if t.number == trial.number or t.user_attrs.get(key_attr) != candidate.key:
                 continue
-            if t.user_attrs.get(ATTR_PREFIX + "infeasible"):
+            if t.user_attrs.get(INFEASIBLE_ATTR):
                 continue
-            trial.set_user_attr(ATTR_PREFIX + "duplicate_of", t.number)
+            trial.set_user_attr(DUPLICATE_OF_ATTR, t.number)
             self.recorder.record_candidate(trial_id(trial), candidate, source="duplicate")
             if t.state == optuna.trial.TrialState.COMPLETE:
                 self.study.tell(trial, t.values if len(t.values) > 1 else t.values[0])

@@ -6,10 +6,10 @@ from collections.abc import Mapping
 from typing import Any
 
 from ._database import DEFAULT_MAX_ATTEMPTS, StudyDatabase
+from ._values import CANDIDATE_KEY_ATTR
 
 __all__ = ["SQLRecorder"]
 
-CANDIDATE_KEY_ATTR = "evoprune:candidate_key"
 #: Sampler states kept per study (the newest generations); each holds every key seen so far.
 DEFAULT_KEEP_SAMPLER_STATES = 32
 

@@ -17,6 +17,7 @@ from collections.abc import Mapping
 from typing import Any
 
 __all__ = [
+    "CANDIDATE_KEY_ATTR",
     "DUPLICATE_OF_ATTR",
     "INFEASIBLE_ATTR",
     "Artifact",
@@ -39,6 +40,8 @@ __all__ = [
 #: (told placeholder values) and a trial that repeated an earlier candidate (told that one's values).
 INFEASIBLE_ATTR = "evoprune:infeasible"
 DUPLICATE_OF_ATTR = "evoprune:duplicate_of"
+#: the candidate key of a trial, also as a user attribute so optuna-dashboard shows it
+CANDIDATE_KEY_ATTR = "evoprune:candidate_key"
 
 
 def _plain(value: Any, where: str) -> Any:

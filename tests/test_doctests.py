@@ -36,6 +36,10 @@ MODULES = (
     "evoprune.storage._engine",
     "evoprune.storage._owner",
     "evoprune.storage._database",
+    "evoprune.storage._values",
+    "evoprune.storage._tables",
+    "evoprune._fingerprint",
+    "evoprune._paths",
 )
 
 
