@@ -1,8 +1,9 @@
 """The ``evoprune`` command line: one module, calling the public API only.
 
 ``evoprune search | resume | worker | export | studies | show | check`` drive studies
-(:mod:`evoprune.search`, :mod:`evoprune.storage`); ``evoprune reference-corpus``,
-``reference-model`` and ``reference-tasks`` build the offline reference data (:mod:`evoprune.data`).
+(:mod:`evoprune.search`, :mod:`evoprune.storage`); ``status`` and ``dashboard`` watch them;
+``evoprune reference-corpus``, ``reference-model`` and ``reference-tasks`` build the offline
+reference data (:mod:`evoprune.data`).
 
 Every handler returns an exit code: 0 done, 1 failed (the message says what to do),
 2 bad arguments or unknown study, 3 the model or data fingerprint changed, 130 interrupted.
@@ -19,6 +20,7 @@ Every handler returns an exit code: 0 done, 1 failed (the message says what to d
 from __future__ import annotations
 
 import argparse
+import collections
 import json
 import math
 import sys
@@ -47,6 +49,7 @@ from .storage import (
     FingerprintMismatchError,
     SchemaVersionError,
     list_studies,
+    redact_url,
 )
 
 EXIT_OK, EXIT_FAIL, EXIT_USAGE, EXIT_FINGERPRINT, EXIT_INTERRUPTED = 0, 1, 2, 3, 130
@@ -84,6 +87,11 @@ def _print_stats(study: Any, stats: Any) -> None:
           f"{stats.pruned} pruned, {stats.failed} failed), {stats.generations} generations, "
           f"stopped by {stats.stopped_by}, {stats.seconds:.1f} s; {study.last_retried} failed candidates retried")
     _print_front(study)
+
+
+def _state_counts(counts: Any) -> str:
+    """``{"COMPLETE": 3, "PRUNED": 2}`` -> ``"complete 3, pruned 2"``."""
+    return ", ".join(f"{k.lower()} {v}" for k, v in sorted(counts.items())) or "none"
 
 
 def _fmt(v: float) -> str:
@@ -175,8 +183,8 @@ def _cmd_studies(args: argparse.Namespace) -> int:
             return EXIT_OK
         print(f"{'study':<32} {'evoprune':>8} {'directions':<24} trials")
         for r in rows:
-            counts = ", ".join(f"{k.lower()} {v}" for k, v in sorted(r["trials"].items())) or "none"
-            print(f"{r['name']:<32} {'yes' if r['evoprune'] else 'no':>8} {','.join(r['directions']):<24} {counts}")
+            print(f"{r['name']:<32} {'yes' if r['evoprune'] else 'no':>8} {','.join(r['directions']):<24} "
+                  f"{_state_counts(r['trials'])}")
         return EXIT_OK
 
     return _run_guarded(go)
@@ -185,14 +193,12 @@ def _cmd_studies(args: argparse.Namespace) -> int:
 def _cmd_show(args: argparse.Namespace) -> int:
     def go() -> int:
         study = load_study(storage=args.storage, study_name=args.study)
-        states: dict[str, int] = {}
-        for t in study.trials():
-            states[t.state.name] = states.get(t.state.name, 0) + 1
+        states = collections.Counter(t.state.name for t in study.trials())
         saved = study.sampler_state()
         print(f"study {study.name!r} in {study.url}")
         print(f"  model {study.config.model!r}, sampler {study.config.sampler.name!r}, "
               f"generation {saved[0] if saved else '-'}")
-        print("  trials: " + (", ".join(f"{k.lower()} {v}" for k, v in sorted(states.items())) or "none"))
+        print("  trials: " + _state_counts(states))
         print("  fingerprints: " + json.dumps(study.fingerprints(), sort_keys=True))
         _print_front(study, limit=args.limit)
         arts = study.artifacts()
@@ -285,6 +291,101 @@ def _register_study_commands(subparsers: Any) -> None:
     p.set_defaults(func=_cmd_check)
 
 
+# --------------------------------------------------------------------------- status and dashboard
+
+
+def _existing_storage(storage: str) -> str:
+    """The normalized URL of an existing study database (a missing SQLite file is an error, not a new file)."""
+    import sqlalchemy as sa
+
+    from .storage import normalize_url
+
+    url = normalize_url(storage)
+    db = sa.engine.make_url(url).database if url.startswith("sqlite") else None
+    if db and db != ":memory:" and not db.startswith("file:") and not Path(db).is_file():
+        raise FileNotFoundError(f"no study database at {db}; check --storage (`evoprune search CONFIG` creates one).")
+    return url
+
+
+def _cmd_status(args: argparse.Namespace) -> int:
+    import time
+
+    if args.watch is not None and not args.watch > 0:
+        _err(f"--watch needs a positive number of seconds, got {args.watch:g}.")
+        return EXIT_USAGE
+
+    def go() -> int:
+        try:
+            study = load_study(storage=_existing_storage(args.storage), study_name=args.study,
+                               grace_period=args.grace)
+            with study:
+                while True:
+                    lines = study.status(window=args.window).lines()
+                    if args.watch is None:
+                        print("\n".join(lines))
+                        return EXIT_OK
+                    if sys.stdout.isatty():
+                        print("\033[2J\033[H", end="")
+                    print(f"{time.strftime('%H:%M:%S')}  every {args.watch:g} s, Ctrl-C stops")
+                    print("\n".join(lines), flush=True)
+                    time.sleep(args.watch)
+        except KeyboardInterrupt:
+            return EXIT_OK
+
+    return _run_guarded(go)
+
+
+def _cmd_dashboard(args: argparse.Namespace) -> int:
+    import socket
+
+    def go() -> int:
+        try:
+            import optuna_dashboard
+        except ImportError:
+            _err("optuna-dashboard is not installed; pip install optuna-dashboard (it is in evoprune's dev extra).")
+            return EXIT_FAIL
+        url = _existing_storage(args.storage)
+        port = args.port
+        if port is None:
+            with socket.socket() as s:
+                s.bind(("127.0.0.1", 0))
+                port = s.getsockname()[1]
+        elif not 0 < port < 65536:
+            _err(f"--port must be 1..65535, got {port}; leave it out to take a free port.")
+            return EXIT_USAGE
+        print(f"optuna-dashboard on {redact_url(url)}: http://127.0.0.1:{port}/ (loopback only; Ctrl-C stops it)",
+              flush=True)
+        try:
+            optuna_dashboard.run_server(url, host="127.0.0.1", port=port)
+        except KeyboardInterrupt:
+            return EXIT_OK
+        except OSError as exc:
+            _err(f"cannot serve on 127.0.0.1:{port} ({exc.strerror or exc}); pick another --port or leave it out.")
+            return EXIT_FAIL
+        return EXIT_OK
+
+    return _run_guarded(go)
+
+
+def _register_monitor_commands(subparsers: Any) -> None:
+    """Add ``status`` and ``dashboard``."""
+    p = subparsers.add_parser("status", help="where a study stands: trials, stages, best, rate, workers, ETA")
+    p.add_argument("--storage", required=True, metavar="URL", help="the study database URL")
+    p.add_argument("--study", required=True, metavar="NAME", help="study name")
+    p.add_argument("--watch", type=float, nargs="?", const=5.0, default=None, metavar="SECONDS",
+                   help="refresh every SECONDS (default 5) until Ctrl-C")
+    p.add_argument("--window", type=float, default=300.0, metavar="S",
+                   help="evaluations/s over the last S seconds of activity (default 300)")
+    p.add_argument("--grace", type=float, default=DEFAULT_GRACE_PERIOD, metavar="S",
+                   help=f"a worker silent this long counts as dead (default {DEFAULT_GRACE_PERIOD})")
+    p.set_defaults(func=_cmd_status)
+
+    p = subparsers.add_parser("dashboard", help="serve optuna-dashboard on a study database (127.0.0.1 only)")
+    p.add_argument("--storage", required=True, metavar="URL", help="the study database URL")
+    p.add_argument("--port", type=int, default=None, metavar="N", help="port (default: a free one)")
+    p.set_defaults(func=_cmd_dashboard)
+
+
 # --------------------------------------------------------------------------- reference data
 
 
@@ -374,6 +475,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--log-json", action="store_true", help="emit logs as JSON lines on stderr")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     _register_study_commands(sub)
+    _register_monitor_commands(sub)
     _register_reference_commands(sub)
     return parser
 

@@ -7,7 +7,8 @@ on resume, and caches are keyed by them, so their values must never change:
 * :func:`model_fingerprint` -- 16 hex chars from a dense model's config and weights;
 * :func:`ids_fingerprint` -- sha256 of token ids as little-endian int64 (16 hex chars
   by default, ``chars=64`` for the whole digest);
-* :func:`directory_sha256` -- sha256 over a folder's files (an exported checkpoint).
+* :func:`directory_sha256` -- sha256 over a folder's files (an exported checkpoint);
+* :func:`files_sha256` -- sha256 over named files in a given order (a study's text data files).
 
 torch is imported only when a tensor is fingerprinted.
 """
@@ -17,13 +18,14 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+from collections.abc import Iterable
 from pathlib import Path
 from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:  # pragma: no cover
     import torch
 
-__all__ = ["directory_sha256", "ids_fingerprint", "model_fingerprint"]
+__all__ = ["directory_sha256", "files_sha256", "ids_fingerprint", "model_fingerprint"]
 
 #: config keys that name where or with what a model was saved, not what it is
 _VOLATILE_CONFIG_KEYS = ("_name_or_path", "transformers_version")
@@ -88,18 +90,28 @@ def ids_fingerprint(ids: torch.Tensor, *, chars: int = 16) -> str:
     return hashlib.sha256(np.ascontiguousarray(arr).tobytes()).hexdigest()[:chars]
 
 
+def files_sha256(files: Iterable[tuple[str, str | os.PathLike[str]]]) -> str:
+    """sha256 over ``(name, path)`` pairs in the given order: each file's name, size and bytes.
+
+    The names (e.g. paths relative to a data folder) stand for where the files are, so the digest
+    changes when a file is added, removed, renamed or edited, and not when the folder moves.
+    """
+    h = hashlib.sha256()
+    for name, path in files:
+        f = Path(path)
+        h.update(f"{name}\0{f.stat().st_size}\0".encode())
+        with open(f, "rb") as fh:
+            for chunk in iter(lambda: fh.read(1 << 20), b""):
+                h.update(chunk)
+    return h.hexdigest()
+
+
 def directory_sha256(path: str | os.PathLike[str]) -> str:
     """sha256 over a folder's files (relative path, size and bytes, in sorted order).
 
     A single file is hashed the same way under its own name.
     """
     root = Path(path)
-    h = hashlib.sha256()
-    files = sorted(p for p in root.rglob("*") if p.is_file()) if root.is_dir() else [root]
-    for f in files:
-        rel = f.relative_to(root).as_posix() if root.is_dir() else f.name
-        h.update(f"{rel}\0{f.stat().st_size}\0".encode())
-        with open(f, "rb") as fh:
-            for chunk in iter(lambda: fh.read(1 << 20), b""):
-                h.update(chunk)
-    return h.hexdigest()
+    if not root.is_dir():
+        return files_sha256([(root.name, root)])
+    return files_sha256((f.relative_to(root).as_posix(), f) for f in sorted(p for p in root.rglob("*") if p.is_file()))

@@ -12,7 +12,8 @@ This room owns
 * **text sources** turned into 1-D token streams: a corpus split
   (:func:`tokenized_split`), any texts (:func:`token_stream`) and a study's
   ``data`` settings (:func:`load_splits`; ``source`` ``"reference"``,
-  ``"text"`` or ``"hub"``);
+  ``"text"`` or ``"hub"``), and the files of a ``"text"`` source -- files, folders or glob
+  patterns -- with their sha256 (:func:`text_files`);
 * the held-out **lm-eval task files** of the test split (:func:`write_lmeval_tasks`).
 
 It may use ``evaluators`` (the one perplexity) and the root helpers
@@ -30,18 +31,21 @@ cache dir) and works offline once built::
 from ._corpus import SPLITS, CorpusUnavailableError, ReferenceCorpus, load_reference_corpus
 from ._lmeval_tasks import write_lmeval_tasks
 from ._reference_model import SIZES, build_reference_model, read_reference_record, reference_model_dir
-from ._sources import load_splits, token_stream, tokenized_split
+from ._sources import TextFiles, load_splits, resolve_text_files, text_files, token_stream, tokenized_split
 
 __all__ = [
     "SIZES",
     "SPLITS",
     "CorpusUnavailableError",
     "ReferenceCorpus",
+    "TextFiles",
     "build_reference_model",
     "load_reference_corpus",
     "load_splits",
     "read_reference_record",
     "reference_model_dir",
+    "resolve_text_files",
+    "text_files",
     "token_stream",
     "tokenized_split",
     "write_lmeval_tasks",

@@ -7,23 +7,28 @@ documents together. Everything else here only chooses the texts:
 
 * :func:`tokenized_split` -- one split of the reference corpus, plus its fingerprint;
 * :func:`load_splits` -- the ``train`` / ``validation`` / ``calibration`` streams of a
-  study's ``data`` settings (``source`` ``"reference"``, ``"text"`` or ``"hub"``).
+  study's ``data`` settings (``source`` ``"reference"``, ``"text"`` or ``"hub"``);
+* :func:`text_files` -- the files a ``"text"`` source reads (each entry a file, a folder -- every
+  ``*.txt`` below it -- or a glob pattern such as ``docs/**/*.txt``) and their sha256, which a
+  study stores so that a resume reads the same files.
 """
 
 from __future__ import annotations
 
+import dataclasses
+import glob
 import os
 from collections.abc import Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from .._fingerprint import ids_fingerprint
+from .._fingerprint import files_sha256, ids_fingerprint
 from ._corpus import ReferenceCorpus, load_reference_corpus
 
 if TYPE_CHECKING:  # pragma: no cover
     import torch
 
-__all__ = ["load_splits", "token_stream", "tokenized_split"]
+__all__ = ["TextFiles", "load_splits", "resolve_text_files", "text_files", "token_stream", "tokenized_split"]
 
 #: The streams a study needs; ``load_splits`` returns them in this order.
 STUDY_SPLITS: tuple[str, ...] = ("train", "validation", "calibration")
@@ -79,7 +84,7 @@ def load_splits(
 
     ``data`` has the fields of ``evoprune.search.StudyConfig.data``: ``source``
     (``"reference"``, ``"text"`` or ``"hub"``), ``train`` / ``validation`` /
-    ``calibration`` (text files), ``path`` / ``name`` / ``text_field`` /
+    ``calibration`` (text files, folders or glob patterns: :func:`resolve_text_files`), ``path`` / ``name`` / ``text_field`` /
     ``train_split`` / ``validation_split`` / ``calibration_split`` (hub) and
     ``max_documents``. Calibration defaults to the train texts. ``cache_dir``
     is where the reference corpus is cached (default: the cache root).
@@ -88,21 +93,12 @@ def load_splits(
         corpus = load_reference_corpus(cache_dir)
         return {s: tokenized_split(tokenizer, s, corpus)[0] for s in STUDY_SPLITS}
     if data.source == "text":
-        def read(paths: Sequence[str]) -> list[str]:
-            out = []
-            for p in paths:
-                path = Path(p).expanduser()
-                if not path.is_file():
-                    raise FileNotFoundError(f"StudyConfig.data: text file {path} does not exist.")
-                out.append(path.read_text(encoding="utf-8"))
-            return out[: data.max_documents] if data.max_documents else out
+        files = _text_split_files(data)
 
-        train = read(data.train)
-        return {
-            "train": token_stream(tokenizer, train),
-            "validation": token_stream(tokenizer, read(data.validation)),
-            "calibration": token_stream(tokenizer, read(data.calibration) if data.calibration else train),
-        }
+        def read(split: str) -> list[str]:
+            return [path.read_text(encoding="utf-8") for _, path in files[split]]
+
+        return {s: token_stream(tokenizer, read(s)) for s in STUDY_SPLITS}
     # hub
     try:
         import datasets
@@ -129,3 +125,109 @@ def load_splits(
         "calibration": token_stream(tokenizer, split(data.calibration_split)) if data.calibration_split else
         token_stream(tokenizer, train),
     }
+
+
+# --------------------------------------------------------------------------- text files
+
+_GLOB_CHARS = frozenset("*?[")
+
+
+def _is_pattern(text: str) -> bool:
+    return any(ch in _GLOB_CHARS for ch in text)
+
+
+def resolve_text_files(entries: Sequence[str], *, what: str = "StudyConfig.data") -> list[tuple[str, Path]]:
+    """The text files of ``entries``, in order, as ``(name, path)`` pairs (each file once).
+
+    Each entry is a file (name: its file name), a folder (every ``*.txt`` below it, recursively,
+    sorted; name: the path below the folder) or a glob pattern with ``*``, ``?``, ``[...]`` and
+    ``**`` (the matching files, sorted; name: the path below the pattern's fixed leading folders).
+    Relative entries start in the current directory; ``~`` is expanded.
+
+    Raises:
+        FileNotFoundError: a plain entry is neither a file nor a folder.
+        ValueError: a folder holds no ``*.txt`` file, or a pattern matches no file.
+    """
+    out: list[tuple[str, Path]] = []
+    seen: set[Path] = set()
+    for entry in entries:
+        text = os.path.expanduser(str(entry))
+        path = Path(text)
+        if _is_pattern(text):
+            parts = path.parts
+            fixed = next(i for i, part in enumerate(parts) if _is_pattern(part))
+            base = Path(*parts[:fixed]) if fixed else Path(".")
+            found = sorted((Path(m) for m in glob.glob(text, recursive=True) if os.path.isfile(m)),
+                           key=lambda p: p.as_posix())
+            if not found:
+                raise ValueError(
+                    f"{what}: the pattern {entry!r} matches no file (relative patterns start in {Path.cwd()}); "
+                    "fix the pattern, e.g. 'docs/**/*.txt'."
+                )
+            named = [(Path(os.path.relpath(p, base)).as_posix(), p) for p in found]
+        elif path.is_dir():
+            found = sorted((p for p in path.rglob("*.txt") if p.is_file()), key=lambda p: p.as_posix())
+            if not found:
+                raise ValueError(
+                    f"{what}: the folder {entry!r} holds no *.txt file (searched recursively); add text files "
+                    f"or give a glob pattern for other names, e.g. '{entry}/**/*.md'."
+                )
+            named = [(p.relative_to(path).as_posix(), p) for p in found]
+        elif path.is_file():
+            named = [(path.name, path)]
+        else:
+            raise FileNotFoundError(
+                f"{what}: text file {path} does not exist (an entry is a text file, a folder or a glob pattern)."
+            )
+        for name, p in named:
+            key = p.resolve()
+            if key not in seen:
+                seen.add(key)
+                out.append((name, p))
+    return out
+
+
+def _text_split_files(data: Any) -> dict[str, list[tuple[str, Path]]]:
+    """``{split: [(name, path)]}`` of a ``"text"`` source: at most ``max_documents`` files per split;
+    calibration defaults to the train files."""
+    def split(name: str) -> list[tuple[str, Path]]:
+        files = resolve_text_files(getattr(data, name), what=f"StudyConfig.data.{name}")
+        return files[: data.max_documents] if data.max_documents else files
+
+    train = split("train")
+    return {"train": train, "validation": split("validation"),
+            "calibration": split("calibration") if data.calibration else train}
+
+
+@dataclasses.dataclass(frozen=True)
+class TextFiles:
+    """The files a ``"text"`` data source reads: ``files`` (split -> paths as resolved) and ``sha256``
+    (:func:`~evoprune._fingerprint.files_sha256` over ``split/name`` and bytes of each file)."""
+
+    files: dict[str, tuple[str, ...]]
+    sha256: str
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"sha256": self.sha256, "files": {k: list(v) for k, v in self.files.items()}}
+
+
+def text_files(data: Any) -> TextFiles:
+    """The resolved file list and sha256 of a study's ``"text"`` data settings (see
+    :func:`resolve_text_files`): what a study stores so a resume reads the same files.
+
+    >>> import tempfile, pathlib, types
+    >>> root = pathlib.Path(tempfile.mkdtemp())
+    >>> for rel in ("a/1.txt", "a/b/2.txt", "v.txt"):
+    ...     (root / rel).parent.mkdir(parents=True, exist_ok=True); _ = (root / rel).write_text(rel)
+    >>> data = types.SimpleNamespace(source="text", train=(str(root / "a"),), validation=(str(root / "*.txt"),),
+    ...                              calibration=(), max_documents=None)
+    >>> [pathlib.Path(f).name for f in text_files(data).files["train"]]
+    ['1.txt', '2.txt']
+    >>> len(text_files(data).sha256)
+    64
+    """
+    if data.source != "text":
+        raise ValueError(f"text_files: data source {data.source!r} has no files; only source 'text' does.")
+    splits = _text_split_files(data)
+    digest = files_sha256((f"{s}/{name}", path) for s in STUDY_SPLITS for name, path in splits[s])
+    return TextFiles(files={s: tuple(p.as_posix() for _, p in splits[s]) for s in STUDY_SPLITS}, sha256=digest)

@@ -21,8 +21,10 @@ tokens, seconds); evaluators with dense reference data also have
 ``prepare(model, context)``. Evaluation tokens are deterministic functions of
 (data fingerprint, stage, seed): see :func:`make_token_set`.
 
-``model_fingerprint``, ``ids_fingerprint`` and ``default_cache_dir`` are
-re-exported from their one home (``evoprune._fingerprint``, ``evoprune._paths``).
+``__all__`` lists what a user calls; the dense-reference cache (``dense_reference``,
+``reference_nbytes``), fine-tune internals and the fingerprints (``model_fingerprint``,
+``ids_fingerprint``, ``default_cache_dir``: re-exported from their one home,
+``evoprune._fingerprint`` / ``evoprune._paths``) stay importable for advanced use.
 """
 
 from .._fingerprint import ids_fingerprint, model_fingerprint
@@ -48,32 +50,22 @@ from ._tokens import TokenSet, make_token_set
 __all__ = [
     "CandidateResult",
     "Cost",
-    "DenseReference",
     "EvalContext",
-    "EvalRecord",
     "EvalResult",
     "Evaluator",
-    "FineTuneReport",
     "FineTuned",
     "KLToDense",
     "LMEval",
     "Latency",
     "Perplexity",
     "Pipeline",
-    "PromotionRule",
     "Stage",
     "StageResult",
     "TokenSet",
     "TopFraction",
     "TopK",
-    "default_cache_dir",
-    "dense_reference",
     "finetune",
-    "ids_fingerprint",
     "make_token_set",
     "measure_latency",
-    "model_fingerprint",
     "perplexity",
-    "reference_nbytes",
-    "select_trainable",
 ]

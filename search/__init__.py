@@ -43,6 +43,7 @@ from ._pareto import hypervolume, pareto_front, study_front
 from ._recorder import ATTR_PREFIX, OptunaRecorder, Recorder
 from ._runtime import Runtime, build_runtime, make_sampler
 from ._searcher import Searcher, SearchStats, trial_candidate
+from ._status import StudyStatus, study_status
 from ._study import EvoStudy, ParetoPoint, StudyNotFoundError, create_study, load_study
 from ._sweep import BudgetSweep
 
@@ -62,6 +63,7 @@ __all__ = [
     "Searcher",
     "StudyConfig",
     "StudyNotFoundError",
+    "StudyStatus",
     "build_runtime",
     "calibration_loss",
     "create_study",
@@ -77,6 +79,7 @@ __all__ = [
     "shortgpt",
     "sleb",
     "study_front",
+    "study_status",
     "trial_candidate",
     "uniform",
 ]

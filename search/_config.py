@@ -33,7 +33,10 @@ checkpoint folder, or a hub id (``AutoModelForCausalLM.from_pretrained``).
 Data (``data``): ``{"source": "reference"}`` (default: the reference corpus'
 train / calibration / validation splits), ``{"source": "text", "train": [...],
 "validation": [...], "calibration": [...]}`` (plain UTF-8 text files, one
-document per file; ``calibration`` defaults to ``train``) or ``{"source":
+document per file; each entry a file, a folder -- every ``*.txt`` below it -- or
+a glob pattern such as ``"docs/**/*.txt"``; ``calibration`` defaults to
+``train``; the resolved file list and its sha256 are stored with the study, and
+a resume that finds other files fails) or ``{"source":
 "hub", "path": "wikitext", "name": "wikitext-2-raw-v1", "text_field": "text",
 "train_split": "train", "validation_split": "validation"}`` (needs the
 ``datasets`` package and network access).
@@ -137,11 +140,14 @@ class DataConfig:
             if isinstance(value, str):
                 value = (value,)
             object.__setattr__(self, name, tuple(str(v) for v in value))
+            if any(not v.strip() for v in getattr(self, name)):
+                raise ValueError(f"StudyConfig.data.{name} has an empty entry; give a text file, a folder or a "
+                                 "glob pattern such as 'docs/**/*.txt'.")
         if self.source == "text":
             if not self.train or not self.validation:
                 raise ValueError(
-                    'StudyConfig.data: source "text" needs "train" and "validation" lists of text files '
-                    '(e.g. {"source": "text", "train": ["a.txt"], "validation": ["b.txt"]}).'
+                    'StudyConfig.data: source "text" needs "train" and "validation" lists of text files, folders '
+                    'or glob patterns (e.g. {"source": "text", "train": ["docs/train/"], "validation": ["docs/valid/*.txt"]}).'
                 )
         elif self.train or self.validation or self.calibration:
             raise ValueError('StudyConfig.data: train/validation/calibration files are only used with source "text".')

@@ -42,7 +42,10 @@ class Runtime:
         tokenizer: the tokenizer (may be ``None`` for hand-built runtimes).
         calib_ids: the calibration tokens ``[n, seq_len]``.
         config: the :class:`StudyConfig` (``None`` for hand-built runtimes).
-        fingerprints: ``{"model", "data", "space", "config"}`` digests for the study database.
+        fingerprints: ``{"model", "data", "space", "config"}`` digests for the study database
+            (plus ``"data_files"``, the sha256 of a ``"text"`` source's files).
+        fingerprint_details: what a fingerprint stands for, stored next to it (``"data_files"``:
+            the resolved file list per split).
         model_path: where the model was loaded from.
     """
 
@@ -57,6 +60,7 @@ class Runtime:
     config: StudyConfig | None = None
     fingerprints: dict[str, str] = dataclasses.field(default_factory=dict)
     model_path: str | None = None
+    fingerprint_details: dict[str, dict[str, Any]] = dataclasses.field(default_factory=dict)
 
     @property
     def directions(self) -> list[str]:
@@ -195,13 +199,15 @@ def build_runtime(config: StudyConfig, *, model: Any = None, tokenizer: Any = No
 
     Fingerprints (``runtime.fingerprints``): ``model`` (weights sample digest of
     the dense model before permutation), ``data`` (calibration, validation and
-    train token streams), ``space`` (:attr:`SearchSpace.key`) and ``config``.
+    train token streams), ``space`` (:attr:`SearchSpace.key`) and ``config``; for a ``"text"`` data
+    source also ``data_files`` (:func:`evoprune.data.text_files`: sha256 over the resolved files' names
+    and bytes, the file list in ``runtime.fingerprint_details``).
     """
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     from .._fingerprint import ids_fingerprint, model_fingerprint
     from .._paths import cache_root
-    from ..data import load_splits
+    from ..data import load_splits, text_files
     from ..evaluators import EvalContext, make_token_set
     from ..pruning import Pruner
 
@@ -219,6 +225,7 @@ def build_runtime(config: StudyConfig, *, model: Any = None, tokenizer: Any = No
         if tok_src is None:
             raise ValueError("build_runtime: pass tokenizer= together with model= (or set config.tokenizer).")
         tokenizer = AutoTokenizer.from_pretrained(tok_src)
+    files = text_files(config.data) if config.data.source == "text" else None
     splits = load_splits(config.data, tokenizer, cache_dir=config.cache_dir)
     calib_cfg = config.calibration
     max_pos = getattr(model.config, "max_position_embeddings", None)
@@ -257,8 +264,9 @@ def build_runtime(config: StudyConfig, *, model: Any = None, tokenizer: Any = No
     runtime = Runtime(
         model=model, space=space, pipeline=pipeline, context=context, objectives=list(config.objectives),
         pruner=pruner, tokenizer=tokenizer, calib_ids=calib, config=config,
-        fingerprints={"model": model_fp, "data": data_fp, "space": space.key, "config": config.fingerprint},
-        model_path=path,
+        fingerprints={"model": model_fp, "data": data_fp, "space": space.key, "config": config.fingerprint,
+                      **({"data_files": files.sha256} if files else {})},
+        model_path=path, fingerprint_details={"data_files": files.to_dict()} if files else {},
     )
     runtime.directions  # validate objectives against the pipeline now
     _log.info("runtime ready", extra={"fields": {**runtime.fingerprints, "genes": len(space.genes)}})

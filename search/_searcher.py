@@ -75,8 +75,8 @@ import numpy as np
 
 from .._logging import get_logger
 from .._optuna_private import distribution_contains, study_id, study_storage, trial_id
-from ..space import Candidate
-from ..storage._values import CANDIDATE_KEY_ATTR, DUPLICATE_OF_ATTR, INFEASIBLE_ATTR, SearchSpace
+from ..space import Candidate, SearchSpace
+from ..storage._values import CANDIDATE_KEY_ATTR, DUPLICATE_OF_ATTR, INFEASIBLE_ATTR
 from ._generation import GenerationSampler
 from ._objectives import objective_directions, objective_source
 from ._recorder import ATTR_PREFIX, OptunaRecorder, Recorder

@@ -237,22 +237,30 @@ class EvoStudy:
         """Integrity problems of the study's rows (empty: sound)."""
         return self.db.integrity_problems()
 
+    def status(self, *, window: float = 300.0) -> Any:
+        """Where the study stands (:class:`~evoprune.search.StudyStatus`: trials by state, stage counts,
+        best so far, tokens, evaluations/s over the last ``window`` seconds of activity, workers, ETA
+        against the stored stop condition). Reads only."""
+        from ._status import study_status
+
+        return study_status(self, window=window)
+
     # ------------------------------------------------------------------ workers
     def reap(self) -> ReapReport:
         """Fail RUNNING trials of dead workers and release their claims so they are retried."""
         return reap(self.db, self.storage, grace_period=self.grace_period)
 
-    def verify_fingerprints(self, fingerprints: Mapping[str, str]) -> None:
-        """Store the model/data fingerprints on first use; afterwards raise
-        :class:`~evoprune.storage.FingerprintMismatchError` naming whichever changed."""
-        fps = {k: v for k, v in fingerprints.items() if k in ("model", "data", "space")}
+    def verify_fingerprints(self, fingerprints: Mapping[str, str], details: Mapping[str, Any] | None = None) -> None:
+        """Store the model/data fingerprints on first use (with ``details``, e.g. the data file list);
+        afterwards raise :class:`~evoprune.storage.FingerprintMismatchError` naming whichever changed."""
+        fps = {k: v for k, v in fingerprints.items() if k in ("model", "data", "space", "data_files")}
         self.db.check_fingerprints(fps)
-        self.db.record_fingerprints(fps)
+        self.db.record_fingerprints(fps, details)
 
     def build_runtime(self, **kwargs: Any) -> Any:
         """Load model and data of the stored config and check their fingerprints against the study's."""
         runtime = build_runtime(self.config, **kwargs)
-        self.verify_fingerprints(runtime.fingerprints)
+        self.verify_fingerprints(runtime.fingerprints, runtime.fingerprint_details)
         return runtime
 
     def run(
@@ -289,7 +297,7 @@ class EvoStudy:
         if runtime is None:
             runtime = self.build_runtime()
         else:
-            self.verify_fingerprints(runtime.fingerprints)
+            self.verify_fingerprints(runtime.fingerprints, getattr(runtime, "fingerprint_details", None))
         sampler, budget_mode = runtime.make_sampler()
         self.db.register_worker(command=command)
         report = self.reap()
@@ -354,7 +362,7 @@ class EvoStudy:
         if runtime is None:
             runtime = self.build_runtime()
         else:
-            self.verify_fingerprints(runtime.fingerprints)
+            self.verify_fingerprints(runtime.fingerprints, getattr(runtime, "fingerprint_details", None))
         path = runtime.pruner.export(candidate, out, tokenizer=runtime.tokenizer)
         digest = directory_sha256(path)
         metrics: dict[str, Any] = {

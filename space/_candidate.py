@@ -134,8 +134,30 @@ class LayerConfig:
         return cls(**dict(data))
 
 
+class JsonValue:
+    """Canonical JSON round trip and a short stable key for a value type with ``to_dict``/``from_dict``
+    (:class:`Candidate`, :class:`~evoprune.space.SearchSpace`)."""
+
+    def to_json(self) -> str:
+        """Canonical JSON (sorted keys, no spaces): equal values give equal strings."""
+        return json.dumps(self.to_dict(), sort_keys=True, separators=(",", ":"))
+
+    @classmethod
+    def from_json(cls, text: str) -> Any:
+        try:
+            data = json.loads(text)
+        except json.JSONDecodeError as exc:
+            raise ValueError(f"{cls.__name__}.from_json: not valid JSON ({exc}).") from None
+        return cls.from_dict(data)
+
+    @property
+    def key(self) -> str:
+        """Short stable digest of the canonical JSON; used to detect duplicates."""
+        return hashlib.sha256(self.to_json().encode()).hexdigest()[:16]
+
+
 @dataclasses.dataclass(frozen=True, kw_only=True)
-class Candidate:
+class Candidate(JsonValue):
     """A pruned architecture: one :class:`LayerConfig` per dense decoder block.
 
     Candidates are immutable, hashable and round-trip through JSON::
@@ -222,23 +244,6 @@ class Candidate:
             layers=tuple(LayerConfig.from_dict(d) for d in data["layers"]),
             sparsity_pattern=data.get("sparsity_pattern", "unstructured"),
         )
-
-    def to_json(self) -> str:
-        """Canonical JSON (sorted keys, no spaces): equal candidates give equal strings."""
-        return json.dumps(self.to_dict(), sort_keys=True, separators=(",", ":"))
-
-    @classmethod
-    def from_json(cls, text: str) -> "Candidate":
-        try:
-            data = json.loads(text)
-        except json.JSONDecodeError as exc:
-            raise ValueError(f"Candidate.from_json: not valid JSON ({exc}).") from None
-        return cls.from_dict(data)
-
-    @property
-    def key(self) -> str:
-        """Short stable digest of the canonical JSON; used to detect duplicates."""
-        return hashlib.sha256(self.to_json().encode()).hexdigest()[:16]
 
     def replace_layer(self, index: int, **changes: Any) -> "Candidate":
         """A copy with layer ``index`` changed (``dataclasses.replace`` semantics)."""

@@ -381,13 +381,7 @@ class CostModel:
             t = self.seq_len if seq_len is None else seq_len
             return 2 * sum(r * c for _, r, c in shapes) + 2 * nq * hd * (t + 1)
         extra = h + (2 * hd if s.qk_norm else 0) + (q_out + 2 * kv_out if s.qkv_bias else 0) + (h if s.o_bias else 0)
-        if metric == "params":
-            return sum(r * c for _, r, c in shapes) + extra
-        if metric == "nonzero_params":
-            sp = sparsity or {}
-            return sum(r * kept_per_row(c, sp.get(n, 0.0), pattern) for n, r, c in shapes) + extra
-        self._check_metric(metric)
-        raise AssertionError(metric)
+        return self._weights_cost(shapes, extra, metric, sparsity, pattern)
 
     def mlp_cost(
         self, channels: int, metric: str, *, sparsity: Mapping[str, float] | None = None,
@@ -412,6 +406,12 @@ class CostModel:
         if metric == "flops":
             return 2 * sum(r * c for _, r, c in shapes)
         extra = h + (2 * channels + h if s.mlp_bias else 0)
+        return self._weights_cost(shapes, extra, metric, sparsity, pattern)
+
+    def _weights_cost(self, shapes: Any, extra: int, metric: str, sparsity: Mapping[str, float] | None,
+                      pattern: str) -> int:
+        """``params`` / ``nonzero_params`` of a sublayer's linears ``(name, rows, in_features)`` plus
+        ``extra`` (norms, biases: never sparse)."""
         if metric == "params":
             return sum(r * c for _, r, c in shapes) + extra
         if metric == "nonzero_params":

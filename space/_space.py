@@ -34,15 +34,13 @@ step savings, budget repair).
 from __future__ import annotations
 
 import dataclasses
-import hashlib
-import json
 import math
 from collections.abc import Iterable, Mapping
 from typing import Any
 
 import numpy as np
 
-from ._candidate import LINEAR_NAMES, Candidate
+from ._candidate import LINEAR_NAMES, Candidate, JsonValue
 from ._cost import Budget, CostModel, LatencyTable
 from ._levels import LevelsMixin
 from ._moves import MovesMixin
@@ -96,7 +94,7 @@ class Gene:
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
-class SearchSpace(LevelsMixin, MovesMixin):
+class SearchSpace(JsonValue, LevelsMixin, MovesMixin):
     """The searched genes of one dense model, their levels, budgets and costs.
 
     Build it with :meth:`from_model` (a transformers model, config, dict or
@@ -556,22 +554,6 @@ class SearchSpace(LevelsMixin, MovesMixin):
             data["latency"] = LatencyTable.from_dict(data["latency"])
         return cls(**data)
 
-    def to_json(self) -> str:
-        """Canonical JSON (sorted keys): equal spaces give equal strings."""
-        return json.dumps(self.to_dict(), sort_keys=True, separators=(",", ":"))
-
-    @classmethod
-    def from_json(cls, text: str) -> "SearchSpace":
-        try:
-            data = json.loads(text)
-        except json.JSONDecodeError as exc:
-            raise ValueError(f"SearchSpace.from_json: not valid JSON ({exc}).") from None
-        return cls.from_dict(data)
-
-    @property
-    def key(self) -> str:
-        """Short stable digest of the canonical JSON."""
-        return hashlib.sha256(self.to_json().encode()).hexdigest()[:16]
 
 
 def _int_tuple(what: str, values: Any) -> tuple[int, ...]:

@@ -212,10 +212,18 @@ class StudyDatabase(ClaimsMixin, WorkersMixin, CheckMixin):
         if changed:
             raise FingerprintMismatchError(self.study_name, changed)
 
-    def record_fingerprints(self, current: Mapping[str, str]) -> None:
-        """Store fingerprints not stored yet; raise :class:`FingerprintMismatchError` if a stored one differs."""
+    def fingerprint_details(self) -> dict[str, Any]:
+        """``{kind: details}`` stored with the fingerprints (e.g. ``data_files``: the resolved file list)."""
+        rows = self._tx(lambda c: c.execute(sa.select(FingerprintRow.kind, FingerprintRow.details_json)
+                                            .where(FingerprintRow.study_id == self.study_id)).all())
+        return {r.kind: from_json(r.details_json) for r in rows}
+
+    def record_fingerprints(self, current: Mapping[str, str], details: Mapping[str, Any] | None = None) -> None:
+        """Store fingerprints not stored yet (with ``details[kind]``, JSON, if given); raise
+        :class:`FingerprintMismatchError` if a stored one differs."""
         values = {check_name(k, "fingerprint kind", 64): check_name(str(v), f"{k} fingerprint", 256)
                   for k, v in current.items()}
+        texts = {k: canonical_json((details or {}).get(k, {}), where=f"{k} fingerprint details") for k in values}
 
         def run(conn: sa.Connection) -> dict[str, tuple[str, str]]:
             stored = {
@@ -231,7 +239,7 @@ class StudyDatabase(ClaimsMixin, WorkersMixin, CheckMixin):
                 if k not in stored:
                     conn.execute(
                         sa.insert(FingerprintRow).values(
-                            study_id=self.study_id, kind=k, value=v, details_json="{}", created_at=utcnow()
+                            study_id=self.study_id, kind=k, value=v, details_json=texts[k], created_at=utcnow()
                         )
                     )
             return {}

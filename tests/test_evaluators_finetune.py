@@ -136,7 +136,7 @@ def test_finetuned_wrapper_scores_the_finetuned_candidate(ref_data):
     kl = KLToDense()
     wrapped = FineTuned([kl], tokens=4096, lr=1e-3, batch_size=8)
     wrapped.prepare(model, ctx)
-    assert wrapped.direction == "minimize" and wrapped.name == "finetuned_kl_to_dense"
+    assert wrapped.direction == "minimize" and wrapped.name == "finetuned_kl"
     cand = candidate(spec, mlp=spec.intermediate_size // 4, drop=(1,))
     with pruner.applied(cand):
         plain = kl.evaluate(model, cand, ctx).value
