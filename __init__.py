@@ -1,8 +1,9 @@
 """evoprune: compress pretrained causal language models by evolutionary architecture search.
 
-The public API is small; everything else lives in the subpackages
-(``evoprune.space``, ``evoprune.pruning``, ``evoprune.evaluators``,
-``evoprune.search``, ``evoprune.storage``)::
+The public API is small; everything else lives in the subpackages, whose imports flow one way:
+``evoprune.space`` (pure values) <- ``evoprune.pruning`` <- ``evoprune.evaluators``;
+``evoprune.data`` (reference corpus and models, token sources); ``evoprune.storage``
+(persistence only); ``evoprune.search`` (samplers, driver, the study facade) uses them all::
 
     >>> import evoprune
     >>> c = evoprune.Candidate(layers=(evoprune.LayerConfig(num_kv_heads=2, q_per_kv=2, mlp_channels=64),))

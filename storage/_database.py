@@ -320,6 +320,7 @@ class StudyDatabase(ClaimsMixin, WorkersMixin, CheckMixin):
                 sa.select(TrialRow.trial_id, TrialRow.trial_number, tm.state)
                 .join(tm, tm.trial_id == TrialRow.trial_id)
                 .where(TrialRow.study_id == self.study_id, TrialRow.candidate_key == candidate_key,
+                       TrialRow.source != "duplicate",  # a repeat told another trial's values
                        tm.state.in_((TrialState.COMPLETE, TrialState.PRUNED)))
                 .order_by(TrialRow.trial_number).limit(1)
             ).first()
