@@ -19,7 +19,8 @@ test: $(STAMP)
 	$(PY) -m pytest -q
 
 # Build the offline reference model (cached), search 8 generations of the example
-# study, print its best trials and export the best one as an HF checkpoint.
+# study, print its best trials, export the best one as an HF checkpoint and write
+# the HTML report (its path is the last line).
 demo: $(STAMP)
 	$(VENV)/bin/evoprune reference-model --size small
 	mkdir -p out
@@ -27,6 +28,7 @@ demo: $(STAMP)
 	$(VENV)/bin/evoprune show --storage sqlite:///out/demo.db --study demo
 	rm -rf out/demo-best
 	$(VENV)/bin/evoprune export --storage sqlite:///out/demo.db --study demo --trial best --out out/demo-best
+	$(VENV)/bin/evoprune report --storage sqlite:///out/demo.db --study demo --out out/demo-report.html
 
 clean:
 	rm -rf $(VENV) build *.egg-info .pytest_cache

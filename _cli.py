@@ -223,11 +223,26 @@ def _cmd_check(args: argparse.Namespace) -> int:
     return _run_guarded(go)
 
 
+def _cmd_report(args: argparse.Namespace) -> int:
+    def go() -> int:
+        from .report import write_report
+
+        study = load_study(storage=_existing_storage(args.storage), study_name=args.study)
+        try:
+            path = write_report(study, args.out)
+        finally:
+            study.close()
+        print(f"report of study {study.name!r} written to {path}")
+        return EXIT_OK
+
+    return _run_guarded(go)
+
+
 # --------------------------------------------------------------------------- parser
 
 
 def _register_study_commands(subparsers: Any) -> None:
-    """Add ``search``, ``resume``, ``worker``, ``export``, ``studies``, ``show`` and ``check``."""
+    """Add ``search``, ``resume``, ``worker``, ``export``, ``studies``, ``show``, ``check`` and ``report``."""
     def storage_arg(p: argparse.ArgumentParser, required: bool = True) -> None:
         p.add_argument("--storage", required=required, metavar="URL",
                        help="sqlite:///FILE.db, postgresql://USER@HOST/DB or mysql://USER@HOST/DB"
@@ -289,6 +304,12 @@ def _register_study_commands(subparsers: Any) -> None:
     storage_arg(p)
     study_arg(p)
     p.set_defaults(func=_cmd_check)
+
+    p = subparsers.add_parser("report", help="write one self-contained HTML report of a study (plots, Pareto table)")
+    storage_arg(p)
+    study_arg(p)
+    p.add_argument("--out", default="report.html", metavar="FILE", help="HTML file to write (default report.html)")
+    p.set_defaults(func=_cmd_report)
 
 
 # --------------------------------------------------------------------------- status and dashboard

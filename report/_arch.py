@@ -49,13 +49,22 @@ class DenseWidths:
         kv = heads = mlp = 1
         for c in candidates:
             for layer in c.layers:
-                kv, heads, mlp = max(kv, layer.num_kv_heads), max(heads, layer.num_q_heads), max(mlp, layer.mlp_channels)
+                kv, heads = max(kv, layer.num_kv_heads), max(heads, layer.num_q_heads)
+                mlp = max(mlp, layer.mlp_channels)
         return cls(num_kv_heads=kv, num_heads=heads, intermediate_size=mlp)
 
 
-def _layer_sparsity(layer: Any) -> float:
+def _kept_levels(layer: Any) -> list[float]:
+    """The sparsity level of each kept linear of ``layer``."""
     names = (() if layer.attn_dropped else ATTN_LINEARS) + (() if layer.mlp_dropped else MLP_LINEARS)
-    return sum(layer.sparsity_of(n) for n in names) / len(names) if names else 0.0
+    if not layer.linear_sparsity:  # the common case, without a call per linear
+        return [layer.sparsity] * len(names)
+    return [layer.sparsity_of(n) for n in names]
+
+
+def _layer_sparsity(layer: Any) -> float:
+    levels = _kept_levels(layer)
+    return sum(levels) / len(levels) if levels else 0.0
 
 
 def layer_cells(candidate: Candidate, dense: DenseWidths) -> tuple[tuple[float, float, float, float], ...]:
@@ -89,8 +98,7 @@ def summarize(candidate: Candidate, dense: DenseWidths) -> ArchSummary:
     """The :class:`ArchSummary` of ``candidate``; ``sparsity`` is the mean level of every kept linear."""
     layers = candidate.layers
     n = len(layers)
-    levels = [layer.sparsity_of(name) for layer in layers
-              for name in (() if layer.attn_dropped else ATTN_LINEARS) + (() if layer.mlp_dropped else MLP_LINEARS)]
+    levels = [level for layer in layers for level in _kept_levels(layer)]
     return ArchSummary(
         blocks_kept=len(candidate.kept_layers),
         num_layers=n,

@@ -36,7 +36,7 @@ from ._snapshot import StudySnapshot, load_snapshot
 __all__ = ["HistoryData", "history_data", "plot_history"]
 
 #: hypervolume is computed at most at this many trials (evenly spaced, the last one included)
-MAX_HV_POINTS = 1000
+MAX_HV_POINTS = 250
 #: trial values drawn at most per panel (an even sample beyond; the best-so-far lines are exact)
 MAX_POINTS = 3000
 

@@ -4,7 +4,7 @@ The file is self-contained: plotly.js is inlined once (with the first figure), n
 from the network, so it opens offline and can be mailed or archived. It reads the study through
 :func:`~evoprune.report.load_snapshot` only (never writes), so it works on a still-running study too.
 Large studies stay light: dominated points beyond a few thousand are drawn as an even sample, the
-best-so-far lines keep only their steps and the hypervolume is taken at up to 1,000 trials.
+best-so-far lines keep only their steps and the hypervolume is taken at up to 250 trials.
 
 ::
 
@@ -202,12 +202,12 @@ def build_report(study: Any, *, trials: Iterable[int] | None = None, max_points:
 
     page.add("<h2>Pareto front</h2>")
     try:
-        pdata = pareto_plot_data(snap)
+        pdata = pareto_plot_data(snap, max_points=max_points)
     except ValueError as exc:
         page.note(str(exc))
         pdata = None
     if pdata is not None and pdata.numbers:
-        page.figure(draw_pareto(pdata, max_points=max_points))
+        page.figure(draw_pareto(pdata))
         marks = ["the red line is the front of these two axes"]
         if pdata.seeds:
             marks.append(f"diamonds: {len(pdata.seeds)} baseline trials (seeds)")
@@ -217,7 +217,7 @@ def build_report(study: Any, *, trials: Iterable[int] | None = None, max_points:
     elif pdata is not None:
         page.note("no feasible COMPLETE trial yet: nothing to plot.")
     if len(snap.objectives) >= 3 and complete:
-        page.figure(draw_pareto_matrix(pareto_matrix_data(snap), max_points=max_points))
+        page.figure(draw_pareto_matrix(pareto_matrix_data(snap, max_points=max_points // 3)))
 
     page.add(f"<h2>Pareto candidates ({len(front)})</h2>")
     if front:
@@ -265,7 +265,8 @@ def build_report(study: Any, *, trials: Iterable[int] | None = None, max_points:
     page.add("<h3>Library versions</h3>")
     page.add(_table(["package", "version"], [[(k, _e(k), False), (v, _e(v), False)]
                                             for k, v in _versions().items()], sortable=False))
-    page.add("<h3>Config</h3><pre>" + _e(json.dumps(snap.config.to_dict(), indent=2, sort_keys=True)) + "</pre>")
+    config = json.dumps(snap.config.to_dict(), indent=2, sort_keys=True)
+    page.add("<h3>Config</h3><pre>" + html.escape(config, quote=False) + "</pre>")
     title = f"evoprune report: {snap.name}"
     return ("<!DOCTYPE html>\n<html lang=en><head><meta charset=utf-8>"
             f"<meta name=viewport content='width=device-width, initial-scale=1'><title>{_e(title)}</title>"

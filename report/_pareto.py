@@ -40,7 +40,7 @@ from ._snapshot import StudySnapshot, load_snapshot
 __all__ = ["ParetoPlotData", "pareto_matrix_data", "pareto_plot_data", "plot_pareto", "plot_pareto_matrix"]
 
 #: dominated points drawn at most (the front, baselines and dense model are always drawn)
-MAX_POINTS = 4000
+MAX_POINTS = 2000
 
 
 @dataclasses.dataclass(frozen=True)
@@ -79,10 +79,15 @@ def _default_axes(snap: StudySnapshot) -> tuple[str, str]:
     return x, y
 
 
-def pareto_plot_data(study: Any, x: str | None = None, y: str | None = None) -> ParetoPlotData:
+def pareto_plot_data(study: Any, x: str | None = None, y: str | None = None, *,
+                     max_points: int | None = None) -> ParetoPlotData:
     """The data of :func:`plot_pareto`: ``x``/``y`` are axis names (default: the first two objectives, a
     cost ratio on x; for a single-objective study the objective vs the params ratio). See
-    :attr:`StudySnapshot.axes` for the names; an unknown one raises a ``ValueError`` listing them."""
+    :attr:`StudySnapshot.axes` for the names; an unknown one raises a ``ValueError`` listing them.
+
+    ``max_points``: keep at most that many dominated points (an even sample, in trial order; the front
+    is computed on all of them first, and front and baseline points are always kept); ``total`` still
+    counts every feasible COMPLETE trial."""
     snap = load_snapshot(study)
     dx, dy = _default_axes(snap) if x is None or y is None else (x, y)
     x, y = snap.check_axis(x or dx), snap.check_axis(y or dy)
@@ -99,6 +104,13 @@ def pareto_plot_data(study: Any, x: str | None = None, y: str | None = None) -> 
     keep = pareto_front(np.column_stack([xs, ys]) if numbers else np.empty((0, 2)), list(directions))
     front = tuple(numbers[i] for i in sorted(keep, key=lambda i: (xs[i], ys[i], numbers[i])))
     seeds = tuple(n for n in numbers if snap.trials[n].source == "seed")
+    if max_points is not None:
+        marked = set(front) | set(seeds)
+        rest = [i for i, n in enumerate(numbers) if n not in marked]
+        if len(rest) > max_points:
+            drop = set(rest) - {rest[int(k)] for k in np.linspace(0, len(rest) - 1, max(0, max_points))}
+            kept = [i for i in range(len(numbers)) if i not in drop]
+            numbers, xs, ys = [numbers[i] for i in kept], [xs[i] for i in kept], [ys[i] for i in kept]
     dense_x, dense_y = snap.dense_value(x), snap.dense_value(y)
     return ParetoPlotData(
         x=x, y=y, directions=directions, numbers=tuple(numbers), xs=tuple(xs), ys=tuple(ys),
@@ -108,13 +120,14 @@ def pareto_plot_data(study: Any, x: str | None = None, y: str | None = None) -> 
     )
 
 
-def pareto_matrix_data(study: Any) -> tuple[ParetoPlotData, ...]:
+def pareto_matrix_data(study: Any, *, max_points: int | None = None) -> tuple[ParetoPlotData, ...]:
     """One :class:`ParetoPlotData` per pair of objectives (for three or more objectives)."""
     snap = load_snapshot(study)
     if len(snap.objectives) < 3:
         raise ValueError(f"study {snap.name!r} has {len(snap.objectives)} objectives; the pairwise view needs 3 or "
                          "more (use plot_pareto for two axes).")
-    return tuple(pareto_plot_data(snap, a, b) for a, b in itertools.combinations(snap.objectives, 2))
+    return tuple(pareto_plot_data(snap, a, b, max_points=max_points)
+                 for a, b in itertools.combinations(snap.objectives, 2))
 
 
 def axis_title(name: str, direction: str) -> str:
@@ -124,16 +137,7 @@ def axis_title(name: str, direction: str) -> str:
     return f"{name}{unit}, {arrow}"
 
 
-def _sample(data: ParetoPlotData, max_points: int) -> list[int]:
-    """Indices of the dominated points to draw: all, or an even stride of ``max_points`` of them."""
-    marked = set(data.front) | set(data.seeds)
-    rest = [i for i, n in enumerate(data.numbers) if n not in marked]
-    if len(rest) <= max_points:
-        return rest
-    return [rest[int(k)] for k in np.linspace(0, len(rest) - 1, max_points)]
-
-
-def _traces(data: ParetoPlotData, go: Any, *, max_points: int, legend: bool) -> list[Any]:
+def _traces(data: ParetoPlotData, go: Any, *, legend: bool) -> list[Any]:
     index = {n: i for i, n in enumerate(data.numbers)}
     traces = []
 
@@ -143,9 +147,9 @@ def _traces(data: ParetoPlotData, go: Any, *, max_points: int, legend: bool) -> 
                           text=[data.hover[i] for i in idx], hovertemplate="%{text}<extra>" + name + "</extra>",
                           name=name, legendgroup=name, showlegend=legend, **kw)
 
-    rest = _sample(data, max_points)
-    label = "trials" if len(rest) + len(set(data.front) | set(data.seeds)) == len(data.numbers) else (
-        f"trials ({len(rest)} of the dominated shown)")
+    marked = set(data.front) | set(data.seeds)
+    rest = [i for i, n in enumerate(data.numbers) if n not in marked]
+    label = "trials" if len(data.numbers) == data.total else f"trials (a sample: {len(data.numbers)} of {data.total})"
     traces.append(scatter(rest, label, mode="markers", marker=dict(color="#9aa5b1", size=6, opacity=0.6)))
     traces.append(scatter([index[n] for n in data.front], "Pareto front", mode="lines+markers",
                           line=dict(color="#d62728", width=2), marker=dict(color="#d62728", size=9)))
@@ -157,7 +161,8 @@ def _traces(data: ParetoPlotData, go: Any, *, max_points: int, legend: bool) -> 
         traces.append(go.Scatter(x=[data.dense[0]], y=[data.dense[1]], mode="markers", name="dense model",
                                  legendgroup="dense model", showlegend=legend,
                                  marker=dict(symbol="star", size=15, color="#2ca02c"),
-                                 hovertemplate=f"dense model<br>{data.x} %{{x:.4g}} · {data.y} %{{y:.4g}}<extra></extra>"))
+                                 hovertemplate=f"dense model<br>{data.x} %{{x:.4g}} · {data.y} %{{y:.4g}}"
+                                               "<extra></extra>"))
     return traces
 
 
@@ -167,10 +172,10 @@ def _import_go() -> Any:
     return go
 
 
-def draw_pareto(data: ParetoPlotData, *, title: str | None = None, max_points: int = MAX_POINTS) -> Any:
+def draw_pareto(data: ParetoPlotData, *, title: str | None = None) -> Any:
     """The plotly figure of a :class:`ParetoPlotData`."""
     go = _import_go()
-    fig = go.Figure(_traces(data, go, max_points=max_points, legend=True))
+    fig = go.Figure(_traces(data, go, legend=True))
     fig.update_layout(
         title=title or f"Pareto front: {data.y} vs {data.x} ({len(data.front)} on the front of {data.total} "
                        "complete trials)",
@@ -184,10 +189,10 @@ def draw_pareto(data: ParetoPlotData, *, title: str | None = None, max_points: i
 def plot_pareto(study: Any, x: str | None = None, y: str | None = None, *, max_points: int = MAX_POINTS) -> Any:
     """Pareto front of two axes (see :func:`pareto_plot_data`) as a plotly figure; beyond ``max_points``
     dominated trials an even sample of them is drawn (the front, baselines and dense model always)."""
-    return draw_pareto(pareto_plot_data(study, x, y), max_points=max_points)
+    return draw_pareto(pareto_plot_data(study, x, y, max_points=max_points))
 
 
-def draw_pareto_matrix(datas: tuple[ParetoPlotData, ...], *, max_points: int = MAX_POINTS) -> Any:
+def draw_pareto_matrix(datas: tuple[ParetoPlotData, ...]) -> Any:
     """Side-by-side Pareto plots, one per pair of objectives (each with its own 2-D front)."""
     go = _import_go()
     from plotly.subplots import make_subplots
@@ -195,7 +200,7 @@ def draw_pareto_matrix(datas: tuple[ParetoPlotData, ...], *, max_points: int = M
     fig = make_subplots(rows=1, cols=len(datas), subplot_titles=[f"{d.y} vs {d.x}" for d in datas],
                         horizontal_spacing=0.08)
     for col, d in enumerate(datas, start=1):
-        for tr in _traces(d, go, max_points=max(1, max_points // len(datas)), legend=col == 1):
+        for tr in _traces(d, go, legend=col == 1):
             fig.add_trace(tr, row=1, col=col)
         fig.update_xaxes(title_text=axis_title(d.x, d.directions[0]), row=1, col=col)
         fig.update_yaxes(title_text=axis_title(d.y, d.directions[1]), row=1, col=col)
@@ -206,4 +211,4 @@ def draw_pareto_matrix(datas: tuple[ParetoPlotData, ...], *, max_points: int = M
 
 def plot_pareto_matrix(study: Any, *, max_points: int = MAX_POINTS) -> Any:
     """The pairwise view of a study with three or more objectives (see :func:`pareto_matrix_data`)."""
-    return draw_pareto_matrix(pareto_matrix_data(study), max_points=max_points)
+    return draw_pareto_matrix(pareto_matrix_data(study, max_points=max_points))

@@ -105,15 +105,9 @@ def _config_json(path: str) -> dict[str, Any]:
 
 
 def _space_of(config: Any, model_config: Any) -> SearchSpace:
-    opts = dict(config.space)
-    for key in ("attn_levels", "sparsity_levels", "frozen_layers"):
-        if opts.get(key) is not None:
-            opts[key] = tuple(opts[key])
-    if opts.get("latency") is not None:
-        from ..space import LatencyTable
+    from ..search._runtime import space_from_config
 
-        opts["latency"] = LatencyTable.from_dict(opts["latency"])
-    return SearchSpace.from_model(model_config, budget=config.budget, **opts)
+    return space_from_config(config, model_config)
 
 
 def study_space(config: Any, fingerprints: dict[str, str] | None = None) -> tuple[SearchSpace | None, str]:

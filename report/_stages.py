@@ -98,7 +98,7 @@ def draw_funnel(data: FunnelData) -> Any:
                          marker_color="#9aa5b1", text=list(data.entered), textposition="outside",
                          hovertemplate="%{x}: %{y} candidates scored<extra></extra>"), secondary_y=False)
     promoted = [p if p is not None else 0 for p in data.promoted]
-    labels = [str(p) if p is not None else "final" for p in data.promoted]
+    labels = [str(p) if p is not None else "(last stage)" for p in data.promoted]
     fig.add_trace(go.Bar(x=list(data.stages), y=promoted, name="promoted to the next stage", marker_color="#d62728",
                          text=labels, textposition="outside",
                          hovertemplate="%{x}: %{y} promoted<extra></extra>"), secondary_y=False)

@@ -16,7 +16,7 @@ from collections.abc import Mapping, Sequence
 from typing import Any
 
 from .._logging import get_logger
-from ..space import SearchSpace
+from ..space import LatencyTable, SearchSpace
 from ._config import StudyConfig
 from ._evolution import EvolutionarySampler
 from ._sweep import BudgetSweep
@@ -191,6 +191,18 @@ def _digest(*parts: str) -> str:
     return hashlib.sha256("|".join(parts).encode()).hexdigest()[:16]
 
 
+def space_from_config(config: StudyConfig, model_config: Any) -> SearchSpace:
+    """The study's :class:`~evoprune.space.SearchSpace`: ``config.space`` options and budgets on the
+    model's config (a transformers config or its ``config.json`` dict; no weights needed)."""
+    opts = dict(config.space)
+    for key in ("attn_levels", "sparsity_levels", "frozen_layers"):
+        if opts.get(key) is not None:
+            opts[key] = tuple(opts[key])
+    if opts.get("latency") is not None:
+        opts["latency"] = LatencyTable.from_dict(opts["latency"])
+    return SearchSpace.from_model(model_config, budget=config.budget, **opts)
+
+
 def build_runtime(config: StudyConfig, *, model: Any = None, tokenizer: Any = None) -> Runtime:
     """Load the model, tokenizer and data of ``config`` and build pruner, space, pipeline and context.
 
@@ -246,15 +258,7 @@ def build_runtime(config: StudyConfig, *, model: Any = None, tokenizer: Any = No
                                  str(calib_cfg.seq_len)),
         calib_batch_size=calib_cfg.batch_size,
     )
-    space_opts = dict(config.space)
-    for key in ("attn_levels", "sparsity_levels", "frozen_layers"):
-        if space_opts.get(key) is not None:
-            space_opts[key] = tuple(space_opts[key])
-    if space_opts.get("latency") is not None:
-        from ..space import LatencyTable
-
-        space_opts["latency"] = LatencyTable.from_dict(space_opts["latency"])
-    space = SearchSpace.from_model(model.config, budget=config.budget, **space_opts)
+    space = space_from_config(config, model.config)
     pipeline = build_pipeline(config.stages)
     context = EvalContext(
         eval_ids=splits["validation"], train_ids=splits["train"], data_fingerprint=data_fp, seed=config.seed,

@@ -165,7 +165,7 @@ def format_duration(seconds: float) -> str:
     >>> format_duration(42.4), format_duration(750), format_duration(7500), format_duration(200000)
     ('42 s', '12 min 30 s', '2 h 05 min', '2 d 07 h')
     """
-    s = max(0, int(round(seconds)))
+    s = max(0, round(seconds))
     if s < 60:
         return f"{s} s"
     if s < 3600:
@@ -233,7 +233,8 @@ def study_status(study: Any, *, window: float = DEFAULT_WINDOW, now: _dt.datetim
             rate = sum(1 for d in done_at if d >= since) / span
         last_age = max(0.0, _seconds(now, end))
 
-    liveness = dict(study.db.worker_liveness(study.grace_period))
+    liveness = dict(study.db.worker_liveness(study.grace_period))  # every worker but this process
+    me = study.db.owner.name
     workers, stopped = [], 0
     for w in study.db.workers():
         if w["stopped_at"] is not None:
@@ -241,7 +242,7 @@ def study_status(study: Any, *, window: float = DEFAULT_WINDOW, now: _dt.datetim
             continue
         age = max(0.0, _seconds(naive(w["db_now"]), naive(w["last_seen"])))
         workers.append(WorkerStatus(owner=w["owner"], host=w["host"], pid=int(w["pid"]), command=w["command"],
-                                    alive=bool(liveness.get(w["owner"], False)), heartbeat_age=age))
+                                    alive=bool(liveness.get(w["owner"], w["owner"] == me)), heartbeat_age=age))
 
     finished = sum(states.get(s.name, 0) for s in _FINISHED)
     total_tokens = sum(tokens.values())

@@ -345,6 +345,16 @@ class EvoStudy:
         _log.info("retried candidates of failed trials", extra={"fields": {"study": self.name, "n": len(todo)}})
         return len(todo)
 
+    # ------------------------------------------------------------------ report
+    def report(self, path: str | os.PathLike[str] = "report.html", **options: Any) -> Path:
+        """Write the study's self-contained HTML report (plots, Pareto table, config, fingerprints,
+        versions) to ``path`` and return its absolute path; ``options`` go to
+        :func:`evoprune.report.write_report` (e.g. ``trials=[3, 17]`` for the architecture heatmap).
+        Reads the study only, so it works while the search runs (`evoprune report` does the same)."""
+        from ..report import write_report
+
+        return write_report(self, path, **options)
+
     # ------------------------------------------------------------------ export
     def export(self, number: int, out_dir: str | os.PathLike[str], *, runtime: Any = None) -> Artifact:
         """Write trial ``number``'s candidate as an HF checkpoint (``Pruner.export``) and record it

@@ -31,6 +31,8 @@ MODULES = (
     "evoprune.search._runtime",
     "evoprune.search._searcher",
     "evoprune.search._study",
+    "evoprune.search._status",
+    "evoprune.data._sources",
     "evoprune._optuna_private",
     "evoprune.storage._schema",
     "evoprune.storage._engine",

@@ -116,7 +116,7 @@ def test_build_runtime_text_data_and_search(tmp_path):
         "cache_dir": str(tmp_path / "cache"),
     })
     runtime = build_runtime(cfg, model=tiny_model("llama"), tokenizer=_char_tokenizer())
-    assert set(runtime.fingerprints) == {"model", "data", "space", "config"}
+    assert set(runtime.fingerprints) == {"model", "data", "space", "config", "data_files"}
     assert tuple(runtime.calib_ids.shape) == (4, 32)
     assert runtime.directions == ["minimize", "minimize"]
     assert runtime.space.budget[0].max_ratio == 0.7
