@@ -1,7 +1,8 @@
 """The ``evoprune`` command line: one module, calling the public API only.
 
-``evoprune search | resume | worker | export | studies | show | check`` drive studies
-(:mod:`evoprune.search`, :mod:`evoprune.storage`); ``status`` and ``dashboard`` watch them;
+``evoprune search | resume | worker | export | studies | show | check | status | report |
+dashboard`` drive and browse studies (:mod:`evoprune.search`, :mod:`evoprune.storage`,
+:mod:`evoprune.report`); ``status`` and ``dashboard`` watch them;
 ``evoprune reference-corpus``, ``reference-model`` and ``reference-tasks`` build the offline
 reference data (:mod:`evoprune.data`).
 
@@ -15,6 +16,9 @@ Every handler returns an exit code: 0 done, 1 failed (the message says what to d
     evoprune worker --storage postgresql://me@db/evo --study tiny --n-trials 100   # on every GPU
     evoprune show   --storage sqlite:///studies/tiny.db --study tiny
     evoprune export --storage sqlite:///studies/tiny.db --study tiny --trial 17 --out out/t17
+    evoprune status --storage sqlite:///studies/tiny.db --study tiny --watch
+    evoprune report --storage sqlite:///studies/tiny.db --study tiny --out out/tiny-report.html
+    evoprune dashboard --storage sqlite:///studies/tiny.db
 """
 
 from __future__ import annotations

@@ -45,6 +45,22 @@ class _KeyValueFormatter(logging.Formatter):
         return line
 
 
+class _StderrHandler(logging.StreamHandler):
+    """Writes to whatever ``sys.stderr`` is when a record is emitted (it may have been swapped since
+    configuration, e.g. by pytest's capture or a caller's redirect), never to a closed stream."""
+
+    def __init__(self) -> None:
+        super().__init__(sys.stderr)
+
+    @property  # type: ignore[override]
+    def stream(self) -> Any:
+        return sys.stderr
+
+    @stream.setter
+    def stream(self, value: Any) -> None:  # logging.StreamHandler assigns it; the live stderr wins
+        pass
+
+
 def configure_logging(level: str | int | None = None, *, as_json: bool | None = None) -> None:
     """Send evoprune's logs to stderr (used by the CLI; libraries embedding evoprune configure their own).
 
@@ -58,7 +74,7 @@ def configure_logging(level: str | int | None = None, *, as_json: bool | None = 
     for handler in list(logger.handlers):
         if getattr(handler, "_evoprune", False):
             logger.removeHandler(handler)
-    handler = logging.StreamHandler(sys.stderr)
+    handler = _StderrHandler()
     handler._evoprune = True  # type: ignore[attr-defined]
     handler.setFormatter(_KeyValueFormatter(as_json))
     logger.addHandler(handler)
