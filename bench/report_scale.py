@@ -32,28 +32,11 @@ import time
 from pathlib import Path
 
 import numpy as np
+from study_scale import scale_config
 
 MODEL = dict(model_type="llama", architectures=["LlamaForCausalLM"], num_hidden_layers=16, hidden_size=512,
              num_attention_heads=8, num_key_value_heads=4, intermediate_size=1408, vocab_size=4096,
              tie_word_embeddings=False, max_position_embeddings=2048)
-
-
-def _config(model_dir: str):
-    from evoprune.search import StudyConfig
-
-    return StudyConfig.from_dict(dict(
-        model=model_dir,
-        calibration={"num_sequences": 8, "seq_len": 64},
-        space={"attention": "kv_groups", "mlp_step": 64, "drop_blocks": True},
-        budget={"metric": "params", "max_ratio": 0.7},
-        stages=[
-            {"name": "s1", "evaluators": ["kl"], "eval_tokens": 2048, "seq_len": 256, "promote": {"top_k": 4}},
-            {"name": "final", "evaluators": ["kl"], "eval_tokens": 16384, "seq_len": 256},
-        ],
-        sampler={"name": "evolutionary", "options": {"offspring": 16}},
-        objectives=["kl", "params"],
-        seed=0,
-    ))
 
 
 def populate(url: str, n_trials: int, model_dir: str, *, final_every: int = 1, seed: int = 0) -> dict:
@@ -67,7 +50,7 @@ def populate(url: str, n_trials: int, model_dir: str, *, final_every: int = 1, s
     from evoprune.storage._tables import StageResultRow, StageRow, TrialRow
 
     om = rdb_models()
-    config = _config(model_dir)
+    config = scale_config(model_dir)
     study = create_study(config, storage=url, study_name="scale")
     space, note = study_space(config)
     assert space is not None and not note, note

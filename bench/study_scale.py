@@ -33,11 +33,12 @@ from pathlib import Path
 import numpy as np
 
 
-def _config():
+def scale_config(model: str = "reference:tiny"):
+    """The synthetic large study's config (also used by bench/report_scale.py)."""
     from evoprune.search import StudyConfig
 
     return StudyConfig.from_dict(dict(
-        model="reference:tiny",
+        model=model,
         calibration={"num_sequences": 8, "seq_len": 64},
         space={"attention": "kv_groups", "mlp_step": 64, "drop_blocks": True},
         budget={"metric": "params", "max_ratio": 0.7},
@@ -64,7 +65,7 @@ def populate(url: str, n_trials: int, *, seed: int = 0) -> dict:
 
     om = rdb_models()
 
-    study = create_study(_config(), storage=url, study_name="scale")
+    study = create_study(scale_config(), storage=url, study_name="scale")
     space = SearchSpace.from_model(
         dict(model_type="llama", num_hidden_layers=16, hidden_size=512, num_attention_heads=8,
              num_key_value_heads=4, intermediate_size=1408, vocab_size=4096),
