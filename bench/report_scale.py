@@ -21,7 +21,6 @@ Usage: ``python bench/report_scale.py [--trials 10000] [--final-every 1] [--stor
 from __future__ import annotations
 
 import argparse
-import datetime as dt
 import json
 import os
 import statistics
@@ -31,76 +30,7 @@ import tempfile
 import time
 from pathlib import Path
 
-import numpy as np
-from study_scale import scale_config
-
-MODEL = dict(model_type="llama", architectures=["LlamaForCausalLM"], num_hidden_layers=16, hidden_size=512,
-             num_attention_heads=8, num_key_value_heads=4, intermediate_size=1408, vocab_size=4096,
-             tie_word_embeddings=False, max_position_embeddings=2048)
-
-
-def populate(url: str, n_trials: int, model_dir: str, *, final_every: int = 1, seed: int = 0) -> dict:
-    """Create the study and bulk-insert ``n_trials`` finished trials with their report rows."""
-    import sqlalchemy as sa
-    from optuna.trial import TrialState
-
-    from evoprune import create_study
-    from evoprune._optuna_private import rdb_models
-    from evoprune.report import study_space
-    from evoprune.storage._tables import StageResultRow, StageRow, TrialRow
-
-    om = rdb_models()
-    config = scale_config(model_dir)
-    study = create_study(config, storage=url, study_name="scale")
-    space, note = study_space(config)
-    assert space is not None and not note, note
-    rng = np.random.default_rng(seed)
-    cands, keys = [], set()
-    while len(cands) < n_trials:
-        c = space.random(rng)
-        if c.key not in keys:
-            keys.add(c.key)
-            cands.append(c)
-    sid, esid = study.db.optuna_study_id, study.db.study_id
-    t0 = dt.datetime(2026, 1, 1)
-    trials, values, erows, stages, results = [], [], [], [], []
-    with study.storage.engine.connect() as conn:
-        first_id = 1 + (conn.execute(sa.select(sa.func.max(om.TrialModel.trial_id))).scalar() or 0)
-    for i, c in enumerate(cands):
-        tid = first_id + i
-        s1 = float(rng.gamma(2.0, 0.05))
-        final = i % final_every == 0
-        kl = s1 * float(rng.uniform(0.8, 1.0))
-        source = "seed" if i < 32 else "evolution"
-        start = t0 + dt.timedelta(seconds=2 * i)
-        trials.append(dict(trial_id=tid, number=i, study_id=sid, state=TrialState.COMPLETE if final else
-                           TrialState.PRUNED, datetime_start=start, datetime_complete=start + dt.timedelta(seconds=1)))
-        if final:
-            for obj, v in enumerate((kl, space.ratio(c, "params"))):
-                values.append(dict(trial_id=tid, objective=obj, value=v,
-                                   value_type=om.TrialValueModel.TrialValueType.FINITE))
-        erows.append(dict(study_id=esid, trial_id=tid, trial_number=i, candidate_key=c.key,
-                          candidate_json=c.to_json(), source=source, owner="bench", created_at=start))
-        for si, (st, v) in enumerate((("s1", s1), ("final", kl))[: 2 if final else 1]):
-            stages.append(dict(study_id=esid, trial_id=tid, stage=st, stage_index=si, objective=v,
-                               direction="minimize", promoted=None if st == "final" else final, seconds=0.5,
-                               created_at=start))
-            results.append(dict(study_id=esid, trial_id=tid, stage=st, evaluator="kl",
-                                tokens=2048 if st == "s1" else 16384, value=v, seconds=0.5, direction="minimize",
-                                details_json="{}", created_at=start))
-    with study.storage.engine.begin() as conn:
-        for table, rows in ((om.TrialModel.__table__, trials), (om.TrialValueModel.__table__, values),
-                            (TrialRow.__table__, erows), (StageRow.__table__, stages),
-                            (StageResultRow.__table__, results)):
-            for k in range(0, len(rows), 5000):
-                conn.execute(sa.insert(table), rows[k:k + 5000])
-        if conn.dialect.name == "postgresql":  # explicit trial ids: move the id sequence past them
-            conn.execute(sa.text("SELECT setval(pg_get_serial_sequence('trials', 'trial_id'), "
-                                 "(SELECT MAX(trial_id) FROM trials))"))
-    study.db.record_fingerprints({"model": "m" * 16, "data": "d" * 16, "space": space.key})
-    study.close()
-    return {"complete": len(values) // 2}
-
+from study_scale import MODEL, populate, scale_config
 
 def time_cli(url: str, out: Path) -> float:
     """Wall time of ``evoprune report`` in a fresh process."""
@@ -128,8 +58,12 @@ def main(argv=None) -> int:
     url = args.storage or f"sqlite:///{Path(tmp.name) / 'scale.db'}"
     print(f"populating {args.trials} trials in {url.split('://')[0]} ...", flush=True)
     t = time.perf_counter()
-    made = populate(url, args.trials, str(model_dir), final_every=args.final_every)
+    made = populate(url, args.trials, model=str(model_dir), final_every=args.final_every, n_seeds=32)
     populate_s = time.perf_counter() - t
+    from evoprune.report import study_space
+
+    space, note = study_space(scale_config(str(model_dir)), {"space": made["space"].key})
+    assert space is not None and not note, note  # the report rebuilds the stored space from config.json
     out = Path(tmp.name) / "report.html"
     cli = [time_cli(url, out) for _ in range(args.repeats)]
 

@@ -52,25 +52,31 @@ def scale_config(model: str = "reference:tiny"):
     ))
 
 
-def populate(url: str, n_trials: int, *, seed: int = 0) -> dict:
-    """Create the study and bulk-insert ``n_trials`` finished trials with all their rows."""
+#: the synthetic model's config.json (no weights): the space of every synthetic trial
+MODEL = dict(model_type="llama", architectures=["LlamaForCausalLM"], num_hidden_layers=16, hidden_size=512,
+             num_attention_heads=8, num_key_value_heads=4, intermediate_size=1408, vocab_size=4096,
+             tie_word_embeddings=False, max_position_embeddings=2048)
+
+
+def populate(url: str, n_trials: int, *, model: str = "reference:tiny", final_every: int = 4, n_seeds: int = 0,
+             seed: int = 0) -> dict:
+    """Create the study and bulk-insert ``n_trials`` finished trials with all their rows: every
+    ``final_every``-th trial COMPLETE (both stages), the others PRUNED at stage 1; the first
+    ``n_seeds`` come from source ``"seed"`` (baselines). Also used by bench/report_scale.py."""
     import sqlalchemy as sa
     from optuna.distributions import distribution_to_json
     from optuna.trial import TrialState
 
     from evoprune import create_study
     from evoprune._optuna_private import rdb_models
-    from evoprune.space import Budget, SearchSpace
+    from evoprune.search._runtime import space_from_config
     from evoprune.storage._tables import ClaimRow, StageResultRow, StageRow, TrialRow
 
     om = rdb_models()
 
-    study = create_study(scale_config(), storage=url, study_name="scale")
-    space = SearchSpace.from_model(
-        dict(model_type="llama", num_hidden_layers=16, hidden_size=512, num_attention_heads=8,
-             num_key_value_heads=4, intermediate_size=1408, vocab_size=4096),
-        attention="kv_groups", mlp_step=64, drop_blocks=True, budget=Budget(metric="params", max_ratio=0.7),
-    )
+    config = scale_config(model)
+    study = create_study(config, storage=url, study_name="scale")
+    space = space_from_config(config, MODEL)
     dists = {k: distribution_to_json(d) for k, d in space.optuna_distributions().items()}
     rng = np.random.default_rng(seed)
     cands, keys = [], set()
@@ -87,7 +93,8 @@ def populate(url: str, n_trials: int, *, seed: int = 0) -> dict:
     for i, c in enumerate(cands):
         tid = first_id + i
         s1 = float(rng.gamma(2.0, 0.05))
-        final = i % 4 == 0
+        final = i % final_every == 0
+        source = "seed" if i < n_seeds else "evolution"
         kl = s1 * float(rng.uniform(0.8, 1.0))
         ratio = space.ratio(c, "params")
         state = TrialState.COMPLETE if final else TrialState.PRUNED
@@ -101,9 +108,9 @@ def populate(url: str, n_trials: int, *, seed: int = 0) -> dict:
         for name, level in space.params_of(c).items():
             params.append(dict(trial_id=tid, param_name=name, param_value=float(level), distribution_json=dists[name]))
         uattrs.append(dict(trial_id=tid, key="evoprune:candidate_key", value_json=json.dumps(c.key)))
-        uattrs.append(dict(trial_id=tid, key="evoprune:source", value_json=json.dumps("evolution")))
+        uattrs.append(dict(trial_id=tid, key="evoprune:source", value_json=json.dumps(source)))
         erows.append(dict(study_id=esid, trial_id=tid, trial_number=i, candidate_key=c.key,
-                          candidate_json=c.to_json(), source="evolution", owner="bench", created_at=start))
+                          candidate_json=c.to_json(), source=source, owner="bench", created_at=start))
         claims.append(dict(study_id=esid, candidate_key=c.key, owner="bench", status="claimed", attempts=1,
                            trial_id=tid, claimed_at=start, updated_at=start))
         for si, (st, v) in enumerate((("s1", s1), ("final", kl))[: 2 if final else 1]):
@@ -135,7 +142,8 @@ def populate(url: str, n_trials: int, *, seed: int = 0) -> dict:
     study.db.record_fingerprints({"model": "m" * 16, "data": "d" * 16, "space": space.key})
     study.close()
     tables = (trials, values, params, uattrs, erows, claims, stages, results)
-    return {"space": space, "insert_s": insert_s, "rows": sum(len(rows) for rows in tables)}
+    return {"space": space, "insert_s": insert_s, "rows": sum(len(rows) for rows in tables),
+            "complete": len(values) // 2}
 
 
 def time_resume(url: str, space, rng) -> tuple[float, dict]:

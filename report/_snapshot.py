@@ -40,6 +40,14 @@ from collections.abc import Sequence
 from typing import Any
 
 from .._logging import get_logger
+from .._paths import cache_root
+from ..data._reference_model import MARKER_FILE
+from ..evaluators import KLToDense, Latency
+from ..search import load_study
+from ..search._objectives import objective_source
+from ..search._pareto import pareto_front
+from ..search._runtime import resolve_model_path, space_from_config
+from ..search._stages import build_pipeline
 from ..space import METRICS, Candidate, SearchSpace
 from ._arch import ArchSummary, DenseWidths, summarize
 
@@ -67,8 +75,6 @@ class TrialView:
 
 def _reference_checkpoint(size: str, cache_dir: str | None) -> str | None:
     """A completed build of the reference model ``size`` in the cache, without building one."""
-    from .._paths import cache_root
-    from ..data._reference_model import MARKER_FILE
 
     found = [p for p in glob.glob(str(cache_root(cache_dir) / "models" / f"reference-{size}-seed0-*"))
              if os.path.isfile(os.path.join(p, MARKER_FILE)) and os.path.isfile(os.path.join(p, "config.json"))]
@@ -85,7 +91,6 @@ def _model_path(config: Any) -> str:
             raise LookupError(f"the reference model {model!r} is not built on this machine "
                               f"(`evoprune reference-model --size {size}` builds it)")
         return path
-    from ..search._runtime import resolve_model_path
 
     return resolve_model_path(model, cache_dir=config.cache_dir)
 
@@ -105,7 +110,6 @@ def _config_json(path: str) -> dict[str, Any]:
 
 
 def _space_of(config: Any, model_config: Any) -> SearchSpace:
-    from ..search._runtime import space_from_config
 
     return space_from_config(config, model_config)
 
@@ -148,7 +152,6 @@ class StudySnapshot:
     def __init__(self, *, name: str, url: str, config: Any, directions: Sequence[str], trials: Sequence[TrialView],
                  records: Sequence[Any] = (), outcomes: Sequence[Any] = (), fingerprints: dict[str, str] | None = None,
                  space: SearchSpace | None = None, space_note: str = "") -> None:
-        from ..search._stages import build_pipeline
 
         self.name, self.url, self.config = name, url, config
         self.objectives = tuple(config.objectives)
@@ -189,7 +192,6 @@ class StudySnapshot:
 
     def pareto_numbers(self) -> list[int]:
         """The study's Pareto front (all objectives; :func:`evoprune.search.pareto_front`, ties kept)."""
-        from ..search._pareto import pareto_front
 
         numbers = self.complete_numbers()
         keep = pareto_front([self.trials[n].values for n in numbers], self.directions)
@@ -279,7 +281,6 @@ class StudySnapshot:
     def direction(self, name: str) -> str:
         if name in self.objectives:
             return self.directions[self.objectives.index(name)]
-        from ..search._objectives import objective_source
 
         return objective_source(self.check_axis(name), self.pipeline).direction
 
@@ -297,7 +298,6 @@ class StudySnapshot:
         """The dense model's value on axis ``name`` where it is known without evaluating it: 1 for a cost
         ratio or a measured latency ratio, 0 for KL to the dense model; else the value of a trial that
         evaluated the dense candidate, or ``None``."""
-        from ..evaluators import KLToDense, Latency
 
         ev = next((e for e in self.pipeline.stages[-1].evaluators if e.name == name), None)
         if ev is None and name in METRICS:
@@ -318,7 +318,6 @@ class StudySnapshot:
     @property
     def latency_evaluators(self) -> tuple[str, ...]:
         """Names of the last stage's measured-latency evaluators."""
-        from ..evaluators import Latency
 
         return tuple(ev.name for ev in self.pipeline.stages[-1].evaluators if isinstance(ev, Latency))
 
@@ -365,7 +364,6 @@ def load_snapshot(study: Any, *, space: SearchSpace | None = None) -> StudySnaps
     if isinstance(study, StudySnapshot):
         return study
     if isinstance(study, (tuple, list)) and len(study) == 2 and all(isinstance(s, (str, os.PathLike)) for s in study):
-        from ..search import load_study
 
         opened = load_study(storage=study[0], study_name=str(study[1]))
         try:

@@ -78,7 +78,7 @@ from .._optuna_private import distribution_contains, study_id, study_storage, tr
 from ..space import Candidate, SearchSpace
 from ..storage._values import CANDIDATE_KEY_ATTR, DUPLICATE_OF_ATTR, INFEASIBLE_ATTR
 from ._generation import GenerationSampler
-from ._objectives import objective_directions, objective_source
+from ._objectives import objective_source
 from ._recorder import ATTR_PREFIX, OptunaRecorder, Recorder
 
 __all__ = ["BUDGET_MODES", "SearchStats", "Searcher", "fixed_trial", "trial_candidate"]
@@ -195,14 +195,14 @@ class Searcher:
         self.objectives = list(runtime.objectives)
         if not self.objectives:
             raise ValueError("Searcher: runtime.objectives is empty; use e.g. ['kl'] or ['kl', 'params'].")
-        self.directions = objective_directions(self.objectives, self.pipeline, self.space)
+        self._sources = [objective_source(n, self.pipeline, self.space) for n in self.objectives]
+        self.directions = [src.direction for src in self._sources]
         study_dirs = [_direction_name(d) for d in study.directions]
         if study_dirs != self.directions:
             raise ValueError(
                 f"Searcher: the study's directions {study_dirs} do not match the objectives {self.objectives} "
                 f"({self.directions}); create it with optuna.create_study(directions={self.directions})."
             )
-        self._sources = [objective_source(n, self.pipeline, self.space) for n in self.objectives]
         self.generational = isinstance(sampler, GenerationSampler)
         if sampler is not None and not self.generational:
             if not isinstance(sampler, optuna.samplers.BaseSampler):
