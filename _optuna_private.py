@@ -64,3 +64,11 @@ def rdb_models() -> Any:
     from optuna.storages._rdb import models
 
     return models
+
+
+def trial_start_column() -> tuple[Any, bool]:
+    """The ``trials.datetime_start`` column of Optuna's RDB models and whether it holds UTC
+    (Optuna 5 stores UTC behind a ``datetime_start`` property; earlier versions the client's local time)."""
+    tm = rdb_models().TrialModel
+    utc = getattr(tm, "_datetime_start_utc", None)
+    return (utc, True) if utc is not None else (tm.datetime_start, False)

@@ -76,7 +76,7 @@ import numpy as np
 from .._logging import get_logger
 from .._optuna_private import distribution_contains, study_id, study_storage, trial_id
 from ..space import Candidate, SearchSpace
-from ..storage._values import CANDIDATE_KEY_ATTR, DUPLICATE_OF_ATTR, INFEASIBLE_ATTR
+from ..storage._values import CANDIDATE_KEY_ATTR, CREATOR_ATTR, DUPLICATE_OF_ATTR, INFEASIBLE_ATTR
 from ._generation import GenerationSampler
 from ._objectives import objective_source
 from ._recorder import ATTR_PREFIX, OptunaRecorder, Recorder
@@ -334,7 +334,8 @@ class Searcher:
         attrs = {ATTR_PREFIX + "source": source}
         if group is not None:
             attrs[ATTR_PREFIX + "group"] = group
-        trial = fixed_trial(self.study, params, self._distributions, user_attrs=attrs)
+        trial = fixed_trial(self.study, params, self._distributions, user_attrs=attrs,
+                            system_attrs=self._creator_attrs())
         for key, value in space.constraints(candidate).items():
             trial.set_constraint(key, value)
         return trial
@@ -395,6 +396,8 @@ class Searcher:
 
     def _trial_step(self, stats: SearchStats) -> None:
         trial = self.study.ask()
+        for key, value in self._creator_attrs().items():  # at once: the reaper must know whose trial it is
+            study_storage(self.study).set_trial_system_attr(trial_id(trial), key, value)
         stats.trials += 1
         constrain = self.budget_mode == "constrain"
         try:
@@ -418,6 +421,13 @@ class Searcher:
         self.recorder.record_candidate(trial_id(trial), candidate, source=source)
         entry = _Entry(trial=trial, candidate=candidate, space=self.space)
         self._evaluate([entry], stats, batch=False, min_final=0)
+
+    def _creator_attrs(self) -> dict[str, Any]:
+        """System attributes that name this process as the creator of a new trial (the SQL
+        recorder's ``owner``), so a reaper never takes a trial created but not yet recorded
+        for an orphan."""
+        owner = getattr(self.recorder, "owner", None)
+        return {CREATOR_ATTR: owner} if isinstance(owner, str) and owner else {}
 
     def _seed(self) -> int:
         return int(getattr(self.context, "seed", 0) or 0)
@@ -525,29 +535,35 @@ class Searcher:
         self._tick(None)
 
     def _tell_duplicate(self, trial: Any, candidate: Candidate, stats: SearchStats) -> None:
+        """Tell ``trial`` (whose candidate another trial holds) like the earlier trial that evaluated it.
+
+        The candidate is recorded once, as a ``duplicate`` of the best-informed earlier trial:
+        a COMPLETE one (its values are copied), else a PRUNED one (pruned again, with its
+        intermediate values), else -- the earlier trials failed or are still running elsewhere --
+        the trial fails without an evaluation.
+        """
         import optuna
 
         stats.duplicates += 1
         key_attr = CANDIDATE_KEY_ATTR
-        for t in self.study.get_trials(deepcopy=False):
-            if t.number == trial.number or t.user_attrs.get(key_attr) != candidate.key:
-                continue
-            if t.user_attrs.get(INFEASIBLE_ATTR):
-                continue
-            trial.set_user_attr(DUPLICATE_OF_ATTR, t.number)
-            self.recorder.record_candidate(trial_id(trial), candidate, source="duplicate")
-            if t.state == optuna.trial.TrialState.COMPLETE:
-                self.study.tell(trial, t.values if len(t.values) > 1 else t.values[0])
-                self._tick(None)
-                return
-            if t.state == optuna.trial.TrialState.PRUNED:
-                if self.single_objective:
-                    for step, v in sorted(t.intermediate_values.items()):
-                        trial.report(v, step)
-                self.study.tell(trial, state=_state("PRUNED"))
-                self._tick(None)
-                return
-        self.study.tell(trial, state=_state("FAIL"))
+        rank = {optuna.trial.TrialState.COMPLETE: 0, optuna.trial.TrialState.PRUNED: 1}
+        earlier = [t for t in self.study.get_trials(deepcopy=False)
+                   if t.number != trial.number and t.user_attrs.get(key_attr) == candidate.key
+                   and not t.user_attrs.get(INFEASIBLE_ATTR) and not t.user_attrs.get(DUPLICATE_OF_ATTR)]
+        earlier.sort(key=lambda t: (rank.get(t.state, 2), t.number))
+        if earlier:
+            trial.set_user_attr(DUPLICATE_OF_ATTR, earlier[0].number)
+        self.recorder.record_candidate(trial_id(trial), candidate, source="duplicate")
+        t = earlier[0] if earlier else None
+        if t is not None and t.state == optuna.trial.TrialState.COMPLETE:
+            self.study.tell(trial, t.values if len(t.values) > 1 else t.values[0])
+        elif t is not None and t.state == optuna.trial.TrialState.PRUNED:
+            if self.single_objective:
+                for step, v in sorted(t.intermediate_values.items()):
+                    trial.report(v, step)
+            self.study.tell(trial, state=_state("PRUNED"))
+        else:
+            self.study.tell(trial, state=_state("FAIL"))
         self._tick(None)
 
     def _tick(self, value: float | None) -> None:
@@ -566,7 +582,7 @@ class Searcher:
 
 
 def fixed_trial(study: Any, params: dict[str, Any], distributions: dict[str, Any], *,
-                user_attrs: dict[str, Any] | None = None) -> Any:
+                user_attrs: dict[str, Any] | None = None, system_attrs: dict[str, Any] | None = None) -> Any:
     """A new RUNNING :class:`optuna.Trial` of ``study`` with ``params`` already set.
 
     One storage call creates it (a RUNNING template trial), so workers creating trials at the same
@@ -595,7 +611,7 @@ def fixed_trial(study: Any, params: dict[str, Any], distributions: dict[str, Any
         if not distribution_contains(dists[k], v):
             raise ValueError(f"fixed_trial: param {k}={v!r} is outside its distribution {dists[k]}.")
     template = create_trial(state=TrialState.RUNNING, params=dict(params), distributions=dists,
-                            user_attrs=dict(user_attrs or {}))
+                            user_attrs=dict(user_attrs or {}), system_attrs=dict(system_attrs or {}))
     new_id = study_storage(study).create_new_trial(study_id(study), template_trial=template)
     return optuna.Trial(study, new_id)
 

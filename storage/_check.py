@@ -9,7 +9,7 @@ import sqlalchemy as sa
 from .._optuna_private import rdb_models
 from ._schema import SCHEMA_VERSION, schema_version
 from ._scope import StudyScope
-from ._tables import ClaimRow, SamplerStateRow, StageResultRow, StageRow, TrialRow
+from ._tables import ClaimRow, SamplerStateRow, StageResultRow, StageRow, TrialRow, WorkerRow
 from ._values import DUPLICATE_OF_ATTR, INFEASIBLE_ATTR, from_json, sha256_text
 
 __all__ = ["CheckMixin"]
@@ -52,6 +52,11 @@ class CheckMixin(StudyScope):
             states = conn.execute(
                 sa.select(SamplerStateRow.__table__).where(SamplerStateRow.study_id == self.study_id)
             ).all()
+            workers = {
+                w.owner: w for w in conn.execute(
+                    sa.select(WorkerRow.owner, WorkerRow.stopped_at, WorkerRow.stop_reason)
+                    .where(WorkerRow.study_id == self.study_id))
+            }
             # told without an evaluation by the driver: infeasible placeholders and copies of duplicates
             unevaluated = {
                 r.trial_id
@@ -62,7 +67,7 @@ class CheckMixin(StudyScope):
                 )
             }
             return dict(trials=trials, tr=tr, stages=stages, results=results, claims=claims, states=states,
-                        unevaluated=unevaluated)
+                        unevaluated=unevaluated, workers=workers)
 
         d = self._tx(run)
         trials = d["trials"]
@@ -77,7 +82,7 @@ class CheckMixin(StudyScope):
                 from_json(row.candidate_json)
             except ValueError:
                 problems.append(f"trial {row.trial_number}: candidate JSON does not parse")
-            if trials[row.trial_id][1] == TrialState.COMPLETE:
+            if trials[row.trial_id][1] == TrialState.COMPLETE and row.trial_id not in d["unevaluated"]:
                 complete_keys.setdefault(row.candidate_key, []).append(row.trial_number)
         for key, numbers in complete_keys.items():
             if len(numbers) > 1:
@@ -103,6 +108,14 @@ class CheckMixin(StudyScope):
                 if not any(k[0] == tid for k in stage_keys):
                     problems.append(f"trial {number} is COMPLETE but has no stage results")
         for c in d["claims"]:
+            w = d["workers"].get(c.owner)
+            # a claim is kept after its trial finished (it blocks repeats); one with no trial, or a
+            # failed one, must be held by a worker that is still working
+            open_claim = c.trial_id is None or trials.get(c.trial_id, (0, None))[1] == TrialState.FAIL
+            if c.status == "claimed" and open_claim and (w is None or w.stopped_at is not None):
+                why = "is not a worker of this study" if w is None else f"stopped ({w.stop_reason or 'no reason'})"
+                problems.append(f"claim of {c.candidate_key} is stranded: its worker {c.owner} {why}; "
+                                "`evoprune resume` (or any worker starting) releases it for retry")
             if c.trial_id is not None:
                 row = by_trial.get(c.trial_id)
                 if row is None or row.candidate_key != c.candidate_key:

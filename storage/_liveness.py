@@ -12,8 +12,12 @@ generations) then decides who is dead:
   (:class:`~evoprune.storage._owner.Owner` tells);
 * a worker anywhere whose heartbeat is older than ``grace_period`` seconds;
 * a RUNNING trial whose Optuna heartbeat is older than ``grace_period``;
-* a RUNNING trial that no worker ever recorded (it was asked, then its process
-  died before recording a candidate), once no other worker is alive.
+* a RUNNING trial whose candidate was never recorded (it was created, then its process died
+  before recording one): by its creator (the ``evoprune:creator`` system attribute written with
+  the trial) when that worker is dead; a trial without a known creator (created by another
+  Optuna client) once no other worker is alive and it is older than ``grace_period``.
+
+A trial that this process or a live worker created is never failed, recorded or not.
 
 Their trials become FAIL (Optuna state, with the system attribute
 ``evoprune:fail_reason``) and their claims are released, so the candidates are
@@ -24,19 +28,22 @@ clock, so workers on machines whose clocks disagree judge each other alike.
 from __future__ import annotations
 
 import dataclasses
+import datetime
+import json
 import threading
 import time
 from collections.abc import Callable, Iterable
 from typing import TYPE_CHECKING, Any
 
 import sqlalchemy as sa
+from sqlalchemy import orm
 
 from .._logging import get_logger
-from .._optuna_private import rdb_models
+from .._optuna_private import rdb_models, trial_start_column
 from ._owner import Owner
 from ._scope import StudyScope
 from ._tables import TrialRow, WorkerRow
-from ._values import naive
+from ._values import CREATOR_ATTR, naive
 
 if TYPE_CHECKING:
     from ._database import StudyDatabase
@@ -56,6 +63,8 @@ class RunningTrial:
     number: int
     owner: str | None  # the worker that recorded its candidate; None: nobody did
     heartbeat_age: float | None  # seconds since its last Optuna heartbeat (database clock); None: never beat
+    creator: str | None = None  # the worker that created the trial (CREATOR_ATTR); None: not stamped
+    age: float | None = None  # seconds since the trial started (its creator's clock, as Optuna stores it)
 
 
 class WorkersMixin(StudyScope):
@@ -100,8 +109,10 @@ class WorkersMixin(StudyScope):
         return self._tx(run)
 
     def stop_worker(self, reason: str = "finished") -> None:
-        """Mark this process' worker row stopped (it no longer counts as alive or dead)."""
+        """Mark this process' worker row stopped (it no longer counts as alive or dead) and release
+        its claims that have no trial yet (a stopped worker holds nothing; the attempt is given back)."""
         self.mark_workers_dead([self.owner.name], reason)
+        self.release_claims_of([self.owner.name])
 
     def mark_workers_dead(self, owners: Iterable[str], reason: str) -> None:
         """Mark the rows of ``owners`` stopped with ``reason`` (rows already stopped keep theirs)."""
@@ -145,6 +156,11 @@ class WorkersMixin(StudyScope):
         """Other workers (not stopped) that are dead: gone on this host, or silent for ``grace_period`` s."""
         return [owner for owner, alive in self.worker_liveness(grace_period) if not alive]
 
+    def stopped_workers(self) -> set[str]:
+        """Workers of the study whose row says they stopped (finished, interrupted, crashed or presumed
+        dead); this process never counts."""
+        return {w["owner"] for w in self.workers() if w["stopped_at"] is not None and w["owner"] != self.owner.name}
+
     def live_workers(self, grace_period: float) -> list[str]:
         """Other workers (not stopped) that are alive."""
         return [owner for owner, alive in self.worker_liveness(grace_period) if alive]
@@ -154,26 +170,39 @@ class WorkersMixin(StudyScope):
         from optuna.trial import TrialState
 
         om = rdb_models()
-        tm, hb = om.TrialModel, om.TrialHeartbeatModel
+        tm, hb, sa_ = om.TrialModel, om.TrialHeartbeatModel, om.TrialSystemAttributeModel
+        creator = orm.aliased(sa_)
+        started, started_utc = trial_start_column()
 
         def run(conn: sa.Connection) -> tuple[Any, list[Any]]:
             now = conn.execute(sa.select(sa.func.now())).scalar()
             rows = conn.execute(
-                sa.select(tm.trial_id, tm.number, TrialRow.owner, hb.heartbeat)
+                sa.select(tm.trial_id, tm.number, started.label("started"), TrialRow.owner, hb.heartbeat,
+                          creator.value_json.label("creator"))
                 .outerjoin(TrialRow, TrialRow.trial_id == tm.trial_id)
                 .outerjoin(hb, hb.trial_id == tm.trial_id)
+                .outerjoin(creator, sa.and_(creator.trial_id == tm.trial_id, creator.key == CREATOR_ATTR))
                 .where(tm.study_id == self.optuna_study_id, tm.state == TrialState.RUNNING)
                 .order_by(tm.number)
             ).all()
             return now, rows
 
         now, rows = self._tx(run)
-        return [
-            RunningTrial(trial_id=int(r.trial_id), number=int(r.number), owner=r.owner,
-                         heartbeat_age=None if r.heartbeat is None
-                         else (naive(now) - naive(r.heartbeat)).total_seconds())
-            for r in rows
-        ]
+        # datetime_start is stamped by the trial's creator's clock (UTC in Optuna 5)
+        local_now = naive(datetime.datetime.now(datetime.timezone.utc)) if started_utc else datetime.datetime.now()
+        out = []
+        for r in rows:
+            try:
+                made_by = json.loads(r.creator) if r.creator is not None else None
+            except ValueError:
+                made_by = None
+            out.append(RunningTrial(
+                trial_id=int(r.trial_id), number=int(r.number), owner=r.owner,
+                heartbeat_age=None if r.heartbeat is None else (naive(now) - naive(r.heartbeat)).total_seconds(),
+                creator=made_by if isinstance(made_by, str) else None,
+                age=None if r.started is None else (local_now - naive(r.started)).total_seconds(),
+            ))
+        return out
 
 
 class Heartbeat:
@@ -260,16 +289,18 @@ def reap(db: StudyDatabase, storage: Any, *, grace_period: float) -> ReapReport:
     report = ReapReport()
     workers = db.worker_liveness(grace_period)
     dead = {owner for owner, alive in workers if not alive}
-    others_alive = any(alive for _, alive in workers)
+    alive = {owner for owner, ok in workers if ok} | {db.owner.name}
+    stopped = db.stopped_workers()
     to_fail: list[tuple[int, int, str]] = []
     for t in db.running_trials():
-        if t.owner == db.owner.name:
+        who = t.owner or t.creator
+        if who == db.owner.name:
             continue
-        if t.owner is not None and t.owner in dead:
-            to_fail.append((t.trial_id, t.number, f"worker {t.owner} died"))
+        if who is not None and who in dead:
+            to_fail.append((t.trial_id, t.number, f"worker {who} died"))
         elif t.heartbeat_age is not None and t.heartbeat_age > grace_period:
             to_fail.append((t.trial_id, t.number, f"no heartbeat for more than {grace_period:g} s"))
-        elif t.owner is None and not others_alive:
+        elif who is None and alive == {db.owner.name} and (t.age is None or t.age > grace_period):
             to_fail.append((t.trial_id, t.number, "orphaned: asked by a process that is gone"))
     for trial_id, number, reason in to_fail:
         try:
@@ -282,5 +313,6 @@ def reap(db: StudyDatabase, storage: Any, *, grace_period: float) -> ReapReport:
             pass  # finished or failed by someone else meanwhile
     db.mark_workers_dead(dead, "presumed dead (no heartbeat or process gone)")
     report.dead_workers = sorted(dead)
-    report.released_claims = db.release_claims_of_failed_trials() + db.release_claims_of(dead)
+    # a stopped worker (finished, interrupted or crashed) holds nothing: its claims without a trial go too
+    report.released_claims = db.release_claims_of_failed_trials() + db.release_claims_of(dead | stopped)
     return report

@@ -55,6 +55,11 @@ class SQLRecorder:
     def __repr__(self) -> str:
         return f"SQLRecorder(study={self.db.study_name!r})"
 
+    @property
+    def owner(self) -> str:
+        """This process' worker name: the driver stamps it on every trial it creates."""
+        return self.db.owner.name
+
     # -- trials ------------------------------------------------------------------------------
     def record_candidate(self, trial_id: int, candidate: Any, *, source: str = "sampler") -> None:
         self.db.record_candidate(trial_id, candidate.key, candidate.to_json(), source=source)

@@ -18,6 +18,7 @@ from typing import Any
 
 __all__ = [
     "CANDIDATE_KEY_ATTR",
+    "CREATOR_ATTR",
     "DUPLICATE_OF_ATTR",
     "INFEASIBLE_ATTR",
     "Artifact",
@@ -42,6 +43,9 @@ INFEASIBLE_ATTR = "evoprune:infeasible"
 DUPLICATE_OF_ATTR = "evoprune:duplicate_of"
 #: the candidate key of a trial, also as a user attribute so optuna-dashboard shows it
 CANDIDATE_KEY_ATTR = "evoprune:candidate_key"
+#: Optuna system attribute: the worker (``Owner.name``) that created a trial, written with the trial
+#: itself, so the reaper can tell "created, not yet recorded" from "orphaned by a dead process"
+CREATOR_ATTR = "evoprune:creator"
 
 
 def _plain(value: Any, where: str) -> Any:

@@ -1,0 +1,171 @@
+"""Liveness races found with several workers and a tight heartbeat (issue 11, B1-B3).
+
+* B2: the reaper (a worker's own heartbeat thread, or another live worker's) must never fail a
+  trial that a live process created and has not recorded yet;
+* B1: a repeated candidate whose earlier trials failed and completed is recorded once, not twice;
+* B3: claims without a trial of a worker that stopped (crashed) are released, and
+  ``evoprune check`` reports claims stranded by a dead worker.
+"""
+
+from __future__ import annotations
+
+import optuna
+import pytest
+import torch
+from optuna.trial import TrialState
+from test_storage_backends import storage_url, tiny_study_config  # noqa: F401  (fixture)
+from tiny_models import tiny_model
+
+from evoprune._optuna_private import trial_id
+from evoprune.evaluators import EvalContext, KLToDense, Pipeline, Stage, TopK
+from evoprune.pruning import Pruner
+from evoprune.search import EvolutionarySampler, Runtime, Searcher, create_study
+from evoprune.search._searcher import SearchStats
+from evoprune.space import Budget, Candidate, LayerConfig, SearchSpace
+from evoprune.storage import SQLRecorder, StudyDatabase
+from evoprune.storage._owner import Owner
+
+optuna.logging.set_verbosity(optuna.logging.WARNING)
+
+
+@pytest.fixture(scope="module")
+def runtime():
+    model = tiny_model("llama", num_hidden_layers=4)
+    ids = torch.randint(3, 97, (4000,), generator=torch.Generator().manual_seed(0))
+    pruner = Pruner(model, ids[: 4 * 32].reshape(4, 32))
+    space = SearchSpace.from_model(model.config, attention=None, mlp_step=16,
+                                   budget=Budget(metric="params", max_ratio=0.8))
+    stages = [Stage(name="s1", evaluators=[KLToDense(name="kl")], eval_tokens=64, seq_len=32, promote=TopK(2)),
+              Stage(name="final", evaluators=[KLToDense(name="kl")], eval_tokens=128, seq_len=32)]
+    ctx = EvalContext(eval_ids=ids, pruner=pruner, cost_model=space.cost_model, cache_dir=False, seed=0)
+    return Runtime(model=model, space=space, pipeline=Pipeline(stages), context=ctx, objectives=["kl", "params"],
+                   pruner=pruner)
+
+
+class ReapingRecorder:
+    """The study's SQL recorder, with a reaper run in the window between a trial's creation and the
+    recording of its candidate -- the moment a heartbeat thread (this process' own, or another
+    live worker's) may run one."""
+
+    def __init__(self, inner: SQLRecorder, reapers) -> None:
+        self.inner = inner
+        self.reapers = reapers
+        self.reaped = []
+
+    def __getattr__(self, name):
+        return getattr(self.inner, name)
+
+    def record_candidate(self, tid, candidate, *, source="sampler"):
+        for reap in self.reapers:
+            self.reaped.append(reap())
+        return self.inner.record_candidate(tid, candidate, source=source)
+
+
+def _other_worker(study, token: str) -> StudyDatabase:
+    """A second live worker of the same study (this host, this live process: alive)."""
+    owner = Owner(host=Owner.current().host, pid=Owner.current().pid, proc_start=Owner.current().proc_start,
+                  token=token)
+    db = StudyDatabase(study.storage.engine, study_id=study.db.study_id, optuna_study_id=study.db.optuna_study_id,
+                       study_name=study.name, owner=owner)
+    db.register_worker(command="worker")
+    return db
+
+
+@pytest.mark.parametrize("sampler", ["evolutionary", "tpe"])
+@pytest.mark.parametrize("others", [False, True])
+def test_reaper_never_fails_a_trial_its_live_creator_has_not_recorded_yet(storage_url, runtime, sampler, others):
+    study = create_study(tiny_study_config(), storage=storage_url, study_name="race")
+    study.db.register_worker(command="test")
+    from evoprune.storage._liveness import reap
+
+    # this process' own reaper with grace 0: every owner-less trial is "old" (before the fix it failed
+    # the trial it had just created whenever no other worker was alive: B2)
+    reapers = [lambda: reap(study.db, study.storage, grace_period=0.0)]
+    if others:  # and another live worker's reaper
+        other = _other_worker(study, "other")
+        reapers.append(lambda: reap(other, study.storage, grace_period=60.0))
+    rec = ReapingRecorder(study.recorder, reapers)
+    if sampler == "evolutionary":
+        s = Searcher(runtime, study.optuna_study, EvolutionarySampler(offspring=3, seed=0), rec, progress=False)
+        s.run(n_generations=2)
+    else:
+        study.optuna_study.sampler = optuna.samplers.TPESampler(seed=0)
+        Searcher(runtime, study.optuna_study, None, rec, progress=False).run(n_trials=4)
+    assert rec.reaped and not any(r.failed_trials for r in rec.reaped)
+    states = {t.state for t in study.trials()}
+    assert TrialState.FAIL not in states and TrialState.RUNNING not in states
+    assert study.check() == []
+    study.close()
+
+
+def test_trial_of_a_dead_creator_is_failed_without_waiting_for_live_workers(storage_url):
+    study = create_study(tiny_study_config(), storage=storage_url, study_name="orphan", grace_period=60)
+    study.db.register_worker(command="test")
+    _other_worker(study, "busy")  # alive: before, owner-less trials waited for it to stop
+    dead = Owner(host=Owner.current().host, pid=2 ** 22 + 12345, proc_start="1", token="dead")
+    StudyDatabase(study.storage.engine, study_id=study.db.study_id, optuna_study_id=study.db.optuna_study_id,
+                  study_name=study.name, owner=dead).register_worker(command="worker")
+    from evoprune.search._searcher import fixed_trial
+    from evoprune.storage._values import CREATOR_ATTR
+
+    dist = {"x": optuna.distributions.IntDistribution(0, 9)}
+    orphan = fixed_trial(study.optuna_study, {"x": 1}, dist, system_attrs={CREATOR_ATTR: dead.name})
+    mine = fixed_trial(study.optuna_study, {"x": 2}, dist, system_attrs={CREATOR_ATTR: study.db.owner.name})
+    report = study.reap()
+    assert report.failed_trials == [orphan.number]
+    assert study.storage.get_trial(trial_id(mine)).state == TrialState.RUNNING
+    study.close()
+
+
+def test_repeated_candidate_after_failed_and_complete_trials_is_recorded_once(storage_url, runtime):
+    study = create_study(tiny_study_config(), storage=storage_url, study_name="dup")
+    s = Searcher(runtime, study.optuna_study, EvolutionarySampler(offspring=3, seed=0), study.recorder,
+                 progress=False)
+    cand = runtime.space.random(3)
+    params = runtime.space.params_of(cand)
+    from evoprune.search._searcher import fixed_trial
+
+    dists = runtime.space.optuna_distributions()
+    failed = fixed_trial(study.optuna_study, params, dists)
+    study.recorder.claim(cand.key)
+    study.recorder.record_candidate(trial_id(failed), cand, source="evolution")
+    study.optuna_study.tell(failed, state=TrialState.FAIL)
+    study.recorder.release(cand.key)
+    assert study.recorder.claim(cand.key)
+    done = fixed_trial(study.optuna_study, params, dists)
+    study.recorder.record_candidate(trial_id(done), cand, source="evolution")
+    study.recorder.record_stage(trial_id(done), "final", "kl", 128, 0.25, 0.1, {})
+    study.recorder.record_stage_result(trial_id(done), "final", 1, 0.25, None)
+    study.optuna_study.tell(done, [0.25, 0.7])
+    repeat = fixed_trial(study.optuna_study, params, dists)
+    stats = SearchStats()
+    s._tell_duplicate(repeat, cand, stats)  # crashed with "already has a candidate recorded" before
+    t = study.storage.get_trial(trial_id(repeat))
+    assert t.state == TrialState.COMPLETE and t.values == [0.25, 0.7]
+    assert t.user_attrs["evoprune:duplicate_of"] == done.number
+    assert study.check() == []  # a told repeat is not a "candidate completed twice" problem
+    study.close()
+
+
+def test_crashed_workers_claims_are_released_and_check_reports_stranded_ones(storage_url):
+    study = create_study(tiny_study_config(), storage=storage_url, study_name="stranded", grace_period=60)
+    study.db.register_worker(command="test")
+    crashed = _other_worker(study, "crashed")
+    rec = SQLRecorder(crashed, study.storage)
+    keys = [Candidate(layers=(LayerConfig(num_kv_heads=2, q_per_kv=2, mlp_channels=16 * i),)).key for i in (1, 2)]
+    assert all(rec.claim(k) for k in keys)
+    # a worker that dies without cleaning up (marked stopped by someone else, claims still held)
+    crashed.mark_workers_dead([crashed.owner.name], "crashed")
+    problems = study.check()
+    assert any("stranded" in p and keys[0] in p for p in problems), problems
+    report = study.reap()
+    assert report.released_claims == 2
+    assert {k: c["status"] for k, c in study.db.claims().items()} == {k: "released" for k in keys}
+    assert study.recorder.claim(keys[0])  # claimable again
+    assert study.check() == []
+    # a worker that stops by itself releases what it holds at once
+    quitter = _other_worker(study, "quitter")
+    assert SQLRecorder(quitter, study.storage).claim(keys[1])
+    quitter.stop_worker("crashed")
+    assert study.db.claims()[keys[1]]["status"] == "released"
+    study.close()
