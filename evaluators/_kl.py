@@ -11,12 +11,25 @@ Dense reference memory (per token set, held in CPU memory and cached on disk):
   the rest); 64k tokens at k=256 need 128 MiB.
 
 With ``top_k`` the KL is computed on the (k+1)-way distribution "each of the
-dense model's top k tokens, or anything else", for dense and candidate alike.
+dense model's top k tokens, or anything else", for dense and candidate alike:
+with ``S`` the dense model's k most likely tokens at a position,
+``KL_k = sum_{v in S} p_v log(p_v / q_v) + p_rest log(p_rest / q_rest)``,
+``p_rest = 1 - sum_{v in S} p_v`` and ``q_rest = 1 - sum_{v in S} q_v``.
 That coarsening can only lower the KL (data-processing inequality), by the
 divergence hidden inside the tail. With k = vocab it equals the full KL; on the
 tiny reference model (vocab 768, perplexity ~50, a flat distribution) k = 128
 keeps >= 80 % of the full KL and ranks candidates identically (see
 tests/test_evaluators_kl.py); peakier distributions of larger models lose less.
+
+Default (``top_k="auto"``): the full distribution while the vocabulary has at
+most :data:`AUTO_FULL_MAX_VOCAB` (16,384) entries and the full reference fits
+the cache bound; otherwise top-k with ``k =`` :data:`AUTO_TOP_K` (256). A
+49,152-entry vocabulary (SmolLM2) thus stores 2 KiB per token instead of 196 KiB.
+
+The in-memory dense references of one context (``context.shared``) are bounded
+in bytes (:data:`DEFAULT_CACHE_BYTES`, 2 GiB, or ``$EVOPRUNE_DENSE_CACHE_BYTES``,
+or ``KLToDense(max_cache_bytes=...)``): the least recently used ones are dropped
+and reloaded (memory-mapped) from the disk cache when needed again.
 
 Per candidate token the full KL costs a ``log_softmax`` into one reused buffer
 and an in-place product with the dense probabilities (no fresh
@@ -42,11 +55,71 @@ from .._logging import get_logger
 from ._base import EvalContext, EvalResult
 from ._tokens import TokenSet
 
-__all__ = ["DenseReference", "KLToDense", "Perplexity", "dense_reference", "perplexity", "reference_nbytes", "sequence_nll"]
+__all__ = ["AUTO_FULL_MAX_VOCAB", "AUTO_TOP_K", "DEFAULT_CACHE_BYTES", "DenseReference", "KLToDense", "Perplexity", "dense_reference", "perplexity", "reference_nbytes", "sequence_nll"]
 
 _log = get_logger("evaluators.kl")
 
 _FORMAT = "v3"
+
+#: ``top_k="auto"``: full-vocabulary KL up to this vocabulary size, top-k above it.
+AUTO_FULL_MAX_VOCAB = 16_384
+#: ``top_k="auto"``: the k used above :data:`AUTO_FULL_MAX_VOCAB` (or when full would exceed the cache bound).
+AUTO_TOP_K = 256
+#: Default bound of the in-memory dense references of one context, in bytes (``$EVOPRUNE_DENSE_CACHE_BYTES``).
+DEFAULT_CACHE_BYTES = 2 * 2**30
+
+
+def cache_bytes_limit(explicit: int | None = None) -> int:
+    """The in-memory dense-reference bound: ``explicit``, else ``$EVOPRUNE_DENSE_CACHE_BYTES``, else 2 GiB."""
+    if explicit is not None:
+        return int(explicit)
+    env = os.environ.get("EVOPRUNE_DENSE_CACHE_BYTES")
+    if env:
+        try:
+            return int(float(env))
+        except ValueError:
+            raise ValueError(f"EVOPRUNE_DENSE_CACHE_BYTES must be a number of bytes, got {env!r}.") from None
+    return DEFAULT_CACHE_BYTES
+
+
+def resolve_top_k(top_k: int | str | None, vocab: int, num_tokens: int, limit: int | None = None) -> int | None:
+    """The concrete ``top_k`` (``None`` = full) of a setting for a vocabulary and token count.
+
+    >>> resolve_top_k("auto", 768, 4096), resolve_top_k("auto", 49152, 4096), resolve_top_k(None, 49152, 4096)
+    (None, 256, None)
+    >>> resolve_top_k("auto", 4096, 2**20, limit=2**30)  # full would need 16 GiB: top-k instead
+    256
+    """
+    if top_k != "auto":
+        return top_k
+    if vocab <= AUTO_FULL_MAX_VOCAB and reference_nbytes(num_tokens, vocab) <= cache_bytes_limit(limit):
+        return None
+    return min(AUTO_TOP_K, int(vocab))
+
+
+def _vocab_of(model: torch.nn.Module) -> int:
+    out = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
+    if out is not None and getattr(out, "weight", None) is not None:
+        return int(out.weight.shape[0])
+    vocab = getattr(getattr(model, "config", None), "vocab_size", None)
+    if not vocab:
+        raise ValueError("KLToDense(top_k='auto') needs the model's vocabulary size (config.vocab_size); "
+                         "pass top_k=None or an integer.")
+    return int(vocab)
+
+
+def _remember(mem: dict, key: Any, ref: "DenseReference", limit: int) -> None:
+    """Put ``ref`` in the LRU memory cache ``mem``, dropping the oldest entries to stay within ``limit`` bytes."""
+    mem.pop(key, None)
+    total = sum(r.nbytes for r in mem.values())
+    while mem and total + ref.nbytes > limit:
+        old_key = next(iter(mem))
+        total -= mem.pop(old_key).nbytes
+        _log.info("dropped dense reference %s from memory (cache bound %.1f MiB)", old_key[0], limit / 2**20)
+    if ref.nbytes > limit:
+        _log.warning("one dense reference (%.1f MiB) exceeds the cache bound (%.1f MiB); lower eval_tokens or use "
+                     "top_k", ref.nbytes / 2**20, limit / 2**20)
+    mem[key] = ref
 
 
 def reference_nbytes(tokens: int, vocab: int, top_k: int | None = None) -> int:
@@ -205,26 +278,31 @@ def dense_reference(
     top_k: int | None = None,
     batch_size: int | None = None,
     compute: bool = True,
+    max_cache_bytes: int | None = None,
 ) -> DenseReference | None:
     """The dense reference for ``tokens``: from memory, else disk, else computed.
 
     Computing requires ``model`` to be the dense model (call it before any
     candidate is applied; :class:`Pipeline` does so in ``prepare``). With
-    ``compute=False`` returns ``None`` when nothing is cached in memory.
-    Disk files live in ``context.resolved_cache_dir()`` under a name made of the
+    ``compute=False`` returns ``None`` when nothing is cached in memory or on disk.
+    The memory cache (``context.shared["dense_reference"]``) holds at most
+    :func:`cache_bytes_limit` bytes (least recently used dropped first). Disk files live in ``context.resolved_cache_dir()`` under a name made of the
     dense model's fingerprint, the token set's key, the mode and the device type.
     """
     device = context.device_for(model)
     mem = context.shared.setdefault("dense_reference", {})
     mem_key = (tokens.key, top_k, device.type)
+    limit = cache_bytes_limit(max_cache_bytes)
     if mem_key in mem:
+        mem[mem_key] = mem.pop(mem_key)  # most recently used last
         return mem[mem_key]
-    if not compute:
-        return None
     directory = context.resolved_cache_dir()
     path = None
-    if directory is not None:  # the fingerprint (one pass over the weights) is only needed for the file name
+    if directory is not None and (compute or "model_fingerprint" in context.shared or context.model_fingerprint):
+        # the fingerprint (one pass over the weights, on the dense model) is only needed for the file name
         path = _cache_path(directory, context.fingerprint_of(model), tokens, top_k, device)
+    if not compute and (path is None or not path.exists()):
+        return None
     if path is not None and path.exists():
         try:
             data = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
@@ -234,11 +312,13 @@ def dense_reference(
                 None if top_k is None else min(top_k, first.shape[-1])
             ):
                 raise ValueError("contents do not match the token set")
-            mem[mem_key] = ref
+            _remember(mem, mem_key, ref, limit)
             _log.info("loaded dense reference %s (%.1f MiB)", path.name, ref.nbytes / 2**20)
             return ref
         except Exception as exc:  # a truncated/corrupt/foreign file: recompute
             _log.warning("ignoring unreadable dense reference cache %s (%s)", path, exc)
+            if not compute:
+                return None
     vocab = getattr(getattr(model, "config", None), "vocab_size", None)
     if vocab:
         _log.info(
@@ -264,7 +344,7 @@ def dense_reference(
     ref = DenseReference(**{k: torch.cat([getattr(p, k) for p in parts]) for k in names})
     if device.type == "cuda":  # page-locked host memory: faster per-batch copies to the GPU
         ref = DenseReference(**{k: v.pin_memory() for k, v in ref.tensors().items()})
-    mem[mem_key] = ref
+    _remember(mem, mem_key, ref, limit)
     if path is not None:
         try:
             _atomic_save(ref.tensors(), path)
@@ -291,6 +371,11 @@ class KLToDense:
             the mass of the rest, and compute the KL on that (k+1)-way
             distribution (see the module docstring for memory and accuracy).
             ``None`` keeps the full distribution (``tokens*(vocab*4+8)`` bytes).
+            ``"auto"`` (default): full up to a vocabulary of
+            :data:`AUTO_FULL_MAX_VOCAB` while it fits ``max_cache_bytes``, else
+            top-:data:`AUTO_TOP_K` (:func:`resolve_top_k`).
+        max_cache_bytes: bound of the in-memory dense references (default
+            :func:`cache_bytes_limit`: ``$EVOPRUNE_DENSE_CACHE_BYTES`` or 2 GiB).
         batch_size: sequences per forward pass (default ``context.batch_size``);
             use the same value for ``prepare`` and ``evaluate``. Peak working
             memory is about ``2 * batch_size * seq_len * vocab * 4`` bytes (the
@@ -316,14 +401,18 @@ class KLToDense:
     def __init__(
         self,
         *,
-        top_k: int | None = None,
+        top_k: int | str | None = "auto",
         batch_size: int | None = None,
         num_tokens: int | None = None,
         seq_len: int | None = None,
         name: str = "kl",
+        max_cache_bytes: int | None = None,
     ) -> None:
-        if top_k is not None and top_k < 1:
-            raise ValueError(f"KLToDense: top_k must be >= 1 or None, got {top_k}.")
+        if top_k != "auto" and top_k is not None and (isinstance(top_k, (str, bool)) or top_k < 1):
+            raise ValueError(f"KLToDense: top_k must be 'auto', None (full) or an integer >= 1, got {top_k!r}.")
+        if max_cache_bytes is not None and max_cache_bytes < 1:
+            raise ValueError(f"KLToDense: max_cache_bytes must be a positive number of bytes, got {max_cache_bytes}.")
+        self.max_cache_bytes = max_cache_bytes
         if (num_tokens is None) != (seq_len is None):
             raise ValueError("KLToDense: give num_tokens and seq_len together (or neither).")
         self.top_k = top_k
@@ -340,13 +429,23 @@ class KLToDense:
             return context.token_set(self.num_tokens, self.seq_len)
         return context.require_tokens(self.name)
 
+    def resolved_top_k(self, model: torch.nn.Module, tokens: TokenSet) -> int | None:
+        """The concrete ``top_k`` (``None`` = full) this evaluator uses for ``model`` on ``tokens``."""
+        if self.top_k != "auto":
+            return self.top_k
+        return resolve_top_k("auto", _vocab_of(model), tokens.num_tokens, self.max_cache_bytes)
+
     def prepare(self, model: torch.nn.Module, context: EvalContext) -> None:
         """Compute (or load) the dense reference; ``model`` must be dense."""
-        dense_reference(model, context, self._tokens(context), top_k=self.top_k, batch_size=self.batch_size)
+        tokens = self._tokens(context)
+        dense_reference(model, context, tokens, top_k=self.resolved_top_k(model, tokens), batch_size=self.batch_size,
+                        max_cache_bytes=self.max_cache_bytes)
 
     def evaluate(self, model: torch.nn.Module, candidate: Any, context: EvalContext) -> EvalResult:
         tokens = self._tokens(context)
-        ref = dense_reference(model, context, tokens, top_k=self.top_k, batch_size=self.batch_size, compute=False)
+        top_k = self.resolved_top_k(model, tokens)
+        ref = dense_reference(model, context, tokens, top_k=top_k, batch_size=self.batch_size, compute=False,
+                              max_cache_bytes=self.max_cache_bytes)
         if ref is None:
             raise RuntimeError(
                 f"{self.name}: no dense reference for token set {tokens.key} (stage {context.stage!r}); "
@@ -386,7 +485,7 @@ class KLToDense:
         per_seq_mean = seq_sums / tokens.seq_len
         details = {
             "token_set": tokens.key,
-            "top_k": self.top_k,
+            "top_k": top_k,
             "seq_len": tokens.seq_len,
             "stderr": float(per_seq_mean.std() / math.sqrt(len(per_seq_mean))) if len(per_seq_mean) > 1 else None,
         }

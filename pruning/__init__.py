@@ -30,14 +30,28 @@ copy) or into a new, physically smaller model::
 A new architecture needs one call, :func:`register_adapter` (module names plus the bias
 facts the cost model needs; see :class:`ArchAdapter`).
 
-Plain ``from_pretrained`` works inside :func:`per_layer_modules` (a scoped patch that
-always restores the original classes)::
+Exports load through plain transformers too. An export that stock transformers builds exactly
+(no dropped sublayer and one set of widths for every kept block: the dense ones, or any the dense
+config class accepts) keeps the dense ``model_type``; any other gets
+``model_type="evoprune_<dense>"``, which transformers without evoprune rejects loudly. In a
+process that imported evoprune, transformers resolves those types to evoprune's classes, which
+follow ``per_layer_config`` (a post-import hook, see :mod:`evoprune._transformers_hook`;
+:func:`register_auto_classes` registers them eagerly)::
+
+    import evoprune
+    from transformers import AutoModelForCausalLM
+    model = AutoModelForCausalLM.from_pretrained("qwen3-half")   # same logits as load_pruned
+
+:func:`per_layer_modules` is the scoped patch (it always restores the original classes) those
+classes use; ``from_pretrained`` inside it also loads format-1 exports (written before the
+``evoprune_<dense>`` types: dense ``model_type`` + ``per_layer_config``), as ``load_pruned`` does::
 
     with per_layer_modules():
         model = AutoModelForCausalLM.from_pretrained("qwen3-half")
 """
 
 from ._adapters import ArchAdapter, get_adapter, register_adapter, registered_model_types
+from ._auto import register_auto_classes
 from ._export import EXPORT_FORMAT_VERSION  # noqa: F401  (importable; written into exported configs)
 from ._importance import IMPORTANCE_METHODS, Importance
 from ._load import load_pruned
@@ -56,6 +70,7 @@ __all__ = [
     "load_pruned",
     "per_layer_modules",
     "register_adapter",
+    "register_auto_classes",
     "registered_model_types",
     "wanda_mask",
 ]

@@ -4,6 +4,11 @@ A mixin of :class:`~evoprune.pruning.Pruner` (it reads the pruner's permuted den
 model, its per-block plans and its mask cache). The exported ``config.json`` writes the
 per-layer differences in transformers' ``per_layer_config`` field plus an ``evoprune``
 section; :func:`~evoprune.pruning.load_pruned` reads it back.
+
+An export never loads silently wrong through stock transformers: when stock transformers
+builds it exactly (no dropped sublayer and the same widths in every kept block, accepted by
+the dense config class) it keeps the dense ``model_type``; otherwise its ``model_type`` is
+``evoprune_<dense>`` (see :mod:`._auto`), which transformers without evoprune rejects.
 """
 
 from __future__ import annotations
@@ -18,11 +23,14 @@ from torch import nn
 
 from .. import __version__ as _evoprune_version
 from ..space import Candidate
+from ._auto import pruned_config_class, pruned_model_class
 from ._modules import per_layer_modules, quiet_heterogeneous_warnings
 
 __all__ = ["EXPORT_FORMAT_VERSION", "ExportMixin"]
 
-EXPORT_FORMAT_VERSION = 1
+EXPORT_FORMAT_VERSION = 2
+"""1: dense ``model_type`` + ``per_layer_config``; 2: ``evoprune_<dense>`` ``model_type`` unless stock
+transformers builds the export exactly; ``dense_model_type`` recorded."""
 
 
 class ExportMixin:
@@ -30,9 +38,15 @@ class ExportMixin:
 
     def pruned_config(self, candidate: Candidate) -> Any:
         """The transformers config of ``candidate``'s materialized model (``per_layer_config`` +
-        an ``evoprune`` section)."""
+        an ``evoprune`` section).
+
+        Its class is the dense config class when stock transformers builds the model exactly from
+        it (no dropped sublayer, one set of widths for every kept block, written as the global
+        values), else the registered ``evoprune_<dense type>`` subclass (global values = dense).
+        """
         self.spec.check_candidate(candidate)
         dense_cfg = self.model.config
+        dense_type = self.adapter.model_type
         d = dense_cfg.to_dict()
         d.pop("per_layer_config", None)
         # applied mode edits num_hidden_layers/layer_types on the live config: use the dense values
@@ -64,6 +78,7 @@ class ExportMixin:
         d["allow_global_per_layer_attribute_access"] = True
         d["serialize_explicit_per_layer_config"] = True
         d["evoprune"] = {
+            "dense_model_type": dense_type,
             "format_version": EXPORT_FORMAT_VERSION,
             "evoprune_version": _evoprune_version,
             "candidate": candidate.to_dict(),
@@ -78,8 +93,12 @@ class ExportMixin:
             "model_fingerprint": self.model_fingerprint,
             "data_fingerprint": self.data_fingerprint,
         }
-        with quiet_heterogeneous_warnings():
-            cfg = type(dense_cfg).from_dict(d)
+        cfg = _stock_config(type(dense_cfg), d, _uniform_widths(candidate))
+        if cfg is None:
+            d["model_type"] = pruned_config_class(dense_type).model_type
+            d["architectures"] = [pruned_model_class(dense_type).__name__]
+            with quiet_heterogeneous_warnings():
+                cfg = pruned_config_class(dense_type).from_dict(d)
         cfg._attn_implementation = dense_cfg._attn_implementation
         return cfg
 
@@ -160,8 +179,12 @@ class ExportMixin:
 
     def _build(self, config: Any, sd: dict[str, torch.Tensor], candidate: Candidate) -> nn.Module:
         dense = self.model
+        cls = type(dense)
+        if type(config) is not type(dense.config):  # an evoprune_<type> config: its registered class
+            pruned = pruned_model_class(self.adapter.model_type)
+            cls = pruned if issubclass(pruned, cls) else cls
         with per_layer_modules(), torch.device("meta"):
-            new = type(dense)(config)
+            new = cls(config)
         missing, unexpected = new.load_state_dict(sd, strict=False, assign=True)
         tied = _tied_pairs(new)
         missing = [k for k in missing if k not in tied]
@@ -201,15 +224,21 @@ class ExportMixin:
         """Write ``candidate`` as a standard HF checkpoint directory and return its path.
 
         Contents: ``model*.safetensors``, ``config.json`` (with ``per_layer_config`` for the
-        per-layer differences and an ``evoprune`` section holding the candidate),
-        ``generation_config.json`` and, when given, the tokenizer files. No pickles.
-        Load it with :func:`~evoprune.pruning.load_pruned`.
+        per-layer differences and an ``evoprune`` section holding the candidate and the dense
+        model's fingerprint), ``generation_config.json`` and, when given, the tokenizer files.
+        No pickles. Load it with :func:`~evoprune.pruning.load_pruned`, or with plain
+        ``AutoModelForCausalLM.from_pretrained`` in a process that imported evoprune.
 
-        In ``config.json`` the global ``num_attention_heads``/``num_key_value_heads``/
-        ``intermediate_size`` keep the dense values (``allow_global_per_layer_attribute_access``
-        is set so transformers' config validation can read them); each block's real sizes and
-        ``skip`` list are in ``per_layer_config`` (written explicitly for every block), and
-        ``num_hidden_layers`` counts the kept blocks.
+        ``model_type`` is the dense one when stock transformers builds the export exactly (block
+        drops, sparsity, 2:4, or one set of widths for every kept block that the dense config
+        class accepts; the global ``num_attention_heads``/``num_key_value_heads``/
+        ``intermediate_size`` are then those widths), so it loads anywhere. Otherwise (widths
+        that differ per block, dropped attention/MLP sublayers) it is ``evoprune_<dense type>``:
+        transformers without evoprune refuses it loudly instead of building dense-shaped blocks
+        with random weights, and the globals keep the dense values
+        (``allow_global_per_layer_attribute_access`` is set so transformers' config validation
+        can read them). Each block's real sizes and ``skip`` list are in ``per_layer_config``
+        (written explicitly for every block), and ``num_hidden_layers`` counts the kept blocks.
         """
         path = Path(path)
         path.mkdir(parents=True, exist_ok=True)
@@ -220,6 +249,32 @@ class ExportMixin:
             tokenizer.save_pretrained(path)
         del model
         return path
+
+
+def _uniform_widths(candidate: Candidate) -> tuple[int, int, int] | None:
+    """``(q heads, kv heads, mlp channels)`` shared by every kept block, or ``None`` when a block
+    drops a sublayer or the widths differ (stock transformers builds every block alike)."""
+    kept = [candidate.layers[i] for i in candidate.kept_layers]
+    if any(lc.attn_dropped or lc.mlp_dropped for lc in kept):
+        return None
+    widths = {(lc.num_q_heads, lc.num_kv_heads, lc.mlp_channels) for lc in kept}
+    return widths.pop() if len(widths) == 1 else None
+
+
+def _stock_config(config_cls: type, d: dict[str, Any], widths: tuple[int, int, int] | None) -> Any:
+    """The dense config class built with ``widths`` as its global values, or ``None`` when there is
+    no such set of widths or the class rejects them (e.g. ``hidden_size % num_attention_heads``)."""
+    if widths is None:
+        return None
+    stock = dict(d)
+    stock["num_attention_heads"], stock["num_key_value_heads"], stock["intermediate_size"] = widths
+    from huggingface_hub.errors import StrictDataclassError
+
+    try:
+        with quiet_heterogeneous_warnings():
+            return config_cls.from_dict(stock)
+    except (ValueError, TypeError, StrictDataclassError):
+        return None
 
 
 def _check_cache_layer_types(types: list[str], has_attn: list[bool]) -> None:

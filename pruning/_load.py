@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 from typing import Any
 
@@ -24,6 +25,11 @@ def load_pruned(
     each block follow ``config.per_layer_config`` (sizes, skipped sublayers, compact
     KV-cache indices); the safetensors weights then load into right-sized modules.
 
+    Loads every export format: ``evoprune_<type>`` model types (registered here, see
+    :func:`~evoprune.pruning.register_auto_classes`; after ``import evoprune`` plain
+    ``AutoModelForCausalLM.from_pretrained`` gives the same model) and the dense ``model_type``
+    of exports that stock transformers builds exactly or that were written by format 1.
+
     Args:
         path: the export directory (or anything ``from_pretrained`` accepts).
         dtype: e.g. ``torch.bfloat16``; ``None`` keeps transformers' default.
@@ -39,9 +45,29 @@ def load_pruned(
     """
     from transformers import AutoModelForCausalLM
 
+    from ._auto import register_auto_classes
+    from ._export import EXPORT_FORMAT_VERSION
+
+    register_auto_classes()
+    _check_format(path, EXPORT_FORMAT_VERSION)
     if dtype is not None:
         kwargs["dtype"] = dtype
     if device_map is not None:
         kwargs["device_map"] = device_map
     with per_layer_modules():
         return AutoModelForCausalLM.from_pretrained(path, **kwargs)
+
+
+def _check_format(path: str | os.PathLike[str], supported: int) -> None:
+    """Refuse a local export written by a newer evoprune (a hub id is not read ahead)."""
+    config = os.path.join(os.fspath(path), "config.json")
+    if not os.path.isfile(config):
+        return
+    with open(config, encoding="utf-8") as fh:
+        section = json.load(fh).get("evoprune") or {}
+    version = section.get("format_version", 1)
+    if isinstance(version, int) and version > supported:
+        raise ValueError(
+            f"{path} was exported by evoprune {section.get('evoprune_version', '?')} (export format {version}); "
+            f"this evoprune reads formats up to {supported}: upgrade evoprune (pip install -U evoprune)."
+        )

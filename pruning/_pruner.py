@@ -167,12 +167,12 @@ class Pruner(ExportMixin):
                 "Pruner: this model was already permuted by another Pruner; reuse that Pruner "
                 "(a model is scored and reordered once)."
             )
-        self.adapter: ArchAdapter = get_adapter(model)
-        if getattr(model.config, "is_heterogeneous", False):
+        if getattr(getattr(model, "config", None), "is_heterogeneous", False):
             raise ValueError(
                 "Pruner: this model is already non-uniform (its config has a per_layer_config, e.g. an "
                 "evoprune export); prune the dense model instead."
             )
+        self.adapter: ArchAdapter = get_adapter(model)
         self.model = model
         self.spec = ModelSpec.from_config(model.config)
         if calib_ids is None and method == "activation":
@@ -183,7 +183,7 @@ class Pruner(ExportMixin):
         self.method = method
         calib_shape = tuple(calib_ids.shape) if calib_ids is not None else None
         self.cache_dir = Path(cache_dir).expanduser() if cache_dir is not None else None
-        if self.cache_dir is not None and model_fingerprint is None:
+        if model_fingerprint is None:  # of the dense model, before the permutation (exports record it)
             model_fingerprint = imp.model_fingerprint(model)
         if calib_ids is not None and data_fingerprint is None:
             data_fingerprint = imp.data_fingerprint(calib_ids)

@@ -44,7 +44,7 @@ from ._recorder import ATTR_PREFIX, OptunaRecorder, Recorder
 from ._runtime import Runtime, build_runtime, make_sampler
 from ._searcher import Searcher, SearchStats, trial_candidate
 from ._status import StudyStatus, study_status
-from ._study import EvoStudy, ParetoPoint, StudyNotFoundError, create_study, load_study
+from ._study import EvoStudy, ParetoPoint, StudyNotFoundError, create_study, delete_study, load_study
 from ._sweep import BudgetSweep
 
 __all__ = [
@@ -67,6 +67,7 @@ __all__ = [
     "build_runtime",
     "calibration_loss",
     "create_study",
+    "delete_study",
     "fill_budget",
     "flap",
     "flap_scores",

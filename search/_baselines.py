@@ -13,10 +13,31 @@ Seed a study with one::
 * :func:`sleb`: SLEB -- greedily drop the block whose removal raises the
   calibration loss least, one at a time; the first and last blocks are never
   dropped. Candidates are applied in place with ``pruner.apply``/``revert``.
-* :func:`flap`: FLAP-style width allocation -- per-head and per-channel
-  fluctuation scores (input variance x squared weight-column norm of ``o_proj``
-  / ``down_proj``), standardized within each layer, one global threshold for
-  all layers -> non-uniform widths meeting the budget.
+* :func:`flap`: FLAP-style width allocation (An et al. 2024, "AL-AM"
+  structure) -- per-channel fluctuation scores (input variance x squared
+  weight-column norm of ``o_proj`` / ``down_proj``; squared again for attention,
+  as FLAP does), standardized per layer *over channels*; an attention unit's
+  score is the mean of its channels' standardized scores; one global threshold
+  for all layers and both modules -> non-uniform widths meeting the budget.
+
+How it differs from FLAP's own code, and why:
+
+* FLAP standardizes channel scores and then averages them per head. Standardizing
+  the per-unit sums instead (what this module did before) turns the 3 KV groups of
+  a SmolLM2 layer into z-scores of about -1.2 / 0 / +1.2 in *every* layer, on a
+  scale unrelated to the 1,536 MLP channel z-scores they compete with: at 70 %
+  params most layers kept 1 of 3 groups (perplexity 192 vs 52 for uniform). With
+  FLAP's rule a group's score is a mean of 192 channel z-scores, near 0 unless
+  the whole group is unusually (un)important, as in FLAP.
+* FLAP weighs each attention unit by its parameter cost when placing the
+  threshold; here the threshold is bisected against the real cost model, which
+  counts every unit's parameters exactly.
+* Which heads/channels are kept inside a layer follows the pruner's importance
+  order (candidates keep a prefix), not FLAP's score; FLAP only sets the widths.
+* No bias compensation: FLAP adds ``mean(x_removed) @ W_removed^T`` as a new
+  ``o_proj`` / ``down_proj`` bias. Llama-family blocks have no such bias, and a
+  candidate (and its export, which must stay a standard checkpoint whose
+  parameter count equals the cost model's) has no place for one.
 """
 
 from __future__ import annotations
@@ -217,9 +238,10 @@ def sleb(
 def flap_scores(pruner: Any, calib_ids: Any, *, batch_size: int = 8) -> dict[str, Any]:
     """Per-layer fluctuation scores ``var(x_j) * ||W[:, j]||^2`` of ``o_proj`` and ``down_proj`` inputs.
 
-    Returns ``{"head": [L, heads] (summed over head_dim, in the live model's
-    head order), "channel": [L, intermediate], "tokens": int}``. The model must
-    be dense (the pruner is reverted first).
+    Returns ``{"head_channel": [L, heads * head_dim] (per ``o_proj`` input
+    channel), "head": [L, heads] (summed over head_dim), "channel": [L,
+    intermediate], "tokens": int}``, all in the live model's head/channel order.
+    The model must be dense (the pruner is reverted first).
     """
     import torch
 
@@ -252,7 +274,7 @@ def flap_scores(pruner: Any, calib_ids: Any, *, batch_size: int = 8) -> dict[str
     finally:
         for h in hooks:
             h.remove()
-    heads, channels = [], []
+    heads, head_channels, channels = [], [], []
     hd = spec.head_dim
     with torch.no_grad():
         for i, layer in enumerate(layers):
@@ -264,10 +286,11 @@ def flap_scores(pruner: Any, calib_ids: Any, *, batch_size: int = 8) -> dict[str
                 col = w.detach().double().pow(2).sum(0).cpu()
                 score = var * col
                 if key == "o":
+                    head_channels.append(score)
                     score = score.reshape(-1, hd).sum(-1)
                 out.append(score)
-    return {"head": torch.stack(heads).numpy(), "channel": torch.stack(channels).numpy(),
-            "tokens": int(calib_ids.numel())}
+    return {"head": torch.stack(heads).numpy(), "head_channel": torch.stack(head_channels).numpy(),
+            "channel": torch.stack(channels).numpy(), "tokens": int(calib_ids.numel())}
 
 
 def _standardize(x: np.ndarray) -> np.ndarray:
@@ -297,34 +320,39 @@ def flap(
 ) -> Candidate:
     """FLAP-style non-uniform widths meeting the budget.
 
-    Scores (see :func:`flap_scores`) are standardized within each layer and
-    module (attention units, MLP channels); one global threshold ``t`` keeps, in
-    every layer, the units whose standardized score exceeds ``t``; the counts
-    are rounded up to the space's levels, and ``t`` is the smallest threshold
-    whose candidate meets every budget (bisection). Attention units follow the
-    space: KV groups (sum of their heads) or query heads per group (the r-th
-    best head of every group, averaged). Sparsity genes stay at level 0; if the
-    widths alone cannot meet the budget the candidate is repaired.
+    Channel scores (see :func:`flap_scores`; ``o_proj`` ones squared, as in
+    FLAP) are standardized per layer over the channels of each module; an
+    attention unit scores the mean standardized score of its ``o_proj`` input
+    channels. One global threshold ``t`` keeps, in every layer, the units whose
+    score exceeds ``t``; the counts are rounded up to the space's levels, and
+    ``t`` is the smallest threshold whose candidate meets every budget
+    (bisection). Attention units follow the space: KV groups (all channels of
+    the group's query heads) or query heads per group (the r-th best head of
+    every group, averaged). Sparsity genes stay at level 0; if the widths alone
+    cannot meet the budget the candidate is repaired. See the module docstring
+    for the differences from FLAP (no bias compensation).
     """
     if scores is None:
         if calib_ids is None:
             raise ValueError("flap: pass calib_ids (or precomputed scores=flap_scores(...)).")
         scores = flap_scores(pruner, calib_ids, batch_size=batch_size)
     spec = space.spec
-    head = np.asarray(scores["head"], dtype=float)
+    if "head_channel" not in scores:
+        raise ValueError("flap: scores lack 'head_channel' (made by an older evoprune); recompute them with flap_scores.")
+    head_channel = np.asarray(scores["head_channel"], dtype=float)
     chan = np.asarray(scores["channel"], dtype=float)
     attn_genes = {g.layer: g for g in space.genes_of_kind("attn")}
     mlp_genes = {g.layer: g for g in space.genes_of_kind("mlp")}
     if not attn_genes and not mlp_genes:
         raise ValueError("flap allocates widths: build the space with attention widths and/or mlp=True.")
     G, Q = spec.num_kv_heads, spec.q_per_kv
+    z_head = _standardize(head_channel ** 2).reshape(spec.num_layers, G, Q, -1).mean(-1)  # [L, G, Q]
     if space.attention == "kv_groups":
-        units = head.reshape(spec.num_layers, G, Q).sum(-1)
+        z_attn = z_head.mean(-1)
     elif space.attention == "q_per_group":
-        units = -np.sort(-head.reshape(spec.num_layers, G, Q), axis=-1).mean(axis=1)
+        z_attn = -np.sort(-z_head, axis=-1).mean(axis=1)
     else:
-        units = np.zeros((spec.num_layers, 1))
-    z_attn = _standardize(units)
+        z_attn = np.zeros((spec.num_layers, 1))
     z_mlp = _standardize(chan)
     pool = []
     if attn_genes:

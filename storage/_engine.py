@@ -37,6 +37,9 @@ __all__ = [
     "DEFAULT_GRACE_PERIOD",
     "DEFAULT_HEARTBEAT_INTERVAL",
     "SQLITE_BUSY_TIMEOUT_S",
+    "StorageError",
+    "StorageNotFoundError",
+    "check_storage",
     "default_storage_url",
     "normalize_url",
     "open_rdb_storage",
@@ -90,6 +93,123 @@ def redact_url(url: str) -> str:
         return sa.engine.make_url(url).render_as_string(hide_password=True)
     except Exception:  # pragma: no cover - unparsable: show only the scheme
         return url.split("://", 1)[0] + "://..."
+
+
+class StorageError(RuntimeError):
+    """The storage URL cannot be used: no server answers, the database or file does not exist,
+    the file is not a SQLite database, ... The message is one line and never shows a password."""
+
+
+class StorageNotFoundError(StorageError):
+    """There is no study database at the URL (no SQLite file, or a database without Optuna's tables)."""
+
+
+def _scrub(text: str, url: str) -> str:
+    """``text`` without the password of ``url`` (driver messages may echo the URL)."""
+    try:
+        password = sa.engine.make_url(url).password
+    except Exception:  # pragma: no cover - unparsable URL
+        password = None
+    return text.replace(str(password), "***") if password else text
+
+
+def describe_db_error(url: str, exc: BaseException) -> str:
+    """One line for a driver error on ``url``: what failed and what to check (no password)."""
+    orig = getattr(exc, "orig", None) or exc
+    lines = [ln.strip() for ln in str(orig).splitlines() if ln.strip()]
+    reason = lines[0] if lines else type(orig).__name__
+    if len(reason) > 300:
+        reason = reason[:300] + "..."
+    lower = str(orig).lower()
+    if "does not exist" in lower or "unknown database" in lower:
+        hint = "create the database first (CREATE DATABASE ...) or fix its name in --storage"
+    elif "resolve" in lower or "name or service not known" in lower or "nodename" in lower:
+        hint = "the host name does not resolve; fix the host in --storage"
+    elif "refused" in lower or "can't connect" in lower or "timeout" in lower or "timed out" in lower:
+        hint = "is the database server running and listening on that host and port?"
+    elif "password" in lower or "access denied" in lower or "authentication" in lower:
+        hint = "check the user name and password"
+    else:
+        hint = "check --storage"
+    return _scrub(f"cannot open the study database {redact_url(url)}: {reason} ({hint}).", url)
+
+
+_SQLITE_MAGIC = b"SQLite format 3\x00"
+
+
+def sqlite_readonly_uri(path: str | os.PathLike[str]) -> str:
+    """A ``file:`` URI that opens the SQLite file ``path`` read-only (never creates it).
+
+    >>> sqlite_readonly_uri("/tmp/a b?.db")
+    'file:/tmp/a%20b%3F.db?mode=ro'
+    """
+    from urllib.parse import quote
+
+    return f"file:{quote(os.fspath(path))}?mode=ro"
+
+
+def check_storage(url: str | os.PathLike[str], *, existing: bool) -> str:
+    """Check ``url`` without writing anything and return it normalized (:func:`normalize_url`).
+
+    A SQLite path must not be a folder, and a file there must be a SQLite database; other
+    databases must answer. With ``existing`` the study database must already be there: the
+    SQLite file exists and the database holds Optuna's tables (read-only commands never create a
+    file, a folder or a table).
+
+    Raises:
+        StorageError: with a one-line message that says what to fix.
+    """
+    import sqlite3
+
+    url = normalize_url(url)
+    hint = "`evoprune search CONFIG --storage URL` creates one"
+    if _is_sqlite(url):
+        path = _sqlite_file(url)
+        if path is None:
+            if existing:
+                raise StorageError("an in-memory SQLite database holds no study; give a file: sqlite:///FILE.db.")
+            return url
+        p = Path(path)
+        if p.is_dir():
+            raise StorageError(f"storage {p} is a folder, not a database file; give a file such as "
+                               f"sqlite:///{p / 'study.db'}.")
+        if p.exists():
+            with open(p, "rb") as fh:
+                head = fh.read(len(_SQLITE_MAGIC))
+            if head and head != _SQLITE_MAGIC:
+                raise StorageError(f"{p} is not a SQLite database (a config file?); --storage takes a database "
+                                   "URL such as sqlite:///study.db or postgresql://USER@HOST/DB.")
+        elif existing:
+            raise StorageNotFoundError(f"no study database at {p}; check --storage ({hint}).")
+        if not existing:
+            return url
+        try:
+            raw = sqlite3.connect(sqlite_readonly_uri(p), uri=True, timeout=SQLITE_BUSY_TIMEOUT_S)
+            try:
+                found = raw.execute("SELECT 1 FROM sqlite_master WHERE type = 'table' AND name = 'studies'"
+                                    ).fetchone() is not None
+            finally:
+                raw.close()
+        except sqlite3.DatabaseError as exc:
+            raise StorageError(f"cannot read {p} as a SQLite database ({exc}); check --storage.") from None
+        if not found:
+            raise StorageNotFoundError(f"{p} is not a study database (no Optuna tables); check --storage ({hint}).")
+        return url
+    engine = sa.create_engine(url, poolclass=sa.pool.NullPool)
+    try:
+        with engine.connect() as conn:
+            found = sa.inspect(conn).has_table("studies")
+    except sa_exc.DBAPIError as exc:
+        raise StorageError(describe_db_error(url, exc)) from None
+    except ImportError as exc:
+        raise StorageError(f"no database driver for {redact_url(url)}: {exc}; pip install 'evoprune[postgres]' "
+                           "or 'evoprune[mysql]'.") from None
+    finally:
+        engine.dispose()
+    if existing and not found:
+        raise StorageNotFoundError(f"{redact_url(url)} holds no study database (no Optuna tables); check --storage "
+                                   f"({hint}).")
+    return url
 
 
 def default_storage_url(config_path: str | os.PathLike[str] | None) -> str:
@@ -158,6 +278,7 @@ def open_rdb_storage(
     url = normalize_url(url)
     kwargs = dict(engine_kwargs or {})
     if _is_sqlite(url):
+        check_storage(url, existing=False)  # a folder or a non-SQLite file: one clear error
         path = _sqlite_file(url)
         if path is not None:
             Path(path).parent.mkdir(parents=True, exist_ok=True)
@@ -173,12 +294,15 @@ def open_rdb_storage(
         kwargs.setdefault("pool_pre_ping", True)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
-        storage = optuna.storages.RDBStorage(
-            url,
-            engine_kwargs=kwargs,
-            heartbeat_interval=heartbeat_interval,
-            grace_period=grace_period,
-        )
+        try:
+            storage = optuna.storages.RDBStorage(
+                url,
+                engine_kwargs=kwargs,
+                heartbeat_interval=heartbeat_interval,
+                grace_period=grace_period,
+            )
+        except sa_exc.DBAPIError as exc:
+            raise StorageError(describe_db_error(url, exc)) from None
     configure_sqlite_engine(storage.engine)
     return storage
 

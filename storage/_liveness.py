@@ -48,7 +48,7 @@ from ._values import CREATOR_ATTR, naive
 if TYPE_CHECKING:
     from ._database import StudyDatabase
 
-__all__ = ["FAIL_REASON_ATTR", "Heartbeat", "ReapReport", "RunningTrial", "WorkersMixin", "reap"]
+__all__ = ["FAIL_REASON_ATTR", "Heartbeat", "ReapReport", "RunningTrial", "WorkersMixin", "reap", "stop_own"]
 
 _log = get_logger("storage.liveness")
 
@@ -283,9 +283,6 @@ class ReapReport:
 
 def reap(db: StudyDatabase, storage: Any, *, grace_period: float) -> ReapReport:
     """Fail the RUNNING trials of dead workers and release their claims (see module docs)."""
-    import optuna
-    from optuna.trial import TrialState
-
     report = ReapReport()
     workers = db.worker_liveness(grace_period)
     dead = {owner for owner, alive in workers if not alive}
@@ -298,21 +295,44 @@ def reap(db: StudyDatabase, storage: Any, *, grace_period: float) -> ReapReport:
             continue
         if who is not None and who in dead:
             to_fail.append((t.trial_id, t.number, f"worker {who} died"))
+        elif who is not None and who in stopped and (t.heartbeat_age is None or t.heartbeat_age > grace_period):
+            to_fail.append((t.trial_id, t.number, f"worker {who} stopped without finishing it"))
         elif t.heartbeat_age is not None and t.heartbeat_age > grace_period:
             to_fail.append((t.trial_id, t.number, f"no heartbeat for more than {grace_period:g} s"))
         elif who is None and alive == {db.owner.name} and (t.age is None or t.age > grace_period):
             to_fail.append((t.trial_id, t.number, "orphaned: asked by a process that is gone"))
-    for trial_id, number, reason in to_fail:
-        try:
-            # Optuna refuses attributes on finished trials, so the reason goes first.
-            storage.set_trial_system_attr(trial_id, FAIL_REASON_ATTR, reason)
-            if storage.set_trial_state_values(trial_id, state=TrialState.FAIL):
-                report.failed_trials.append(number)
-                _log.warning("failed stale trial %d: %s", number, reason, extra={"fields": {"study": db.study_name}})
-        except optuna.exceptions.UpdateFinishedTrialError:
-            pass  # finished or failed by someone else meanwhile
+    report.failed_trials = _fail_trials(storage, to_fail, db.study_name)
     db.mark_workers_dead(dead, "presumed dead (no heartbeat or process gone)")
     report.dead_workers = sorted(dead)
     # a stopped worker (finished, interrupted or crashed) holds nothing: its claims without a trial go too
     report.released_claims = db.release_claims_of_failed_trials() + db.release_claims_of(dead | stopped)
     return report
+
+
+def stop_own(db: StudyDatabase, storage: Any, reason: str) -> list[int]:
+    """This process stops working on the study: fail the RUNNING trials it created or owns (an
+    interrupted evaluation), release their claims and the ones it holds without a trial, mark its
+    worker row stopped with ``reason``. Returns the numbers of the trials it failed."""
+    mine = [(t.trial_id, t.number, f"its worker stopped: {reason}") for t in db.running_trials()
+            if (t.owner or t.creator) == db.owner.name]
+    failed = _fail_trials(storage, mine, db.study_name)
+    db.release_claims_of_failed_trials()
+    db.stop_worker(reason)
+    return failed
+
+
+def _fail_trials(storage: Any, to_fail: list[tuple[int, int, str]], study_name: str) -> list[int]:
+    import optuna
+    from optuna.trial import TrialState
+
+    failed = []
+    for trial_id, number, reason in to_fail:
+        try:
+            # Optuna refuses attributes on finished trials, so the reason goes first.
+            storage.set_trial_system_attr(trial_id, FAIL_REASON_ATTR, reason)
+            if storage.set_trial_state_values(trial_id, state=TrialState.FAIL):
+                failed.append(number)
+                _log.warning("failed stale trial %d: %s", number, reason, extra={"fields": {"study": study_name}})
+        except optuna.exceptions.UpdateFinishedTrialError:
+            pass  # finished or failed by someone else meanwhile
+    return failed

@@ -42,6 +42,8 @@ MODULES = (
     "evoprune.storage._tables",
     "evoprune._fingerprint",
     "evoprune._paths",
+    "evoprune._stop",
+    "evoprune.pruning._auto",
 )
 
 

@@ -169,3 +169,77 @@ def test_crashed_workers_claims_are_released_and_check_reports_stranded_ones(sto
     quitter.stop_worker("crashed")
     assert study.db.claims()[keys[1]]["status"] == "released"
     study.close()
+
+
+@pytest.mark.parametrize("backend", ["sqlite", "postgresql"])
+def test_sigterm_stops_cleanly_and_a_second_signal_aborts(backend, tmp_path):
+    """B8: SIGTERM mid-evaluation fails the running trials, releases every claim and marks the worker
+    stopped at once (no grace period to wait out), exit 143 with one line; resume continues."""
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    import sqlalchemy as sa
+    from test_storage_backends import make_storage_url
+    from test_storage_resume import CONFIG, _counts
+
+    from evoprune import load_study
+    from evoprune.storage._engine import normalize_url
+
+    url, drop = make_storage_url(backend, tmp_path)
+    cfg = tmp_path / "tiny.yaml"
+    cfg.write_text(CONFIG)
+    env = dict(os.environ, EVOPRUNE_LOG_LEVEL="WARNING", OMP_NUM_THREADS="1")
+    watcher = sa.create_engine(normalize_url(url))
+    try:
+        for name, signals in (("term", [signal.SIGTERM]), ("twice", [signal.SIGTERM, signal.SIGTERM])):
+            watcher.dispose()  # a fresh connection per phase (SQLite: no stale read snapshot)
+            watcher = sa.create_engine(normalize_url(url))
+            proc = subprocess.Popen(
+                [sys.executable, "-m", "evoprune", "search", str(cfg), "--storage", url, "--study", name,
+                 "--generations", "50", "--heartbeat", "30", "--grace", "600"],
+                env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+            deadline = time.monotonic() + 300
+            while True:  # freeze it while a trial is RUNNING, then signal: the state signalled is the state seen
+                assert proc.poll() is None, proc.stderr.read().decode()[-3000:]
+                assert time.monotonic() < deadline, "no trial started in 300 s"
+                if _counts(watcher).get("COMPLETE", 0) >= 1:
+                    os.kill(proc.pid, signal.SIGSTOP)
+                    if _counts(watcher).get("RUNNING", 0) >= 1:
+                        break
+                    os.kill(proc.pid, signal.SIGCONT)
+                time.sleep(0.02)
+            for sig in signals:
+                os.kill(proc.pid, sig)
+                if len(signals) > 1:
+                    os.kill(proc.pid, signal.SIGCONT)
+                    time.sleep(0.05)
+            os.kill(proc.pid, signal.SIGCONT)
+            _, err = proc.communicate(timeout=120)
+            err = err.decode()
+            # the second signal exits at once (143 from our handler, or -15 once the handlers are gone)
+            assert proc.returncode in ((128 + signal.SIGTERM,) if len(signals) == 1
+                                       else (128 + signal.SIGTERM, -signal.SIGTERM)), err[-3000:]
+            if len(signals) == 1:
+                assert "Traceback" not in err and "stopped by SIGTERM" in err, err[-3000:]
+                study = load_study(storage=url, study_name=name)
+                assert _counts(watcher).get("RUNNING", 0) == 0  # failed at once, not after --grace 600
+                assert not [c for c in study.db.claims().values() if c["status"] == "claimed"
+                            and (c["trial_id"] is None or study.storage.get_trial(c["trial_id"]).state
+                                 == TrialState.FAIL)]
+                (w,) = study.db.workers()
+                assert w["stopped_at"] is not None and "SIGTERM" in w["stop_reason"]
+                assert study.check() == []
+                study.close()
+        # the second signal aborted without cleaning up: the next start recovers (process gone)
+        from evoprune._cli import main
+
+        assert main(["resume", "--storage", url, "--study", "twice", "--generations", "1"]) == 0
+        study = load_study(storage=url, study_name="twice")
+        assert _counts(watcher).get("RUNNING", 0) == 0 and study.check() == []
+        study.close()
+    finally:
+        watcher.dispose()
+        drop()
