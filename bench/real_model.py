@@ -308,7 +308,7 @@ def main(argv: list[str] | None = None) -> int:
     args = ap.parse_args(argv)
     t_start = start(args)
     space = {"attention": None, "mlp": False, "drop_blocks": True} if args.experiment == "1" else \
-        {"attention": "kv_groups", "mlp_step": 64, "drop_blocks": True}
+        {"attention": "kv_groups", "mlp_step": 64}
     rt = build_runtime(_config(args, space))
     args.fp32_bytes = sum(p.numel() for p in rt.model.parameters()) * 4
     tasks = tempfile.TemporaryDirectory(prefix="evoprune-bench-tasks-")

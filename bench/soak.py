@@ -200,7 +200,7 @@ def _database(server: str, kind: str):
     from evoprune.storage import normalize_url
 
     base = sa.engine.make_url(normalize_url(server))
-    admin = sa.create_engine(base, isolation_level="AUTOCOMMIT")
+    admin = sa.create_engine(base, isolation_level="AUTOCOMMIT", poolclass=sa.pool.NullPool)
     name = f"evoprune_soak_{uuid.uuid4().hex[:8]}"
     with admin.connect() as c:
         c.execute(sa.text(f"CREATE DATABASE {name}"))

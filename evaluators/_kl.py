@@ -108,6 +108,20 @@ def _vocab_of(model: torch.nn.Module) -> int:
     return int(vocab)
 
 
+#: Working-memory bound of one KL forward's fp32 logits; larger batches are split (large vocabularies).
+LOGITS_BYTES_PER_FORWARD = 64 * 2**20
+
+
+def _logit_batch(bs: int, seq_len: int, model: torch.nn.Module) -> int:
+    """``bs`` capped so one forward's ``[bs, seq_len, vocab]`` fp32 logits stay within
+    :data:`LOGITS_BYTES_PER_FORWARD` (SmolLM2, seq_len 128: 2 sequences of 25 MiB; small vocabularies: ``bs``)."""
+    try:
+        per_seq = int(seq_len) * _vocab_of(model) * 4
+    except ValueError:
+        return bs
+    return max(1, min(bs, LOGITS_BYTES_PER_FORWARD // per_seq))
+
+
 def _remember(mem: dict, key: Any, ref: "DenseReference", limit: int) -> None:
     """Put ``ref`` in the LRU memory cache ``mem``, dropping the oldest entries to stay within ``limit`` bytes."""
     mem.pop(key, None)
@@ -327,7 +341,7 @@ def dense_reference(
             "full" if top_k is None else f"top-{top_k}",
             reference_nbytes(tokens.num_tokens, vocab, top_k) / 2**20,
         )
-    bs = batch_size or context.batch_size
+    bs = _logit_batch(batch_size or context.batch_size, tokens.seq_len, model)
     parts: list[DenseReference] = []
     was_training = model.training
     if was_training:
@@ -376,10 +390,12 @@ class KLToDense:
             top-:data:`AUTO_TOP_K` (:func:`resolve_top_k`).
         max_cache_bytes: bound of the in-memory dense references (default
             :func:`cache_bytes_limit`: ``$EVOPRUNE_DENSE_CACHE_BYTES`` or 2 GiB).
-        batch_size: sequences per forward pass (default ``context.batch_size``);
-            use the same value for ``prepare`` and ``evaluate``. Peak working
-            memory is about ``2 * batch_size * seq_len * vocab * 4`` bytes (the
-            fp32 logits and one reused product buffer).
+        batch_size: sequences per forward pass (default ``context.batch_size``),
+            lowered so one forward's fp32 logits stay within
+            :data:`LOGITS_BYTES_PER_FORWARD` (64 MiB); use the same value for
+            ``prepare`` and ``evaluate``. Peak working memory is about
+            ``2 * batch_size * seq_len * vocab * 4`` bytes (the fp32 logits and
+            one reused product buffer).
         num_tokens, seq_len: draw an own token set for the current stage instead
             of using the stage's ``context.tokens``.
 
@@ -453,7 +469,7 @@ class KLToDense:
             )
         start = time.perf_counter()
         device = context.device_for(model)
-        bs = self.batch_size or context.batch_size
+        bs = _logit_batch(self.batch_size or context.batch_size, tokens.seq_len, model)
         per_seq: list[torch.Tensor] = []
         # On CPU a fresh [batch, seq_len, vocab] buffer costs page faults on every call; keep one.
         buf = context.shared.get("kl_buffer") if device.type == "cpu" else None

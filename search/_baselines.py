@@ -371,17 +371,25 @@ def flap(
 
     if not space.budget:
         raise ValueError("flap needs a budget to allocate widths against (e.g. Budget(metric='params', max_ratio=0.5)).")
+    bounds = space.budget_bounds()
+
+    def under_caps(c: Candidate) -> bool:  # monotone in t (a lower bound is not: check it last)
+        return all(hi is None or space.cost(c, metric) <= hi for metric, _lo, hi in bounds)
+
     lo, hi = 0, len(thresholds) - 1
-    if not space.satisfies_budget(candidate_at(thresholds[hi])):
+    if not under_caps(candidate_at(thresholds[hi])):
         cand = candidate_at(thresholds[hi])
         _log.warning("flap: widths alone miss the budget; repairing")
         return space.repair(cand, np.random.default_rng(0))
-    while lo < hi:  # smallest threshold index whose candidate meets the budget
+    while lo < hi:  # smallest threshold index whose candidate stays under every upper bound
         mid = (lo + hi) // 2
-        if space.satisfies_budget(candidate_at(thresholds[mid])):
+        if under_caps(candidate_at(thresholds[mid])):
             hi = mid
         else:
             lo = mid + 1
     cand = candidate_at(thresholds[lo])
+    if not space.satisfies_budget(cand):  # below a lower bound (or another budget): the nearest valid one
+        _log.warning("flap: the allocation misses a lower budget bound; repairing")
+        cand = space.repair(cand, np.random.default_rng(0))
     _log.info("flap", extra={"fields": {"threshold": float(thresholds[lo]), "tokens": scores.get("tokens", 0)}})
     return cand

@@ -33,6 +33,10 @@ import sqlalchemy as sa
 from sqlalchemy import event
 from sqlalchemy import exc as sa_exc
 
+from .._logging import get_logger
+
+_log = get_logger("storage.engine")
+
 __all__ = [
     "DEFAULT_GRACE_PERIOD",
     "DEFAULT_HEARTBEAT_INTERVAL",
@@ -295,7 +299,7 @@ def open_rdb_storage(
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
         try:
-            storage = optuna.storages.RDBStorage(
+            storage = _reconnecting_storage_class()(
                 url,
                 engine_kwargs=kwargs,
                 heartbeat_interval=heartbeat_interval,
@@ -311,6 +315,84 @@ def open_rdb_storage(
 
 #: Driver messages of lock conflicts that succeed when the transaction is simply run again.
 _TRANSIENT = ("database is locked", "deadlock", "lock wait timeout", "could not serialize", "busy")
+
+#: Driver messages of a connection that was lost or refused while the server restarts.
+_CONNECTION_LOST = (
+    "terminating connection", "server closed the connection", "connection refused", "shutting down",
+    "starting up", "could not connect", "connection failed", "lost connection", "gone away", "can't connect",
+    "connection reset", "connection is closed", "consuming input failed", "connection not open",
+    "in recovery mode",
+)
+
+#: How long a database call keeps trying while the server is unreachable (a restart, a failover)
+#: before the error reaches the caller.
+RECONNECT_SECONDS = 90.0
+
+
+def is_connection_lost(exc: BaseException) -> bool:
+    """Did ``exc`` (or the driver error it wraps, e.g. in Optuna's ``StorageInternalError``) come
+    from a lost or refused server connection?
+
+    >>> is_connection_lost(sa_exc.OperationalError("SELECT 1", {}, Exception("server closed the connection")))
+    True
+    >>> is_connection_lost(sa_exc.OperationalError("SELECT 1", {}, Exception("no such table: trials")))
+    False
+    """
+    seen: BaseException | None = exc
+    for _ in range(8):
+        if seen is None:
+            return False
+        if isinstance(seen, sa_exc.DBAPIError):
+            if seen.connection_invalidated:
+                return True
+            text = str(getattr(seen, "orig", seen)).lower()
+            return any(s in text for s in _CONNECTION_LOST)
+        seen = seen.__cause__ or seen.__context__
+    return False
+
+
+def call_reconnecting(fn: Callable[..., T], *args: Any, **kwargs: Any) -> T:
+    """``fn(*args, **kwargs)``, called again (with backoff, for up to :data:`RECONNECT_SECONDS`) while
+    it fails because the database server cannot be reached; other errors pass through at once."""
+    deadline = time.monotonic() + RECONNECT_SECONDS
+    delay = 0.25
+    while True:
+        try:
+            return fn(*args, **kwargs)
+        except Exception as exc:
+            if not is_connection_lost(exc) or time.monotonic() + delay > deadline:
+                raise
+            _log.warning("database connection lost; retrying in %.2g s (%s)", delay,
+                         str(getattr(exc, "orig", exc)).strip().splitlines()[0][:200] if str(exc).strip() else "")
+            time.sleep(delay)
+            delay = min(2.0, delay * 2)
+
+
+_RECONNECTING: Any = None
+
+
+def _reconnecting_storage_class() -> Any:
+    """A subclass of Optuna's ``RDBStorage`` whose public methods ride through a server restart
+    (:func:`call_reconnecting`): a worker keeps its trials when PostgreSQL or MySQL restarts under it."""
+    global _RECONNECTING
+    if _RECONNECTING is None:
+        import functools
+
+        import optuna
+
+        base = optuna.storages.RDBStorage
+
+        def wrap(fn: Callable[..., Any]) -> Callable[..., Any]:
+            @functools.wraps(fn)
+            def method(*args: Any, **kwargs: Any) -> Any:
+                return call_reconnecting(fn, *args, **kwargs)
+
+            return method
+
+        methods = {name: wrap(fn) for name, fn in vars(base).items()
+                   if not name.startswith("_") and callable(fn) and not isinstance(fn, (staticmethod, classmethod))}
+        _RECONNECTING = type("ReconnectingRDBStorage", (base,), {**methods, "__module__": __name__})
+    return _RECONNECTING
 
 
 def is_transient(exc: BaseException, *, conflicts: bool = False) -> bool:
@@ -348,12 +430,21 @@ def run_transaction(engine: sa.Engine, fn: Callable[[sa.Connection], T], *, atte
     >>> run_transaction(engine, lambda conn: conn.execute(sa.text("SELECT 1 + 1")).scalar())
     2
     """
-    for attempt in range(attempts):
+    attempt, reconnect_until, delay = 0, None, 0.25
+    while True:
         try:
             with engine.begin() as conn:
                 return fn(conn)
         except sa_exc.DBAPIError as exc:
-            if attempt + 1 >= attempts or not is_transient(exc, conflicts=retry_conflicts):
+            if is_connection_lost(exc):  # the server restarts: wait for it, without spending an attempt
+                reconnect_until = reconnect_until or time.monotonic() + RECONNECT_SECONDS
+                if time.monotonic() + delay > reconnect_until:
+                    raise
+                _log.warning("database connection lost; retrying in %.2g s", delay)
+                time.sleep(delay)
+                delay = min(2.0, delay * 2)
+                continue
+            attempt += 1
+            if attempt >= attempts or not is_transient(exc, conflicts=retry_conflicts):
                 raise
-            time.sleep(min(2.0, 0.05 * 2**attempt) * (0.5 + random.random()))
-    raise AssertionError("unreachable")  # pragma: no cover
+            time.sleep(min(2.0, 0.05 * 2 ** (attempt - 1)) * (0.5 + random.random()))
