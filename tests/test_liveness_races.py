@@ -243,3 +243,52 @@ def test_sigterm_stops_cleanly_and_a_second_signal_aborts(backend, tmp_path):
     finally:
         watcher.dispose()
         drop()
+
+
+class _CrashingRecorder(ReapingRecorder):
+    """The study's recorder, raising (a bug, a lost database) on the n-th candidate it records."""
+
+    def __init__(self, inner, n):
+        super().__init__(inner, [])
+        self.n = n
+
+    def record_candidate(self, tid, candidate, *, source="sampler"):
+        self.n -= 1
+        if self.n == 0:
+            raise RuntimeError("injected crash while starting a generation's trials")
+        return self.inner.record_candidate(tid, candidate, source=source)
+
+
+def test_crash_while_starting_a_generation_strands_nothing_and_replay_reruns_it(storage_url, caplog):
+    """B3 + replay: a worker that crashes (an exception, not a kill) after claiming a generation but
+    before creating all its trials fails the trials it made and releases every claim when it stops; the
+    resumed search replays the generation and evaluates all of it -- nothing is left unclaimable (the
+    reuse of finished trials in a replay is tested in test_search_driver)."""
+    import logging
+
+    from evoprune import load_study
+
+    cfg = tiny_study_config(sampler={"name": "evolutionary", "options": {"offspring": 6}})
+    study = create_study(cfg, storage=storage_url, study_name="crash")
+    runtime = study.build_runtime()
+    study.run(n_generations=1, runtime=runtime)
+    study.recorder = _CrashingRecorder(study.recorder, n=4)
+    with pytest.raises(RuntimeError, match="injected crash"):
+        study.run(n_generations=1, runtime=runtime, retry_failed=False)
+    claims = study.db.claims()
+    assert not [k for k, c in claims.items() if c["status"] == "claimed" and c["trial_id"] is None]
+    assert study.check() == []
+    (w,) = study.db.workers()
+    assert w["stopped_at"] is not None and w["stop_reason"] == "crashed"
+    study.close()
+
+    again = load_study(storage=storage_url, study_name="crash")
+    with caplog.at_level(logging.INFO, logger="evoprune"):
+        stats = again.run(n_generations=1, runtime=runtime)
+    replay = [r for r in caplog.records if r.getMessage().startswith("replaying an interrupted generation")]
+    assert replay and replay[0].fields["not_claimable"] == 0, [r.fields for r in replay]
+    assert stats.generations == 1
+    states = {t.state for t in again.trials()}
+    assert TrialState.RUNNING not in states
+    assert again.check() == []
+    again.close()
