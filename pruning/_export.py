@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import copy
 import os
+import shutil
 from pathlib import Path
 from typing import Any
 
@@ -241,14 +242,41 @@ class ExportMixin:
         (written explicitly for every block), and ``num_hidden_layers`` counts the kept blocks.
         """
         path = Path(path)
-        path.mkdir(parents=True, exist_ok=True)
+        if path.exists() and (not path.is_dir() or any(path.iterdir())):
+            raise FileExistsError(f"{path} exists and is not an empty folder; choose a new export folder.")
         model = self.materialize(candidate)
-        with quiet_heterogeneous_warnings():
-            model.save_pretrained(path, **save_kwargs)
-        if tokenizer is not None:
-            tokenizer.save_pretrained(path)
-        del model
+        # Written into a sibling folder and renamed when complete: a full disk or a kill mid-write
+        # leaves no half-written export behind (the partial folder is removed, or has a .partial name).
+        path.parent.mkdir(parents=True, exist_ok=True)
+        partial = path.with_name(f".{path.name}.partial-{os.getpid()}")
+        shutil.rmtree(partial, ignore_errors=True)
+        try:
+            with quiet_heterogeneous_warnings():
+                model.save_pretrained(partial, **save_kwargs)
+            if tokenizer is not None:
+                tokenizer.save_pretrained(partial)
+            if path.exists():
+                path.rmdir()  # the empty folder the caller made
+            os.replace(partial, path)
+        except BaseException as exc:
+            shutil.rmtree(partial, ignore_errors=True)
+            if _is_disk_full(exc):
+                raise OSError(f"could not write the export to {path}: {str(exc).strip()}; free disk space or "
+                              "choose another folder (nothing was written).") from exc
+            raise
+        finally:
+            del model
         return path
+
+
+def _is_disk_full(exc: BaseException) -> bool:
+    """A write that failed for lack of space (ENOSPC, EDQUOT, EFBIG), also as safetensors reports it."""
+    import errno
+
+    if isinstance(exc, OSError) and exc.errno in (errno.ENOSPC, errno.EDQUOT, errno.EFBIG):
+        return True
+    text = str(exc).lower()
+    return any(s in text for s in ("no space left", "file too large", "disk quota"))
 
 
 def _uniform_widths(candidate: Candidate) -> tuple[int, int, int] | None:

@@ -77,6 +77,7 @@ from .. import _stop
 from .._logging import get_logger
 from .._optuna_private import distribution_contains, study_id, study_storage, trial_id
 from ..space import Candidate, SearchSpace
+from ..storage._liveness import FAIL_REASON_ATTR
 from ..storage._values import CANDIDATE_KEY_ATTR, CREATOR_ATTR, DUPLICATE_OF_ATTR, INFEASIBLE_ATTR
 from ._generation import GenerationSampler
 from ._objectives import objective_source
@@ -479,17 +480,28 @@ class Searcher:
                 known=[e.stored for e in entries], min_promoted=min_final if batch else 0,
                 on_scored=scored, on_decided=decided,
             )
-        except BaseException:
+        except BaseException as exc:
+            oom = is_out_of_memory(exc)
             for e in entries:
                 if not e.done and e.trial is not None:
                     self.recorder.release(e.candidate.key)
                     try:
+                        if oom:
+                            study_storage(self.study).set_trial_system_attr(
+                                trial_id(e.trial), FAIL_REASON_ATTR, "out of memory while evaluating")
                         self.study.tell(e.trial, state=_state("FAIL"))
-                    except Exception as exc:  # the evaluation's own error is re-raised below
-                        _log.warning("could not fail trial %s after an error: %s", e.trial.number, exc)
+                    except Exception as tell_exc:  # the evaluation's own error is re-raised below
+                        _log.warning("could not fail trial %s after an error: %s", e.trial.number, tell_exc)
                     e.done = True
                     stats.failed += 1
-            raise
+            if not oom:
+                raise
+            # A candidate too large for this device fails (its claim released: retried up to the attempt
+            # limit, perhaps by a worker with more memory); the search goes on.
+            _free_device_memory()
+            _log.warning("out of memory while evaluating; the trials failed and the search goes on",
+                         extra={"fields": {"trials": [e.trial.number for e in entries if e.trial is not None],
+                                           "error": str(exc).splitlines()[0][:200] if str(exc) else ""}})
 
     def _values(self, entry: _Entry) -> list[float]:
         final = entry.stages[-1]
@@ -584,6 +596,32 @@ class Searcher:
             bar.set_postfix({f"best {self.objectives[0]}": f"{best:.5g}"}, refresh=False)
         else:
             bar.set_postfix({"front": len(self.study.best_trials)}, refresh=False)
+
+
+def is_out_of_memory(exc: BaseException) -> bool:
+    """Did ``exc`` come from running out of device or host memory (CUDA/MPS OOM, a failed CPU allocation)?
+
+    >>> is_out_of_memory(RuntimeError("DefaultCPUAllocator: can't allocate memory: you tried to allocate 8 GB"))
+    True
+    >>> is_out_of_memory(ValueError("shapes do not match"))
+    False
+    """
+    import torch
+
+    if isinstance(exc, getattr(torch, "OutOfMemoryError", ())) or isinstance(exc, MemoryError):
+        return True
+    text = str(exc).lower()
+    return isinstance(exc, RuntimeError) and ("out of memory" in text or "can't allocate memory" in text)
+
+
+def _free_device_memory() -> None:
+    import gc
+
+    import torch
+
+    gc.collect()
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
 
 
 def fixed_trial(study: Any, params: dict[str, Any], distributions: dict[str, Any], *,

@@ -149,3 +149,26 @@ def test_finetuned_wrapper_scores_the_finetuned_candidate(ref_data):
         assert kl.evaluate(model, cand, ctx).value == plain
         res = wrapped.evaluate(model, cand, ctx)
         assert res.value == tuned and "finetune" in res.details
+
+
+def test_finetune_stops_on_a_non_finite_loss_and_restores(ref_data):
+    """NaN/inf loss (here: a learning rate that blows the weights up) stops the fine-tune early, and
+    the model gets its exact weights back; the stage then scores a non-finite value (the trial fails)."""
+    import math
+
+    model = ref_data.model()
+    pruner = Pruner(model, calib(ref_data.eval_ids))
+    spec = pruner.spec
+    dense = _snapshot(model)
+    ctx = EvalContext(
+        eval_ids=ref_data.eval_ids, train_ids=ref_data.train_ids, data_fingerprint=ref_data.fingerprint,
+        cache_dir=False, pruner=pruner,
+    ).for_stage("s2", eval_tokens=1024, seq_len=128)
+    cand = candidate(spec, mlp=spec.intermediate_size // 2, kv=1, sparsity=0.5, drop=(2,))
+    with pruner.applied(cand):
+        applied = _snapshot(model)
+        with finetune(model, ctx, tokens=8192, lr=1e30, batch_size=8, max_grad_norm=None,
+                      verify="exact") as report:
+            assert report.steps < 8 and not math.isfinite(report.losses[-1])
+        _assert_same(model, applied)
+    _assert_same(model, dense)

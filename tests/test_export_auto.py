@@ -269,3 +269,41 @@ def test_register_auto_classes_is_public_and_idempotent():
     first = evoprune.register_auto_classes()
     assert set(first) >= {f"evoprune_{a}" for a in ARCHS}
     assert evoprune.register_auto_classes() == first
+
+
+def test_export_on_a_full_disk_leaves_nothing_and_says_what_to_do(tmp_path):
+    """A write that runs out of space (here: a file-size limit, EFBIG, in a subprocess) gives one clear
+    error and leaves no half-written folder; the same export then succeeds into the same folder."""
+    import subprocess
+    import sys
+    import textwrap
+
+    script = textwrap.dedent(f"""
+        import resource, sys
+        import torch
+        sys.path.insert(0, {str(Path(__file__).parent)!r})
+        from tiny_models import tiny_model
+        from evoprune.pruning import Pruner
+        from evoprune.space import SearchSpace
+        torch.manual_seed(0)
+        model = tiny_model("llama")
+        pruner = Pruner(model, torch.randint(3, 90, (2, 16)))
+        cand = SearchSpace.from_model(model.config).random(0)
+        out = {str(tmp_path / "export")!r}
+        resource.setrlimit(resource.RLIMIT_FSIZE, (4096, resource.RLIM_INFINITY))
+        try:
+            pruner.export(cand, out)
+        except OSError as exc:
+            print("ERROR", exc)
+        resource.setrlimit(resource.RLIMIT_FSIZE, (resource.RLIM_INFINITY, resource.RLIM_INFINITY))
+        import os
+        print("LEFT", sorted(os.listdir({str(tmp_path)!r})))
+        print("AGAIN", pruner.export(cand, out))
+    """)
+    r = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr[-3000:]
+    lines = dict(line.split(" ", 1) for line in r.stdout.splitlines() if line.split(" ", 1)[0] in
+                 ("ERROR", "LEFT", "AGAIN"))
+    assert "free disk space" in lines["ERROR"] and "nothing was written" in lines["ERROR"]
+    assert lines["LEFT"] == "[]"
+    assert (tmp_path / "export" / "config.json").is_file()

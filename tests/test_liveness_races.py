@@ -292,3 +292,39 @@ def test_crash_while_starting_a_generation_strands_nothing_and_replay_reruns_it(
     assert TrialState.RUNNING not in states
     assert again.check() == []
     again.close()
+
+
+def test_out_of_memory_fails_that_candidate_and_the_search_goes_on(runtime):
+    """A candidate whose evaluation runs out of memory fails (reason recorded, claim released for a
+    retry) and the worker keeps searching instead of crashing."""
+    from evoprune.search import OptunaRecorder
+
+    class OOMOnce:
+        name = "kl"
+        direction = "minimize"
+
+        def __init__(self):
+            self.inner, self.calls = KLToDense(name="kl"), 0
+
+        def prepare(self, model, context):
+            if hasattr(self.inner, "prepare"):
+                self.inner.prepare(model, context)
+
+        def evaluate(self, model, candidate, context):
+            self.calls += 1
+            if self.calls == 2:
+                raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 20.00 GiB")
+            return self.inner.evaluate(model, candidate, context)
+
+    rt = Runtime(model=runtime.model, space=runtime.space,
+                 pipeline=Pipeline([Stage(name="final", evaluators=[OOMOnce()], eval_tokens=128, seq_len=32)]),
+                 context=runtime.context, objectives=["kl"], pruner=runtime.pruner)
+    study = optuna.create_study(directions=rt.directions, sampler=optuna.samplers.RandomSampler(seed=0))
+    rec = OptunaRecorder(study)
+    stats = Searcher(rt, study, recorder=rec, progress=False).run(n_trials=4)
+    states = [t.state for t in study.trials]
+    assert stats.failed == 1 and states.count(TrialState.FAIL) == 1 and states.count(TrialState.COMPLETE) == 3
+    (failed,) = [t for t in study.trials if t.state == TrialState.FAIL]
+    assert failed.system_attrs["evoprune:fail_reason"] == "out of memory while evaluating"
+    assert rec.claim(failed.user_attrs["evoprune:candidate_key"])  # released: may be retried
+    assert not rt.pruner.is_applied
