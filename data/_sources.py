@@ -49,14 +49,36 @@ def token_stream(tokenizer: Any, texts: Sequence[str]) -> torch.Tensor:
     kwargs: dict[str, Any] = {"add_special_tokens": False}
     if isinstance(tokenizer, transformers.PreTrainedTokenizerBase):
         kwargs["verbose"] = False
-    encoded = tokenizer(list(texts), **kwargs)["input_ids"]
     eos = getattr(tokenizer, "eos_token_id", None)
-    stream: list[int] = []
-    for ids in encoded:
-        stream.extend(ids)
-        if eos is not None:
-            stream.append(int(eos))
-    return torch.tensor(stream, dtype=torch.long)
+    parts: list[torch.Tensor] = []
+    texts = list(texts)
+    for start in range(0, len(texts), _ENCODE_BATCH):  # a few documents at a time: bounded peak memory
+        stream: list[int] = []
+        for ids in tokenizer(texts[start:start + _ENCODE_BATCH], **kwargs)["input_ids"]:
+            stream.extend(ids)
+            if eos is not None:
+                stream.append(int(eos))
+        parts.append(torch.tensor(stream, dtype=torch.long))
+    return torch.cat(parts) if parts else torch.zeros(0, dtype=torch.long)
+
+
+#: Documents encoded per tokenizer call by :func:`token_stream`.
+_ENCODE_BATCH = 8
+
+
+def _tokenizer_digest(tokenizer: Any) -> str | None:
+    """sha256 of a fast tokenizer's full definition (vocabulary, merges, normalizer ...) and its EOS
+    id, or ``None`` when it cannot be serialized (then nothing is cached)."""
+    import hashlib
+
+    backend = getattr(tokenizer, "backend_tokenizer", None)
+    try:
+        text = backend.to_str() if backend is not None else None
+    except Exception:  # noqa: BLE001 - a tokenizer that cannot serialize is simply not cached
+        return None
+    if text is None:
+        return None
+    return hashlib.sha256(f"{text}\x00{getattr(tokenizer, 'eos_token_id', None)}".encode()).hexdigest()
 
 
 def tokenized_split(
@@ -73,8 +95,39 @@ def tokenized_split(
     :func:`load_reference_corpus()`.
     """
     corpus = corpus if corpus is not None else load_reference_corpus()
-    stream = token_stream(tokenizer, corpus.texts(split))
+    stream = _cached_split(tokenizer, split, corpus)
     return stream, ids_fingerprint(stream, chars=64)
+
+
+def _cached_split(tokenizer: Any, split: str, corpus: ReferenceCorpus) -> torch.Tensor:
+    """The split's token stream, from ``<corpus>/tokens`` when this corpus was tokenized with this
+    tokenizer before (every process of a study would otherwise spend seconds encoding it again)."""
+    import numpy as np
+    import torch
+
+    digest = _tokenizer_digest(tokenizer)
+    if digest is None:
+        return token_stream(tokenizer, corpus.texts(split))
+    import hashlib
+
+    key = hashlib.sha256(f"{corpus.fingerprint}:{split}:{digest}".encode()).hexdigest()[:32]
+    path = Path(corpus.root) / "tokens" / f"{split}-{key}.npy"
+    if path.is_file():
+        try:
+            return torch.from_numpy(np.load(path).astype(np.int64))
+        except (OSError, ValueError):  # a damaged file: tokenize again and rewrite it
+            pass
+    stream = token_stream(tokenizer, corpus.texts(split))
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+        with open(tmp, "wb") as f:
+            small = stream.numel() == 0 or int(stream.max()) < 2**31
+            np.save(f, stream.numpy().astype(np.int32 if small else np.int64))
+        os.replace(tmp, path)
+    except OSError:  # a read-only or full cache: the stream is still right
+        pass
+    return stream
 
 
 def load_splits(
