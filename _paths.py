@@ -26,3 +26,21 @@ def cache_root(cache_dir: str | os.PathLike[str] | None = None) -> Path:
     import platformdirs
 
     return Path(platformdirs.user_cache_dir("evoprune")).resolve()
+
+
+def cache_write_failed(exc: BaseException) -> bool:
+    """Is ``exc`` a cache file that could not be written (full disk, quota, read-only folder), however
+    the writer (``os``, safetensors, ``torch.save``) reports it? Callers then go on without the cache.
+
+    >>> cache_write_failed(OSError(28, "No space left on device"))
+    True
+    >>> cache_write_failed(RuntimeError("[enforce fail at inline_container.cc:672] . unexpected pos 704 vs 598"))
+    True
+    >>> cache_write_failed(RuntimeError("The size of tensor a (4) must match the size of tensor b (3)"))
+    False
+    """
+    if isinstance(exc, OSError):
+        return True
+    text = str(exc).lower()
+    return any(s in text for s in ("no space left", "file too large", "disk quota", "read-only file system",
+                                   "i/o error", "write failed", "unexpected pos"))

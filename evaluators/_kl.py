@@ -52,6 +52,7 @@ import torch
 import torch.nn.functional as F
 
 from .._logging import get_logger
+from .._paths import cache_write_failed
 from ._base import EvalContext, EvalResult
 from ._tokens import TokenSet
 
@@ -362,8 +363,10 @@ def dense_reference(
     if path is not None:
         try:
             _atomic_save(ref.tensors(), path)
-        except OSError as exc:
-            _log.warning("could not write dense reference cache %s (%s)", path, exc)
+        except (OSError, RuntimeError) as exc:  # a full or read-only cache: the reference is in memory
+            if not cache_write_failed(exc):
+                raise
+            _log.warning("could not write dense reference cache %s (%s)", path, str(exc).strip().splitlines()[0][:200])
     return ref
 
 

@@ -19,6 +19,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .._logging import get_logger
+from .._paths import cache_write_failed
 from ..space import Candidate, ModelSpec
 from . import _importance as imp
 from ._adapters import ArchAdapter, get_adapter
@@ -208,8 +209,14 @@ class Pruner(ExportMixin):
         if importance is None:
             importance = imp.compute_importance(model, self.adapter, self.spec, calib_ids, method, calib_batch_size)
             if self.cache_path is not None:
-                importance.save(self.cache_path, metadata={"model_fingerprint": str(model_fingerprint),
-                                                           "data_fingerprint": str(self.data_fingerprint)})
+                try:
+                    importance.save(self.cache_path, metadata={"model_fingerprint": str(model_fingerprint),
+                                                               "data_fingerprint": str(self.data_fingerprint)})
+                except Exception as exc:  # a full or read-only cache: the scores are in memory
+                    if not cache_write_failed(exc):
+                        raise
+                    _log.warning("could not write the importance cache %s (%s); continuing without it",
+                                 self.cache_path, str(exc).strip().splitlines()[0][:200])
         self._check_importance(importance)
         self.importance: imp.Importance = importance
 
@@ -578,3 +585,4 @@ class Pruner(ExportMixin):
     def __repr__(self) -> str:
         state = f"applied={self._candidate.key}" if self._candidate is not None else "dense"
         return f"Pruner(model_type={self.spec.model_type!r}, method={self.method!r}, {state})"
+
