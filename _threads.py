@@ -46,6 +46,17 @@ def _quota(quota: float, period: float) -> float | None:
     return quota / period if quota > 0 and period > 0 else None
 
 
+def _cpu_max(text: str | None) -> float | None:
+    """CPUs of a cgroup v2 ``cpu.max`` line (``"<quota> <period>"``; ``"max ..."``: unlimited)."""
+    if not text or text.startswith("max"):
+        return None
+    q, _, p = text.partition(" ")
+    try:
+        return _quota(float(q), float(p or 100000))
+    except ValueError:
+        return None
+
+
 def cgroup_cpu_limit(cgroup_root: str | os.PathLike[str] = "/sys/fs/cgroup",
                      proc_cgroup: str | os.PathLike[str] = "/proc/self/cgroup") -> float | None:
     """The CPU quota of this process' cgroup in CPUs (e.g. ``1.5``), or ``None`` when unlimited/unknown.
@@ -67,16 +78,9 @@ def cgroup_cpu_limit(cgroup_root: str | os.PathLike[str] = "/sys/fs/cgroup",
         if controllers == "":  # v2 unified hierarchy
             here = root / rel if rel else root
             while True:
-                text = _read(here / "cpu.max")
-                if text:
-                    q, _, p = text.partition(" ")
-                    if q != "max":
-                        try:
-                            lim = _quota(float(q), float(p or 100000))
-                        except ValueError:
-                            lim = None
-                        if lim:
-                            limits.append(lim)
+                lim = _cpu_max(_read(here / "cpu.max"))
+                if lim:
+                    limits.append(lim)
                 if here == root or root not in here.parents:
                     break
                 here = here.parent
@@ -96,15 +100,9 @@ def cgroup_cpu_limit(cgroup_root: str | os.PathLike[str] = "/sys/fs/cgroup",
                     continue
                 break
     if not lines:  # no /proc/self/cgroup: a bare v2 root
-        text = _read(root / "cpu.max")
-        if text and not text.startswith("max"):
-            q, _, p = text.partition(" ")
-            try:
-                lim = _quota(float(q), float(p or 100000))
-            except ValueError:
-                lim = None
-            if lim:
-                limits.append(lim)
+        lim = _cpu_max(_read(root / "cpu.max"))
+        if lim:
+            limits.append(lim)
     return min(limits) if limits else None
 
 

@@ -23,7 +23,6 @@ Usage: ``python bench/soak.py [--trials 2000] [--workers 3] [--kill-every 10]
 from __future__ import annotations
 
 import argparse
-import os
 import random
 import signal
 import subprocess
@@ -73,20 +72,23 @@ def _rss_mb(pid: int) -> float | None:
 
 
 class _Counter:
-    """Trials in the study, read straight from Optuna's table (cheap, no study object)."""
+    """Trials of study ``name``, read straight from Optuna's tables (cheap, no study object)."""
 
-    def __init__(self, url: str) -> None:
+    def __init__(self, url: str, name: str) -> None:
         import sqlalchemy as sa
 
         from evoprune.storage import normalize_url
 
         self.sa = sa
+        self.name = name
         self.engine = sa.create_engine(normalize_url(url))
 
     def counts(self) -> dict[str, int]:
         try:
             with self.engine.connect() as c:
-                rows = c.execute(self.sa.text("SELECT state, COUNT(*) FROM trials GROUP BY state")).all()
+                rows = c.execute(self.sa.text(
+                    "SELECT t.state, COUNT(*) FROM trials t JOIN studies s ON s.study_id = t.study_id "
+                    "WHERE s.study_name = :name GROUP BY t.state"), {"name": self.name}).all()
         except self.sa.exc.DBAPIError:
             return {}
         return {str(s).rsplit(".", 1)[-1]: int(n) for s, n in rows}
@@ -106,7 +108,7 @@ def soak(url: str, *, trials: int, workers: int, kill_every: float, cfg: Path, s
     procs = [_start_worker(url, name) for _ in range(workers)]
     expected: dict[int, set[int]] = {}  # pid -> exit codes we caused
     exits: list[tuple[int, int, str]] = []
-    counter = _Counter(url)
+    counter = _Counter(url, name)
     rss: list[float] = []
     kills = {"SIGKILL": 0, "SIGTERM": 0}
     t0 = time.monotonic()

