@@ -336,14 +336,21 @@ def _train(
 # --------------------------------------------------------------------------- build
 
 
+#: Thread count a size is always trained with (its weights then do not depend on the machine's load).
+_TRAIN_THREADS: dict[str, int] = {"tiny": 1}
+
+
 def default_train_threads() -> int:
     """``os.cpu_count()``, less the cores other processes keep busy (1-minute load average).
 
     On an idle machine this is every core. On a shared, busy one, asking torch
     for more threads than there are free cores makes every OpenMP barrier wait
     on a descheduled thread: measured on 2 shared cores at load ~5, two threads
-    trained the tiny model 5.6x *slower* than one. Results do not depend on the
-    thread count in practice (tiny: bit-identical weights with 1 and 2 threads).
+    trained the tiny model 5.6x *slower* than one. The weights *do* depend on the
+    thread count on some CPUs (tiny: bit-identical with 1 and 2 threads on one
+    machine, different on another), so the tiny model is always trained with one
+    thread (:data:`_TRAIN_THREADS`; about 20-30 s): every build on a machine gives
+    the same checkpoint, whatever the load.
     """
     n = os.cpu_count() or 1
     try:
@@ -440,7 +447,9 @@ def build_reference_model(
     dest.parent.mkdir(parents=True, exist_ok=True)
     staging = make_staging_dir(dest)
     previous_threads = torch.get_num_threads()
-    torch.set_num_threads(max(1, threads if threads is not None else default_train_threads()))
+    if threads is None:
+        threads = _TRAIN_THREADS.get(size) or default_train_threads()
+    torch.set_num_threads(max(1, threads))
     t0 = time.perf_counter()
     try:
         _log.info(

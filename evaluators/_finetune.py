@@ -263,8 +263,8 @@ def finetune(
             out = model(input_ids=batch, labels=batch, use_cache=False)
             loss = out.loss
             if not torch.isfinite(loss):
-                _log.warning("fine-tune loss is %s at step %d; stopping early", float(loss), report.steps)
-                report.losses.append(float(loss))
+                _log.warning("fine-tune loss is %s at step %d; stopping early", float(loss.detach()), report.steps)
+                report.losses.append(float(loss.detach()))
                 break
             loss.backward()
             with torch.no_grad():
