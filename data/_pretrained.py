@@ -54,7 +54,7 @@ __all__ = [
 
 _log = get_logger("reference.pretrained")
 
-RECORD_FILE = "evoprune_reference.json"  # same names as the trained reference models
+RECORD_FILE = "evoprune_reference.json"  # the build record of every reference model, trained or converted
 MARKER_FILE = ".evoprune_complete"
 #: Bump when the conversion changes in a way the source does not capture.
 CONVERT_FORMAT_VERSION = 1
@@ -229,6 +229,29 @@ def _read_marker(path: Path) -> dict[str, Any] | None:
         return None
 
 
+def publish_build(staging: Path, dest: Path, key: Any, record: dict[str, Any], *, force: bool) -> None:
+    """Finish a reference build: write its record and completion marker into ``staging``, then move it
+    to ``dest`` in one rename. A concurrent build of the same recipe that finished first wins (its
+    folder is kept: others may be reading it); ``dest`` holding our own incomplete or forced build is
+    replaced."""
+    (staging / RECORD_FILE).write_text(json.dumps(record, indent=2) + "\n", encoding="utf-8")
+    (staging / MARKER_FILE).write_text(json.dumps({"key": key}, sort_keys=True) + "\n", encoding="utf-8")
+    done = _read_marker(dest)
+    if done is not None and done.get("key") == key and not force:
+        _log.info("another process finished the same build first", extra={"fields": {"dir": str(dest)}})
+        return
+    if dest.is_dir() and any(dest.iterdir()):
+        shutil.rmtree(dest)  # only our own incomplete or forced builds get here
+    elif dest.is_dir():
+        dest.rmdir()
+    try:
+        os.replace(staging, dest)
+    except OSError:  # lost a race against a concurrent build of the same recipe
+        done = _read_marker(dest)
+        if done is None or done.get("key") != key:
+            raise
+
+
 def build_pretrained_model(
     name: str,
     out: str | os.PathLike[str] | None = None,
@@ -278,20 +301,7 @@ def build_pretrained_model(
             "format_version": CONVERT_FORMAT_VERSION,
         }
         record["build_seconds"] = time.perf_counter() - t0
-        (staging / RECORD_FILE).write_text(json.dumps(record, indent=2) + "\n", encoding="utf-8")
-        (staging / MARKER_FILE).write_text(json.dumps({"key": key}, sort_keys=True) + "\n", encoding="utf-8")
-        done = _read_marker(dest)
-        if done is not None and done.get("key") == key and not force:
-            _log.info("another process finished the same conversion first", extra={"fields": {"dir": str(dest)}})
-        else:
-            if dest.is_dir():
-                shutil.rmtree(dest)  # only our own incomplete or forced builds get here
-            try:
-                os.replace(staging, dest)
-            except OSError:
-                done = _read_marker(dest)
-                if done is None or done.get("key") != key:
-                    raise
+        publish_build(staging, dest, key, record, force=force)
     finally:
         torch.set_num_threads(previous_threads)
         shutil.rmtree(staging, ignore_errors=True)

@@ -45,7 +45,16 @@ from typing import TYPE_CHECKING, Any
 from .._logging import get_logger
 from .._paths import cache_root
 from ._corpus import SPLITS, ReferenceCorpus, load_reference_corpus, make_staging_dir
-from ._pretrained import PRETRAINED, build_pretrained_model, pretrained_model_dir, save_checkpoint
+from ._pretrained import (
+    MARKER_FILE,
+    PRETRAINED,
+    RECORD_FILE,
+    _read_marker,
+    build_pretrained_model,
+    pretrained_model_dir,
+    publish_build,
+    save_checkpoint,
+)
 from ._lmeval_tasks import CLOZE_TASK, PPL_TASK, lmeval_tasks_up_to_date, write_lmeval_tasks
 from ._sources import tokenized_split
 
@@ -69,8 +78,6 @@ __all__ = [
 
 _log = get_logger("reference")
 
-RECORD_FILE = "evoprune_reference.json"
-MARKER_FILE = ".evoprune_complete"
 TASKS_DIR = "lm_eval_tasks"
 #: Bump when the training recipe changes in a way the spec does not capture.
 MODEL_FORMAT_VERSION = 1
@@ -360,13 +367,6 @@ def default_train_threads() -> int:
     return max(1, min(n, n - busy))
 
 
-def _read_marker(path: Path) -> dict[str, Any] | None:
-    try:
-        return json.loads((path / MARKER_FILE).read_text(encoding="utf-8"))
-    except (OSError, ValueError):
-        return None
-
-
 def _refresh_tasks(dest: Path, corpus: ReferenceCorpus) -> None:
     """Rewrite ``dest/lm_eval_tasks`` (newer task version, or the folder was moved); weights untouched."""
     target = dest / TASKS_DIR
@@ -470,23 +470,7 @@ def build_reference_model(
             "lm_eval": {"include_path": TASKS_DIR, "tasks": [PPL_TASK, CLOZE_TASK]},  # relative to the folder
             "format_version": MODEL_FORMAT_VERSION,
         }
-        (staging / RECORD_FILE).write_text(json.dumps(record, indent=2) + "\n", encoding="utf-8")
-        (staging / MARKER_FILE).write_text(json.dumps({"key": key}, sort_keys=True) + "\n", encoding="utf-8")
-        done = _read_marker(dest)
-        if done is not None and done.get("key") == key and not force:
-            # a concurrent build of the same recipe won; keep its folder (others may be reading it)
-            _log.info("another process finished the same build first", extra={"fields": {"dir": str(dest)}})
-        else:
-            if dest.is_dir() and any(dest.iterdir()):
-                shutil.rmtree(dest)  # only our own incomplete or forced builds get here
-            elif dest.is_dir():
-                dest.rmdir()
-            try:
-                os.replace(staging, dest)
-            except OSError:  # lost a race against a concurrent build of the same recipe
-                done = _read_marker(dest)
-                if done is None or done.get("key") != key:
-                    raise
+        publish_build(staging, dest, key, record, force=force)
     finally:
         torch.set_num_threads(previous_threads)
         shutil.rmtree(staging, ignore_errors=True)
