@@ -214,8 +214,12 @@ def _search_process_rss(args) -> tuple[int, str]:
         path = os.path.join(tmp, "rss.json")
         with open(path, "w", encoding="utf-8") as fh:
             json.dump(cfg, fh)
-        code = ("import resource, sys\nfrom evoprune._cli import main\nrc = main(sys.argv[1:])\n"
-                "print('MAXRSS', resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024)\nsys.exit(rc)")
+        # VmHWM (this process' own peak, reset at exec), not getrusage's ru_maxrss: Linux carries
+        # ru_maxrss over fork + exec, so a child of this bench (which holds the model) would report
+        # at least the bench's own RSS.
+        code = ("import sys\nfrom evoprune._cli import main\nrc = main(sys.argv[1:])\n"
+                "hwm = [ln for ln in open('/proc/self/status') if ln.startswith('VmHWM:')][0].split()[1]\n"
+                "print('MAXRSS', int(hwm) * 1024)\nsys.exit(rc)")
         proc = subprocess.run([sys.executable, "-c", code, "search", path, "--storage", f"sqlite:///{tmp}/rss.db",
                                "--generations", "2", "--threads", str(args.threads)],
                               capture_output=True, text=True, timeout=1200)
