@@ -25,7 +25,8 @@ number, one database), ``evoprune export``, ``evoprune studies``, ``evoprune sho
 :func:`check_storage` first, so they never create a file, a folder or a table.
 """
 
-from ._database import ConfigMismatchError, FingerprintMismatchError, StudyDatabase, list_studies, stored_study
+from ._catalog import list_studies, stored_study
+from ._database import ConfigMismatchError, FingerprintMismatchError, StudyDatabase
 from ._engine import (
     DEFAULT_GRACE_PERIOD,
     DEFAULT_HEARTBEAT_INTERVAL,

@@ -11,27 +11,26 @@ It never holds tensors: candidates, configs, sampler states and details are JSON
 
 from __future__ import annotations
 
-import os
 from collections.abc import Mapping
 from typing import Any
 
 import sqlalchemy as sa
 from sqlalchemy import exc as sa_exc
 
-from .._optuna_private import rdb_models, study_id
+from .._optuna_private import rdb_models
+from ._catalog import _delete_study_rows, _purge_orphans, _started
 from ._check import CheckMixin
 from ._claims import DEFAULT_MAX_ATTEMPTS, ClaimsMixin
-from ._engine import _is_sqlite, _sqlite_file, check_storage, open_rdb_storage, run_transaction, sqlite_readonly_uri
+from ._engine import run_transaction
 from ._liveness import WorkersMixin
 from ._owner import Owner
 from ._schema import is_current, schema_version, upgrade
+from ._stages import StagesMixin
 from ._tables import (
     ArtifactRow,
-    Base,
     ClaimRow,
     FingerprintRow,
     SamplerStateRow,
-    StageResultRow,
     StageRow,
     StudyRow,
     TrialRow,
@@ -40,14 +39,11 @@ from ._tables import (
 from ._values import (
     INFEASIBLE_ATTR,
     Artifact,
-    StageOutcome,
-    StageRecord,
     canonical_json,
     check_name,
     from_json,
     join_float,
     sha256_text,
-    split_float,
 )
 
 __all__ = [
@@ -55,8 +51,6 @@ __all__ = [
     "ConfigMismatchError",
     "FingerprintMismatchError",
     "StudyDatabase",
-    "list_studies",
-    "stored_study",
 ]
 
 
@@ -83,7 +77,7 @@ class ConfigMismatchError(RuntimeError):
     """A study of that name exists with a different config."""
 
 
-class StudyDatabase(ClaimsMixin, WorkersMixin, CheckMixin):
+class StudyDatabase(ClaimsMixin, WorkersMixin, CheckMixin, StagesMixin):
     """evoprune's rows for one study (plus read access to its Optuna trials).
 
     Args:
@@ -96,11 +90,13 @@ class StudyDatabase(ClaimsMixin, WorkersMixin, CheckMixin):
     The methods come in groups, each in its own module: study rows, config, fingerprints,
     candidates, stages, sampler states, artifacts and trial values here; claims
     (:mod:`._claims`); workers and heartbeats (:mod:`._liveness`); the integrity check
-    (:mod:`._check`). Each method is one transaction, retried on transient lock conflicts.
+    (:mod:`._check`); stage results (:mod:`._stages`). Each method is one transaction, retried on
+    transient lock conflicts.
 
     Use :meth:`create_or_open` / :meth:`open` to get one:
 
     >>> import optuna
+    >>> from evoprune._optuna_private import study_id
     >>> storage = optuna.storages.RDBStorage("sqlite://")
     >>> study = optuna.create_study(storage=storage, study_name="s")
     >>> db = StudyDatabase.create_or_open(storage.engine, optuna_study_id=study_id(study), study_name="s",
@@ -397,104 +393,6 @@ class StudyDatabase(ClaimsMixin, WorkersMixin, CheckMixin):
 
         return self._tx(run)
 
-    # ------------------------------------------------------------------ stage results
-    def record_stage(self, trial_id: int, stage: str, evaluator: str, tokens: int | None, value: float,
-                     seconds: float, details: Mapping[str, Any] | None = None, *, direction: str | None = None
-                     ) -> None:
-        """Store one evaluator's result of one stage (one row; a repeat for the same trial/stage/evaluator
-        is an error)."""
-        st, ev = check_name(stage, "stage"), check_name(evaluator, "evaluator")
-        if tokens is not None and (isinstance(tokens, bool) or int(tokens) != tokens or tokens < 0):
-            raise ValueError(f"tokens must be a non-negative int or None, got {tokens!r}.")
-        v, v_repr = split_float(value, "value")
-        secs, _ = split_float(seconds, "seconds")
-        if secs is None or secs < 0:
-            raise ValueError(f"seconds must be a finite number >= 0, got {seconds!r}.")
-        if direction not in (None, "minimize", "maximize"):
-            raise ValueError(f"direction must be 'minimize', 'maximize' or None, got {direction!r}.")
-        text = canonical_json(dict(details or {}), where="details")
-
-        def run(conn: sa.Connection) -> None:
-            self._running_trial(conn, trial_id, f"stage {st!r}")
-            conn.execute(
-                sa.insert(StageResultRow).values(
-                    study_id=self.study_id, trial_id=int(trial_id), stage=st, evaluator=ev,
-                    tokens=None if tokens is None else int(tokens), value=v, value_repr=v_repr, seconds=secs,
-                    direction=direction, details_json=text, created_at=utcnow(),
-                )
-            )
-
-        try:
-            self._tx(run)
-        except sa_exc.IntegrityError:
-            raise ValueError(f"trial id {trial_id} already has a result of {ev!r} at stage {st!r}.") from None
-
-    def record_stage_result(self, trial_id: int, stage: str, stage_index: int, objective: float,
-                            promoted: bool | None, *, direction: str | None = None, seconds: float = 0.0) -> None:
-        """Close a stage for a trial: its promotion objective and decision."""
-        st = check_name(stage, "stage")
-        if isinstance(stage_index, bool) or int(stage_index) != stage_index or stage_index < 0:
-            raise ValueError(f"stage_index must be an int >= 0, got {stage_index!r}.")
-        if promoted is not None and not isinstance(promoted, bool):
-            raise TypeError(f"promoted must be True, False or None, got {promoted!r}.")
-        if direction not in (None, "minimize", "maximize"):
-            raise ValueError(f"direction must be 'minimize', 'maximize' or None, got {direction!r}.")
-        o, o_repr = split_float(objective, "objective")
-
-        def run(conn: sa.Connection) -> None:
-            self._running_trial(conn, trial_id, f"stage {st!r}")
-            conn.execute(
-                sa.insert(StageRow).values(
-                    study_id=self.study_id, trial_id=int(trial_id), stage=st, stage_index=int(stage_index),
-                    objective=o, objective_repr=o_repr, direction=direction, promoted=promoted,
-                    seconds=float(seconds), created_at=utcnow(),
-                )
-            )
-
-        try:
-            self._tx(run)
-        except sa_exc.IntegrityError:
-            raise ValueError(f"trial id {trial_id} already has a result for stage {st!r}.") from None
-
-    def stage_history(self, stage: str) -> list[float]:
-        """Objectives of every trial scored at ``stage`` so far (any worker), failed trials excluded."""
-        from optuna.trial import TrialState
-
-        tm = rdb_models().TrialModel
-        rows = self._tx(
-            lambda c: c.execute(
-                sa.select(StageRow.objective, StageRow.objective_repr)
-                .join(tm, tm.trial_id == StageRow.trial_id)
-                .where(StageRow.study_id == self.study_id, StageRow.stage == stage, tm.state != TrialState.FAIL)
-                .order_by(StageRow.id)
-            ).all()
-        )
-        return [join_float(r.objective, r.objective_repr) for r in rows]
-
-    def stage_records(self, trial_id: int | None = None) -> list[StageRecord]:
-        q = sa.select(StageResultRow.__table__).where(StageResultRow.study_id == self.study_id)
-        if trial_id is not None:
-            q = q.where(StageResultRow.trial_id == int(trial_id))
-        rows = self._tx(lambda c: c.execute(q.order_by(StageResultRow.id)).all())
-        return [
-            StageRecord(trial_id=r.trial_id, stage=r.stage, evaluator=r.evaluator, tokens=r.tokens,
-                        value=join_float(r.value, r.value_repr), seconds=r.seconds, direction=r.direction,
-                        details=from_json(r.details_json))
-            for r in rows
-        ]
-
-    def stage_outcomes(self, trial_id: int | None = None) -> list[StageOutcome]:
-        q = sa.select(StageRow.__table__).where(StageRow.study_id == self.study_id)
-        if trial_id is not None:
-            q = q.where(StageRow.trial_id == int(trial_id))
-        rows = self._tx(lambda c: c.execute(q.order_by(StageRow.id)).all())
-        return [
-            StageOutcome(trial_id=r.trial_id, stage=r.stage, stage_index=r.stage_index,
-                         objective=join_float(r.objective, r.objective_repr), direction=r.direction,
-                         promoted=r.promoted, seconds=r.seconds)
-            for r in rows
-        ]
-
     # ------------------------------------------------------------------ sampler state
     def save_sampler_state(self, generation: int, state: Mapping[str, Any], *, keep_last: int | None = None
                            ) -> None:
@@ -636,115 +534,3 @@ class StudyDatabase(ClaimsMixin, WorkersMixin, CheckMixin):
                 value = float(r.value)
             entry[1][r.objective] = value
         return [(n, trials[n][0], tuple(trials[n][1]), trials[n][2]) for n in sorted(trials)]
-
-def _started(conn: sa.Connection, sid: int, optuna_study_id: int) -> bool:
-    """Has evoprune study ``sid`` ever started: any Optuna trial, or any row of its own (fingerprints,
-    workers, claims, sampler states, ...)?"""
-    tm = rdb_models().TrialModel
-    if conn.execute(sa.select(tm.trial_id).where(tm.study_id == int(optuna_study_id)).limit(1)).first():
-        return True
-    for model in Base.metadata.sorted_tables:
-        if model.name != StudyRow.__tablename__ and "study_id" in model.c:
-            if conn.execute(sa.select(model.c.id).where(model.c.study_id == sid).limit(1)).first():
-                return True
-    return False
-
-
-def _delete_study_rows(conn: sa.Connection, sid: int) -> None:
-    """Every row of evoprune study ``sid``, children first (SQLite does not cascade by default)."""
-    for model in Base.metadata.sorted_tables[::-1]:
-        if model.name != StudyRow.__tablename__ and "study_id" in model.c:
-            conn.execute(sa.delete(model).where(model.c.study_id == sid))
-    conn.execute(sa.delete(StudyRow).where(StudyRow.id == sid))
-
-
-def _purge_orphans(conn: sa.Connection, optuna_study_id: int | None = None, upto: int | None = None) -> int:
-    """Delete the rows of evoprune studies whose Optuna study is gone (deleted with plain Optuna): rows
-    without an Optuna study of that id *and name*, and -- ``optuna_study_id`` just created -- its rows
-    up to ``upto`` (a deleted study of the same name whose id was reused). Their candidates would
-    otherwise clash with the new trials that reuse their trial ids. Returns how many studies went."""
-    from .._logging import get_logger
-
-    sm = rdb_models().StudyModel
-    alive = sa.select(sm.study_id).where(sm.study_id == StudyRow.optuna_study_id,
-                                         sm.study_name == StudyRow.study_name).exists()
-    cond = ~alive
-    if optuna_study_id is not None and upto is not None:
-        cond = sa.or_(cond, sa.and_(StudyRow.optuna_study_id == int(optuna_study_id), StudyRow.id <= int(upto)))
-    gone = conn.execute(sa.select(StudyRow.id, StudyRow.study_name, StudyRow.optuna_study_id).where(cond)).all()
-    for row in gone:
-        get_logger("storage.database").warning(
-            "removing evoprune rows of a study deleted with plain Optuna",
-            extra={"fields": {"study": row.study_name, "optuna_study_id": row.optuna_study_id}})
-        _delete_study_rows(conn, row.id)
-    return len(gone)
-
-
-def stored_study(url: str, study_name: str) -> dict[str, Any] | None:
-    """What the database at ``url`` holds under ``study_name``, read without writing anything (no
-    table, file or folder is created): ``None`` if there is no such Optuna study (or no database
-    yet), else ``{"directions": [...], "evoprune": bool, "config_sha256": str | None, "started": bool}``
-    (``started``: see ``replace_unstarted`` of :meth:`StudyDatabase.create_or_open`). Lets
-    ``create_study`` refuse a conflicting study before it writes a row."""
-    url = check_storage(url, existing=False)
-    if _is_sqlite(url):
-        path = _sqlite_file(url)
-        if path is None or not os.path.exists(path):
-            return None
-        engine = sa.create_engine(f"sqlite:///{sqlite_readonly_uri(path)}&uri=true", poolclass=sa.pool.NullPool)
-    else:
-        engine = sa.create_engine(url, poolclass=sa.pool.NullPool)
-    om = rdb_models()
-    try:
-        with engine.connect() as conn:
-            insp = sa.inspect(conn)
-            if not insp.has_table(om.StudyModel.__tablename__):
-                return None
-            sid = conn.execute(sa.select(om.StudyModel.study_id)
-                               .where(om.StudyModel.study_name == study_name)).scalar()
-            if sid is None:
-                return None
-            dirs = conn.execute(sa.select(om.StudyDirectionModel.direction)
-                                .where(om.StudyDirectionModel.study_id == sid)
-                                .order_by(om.StudyDirectionModel.objective)).scalars().all()
-            row = None
-            if insp.has_table(StudyRow.__tablename__):
-                row = conn.execute(sa.select(StudyRow.id, StudyRow.config_sha256)
-                                   .where(StudyRow.optuna_study_id == sid, StudyRow.study_name == study_name)).first()
-            started = True if row is None else _started(conn, row.id, sid)
-    finally:
-        engine.dispose()
-    return {"directions": [d.name.lower() for d in dirs], "evoprune": row is not None,
-            "config_sha256": None if row is None else row.config_sha256, "started": started}
-
-
-def list_studies(storage: str | os.PathLike[str]) -> list[dict[str, Any]]:
-    """Every study in the database: name, directions, trial counts by state, whether it is an evoprune study.
-
-    Reads only: a database that does not exist (or has no Optuna tables) is an error, not created."""
-    rdb = open_rdb_storage(check_storage(storage, existing=True))
-    om = rdb_models()
-    evo_ids: set[tuple[int, str]] = set()
-    try:
-        with rdb.engine.connect() as conn:
-            if sa.inspect(conn).has_table(StudyRow.__tablename__):
-                evo_ids = {tuple(r) for r in conn.execute(sa.select(StudyRow.optuna_study_id, StudyRow.study_name))}
-            counts = conn.execute(
-                sa.select(om.TrialModel.study_id, om.TrialModel.state, sa.func.count())
-                .group_by(om.TrialModel.study_id, om.TrialModel.state)
-            ).all()
-        by_study: dict[int, dict[str, int]] = {}
-        for sid, state, n in counts:
-            by_study.setdefault(sid, {})[state.name] = int(n)
-        return [
-            {
-                "name": s.study_name,
-                "study_id": study_id(s),
-                "directions": [d.name.lower() for d in s.directions],
-                "trials": by_study.get(study_id(s), {}),
-                "evoprune": (study_id(s), s.study_name) in evo_ids,
-            }
-            for s in rdb.get_all_studies()
-        ]
-    finally:
-        rdb.engine.dispose()
