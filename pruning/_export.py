@@ -23,6 +23,7 @@ import torch
 from torch import nn
 
 from .. import __version__ as _evoprune_version
+from .._paths import is_disk_full
 from ..space import Candidate
 from ._auto import pruned_config_class, pruned_model_class
 from ._modules import per_layer_modules, quiet_heterogeneous_warnings
@@ -260,23 +261,13 @@ class ExportMixin:
             os.replace(partial, path)
         except BaseException as exc:
             shutil.rmtree(partial, ignore_errors=True)
-            if _is_disk_full(exc):
+            if is_disk_full(exc):
                 raise OSError(f"could not write the export to {path}: {str(exc).strip()}; free disk space or "
                               "choose another folder (nothing was written).") from exc
             raise
         finally:
             del model
         return path
-
-
-def _is_disk_full(exc: BaseException) -> bool:
-    """A write that failed for lack of space (ENOSPC, EDQUOT, EFBIG), also as safetensors reports it."""
-    import errno
-
-    if isinstance(exc, OSError) and exc.errno in (errno.ENOSPC, errno.EDQUOT, errno.EFBIG):
-        return True
-    text = str(exc).lower()
-    return any(s in text for s in ("no space left", "file too large", "disk quota"))
 
 
 def _uniform_widths(candidate: Candidate) -> tuple[int, int, int] | None:

@@ -430,21 +430,16 @@ def run_transaction(engine: sa.Engine, fn: Callable[[sa.Connection], T], *, atte
     >>> run_transaction(engine, lambda conn: conn.execute(sa.text("SELECT 1 + 1")).scalar())
     2
     """
-    attempt, reconnect_until, delay = 0, None, 0.25
-    while True:
-        try:
-            with engine.begin() as conn:
-                return fn(conn)
-        except sa_exc.DBAPIError as exc:
-            if is_connection_lost(exc):  # the server restarts: wait for it, without spending an attempt
-                reconnect_until = reconnect_until or time.monotonic() + RECONNECT_SECONDS
-                if time.monotonic() + delay > reconnect_until:
+    def attempt_all() -> T:
+        for attempt in range(1, attempts + 1):
+            try:
+                with engine.begin() as conn:
+                    return fn(conn)
+            except sa_exc.DBAPIError as exc:
+                # a lost connection goes to call_reconnecting, which waits for the server
+                if is_connection_lost(exc) or attempt >= attempts or not is_transient(exc, conflicts=retry_conflicts):
                     raise
-                _log.warning("database connection lost; retrying in %.2g s", delay)
-                time.sleep(delay)
-                delay = min(2.0, delay * 2)
-                continue
-            attempt += 1
-            if attempt >= attempts or not is_transient(exc, conflicts=retry_conflicts):
-                raise
-            time.sleep(min(2.0, 0.05 * 2 ** (attempt - 1)) * (0.5 + random.random()))
+                time.sleep(min(2.0, 0.05 * 2 ** (attempt - 1)) * (0.5 + random.random()))
+        raise AssertionError("unreachable")  # pragma: no cover
+
+    return call_reconnecting(attempt_all)

@@ -139,11 +139,13 @@ class WorkersMixin(StudyScope):
             r["db_now"] = now
         return rows
 
-    def worker_liveness(self, grace_period: float) -> list[tuple[str, bool]]:
+    def worker_liveness(self, grace_period: float, rows: list[dict[str, Any]] | None = None
+                        ) -> list[tuple[str, bool]]:
         """``(owner, alive)`` of every other worker not stopped: a local one is alive while its process
-        is; a remote one while its heartbeat is at most ``grace_period`` seconds old."""
+        is; a remote one while its heartbeat is at most ``grace_period`` seconds old (``rows``: the
+        :meth:`workers` already read)."""
         out = []
-        for w in self.workers():
+        for w in self.workers() if rows is None else rows:
             if w["stopped_at"] is not None or w["owner"] == self.owner.name:
                 continue
             alive = Owner(host=w["host"], pid=w["pid"], proc_start=w["proc_start"], token="").is_alive()
@@ -156,10 +158,11 @@ class WorkersMixin(StudyScope):
         """Other workers (not stopped) that are dead: gone on this host, or silent for ``grace_period`` s."""
         return [owner for owner, alive in self.worker_liveness(grace_period) if not alive]
 
-    def stopped_workers(self) -> set[str]:
+    def stopped_workers(self, rows: list[dict[str, Any]] | None = None) -> set[str]:
         """Workers of the study whose row says they stopped (finished, interrupted, crashed or presumed
-        dead); this process never counts."""
-        return {w["owner"] for w in self.workers() if w["stopped_at"] is not None and w["owner"] != self.owner.name}
+        dead); this process never counts (``rows``: the :meth:`workers` already read)."""
+        return {w["owner"] for w in (self.workers() if rows is None else rows)
+                if w["stopped_at"] is not None and w["owner"] != self.owner.name}
 
     def live_workers(self, grace_period: float) -> list[str]:
         """Other workers (not stopped) that are alive."""
@@ -284,10 +287,11 @@ class ReapReport:
 def reap(db: StudyDatabase, storage: Any, *, grace_period: float) -> ReapReport:
     """Fail the RUNNING trials of dead workers and release their claims (see module docs)."""
     report = ReapReport()
-    workers = db.worker_liveness(grace_period)
+    rows = db.workers()  # one read of the worker table for both views
+    workers = db.worker_liveness(grace_period, rows)
     dead = {owner for owner, alive in workers if not alive}
     alive = {owner for owner, ok in workers if ok} | {db.owner.name}
-    stopped = db.stopped_workers()
+    stopped = db.stopped_workers(rows)
     to_fail: list[tuple[int, int, str]] = []
     for t in db.running_trials():
         who = t.owner or t.creator
