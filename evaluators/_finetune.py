@@ -299,7 +299,12 @@ def finetune(
             report.first_loss,
             report.last_loss,
         )
-        yield report
+        # the model is no longer "dense + candidate": evaluators must not reuse cached per-window scores
+        context.shared["model_modified"] = context.shared.get("model_modified", 0) + 1
+        try:
+            yield report
+        finally:
+            context.shared["model_modified"] -= 1
     finally:
         with torch.no_grad():
             for p, b in zip(params, backup):

@@ -370,6 +370,43 @@ def dense_reference(
     return ref
 
 
+# --------------------------------------------------------------------------- window cache
+# Per (candidate, window stream) the per-window KL sums computed so far. Stages whose token sets come
+# from one stream (``Stage.extends``) hold nested windows (a larger set starts with the smaller one),
+# so a promoted candidate pays only for the windows it has not been scored on, and a candidate scored
+# again (the parent of a generation, a repeat) costs nothing.
+
+#: Candidates whose per-window KL sums one context keeps (least recently used dropped first).
+WINDOW_CACHE_ENTRIES = 100_000
+
+
+def window_cache_key(context: EvalContext, candidate: Any, tokens: TokenSet, top_k: int | None) -> tuple | None:
+    """The window-cache key of ``candidate`` on ``tokens``' stream (``None``: not cacheable -- no
+    candidate key, or the model is being fine-tuned so it is not "dense + candidate")."""
+    key = getattr(candidate, "key", None)
+    if not isinstance(key, str) or context.shared.get("model_modified", 0):
+        return None
+    return (key, tokens.data_fingerprint, tokens.stage, tokens.seed, tokens.seq_len, top_k)
+
+
+def _window_cache(context: EvalContext) -> dict:
+    return context.shared.setdefault("kl_windows", {})
+
+
+def _remember_windows(context: EvalContext, key: tuple, sums: torch.Tensor) -> None:
+    cache = _window_cache(context)
+    cache.pop(key, None)
+    cache[key] = sums.detach().to("cpu", torch.float64).clone()
+    while len(cache) > WINDOW_CACHE_ENTRIES:
+        cache.pop(next(iter(cache)))
+
+
+def _batches(tokens: TokenSet, bs: int, start: int):
+    ids = tokens.ids[start:]
+    for i in range(0, ids.shape[0], bs):
+        yield ids[i : i + bs]
+
+
 # --------------------------------------------------------------------------- evaluators
 
 
@@ -473,7 +510,10 @@ class KLToDense:
         start = time.perf_counter()
         device = context.device_for(model)
         bs = _logit_batch(self.batch_size or context.batch_size, tokens.seq_len, model)
-        per_seq: list[torch.Tensor] = []
+        wkey = window_cache_key(context, candidate, tokens, top_k)
+        cached = _window_cache(context).get(wkey) if wkey is not None else None
+        done = 0 if cached is None else min(int(cached.numel()), tokens.num_sequences)
+        per_seq: list[torch.Tensor] = [] if cached is None else [cached[:done]]
         # On CPU a fresh [batch, seq_len, vocab] buffer costs page faults on every call; keep one.
         buf = context.shared.get("kl_buffer") if device.type == "cpu" else None
         was_training = model.training
@@ -481,8 +521,8 @@ class KLToDense:
             model.eval()
         try:
             with torch.inference_mode():
-                for i, batch in enumerate(_progress(tokens.batches(bs), context, self.name, tokens, bs)):
-                    part = ref.rows(slice(i * bs, i * bs + batch.shape[0]), device)
+                for i, batch in enumerate(_progress(_batches(tokens, bs, done), context, self.name, tokens, bs)):
+                    part = ref.rows(slice(done + i * bs, done + i * bs + batch.shape[0]), device)
                     batch = batch.to(device)
                     logits = _forward_logits(model, batch)
                     if part.probs is not None:
@@ -500,15 +540,30 @@ class KLToDense:
         if device.type == "cpu" and buf is not None:
             context.shared["kl_buffer"] = buf
         seq_sums = torch.cat(per_seq)
+        if wkey is not None and (cached is None or seq_sums.numel() > cached.numel()):
+            _remember_windows(context, wkey, seq_sums)
         value = float(seq_sums.sum()) / tokens.num_tokens
         per_seq_mean = seq_sums / tokens.seq_len
+        computed = (tokens.num_sequences - done) * tokens.seq_len
         details = {
             "token_set": tokens.key,
             "top_k": top_k,
             "seq_len": tokens.seq_len,
             "stderr": float(per_seq_mean.std() / math.sqrt(len(per_seq_mean))) if len(per_seq_mean) > 1 else None,
         }
-        return EvalResult(value=value, details=details, tokens=tokens.num_tokens, seconds=time.perf_counter() - start)
+        if done:
+            details["reused_tokens"] = done * tokens.seq_len
+        return EvalResult(value=value, details=details, tokens=computed, seconds=time.perf_counter() - start)
+
+    def window_values(self, model: torch.nn.Module, candidate: Any, context: EvalContext) -> torch.Tensor | None:
+        """Per-window mean KL (fp64, ``[num_sequences]``) of ``candidate`` on the stage's token set, from
+        the window cache of an earlier :meth:`evaluate` in this process; ``None`` if not all are known."""
+        tokens = self._tokens(context)
+        wkey = window_cache_key(context, candidate, tokens, self.resolved_top_k(model, tokens))
+        sums = _window_cache(context).get(wkey) if wkey is not None else None
+        if sums is None or sums.numel() < tokens.num_sequences:
+            return None
+        return sums[: tokens.num_sequences] / tokens.seq_len
 
 
 # --------------------------------------------------------------------------- perplexity

@@ -28,6 +28,7 @@ __all__ = [
     "EvalRecord",
     "Pipeline",
     "PromotionRule",
+    "Race",
     "Stage",
     "StageResult",
     "TopFraction",
@@ -141,6 +142,96 @@ class TopFraction(_RankRule):
         return max(self.min_count, math.ceil(self.fraction * total - 1e-9))
 
 
+def paired_gap(values: Any, reference: Any, *, direction: str = "minimize") -> tuple[float, float]:
+    """``(mean, standard error)`` of the per-window differences ``values - reference`` on the windows
+    both were scored on (the shorter prefix), signed so that a positive mean is *worse* than the
+    reference. One window gives a standard error of ``inf``.
+
+    >>> import torch
+    >>> paired_gap(torch.tensor([1.0, 2.0, 3.0]), torch.tensor([0.5, 1.5, 2.5]))
+    (0.5, 0.0)
+    """
+    _check_direction(direction)
+    n = min(len(values), len(reference))
+    d = (values[:n].double() - reference[:n].double()) * (1.0 if direction == "minimize" else -1.0)
+    mean = float(d.mean()) if n else math.nan
+    se = float(d.std() / math.sqrt(n)) if n > 1 else math.inf
+    return mean, se
+
+
+@dataclasses.dataclass(frozen=True)
+class Race:
+    """Promote every candidate that is not *clearly worse* than the reference: racing, as in
+    successive halving with a statistical test instead of a fixed quota.
+
+    The reference is the driver's incumbent (an evolutionary search's parent: its per-window
+    scores on the stage's windows are known from the window cache, see :class:`Stage` ``extends``)
+    or, without one, the best of the batch. A candidate is clearly worse when the mean of its
+    per-window differences to the reference (paired: the same windows) exceeds ``z`` standard
+    errors. Of those not clearly worse at most ``max_count`` go on (best first; ``None``: all),
+    and at least ``min_count`` (best first) do. Without per-window scores (an evaluator other
+    than :class:`~evoprune.evaluators.KLToDense`, or values replayed from storage) it ranks like
+    ``TopK(max_count)`` (every candidate with ``max_count=None``).
+
+    Candidates clearly worse after the cheap stage stop there; close calls earn more tokens.
+    Decisions are a deterministic function of the scores.
+
+    >>> import torch
+    >>> ref = torch.tensor([1.0, 1.1, 0.9, 1.0])
+    >>> Race(z=2.0).select_paired([1.0, 2.0], [ref + 0.01 * torch.tensor([1, -1, 1, -1.]), ref + 1.0], ref)
+    [True, False]
+    """
+
+    z: float = 2.0
+    max_count: int | None = None
+    min_count: int = 1
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.z, (int, float)) or isinstance(self.z, bool) or not self.z >= 0:
+            raise ValueError(f"Race.z must be a number >= 0 (standard errors), got {self.z!r}.")
+        if self.max_count is not None and (isinstance(self.max_count, bool) or not isinstance(self.max_count, int)
+                                           or self.max_count < 1):
+            raise ValueError(f"Race.max_count must be a positive int or None, got {self.max_count!r}.")
+        if isinstance(self.min_count, bool) or not isinstance(self.min_count, int) or self.min_count < 0:
+            raise ValueError(f"Race.min_count must be an int >= 0, got {self.min_count!r}.")
+
+    def limit(self, total: int) -> int:
+        return total if self.max_count is None else min(total, self.max_count)
+
+    def promotes(self, value: float, history: Sequence[float], *, direction: str = "minimize") -> bool:
+        return TopK(self.limit(len(history) + 1)).promotes(value, history, direction=direction)
+
+    def select(
+        self, values: Sequence[float], *, direction: str = "minimize", history: Sequence[float] = ()
+    ) -> list[bool]:
+        return TopK(max(1, self.limit(len(history) + len(values)))).select(values, direction=direction,
+                                                                          history=history)
+
+    def select_paired(
+        self, values: Sequence[float], windows: Sequence[Any], reference: Any, *, direction: str = "minimize"
+    ) -> list[bool]:
+        """Promotion of each candidate from its per-window scores ``windows[i]`` (``None``: unknown,
+        judged by value against the reference's mean) against the reference's per-window scores."""
+        ref_mean = float(reference.double().mean())
+        worse = []
+        for v, w in zip(values, windows):
+            if w is None:
+                gap, se = (v - ref_mean) * (1.0 if direction == "minimize" else -1.0), 0.0
+            else:
+                gap, se = paired_gap(w, reference, direction=direction)
+            worse.append(math.isnan(v) or gap - self.z * se > 0)
+        order = sorted(range(len(values)), key=lambda k: (_key(values[k], direction), k))
+        out = [False] * len(values)
+        taken = 0
+        for k in order:
+            if math.isnan(values[k]):
+                continue
+            if taken < self.min_count or (not worse[k] and (self.max_count is None or taken < self.max_count)):
+                out[k] = True
+                taken += 1
+        return out
+
+
 @dataclasses.dataclass(frozen=True, kw_only=True)
 class Stage:
     """One evaluation stage.
@@ -159,6 +250,11 @@ class Stage:
             next stage (``None``: everyone).
         objective: name of the evaluator whose value the promotion ranks
             (default: the first evaluator).
+        extends: the name of an earlier stage (same ``seq_len``, no more tokens) whose windows
+            this stage's token set starts with: both come from one stream, so a candidate
+            promoted from there is scored only on the windows it has not seen (KL reuses its
+            per-window scores) and a paired comparison on the shared windows is possible.
+            ``None`` (default): the stage draws its own windows.
     """
 
     name: str
@@ -169,6 +265,7 @@ class Stage:
     finetune: Mapping[str, Any] = dataclasses.field(default_factory=dict)
     promote: PromotionRule | None = None
     objective: str | None = None
+    extends: str | None = None
 
     def __post_init__(self) -> None:
         evs = tuple(self.evaluators) if isinstance(self.evaluators, (list, tuple)) else (self.evaluators,)
@@ -189,7 +286,7 @@ class Stage:
         if self.objective is not None and self.objective not in names:
             raise ValueError(f"Stage {self.name!r}: objective {self.objective!r} is not one of {names}.")
         if self.promote is not None and not isinstance(self.promote, PromotionRule):
-            raise TypeError(f"Stage {self.name!r}: promote must be TopK(k), TopFraction(f) or None.")
+            raise TypeError(f"Stage {self.name!r}: promote must be TopK(k), TopFraction(f), Race(z) or None.")
         unknown = set(self.finetune) - {
             "lr", "train", "layers", "batch_size", "seq_len", "weight_decay", "betas", "max_grad_norm", "verify"
         }
@@ -257,6 +354,8 @@ class CandidateResult:
 
     candidate: Any
     stages: list[StageResult] = dataclasses.field(default_factory=list)
+    #: at the last stage, with a ``reference``: not clearly worse than it (paired), else ``None``
+    close: bool | None = None
 
     @property
     def last_stage(self) -> str | None:
@@ -317,6 +416,25 @@ class Pipeline:
         names = [s.name for s in self.stages]
         if len(set(names)) != len(names):
             raise ValueError(f"Pipeline: stage names must be distinct, got {names}.")
+        for i, st in enumerate(self.stages):
+            if st.extends is None:
+                continue
+            base = next((b for b in self.stages[:i] if b.name == st.extends), None)
+            if base is None:
+                raise ValueError(f"Stage {st.name!r} extends {st.extends!r}, which is not an earlier stage; "
+                                 f"name one of {names[:i]}.")
+            if base.seq_len != st.seq_len or base.eval_tokens > st.eval_tokens or not base.eval_tokens:
+                raise ValueError(
+                    f"Stage {st.name!r} extends {base.name!r}: give it the same seq_len ({base.seq_len}) and at "
+                    f"least its eval_tokens ({base.eval_tokens}); got seq_len {st.seq_len}, eval_tokens "
+                    f"{st.eval_tokens}.")
+
+    def stream(self, stage: str | int | Stage) -> str:
+        """The name of the window stream of ``stage``: the first stage of its ``extends`` chain."""
+        st = self.stage(stage)
+        while st.extends is not None:
+            st = self.stage(st.extends)
+        return st.name
 
     def __repr__(self) -> str:
         return f"Pipeline({[s.name for s in self.stages]})"
@@ -334,8 +452,33 @@ class Pipeline:
     def stage_context(self, stage: str | int | Stage, context: EvalContext) -> EvalContext:
         st = self.stage(stage)
         if st.eval_tokens:
-            return context.for_stage(st.name, eval_tokens=st.eval_tokens, seq_len=st.seq_len)
+            if st.extends is None:
+                return context.for_stage(st.name, eval_tokens=st.eval_tokens, seq_len=st.seq_len)
+            tokens = context.token_set(st.eval_tokens, st.seq_len, stage=self.stream(st))
+            return dataclasses.replace(context.for_stage(st.name), tokens=tokens)
         return context.for_stage(st.name)
+
+    def window_values(self, stage: str | int | Stage, model: torch.nn.Module, candidate: Any,
+                      context: EvalContext) -> Any:
+        """Per-window objective scores of ``candidate`` at ``stage`` if its objective evaluator keeps them
+        (:meth:`KLToDense.window_values`) and they are known in this process, else ``None``."""
+        st = self.stage(stage)
+        ev = st.objective_evaluator
+        if not hasattr(ev, "window_values"):
+            return None
+        return ev.window_values(model, candidate, self.stage_context(st, context))
+
+    def _reference_windows(self, st: Stage, model: torch.nn.Module, reference: Any, context: EvalContext,
+                           on_reference: Callable[[int], None] | None) -> Any:
+        """The reference's per-window scores at ``st``: from the window cache, else scored now (the
+        tokens go to ``on_reference``)."""
+        w = self.window_values(st, model, reference, context)
+        if w is None and hasattr(st.objective_evaluator, "window_values") and not st.finetune_tokens:
+            sr = self.run_stage(st, model, reference, context)
+            if on_reference is not None:
+                on_reference(sum(int(r.tokens or 0) for r in sr.records))
+            w = self.window_values(st, model, reference, context)
+        return w
 
     def prepare(self, model: torch.nn.Module, context: EvalContext) -> None:
         """Let every evaluator cache its dense reference (``model`` must be dense). Idempotent."""
@@ -403,6 +546,9 @@ class Pipeline:
         min_promoted: int = 0,
         on_scored: Callable[[int, int, StageResult], None] | None = None,
         on_decided: Callable[[int, int, float, bool | None], None] | None = None,
+        reference: Any = None,
+        on_reference: Callable[[int], None] | None = None,
+        close_z: float = 2.0,
     ) -> list[CandidateResult]:
         """Run ``candidates`` through the stages; promoted ones go on. The one staged promotion loop
         (the search driver runs its generations and single trials through it).
@@ -421,6 +567,10 @@ class Pipeline:
             on_scored: ``(index, stage index, StageResult)`` after each evaluation (not for known).
             on_decided: ``(index, stage index, objective, promoted)`` once the stage's promotion is
                 decided; ``promoted`` is ``None`` at the last stage and ``False`` for a NaN objective.
+            reference: the incumbent a :class:`Race` compares with (paired, per window); it is
+                scored where its per-window scores are not known yet (the tokens go to
+                ``on_reference``). At the last stage each candidate's :attr:`CandidateResult.close`
+                says whether it is within ``close_z`` standard errors of the reference.
 
         Returns one :class:`CandidateResult` per candidate, in order. A NaN objective is never
         promoted. If an evaluation raises, the exception propagates (candidates already decided
@@ -453,10 +603,34 @@ class Pipeline:
                 if on_scored is not None:
                     on_scored(i, si, sr)
             values = [results[i].stages[-1].objective for i in active]
+            race = isinstance(st.promote, Race) and not last
+            ref_w = None
+            if reference is not None and (race or last) and any(known[i] is None for i in active):
+                ref_w = self._reference_windows(st, model, reference, context, on_reference)
+            if last and ref_w is not None:
+                for k, i in enumerate(active):
+                    w = self.window_values(st, model, candidates[i], context)
+                    if w is not None and not math.isnan(values[k]):
+                        gap, se = paired_gap(w, ref_w, direction=st.direction)
+                        results[i].close = gap - close_z * se <= 0
             if last:
                 promoted: list[bool | None] = [None] * len(active)
             elif st.promote is None:
                 promoted = [True] * len(active)
+            elif race and (ref_w is not None or (history is None and len(active) > 1)):
+                wins = [self.window_values(st, model, candidates[i], context) if known[i] is None else None
+                        for i in active]
+                if ref_w is None:  # no incumbent: the batch's best is the reference
+                    best = min(range(len(active)), key=lambda k: (_key(values[k], st.direction), k))
+                    ref_w = wins[best]
+                if ref_w is None:
+                    promoted = list(st.promote.select(values, direction=st.direction))
+                else:
+                    promoted = list(st.promote.select_paired(values, wins, ref_w, direction=st.direction))
+                if sum(promoted) < min_promoted:
+                    order = sorted(range(len(values)), key=lambda k: (_key(values[k], st.direction), k))
+                    for k in order[:min_promoted]:
+                        promoted[k] = True
             else:
                 past = history(st.name) if callable(history) else (history or {}).get(st.name, ())
                 promoted = list(st.promote.select(values, direction=st.direction, history=past))

@@ -132,6 +132,19 @@ class EvolutionarySampler(GenerationSampler):
             switches leave no slack, so this changes nothing for them.
         max_tries: redraws per offspring slot before giving up on it (all of a
             parent's neighbours may have been seen).
+        patience: the convergence stop: after ``patience`` generations in a row in
+            which the incumbent (best parent) stayed and no finalist came within the
+            noise band of it, :meth:`ask_generation` returns nothing and
+            :attr:`converged` is set (the search stops with ``stopped_by="converged"``).
+            The noise band is the driver's paired test on the last stage's windows
+            (:attr:`evoprune.evaluators.CandidateResult.close`: within 2 standard errors of
+            the per-window differences), or 0.5 % of the incumbent's value where the
+            driver does not know per-window scores. ``None``: never stop by itself.
+        surrogate: rank ``surrogate * offspring`` distinct mutants by an additive
+            per-gene model (ridge regression of the log first-stage score on one-hot
+            gene levels, fitted to every candidate scored so far) and propose the
+            ``offspring`` best; 1 = no surrogate (EvoPress). The model is used once
+            it has at least as many scored candidates as genes.
 
     The driver calls :meth:`setup` once, then alternately :meth:`ask_generation`
     and :meth:`tell_generation`. :attr:`min_finalists` tells it how many
@@ -154,11 +167,17 @@ class EvolutionarySampler(GenerationSampler):
         seed: int = 0,
         max_tries: int = 200,
         fill: bool = True,
+        patience: int | None = 5,
+        surrogate: int = 4,
     ) -> None:
         for name, value, low in (("offspring", offspring, 1), ("parents", parents, 1), ("max_flips", max_flips, 1),
                                  ("max_tries", max_tries, 1)):
             if isinstance(value, bool) or not isinstance(value, int) or value < low:
                 raise ValueError(f"EvolutionarySampler: {name} must be an int >= {low}, got {value!r}.")
+        if patience is not None and (isinstance(patience, bool) or not isinstance(patience, int) or patience < 1):
+            raise ValueError(f"EvolutionarySampler: patience must be an int >= 1 or None, got {patience!r}.")
+        if isinstance(surrogate, bool) or not isinstance(surrogate, int) or surrogate < 1:
+            raise ValueError(f"EvolutionarySampler: surrogate must be an int >= 1 (1: off), got {surrogate!r}.")
         if init_samples is not None and (not isinstance(init_samples, int) or init_samples < 1):
             raise ValueError(f"EvolutionarySampler: init_samples must be a positive int, got {init_samples!r}.")
         if isinstance(init, str):
@@ -186,6 +205,8 @@ class EvolutionarySampler(GenerationSampler):
         self.seed = seed
         self.max_tries = max_tries
         self.fill = bool(fill)
+        self.patience = patience
+        self.surrogate = surrogate
         self.space: SearchSpace | None = None
         self.group: str | None = None
         self._rng = np.random.default_rng(seed)
@@ -194,6 +215,10 @@ class EvolutionarySampler(GenerationSampler):
         self._seen: dict[str, None] = {}  # ordered set
         self._pending: list[Candidate] = []
         self._migrants: set[str] = set()
+        self._stale = 0  # generations in a row without a new incumbent or a close finalist
+        self._close: bool | None = None  # the driver's verdict on the generation being told
+        self._scored: dict[str, tuple[list[int], float]] = {}  # key -> (gene levels, first-stage score)
+        self._converged = False
 
     def __repr__(self) -> str:
         return (
@@ -236,6 +261,17 @@ class EvolutionarySampler(GenerationSampler):
     @property
     def best(self) -> tuple[Candidate, float] | None:
         return self._population[0] if self._population else None
+
+    @property
+    def incumbent(self) -> Candidate | None:
+        """The best parent (what a racing promotion compares offspring with), ``None`` before the
+        first generation was told."""
+        return self._population[0][0] if self._population else None
+
+    @property
+    def converged(self) -> bool:
+        """Whether the convergence stop (``patience``) has ended the search."""
+        return self._converged
 
     @property
     def min_finalists(self) -> int:
@@ -334,9 +370,16 @@ class EvolutionarySampler(GenerationSampler):
         else:
             if not self._population:
                 raise RuntimeError("EvolutionarySampler: no parents (no candidate of the first generation was scored).")
+            if self.patience is not None and self._stale >= self.patience:
+                self._converged = True
+                _log.info("converged: the incumbent held for %d generations with no finalist within the noise band",
+                          self._stale, extra={"fields": {"generation": self._generation, "group": self.group}})
+                return []
+            model = self._surrogate_model()
+            pool_size = self.offspring * (self.surrogate if model is not None else 1)
             batch = []
             keys = set()
-            for _slot in range(self.offspring):
+            for _slot in range(pool_size):
                 for _try in range(self.max_tries):
                     parent = self._population[int(self._rng.integers(len(self._population)))][0]
                     child = self.mutate(parent)
@@ -344,12 +387,24 @@ class EvolutionarySampler(GenerationSampler):
                         child = fill_budget(self.space, child, self._rng)
                     if child.key in self._seen or child.key in keys:
                         continue
-                    if not claim(child.key):
+                    if model is None and not claim(child.key):
                         self._seen[child.key] = None
                         continue
                     batch.append(child)
                     keys.add(child.key)
                     break
+            if model is not None:  # the surrogate's best first; claim them in that order
+                predicted = self._predict(model, batch)
+                order = sorted(range(len(batch)), key=lambda k: (predicted[k], k))
+                ranked, batch = [batch[k] for k in order], []
+                for child in ranked:
+                    if len(batch) == self.offspring:
+                        break
+                    if claim(child.key):
+                        batch.append(child)
+                    else:
+                        self._seen[child.key] = None
+                keys = {c.key for c in batch}
             if not batch:
                 _log.warning("no unseen offspring found; the neighbourhood of the parents is exhausted",
                              extra={"fields": {"generation": self._generation, "group": self.group}})
@@ -380,6 +435,49 @@ class EvolutionarySampler(GenerationSampler):
             source = "migrant"
         return Proposal(candidate=candidate, source=source, group=self.group, space=self.space)
 
+    def observe_generation(self, screened: Sequence[tuple[Candidate, float]], *, close: bool | None = None) -> None:
+        """What the driver saw of the generation before :meth:`tell_generation`: the first-stage score
+        of every candidate scored (the surrogate's data) and whether any finalist came within the
+        noise band of the incumbent (``None``: unknown; the convergence rule then uses 0.5 %)."""
+        space = self._need_space()
+        for cand, value in screened:
+            if value is not None and math.isfinite(float(value)) and float(value) > 0:
+                self._scored[cand.key] = (list(space.levels_of(cand).values()), float(value))
+        self._close = close
+
+    # -- surrogate -----------------------------------------------------------------------------
+    def _features(self, levels: Sequence[Sequence[int]]) -> np.ndarray:
+        space = self._need_space()
+        offsets, width = [], 0
+        for g in space.genes:
+            offsets.append(width)
+            width += g.top
+        x = np.zeros((len(levels), width))
+        for r, lvs in enumerate(levels):
+            for k, lv in enumerate(lvs):
+                if lv:
+                    x[r, offsets[k] + lv - 1] = 1.0
+        return x
+
+    def _surrogate_model(self) -> np.ndarray | None:
+        """Ridge coefficients (intercept last) of log score on one-hot levels, or ``None``."""
+        if self.surrogate <= 1 or self.space is None:
+            return None
+        data = list(self._scored.values())
+        if len(data) < max(8, len(self.space.genes)):
+            return None
+        x = self._features([lv for lv, _v in data])
+        x = np.hstack([x, np.ones((len(data), 1))])
+        y = np.log(np.array([v for _lv, v in data]))
+        reg = 1e-2 * np.eye(x.shape[1])
+        reg[-1, -1] = 0.0
+        return np.linalg.solve(x.T @ x + reg, x.T @ y)
+
+    def _predict(self, model: np.ndarray, cands: Sequence[Candidate]) -> list[float]:
+        space = self._need_space()
+        x = self._features([list(space.levels_of(c).values()) for c in cands])
+        return [float(v) for v in x @ model[:-1] + model[-1]]
+
     def tell_generation(self, results: Sequence[tuple[Candidate, float | None]]) -> None:
         """Last-stage fitness of the generation's candidates (``None`` or NaN: did not reach it).
 
@@ -396,6 +494,7 @@ class EvolutionarySampler(GenerationSampler):
             if math.isnan(value):
                 continue
             finalists.append((pending[cand.key], value))
+        before = self._population[0] if self._population else None
         pool = finalists + list(self._population)  # newcomers first: stable sort gives them ties
         pool.sort(key=lambda cv: cv[1])
         if not pool and self._generation == 0:
@@ -403,6 +502,13 @@ class EvolutionarySampler(GenerationSampler):
                 "EvolutionarySampler: no initial candidate reached the last stage; check the stage promotion rules."
             )
         self._population = pool[: self.parents]
+        if before is not None:
+            close = self._close
+            if close is None:
+                close = any(v <= before[1] * 1.005 for _c, v in finalists if _c.key != before[0].key)
+            new_best = self._population[0][0].key != before[0].key
+            self._stale = 0 if (new_best or close) else self._stale + 1
+        self._close = None
         self._pending = []
         self._generation += 1
         if self._population:
@@ -426,6 +532,9 @@ class EvolutionarySampler(GenerationSampler):
             "migrants": sorted(self._migrants),
             "seen": list(self._seen),
             "rng": _rng_state(self._rng),
+            "stale": self._stale,
+            "converged": self._converged,
+            "scored": [[k, lv, v] for k, (lv, v) in self._scored.items()],
         }
 
     def _settings(self) -> dict[str, Any]:
@@ -440,6 +549,8 @@ class EvolutionarySampler(GenerationSampler):
             "kinds": None if self.kinds is None else list(self.kinds),
             "seed": self.seed,
             "fill": self.fill,
+            "patience": self.patience,
+            "surrogate": self.surrogate,
         }
 
     def load_state_dict(self, state: Mapping[str, Any]) -> None:
@@ -462,6 +573,9 @@ class EvolutionarySampler(GenerationSampler):
         self._migrants = set(state.get("migrants", []))
         self._seen = dict.fromkeys(state["seen"])
         _set_rng_state(self._rng, state["rng"])
+        self._stale = int(state.get("stale", 0))
+        self._converged = bool(state.get("converged", False))
+        self._scored = {k: ([int(x) for x in lv], float(v)) for k, lv, v in state.get("scored", [])}
 
 
 def _uniform_in_budget(space: SearchSpace, rng: np.random.Generator) -> Candidate:

@@ -62,6 +62,9 @@ def build_pipeline(stages: Sequence[Any]) -> Any:
         if s.promote is not None:
             if "top_k" in s.promote:
                 promote = ev.TopK(int(s.promote["top_k"]))
+            elif "race" in s.promote:
+                promote = ev.Race(float(s.promote["race"]), s.promote.get("max_count"),
+                                  int(s.promote.get("min_count", 1)))
             else:
                 promote = ev.TopFraction(float(s.promote["top_fraction"]), int(s.promote.get("min_count", 1)))
         out.append(
@@ -74,6 +77,7 @@ def build_pipeline(stages: Sequence[Any]) -> Any:
                 finetune=dict(s.finetune),
                 promote=promote,
                 objective=s.objective,
+                extends=s.extends,
             )
         )
     return ev.Pipeline(out)

@@ -1,0 +1,85 @@
+"""Named schedules: ``preset: NAME`` in a study config fills ``sampler`` and ``stages`` (what the
+config does not give itself).
+
+- ``default``: evoprune's own schedule -- the default of a config without a preset: 16
+  offspring ranked by a surrogate from a pool of 64 mutants, a first stage of 2,048 tokens
+  whose racing promotion (:class:`~evoprune.evaluators.Race`) sends on every offspring not
+  clearly worse than the incumbent (at most 4), a final stage of 16,384 tokens that *extends*
+  the first one (a promoted candidate pays only for the new windows), and the convergence stop
+  (5 generations without a new incumbent or a finalist within the noise band).
+- ``evopress-depth``, ``evopress-unstructured``, ``evopress-fast``: EvoPress's published
+  schedules (32 offspring, survivors 2 @ 2,048 tokens -> 1 @ 32,768; 64 offspring,
+  8 @ 2,048 -> 2 @ 16,384 -> 1 @ 65,536; 16 offspring, 1 @ 512 -> 1 @ 8,192), fixed top-k
+  promotion, independent windows per stage, no surrogate, no convergence stop. EvoPress runs a
+  fixed number of generations: ``k(n-k)/1.5`` for dropping ``k`` of ``n`` blocks
+  (:func:`evopress_depth_generations`), 400 for unstructured sparsity; give it as the stop
+  (``stop: {n_generations: ...}``). One difference: EvoPress scores its parent again with the
+  finalists every generation; stage token sets here are a deterministic function of the data
+  and the seed, so the parent's last-stage score is kept instead (same value, no tokens).
+
+>>> from evoprune.search import StudyConfig
+>>> cfg = StudyConfig.from_dict({"preset": "evopress-depth", "calibration": {"num_sequences": 8, "seq_len": 256}})
+>>> [(s.name, s.eval_tokens, s.promote) for s in cfg.stages], cfg.sampler.options["offspring"]
+([('s1', 2048, {'top_k': 2}), ('final', 32768, None)], 32)
+>>> evopress_depth_generations(num_blocks=8, drop=3)
+10
+"""
+
+from __future__ import annotations
+
+import copy
+import math
+from collections.abc import Mapping
+from typing import Any
+
+__all__ = ["PRESETS", "apply_preset", "evopress_depth_generations"]
+
+
+def _stage(name: str, tokens: int, promote: Any = None, **extra: Any) -> dict[str, Any]:
+    return {"name": name, "evaluators": ["kl"], "eval_tokens": tokens, "seq_len": 256, "promote": promote, **extra}
+
+
+def _evopress(offspring: int, stages: list[dict[str, Any]]) -> dict[str, Any]:
+    return {"sampler": {"name": "evolutionary", "options": {"offspring": offspring, "parents": 1, "surrogate": 1,
+                                                             "patience": None}},
+            "stages": stages}
+
+
+#: name -> the config sections it fills
+PRESETS: dict[str, dict[str, Any]] = {
+    "default": {
+        "sampler": {"name": "evolutionary", "options": {"offspring": 16, "surrogate": 4, "patience": 5}},
+        "stages": [_stage("s1", 2048, {"race": 2.0, "max_count": 4}), _stage("final", 16384, extends="s1")],
+    },
+    "evopress-depth": _evopress(32, [_stage("s1", 2048, {"top_k": 2}), _stage("final", 32768)]),
+    "evopress-unstructured": _evopress(64, [_stage("s1", 2048, {"top_k": 8}), _stage("s2", 16384, {"top_k": 2}),
+                                            _stage("final", 65536)]),
+    "evopress-fast": _evopress(16, [_stage("s1", 512, {"top_k": 1}), _stage("final", 8192)]),
+}
+
+
+def evopress_depth_generations(*, num_blocks: int, drop: int) -> int:
+    """EvoPress's generation count for dropping ``drop`` of ``num_blocks`` blocks: ``ceil(k(n-k)/1.5)``."""
+    return max(1, math.ceil(drop * (num_blocks - drop) / 1.5))
+
+
+def apply_preset(data: Mapping[str, Any]) -> dict[str, Any]:
+    """``data`` (a config dict) with its ``preset`` key expanded: the preset's ``stages`` where the
+    config gives none, its ``sampler`` where the config names no other sampler (the config's own
+    sampler options win)."""
+    out = dict(data)
+    name = out.pop("preset", None)
+    if name is None:
+        return out
+    if name not in PRESETS:
+        raise ValueError(f"StudyConfig: unknown preset {name!r}; use one of {sorted(PRESETS)}.")
+    preset = copy.deepcopy(PRESETS[name])
+    if out.get("stages") is None:
+        out["stages"] = preset["stages"]
+    sampler = out.get("sampler")
+    sampler = {"name": sampler} if isinstance(sampler, str) else dict(sampler or {})
+    if sampler.get("name", "evolutionary") == preset["sampler"]["name"]:
+        sampler["name"] = preset["sampler"]["name"]
+        sampler["options"] = {**preset["sampler"]["options"], **dict(sampler.get("options") or {})}
+        out["sampler"] = sampler
+    return out

@@ -1,0 +1,210 @@
+"""Token-efficient selection: nested stage windows, the per-window KL cache, racing promotion, the
+surrogate, the convergence stop and the presets (issue 16)."""
+
+from __future__ import annotations
+
+import dataclasses
+
+import numpy as np
+import optuna
+import pytest
+import torch
+
+from tiny_models import tiny_model
+
+from evoprune.evaluators import EvalContext, KLToDense, Pipeline, Race, Stage, TopK, finetune
+from evoprune.evaluators._pipeline import paired_gap
+from evoprune.pruning import Pruner
+from evoprune.search import (
+    PRESETS,
+    EvolutionarySampler,
+    Runtime,
+    Searcher,
+    StudyConfig,
+    evopress_depth_generations,
+)
+from evoprune.space import Budget, SearchSpace
+
+optuna.logging.set_verbosity(optuna.logging.WARNING)
+
+
+@pytest.fixture(scope="module")
+def base():
+    torch.set_num_threads(1)
+    model = tiny_model("llama", num_hidden_layers=6)
+    gen = torch.Generator().manual_seed(0)
+    ids = torch.randint(3, 97, (8000,), generator=gen)
+    pruner = Pruner(model, ids[: 4 * 32].reshape(4, 32))
+    return model, ids, pruner
+
+
+def _stages(race=None, extends=True):
+    promote = Race(*race) if race is not None else TopK(2)
+    return [
+        Stage(name="s1", evaluators=[KLToDense(name="kl")], eval_tokens=128, seq_len=32, promote=promote),
+        Stage(name="final", evaluators=[KLToDense(name="kl")], eval_tokens=512, seq_len=32,
+              extends="s1" if extends else None),
+    ]
+
+
+def _runtime(base, stages, drop=2):
+    model, ids, pruner = base
+    space0 = SearchSpace.from_model(model.config, attention=None, mlp=False, drop_blocks=True)
+    k = space0.cost(space0.candidate_from_levels({f"L{i}.block": 1 for i in range(drop)}), "params")
+    space = dataclasses.replace(space0, budget=(Budget(metric="params", min_value=k, max_value=k),))
+    ctx = EvalContext(eval_ids=ids, pruner=pruner, cost_model=space.cost_model, cache_dir=False, seed=0)
+    return Runtime(model=model, space=space, pipeline=Pipeline(stages), context=ctx, objectives=["kl"], pruner=pruner)
+
+
+def _drop(space, *blocks):
+    return space.candidate_from_levels({f"L{i}.block": 1 for i in blocks})
+
+
+def test_extending_stage_windows_start_with_the_first_stage_windows(base):
+    rt = _runtime(base, _stages())
+    s1 = rt.pipeline.stage_context("s1", rt.context).tokens
+    final = rt.pipeline.stage_context("final", rt.context).tokens
+    assert torch.equal(final.ids[: s1.num_sequences], s1.ids)
+    independent = _runtime(base, _stages(extends=False))
+    other = independent.pipeline.stage_context("final", independent.context).tokens
+    assert not torch.equal(other.ids[: s1.num_sequences], s1.ids)
+    with pytest.raises(ValueError, match="same seq_len"):
+        Pipeline([_stages()[0], Stage(name="final", evaluators=[KLToDense()], eval_tokens=512, seq_len=16,
+                                      extends="s1")])
+    with pytest.raises(ValueError, match="not an earlier stage"):
+        Pipeline([Stage(name="a", evaluators=[KLToDense()], eval_tokens=64, seq_len=32, extends="b")])
+
+
+def test_a_promoted_candidate_pays_only_for_new_windows_and_gets_the_same_value(base):
+    model = base[0]
+    rt = _runtime(base, _stages())
+    cand = _drop(rt.space, 1, 3)
+    rt.pipeline.prepare(model, rt.context)
+    s1 = rt.pipeline.run_stage("s1", model, cand, rt.context)
+    fin = rt.pipeline.run_stage("final", model, cand, rt.context)
+    assert s1.records[0].tokens == 128 and fin.records[0].tokens == 512 - 128
+    assert fin.records[0].details["reused_tokens"] == 128
+    again = rt.pipeline.run_stage("final", model, cand, rt.context)
+    assert again.records[0].tokens == 0 and again.objective == fin.objective
+    fresh = _runtime(base, _stages())  # a new context: nothing cached, every window computed
+    fresh.pipeline.prepare(model, fresh.context)
+    ref = fresh.pipeline.run_stage("final", model, cand, fresh.context)
+    assert ref.records[0].tokens == 512
+    assert ref.objective == pytest.approx(fin.objective, rel=1e-6)
+
+
+def test_a_fine_tuned_model_never_reuses_cached_windows(base):
+    model = base[0]
+    rt = _runtime(base, _stages())
+    cand = _drop(rt.space, 2, 4)
+    rt.pipeline.prepare(model, rt.context)
+    ctx = rt.pipeline.stage_context("final", rt.context)
+    kl = rt.pipeline.stage("final").evaluators[0]
+    with rt.pruner.applied(cand):
+        plain = kl.evaluate(model, cand, ctx)
+        with finetune(model, dataclasses.replace(ctx, allow_train_on_eval=True), tokens=256, lr=1e-2):
+            tuned = kl.evaluate(model, cand, ctx)
+        assert tuned.tokens == 512 and tuned.value != plain.value
+        assert kl.evaluate(model, cand, ctx).tokens == 0  # back to dense + candidate: the cache serves it
+
+
+def test_race_promotes_by_paired_differences():
+    ref = torch.tensor([1.0, 3.0, 0.5, 2.0, 1.5, 0.7])
+    noise = 0.01 * torch.tensor([1.0, -1.0, 1.0, -1.0, 1.0, -1.0])
+    same = ref + noise  # equal on average: not clearly worse
+    worse = ref + 0.05 + noise  # slightly but consistently worse: clearly worse, although far within the spread
+    better = ref - 0.2
+    assert paired_gap(worse, ref)[0] == pytest.approx(0.05)
+    values = [float(w.mean()) for w in (same, worse, better)]
+    assert Race(z=2.0).select_paired(values, [same, worse, better], ref) == [True, False, True]
+    assert Race(z=2.0, max_count=1).select_paired(values, [same, worse, better], ref) == [False, False, True]
+    # unpaired, the difference of `worse` is hidden in the window-to-window spread
+    assert 0.05 < float(ref.std() / np.sqrt(len(ref)))
+    with pytest.raises(ValueError, match="Race.z"):
+        Race(z=-1)
+
+
+def test_race_in_a_generation_stops_clearly_worse_offspring_at_the_first_stage(base):
+    rt = _runtime(base, _stages(race=(2.0, None)))
+    study = optuna.create_study(directions=rt.directions)
+    sampler = EvolutionarySampler(offspring=6, seed=0, surrogate=1, patience=None)
+    searcher = Searcher(rt, study, sampler, progress=False)
+    searcher.run(n_generations=3)
+    incumbent = sampler.incumbent
+    assert incumbent is not None
+    pipe, ctx, model = rt.pipeline, rt.context, rt.model
+    ref1 = pipe.window_values("s1", model, incumbent, ctx)
+    assert ref1 is not None  # the incumbent's first-stage windows are known from its final score
+    reached = {}
+    for t in study.trials:
+        if t.number == 0:
+            continue
+        stage = t.user_attrs.get("evoprune:stage_reached")
+        cand = rt.space.candidate_from_params(t.params)
+        w = pipe.window_values("s1", model, cand, ctx)
+        reached[t.number] = (stage, w)
+    stopped = [w for s, w in reached.values() if s == "s1" and w is not None]
+    assert stopped, "some offspring should stop at s1"
+
+
+def test_convergence_stop_ends_a_depth_search_by_itself(base, tmp_path):
+    rt = _runtime(base, _stages(race=(2.0, 4)), drop=2)
+    study = optuna.create_study(directions=rt.directions)
+    sampler = EvolutionarySampler(offspring=4, seed=0, patience=2, surrogate=1)
+    stats = Searcher(rt, study, sampler, progress=False).run(n_generations=50)
+    assert stats.stopped_by in ("converged", "exhausted")
+    assert stats.generations < 50
+    if stats.stopped_by == "converged":
+        assert sampler.converged
+        twin = EvolutionarySampler(offspring=4, seed=0, patience=2, surrogate=1)
+        twin.setup(rt.space)
+        twin.load_state_dict(sampler.state_dict())
+        assert twin.converged and twin.ask_generation() == []
+
+
+def test_surrogate_ranks_offspring_by_an_additive_model_fitted_to_scores():
+    cfg = dict(model_type="llama", num_hidden_layers=12, hidden_size=64, num_attention_heads=4,
+               num_key_value_heads=2, intermediate_size=128, vocab_size=100)
+    space0 = SearchSpace.from_model(cfg, attention=None, mlp=False, drop_blocks=True)
+    k = space0.cost(space0.candidate_from_levels({f"L{i}.block": 1 for i in range(4)}), "params")
+    space = dataclasses.replace(space0, budget=(Budget(metric="params", min_value=k, max_value=k),))
+    weight = np.linspace(1.0, 3.0, 12)[np.random.default_rng(0).permutation(12)]
+
+    def score(c):  # additive in the dropped blocks
+        lv = list(space.levels_of(c).values())
+        return float(np.exp(sum(w for w, x in zip(weight, lv) if x)))
+
+    means = {}
+    for pool in (1, 4):
+        evo = EvolutionarySampler(offspring=8, seed=3, surrogate=pool, patience=None, init="random")
+        evo.setup(space)
+        later = []
+        for gen in range(6):
+            kids = evo.ask_generation()
+            scored = [(p.candidate, score(p.candidate)) for p in kids]
+            evo.observe_generation(scored)
+            evo.tell_generation(scored)
+            if gen >= 3:
+                later += [v for _c, v in scored]
+        means[pool] = np.mean(later)
+        assert evo.state_dict()["settings"]["surrogate"] == pool
+    assert means[4] < means[1]
+
+
+def test_presets_expand_and_unknown_ones_say_what_exists():
+    cfg = StudyConfig.from_dict({"preset": "evopress-unstructured", "calibration": {"num_sequences": 8, "seq_len": 256},
+                                 "sampler": {"name": "evolutionary", "options": {"seed": 3}}})
+    assert [(s.eval_tokens, s.promote) for s in cfg.stages] == [(2048, {"top_k": 8}), (16384, {"top_k": 2}),
+                                                               (65536, None)]
+    assert cfg.sampler.options["offspring"] == 64 and cfg.sampler.options["seed"] == 3
+    default = StudyConfig.from_dict({"calibration": {"num_sequences": 8, "seq_len": 256}})
+    assert default.stages == StudyConfig.from_dict({"preset": "default", "calibration": {"num_sequences": 8,
+                                                                                         "seq_len": 256}}).stages
+    assert default.stages[1].extends == "s1" and "race" in default.stages[0].promote
+    assert evopress_depth_generations(num_blocks=32, drop=8) == 128
+    assert set(PRESETS) >= {"default", "evopress-depth", "evopress-unstructured", "evopress-fast"}
+    with pytest.raises(ValueError, match="unknown preset 'evopres'.*evopress-depth"):
+        StudyConfig.from_dict({"preset": "evopres", "calibration": {"num_sequences": 8, "seq_len": 256}})
+    with pytest.raises(ValueError, match="promote"):
+        StudyConfig.from_dict({"calibration": {"num_sequences": 8, "seq_len": 256},
+                               "stages": [{"name": "a", "promote": {"race": -1}}, {"name": "b"}]})
