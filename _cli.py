@@ -156,6 +156,9 @@ def _print_stats(study: Any, stats: Any) -> None:
     print(f"study {study.name!r} in {study.url}: this run {stats.trials} trials ({stats.complete} complete, "
           f"{stats.pruned} pruned, {stats.failed} failed), {stats.generations} generations, "
           f"stopped by {stats.stopped_by}, {stats.seconds:.1f} s; {study.last_retried} failed candidates retried")
+    if getattr(stats, "proposals", 0):
+        print(f"sampler proposals: {stats.proposals}; resampled without a trial {stats.resampled} "
+              f"({stats.wasted_share:.0%}): already seen {stats.duplicates}, over budget {stats.infeasible}")
     _print_front(study)
 
 

@@ -22,10 +22,24 @@ Experiments (``--experiment``):
    (``--width-tokens`` forward tokens) vs FLAP-style vs uniform; plus FLAP vs uniform at 0.7 params
    (the FLAP check). TARGET ``flap_ppl_over_uniform_70 <= 1.5``.
 
+3. unstructured sparsity at ``--sparsities`` (default 50 % and 70 % of the weights of the prunable
+   linears zero; the budget is the ``nonzero_params`` of that uniform setting): per-block levels
+   (``--sparsity-step`` apart) found by the evolutionary search (``--sparse-tokens`` forward tokens,
+   first parents ``--sparse-init``; a seed baseline's calibration tokens count against the budget) vs
+   uniform Wanda (every block at the level) vs OWL (:func:`evoprune.search.owl`, ``--owl-m``,
+   ``--owl-lambda``). TARGETs ``evo_rank_sparsity_50`` / ``_70 <= 1``.
+4. joint depth + width + sparsity at the nonzero count of ``--joint-sparsity`` (default 50 %) of the
+   linears: one evolutionary search over block drops, KV groups, MLP widths (``--joint-mlp-step``)
+   and sparsity levels (level switches across kinds) vs the same search restricted to each single
+   kind (same space levels, same budget, same ``--joint-tokens`` each). TARGET
+   ``joint_ppl_over_best_single <= 1.0`` (test perplexity, joint over the best single kind).
+
 Timings are noisy on a shared machine; the ratios are measured side by side.
 
     python bench/real_model.py                       # experiment 1, ~10-15 min on 2 CPU cores
     python bench/real_model.py --experiment 2
+    python bench/real_model.py --experiment 3 --threads 1 --no-rss
+    python bench/real_model.py --experiment 4 --threads 1 --no-rss
 """
 
 from __future__ import annotations
@@ -54,6 +68,8 @@ from evoprune.search import (
     build_runtime,
     flap,
     flap_scores,
+    owl,
+    owl_scores,
     shortgpt,
     sleb,
     uniform,
@@ -96,10 +112,11 @@ class Scorer:
         rt = self.rt
         ctx = rt.context
         if cand is None:
-            out = {"ppl": perplexity(rt.model, self.windows, batch_size=self.args.batch_size), "kl": 0.0}
-            if self.cloze:
-                out["cloze"] = self.cloze.evaluate(rt.model, None, ctx).value
-            return out
+            if getattr(self, "_dense", None) is None:  # the dense model scores the same every time
+                self._dense = {"ppl": perplexity(rt.model, self.windows, batch_size=self.args.batch_size), "kl": 0.0}
+                if self.cloze:
+                    self._dense["cloze"] = self.cloze.evaluate(rt.model, None, ctx).value
+            return dict(self._dense)
         with rt.pruner.applied(cand):
             out = {"ppl": perplexity(rt.model, self.windows, batch_size=self.args.batch_size),
                    "kl": self.kl.evaluate(rt.model, cand, self.kl_ctx).value}
@@ -117,11 +134,12 @@ def _best_final(study) -> Candidate:
     return Candidate.from_dict(best.user_attrs[ATTR_PREFIX + "candidate"])
 
 
-def _evolve(rt, space, tokens: int, seed: int, offspring: int, init=None) -> tuple[Candidate, int, float]:
+def _evolve(rt, space, tokens: int, seed: int, offspring: int, init=None, **sampler_kw) -> tuple[Candidate, int, float]:
     rt.space = space
     rt.pipeline.prepare(rt.model, rt.context)  # dense references outside the token budget
     study = optuna.create_study(directions=rt.directions)
-    sampler = EvolutionarySampler(offspring=offspring, seed=seed, **({"init": init} if init is not None else {}))
+    sampler = EvolutionarySampler(offspring=offspring, seed=seed, **({"init": init} if init is not None else {}),
+                                  **sampler_kw)
     searcher = Searcher(rt, study, sampler, progress=False)
     t0 = time.time()
     used = 0
@@ -188,18 +206,38 @@ def _topk_fidelity(rt, space, args) -> list[tuple[float, float]]:
     return out
 
 
-def _row(name: str, cand, tokens, sec, score, rt) -> tuple:
-    params = rt.space.ratio(cand, "params") if cand is not None else 1.0
-    dropped = [i for i, lc in enumerate(cand.layers) if lc.dropped] if cand is not None else []
-    return (name, params, tokens, sec, score["ppl"], score.get("cloze", math.nan), dropped, score["kl"])
+def _describe(cand, rt) -> str:
+    """Dropped blocks, and (where compressed) mean KV groups / MLP channels of the kept blocks and
+    the sparsity range of the kept blocks."""
+    if cand is None:
+        return ""
+    spec = rt.space.spec
+    kept = [lc for lc in cand.layers if not lc.dropped]
+    dropped = [i for i, lc in enumerate(cand.layers) if lc.dropped]
+    out = [str(dropped)] if dropped else []
+    kv = [lc.num_kv_heads for lc in kept]
+    mlp = [lc.mlp_channels for lc in kept]
+    if any(k != spec.num_kv_heads for k in kv):
+        out.append(f"kv {np.mean(kv):.2f}/{spec.num_kv_heads}")
+    if any(c != spec.intermediate_size for c in mlp):
+        out.append(f"mlp {np.mean(mlp):.0f}/{spec.intermediate_size}")
+    sp = [lc.sparsity_of(n) for lc in kept for n in ("q", "k", "v", "o", "gate", "up", "down")]
+    if any(sp):
+        out.append(f"sparsity {min(sp):.3f}-{max(sp):.3f} (mean {np.mean(sp):.3f})")
+    return " ".join(out)
 
 
-def _print_rows(rows) -> None:
-    print(f"{'method':18s} {'params':>7s} {'tokens':>8s} {'sec':>6s} {'val KL':>7s} {'test ppl':>9s} {'cloze':>6s}  "
-          "dropped blocks")
-    for name, params, tok, sec, ppl, cloze, dropped, kl in rows:
-        print(f"{name:18s} {params:7.3f} {tok:8d} {sec:6.0f} {kl:7.4f} {ppl:9.2f} {cloze:6.3f}  "
-              f"{dropped if dropped else ''}")
+def _row(name: str, cand, tokens, sec, score, rt, metric: str = "params") -> tuple:
+    params = rt.space.ratio(cand, metric) if cand is not None else 1.0
+    return (name, params, tokens, sec, score["ppl"], score.get("cloze", math.nan), _describe(cand, rt), score["kl"])
+
+
+def _print_rows(rows, metric: str = "params") -> None:
+    label = {"params": "params", "nonzero_params": "nonzero"}.get(metric, metric)
+    print(f"{'method':18s} {label:>7s} {'tokens':>8s} {'sec':>6s} {'val KL':>7s} {'test ppl':>9s} {'cloze':>6s}  "
+          "structure (dropped blocks, widths, sparsity)")
+    for name, params, tok, sec, ppl, cloze, desc, kl in rows:
+        print(f"{name:18s} {params:7.3f} {tok:8d} {sec:6.0f} {kl:7.4f} {ppl:9.2f} {cloze:6.3f}  {desc}")
 
 
 def _search_process_rss(args) -> tuple[int, str]:
@@ -289,9 +327,134 @@ def experiment_width(rt, args, score, targets) -> None:
     rt.space = space0
 
 
+def sparsity_levels(target: float, args) -> tuple[float, ...]:
+    """``(0, target - K * step, ..., target, ..., target + K * step)`` within ``(0, 1)``, ``K * step <=
+    --sparsity-span``. With ``step = 1/64`` every level step prunes exactly ``in_features / 64`` more
+    weights per row of every SmolLM2 linear (576, 192k, 128k inputs), so a level switch between
+    two blocks keeps the nonzero count exactly (a 0.025 grid rounds unevenly and a switch at an
+    exact budget would never fit)."""
+    k = int(round(args.sparsity_span / args.sparsity_step))
+    return (0.0,) + tuple(round(target + j * args.sparsity_step, 9) for j in range(-k, k + 1)
+                          if 0 < target + j * args.sparsity_step < 1)
+
+
+def _restrict(space, **options):
+    """``dataclasses.replace`` of a space with some kinds switched off (their resolved options cleared)."""
+    if options.get("attention", space.attention) is None:
+        options["attn_levels"] = None
+    if not options.get("mlp", space.mlp):
+        options.update(mlp_step=None, mlp_min=None)
+    return dataclasses.replace(space, **options)
+
+
+def _sparse_budget(space, sparsity: float) -> tuple[Budget, ...]:
+    """The ``nonzero_params`` of every block kept, dense widths, every linear at ``sparsity``: the budget
+    of "``sparsity`` of the prunable linears' weights are zero" (embeddings and norms stay dense)."""
+    full = _restrict(space, attention=None, mlp=False, drop_blocks=False, budget=())
+    k = full.sparsity_levels.index(round(sparsity, 9))
+    cap = full.cost(full.candidate_from_levels({g.name: k for g in full.genes}), "nonzero_params")
+    return (Budget(metric="nonzero_params", max_value=cap),)
+
+
+def _rank(rows, name: str) -> int:
+    methods = {r[0]: r[4] for r in rows if r[0] != "dense"}
+    return 1 + sum(v < methods[name] for k, v in methods.items() if k != name)
+
+
+def experiment_sparsity(rt, args, score, targets) -> None:
+    space0 = rt.space
+    t0 = time.time()
+    scores = owl_scores(rt.pruner, rt.calib_ids, m=args.owl_m)
+    t_owl = time.time() - t0
+    r = scores["outlier_ratio"]
+    print(f"\n== experiment 3: unstructured sparsity {', '.join(f'{s:.0%}' for s in args.sparsities)} of the linears' "
+          f"weights; per-block levels 0 and target +-{args.sparsity_span:g} in steps of {args.sparsity_step:g}")
+    print(f"  OWL outlier ratio (M={args.owl_m:g}) per block, %: " + " ".join(f"{100 * v:.2f}" for v in r))
+    for sparsity in args.sparsities:
+        space = dataclasses.replace(space0, sparsity_levels=sparsity_levels(sparsity, args))
+        space = dataclasses.replace(space, budget=_sparse_budget(space, sparsity))
+        rt.space = space
+        print(f"\n-- {sparsity:.0%} of the linears' weights zero: nonzero_params <= {space.budget[0].max_value:,.0f} "
+              f"({space.budget[0].max_value / space.dense_cost('nonzero_params'):.3f} of dense)")
+        rows = [_row("dense", None, 0, 0, score(None), rt, "nonzero_params")]
+        u = uniform(space)
+        rows.append(_row("uniform Wanda", u, 0, 0, score(u), rt, "nonzero_params"))
+        t0 = time.time()
+        report: dict = {}
+        o = owl(space, rt.pruner, scores=scores, lam=args.owl_lambda, report=report)
+        rows.append(_row("OWL", o, scores["tokens"], t_owl + time.time() - t0, score(o), rt, "nonzero_params"))
+        print("  OWL per-block sparsity: " + " ".join(f"{lc.sparsity:.3f}" for lc in o.layers))
+        init = {"uniform": [u], "owl": [o], "both": [o, u]}[args.sparse_init]
+        spent = scores["tokens"] if args.sparse_init in ("owl", "both") else 0
+        evo, used, sec = _evolve(rt, space, args.sparse_tokens - spent, args.seed, args.offspring, init=init)
+        rows.append(_row("evolutionary", evo, used + spent, sec, score(evo), rt, "nonzero_params"))
+        print("  evolutionary per-block sparsity: " + " ".join(f"{lc.sparsity:.3f}" for lc in evo.layers))
+        _print_rows(rows, "nonzero_params")
+        targets.append((f"evo_rank_sparsity_{round(100 * sparsity)}", _rank(rows, "evolutionary"), "<=", 1))
+    print(f"(evolutionary search: first parents {args.sparse_init}, {args.offspring} offspring, screen "
+          f"{args.screen_tokens} -> final {args.final_tokens} tokens, {args.sparse_tokens} tokens in all incl. the "
+          f"seeds' calibration; OWL M={args.owl_m:g}, lambda={args.owl_lambda:g})")
+    rt.space = space0
+
+
+def experiment_joint(rt, args, score, targets) -> None:
+    space0 = rt.space
+    budget = _sparse_budget(space0, args.joint_sparsity)
+    joint = dataclasses.replace(space0, budget=budget)
+    rt.space = joint
+    print(f"\n== experiment 4: joint depth + width + sparsity at the nonzero count of {args.joint_sparsity:.0%} sparse "
+          f"linears (nonzero_params <= {budget[0].max_value:,.0f}, "
+          f"{budget[0].max_value / joint.dense_cost('nonzero_params'):.3f} of dense); {args.joint_tokens} forward tokens per search")
+    rows = [_row("dense", None, 0, 0, score(None), rt, "nonzero_params")]
+    t0 = time.time()
+    owl_sc = owl_scores(rt.pruner, rt.calib_ids, m=args.owl_m)
+    t_owl = time.time() - t0
+    singles = {
+        "depth": _restrict(space0, attention=None, mlp=False, sparsity_levels=(), budget=budget),
+        "width": _restrict(space0, drop_blocks=False, sparsity_levels=(), budget=budget),
+        "sparsity": _restrict(space0, attention=None, mlp=False, drop_blocks=False, budget=budget),
+    }
+    results = {}
+    for kind, space in singles.items():
+        rt.space = space
+        spent = 0
+        if kind == "depth":  # uniform cannot drop blocks: start from ShortGPT's drop (one calibration pass)
+            init = [shortgpt(space, rt.pruner)]
+            spent = int(rt.calib_ids.numel())
+        elif kind == "width":
+            init = [uniform(space)]
+        else:
+            o = owl(space, rt.pruner, scores=owl_sc, lam=args.owl_lambda)
+            init = {"uniform": [uniform(space)], "owl": [o], "both": [o, uniform(space)]}[args.sparse_init]
+            spent = owl_sc["tokens"] if args.sparse_init in ("owl", "both") else 0
+        evo, used, sec = _evolve(rt, space, args.joint_tokens - spent, args.seed, args.offspring, init=init)
+        rt.space = joint
+        rows.append(_row(f"{kind} only", evo, used + spent, sec, score(evo), rt, "nonzero_params"))
+        results[kind] = rows[-1][4]
+    # the joint search starts from the one-shot seeds of every kind (their calibration tokens count)
+    rt.space = joint
+    seeds = [owl(joint, rt.pruner, scores=owl_sc, lam=args.owl_lambda), uniform(singles["sparsity"])]
+    spent = owl_sc["tokens"]
+    if args.joint_init == "all":
+        seeds += [uniform(singles["width"]), shortgpt(singles["depth"], rt.pruner)]
+        spent += int(rt.calib_ids.numel())
+    seeds = [joint.canonical(c) for c in seeds]
+    t0 = time.time()
+    evo, used, sec = _evolve(rt, joint, args.joint_tokens - spent, args.seed, args.offspring, init=seeds,
+                             same_kind=False)
+    rows.append(_row("joint", evo, used + spent, sec + t_owl, score(evo), rt, "nonzero_params"))
+    _print_rows(rows, "nonzero_params")
+    best_kind = min(results, key=results.get)
+    print(f"(every search: {args.offspring} offspring, screen {args.screen_tokens} -> final {args.final_tokens} "
+          f"tokens; joint: level switches across kinds, first parents OWL + uniform sparsity"
+          f"{' + uniform width + ShortGPT' if args.joint_init == 'all' else ''}; best single kind: {best_kind})")
+    targets.append(("joint_ppl_over_best_single", rows[-1][4] / results[best_kind], "<=", 1.0))
+    rt.space = space0
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--experiment", default="1", help="1 (depth), 2 (width) or all")
+    ap.add_argument("--experiment", default="1", help="1 (depth), 2 (width), 3 (sparsity), 4 (joint) or all")
     ap.add_argument("--drop", type=int, default=7, help="blocks to drop in experiment 1")
     ap.add_argument("--calib-sequences", type=int, default=8)
     ap.add_argument("--sleb-sequences", type=int, default=2, help="calibration sequences SLEB scores each removal on")
@@ -304,6 +467,22 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--min-search-tokens", type=int, default=0, help="search budget floor (default: SLEB's tokens)")
     ap.add_argument("--width-ratio", type=float, default=0.5)
     ap.add_argument("--width-tokens", type=int, default=40_000, help="experiment 2 search budget (0: no search)")
+    ap.add_argument("--sparsities", type=lambda v: [float(x) for x in v.split(",")], default=[0.5, 0.7],
+                    help="experiment 3: comma-separated shares of the linears' weights set to zero")
+    ap.add_argument("--sparsity-step", type=float, default=1 / 64, help="sparsity level step (3, 4)")
+    ap.add_argument("--sparsity-span", type=float, default=0.25,
+                    help="sparsity levels reach the target +- this (3, 4); level 0 is always there")
+    ap.add_argument("--sparse-tokens", type=int, default=40_000, help="experiment 3 search budget per sparsity")
+    ap.add_argument("--sparse-init", default="both", choices=["uniform", "owl", "both"],
+                    help="first parents of the sparsity searches (owl/both: OWL's calibration tokens count)")
+    ap.add_argument("--owl-m", type=float, default=5.0, help="OWL's outlier threshold M (x the block's mean score)")
+    ap.add_argument("--owl-lambda", type=float, default=0.08, help="OWL's lambda (sparsity spread is 2 lambda)")
+    ap.add_argument("--joint-sparsity", type=float, default=0.5,
+                    help="experiment 4 budget: the nonzero count of this share of sparse linears")
+    ap.add_argument("--joint-tokens", type=int, default=30_000, help="experiment 4 budget of every search")
+    ap.add_argument("--joint-mlp-step", type=int, default=128, help="experiment 4 MLP width step")
+    ap.add_argument("--joint-init", default="sparse", choices=["sparse", "all"],
+                    help="joint search's first parents: OWL + uniform sparsity, or also uniform width + ShortGPT")
     ap.add_argument("--test-tokens", type=int, default=4096)
     ap.add_argument("--cloze-limit", type=int, default=20, help="cloze items per model (0: skip)")
     ap.add_argument("--throughput-candidates", type=int, default=4)
@@ -311,8 +490,17 @@ def main(argv: list[str] | None = None) -> int:
     add_common_args(ap, model="reference:smollm2-135m", seq_len=128, threads=2)
     args = ap.parse_args(argv)
     t_start = start(args)
-    space = {"attention": None, "mlp": False, "drop_blocks": True} if args.experiment == "1" else \
-        {"attention": "kv_groups", "mlp_step": 64}
+    if args.experiment in ("1", "all"):
+        space = {"attention": None, "mlp": False, "drop_blocks": True}
+    elif args.experiment == "2":
+        space = {"attention": "kv_groups", "mlp_step": 64}
+    elif args.experiment == "3":
+        space = {"attention": None, "mlp": False, "sparsity_levels": list(sparsity_levels(args.sparsities[0], args))}
+    elif args.experiment == "4":
+        space = {"attention": "kv_groups", "mlp_step": args.joint_mlp_step, "drop_blocks": True,
+                 "sparsity_levels": list(sparsity_levels(args.joint_sparsity, args))}
+    else:
+        raise SystemExit(f"--experiment must be 1, 2, 3, 4 or all, got {args.experiment!r}")
     rt = build_runtime(_config(args, space))
     args.fp32_bytes = sum(p.numel() for p in rt.model.parameters()) * 4
     tasks = tempfile.TemporaryDirectory(prefix="evoprune-bench-tasks-")
@@ -336,11 +524,14 @@ def main(argv: list[str] | None = None) -> int:
     targets.append(("topk_kl_same_ranking", float(order(0) == order(1)), ">=", 1))
     if args.experiment in ("1", "all"):
         experiment_depth(rt, args, score, targets)
-    if args.experiment in ("2", "all"):
-        if args.experiment == "all":
-            print("(experiment 2 needs the width space: run it as --experiment 2)")
-        else:
-            experiment_width(rt, args, score, targets)
+    if args.experiment == "all":
+        print("(experiments 2-4 need their own spaces: run them as --experiment 2, 3, 4)")
+    if args.experiment == "2":
+        experiment_width(rt, args, score, targets)
+    if args.experiment == "3":
+        experiment_sparsity(rt, args, score, targets)
+    if args.experiment == "4":
+        experiment_joint(rt, args, score, targets)
     if args.rss:
         rss, _ = _search_process_rss(args)
         targets.append(("search_peak_rss_over_fp32", rss / args.fp32_bytes, "<=", 2.5))

@@ -17,7 +17,8 @@ This room owns
   (:func:`tokenized_split`), any texts (:func:`token_stream`) and a study's
   ``data`` settings (:func:`load_splits`; ``source`` ``"reference"``,
   ``"text"`` or ``"hub"``), and the files of a ``"text"`` source -- files, folders or glob
-  patterns -- with their sha256 (:func:`text_files`);
+  patterns -- with their sha256 (:func:`text_files`); files of token ids (``.pt``, ``.npy``,
+  ``.u16.bin`` / ``.u32.bin``) are read as they are (:func:`load_token_file`, :func:`is_token_file`);
 * the held-out **lm-eval task files** of the test split (:func:`write_lmeval_tasks`).
 
 It may use ``evaluators`` (the one perplexity) and the root helpers
@@ -36,9 +37,12 @@ from ._corpus import SPLITS, CorpusUnavailableError, ReferenceCorpus, load_refer
 from ._lmeval_tasks import write_lmeval_tasks
 from ._pretrained import PRETRAINED, ReferenceModelUnavailableError
 from ._reference_model import REFERENCE_SIZES, SIZES, build_reference_model, read_reference_record, reference_model_dir
-from ._sources import TextFiles, load_splits, resolve_text_files, text_files, token_stream, tokenized_split
+from ._sources import (TextFiles, is_token_file, load_splits, load_token_file, resolve_text_files, text_files,
+                       token_stream, tokenized_split)
 
 __all__ = [
+    "is_token_file",
+    "load_token_file",
     "PRETRAINED",
     "REFERENCE_SIZES",
     "SIZES",

@@ -10,7 +10,15 @@ documents together. Everything else here only chooses the texts:
   study's ``data`` settings (``source`` ``"reference"``, ``"text"`` or ``"hub"``);
 * :func:`text_files` -- the files a ``"text"`` source reads (each entry a file, a folder -- every
   ``*.txt`` below it -- or a glob pattern such as ``docs/**/*.txt``) and their sha256, which a
-  study stores so that a resume reads the same files.
+  study stores so that a resume reads the same files;
+* :func:`load_token_file` -- a file of token ids that a ``"text"`` source reads as is (no
+  tokenizer, no EOS added), chosen by its suffix: ``.pt`` (``torch.save`` of a 1-D integer
+  tensor), ``.npy`` (``numpy.save`` of a 1-D integer array) or ``.bin`` (raw little-endian
+  ``uint16`` / ``uint32`` ids, as nanoGPT / EvoPress write them: the dtype comes from the name,
+  ``*.u16.bin`` / ``*.uint16.bin`` / ``*.u32.bin`` / ``*.uint32.bin``, else from the data option
+  ``token_dtype``). Every other file is UTF-8 text; one that is not gets a one-line error naming it.
+
+A split's stream is its files' parts in order: a text file's tokens plus EOS, a token file's ids.
 """
 
 from __future__ import annotations
@@ -28,7 +36,17 @@ from ._corpus import ReferenceCorpus, load_reference_corpus
 if TYPE_CHECKING:  # pragma: no cover
     import torch
 
-__all__ = ["TextFiles", "load_splits", "resolve_text_files", "text_files", "token_stream", "tokenized_split"]
+__all__ = [
+    "TOKEN_FILE_SUFFIXES",
+    "TextFiles",
+    "is_token_file",
+    "load_splits",
+    "load_token_file",
+    "resolve_text_files",
+    "text_files",
+    "token_stream",
+    "tokenized_split",
+]
 
 #: The streams a study needs; ``load_splits`` returns them in this order.
 STUDY_SPLITS: tuple[str, ...] = ("train", "validation", "calibration")
@@ -131,27 +149,54 @@ def _cached_split(tokenizer: Any, split: str, corpus: ReferenceCorpus) -> torch.
 
 
 def load_splits(
-    data: Any, tokenizer: Any, *, cache_dir: str | os.PathLike[str] | None = None
+    data: Any, tokenizer: Any, *, cache_dir: str | os.PathLike[str] | None = None, vocab_size: int | None = None
 ) -> dict[str, torch.Tensor]:
     """``{"train", "validation", "calibration"}`` -> 1-D token streams of a study's ``data`` settings.
 
     ``data`` has the fields of ``evoprune.search.StudyConfig.data``: ``source``
     (``"reference"``, ``"text"`` or ``"hub"``), ``train`` / ``validation`` /
-    ``calibration`` (text files, folders or glob patterns: :func:`resolve_text_files`), ``path`` / ``name`` / ``text_field`` /
+    ``calibration`` (text or token files, folders or glob patterns: :func:`resolve_text_files`,
+    :func:`load_token_file`), ``token_dtype`` (``.bin`` token files), ``path`` / ``name`` / ``text_field`` /
     ``train_split`` / ``validation_split`` / ``calibration_split`` (hub) and
     ``max_documents``. Calibration defaults to the train texts. ``cache_dir``
-    is where the reference corpus is cached (default: the cache root).
+    is where the reference corpus is cached (default: the cache root). ``vocab_size`` (the model's
+    embedding rows), when given, bounds the ids of token files (one-line error naming the file).
+
+    Raises:
+        ValueError: a text file is not UTF-8, or a token file is malformed or holds ids outside
+            ``[0, vocab_size)``.
     """
     if data.source == "reference":
         corpus = load_reference_corpus(cache_dir)
         return {s: tokenized_split(tokenizer, s, corpus)[0] for s in STUDY_SPLITS}
     if data.source == "text":
+        import torch
+
         files = _text_split_files(data)
+        field = {s: s if s != "calibration" or data.calibration else "train" for s in STUDY_SPLITS}
+        dtype = getattr(data, "token_dtype", None)
+        loaded: dict[Path, torch.Tensor] = {}
 
-        def read(split: str) -> list[str]:
-            return [path.read_text(encoding="utf-8") for _, path in files[split]]
+        def stream(split: str) -> torch.Tensor:
+            what = f"StudyConfig.data.{field[split]}"
+            parts: list[torch.Tensor] = []
+            texts: list[str] = []
+            for _, path in files[split]:
+                if is_token_file(path):
+                    if texts:
+                        parts.append(token_stream(tokenizer, texts))
+                        texts = []
+                    key = path.resolve()
+                    if key not in loaded:
+                        loaded[key] = load_token_file(path, dtype=dtype, vocab_size=vocab_size, what=what)
+                    parts.append(loaded[key])
+                else:
+                    texts.append(_read_text(path, what))
+            if texts or not parts:
+                parts.append(token_stream(tokenizer, texts))
+            return parts[0] if len(parts) == 1 else torch.cat(parts)
 
-        return {s: token_stream(tokenizer, read(s)) for s in STUDY_SPLITS}
+        return {s: stream(s) for s in STUDY_SPLITS}
     # hub
     try:
         import datasets
@@ -180,7 +225,123 @@ def load_splits(
     }
 
 
-# --------------------------------------------------------------------------- text files
+# --------------------------------------------------------------------------- text and token files
+
+#: Suffixes of token files (:func:`load_token_file`); every other file of a ``"text"`` source is UTF-8 text.
+TOKEN_FILE_SUFFIXES: tuple[str, ...] = (".pt", ".npy", ".bin")
+_BIN_DTYPES = {"u16": "uint16", "uint16": "uint16", "u32": "uint32", "uint32": "uint32"}
+_TOKEN_HINT = "a token file (.pt, .npy, .u16.bin or .u32.bin)"
+
+
+def is_token_file(path: str | os.PathLike[str]) -> bool:
+    """Whether a ``"text"`` source reads ``path`` as token ids (by suffix: ``.pt``, ``.npy``, ``.bin``)."""
+    return Path(path).suffix.lower() in TOKEN_FILE_SUFFIXES
+
+
+def _read_text(path: Path, what: str) -> str:
+    try:
+        return path.read_text(encoding="utf-8")
+    except UnicodeDecodeError as exc:
+        raise ValueError(
+            f"{what}: {path} is not UTF-8 text (byte 0x{exc.object[exc.start]:02x} at position {exc.start}); "
+            f"re-encode it as UTF-8 (e.g. iconv -f latin1 -t utf-8) or pass {_TOKEN_HINT}."
+        ) from None
+
+
+def bin_dtype(path: str | os.PathLike[str], token_dtype: str | None = None) -> str:
+    """The dtype of a raw ``.bin`` token file: from its name (``x.u16.bin``, ``x.uint32.bin``, ...),
+    else ``token_dtype``; the name wins.
+
+    >>> bin_dtype("val.u16.bin"), bin_dtype("val.bin", "uint32")
+    ('uint16', 'uint32')
+    """
+    inner = Path(Path(path).stem).suffix.lower().lstrip(".")
+    if inner in _BIN_DTYPES:
+        return _BIN_DTYPES[inner]
+    if token_dtype is None:
+        raise ValueError(
+            f"token file {path}: raw .bin ids need a dtype; name the file *.u16.bin or *.u32.bin, or set "
+            "data.token_dtype to 'uint16' or 'uint32'."
+        )
+    if token_dtype not in ("uint16", "uint32"):
+        raise ValueError(f"data.token_dtype must be 'uint16' or 'uint32', got {token_dtype!r}.")
+    return token_dtype
+
+
+def load_token_file(
+    path: str | os.PathLike[str], *, dtype: str | None = None, vocab_size: int | None = None,
+    what: str = "token file",
+) -> torch.Tensor:
+    """The 1-D ``torch.long`` ids of a token file, read as is (no EOS added).
+
+    ``.pt``: a 1-D integer tensor saved with ``torch.save`` (read with ``weights_only=True``);
+    ``.npy``: a 1-D integer array saved with ``numpy.save`` (no pickles); ``.bin``: raw
+    little-endian ``uint16`` / ``uint32`` ids, dtype from the name or ``dtype``
+    (:func:`bin_dtype`). ``vocab_size``, when given, bounds the ids.
+
+    Raises:
+        ValueError: one line naming the file: not a 1-D integer tensor/array, a ``.bin`` whose
+            size is not a multiple of its dtype or whose dtype is unknown, a negative id, or an
+            id ``>= vocab_size``.
+    """
+    import numpy as np
+    import torch
+
+    p = Path(path)
+    suffix = p.suffix.lower()
+    if suffix not in TOKEN_FILE_SUFFIXES:
+        raise ValueError(f"{what}: {p} is not a token file; use a .pt, .npy, .u16.bin or .u32.bin file.")
+    if suffix == ".pt":
+        try:
+            value = torch.load(p, map_location="cpu", weights_only=True)
+        except Exception as exc:  # noqa: BLE001 - any unreadable file gets the same one-line error
+            first = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
+            raise ValueError(f"{what}: token file {p} cannot be read by torch.load ({first}); save a 1-D integer "
+                             "tensor with torch.save(ids, path).") from None
+        if not isinstance(value, torch.Tensor):
+            raise ValueError(f"{what}: token file {p} holds a {type(value).__name__}, not a tensor; save a 1-D "
+                             "integer tensor with torch.save(ids, path).")
+        if value.dim() != 1 or value.dtype.is_floating_point or value.dtype.is_complex or value.dtype == torch.bool:
+            raise ValueError(f"{what}: token file {p} holds a {value.dtype} tensor of shape {tuple(value.shape)}; "
+                             "save a 1-D integer tensor (flatten and concatenate the documents first).")
+        ids = value.to(torch.long)
+    elif suffix == ".npy":
+        try:
+            array = np.load(p, allow_pickle=False)
+        except Exception as exc:  # noqa: BLE001
+            first = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
+            raise ValueError(f"{what}: token file {p} is not a .npy array ({first}); save a 1-D integer array "
+                             "with numpy.save(path, ids).") from None
+        if array.ndim != 1 or array.dtype.kind not in "iu":
+            raise ValueError(f"{what}: token file {p} holds a {array.dtype} array of shape {array.shape}; save a "
+                             "1-D integer array (flatten and concatenate the documents first).")
+        if array.dtype.kind == "u" and array.dtype.itemsize >= 8 and array.size and int(array.max()) >= 2**63:
+            raise ValueError(f"{what}: token file {p} holds token id {int(array.max())}, beyond int64; write "
+                             "the ids of the model's tokenizer.")
+        ids = torch.from_numpy(array.astype(np.int64))
+    else:
+        try:
+            kind = bin_dtype(p, dtype)
+        except ValueError as exc:
+            raise ValueError(f"{what}: {exc}") from None
+        size = p.stat().st_size
+        item = np.dtype(kind).itemsize
+        if size % item:
+            raise ValueError(f"{what}: token file {p} has {size} bytes, not a multiple of {item} ({kind}); check "
+                             "the dtype (the name *.u16.bin / *.u32.bin or data.token_dtype).")
+        ids = torch.from_numpy(np.fromfile(p, dtype=np.dtype(kind).newbyteorder("<")).astype(np.int64))
+    if ids.numel():
+        low, high = int(ids.min()), int(ids.max())
+        if low < 0:
+            raise ValueError(f"{what}: token file {p} holds negative token id {low}; write the ids of the model's "
+                             "tokenizer.")
+        if vocab_size is not None and high >= vocab_size:
+            raise ValueError(
+                f"{what}: token file {p} holds token id {high} (its max id), but the model's vocabulary has "
+                f"{vocab_size} entries (ids 0..{vocab_size - 1}); write the file with the model's tokenizer."
+            )
+    return ids
+
 
 _GLOB_CHARS = frozenset("*?[")
 

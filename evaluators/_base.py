@@ -12,7 +12,7 @@ import torch
 from .._fingerprint import ids_fingerprint, model_fingerprint
 from .._logging import get_logger
 from .._paths import cache_root
-from ._tokens import TokenSet, make_token_set
+from ._tokens import TokenSet, make_token_set, normalize_windows
 
 __all__ = [
     "EvalContext",
@@ -107,6 +107,9 @@ class EvalContext:
         progress: show tqdm bars for long loops.
         allow_train_on_eval: let fine-tuning draw from ``eval_ids`` when no
             ``train_ids`` are given (off by default: it leaks evaluation text).
+        eval_windows: how evaluation (``split="eval"``) windows are chosen: ``"random"`` (default,
+            per stage and seed), ``"first"`` (the first tokens of ``eval_ids``) or a list of window
+            start offsets (see :func:`evoprune.evaluators.make_token_set`). Fine-tuning windows stay random.
 
     Example::
 
@@ -133,6 +136,7 @@ class EvalContext:
     progress: bool = False
     allow_train_on_eval: bool = False
     shared: dict[str, Any] = dataclasses.field(default_factory=dict, repr=False)
+    eval_windows: Any = "random"
 
     def __post_init__(self) -> None:
         for name in ("eval_ids", "train_ids"):
@@ -141,6 +145,7 @@ class EvalContext:
                 raise ValueError(f"EvalContext.{name} must be a 1-D LongTensor of token ids.")
         if self.batch_size < 1:
             raise ValueError(f"EvalContext.batch_size must be >= 1, got {self.batch_size}.")
+        self.eval_windows = normalize_windows(self.eval_windows, what="EvalContext.eval_windows")
         if self.data_fingerprint is None and (self.eval_ids is not None or self.train_ids is not None):
             parts = [ids_fingerprint(i) if i is not None else "-" for i in (self.eval_ids, self.train_ids)]
             self.data_fingerprint = hashlib.sha256("|".join(parts).encode()).hexdigest()[:16]
@@ -149,7 +154,8 @@ class EvalContext:
     def token_set(
         self, num_tokens: int, seq_len: int, *, split: Literal["eval", "train"] = "eval", stage: str | None = None
     ) -> TokenSet:
-        """The deterministic token set of ``stage`` (default: this context's stage), cached."""
+        """The deterministic token set of ``stage`` (default: this context's stage), cached; evaluation
+        windows follow :attr:`eval_windows`."""
         stage = self.stage if stage is None else str(stage)
         if split == "eval":
             ids = self.eval_ids
@@ -164,8 +170,9 @@ class EvalContext:
                 f"EvalContext has no {split}_ids; pass {split}_ids=<1-D LongTensor> "
                 "(e.g. from evoprune.data.tokenized_split)."
             )
+        windows = self.eval_windows if split == "eval" else "random"
         cache = self.shared.setdefault("token_sets", {})
-        key = (split, stage, int(num_tokens), int(seq_len))
+        key = (split, stage, int(num_tokens), int(seq_len), windows)
         if key not in cache:
             cache[key] = make_token_set(
                 ids,
@@ -174,6 +181,7 @@ class EvalContext:
                 stage=f"{split}:{stage}",
                 seed=self.seed,
                 data_fingerprint=self.data_fingerprint,
+                windows=windows,
             )
         return cache[key]
 

@@ -164,9 +164,10 @@ class Race:
     """Promote every candidate that is not *clearly worse* than the reference: racing, as in
     successive halving with a statistical test instead of a fixed quota.
 
-    The reference is the driver's incumbent (an evolutionary search's parent: its per-window
-    scores on the stage's windows are known from the window cache, see :class:`Stage` ``extends``)
-    or, without one, the best of the batch. A candidate is clearly worse when the mean of its
+    The reference is the leader: the driver's incumbent (an evolutionary search's parent: its
+    per-window scores on the stage's windows are known from the window cache, see :class:`Stage`
+    ``extends``) or the best of the batch where that is ahead of it (or there is no incumbent).
+    A candidate is clearly worse when the mean of its
     per-window differences to the reference (paired: the same windows) exceeds ``z`` standard
     errors. Of those not clearly worse at most ``max_count`` go on (best first; ``None``: all),
     and at least ``min_count`` (best first) do. Without per-window scores (an evaluator other
@@ -620,8 +621,10 @@ class Pipeline:
             elif race and (ref_w is not None or (history is None and len(active) > 1)):
                 wins = [self.window_values(st, model, candidates[i], context) if known[i] is None else None
                         for i in active]
-                if ref_w is None:  # no incumbent: the batch's best is the reference
-                    best = min(range(len(active)), key=lambda k: (_key(values[k], st.direction), k))
+                # the leader: the incumbent, or the batch's best where that is ahead of it on these windows
+                best = min(range(len(active)), key=lambda k: (_key(values[k], st.direction), k))
+                if wins[best] is not None and (ref_w is None or _key(float(wins[best].mean()), st.direction)
+                                               < _key(float(ref_w.mean()), st.direction)):
                     ref_w = wins[best]
                 if ref_w is None:
                     promoted = list(st.promote.select(values, direction=st.direction))

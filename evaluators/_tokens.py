@@ -1,9 +1,20 @@
 """Deterministic token sets: which windows of the reference text a stage scores on.
 
-A token set is a pure function of (data fingerprint, stage, seed, seq_len): two
-workers that hold the same data draw the same windows, so their stage values
-are comparable. For one (fingerprint, stage, seed, seq_len) a larger
-``num_tokens`` extends a smaller one (the windows come from one permutation).
+A token set is a pure function of (data fingerprint, stage, seed, seq_len, windows):
+two workers that hold the same data draw the same windows, so their stage values
+are comparable. For one (fingerprint, stage, seed, seq_len, windows) a larger
+``num_tokens`` extends a smaller one.
+
+``windows`` says how the ``seq_len``-token windows are chosen (:func:`normalize_windows`):
+
+* ``"random"`` (default) -- non-overlapping windows in the order of one permutation seeded
+  from ``sha256(data fingerprint, stage, seed, seq_len)``: other stages and seeds see other
+  windows;
+* ``"first"`` -- consecutive windows from the start of the data: the first ``num_tokens``
+  tokens (rounded up to whole windows), the same for every stage and seed;
+* a list of window start offsets (token indices), e.g. ``[0, 4096, 8192]`` -- exactly those
+  windows, in that order (``num_tokens`` takes the first ``ceil(num_tokens / seq_len)``);
+  offsets are distinct ints ``>= 0`` whose windows lie inside the data and do not overlap.
 """
 
 from __future__ import annotations
@@ -11,12 +22,68 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import math
+from collections.abc import Sequence
 
 import torch
 
 from .._fingerprint import ids_fingerprint
 
-__all__ = ["TokenSet", "make_token_set"]
+__all__ = ["TokenSet", "make_token_set", "normalize_windows"]
+
+#: The named window choices of :func:`make_token_set` (besides a list of offsets).
+WINDOW_MODES: tuple[str, ...] = ("random", "first")
+
+
+def normalize_windows(windows: object, *, what: str = "windows") -> str | tuple[int, ...]:
+    """``"random"``, ``"first"`` or a tuple of distinct window offsets ``>= 0``; one-line errors.
+
+    >>> normalize_windows("first"), normalize_windows([0, 512, 256])
+    ('first', (0, 512, 256))
+    >>> normalize_windows([0, "8"])
+    Traceback (most recent call last):
+    ...
+    ValueError: windows[1] is '8'; window offsets are ints (token indices), e.g. [0, 4096, 8192].
+    """
+    if windows is None:
+        return "random"
+    if isinstance(windows, str):
+        if windows in WINDOW_MODES:
+            return windows
+        raise ValueError(f"{what} must be 'random', 'first' or a list of window start offsets (token indices), "
+                         f"got {windows!r}.")
+    if isinstance(windows, torch.Tensor):
+        windows = windows.tolist()
+    if not isinstance(windows, (list, tuple)):
+        raise ValueError(f"{what} must be 'random', 'first' or a list of window start offsets (token indices), "
+                         f"got {windows!r}.")
+    if not windows:
+        raise ValueError(f"{what} is an empty list; give window start offsets (e.g. [0, 4096]), 'first' or 'random'.")
+    out: list[int] = []
+    for i, w in enumerate(windows):
+        if isinstance(w, bool) or not isinstance(w, int):
+            raise ValueError(f"{what}[{i}] is {w!r}; window offsets are ints (token indices), e.g. [0, 4096, 8192].")
+        if w < 0:
+            raise ValueError(f"{what}[{i}] is {w}; window offsets are token indices >= 0.")
+        out.append(int(w))
+    if len(set(out)) != len(out):
+        dup = next(w for w in out if out.count(w) > 1)
+        raise ValueError(f"{what} lists offset {dup} twice; give each window once.")
+    return tuple(out)
+
+
+def check_window_offsets(
+    offsets: tuple[int, ...], seq_len: int, *, length: int | None = None, what: str = "windows"
+) -> None:
+    """One-line errors for window offsets that overlap at ``seq_len`` or (given the data's ``length``)
+    run past its end."""
+    ordered = sorted(offsets)
+    for a, b in zip(ordered, ordered[1:]):
+        if b - a < seq_len:
+            raise ValueError(f"{what}: the windows at offsets {a} and {b} overlap at seq_len {seq_len}; space the "
+                             f"offsets at least {seq_len} apart (or use 'first').")
+    if length is not None and ordered and ordered[-1] + seq_len > length:
+        raise ValueError(f"{what}: the window at offset {ordered[-1]} ({seq_len} tokens) runs past the end of the "
+                         f"data ({length} tokens); use offsets <= {max(length - seq_len, 0)} or give more data.")
 
 
 def _generator(*parts: object) -> torch.Generator:
@@ -74,12 +141,15 @@ def make_token_set(
     stage: str | int,
     seed: int = 0,
     data_fingerprint: str | None = None,
+    windows: str | Sequence[int] = "random",
 ) -> TokenSet:
     """Draw ``ceil(num_tokens / seq_len)`` non-overlapping windows of ``ids``.
 
-    The windows are chosen by a ``torch.Generator`` seeded from
+    With ``windows="random"`` (default) the windows are chosen by a ``torch.Generator`` seeded from
     ``sha256(data_fingerprint, stage, seed, seq_len)``, so the result depends on
-    nothing else (not on global RNG state, not on the process).
+    nothing else (not on global RNG state, not on the process). ``windows="first"`` takes
+    consecutive windows from the start (the first ``num_tokens`` tokens); a list of offsets takes
+    exactly the windows starting there, in order (see the module docstring).
 
     Args:
         ids: 1-D LongTensor of token ids (the whole evaluation or training split).
@@ -88,6 +158,7 @@ def make_token_set(
         stage: stage name or index; different stages draw different windows.
         seed: study seed; different seeds draw different windows.
         data_fingerprint: identifies ``ids``; computed from the values if omitted.
+        windows: ``"random"``, ``"first"`` or a list of window start offsets (token indices).
 
     Example::
 
@@ -100,6 +171,10 @@ def make_token_set(
         >>> c = make_token_set(ids, num_tokens=1000, seq_len=100, stage="s2", seed=0)
         >>> torch.equal(a.ids, c.ids)
         False
+        >>> make_token_set(ids, num_tokens=200, seq_len=100, stage="s1", windows="first").ids[:, 0].tolist()
+        [0, 100]
+        >>> make_token_set(ids, num_tokens=200, seq_len=100, stage="s1", windows=[5000, 300, 9000]).ids[:, 0].tolist()
+        [5000, 300]
     """
     if not isinstance(ids, torch.Tensor) or ids.dim() != 1:
         raise ValueError(
@@ -111,19 +186,32 @@ def make_token_set(
     if seq_len < 1 or num_tokens < 1:
         raise ValueError(f"num_tokens and seq_len must be >= 1, got {num_tokens} and {seq_len}.")
     n = math.ceil(num_tokens / seq_len)
-    windows = ids.numel() // seq_len
-    if n > windows:
+    mode = normalize_windows(windows)
+    count = ids.numel() // seq_len
+    if isinstance(mode, tuple):
+        if n > len(mode):
+            raise ValueError(
+                f"asked for {n} sequences of {seq_len} tokens but windows lists only {len(mode)} offsets; "
+                "give more offsets, fewer tokens or a longer seq_len."
+            )
+        check_window_offsets(mode, seq_len, length=ids.numel())
+    elif n > count:
         raise ValueError(
             f"asked for {n} sequences of {seq_len} tokens ({n * seq_len} tokens) but the data "
-            f"has only {ids.numel()} tokens ({windows} windows); use fewer tokens, a shorter seq_len "
+            f"has only {ids.numel()} tokens ({count} windows); use fewer tokens, a shorter seq_len "
             "or more data."
         )
     fp = data_fingerprint if data_fingerprint is not None else ids_fingerprint(ids)
     stage = str(stage)
-    gen = _generator("evoprune-token-set-v1", fp, stage, int(seed), int(seq_len))
-    order = torch.randperm(windows, generator=gen)[:n]
+    if mode == "random":
+        gen = _generator("evoprune-token-set-v1", fp, stage, int(seed), int(seq_len))
+        starts = torch.randperm(count, generator=gen)[:n] * seq_len
+    elif mode == "first":
+        starts = torch.arange(n) * seq_len
+    else:
+        starts = torch.tensor(mode[:n], dtype=torch.long)
     cpu_ids = ids.detach().to("cpu", torch.long)
-    index = order[:, None] * seq_len + torch.arange(seq_len)[None, :]
+    index = starts[:, None] + torch.arange(seq_len)[None, :]
     out = cpu_ids[index].contiguous()
     key = hashlib.sha256(
         f"{fp}|{stage}|{int(seed)}|{seq_len}|".encode() + out.numpy().tobytes()

@@ -28,18 +28,19 @@ Pieces: :class:`StudyConfig` + :func:`build_runtime` (:class:`Runtime`);
 :class:`BudgetSweep` (one evolution per budget level -> a Pareto front); :func:`make_sampler`
 (Optuna TPE/NSGA-II/random/GP/QMC or your own ``BaseSampler``); :class:`Searcher` (ask -> apply
 -> stages -> tell); the :class:`Recorder` protocol and its in-Optuna :class:`OptunaRecorder`;
-baselines :func:`uniform`, :func:`shortgpt`, :func:`sleb`, :func:`flap`; the one Pareto front
+baselines :func:`uniform`, :func:`shortgpt`, :func:`sleb`, :func:`flap`, :func:`owl`; the one Pareto front
 and hypervolume :func:`pareto_front`, :func:`hypervolume`, :func:`study_front`; the one
 objective resolver :func:`objective_directions`.
 """
 
-from ._baselines import calibration_loss, flap, flap_scores, shortgpt, sleb, uniform
+from ._baselines import calibration_loss, flap, flap_scores, owl, owl_allocation, owl_scores, shortgpt, sleb, uniform
 from ._config import SAMPLER_NAMES, StudyConfig
 from ._evolution import EvolutionarySampler
 from ._mutation import fill_budget, level_switch
 from ._generation import GenerationSampler, Proposal
 from ._objectives import objective_directions
 from ._pareto import hypervolume, pareto_front, study_front
+from ._presets import PRESETS, evopress_depth_generations
 from ._recorder import ATTR_PREFIX, OptunaRecorder, Recorder
 from ._runtime import Runtime, build_runtime, make_sampler
 from ._searcher import Searcher, SearchStats, trial_candidate
@@ -48,6 +49,8 @@ from ._study import EvoStudy, ParetoPoint, StudyNotFoundError, create_study, del
 from ._sweep import BudgetSweep
 
 __all__ = [
+    "PRESETS",
+    "evopress_depth_generations",
     "ATTR_PREFIX",
     "SAMPLER_NAMES",
     "BudgetSweep",
@@ -76,6 +79,9 @@ __all__ = [
     "load_study",
     "make_sampler",
     "objective_directions",
+    "owl",
+    "owl_allocation",
+    "owl_scores",
     "pareto_front",
     "shortgpt",
     "sleb",

@@ -19,6 +19,11 @@ Seed a study with one::
   as FLAP does), standardized per layer *over channels*; an attention unit's
   score is the mean of its channels' standardized scores; one global threshold
   for all layers and both modules -> non-uniform widths meeting the budget.
+* :func:`owl`: OWL (Yin et al. 2023, "Outlier Weighed Layerwise sparsity") --
+  per-block sparsity ``target - lambda * (normalized outlier ratio - mean)``,
+  the outlier ratio being the share of a block's Wanda scores ``|W| * ||X||``
+  above ``M`` times their mean (:func:`owl_scores`), mapped to the space's
+  sparsity levels under the budget.
 
 How it differs from FLAP's own code, and why:
 
@@ -51,7 +56,8 @@ import numpy as np
 from .._logging import get_logger
 from ..space import Candidate, SearchSpace
 
-__all__ = ["calibration_loss", "flap", "flap_scores", "shortgpt", "sleb", "uniform"]
+__all__ = ["calibration_loss", "flap", "flap_scores", "owl", "owl_allocation", "owl_scores", "shortgpt", "sleb",
+           "uniform"]
 
 _log = get_logger("search.baselines")
 
@@ -392,4 +398,168 @@ def flap(
         _log.warning("flap: the allocation misses a lower budget bound; repairing")
         cand = space.repair(cand, np.random.default_rng(0))
     _log.info("flap", extra={"fields": {"threshold": float(thresholds[lo]), "tokens": scores.get("tokens", 0)}})
+    return cand
+
+
+# --------------------------------------------------------------------------- OWL
+
+
+def owl_scores(pruner: Any, calib_ids: Any, *, m: float = 5.0, batch_size: int = 8) -> dict[str, Any]:
+    """Per-block outlier ratios of OWL (Yin et al. 2023, "Outlier Weighed Layerwise sparsity").
+
+    The Wanda score of weight ``W[r, c]`` of a linear is ``|W[r, c]| * ||X[:, c]||_2`` (``X``: the
+    linear's inputs on ``calib_ids``, the score :func:`~evoprune.pruning.wanda_mask` prunes by).
+    A block's outlier ratio is the share of the scores of all its linears (q, k, v, o, gate, up,
+    down together) above ``m`` times their mean (OWL's ``M``; 5 in the paper).
+
+    Returns ``{"outlier_ratio": [num_layers] (fractions in [0, 1]), "m": m, "tokens": int}``. The
+    input norms are taken by hooks on the live dense model (the pruner is reverted first), so they
+    follow the pruner's head/channel order; the ratio does not depend on that order.
+    """
+    import torch
+
+    pruner.revert()
+    model, adapter = pruner.model, pruner.adapter
+    layers = model.get_submodule(adapter.layers)
+    linears: list[list[Any]] = []
+    sq: dict[int, Any] = {}
+    hooks = []
+
+    def hook(key: int):
+        def fn(module, args):
+            x = args[0].detach().float().reshape(-1, args[0].shape[-1])
+            s = x.pow(2).sum(0).double().cpu()
+            sq[key] = s if key not in sq else sq[key] + s
+
+        return fn
+
+    for layer in layers:
+        attn, mlp = getattr(layer, adapter.attn), getattr(layer, adapter.mlp)
+        mods = [getattr(attn, n) for n in adapter.attn_linears] + [getattr(mlp, n) for n in adapter.mlp_linears]
+        linears.append(mods)
+        for mod in mods:
+            hooks.append(mod.register_forward_pre_hook(hook(id(mod))))
+    device = next(model.parameters()).device
+    try:
+        with torch.inference_mode():
+            for start in range(0, calib_ids.shape[0], batch_size):
+                model(input_ids=calib_ids[start : start + batch_size].to(device), use_cache=False)
+    finally:
+        for h in hooks:
+            h.remove()
+    def wanda(mod: Any) -> Any:  # one linear's scores at a time (two passes: mean, then count)
+        w = mod.weight.detach()
+        return w.abs().float() * sq[id(mod)].sqrt().to(device=w.device, dtype=torch.float32).reshape(1, -1)
+
+    ratios = []
+    with torch.no_grad():
+        for mods in linears:
+            total = sum(float(wanda(mod).sum(dtype=torch.float64)) for mod in mods)
+            count = sum(mod.weight.numel() for mod in mods)
+            thr = float(m) * total / count
+            ratios.append(sum(int((wanda(mod) > thr).sum()) for mod in mods) / count)
+    return {"outlier_ratio": np.asarray(ratios), "m": float(m), "tokens": int(calib_ids.numel())}
+
+
+def owl_allocation(outlier_ratio: Sequence[float], target: float, *, lam: float = 0.08) -> np.ndarray:
+    """OWL's layer sparsities: ``target - (d - mean(d))`` with ``d = 2 * lam * (r - min r) / (max r - min r)``.
+
+    More outliers -> lower sparsity, spread over ``[target - lam, target + lam]`` at most, mean
+    ``target`` (OWL's code: density ``1 - target + d - mean(d)``). All ratios equal -> uniform.
+
+    >>> owl_allocation([0.01, 0.03, 0.02], 0.5).round(3).tolist()
+    [0.58, 0.42, 0.5]
+    """
+    r = np.asarray(outlier_ratio, dtype=float)
+    span = r.max() - r.min() if r.size else 0.0
+    d = 2.0 * lam * (r - r.min()) / span if span > 0 else np.zeros_like(r)
+    return float(target) - (d - d.mean())
+
+
+def owl(
+    space: SearchSpace,
+    pruner: Any,
+    calib_ids: Any = None,
+    *,
+    scores: dict[str, Any] | None = None,
+    m: float = 5.0,
+    lam: float = 0.08,
+    target: float | None = None,
+    batch_size: int = 8,
+    report: dict[str, Any] | None = None,
+) -> Candidate:
+    """OWL: per-block sparsity from outlier ratios (Yin et al. 2023), on the space's sparsity levels.
+
+    Layer sparsities follow :func:`owl_allocation` of :func:`owl_scores` (``m``, ``lam``: OWL's ``M``
+    and ``lambda``). With a budget, a common shift ``delta`` is added to every layer's sparsity and
+    each gene takes the level nearest to ``s_i + delta``; ``delta`` is the smallest shift whose
+    candidate stays under every upper bound (bisection), so the allocation hits the budget as closely
+    as the levels allow (repaired if a lower bound is missed). Without a budget pass ``target`` (mean
+    sparsity over the searched blocks). Every linear of a block gets the block's level (also with
+    ``sparsity_granularity="linear"``); widths stay dense. If ``report`` is a dict it receives
+    ``outlier_ratio``, ``sparsity`` (the unrounded allocation), ``delta`` and ``tokens``.
+
+    >>> from evoprune.space import SearchSpace
+    >>> space = SearchSpace.from_model(dict(model_type="llama", num_hidden_layers=3, hidden_size=64,
+    ...     num_attention_heads=4, num_key_value_heads=2, intermediate_size=128, vocab_size=100),
+    ...     attention=None, mlp=False, sparsity_levels=(0, .4, .5, .6))
+    >>> c = owl(space, None, scores={"outlier_ratio": [0.01, 0.03, 0.02]}, target=0.5)
+    >>> [lc.sparsity for lc in c.layers]
+    [0.6, 0.4, 0.5]
+    """
+    genes: dict[int, list[Any]] = {}
+    for g in space.genes:
+        if g.kind == "sparsity" or g.kind.endswith(".sparsity"):
+            genes.setdefault(g.layer, []).append(g)
+    if not genes:
+        raise ValueError("owl allocates sparsity: build the space with sparsity_levels=(0, ..., 0.7).")
+    if scores is None:
+        if calib_ids is None:
+            raise ValueError("owl: pass calib_ids (or precomputed scores=owl_scores(...)).")
+        scores = owl_scores(pruner, calib_ids, m=m, batch_size=batch_size)
+    ratio = np.asarray(scores["outlier_ratio"], dtype=float)
+    if ratio.shape != (space.spec.num_layers,):
+        raise ValueError(f"owl: {ratio.shape} outlier ratios for {space.spec.num_layers} blocks.")
+    layers = sorted(genes)
+    levels = np.asarray(space.sparsity_levels, dtype=float)
+    if target is None:
+        if not space.budget:
+            raise ValueError("owl needs a budget (e.g. Budget(metric='nonzero_params', max_ratio=0.6)) or target=.")
+        alloc = owl_allocation(ratio[layers], 0.0, lam=lam)
+    else:
+        alloc = owl_allocation(ratio[layers], float(target), lam=lam)
+
+    def candidate_at(delta: float) -> Candidate:
+        out = {}
+        for i, s in zip(layers, alloc):
+            k = int(np.abs(levels - np.clip(s + delta, 0.0, levels[-1])).argmin())
+            out.update({g.name: k for g in genes[i]})
+        return space.candidate_from_levels(out)
+
+    delta = 0.0
+    if target is None:
+        bounds = space.budget_bounds()
+
+        def under_caps(c: Candidate) -> bool:  # monotone in delta
+            return all(hi is None or space.cost(c, metric) <= hi for metric, _lo, hi in bounds)
+
+        lo, hi = -float(levels[-1]) - 1.0, float(levels[-1]) + 1.0 - float(alloc.min())
+        if not under_caps(candidate_at(hi)):
+            _log.warning("owl: sparsity alone misses the budget; repairing")
+            return space.repair(candidate_at(hi), np.random.default_rng(0))
+        for _ in range(60):  # smallest delta under the caps
+            mid = (lo + hi) / 2
+            if under_caps(candidate_at(mid)):
+                hi = mid
+            else:
+                lo = mid
+        delta = hi
+    cand = candidate_at(delta)
+    if space.budget and not space.satisfies_budget(cand):
+        _log.warning("owl: the allocation misses a lower budget bound; repairing")
+        cand = space.repair(cand, np.random.default_rng(0))
+    if report is not None:
+        report.update({"outlier_ratio": ratio, "sparsity": alloc + delta, "delta": delta,
+                       "tokens": int(scores.get("tokens", 0))})
+    _log.info("owl", extra={"fields": {"delta": delta, "tokens": scores.get("tokens", 0)}})
     return cand

@@ -41,7 +41,27 @@ a glob pattern such as ``"docs/**/*.txt"``; ``calibration`` defaults to
 a resume that finds other files fails) or ``{"source":
 "hub", "path": "wikitext", "name": "wikitext-2-raw-v1", "text_field": "text",
 "train_split": "train", "validation_split": "validation"}`` (needs the
-``datasets`` package and network access).
+``datasets`` package and network access). A ``"text"`` entry may also be a token
+file, read as is: ``.pt`` (1-D integer tensor), ``.npy`` (1-D integer array) or raw
+``.bin`` ids (``*.u16.bin`` / ``*.u32.bin``, or set ``"token_dtype": "uint16"`` / ``"uint32"``);
+see :mod:`evoprune.data._sources`.
+
+Pinned windows: ``data.windows`` chooses the stages' evaluation windows of the
+validation split -- ``"random"`` (default: per stage and seed), ``"first"`` (the
+first ``eval_tokens`` tokens, the same for every stage and seed) or a list of
+window start offsets (token indices; a stage takes the first
+``ceil(eval_tokens / seq_len)``); ``calibration.windows`` does the same for the
+calibration tokens. Fine-tuning windows stay random. Offsets are checked here
+(ints ``>= 0``, distinct, enough for every stage, no overlap at its ``seq_len``)
+and against the data's length when the data is loaded::
+
+    >>> StudyConfig(data={"windows": [0, 256, 512]}, stages=[{"name": "final", "eval_tokens": 512, "seq_len": 256}]
+    ...             ).data.windows
+    (0, 256, 512)
+    >>> StudyConfig(data={"windows": [0, 100]}, stages=[{"name": "final", "eval_tokens": 512, "seq_len": 256}])
+    Traceback (most recent call last):
+    ...
+    ValueError: StudyConfig.data.windows: stage 'final' needs 2 windows of 256 tokens; the windows at offsets 0 and 100 overlap at seq_len 256; space the offsets at least 256 apart (or use 'first').
 """
 
 from __future__ import annotations
@@ -56,7 +76,9 @@ from typing import Any
 
 from .._logging import get_logger
 from ..data import REFERENCE_SIZES as SIZES
+from ..evaluators._tokens import check_window_offsets, normalize_windows
 from ..space import METRICS, Budget
+from ..space._cost import BUDGET_METRICS
 from ._objectives import objective_source
 from ._stages import build_pipeline
 
@@ -133,8 +155,16 @@ class DataConfig:
     validation_split: str = "validation"
     calibration_split: str | None = None
     max_documents: int | None = None
+    #: Evaluation windows of the validation split: "random", "first" or a list of offsets.
+    windows: Any = "random"
+    #: dtype of raw ``.bin`` token files whose name does not say it (``*.u16.bin`` / ``*.u32.bin``).
+    token_dtype: str | None = None
 
     def __post_init__(self) -> None:
+        object.__setattr__(self, "windows", normalize_windows(self.windows, what="StudyConfig.data.windows"))
+        if self.token_dtype is not None and self.token_dtype not in ("uint16", "uint32"):
+            raise ValueError(f"StudyConfig.data.token_dtype must be 'uint16' or 'uint32' (the ids of raw .bin token "
+                             f"files), got {self.token_dtype!r}.")
         if self.source not in _DATA_SOURCES:
             raise ValueError(
                 f"StudyConfig.data.source must be one of {_DATA_SOURCES}, got {self.source!r}."
@@ -155,6 +185,8 @@ class DataConfig:
                 )
         elif self.train or self.validation or self.calibration:
             raise ValueError('StudyConfig.data: train/validation/calibration files are only used with source "text".')
+        elif self.token_dtype is not None:
+            raise ValueError('StudyConfig.data.token_dtype is only used with source "text" (for .bin token files).')
         if self.source == "hub" and not self.path:
             raise ValueError('StudyConfig.data: source "hub" needs "path" (a datasets id, e.g. "wikitext").')
         if self.max_documents is not None:
@@ -164,19 +196,29 @@ class DataConfig:
         out = dataclasses.asdict(self)
         for k in ("train", "validation", "calibration"):
             out[k] = list(out[k])
+        # left out at their defaults, so the fingerprints of studies without them do not change
+        if self.windows == "random":
+            del out["windows"]
+        elif isinstance(self.windows, tuple):
+            out["windows"] = list(self.windows)
+        if self.token_dtype is None:
+            del out["token_dtype"]
         return out
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
 class CalibrationConfig:
-    """Calibration tokens for importance scores: ``num_sequences`` x ``seq_len`` (both explicit)."""
+    """Calibration tokens for importance scores: ``num_sequences`` x ``seq_len`` (both explicit);
+    ``windows``: ``"random"`` (default), ``"first"`` or a list of window start offsets."""
 
     num_sequences: int = 32
     seq_len: int | None = None
     method: str = "activation"
     batch_size: int = 8
+    windows: Any = "random"
 
     def __post_init__(self) -> None:
+        object.__setattr__(self, "windows", normalize_windows(self.windows, what="StudyConfig.calibration.windows"))
         _pos_int("StudyConfig.calibration.num_sequences", self.num_sequences)
         if self.seq_len is None:
             raise ValueError(
@@ -189,9 +231,40 @@ class CalibrationConfig:
 
         if self.method not in IMPORTANCE_METHODS:
             raise ValueError(f"StudyConfig.calibration.method must be one of {IMPORTANCE_METHODS}, got {self.method!r}.")
+        if isinstance(self.windows, tuple):
+            _check_windows("StudyConfig.calibration.windows", self.windows, "calibration", self.num_sequences,
+                           self.seq_len)
 
     def to_dict(self) -> dict[str, Any]:
-        return dataclasses.asdict(self)
+        out = dataclasses.asdict(self)
+        if self.windows == "random":  # left out at the default: fingerprints of older studies stay
+            del out["windows"]
+        elif isinstance(self.windows, tuple):
+            out["windows"] = list(self.windows)
+        return out
+
+
+def _check_windows(what: str, offsets: tuple[int, ...], user: str, n: int, seq_len: int) -> None:
+    """Offsets enough for ``n`` windows of ``seq_len`` tokens (of ``user``), not overlapping at ``seq_len``."""
+    if n > len(offsets):
+        raise ValueError(f"{what}: {user} needs {n} windows of {seq_len} tokens, but only {len(offsets)} offsets are "
+                         "given; add offsets, or use fewer tokens or a longer seq_len.")
+    try:
+        check_window_offsets(offsets, seq_len)
+    except ValueError as exc:
+        reason = str(exc).partition(": ")[2]
+        raise ValueError(f"{what}: {user} needs {n} windows of {seq_len} tokens; {reason}") from None
+
+
+def check_eval_windows(data: "DataConfig", stages: Sequence["StageConfig"]) -> None:
+    """``data.windows`` offsets against every stage that scores evaluation tokens (count and overlap);
+    their range is checked when the data is loaded."""
+    if not isinstance(data.windows, tuple):
+        return
+    for s in stages:
+        if s.eval_tokens:
+            _check_windows("StudyConfig.data.windows", data.windows, f"stage {s.name!r}",
+                           -(-s.eval_tokens // s.seq_len), s.seq_len)
 
 
 def _norm_evaluator(stage: str, spec: Any) -> dict[str, Any]:
@@ -223,7 +296,12 @@ class StageConfig:
     ``evaluators``: names (``"kl"``, ``"ppl"``, ``"latency"``, ``"cost"``,
     ``"lm_eval"``) or dicts ``{"type": "kl", "top_k": 256, "name": "kl"}``; an
     evaluator's default name is its type. ``promote``: ``None`` (everyone goes
-    on), ``{"top_k": 4}`` or ``{"top_fraction": 0.25, "min_count": 1}``.
+    on), ``{"top_k": 4}``, ``{"top_fraction": 0.25, "min_count": 1}`` or
+    ``{"race": 2.0, "max_count": 4, "min_count": 1}`` (:class:`~evoprune.evaluators.Race`:
+    every candidate not worse than the incumbent by more than ``race`` standard errors of
+    the paired per-window difference, at most ``max_count``). ``extends``: the name of an
+    earlier stage whose windows this stage's start with (nested windows: a promoted
+    candidate pays only for the new ones; same ``seq_len``, at least as many tokens).
     """
 
     name: str
@@ -234,6 +312,7 @@ class StageConfig:
     finetune: Mapping[str, Any] = dataclasses.field(default_factory=dict)
     promote: Mapping[str, Any] | None = None
     objective: str | None = None
+    extends: str | None = None
 
     def __post_init__(self) -> None:
         if not isinstance(self.name, str) or not self.name:
@@ -264,10 +343,17 @@ class StageConfig:
                 f = p["top_fraction"]
                 if isinstance(f, bool) or not isinstance(f, (int, float)) or not 0 < f <= 1:
                     raise ValueError(f"StudyConfig.stages[{self.name!r}].promote.top_fraction must be in (0, 1], got {f!r}.")
+            elif "race" in p and set(p) <= {"race", "max_count", "min_count"}:
+                from ..evaluators import Race
+
+                try:
+                    Race(p["race"], p.get("max_count"), p.get("min_count", 1))
+                except ValueError as exc:
+                    raise ValueError(f"StudyConfig.stages[{self.name!r}].promote: {exc}") from None
             else:
                 raise ValueError(
-                    f'StudyConfig.stages[{self.name!r}].promote must be null, {{"top_k": K}} or '
-                    f'{{"top_fraction": F, "min_count": M}}; got {self.promote!r}.'
+                    f'StudyConfig.stages[{self.name!r}].promote must be null, {{"top_k": K}}, '
+                    f'{{"top_fraction": F, "min_count": M}} or {{"race": Z, "max_count": K}}; got {self.promote!r}.'
                 )
             object.__setattr__(self, "promote", p)
 
@@ -284,6 +370,7 @@ class StageConfig:
             "finetune": dict(self.finetune),
             "promote": None if self.promote is None else dict(self.promote),
             "objective": self.objective,
+            **({"extends": self.extends} if self.extends is not None else {}),
         }
 
     def __hash__(self) -> int:
@@ -347,10 +434,9 @@ class StopConfig:
 
 
 def _default_stages() -> tuple[StageConfig, ...]:
-    return (
-        StageConfig(name="s1", evaluators=("kl",), eval_tokens=2048, seq_len=256, promote={"top_k": 4}),
-        StageConfig(name="final", evaluators=("kl",), eval_tokens=16384, seq_len=256),
-    )
+    from ._presets import PRESETS
+
+    return tuple(StageConfig(**s) for s in PRESETS["default"]["stages"])
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
@@ -371,7 +457,8 @@ class StudyConfig:
             lists for tuples), e.g. ``{"attention": "kv_groups", "mlp_step": 64,
             "drop_blocks": true, "frozen_layers": [0, -1]}``.
         budget: one budget dict/:class:`~evoprune.space.Budget` or a list of them
-            (``{"metric": "params", "max_ratio": 0.5}``).
+            (``{"metric": "params", "max_ratio": 0.5}``; counts such as
+            ``{"metric": "dropped_blocks", "exactly": 3}`` say how many blocks or sublayers to drop).
         stages: the evaluation schedule, a list of :class:`StageConfig` / dicts.
         sampler: a :class:`SamplerConfig` / dict ``{"name": ..., "options": {...}}``.
         objectives: told objective names: evaluator names of the last stage
@@ -456,7 +543,7 @@ class StudyConfig:
             try:
                 b = b if isinstance(b, Budget) else Budget.from_dict(b)
             except TypeError:  # no "metric"
-                raise ValueError(f"StudyConfig.budget[{i}] needs a metric (one of {METRICS}), e.g. "
+                raise ValueError(f"StudyConfig.budget[{i}] needs a metric (one of {BUDGET_METRICS}), e.g. "
                                  "{metric: params, max_ratio: 0.5}.") from None
             except ValueError as exc:
                 raise ValueError(f"StudyConfig.budget[{i}]: {exc}") from None
@@ -484,6 +571,7 @@ class StudyConfig:
         if len(set(names)) != len(names):
             raise ValueError(f"StudyConfig.stages: stage names must be distinct, got {names}.")
         object.__setattr__(self, "stages", stages)
+        check_eval_windows(self.data, stages)
         sampler = self.sampler
         if isinstance(sampler, str):
             sampler = {"name": sampler}
@@ -536,8 +624,12 @@ class StudyConfig:
 
     @classmethod
     def from_dict(cls, data: Mapping[str, Any]) -> "StudyConfig":
-        _check_keys("StudyConfig", data, [f.name for f in dataclasses.fields(cls)])
-        return cls(**dict(data))
+        """From a plain dict (:meth:`to_dict`, YAML); a ``preset`` key (:data:`~evoprune.search.PRESETS`)
+        fills the stages and sampler the dict does not give."""
+        from ._presets import apply_preset
+
+        _check_keys("StudyConfig", data, [f.name for f in dataclasses.fields(cls)] + ["preset"])
+        return cls(**apply_preset(data))
 
     def to_json(self) -> str:
         """Canonical JSON (sorted keys)."""

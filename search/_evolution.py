@@ -393,6 +393,8 @@ class EvolutionarySampler(GenerationSampler):
                     batch.append(child)
                     keys.add(child.key)
                     break
+                else:  # max_tries draws found nothing new: the neighbourhood is (nearly) exhausted
+                    break
             if model is not None:  # the surrogate's best first; claim them in that order
                 predicted = self._predict(model, batch)
                 order = sorted(range(len(batch)), key=lambda k: (predicted[k], k))

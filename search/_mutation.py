@@ -3,6 +3,8 @@
 A *level switch* moves one gene one level up (more compression) and another gene -- of the same
 kind by default -- one level down, so what one saves the other spends; a mutation never leaves
 the budget and no repair is needed (see :mod:`evoprune.search._evolution` for how the sampler uses it).
+Count budgets (``Budget(metric="dropped_blocks", exactly=3)``, ...) are budgets like the others: a
+switch between two drop genes drops one part and restores another, so an exact count stays exact.
 """
 
 from __future__ import annotations
@@ -43,7 +45,9 @@ def level_switch(
     say), one gene moves one level down if the budget has room for it. Moves
     that do not change the candidate (the widths of a dropped block) are never used. With
     ``same_kind`` (default) ``a`` and ``b`` have the same gene kind; ``kinds``
-    restricts which kinds may move.
+    restricts which kinds may move. Count budgets (``dropped_blocks``, ...) are checked like cost
+    budgets, so from a candidate that meets an exact count every switch keeps it (one part dropped,
+    one restored).
 
     >>> from evoprune.space import Budget, SearchSpace
     >>> space = SearchSpace.from_model(dict(model_type="llama", num_hidden_layers=4, hidden_size=64,
@@ -188,8 +192,9 @@ def fill_budget(space: SearchSpace, candidate: Candidate, rng: np.random.Generat
 
     Level switches keep the cost of the initial candidate for the whole run, so
     slack left by coarse levels (e.g. a uniform candidate a few percent under the
-    budget) would never be used; this fills it first. Without an upper budget
-    the candidate is returned unchanged.
+    budget) would never be used; this fills it first. Without an upper bound on a
+    cost metric (count budgets such as ``dropped_blocks`` have no slack to fill) the
+    candidate is returned unchanged. The rule lives in :meth:`SearchSpace.fill`.
 
     >>> from evoprune.space import Budget, SearchSpace
     >>> space = SearchSpace.from_model(dict(model_type="llama", num_hidden_layers=4, hidden_size=64,
@@ -200,23 +205,4 @@ def fill_budget(space: SearchSpace, candidate: Candidate, rng: np.random.Generat
     >>> space.satisfies_budget(f), space.ratio(u, "params") <= space.ratio(f, "params") <= 0.8
     (True, True)
     """
-    if not any(hi is not None for _, _, hi in space.budget_bounds()):
-        return candidate
-    rng = np.random.default_rng(rng)
-    names = space.gene_names
-    lv = dict(space.levels_of(candidate))
-    while True:
-        moves = []
-        for name in names:
-            if lv[name] == 0:
-                continue
-            trial = dict(lv)
-            trial[name] -= 1
-            cand = space.candidate_from_levels(trial)
-            if space.satisfies_budget(cand) and cand != space.candidate_from_levels(lv):
-                moves.append(name)
-        if not moves:
-            return space.candidate_from_levels(lv)
-        lv[moves[int(rng.integers(len(moves)))]] -= 1
-
-
+    return space.fill(candidate, rng)

@@ -65,8 +65,8 @@ def evopress_depth_generations(*, num_blocks: int, drop: int) -> int:
 
 def apply_preset(data: Mapping[str, Any]) -> dict[str, Any]:
     """``data`` (a config dict) with its ``preset`` key expanded: the preset's ``stages`` where the
-    config gives none, its ``sampler`` where the config names no other sampler (the config's own
-    sampler options win)."""
+    config gives none (windows of the calibration's ``seq_len``), its ``sampler`` where the config
+    names no other sampler (the config's own sampler options win)."""
     out = dict(data)
     name = out.pop("preset", None)
     if name is None:
@@ -75,6 +75,11 @@ def apply_preset(data: Mapping[str, Any]) -> dict[str, Any]:
         raise ValueError(f"StudyConfig: unknown preset {name!r}; use one of {sorted(PRESETS)}.")
     preset = copy.deepcopy(PRESETS[name])
     if out.get("stages") is None:
+        calib = out.get("calibration")
+        seq_len = calib.get("seq_len") if isinstance(calib, Mapping) else getattr(calib, "seq_len", None)
+        if isinstance(seq_len, int) and not isinstance(seq_len, bool) and seq_len > 0:
+            for st in preset["stages"]:  # windows as long as the calibration's (the model may allow no more)
+                st["seq_len"] = seq_len
         out["stages"] = preset["stages"]
     sampler = out.get("sampler")
     sampler = {"name": sampler} if isinstance(sampler, str) else dict(sampler or {})

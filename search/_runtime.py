@@ -275,8 +275,17 @@ def check_splits(config: StudyConfig, splits: Mapping[str, Any], vocab: int | No
         if s.finetune_tokens:
             need.append((f"stage {s.name!r} fine-tuning", "train", s.finetune_tokens, s.seq_len,
                          f"stages[{s.name!r}].finetune_tokens"))
+    from ..evaluators._tokens import check_window_offsets
+
     for what, split, tokens, seq_len, key in need:
         have = splits[split].numel()
+        pinned = {"validation": ("data", config.data.windows), "calibration": ("calibration",
+                                                                               config.calibration.windows)}.get(split)
+        if pinned is not None and isinstance(pinned[1], tuple):  # offsets: inside the data (count/overlap: config)
+            try:
+                check_window_offsets(pinned[1], seq_len, length=have)
+            except ValueError as exc:
+                raise ValueError(f"StudyConfig.{pinned[0]}.windows ({what}): {str(exc).partition(': ')[2]}") from None
         n = math.ceil(tokens / seq_len)
         if n > have // seq_len:
             raise ValueError(
@@ -334,23 +343,24 @@ def build_runtime(config: StudyConfig, *, model: Any = None, tokenizer: Any = No
             raise ValueError(f"cannot load the tokenizer {tok_src!r}: {_first_line(exc)}; set `tokenizer` in the "
                              "config to a tokenizer folder or hub id (default: the model's own).") from None
     files = text_files(config.data) if config.data.source == "text" else None
-    splits = load_splits(config.data, tokenizer, cache_dir=config.cache_dir)
     embeddings = model.get_input_embeddings() if hasattr(model, "get_input_embeddings") else None
-    check_splits(config, splits, getattr(embeddings, "num_embeddings", None)
-                 or getattr(model.config, "vocab_size", None))
+    vocab = getattr(embeddings, "num_embeddings", None) or getattr(model.config, "vocab_size", None)
+    splits = load_splits(config.data, tokenizer, cache_dir=config.cache_dir, vocab_size=vocab)
+    check_splits(config, splits, vocab)
     calib_cfg = config.calibration
     fps = {k: ids_fingerprint(v) for k, v in splits.items()}
     data_fp = _digest(fps["calibration"], fps["validation"], fps["train"])
     calib = make_token_set(
         splits["calibration"], num_tokens=calib_cfg.num_sequences * calib_cfg.seq_len, seq_len=calib_cfg.seq_len,
-        stage="calibration", seed=config.seed, data_fingerprint=fps["calibration"],
+        stage="calibration", seed=config.seed, data_fingerprint=fps["calibration"], windows=calib_cfg.windows,
     ).ids
     model_fp = model_fingerprint(model)
     cache = cache_root(config.cache_dir or None)
     pruner = Pruner(
         model, calib, method=calib_cfg.method, cache_dir=cache / "importance", model_fingerprint=model_fp,
         data_fingerprint=_digest(fps["calibration"], str(config.seed), str(calib_cfg.num_sequences),
-                                 str(calib_cfg.seq_len)),
+                                 str(calib_cfg.seq_len),
+                                 *([] if calib_cfg.windows == "random" else [json.dumps(calib_cfg.windows)])),
         calib_batch_size=calib_cfg.batch_size,
     )
     space = space_from_config(config, model.config)
@@ -359,6 +369,7 @@ def build_runtime(config: StudyConfig, *, model: Any = None, tokenizer: Any = No
         eval_ids=splits["validation"], train_ids=splits["train"], data_fingerprint=data_fp, seed=config.seed,
         device=device, pruner=pruner, cost_model=space.cost_model, tokenizer=tokenizer,
         batch_size=config.eval_batch_size, cache_dir=cache / "dense_reference", model_fingerprint=model_fp,
+        eval_windows=config.data.windows,
     )
     runtime = Runtime(
         model=model, space=space, pipeline=pipeline, context=context, objectives=list(config.objectives),

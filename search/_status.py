@@ -1,7 +1,8 @@
 """Where a study stands: :func:`study_status` reads a running or finished study and returns a
 :class:`StudyStatus` (``evoprune status``, ``EvoStudy.status()``). It only reads: no row is written.
 
-What it reports: trials by state; candidates entering and promoted at each stage (from the stage
+What it reports: trials by state; for Optuna samplers (TPE, NSGA-II, ...) how many of their
+suggestions were resampled without a trial (over budget, already seen) and their share; candidates entering and promoted at each stage (from the stage
 outcomes) and the forward tokens each stage spent (from the stage records); the best value so far
 (one objective) or the Pareto front's size (several); finished trials per second over a recent
 window; every worker that has not stopped, whether it is alive and how old its heartbeat is; and,
@@ -29,7 +30,7 @@ from typing import Any
 
 from optuna.trial import TrialState
 
-from ..storage._values import naive
+from ..storage._values import RESAMPLED_ATTR, RESAMPLED_REASONS, naive
 
 __all__ = ["StageCount", "StopProgress", "StudyStatus", "WorkerStatus", "format_duration", "study_status"]
 
@@ -98,6 +99,23 @@ class StudyStatus:
     workers: tuple[WorkerStatus, ...]
     stopped_workers: int
     stops: tuple[StopProgress, ...]
+    #: an Optuna sampler's suggestions resampled without a trial, by reason (``"over_budget"``,
+    #: ``"duplicate"``, ``"invalid"``); not in :attr:`trials`
+    resampled: dict[str, int] = dataclasses.field(default_factory=dict)
+    #: the study's sampler is an Optuna sampler (its suggestions can be resampled)
+    optuna_sampler: bool = False
+    #: why the most recently stopped worker stopped (e.g. ``"finished (converged)"``), ``None``: none yet
+    last_stop: str | None = None
+
+    @property
+    def proposals(self) -> int:
+        """Suggestions of the study's Optuna sampler: its trials plus the resampled ones."""
+        return sum(self.trials.values()) + sum(self.resampled.values())
+
+    @property
+    def wasted_share(self) -> float | None:
+        """Share of the suggestions that were resampled (``None`` before the first)."""
+        return sum(self.resampled.values()) / self.proposals if self.proposals else None
 
     @property
     def finished(self) -> int:
@@ -119,6 +137,12 @@ class StudyStatus:
         out = [f"study {self.study!r} in {self.url}"]
         counts = ", ".join(f"{k.lower()} {v}" for k, v in sorted(self.trials.items())) or "none yet"
         out.append(f"  trials: {counts} ({sum(self.trials.values())} in all)")
+        if self.optuna_sampler or any(self.resampled.values()):
+            n = sum(self.resampled.values())
+            share = "" if self.wasted_share is None else f" ({100 * self.wasted_share:.1f} %)"
+            why = ", ".join(f"{_REASON_TEXT.get(k, k)} {v:,}" for k, v in sorted(self.resampled.items()) if v)
+            out.append(f"  sampler proposals: {self.proposals:,}; resampled without a trial {n:,}{share}"
+                       + (f": {why}" if why else ""))
         if self.stages:
             parts = []
             for s in self.stages:
@@ -142,7 +166,8 @@ class StudyStatus:
                        f"{format_duration(self.window_seconds)} of activity); last finished "
                        f"{format_duration(self.last_finished_age or 0.0)} ago")
         dead = len(self.workers) - self.workers_alive
-        out.append(f"  workers: {self.workers_alive} alive, {dead} presumed dead, {self.stopped_workers} stopped")
+        out.append(f"  workers: {self.workers_alive} alive, {dead} presumed dead, {self.stopped_workers} stopped"
+                   + (f"; last stop: {self.last_stop}" if self.last_stop else ""))
         for w in self.workers:
             out.append(f"    {'alive' if w.alive else 'DEAD '}  {w.owner}  {w.command or '-'}  "
                        f"heartbeat {format_duration(w.heartbeat_age)} ago")
@@ -157,6 +182,9 @@ class StudyStatus:
             note = "" if self.workers_alive else " (no worker alive: resume the study to get there)"
             out.append(f"  ETA: {format_duration(self.eta_seconds)}{note}")
         return out
+
+
+_REASON_TEXT = {"over_budget": "over budget", "duplicate": "already seen", "invalid": "no candidate"}
 
 
 def format_duration(seconds: float) -> str:
@@ -194,8 +222,16 @@ def study_status(study: Any, *, window: float = DEFAULT_WINDOW, now: _dt.datetim
     if not window > 0:
         raise ValueError(f"status window must be > 0 seconds, got {window!r}.")
     now = now or _dt.datetime.now()
-    trials = study.trials()
+    try:
+        rows = study.trials(resampled=True)
+    except TypeError:  # a duck-typed study whose trials() knows no resampled suggestions
+        rows = study.trials()
+    reasons = [getattr(t, "system_attrs", {}).get(RESAMPLED_ATTR) for t in rows]
+    trials = [t for t, why in zip(rows, reasons) if why is None]
     states = collections.Counter(t.state.name for t in trials)
+    resampled = collections.Counter(str(why) for why in reasons if why is not None)
+    for reason in RESAMPLED_REASONS:
+        resampled.setdefault(reason, 0)
 
     stage_names = [s.name for s in study.config.stages]
     last = stage_names[-1] if stage_names else None
@@ -236,9 +272,12 @@ def study_status(study: Any, *, window: float = DEFAULT_WINDOW, now: _dt.datetim
     liveness = dict(study.db.worker_liveness(study.grace_period))  # every worker but this process
     me = study.db.owner.name
     workers, stopped = [], 0
+    last_stop: tuple[Any, str] | None = None
     for w in study.db.workers():
         if w["stopped_at"] is not None:
             stopped += 1
+            if w.get("stop_reason") and (last_stop is None or naive(w["stopped_at"]) >= last_stop[0]):
+                last_stop = (naive(w["stopped_at"]), str(w["stop_reason"]))
             continue
         age = max(0.0, _seconds(naive(w["db_now"]), naive(w["last_seen"])))
         workers.append(WorkerStatus(owner=w["owner"], host=w["host"], pid=int(w["pid"]), command=w["command"],
@@ -275,4 +314,6 @@ def study_status(study: Any, *, window: float = DEFAULT_WINDOW, now: _dt.datetim
         best_trial=best_trial, front_size=len(front), tokens=total_tokens, generations=generations,
         evaluations_per_second=rate, window_seconds=span, last_finished_age=last_age,
         workers=tuple(workers), stopped_workers=stopped, stops=tuple(stops),
+        last_stop=None if last_stop is None else last_stop[1],
+        resampled=dict(resampled), optuna_sampler=study.config.sampler.name != "evolutionary",
     )

@@ -52,11 +52,12 @@ from ..storage import (
     redact_url,
     stored_study,
 )
+from ..storage._values import DUPLICATE_OF_ATTR
 from ._config import StudyConfig
 from ._objectives import objective_directions
 from ._pareto import pareto_front
 from ._runtime import build_runtime, make_sampler
-from ._searcher import Searcher
+from ._searcher import SamplerExhausted, Searcher, is_resampled
 from ._stages import build_pipeline
 
 __all__ = ["EvoStudy", "ParetoPoint", "StudyNotFoundError", "create_study", "delete_study", "load_study"]
@@ -69,7 +70,7 @@ class _FixedParamsSampler(optuna.samplers.BaseSampler):
 
     def __init__(self, queue: list[dict[str, int]]) -> None:
         self._queue = list(queue)
-        self._current: dict[str, int] = {}
+        self._current: dict[str, int] | None = {}
 
     def infer_relative_search_space(self, study: Any, trial: Any) -> dict[str, Any]:
         return {}
@@ -78,9 +79,11 @@ class _FixedParamsSampler(optuna.samplers.BaseSampler):
         return {}
 
     def before_trial(self, study: Any, trial: Any) -> None:
-        self._current = self._queue.pop(0) if self._queue else {}
+        self._current = self._queue.pop(0) if self._queue else None
 
     def sample_independent(self, study: Any, trial: Any, param_name: str, param_distribution: Any) -> Any:
+        if self._current is None:  # every candidate given (one was resampled: another worker took it)
+            raise SamplerExhausted("no retried candidate left")
         if param_name not in self._current:
             raise RuntimeError(f"no fixed value for param {param_name!r} of the retried candidate")
         return self._current[param_name]
@@ -124,6 +127,20 @@ def _study_sampler(config: StudyConfig) -> Any:
     if isinstance(built, optuna.samplers.BaseSampler):
         return built
     return optuna.samplers.RandomSampler(seed=config.seed)
+
+
+def worker_seed(seed: int, index: int) -> int:
+    """The Optuna sampler seed of the study's worker number ``index`` (:meth:`EvoStudy.worker_index`):
+    ``seed`` itself for the first worker, else a 32-bit seed drawn from ``(seed, index)``.
+
+    >>> worker_seed(7, 0), worker_seed(7, 1) == worker_seed(7, 1), worker_seed(7, 1) != worker_seed(7, 2)
+    (7, True, True)
+    """
+    if index == 0:
+        return int(seed)
+    import numpy as np
+
+    return int(np.random.SeedSequence([int(seed) % 2**32, int(index)]).generate_state(1)[0])
 
 
 def _default_name(config: StudyConfig, path: Path | None) -> str:
@@ -190,21 +207,31 @@ class EvoStudy:
         return [d.name.lower() for d in self.optuna_study.directions]
 
     # ------------------------------------------------------------------ reading
-    def trials(self, states: Sequence[Any] | None = None) -> list[Any]:
-        """The study's trials (``FrozenTrial``, not copied: do not modify them)."""
-        return self.optuna_study.get_trials(deepcopy=False, states=states)
+    def trials(self, states: Sequence[Any] | None = None, *, resampled: bool = False) -> list[Any]:
+        """The study's trials (``FrozenTrial``, not copied: do not modify them). An Optuna sampler's
+        resampled suggestions (over budget, already seen: told at once, never evaluated; system
+        attribute ``"evoprune:resampled"``) are Optuna rows but not trials of the search: they are
+        left out unless ``resampled``."""
+        trials = self.optuna_study.get_trials(deepcopy=False, states=states)
+        return trials if resampled else [t for t in trials if not is_resampled(t)]
 
     def _trial_id(self, number: int) -> int:
         try:
             return self.storage.get_trial_id_from_study_id_trial_number(self.db.optuna_study_id, int(number))
         except KeyError:
-            n = len(self.trials())
+            n = len(self.trials(resampled=True))
             have = f"its trials are numbered 0..{n - 1}" if n else "it has no trials yet"
             raise LookupError(f"study {self.name!r} has no trial {number}; {have} (see `evoprune show`).") from None
 
     def candidate(self, number: int) -> Candidate:
-        """The :class:`~evoprune.space.Candidate` trial ``number`` evaluated."""
-        found = self.db.candidate_of(self._trial_id(number))
+        """The :class:`~evoprune.space.Candidate` trial ``number`` evaluated (for a resampled repeat of an
+        earlier trial: the earlier trial's)."""
+        tid = self._trial_id(number)
+        found = self.db.candidate_of(tid)
+        if found is None:
+            earlier = self.storage.get_trial(tid).user_attrs.get(DUPLICATE_OF_ATTR)
+            if earlier is not None and earlier != number:
+                return self.candidate(int(earlier))
         if found is None:
             raise LookupError(f"trial {number} of study {self.name!r} has no recorded candidate.")
         return Candidate.from_json(found[1])
@@ -290,7 +317,8 @@ class EvoStudy:
         must match the stored ones. With ``retry_failed``, candidates released by failed trials that
         the search did not take up again are evaluated afterwards (:meth:`retry_released`).
         Returns the :class:`~evoprune.search.SearchStats` of the search (``last_retried``: how many
-        candidates the retry pass evaluated).
+        candidates the retry pass evaluated). An Optuna sampler of the config is seeded per worker
+        (:meth:`_worker_sampler`): the study's first worker uses the config's seed.
         """
         stops = self.config.stops(n_trials=n_trials, n_generations=n_generations, timeout=timeout,
                                   max_tokens=max_tokens)
@@ -300,9 +328,9 @@ class EvoStudy:
             runtime = self.build_runtime()
         else:
             self.verify_fingerprints(runtime.fingerprints, getattr(runtime, "fingerprint_details", None))
-        sampler, budget_mode = runtime.make_sampler()
         self.db.purge_orphans()  # rows of studies deleted with plain Optuna: their trial ids come back
         self.db.register_worker(command=command)
+        sampler, budget_mode = self._worker_sampler(runtime)
         report = self.reap()
         if report:
             _log.warning(
@@ -330,6 +358,32 @@ class EvoStudy:
                 stop_own(self.db, self.storage, stopped)
             except Exception as exc:  # pragma: no cover - database gone; the search's own error wins
                 _log.warning("could not mark this worker stopped: %s", exc)
+
+    def worker_index(self) -> int:
+        """This process' place among the study's workers in order of registration (0: the first to
+        work on the study; a resume or a second worker gets 1, ...). Registers it if needed."""
+        rows = self.db.workers()
+        mine = [w["id"] for w in rows if w["owner"] == self.db.owner.name]
+        if not mine:
+            self.db.register_worker(command="run")
+            return self.worker_index()
+        return sum(1 for w in rows if w["id"] < mine[0])
+
+    def _worker_sampler(self, runtime: Any) -> tuple[Any, str | None]:
+        """The config's sampler for this worker. An Optuna sampler is seeded with
+        :func:`worker_seed` of the config's seed (or its ``seed`` option) and :meth:`worker_index`,
+        so workers on one study propose different sequences while the first worker -- a
+        single-worker run -- keeps the config's seed and stays reproducible."""
+        sampler, budget_mode = runtime.make_sampler()
+        if not isinstance(sampler, optuna.samplers.BaseSampler):
+            return sampler, budget_mode  # generation samplers share work through claims and saved state
+        index = self.worker_index()
+        if index == 0:
+            return sampler, budget_mode
+        options = dict(self.config.sampler.options)
+        options["seed"] = worker_seed(int(options.get("seed", runtime.seed) or 0), index)
+        _log.info("worker sampler seed", extra={"fields": {"worker_index": index, "seed": options["seed"]}})
+        return make_sampler(self.config.sampler.name, options, seed=options["seed"], space=runtime.space)
 
     def retry_released(self, runtime: Any, *, limit: int | None = None) -> int:
         """Evaluate again the candidates whose trials failed (dead worker, evaluation error) and that

@@ -7,9 +7,18 @@
 ...          num_key_value_heads=4, intermediate_size=256, vocab_size=100),
 ...     attention="kv_groups", mlp_step=64, drop_blocks=True, sparsity_levels=(0, .5),
 ...     frozen_layers=(0,), budget=Budget(metric="params", max_ratio=0.7))
->>> cand = space.random(np.random.default_rng(0))      # uniform levels, then repaired into the budget
+>>> cand = space.random(np.random.default_rng(0))      # repaired into the budget, slack filled up to it
 >>> space.satisfies_budget(cand) and space.candidate_from_levels(space.levels_of(cand)) == cand
 True
+
+Count budgets say exactly what to drop (:data:`COUNT_METRICS`), e.g. "drop exactly 3 blocks":
+
+>>> depth = SearchSpace.from_model(
+...     dict(model_type="qwen2", num_hidden_layers=8, hidden_size=64, num_attention_heads=8,
+...          num_key_value_heads=4, intermediate_size=256, vocab_size=100),
+...     attention=None, mlp=False, drop_blocks=True, budget=Budget(metric="dropped_blocks", exactly=3))
+>>> len(depth.random(0).kept_layers), sum(1 for _ in depth.enumerate())
+(5, 56)
 
 Architectures come from one registry (:func:`get_arch`, :data:`SUPPORTED_MODEL_TYPES`);
 ``evoprune.pruning.register_adapter`` adds one. :func:`kept_per_row` is the one
@@ -20,7 +29,7 @@ from typing import Any
 
 from ._archs import ArchFacts, get_arch, registered_model_types  # noqa: F401
 from ._candidate import ATTN_LINEARS, LINEAR_NAMES, MLP_LINEARS, Candidate, LayerConfig  # noqa: F401
-from ._cost import LATENCY_KINDS, METRICS, Budget, CostModel, LatencyTable  # noqa: F401
+from ._cost import COUNT_METRICS, LATENCY_KINDS, METRICS, Budget, CostModel, LatencyTable  # noqa: F401
 from ._space import ATTENTION_UNITS, GENE_KINDS, SPARSITY_GRANULARITIES, Gene, SearchSpace  # noqa: F401
 from ._sparsity import SPARSITY_PATTERNS, kept_per_row
 from ._spec import ModelSpec
@@ -29,6 +38,7 @@ from ._spec import ModelSpec
 # MLP_LINEARS, SPARSITY_GRANULARITIES (option values, documented where they are used) and
 # registered_model_types (evoprune.pruning exports it).
 __all__ = [
+    "COUNT_METRICS",
     "GENE_KINDS",
     "LINEAR_NAMES",
     "METRICS",

@@ -37,6 +37,13 @@ query/KV heads, ``C`` kept MLP channels, ``T`` the cost model's ``seq_len``):
 ``latency``
     ``LatencyTable.base + sum(lookup("attn", nq) + lookup("mlp", C))`` over kept
     sublayers (needs a measured :class:`LatencyTable`).
+
+Count metrics (:data:`COUNT_METRICS`, for budgets such as "drop exactly 3 blocks";
+not cost objectives, so :attr:`CostModel.metrics` and :meth:`CostModel.costs` leave
+them out): ``dropped_blocks`` (blocks removed whole), ``dropped_attn`` / ``dropped_mlp``
+(attention / MLP sublayers removed, a dropped block's included) and
+``dropped_sublayers`` (``dropped_attn + dropped_mlp``). They are additive over
+blocks too (``0`` outside the blocks and for the dense model).
 """
 
 from __future__ import annotations
@@ -52,7 +59,14 @@ from ._sparsity import kept_per_row
 from ._spec import ModelSpec
 
 METRICS: tuple[str, ...] = ("params", "nonzero_params", "flops", "kv_bytes", "latency")
-"""Cost metrics understood by :class:`CostModel` and :class:`Budget`."""
+"""Cost metrics understood by :class:`CostModel` and :class:`Budget` (and usable as objectives)."""
+
+COUNT_METRICS: tuple[str, ...] = ("dropped_blocks", "dropped_attn", "dropped_mlp", "dropped_sublayers")
+"""Count metrics for :class:`Budget` (e.g. ``Budget(metric="dropped_blocks", exactly=3)``): how many
+blocks / attention sublayers / MLP sublayers / sublayers a candidate removes. Not objectives."""
+
+BUDGET_METRICS: tuple[str, ...] = METRICS + COUNT_METRICS
+"""Every metric a :class:`Budget` may bound."""
 
 LATENCY_KINDS: tuple[str, ...] = ("attn", "mlp")
 
@@ -190,6 +204,14 @@ class LatencyTable:
         return cls(entries=entries, base=data.get("base", 0.0))
 
 
+def _count_value(what: str, value: Any) -> int:
+    if isinstance(value, float) and math.isfinite(value) and value.is_integer():
+        value = int(value)
+    if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+        raise ValueError(f"{what} must be a whole number >= 0, got {value!r}; e.g. exactly=3.")
+    return value
+
+
 def _check_seconds(what: str, value: Any) -> float:
     if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) or value < 0:
         raise ValueError(f"{what} must be a finite number >= 0 (seconds), got {value!r}.")
@@ -230,10 +252,21 @@ class Budget:
         >>> Budget(metric="flops", min_ratio=0.4, max_value=900).bounds(1000)
         (400.0, 900.0)
 
+    Count budgets (:data:`COUNT_METRICS`) say how many blocks or sublayers to drop: a
+    whole number as ``exactly`` (stored as ``min_value == max_value``), ``max_value``
+    and/or ``min_value``; a ratio there is a fraction of what the space can drop::
+
+        >>> Budget(metric="dropped_blocks", exactly=3) == Budget(metric="dropped_blocks", min_value=3, max_value=3)
+        True
+        >>> Budget(metric="dropped_attn", exactly=2).bounds(8)
+        (2, 2)
+
     Args:
-        metric: one of :data:`METRICS`.
+        metric: one of :data:`METRICS` or :data:`COUNT_METRICS`.
         max_ratio, max_value: upper bound as a fraction of the dense cost, or absolute.
         min_ratio, min_value: lower bound as a fraction of the dense cost, or absolute.
+        exactly: count metrics only: drop exactly this many (sets both ``min_value``
+            and ``max_value``; ``exactly`` itself is then ``None``).
     """
 
     metric: str
@@ -241,13 +274,31 @@ class Budget:
     max_value: float | None = None
     min_ratio: float | None = None
     min_value: float | None = None
+    exactly: int | None = None
 
     def __post_init__(self) -> None:
-        if self.metric not in METRICS:
-            raise ValueError(f"Budget.metric must be one of {METRICS}, got {self.metric!r}.")
+        if self.metric not in BUDGET_METRICS:
+            raise ValueError(f"Budget.metric must be one of {BUDGET_METRICS}, got {self.metric!r}.")
+        count = self.metric in COUNT_METRICS
+        unit = self.metric.partition("_")[2] if count else ""
+        if self.exactly is not None:
+            if not count:
+                raise ValueError(
+                    f"Budget.exactly is for count metrics {COUNT_METRICS}; for {self.metric!r} give a band "
+                    "(min_ratio and max_ratio)."
+                )
+            if any(getattr(self, n) is not None for n in ("max_ratio", "max_value", "min_ratio", "min_value")):
+                raise ValueError("Budget: give exactly=... alone, or min_value/max_value, not both.")
+            exact = _count_value(f"Budget.exactly ({unit} to drop)", self.exactly)
+            object.__setattr__(self, "min_value", exact)
+            object.__setattr__(self, "max_value", exact)
+            object.__setattr__(self, "exactly", None)
         for name in ("max_ratio", "max_value", "min_ratio", "min_value"):
             value = getattr(self, name)
             if value is None:
+                continue
+            if count and name.endswith("_value"):
+                object.__setattr__(self, name, _count_value(f"Budget.{name} ({unit} dropped)", value))
                 continue
             if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) or value < 0:
                 raise ValueError(f"Budget.{name} must be a finite number >= 0, got {value!r}.")
@@ -258,15 +309,21 @@ class Budget:
             raise ValueError("Budget: give min_ratio or min_value, not both.")
         if self.max_ratio is None and self.max_value is None and self.min_ratio is None and self.min_value is None:
             raise ValueError("Budget needs a bound: pass max_ratio=... (e.g. 0.5) or max_value=..., or a min_.")
-        if self.max_ratio == 0.0 or self.max_value == 0.0:
+        if not count and (self.max_ratio == 0.0 or self.max_value == 0.0):
             raise ValueError("Budget: an upper bound of 0 cannot be met; use a positive max_ratio/max_value.")
         if self.max_ratio is not None and self.min_ratio is not None and self.min_ratio > self.max_ratio:
             raise ValueError(f"Budget: min_ratio={self.min_ratio} exceeds max_ratio={self.max_ratio}.")
         if self.max_value is not None and self.min_value is not None and self.min_value > self.max_value:
             raise ValueError(f"Budget: min_value={self.min_value} exceeds max_value={self.max_value}.")
 
+    @property
+    def is_count(self) -> bool:
+        """Whether this budget bounds a count (:data:`COUNT_METRICS`) rather than a cost."""
+        return self.metric in COUNT_METRICS
+
     def bounds(self, dense_cost: float) -> tuple[float | None, float | None]:
-        """``(lo, hi)`` in absolute units given the dense model's cost (``None`` = unbounded)."""
+        """``(lo, hi)`` in absolute units given the dense model's cost (``None`` = unbounded); for a
+        count metric ``dense_cost`` is what the space can drop (:meth:`SearchSpace.dense_cost`)."""
         hi = self.max_value if self.max_ratio is None else self.max_ratio * dense_cost
         lo = self.min_value if self.min_ratio is None else self.min_ratio * dense_cost
         return lo, hi
@@ -334,8 +391,8 @@ class CostModel:
         return METRICS if self.latency_table is not None else METRICS[:-1]
 
     def _check_metric(self, metric: str) -> None:
-        if metric not in METRICS:
-            raise ValueError(f"unknown cost metric {metric!r}; use one of {METRICS}.")
+        if metric not in BUDGET_METRICS:
+            raise ValueError(f"unknown cost metric {metric!r}; use one of {METRICS} (or a count {COUNT_METRICS}).")
         if metric == "latency" and self.latency_table is None:
             raise ValueError("the 'latency' metric needs a measured table: pass latency=LatencyTable(...).")
 
@@ -344,6 +401,8 @@ class CostModel:
     def base_cost(self, metric: str, *, seq_len: int | None = None) -> float:
         """Cost outside the decoder blocks (embeddings, final norm, lm_head)."""
         self._check_metric(metric)
+        if metric in COUNT_METRICS:
+            return 0
         s = self.spec
         vh = s.vocab_size * s.hidden_size
         if metric in ("params", "nonzero_params"):
@@ -425,6 +484,8 @@ class CostModel:
     ) -> float:
         """Cost of one block: attention part + MLP part (``pattern``: the candidate's sparsity pattern)."""
         self._check_metric(metric)
+        if metric in COUNT_METRICS:
+            return _layer_count(layer, metric)
         attn_sp = mlp_sp = None
         if metric == "nonzero_params":
             attn_sp = {n: layer.sparsity_of(n) for n in ATTN_LINEARS}
@@ -481,7 +542,12 @@ class CostModel:
         return self.cost(self.spec.dense_candidate(), metric)
 
     def ratio(self, candidate: Candidate, metric: str) -> float:
-        """``cost(candidate) / cost(dense)``."""
+        """``cost(candidate) / cost(dense)`` (cost metrics only: the dense model drops nothing)."""
+        if metric in COUNT_METRICS:
+            raise ValueError(
+                f"CostModel.ratio: {metric!r} is a count (the dense model drops nothing); use cost(), or "
+                "SearchSpace.ratio (the fraction of what the space can drop)."
+            )
         return self.cost(candidate, metric) / self.dense_cost(metric)
 
     # ---- serialization -----------------------------------------------------
@@ -503,3 +569,14 @@ class CostModel:
             kv_dtype_bytes=data.get("kv_dtype_bytes", 2),
             latency_table=None if table is None else LatencyTable.from_dict(table),
         )
+
+
+def _layer_count(layer: LayerConfig, metric: str) -> int:
+    """``layer``'s contribution to a count metric (see the module docstring)."""
+    if metric == "dropped_blocks":
+        return int(layer.dropped)
+    if metric == "dropped_attn":
+        return int(layer.attn_dropped)
+    if metric == "dropped_mlp":
+        return int(layer.mlp_dropped)
+    return int(layer.attn_dropped) + int(layer.mlp_dropped)

@@ -25,10 +25,18 @@ differ by the same number of units in every layer, so one step of a gene costs
 the same in every layer (see :meth:`SearchSpace.step_savings`); the final "drop"
 level also removes the sublayer's norm and is therefore not an equal step.
 
+Budgets bound costs (``params``, ``flops``, ...) or counts: "drop exactly 3
+blocks" is ``Budget(metric="dropped_blocks", exactly=3)`` on a space with
+``drop_blocks=True``, "drop 2 attention and 2 MLP sublayers" is
+``(Budget(metric="dropped_attn", exactly=2), Budget(metric="dropped_mlp", exactly=2))``
+on a space with ``drop_attention=True, drop_mlp=True`` (see
+:data:`~evoprune.space.COUNT_METRICS`). Random candidates, repair, level switches
+and :meth:`SearchSpace.enumerate` keep every count.
+
 ``SearchSpace`` is assembled from three modules: this one (options, genes, costs
 and budgets, serialization), :mod:`._levels` (levels <-> candidates, validation,
 Optuna params) and :mod:`._moves` (uniform/random candidates, cheapest candidates,
-step savings, budget repair).
+step savings, budget repair, slack filling, enumeration).
 """
 
 from __future__ import annotations
@@ -40,8 +48,8 @@ from typing import Any
 
 import numpy as np
 
-from ._candidate import LINEAR_NAMES, Candidate, JsonValue
-from ._cost import Budget, CostModel, LatencyTable
+from ._candidate import LINEAR_NAMES, Candidate, JsonValue, LayerConfig
+from ._cost import COUNT_METRICS, Budget, CostModel, LatencyTable, _layer_count
 from ._levels import LevelsMixin
 from ._moves import MovesMixin
 from ._spec import ModelSpec
@@ -123,6 +131,24 @@ class SearchSpace(JsonValue, LevelsMixin, MovesMixin):
         >>> SearchSpace.from_json(space.to_json()) == space
         True
 
+    Say exactly what to drop with count budgets; :meth:`random` lands next to the
+    budget boundary, and small spaces can be listed with :meth:`enumerate`::
+
+        >>> spec8 = ModelSpec.from_config(dict(model_type="llama", num_hidden_layers=8, hidden_size=64,
+        ...     num_attention_heads=8, num_key_value_heads=4, intermediate_size=256, vocab_size=100))
+        >>> depth = SearchSpace.from_model(spec8, attention=None, mlp=False, drop_blocks=True,
+        ...                                budget=Budget(metric="dropped_blocks", exactly=3))
+        >>> len(depth.random(0).kept_layers), len(list(depth.enumerate()))  # 8 choose 3
+        (5, 56)
+        >>> sub = SearchSpace.from_model(spec8, attention=None, mlp=False, drop_attention=True, drop_mlp=True,
+        ...     budget=(Budget(metric="dropped_attn", exactly=2), Budget(metric="dropped_mlp", exactly=2)))
+        >>> c = sub.random(0)
+        >>> sum(l.attn_dropped for l in c.layers), sum(l.mlp_dropped for l in c.layers), len(list(sub.enumerate()))
+        (2, 2, 784)
+        >>> width = SearchSpace.from_model(spec8, mlp_step=32, budget=Budget(metric="params", max_ratio=0.8))
+        >>> 0.75 < width.ratio(width.random(0), "params") <= 0.8   # slack filled up to the budget
+        True
+
     Args:
         spec: the dense model's :class:`ModelSpec`.
         attention: ``"kv_groups"`` (keep k whole KV groups, each with all its
@@ -145,7 +171,10 @@ class SearchSpace(JsonValue, LevelsMixin, MovesMixin):
             the default when ``sparsity_levels`` is empty).
         frozen_layers: block indices (negative counts from the end) kept dense.
         budget: a :class:`Budget`, a sequence of them (one per metric) or ``None``;
-            stored as a tuple.
+            stored as a tuple, cost budgets first (in the order given), then count
+            budgets (``dropped_blocks``, ``dropped_attn``, ``dropped_mlp``,
+            ``dropped_sublayers``: whole numbers, e.g. ``Budget(metric="dropped_blocks",
+            exactly=3)``; they need genes that drop what they count).
         seq_len: context length for the ``"flops"`` metric.
         kv_dtype_bytes: bytes per KV-cache element for ``"kv_bytes"``.
         latency: a :class:`LatencyTable` for the ``"latency"`` metric.
@@ -365,7 +394,8 @@ class SearchSpace(JsonValue, LevelsMixin, MovesMixin):
             if b.metric == "latency" and self.latency is None:
                 raise ValueError("a 'latency' budget needs a measured table: pass latency=LatencyTable(...).")
             seen.add(b.metric)
-        return budgets
+        # cost budgets first: code that takes "the" budget ratio from the first budget sees a cost
+        return tuple(b for b in budgets if not b.is_count) + tuple(b for b in budgets if b.is_count)
 
     def _build_genes(self) -> None:
         spec = self.spec
@@ -416,8 +446,44 @@ class SearchSpace(JsonValue, LevelsMixin, MovesMixin):
         self._set("_dense_layer", spec.dense_layer())
         self._set("_dense_costs", {})
 
+    def _layer_drop_states(self, i: int) -> tuple[tuple[bool, bool], ...]:
+        """``(attn dropped, mlp dropped)`` states block ``i`` can take in this space."""
+        g = self._layer_genes[i]
+        attn = "attn" in g and self.genes[g["attn"]].drops
+        mlp = "mlp" in g and self.genes[g["mlp"]].drops
+        states = [(False, False)]
+        if attn:
+            states.append((True, False))
+        if mlp:
+            states.append((False, True))
+        if "block" in g or (attn and mlp):
+            states.append((True, True))
+        return tuple(states)
+
+    def max_count(self, metric: str, *, keep_one: bool = True) -> int:
+        """The most a candidate of this space can drop in a count metric (:data:`COUNT_METRICS`).
+
+        With ``keep_one`` (default) at least one block stays, as in every candidate;
+        without it, the number of droppable blocks/sublayers (the reference of count
+        ratios, see :meth:`dense_cost`).
+        """
+        if metric not in COUNT_METRICS:
+            raise ValueError(f"max_count: {metric!r} is not a count metric; use one of {COUNT_METRICS}.")
+        total, slack = 0, []
+        for i in range(self.spec.num_layers):
+            values = {s: _state_count(s, metric) for s in self._layer_drop_states(i)}
+            best = max(values.values())
+            total += best
+            slack.append(best - max(v for s, v in values.items() if s != (True, True)))
+        if keep_one and min(slack) > 0:
+            total -= min(slack)
+        return total
+
     def _check_budget_reachable(self) -> None:
         for b in self.budget:
+            if b.is_count:
+                self._check_count_budget(b)
+                continue
             lo, hi = b.bounds(self.dense_cost(b.metric))
             if hi is not None:
                 _, smallest = self._extreme(b.metric, minimize=True)
@@ -435,6 +501,28 @@ class SearchSpace(JsonValue, LevelsMixin, MovesMixin):
                         f"Budget {b.metric} >= {lo:.6g} cannot be met: the largest candidate in this space costs "
                         f"{largest:.6g}. Lower min_ratio/min_value."
                     )
+
+    def _check_count_budget(self, b: Budget) -> None:
+        what = b.metric.partition("_")[2]
+        name = {"blocks": "blocks", "attn": "attention sublayers", "mlp": "MLP sublayers",
+                "sublayers": "sublayers"}[what]
+        if self.max_count(b.metric, keep_one=False) == 0:
+            hint = {"blocks": "drop_blocks=True (or drop_attention=True and drop_mlp=True)",
+                    "attn": "drop_attention=True (or drop_blocks=True)",
+                    "mlp": "drop_mlp=True (or drop_blocks=True)",
+                    "sublayers": "drop_attention=True and/or drop_mlp=True (or drop_blocks=True)"}[what]
+            raise ValueError(
+                f"Budget on {b.metric!r}: this space drops no {name}; pass {hint} or remove the budget."
+            )
+        lo, _ = b.bounds(self.dense_cost(b.metric))
+        most = self.max_count(b.metric)
+        if lo is not None and lo > most:
+            frozen = f", {len(self.frozen_layers)} frozen" if self.frozen_layers else ""
+            raise ValueError(
+                f"Budget {b.metric} >= {lo:g} cannot be met: this space can drop at most {most} {name} "
+                f"({self.spec.num_layers} layers{frozen}; one block always stays). Lower the count, or unfreeze "
+                "layers / enable more drop_* options."
+            )
 
     # ------------------------------------------------------------------ genes and levels
 
@@ -467,14 +555,25 @@ class SearchSpace(JsonValue, LevelsMixin, MovesMixin):
         return self.cost_model.cost(candidate, metric)
 
     def dense_cost(self, metric: str) -> float:
+        """The dense model's cost in ``metric``: the reference of ratios and budget ratios.
+
+        For a count metric (:data:`COUNT_METRICS`; the dense model drops nothing) it is
+        what this space can drop (:meth:`max_count` without keeping a block), so
+        :meth:`ratio` is the fraction of droppable blocks/sublayers dropped.
+        """
         cache = self._dense_costs  # type: ignore[attr-defined]
         if metric not in cache:
-            cache[metric] = self.cost_model.cost(self.spec.dense_candidate(), metric)
+            if metric in COUNT_METRICS:
+                cache[metric] = self.max_count(metric, keep_one=False)
+            else:
+                cache[metric] = self.cost_model.cost(self.spec.dense_candidate(), metric)
         return cache[metric]
 
     def ratio(self, candidate: Candidate, metric: str) -> float:
-        """``cost(candidate) / cost(dense)``."""
-        return self.cost(candidate, metric) / self.dense_cost(metric)
+        """``cost(candidate) / dense_cost(metric)`` (``0.0`` for a count the space cannot drop)."""
+        dense = self.dense_cost(metric)
+        cost = self.cost(candidate, metric)
+        return cost / dense if dense or metric not in COUNT_METRICS else 0.0
 
     def budget_bounds(self) -> tuple[tuple[str, float | None, float | None], ...]:
         """``((metric, lo, hi), ...)`` of the budgets in absolute units."""
@@ -554,6 +653,13 @@ class SearchSpace(JsonValue, LevelsMixin, MovesMixin):
             data["latency"] = LatencyTable.from_dict(data["latency"])
         return cls(**data)
 
+
+
+def _state_count(state: tuple[bool, bool], metric: str) -> int:
+    """A block's count in ``metric`` when its attention/MLP are dropped as in ``state``."""
+    attn, mlp = state
+    return _layer_count(LayerConfig(num_kv_heads=0 if attn else 1, q_per_kv=0 if attn else 1,
+                                    mlp_channels=0 if mlp else 1), metric)
 
 
 def _int_tuple(what: str, values: Any) -> tuple[int, ...]:

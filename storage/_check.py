@@ -10,7 +10,7 @@ from .._optuna_private import rdb_models
 from ._schema import SCHEMA_VERSION, schema_version
 from ._scope import StudyScope
 from ._tables import ClaimRow, SamplerStateRow, StageResultRow, StageRow, TrialRow, WorkerRow
-from ._values import DUPLICATE_OF_ATTR, INFEASIBLE_ATTR, from_json, sha256_text
+from ._values import DUPLICATE_OF_ATTR, INFEASIBLE_ATTR, RESAMPLED_ATTR, from_json, sha256_text
 
 __all__ = ["CheckMixin"]
 
@@ -23,7 +23,8 @@ class CheckMixin(StudyScope):
 
         Checks: schema version; every evoprune row refers to a trial of this study; no candidate
         is COMPLETE in two trials; every COMPLETE trial has its candidate and stage rows (except
-        the driver's infeasible placeholders and duplicate copies, which are told unevaluated);
+        the driver's infeasible placeholders, duplicate copies and resampled proposals, which are
+        told unevaluated);
         every stage row has evaluator rows; JSON parses; sampler-state checksums; claims point at
         trials that evaluate their candidate.
         """
@@ -31,7 +32,7 @@ class CheckMixin(StudyScope):
 
         problems: list[str] = []
         om = rdb_models()
-        tm, ua = om.TrialModel, om.TrialUserAttributeModel
+        tm, ua, tsa = om.TrialModel, om.TrialUserAttributeModel, om.TrialSystemAttributeModel
         version = schema_version(self.engine)
         if version != SCHEMA_VERSION:
             problems.append(f"schema version is {version}, expected {SCHEMA_VERSION}")
@@ -57,13 +58,16 @@ class CheckMixin(StudyScope):
                     sa.select(WorkerRow.owner, WorkerRow.stopped_at, WorkerRow.stop_reason)
                     .where(WorkerRow.study_id == self.study_id))
             }
-            # told without an evaluation by the driver: infeasible placeholders and copies of duplicates
+            # told without an evaluation by the driver: infeasible placeholders, copies of duplicates and
+            # resampled proposals of Optuna samplers
             unevaluated = {
                 r.trial_id
                 for r in conn.execute(
                     sa.select(ua.trial_id).join(tm, tm.trial_id == ua.trial_id)
                     .where(tm.study_id == self.optuna_study_id,
                            ua.key.in_((INFEASIBLE_ATTR, DUPLICATE_OF_ATTR)))
+                    .union(sa.select(tsa.trial_id).join(tm, tm.trial_id == tsa.trial_id)
+                           .where(tm.study_id == self.optuna_study_id, tsa.key == RESAMPLED_ATTR))
                 )
             }
             return dict(trials=trials, tr=tr, stages=stages, results=results, claims=claims, states=states,

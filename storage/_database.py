@@ -38,6 +38,7 @@ from ._tables import (
 )
 from ._values import (
     INFEASIBLE_ATTR,
+    RESAMPLED_ATTR,
     Artifact,
     canonical_json,
     check_name,
@@ -505,12 +506,16 @@ class StudyDatabase(ClaimsMixin, WorkersMixin, CheckMixin, StagesMixin):
         """``(number, trial_id, values, candidate_key)`` of every feasible COMPLETE trial, by number: one
         query over Optuna's value rows (no ``FrozenTrial`` objects), fast for tens of thousands of trials.
         Trials told placeholder values because they were outside the budget (user attribute
-        ``evoprune:infeasible``) are left out, as ``optuna.Study.best_trials`` leaves them out."""
+        ``evoprune:infeasible``) are left out, as ``optuna.Study.best_trials`` leaves them out, and so
+        are an Optuna sampler's resampled suggestions (system attribute ``evoprune:resampled``: e.g.
+        a repeat told the earlier trial's value)."""
         from optuna.trial import TrialState
 
         om = rdb_models()
         tm, tv, ua = om.TrialModel, om.TrialValueModel, om.TrialUserAttributeModel
         infeasible = sa.select(ua.trial_id).where(ua.key == INFEASIBLE_ATTR, ua.value_json == "true")
+        resampled = sa.select(om.TrialSystemAttributeModel.trial_id).where(
+            om.TrialSystemAttributeModel.key == RESAMPLED_ATTR)
 
         def run(conn: sa.Connection) -> list[Any]:
             return conn.execute(
@@ -518,7 +523,7 @@ class StudyDatabase(ClaimsMixin, WorkersMixin, CheckMixin, StagesMixin):
                 .join(tv, tv.trial_id == tm.trial_id)
                 .outerjoin(TrialRow, TrialRow.trial_id == tm.trial_id)
                 .where(tm.study_id == self.optuna_study_id, tm.state == TrialState.COMPLETE,
-                       tm.trial_id.not_in(infeasible))
+                       tm.trial_id.not_in(infeasible), tm.trial_id.not_in(resampled))
                 .order_by(tm.number, tv.objective)
             ).all()
 

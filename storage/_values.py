@@ -21,6 +21,8 @@ __all__ = [
     "CREATOR_ATTR",
     "DUPLICATE_OF_ATTR",
     "INFEASIBLE_ATTR",
+    "RESAMPLED_ATTR",
+    "RESAMPLED_REASONS",
     "Artifact",
     "StageOutcome",
     "StageRecord",
@@ -46,6 +48,14 @@ CANDIDATE_KEY_ATTR = "evoprune:candidate_key"
 #: Optuna system attribute: the worker (``Owner.name``) that created a trial, written with the trial
 #: itself, so the reaper can tell "created, not yet recorded" from "orphaned by a dead process"
 CREATOR_ATTR = "evoprune:creator"
+#: Optuna system attribute of a trial that is a *resampled proposal*, not a search trial: an Optuna
+#: sampler's suggestion the driver told at once without evaluating it, and asked again, because it
+#: was over the budget (``"over_budget"``: told its constraint violations and placeholder values),
+#: repeated a candidate already seen (``"duplicate"``: told ``PRUNED``), or gave no candidate
+#: (``"invalid"``: told ``FAIL``). The row stays so the sampler learns from it; reads that count
+#: trials (status, show, report, check) leave it out.
+RESAMPLED_ATTR = "evoprune:resampled"
+RESAMPLED_REASONS = ("over_budget", "duplicate", "invalid")
 
 
 def _plain(value: Any, where: str) -> Any:

@@ -225,6 +225,18 @@ def _edited_export(w: World) -> tuple[list[str], str]:
     return ["export", "--storage", w.db, "--study", "s", "--trial", "0", "--out", str(w.export_dir)], w.db
 
 
+def _data_file(w: World, name: str) -> str:
+    """A bad data file in ``w.data``: latin-1 text, or a token file with an id beyond any vocabulary."""
+    path = w.data / name
+    if name.endswith(".npy"):
+        import numpy as np
+
+        np.save(path, np.array([1, 2, 10**6] * 200, dtype=np.int64))
+    else:
+        path.write_bytes("Caf\xe9 au lait. ".encode("latin-1") * 200)
+    return str(path)
+
+
 def _missing(name: str, *argv: str) -> Callable:
     def setup(w: World) -> tuple[list[str], str]:
         url = f"sqlite:///{w.root / 'missing' / name}"
@@ -296,6 +308,15 @@ CASES: list[Case] = [
     ("data-file-missing", _search("d3.yaml", _cfg(data=lambda w: {"source": "text", "train": [str(w.data / "x.txt")],
                                                                  "validation": [str(w.data / "valid.txt")]})),
      2, ("x.txt",)),
+    ("data-not-utf8", _search("d4.yaml", _cfg(data=lambda w: {"source": "text", "train": [str(w.data / "train.txt")],
+                                                             "validation": [_data_file(w, "latin1.txt")]})),
+     1, ("latin1.txt", "not UTF-8 text", "token file")),
+    ("token-file-over-vocab", _search("d5.yaml", _cfg(data=lambda w: {
+        "source": "text", "train": [str(w.data / "train.txt")], "validation": [_data_file(w, "big_ids.npy")]})),
+     1, ("big_ids.npy", "token id 1000000", "vocabulary")),
+    ("windows-overlap", _search("d6.yaml", _cfg(data=lambda w: {
+        "source": "text", "train": [str(w.data / "train.txt")], "validation": [str(w.data / "valid.txt")],
+        "windows": [0, 16]})), 1, ("data.windows", "overlap")),
     # ---- an existing study of that name
     ("two-configs-one-name", _search("s2.yaml", _cfg(seed=7), study="s"), 1, ("different config", "resume")),
     ("other-objectives-one-name", _search("s3.yaml", _cfg(objectives=["kl"]), study="s"), 1, ("directions",)),

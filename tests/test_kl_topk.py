@@ -83,6 +83,8 @@ def test_dense_reference_memory_is_bounded_and_reloads_from_disk(big_vocab, tmp_
         with pruner.applied(cand):
             first = kl.evaluate(model, cand, stages[0]).value  # evicted: memory-mapped back from disk
             n = len(calls)
+            assert kl.evaluate(model, cand, stages[0]).tokens == 0 and len(calls) == n  # per-window cache
+            base.shared.pop("kl_windows")
             again = kl.evaluate(model, cand, stages[0]).value
     finally:
         hook.remove()

@@ -141,8 +141,10 @@ def test_repeated_candidate_after_failed_and_complete_trials_is_recorded_once(st
     stats = SearchStats()
     s._tell_duplicate(repeat, cand, stats)  # crashed with "already has a candidate recorded" before
     t = study.storage.get_trial(trial_id(repeat))
-    assert t.state == TrialState.COMPLETE and t.values == [0.25, 0.7]
+    # a resampled suggestion (issue 16): told PRUNED without values, no candidate row, not a trial
+    assert t.state == TrialState.PRUNED and t.system_attrs["evoprune:resampled"] == "duplicate"
     assert t.user_attrs["evoprune:duplicate_of"] == done.number
+    assert study.db.candidate_of(trial_id(repeat)) is None and stats.duplicates == 1
     assert study.check() == []  # a told repeat is not a "candidate completed twice" problem
     study.close()
 

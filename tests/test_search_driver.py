@@ -226,7 +226,11 @@ def test_optuna_samplers_drive_the_space(base, name):
     assert study.sampler is sampler
     assert searcher.budget_mode == ("constrain" if name in ("tpe", "nsgaii") else "repair")
     stats = searcher.run(n_trials=10)
-    assert stats.trials == 10 == len(study.trials)
+    from evoprune.search._searcher import is_resampled
+
+    # suggestions over budget / already seen are resampled: Optuna rows, not trials
+    assert stats.trials == 10 == len([t for t in study.trials if not is_resampled(t)])
+    assert stats.proposals == len(study.trials) == stats.trials + stats.resampled
     for t in study.trials:
         if searcher.budget_mode == "constrain":
             assert set(t.constraints) == {"params_max"} or t.state == STATE.FAIL

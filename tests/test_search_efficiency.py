@@ -147,19 +147,20 @@ def test_race_in_a_generation_stops_clearly_worse_offspring_at_the_first_stage(b
     assert stopped, "some offspring should stop at s1"
 
 
-def test_convergence_stop_ends_a_depth_search_by_itself(base, tmp_path):
-    rt = _runtime(base, _stages(race=(2.0, 4)), drop=2)
+def test_convergence_stop_ends_a_width_search_by_itself(base, tmp_path):
+    rt = _runtime(base, _stages(race=(2.0, 4)))
+    model = base[0]
+    rt.space = SearchSpace.from_model(model.config, attention=None, mlp_step=16,
+                                      budget=Budget(metric="params", max_ratio=0.7))
     study = optuna.create_study(directions=rt.directions)
-    sampler = EvolutionarySampler(offspring=4, seed=0, patience=2, surrogate=1)
-    stats = Searcher(rt, study, sampler, progress=False).run(n_generations=50)
-    assert stats.stopped_by in ("converged", "exhausted")
-    assert stats.generations < 50
-    if stats.stopped_by == "converged":
-        assert sampler.converged
-        twin = EvolutionarySampler(offspring=4, seed=0, patience=2, surrogate=1)
-        twin.setup(rt.space)
-        twin.load_state_dict(sampler.state_dict())
-        assert twin.converged and twin.ask_generation() == []
+    sampler = EvolutionarySampler(offspring=4, seed=0, patience=2)
+    stats = Searcher(rt, study, sampler, progress=False).run(n_generations=60)
+    assert stats.stopped_by == "converged" and sampler.converged
+    assert 3 <= stats.generations < 60
+    twin = EvolutionarySampler(offspring=4, seed=0, patience=2)
+    twin.setup(rt.space)
+    twin.load_state_dict(sampler.state_dict())
+    assert twin.converged and twin.ask_generation() == []
 
 
 def test_surrogate_ranks_offspring_by_an_additive_model_fitted_to_scores():
@@ -208,3 +209,32 @@ def test_presets_expand_and_unknown_ones_say_what_exists():
     with pytest.raises(ValueError, match="promote"):
         StudyConfig.from_dict({"calibration": {"num_sequences": 8, "seq_len": 256},
                                "stages": [{"name": "a", "promote": {"race": -1}}, {"name": "b"}]})
+
+
+def test_a_cli_search_stops_by_itself_and_status_says_why(tmp_path, capsys):
+    """A racing schedule on the tiny reference model's MLP widths with a generous generation cap: it
+    stops by itself (converged) and `evoprune status` names the reason."""
+    import yaml
+
+    from evoprune._cli import main
+
+    cfg = {
+        "model": "reference:tiny", "calibration": {"num_sequences": 4, "seq_len": 64},
+        "space": {"attention": None, "mlp_step": 16},
+        "budget": [{"metric": "params", "max_ratio": 0.8}],
+        "stages": [
+            {"name": "s1", "evaluators": ["kl"], "eval_tokens": 256, "seq_len": 64,
+             "promote": {"race": 2.0, "max_count": 2}},
+            {"name": "final", "evaluators": ["kl"], "eval_tokens": 1024, "seq_len": 64, "extends": "s1"},
+        ],
+        "sampler": {"name": "evolutionary", "options": {"offspring": 4, "patience": 2}},
+        "stop": {"n_generations": 60},
+    }
+    path = tmp_path / "study.yaml"
+    path.write_text(yaml.safe_dump(cfg))
+    url = f"sqlite:///{tmp_path / 's.db'}"
+    assert main(["search", str(path), "--storage", url, "--study", "conv", "--threads", "1"]) == 0
+    out = capsys.readouterr().out
+    assert "stopped by converged" in out
+    assert main(["status", "--storage", url, "--study", "conv"]) == 0
+    assert "last stop: finished (converged)" in capsys.readouterr().out
