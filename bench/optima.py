@@ -442,6 +442,13 @@ def main(argv: list[str] | None = None) -> int:
         print(f"{name:20s} {r['num_configs']:7d}  {short(r['optimum'])} ({r['optimum']['kl']:.5f}) / "
               f"{short(r['runner_up'])} ({r['runner_up']['kl']:.5f})  {r['gap_in_se']:.1f}  {r['separated']}")
     print(f"forward tokens {wkl.forward_tokens}; total {time.time() - t_start:.0f}s")
+    # what the data is worth: the cheap phase-1 cut kept the optimum, and a set's KL is the mean of its
+    # per-window values (so per-window scoring measured the evaluator itself); `separated` is reported above
+    for name, r in summary.items():
+        rank = r["optimum"]["phase1_rank"]
+        print(f"TARGET {name}.optimum_phase1_rank {rank} <= {args.keep_1b} {'PASS' if rank <= args.keep_1b else 'FAIL'}")
+        diff = r["check"]["abs_diff"]
+        print(f"TARGET {name}.window_mean_check {diff:.3g} <= 1e-09 {'PASS' if diff <= 1e-9 else 'FAIL'}")
     return 0
 
 

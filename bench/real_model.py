@@ -125,17 +125,50 @@ class Scorer:
         return out
 
 
-def _best_final(study) -> Candidate:
+def _best_final(study, final: str = "final") -> Candidate:
     best = None
     for t in study.get_trials(deepcopy=False):
-        if t.user_attrs.get(ATTR_PREFIX + "stage_reached") == "final" and t.values:
+        if t.user_attrs.get(ATTR_PREFIX + "stage_reached") == final and t.values:
             if best is None or t.values[0] < best.values[0]:
                 best = t
     return Candidate.from_dict(best.user_attrs[ATTR_PREFIX + "candidate"])
 
 
-def _evolve(rt, space, tokens: int, seed: int, offspring: int, init=None, **sampler_kw) -> tuple[Candidate, int, float]:
+def _schedule(args, kind: str):
+    """The stage pipeline of a search schedule on windows of ``--seq-len`` tokens: ``"default"``
+    (evoprune's default preset, scaled: a racing screen on ``--screen-windows`` windows, a racing
+    second stage on 4x that, a final stage on ``--final-tokens``, each extending the one before);
+    ``"evopress"`` (EvoPress's depth schedule, scaled: top 2 of the offspring on one window, the
+    final on 16 windows, independent windows per stage)."""
+    from evoprune.search._stages import build_pipeline
+    from evoprune.search._config import StageConfig
+
+    L = args.seq_len
+    if kind == "evopress":
+        stages = [StageConfig(name="ep1", eval_tokens=L, seq_len=L, promote={"top_k": 2}),
+                  StageConfig(name="epfinal", eval_tokens=16 * L, seq_len=L)]
+    else:
+        w = args.screen_windows
+        stages = [StageConfig(name="r1", eval_tokens=w * L, seq_len=L, promote={"race": 2.0, "max_count": 4}),
+                  StageConfig(name="r2", eval_tokens=4 * w * L, seq_len=L, promote={"race": 2.0, "max_count": 2},
+                              extends="r1"),
+                  StageConfig(name="rfinal", eval_tokens=max(args.final_tokens, 4 * w * L), seq_len=L, extends="r2")]
+    return build_pipeline(stages)
+
+
+def _evolve(rt, space, tokens: int, seed: int, offspring: int, init=None, pipeline=None,
+            **sampler_kw) -> tuple[Candidate, int, float]:
     rt.space = space
+    saved = rt.pipeline
+    if pipeline is not None:
+        rt.pipeline = pipeline
+    try:
+        return _evolve_with(rt, tokens, seed, offspring, init, **sampler_kw)
+    finally:
+        rt.pipeline = saved
+
+
+def _evolve_with(rt, tokens: int, seed: int, offspring: int, init=None, **sampler_kw) -> tuple[Candidate, int, float]:
     rt.pipeline.prepare(rt.model, rt.context)  # dense references outside the token budget
     study = optuna.create_study(directions=rt.directions)
     sampler = EvolutionarySampler(offspring=offspring, seed=seed, **({"init": init} if init is not None else {}),
@@ -146,9 +179,9 @@ def _evolve(rt, space, tokens: int, seed: int, offspring: int, init=None, **samp
     while used < tokens:
         st = searcher.run(max_tokens=tokens - used)
         used += st.tokens
-        if st.tokens == 0 or st.stopped_by == "exhausted":
+        if st.tokens == 0 or st.stopped_by in ("exhausted", "converged"):
             break
-    return _best_final(study), used, time.time() - t0
+    return _best_final(study, rt.pipeline.stages[-1].name), used, time.time() - t0
 
 
 def _random_best(rt, space, tokens: int, seed: int) -> tuple[Candidate, int, float]:
@@ -278,14 +311,18 @@ def experiment_depth(rt, args, score, targets) -> None:
     t0 = time.time()
     report: dict = {}
     sl = sleb(space, rt.pruner, rt.calib_ids[: args.sleb_sequences], num_blocks=args.drop, report=report)
-    budget = max(report["tokens"], args.min_search_tokens)
+    budget = max(report["tokens"], args.min_search_tokens, args.depth_tokens)
     rows.append(_row("SLEB", sl, report["tokens"], time.time() - t0, score(sl), rt))
     t0 = time.time()
     sg = shortgpt(space, rt.pruner, num_blocks=args.drop)
     rows.append(_row("ShortGPT", sg, int(rt.calib_ids.numel()), time.time() - t0, score(sg), rt))
     init = {"shortgpt": [sg], "sleb": [sl]}.get(args.evo_init, args.evo_init)
-    evo, used, sec = _evolve(rt, space, budget, args.seed, args.offspring, init=init)
+    evo, used, sec = _evolve(rt, space, budget, args.seed, args.depth_offspring, init=init,
+                             pipeline=_schedule(args, "default"), patience=None)
     rows.append(_row("evolutionary", evo, used, sec, score(evo), rt))
+    ep, used_e, sec_e = _evolve(rt, space, budget, args.seed, 32, init=init, pipeline=_schedule(args, "evopress"),
+                                surrogate=1, patience=None)
+    rows.append(_row("EvoPress schedule", ep, used_e, sec_e, score(ep), rt))
     rnd, used_r, sec_r = _random_best(rt, space, budget, args.seed)
     rows.append(_row("best-of-random", rnd, used_r, sec_r, score(rnd), rt))
     _print_rows(rows)
@@ -294,8 +331,12 @@ def experiment_depth(rt, args, score, targets) -> None:
     ratio = methods["evolutionary"] / methods["ShortGPT"]
     targets.append(("evo_rank_depth", rank, "<=", 1))
     targets.append(("depth_ppl_over_shortgpt", ratio, "<=", 0.75))
-    print(f"(evolutionary search: init {args.evo_init}, {args.offspring} offspring, screen {args.screen_tokens} -> "
-          f"final {args.final_tokens} tokens; val KL on the final stage's {args.final_tokens} validation tokens)")
+    L = args.seq_len
+    print(f"(search budget {budget:,} forward tokens each, init {args.evo_init}; evolutionary: the default "
+          f"schedule scaled -- {args.depth_offspring} surrogate-ranked offspring, racing {args.screen_windows * L} -> "
+          f"{4 * args.screen_windows * L} -> final {max(args.final_tokens, 4 * args.screen_windows * L)} tokens on "
+          f"nested windows; EvoPress schedule scaled -- 32 offspring, top 2 @ {L} -> 1 @ {16 * L} tokens; "
+          f"best-of-random: each scored on {args.screen_tokens} tokens)")
     rt.space = space0
 
 
@@ -380,8 +421,7 @@ def experiment_sparsity(rt, args, score, targets) -> None:
         u = uniform(space)
         rows.append(_row("uniform Wanda", u, 0, 0, score(u), rt, "nonzero_params"))
         t0 = time.time()
-        report: dict = {}
-        o = owl(space, rt.pruner, scores=scores, lam=args.owl_lambda, report=report)
+        o = owl(space, rt.pruner, scores=scores, lam=args.owl_lambda)
         rows.append(_row("OWL", o, scores["tokens"], t_owl + time.time() - t0, score(o), rt, "nonzero_params"))
         print("  OWL per-block sparsity: " + " ".join(f"{lc.sparsity:.3f}" for lc in o.layers))
         init = {"uniform": [u], "owl": [o], "both": [o, u]}[args.sparse_init]
@@ -404,7 +444,8 @@ def experiment_joint(rt, args, score, targets) -> None:
     rt.space = joint
     print(f"\n== experiment 4: joint depth + width + sparsity at the nonzero count of {args.joint_sparsity:.0%} sparse "
           f"linears (nonzero_params <= {budget[0].max_value:,.0f}, "
-          f"{budget[0].max_value / joint.dense_cost('nonzero_params'):.3f} of dense); {args.joint_tokens} forward tokens per search")
+          f"{budget[0].max_value / joint.dense_cost('nonzero_params'):.3f} of dense); "
+          f"{args.joint_tokens} forward tokens per search")
     rows = [_row("dense", None, 0, 0, score(None), rt, "nonzero_params")]
     t0 = time.time()
     owl_sc = owl_scores(rt.pruner, rt.calib_ids, m=args.owl_m)
@@ -431,7 +472,8 @@ def experiment_joint(rt, args, score, targets) -> None:
         rt.space = joint
         rows.append(_row(f"{kind} only", evo, used + spent, sec, score(evo), rt, "nonzero_params"))
         results[kind] = rows[-1][4]
-    # the joint search starts from the one-shot seeds of every kind (their calibration tokens count)
+    # the joint search starts from the sparsity search's one-shot seeds (--joint-init all: every kind's);
+    # their calibration tokens count against its budget
     rt.space = joint
     seeds = [owl(joint, rt.pruner, scores=owl_sc, lam=args.owl_lambda), uniform(singles["sparsity"])]
     spent = owl_sc["tokens"]
@@ -439,7 +481,6 @@ def experiment_joint(rt, args, score, targets) -> None:
         seeds += [uniform(singles["width"]), shortgpt(singles["depth"], rt.pruner)]
         spent += int(rt.calib_ids.numel())
     seeds = [joint.canonical(c) for c in seeds]
-    t0 = time.time()
     evo, used, sec = _evolve(rt, joint, args.joint_tokens - spent, args.seed, args.offspring, init=seeds,
                              same_kind=False)
     rows.append(_row("joint", evo, used + spent, sec + t_owl, score(evo), rt, "nonzero_params"))
@@ -460,7 +501,10 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--sleb-sequences", type=int, default=2, help="calibration sequences SLEB scores each removal on")
     ap.add_argument("--screen-tokens", type=int, default=256)
     ap.add_argument("--final-tokens", type=int, default=2048)
-    ap.add_argument("--offspring", type=int, default=8)
+    ap.add_argument("--offspring", type=int, default=8, help="offspring of the searches of experiments 2-4")
+    ap.add_argument("--depth-offspring", type=int, default=16, help="offspring of experiment 1's default schedule")
+    ap.add_argument("--screen-windows", type=int, default=4, help="windows of the default schedule's racing screen")
+    ap.add_argument("--depth-tokens", type=int, default=100_000, help="experiment 1 search budget per method")
     ap.add_argument("--evo-init", default="shortgpt", choices=["shortgpt", "uniform", "random"],
                     help="first parent of the depth search (shortgpt: the one-shot ShortGPT drop, ~free)")
     ap.add_argument("--no-rss", dest="rss", action="store_false", help="skip the search-process RSS measurement")

@@ -78,7 +78,8 @@ def _config(args, problem: str, preset: str, seed: int) -> StudyConfig:
         "calibration": {"num_sequences": 32, "seq_len": args.seq_len},
         "space": p.space,
         "budget": budget,
-        "sampler": {"name": "evolutionary", "options": {"seed": seed, **setup["options"]}},
+        "sampler": {"name": "evolutionary", "options": {"seed": seed, **setup["options"],
+                                                        **(args.default_options if preset == "default" else {})}},
         "seed": seed,
         "threads": 1,
         "eval_batch_size": args.batch_size,
@@ -186,6 +187,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--tpe-trials", type=int, default=40)
     ap.add_argument("--batch-size", type=int, default=8)
     add_common_args(ap, model="reference:small", seq_len=256, threads=1)
+    ap.add_argument("--default-options", type=json.loads, default={},
+                    help='JSON sampler options for the default schedule, e.g. \'{"patience": 3}\'')
     args = ap.parse_args(argv)
     t_start = start(args)
     problems = args.problem or list(SETUP)

@@ -382,7 +382,9 @@ WINDOW_CACHE_ENTRIES = 100_000
 
 def window_cache_key(context: EvalContext, candidate: Any, tokens: TokenSet, top_k: int | None) -> tuple | None:
     """The window-cache key of ``candidate`` on ``tokens``' stream (``None``: not cacheable -- no
-    candidate key, or the model is being fine-tuned so it is not "dense + candidate")."""
+    candidate key, or the model is being fine-tuned so it is not "dense + candidate"). An entry
+    holds the digests of the windows it covers: only the windows a token set shares with it, from
+    the first on, are reused, whatever the stream name says."""
     key = getattr(candidate, "key", None)
     if not isinstance(key, str) or context.shared.get("model_modified", 0):
         return None
@@ -393,10 +395,30 @@ def _window_cache(context: EvalContext) -> dict:
     return context.shared.setdefault("kl_windows", {})
 
 
-def _remember_windows(context: EvalContext, key: tuple, sums: torch.Tensor) -> None:
+def _window_hashes(context: EvalContext, tokens: TokenSet) -> tuple[bytes, ...]:
+    """Digests of ``tokens``' windows (memoized per token set)."""
+    memo = context.shared.setdefault("window_hashes", {})
+    if tokens.key not in memo:
+        import hashlib
+
+        rows = tokens.ids.to(torch.int64).numpy()
+        memo[tokens.key] = tuple(hashlib.blake2b(r.tobytes(), digest_size=8).digest() for r in rows)
+    return memo[tokens.key]
+
+
+def _common_prefix(a: tuple, b: tuple) -> int:
+    n = 0
+    for x, y in zip(a, b):
+        if x != y:
+            break
+        n += 1
+    return n
+
+
+def _remember_windows(context: EvalContext, key: tuple, hashes: tuple, sums: torch.Tensor) -> None:
     cache = _window_cache(context)
     cache.pop(key, None)
-    cache[key] = sums.detach().to("cpu", torch.float64).clone()
+    cache[key] = (tuple(hashes[: sums.numel()]), sums.detach().to("cpu", torch.float64).clone())
     while len(cache) > WINDOW_CACHE_ENTRIES:
         cache.pop(next(iter(cache)))
 
@@ -512,8 +534,9 @@ class KLToDense:
         bs = _logit_batch(self.batch_size or context.batch_size, tokens.seq_len, model)
         wkey = window_cache_key(context, candidate, tokens, top_k)
         cached = _window_cache(context).get(wkey) if wkey is not None else None
-        done = 0 if cached is None else min(int(cached.numel()), tokens.num_sequences)
-        per_seq: list[torch.Tensor] = [] if cached is None else [cached[:done]]
+        hashes = _window_hashes(context, tokens) if wkey is not None else ()
+        done = 0 if cached is None else _common_prefix(cached[0], hashes)
+        per_seq: list[torch.Tensor] = [] if not done else [cached[1][:done]]
         # On CPU a fresh [batch, seq_len, vocab] buffer costs page faults on every call; keep one.
         buf = context.shared.get("kl_buffer") if device.type == "cpu" else None
         was_training = model.training
@@ -540,8 +563,8 @@ class KLToDense:
         if device.type == "cpu" and buf is not None:
             context.shared["kl_buffer"] = buf
         seq_sums = torch.cat(per_seq)
-        if wkey is not None and (cached is None or seq_sums.numel() > cached.numel()):
-            _remember_windows(context, wkey, seq_sums)
+        if wkey is not None and (cached is None or seq_sums.numel() >= cached[1].numel()):
+            _remember_windows(context, wkey, hashes, seq_sums)
         value = float(seq_sums.sum()) / tokens.num_tokens
         per_seq_mean = seq_sums / tokens.seq_len
         computed = (tokens.num_sequences - done) * tokens.seq_len
@@ -560,10 +583,10 @@ class KLToDense:
         the window cache of an earlier :meth:`evaluate` in this process; ``None`` if not all are known."""
         tokens = self._tokens(context)
         wkey = window_cache_key(context, candidate, tokens, self.resolved_top_k(model, tokens))
-        sums = _window_cache(context).get(wkey) if wkey is not None else None
-        if sums is None or sums.numel() < tokens.num_sequences:
+        cached = _window_cache(context).get(wkey) if wkey is not None else None
+        if cached is None or _common_prefix(cached[0], _window_hashes(context, tokens)) < tokens.num_sequences:
             return None
-        return sums[: tokens.num_sequences] / tokens.seq_len
+        return cached[1][: tokens.num_sequences] / tokens.seq_len
 
 
 # --------------------------------------------------------------------------- perplexity

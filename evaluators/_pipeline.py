@@ -142,6 +142,20 @@ class TopFraction(_RankRule):
         return max(self.min_count, math.ceil(self.fraction * total - 1e-9))
 
 
+def t_critical(z: float, windows: int) -> float:
+    """``z`` (a normal quantile, in standard errors) widened to Student's t with ``windows - 1`` degrees
+    of freedom (Cornish-Fisher expansion; ``inf`` below 3 windows, where a standard error of the
+    per-window differences says nothing): what a paired test on few windows must exceed.
+
+    >>> round(t_critical(2.0, 8), 2), round(t_critical(2.0, 64), 2), t_critical(2.0, 2)
+    (2.42, 2.04, inf)
+    """
+    df = windows - 1
+    if df < 2:
+        return math.inf
+    return z + (z**3 + z) / (4 * df) + (5 * z**5 + 16 * z**3 + 3 * z) / (96 * df**2)
+
+
 def paired_gap(values: Any, reference: Any, *, direction: str = "minimize") -> tuple[float, float]:
     """``(mean, standard error)`` of the per-window differences ``values - reference`` on the windows
     both were scored on (the shorter prefix), signed so that a positive mean is *worse* than the
@@ -169,7 +183,9 @@ class Race:
     ``extends``) or the best of the batch where that is ahead of it (or there is no incumbent).
     A candidate is clearly worse when the mean of its
     per-window differences to the reference (paired: the same windows) exceeds ``z`` standard
-    errors. Of those not clearly worse at most ``max_count`` go on (best first; ``None``: all),
+    errors, widened to Student's t for the number of windows (:func:`t_critical`; with fewer than
+    3 windows nobody is clearly worse and the rule ranks by value). Of those not clearly worse at
+    most ``max_count`` go on (best first; ``None``: all),
     and at least ``min_count`` (best first) do. Without per-window scores (an evaluator other
     than :class:`~evoprune.evaluators.KLToDense`, or values replayed from storage) it ranks like
     ``TopK(max_count)`` (every candidate with ``max_count=None``).
@@ -217,10 +233,11 @@ class Race:
         worse = []
         for v, w in zip(values, windows):
             if w is None:
-                gap, se = (v - ref_mean) * (1.0 if direction == "minimize" else -1.0), 0.0
+                gap, se, crit = (v - ref_mean) * (1.0 if direction == "minimize" else -1.0), 0.0, self.z
             else:
                 gap, se = paired_gap(w, reference, direction=direction)
-            worse.append(math.isnan(v) or gap - self.z * se > 0)
+                crit = t_critical(self.z, min(len(w), len(reference)))
+            worse.append(math.isnan(v) or (gap > 0 and gap - crit * se > 0))
         order = sorted(range(len(values)), key=lambda k: (_key(values[k], direction), k))
         out = [False] * len(values)
         taken = 0
@@ -549,7 +566,7 @@ class Pipeline:
         on_decided: Callable[[int, int, float, bool | None], None] | None = None,
         reference: Any = None,
         on_reference: Callable[[int], None] | None = None,
-        close_z: float = 2.0,
+        close_z: float = 1.0,
     ) -> list[CandidateResult]:
         """Run ``candidates`` through the stages; promoted ones go on. The one staged promotion loop
         (the search driver runs its generations and single trials through it).
@@ -613,7 +630,7 @@ class Pipeline:
                     w = self.window_values(st, model, candidates[i], context)
                     if w is not None and not math.isnan(values[k]):
                         gap, se = paired_gap(w, ref_w, direction=st.direction)
-                        results[i].close = gap - close_z * se <= 0
+                        results[i].close = gap - t_critical(close_z, min(len(w), len(ref_w))) * se <= 0
             if last:
                 promoted: list[bool | None] = [None] * len(active)
             elif st.promote is None:

@@ -137,9 +137,14 @@ class EvolutionarySampler(GenerationSampler):
             noise band of it, :meth:`ask_generation` returns nothing and
             :attr:`converged` is set (the search stops with ``stopped_by="converged"``).
             The noise band is the driver's paired test on the last stage's windows
-            (:attr:`evoprune.evaluators.CandidateResult.close`: within 2 standard errors of
+            (:attr:`evoprune.evaluators.CandidateResult.close`: within one standard error of
             the per-window differences), or 0.5 % of the incumbent's value where the
             driver does not know per-window scores. ``None``: never stop by itself.
+        patience_fraction: and, where the driver reports the forward tokens it spends
+            (:meth:`observe_generation`), the tokens spent since the incumbent last
+            changed (or a finalist came close) must be at least this fraction of the
+            tokens spent until then: a search that found its incumbent late waits
+            longer, one that found it early stops early (0: generations only).
         surrogate: rank ``surrogate * offspring`` distinct mutants by an additive
             per-gene model (ridge regression of the log first-stage score on one-hot
             gene levels, fitted to every candidate scored so far) and propose the
@@ -167,7 +172,8 @@ class EvolutionarySampler(GenerationSampler):
         seed: int = 0,
         max_tries: int = 200,
         fill: bool = True,
-        patience: int | None = 5,
+        patience: int | None = 2,
+        patience_fraction: float = 0.5,
         surrogate: int = 4,
     ) -> None:
         for name, value, low in (("offspring", offspring, 1), ("parents", parents, 1), ("max_flips", max_flips, 1),
@@ -176,6 +182,9 @@ class EvolutionarySampler(GenerationSampler):
                 raise ValueError(f"EvolutionarySampler: {name} must be an int >= {low}, got {value!r}.")
         if patience is not None and (isinstance(patience, bool) or not isinstance(patience, int) or patience < 1):
             raise ValueError(f"EvolutionarySampler: patience must be an int >= 1 or None, got {patience!r}.")
+        if isinstance(patience_fraction, bool) or not isinstance(patience_fraction, (int, float)) \
+                or not patience_fraction >= 0:
+            raise ValueError(f"EvolutionarySampler: patience_fraction must be a number >= 0, got {patience_fraction!r}.")
         if isinstance(surrogate, bool) or not isinstance(surrogate, int) or surrogate < 1:
             raise ValueError(f"EvolutionarySampler: surrogate must be an int >= 1 (1: off), got {surrogate!r}.")
         if init_samples is not None and (not isinstance(init_samples, int) or init_samples < 1):
@@ -206,6 +215,7 @@ class EvolutionarySampler(GenerationSampler):
         self.max_tries = max_tries
         self.fill = bool(fill)
         self.patience = patience
+        self.patience_fraction = float(patience_fraction)
         self.surrogate = surrogate
         self.space: SearchSpace | None = None
         self.group: str | None = None
@@ -216,6 +226,8 @@ class EvolutionarySampler(GenerationSampler):
         self._pending: list[Candidate] = []
         self._migrants: set[str] = set()
         self._stale = 0  # generations in a row without a new incumbent or a close finalist
+        self._tokens = 0  # forward tokens the driver reported (observe_generation)
+        self._tokens_at_reset = 0  # ... when the incumbent last changed or a finalist came close
         self._close: bool | None = None  # the driver's verdict on the generation being told
         self._scored: dict[str, tuple[list[int], float]] = {}  # key -> (gene levels, first-stage score)
         self._converged = False
@@ -370,10 +382,11 @@ class EvolutionarySampler(GenerationSampler):
         else:
             if not self._population:
                 raise RuntimeError("EvolutionarySampler: no parents (no candidate of the first generation was scored).")
-            if self.patience is not None and self._stale >= self.patience:
+            if self._stop_now():
                 self._converged = True
-                _log.info("converged: the incumbent held for %d generations with no finalist within the noise band",
-                          self._stale, extra={"fields": {"generation": self._generation, "group": self.group}})
+                _log.info("converged: the incumbent held for %d generations (%d tokens) with no finalist within the "
+                          "noise band", self._stale, self._tokens - self._tokens_at_reset,
+                          extra={"fields": {"generation": self._generation, "group": self.group}})
                 return []
             model = self._surrogate_model()
             pool_size = self.offspring * (self.surrogate if model is not None else 1)
@@ -437,15 +450,24 @@ class EvolutionarySampler(GenerationSampler):
             source = "migrant"
         return Proposal(candidate=candidate, source=source, group=self.group, space=self.space)
 
-    def observe_generation(self, screened: Sequence[tuple[Candidate, float]], *, close: bool | None = None) -> None:
+    def _stop_now(self) -> bool:
+        if self.patience is None or self._stale < self.patience:
+            return False
+        return self._tokens - self._tokens_at_reset >= self.patience_fraction * self._tokens_at_reset
+
+    def observe_generation(self, screened: Sequence[tuple[Candidate, float]], *, close: bool | None = None,
+                           tokens: int | None = None) -> None:
         """What the driver saw of the generation before :meth:`tell_generation`: the first-stage score
         of every candidate scored (the surrogate's data) and whether any finalist came within the
-        noise band of the incumbent (``None``: unknown; the convergence rule then uses 0.5 %)."""
+        noise band of the incumbent (``None``: unknown; the convergence rule then uses 0.5 %), and the
+        forward tokens the generation cost (for ``patience_fraction``)."""
         space = self._need_space()
         for cand, value in screened:
             if value is not None and math.isfinite(float(value)) and float(value) > 0:
                 self._scored[cand.key] = (list(space.levels_of(cand).values()), float(value))
         self._close = close
+        if tokens is not None:
+            self._tokens += int(tokens)
 
     # -- surrogate -----------------------------------------------------------------------------
     def _features(self, levels: Sequence[Sequence[int]]) -> np.ndarray:
@@ -509,7 +531,12 @@ class EvolutionarySampler(GenerationSampler):
             if close is None:
                 close = any(v <= before[1] * 1.005 for _c, v in finalists if _c.key != before[0].key)
             new_best = self._population[0][0].key != before[0].key
-            self._stale = 0 if (new_best or close) else self._stale + 1
+            if new_best or close:
+                self._stale, self._tokens_at_reset = 0, self._tokens
+            else:
+                self._stale += 1
+        else:
+            self._tokens_at_reset = self._tokens
         self._close = None
         self._pending = []
         self._generation += 1
@@ -535,6 +562,8 @@ class EvolutionarySampler(GenerationSampler):
             "seen": list(self._seen),
             "rng": _rng_state(self._rng),
             "stale": self._stale,
+            "tokens": self._tokens,
+            "tokens_at_reset": self._tokens_at_reset,
             "converged": self._converged,
             "scored": [[k, lv, v] for k, (lv, v) in self._scored.items()],
         }
@@ -552,6 +581,7 @@ class EvolutionarySampler(GenerationSampler):
             "seed": self.seed,
             "fill": self.fill,
             "patience": self.patience,
+            "patience_fraction": self.patience_fraction,
             "surrogate": self.surrogate,
         }
 
@@ -576,6 +606,8 @@ class EvolutionarySampler(GenerationSampler):
         self._seen = dict.fromkeys(state["seen"])
         _set_rng_state(self._rng, state["rng"])
         self._stale = int(state.get("stale", 0))
+        self._tokens = int(state.get("tokens", 0))
+        self._tokens_at_reset = int(state.get("tokens_at_reset", 0))
         self._converged = bool(state.get("converged", False))
         self._scored = {k: ([int(x) for x in lv], float(v)) for k, lv, v in state.get("scored", [])}
 

@@ -2,11 +2,13 @@
 config does not give itself).
 
 - ``default``: evoprune's own schedule -- the default of a config without a preset: 16
-  offspring ranked by a surrogate from a pool of 64 mutants, a first stage of 2,048 tokens
+  offspring ranked by a surrogate from a pool of 64 mutants; a first stage of 2,048 tokens
   whose racing promotion (:class:`~evoprune.evaluators.Race`) sends on every offspring not
-  clearly worse than the incumbent (at most 4), a final stage of 16,384 tokens that *extends*
-  the first one (a promoted candidate pays only for the new windows), and the convergence stop
-  (5 generations without a new incumbent or a finalist within the noise band).
+  clearly worse than the leader (at most 4), a second of 8,192 tokens racing again (at most 2),
+  a final stage of 16,384 tokens, each *extending* the one before (a promoted candidate pays
+  only for the new windows); and the convergence stop (2 generations without a new incumbent
+  or a finalist within the noise band, and at least half as many tokens as it took to find
+  the incumbent).
 - ``evopress-depth``, ``evopress-unstructured``, ``evopress-fast``: EvoPress's published
   schedules (32 offspring, survivors 2 @ 2,048 tokens -> 1 @ 32,768; 64 offspring,
   8 @ 2,048 -> 2 @ 16,384 -> 1 @ 65,536; 16 offspring, 1 @ 512 -> 1 @ 8,192), fixed top-k
@@ -48,8 +50,11 @@ def _evopress(offspring: int, stages: list[dict[str, Any]]) -> dict[str, Any]:
 #: name -> the config sections it fills
 PRESETS: dict[str, dict[str, Any]] = {
     "default": {
-        "sampler": {"name": "evolutionary", "options": {"offspring": 16, "surrogate": 4, "patience": 5}},
-        "stages": [_stage("s1", 2048, {"race": 2.0, "max_count": 4}), _stage("final", 16384, extends="s1")],
+        "sampler": {"name": "evolutionary", "options": {"offspring": 16, "surrogate": 4, "patience": 2,
+                                                         "patience_fraction": 0.5}},
+        "stages": [_stage("s1", 2048, {"race": 2.0, "max_count": 4}),
+                   _stage("s2", 8192, {"race": 2.0, "max_count": 2}, extends="s1"),
+                   _stage("final", 16384, extends="s2")],
     },
     "evopress-depth": _evopress(32, [_stage("s1", 2048, {"top_k": 2}), _stage("final", 32768)]),
     "evopress-unstructured": _evopress(64, [_stage("s1", 2048, {"top_k": 8}), _stage("s2", 16384, {"top_k": 2}),

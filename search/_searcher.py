@@ -451,11 +451,13 @@ class Searcher:
             self.recorder.save_sampler_state(sampler.generation, sampler.state_dict())
             entries = [self._start(p, stats) for p in proposals]
         incumbent = getattr(sampler, "incumbent", None)
+        before = stats.tokens
         results = self._evaluate(entries, stats, batch=True, min_final=sampler.min_finalists, reference=incumbent)
         if hasattr(sampler, "observe_generation"):
             sampler.observe_generation(
                 [(e.candidate, e.stages[0].objective) for e in entries if e.stages],
                 close=None if incumbent is None or not results else any(bool(r.close) for r in results),
+                tokens=stats.tokens - before,
             )
         sampler.tell_generation([(e.candidate, e.final) for e in entries])
         stats.generations += 1

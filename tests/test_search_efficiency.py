@@ -238,3 +238,31 @@ def test_a_cli_search_stops_by_itself_and_status_says_why(tmp_path, capsys):
     assert "stopped by converged" in out
     assert main(["status", "--storage", url, "--study", "conv"]) == 0
     assert "last stop: finished (converged)" in capsys.readouterr().out
+
+
+def test_the_window_cache_reuses_only_windows_the_token_sets_share(base):
+    """Two token sets of one stream name but other windows (hand-made, as a per-window scorer makes
+    them) never get each other's cached scores; a set sharing only its first windows reuses those."""
+    from evoprune.evaluators import TokenSet
+
+    model, ids, pruner = base
+    rt = _runtime(base, _stages())
+    cand = _drop(rt.space, 0, 5)
+    kl = KLToDense(name="kl")
+    rows = ids[: 8 * 32].reshape(8, 32)
+
+    def ctx_of(r, key):
+        ts = TokenSet(ids=r, stage="eval:same", seed=0, data_fingerprint="fp", key=key)
+        return dataclasses.replace(rt.context, tokens=ts)
+
+    a, b, c = ctx_of(rows[:4], "a"), ctx_of(rows[4:], "b"), ctx_of(torch.cat([rows[:2], rows[6:]]), "c")
+    for ctx in (a, b, c):
+        kl.prepare(model, ctx)
+    with pruner.applied(cand):
+        va = kl.evaluate(model, cand, a)
+        vc = kl.evaluate(model, cand, c)
+        vb = kl.evaluate(model, cand, b)
+        assert vc.tokens == 64 and vc.details["reused_tokens"] == 64  # c shares a's first two windows
+        assert va.tokens == vb.tokens == 128  # b shares no window with a or c: all computed
+        fresh = dataclasses.replace(b, shared={k: v for k, v in rt.context.shared.items() if k != "kl_windows"})
+        assert kl.evaluate(model, cand, fresh).value == pytest.approx(vb.value, rel=1e-6)
