@@ -147,7 +147,13 @@ def run_one(args, problem: str, schedule: str, seed: int, optimum: set[str], ran
 
 
 def _run_task(task):
-    args, problem, schedule, seed, optimum, ranks = task
+    args, problem, schedule, seed, optimum, ranks, fingerprint = task
+    rt = _runtime(args, problem)
+    if rt.fingerprints["model"] != fingerprint:
+        raise SystemExit(
+            f"{args.model} here has fingerprint {rt.fingerprints['model']}, but bench/data/optima_{problem}.json was "
+            f"made on {fingerprint}: the optima do not apply. Rebuild the reference model with one training thread "
+            "(evoprune reference-model --size small --threads 1) or run bench/optima.py on this one.")
     return run_one(args, problem, schedule, seed, optimum, ranks)
 
 
@@ -179,9 +185,9 @@ def _median(xs):
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--problem", action="append", choices=sorted(SETUP), help="default: all")
-    ap.add_argument("--seeds", type=int, default=5)
+    ap.add_argument("--seeds", type=int, default=3, help="study seeds per schedule (the issue's full run: 5)")
     ap.add_argument("--max-generations", type=int, default=40, help="cap of the default schedule")
-    ap.add_argument("--token-scale", type=float, default=0.25,
+    ap.add_argument("--token-scale", type=float, default=0.5,
                     help="every stage's tokens x this, in both schedules (1: the presets as published)")
     ap.add_argument("--jobs", type=int, default=2, help="runs in parallel (one torch thread each)")
     ap.add_argument("--tpe-trials", type=int, default=40)
@@ -199,7 +205,7 @@ def main(argv: list[str] | None = None) -> int:
         optima[problem] = (best, data)
         for schedule in ("default", "evopress"):
             for seed in range(args.seeds):
-                tasks.append((args, problem, schedule, seed, best, data["ranks"]))
+                tasks.append((args, problem, schedule, seed, best, data["ranks"], data["model_fingerprint"]))
     print(f"{len(tasks)} runs, {args.jobs} at a time; stage tokens x {args.token_scale}")
     print(f"{'problem':<20} {'schedule':<9} {'seed':>4} {'tokens to optimum':>18} {'stop tokens':>12} "
           f"{'rank':>5} {'gens':>5} {'stopped by':<13} {'s':>6}")

@@ -55,6 +55,7 @@ from .._logging import get_logger
 from .._paths import cache_write_failed
 from ._base import EvalContext, EvalResult
 from ._tokens import TokenSet
+from ._windows import common_prefix, remember_windows, tail_batches, window_cache, window_cache_key, window_hashes
 
 __all__ = ["AUTO_FULL_MAX_VOCAB", "AUTO_TOP_K", "DEFAULT_CACHE_BYTES", "DenseReference", "KLToDense", "Perplexity", "dense_reference", "perplexity", "reference_nbytes", "sequence_nll"]
 
@@ -370,65 +371,6 @@ def dense_reference(
     return ref
 
 
-# --------------------------------------------------------------------------- window cache
-# Per (candidate, window stream) the per-window KL sums computed so far. Stages whose token sets come
-# from one stream (``Stage.extends``) hold nested windows (a larger set starts with the smaller one),
-# so a promoted candidate pays only for the windows it has not been scored on, and a candidate scored
-# again (the parent of a generation, a repeat) costs nothing.
-
-#: Candidates whose per-window KL sums one context keeps (least recently used dropped first).
-WINDOW_CACHE_ENTRIES = 100_000
-
-
-def window_cache_key(context: EvalContext, candidate: Any, tokens: TokenSet, top_k: int | None) -> tuple | None:
-    """The window-cache key of ``candidate`` on ``tokens``' stream (``None``: not cacheable -- no
-    candidate key, or the model is being fine-tuned so it is not "dense + candidate"). An entry
-    holds the digests of the windows it covers: only the windows a token set shares with it, from
-    the first on, are reused, whatever the stream name says."""
-    key = getattr(candidate, "key", None)
-    if not isinstance(key, str) or context.shared.get("model_modified", 0):
-        return None
-    return (key, tokens.data_fingerprint, tokens.stage, tokens.seed, tokens.seq_len, top_k)
-
-
-def _window_cache(context: EvalContext) -> dict:
-    return context.shared.setdefault("kl_windows", {})
-
-
-def _window_hashes(context: EvalContext, tokens: TokenSet) -> tuple[bytes, ...]:
-    """Digests of ``tokens``' windows (memoized per token set)."""
-    memo = context.shared.setdefault("window_hashes", {})
-    if tokens.key not in memo:
-        import hashlib
-
-        rows = tokens.ids.to(torch.int64).numpy()
-        memo[tokens.key] = tuple(hashlib.blake2b(r.tobytes(), digest_size=8).digest() for r in rows)
-    return memo[tokens.key]
-
-
-def _common_prefix(a: tuple, b: tuple) -> int:
-    n = 0
-    for x, y in zip(a, b):
-        if x != y:
-            break
-        n += 1
-    return n
-
-
-def _remember_windows(context: EvalContext, key: tuple, hashes: tuple, sums: torch.Tensor) -> None:
-    cache = _window_cache(context)
-    cache.pop(key, None)
-    cache[key] = (tuple(hashes[: sums.numel()]), sums.detach().to("cpu", torch.float64).clone())
-    while len(cache) > WINDOW_CACHE_ENTRIES:
-        cache.pop(next(iter(cache)))
-
-
-def _batches(tokens: TokenSet, bs: int, start: int):
-    ids = tokens.ids[start:]
-    for i in range(0, ids.shape[0], bs):
-        yield ids[i : i + bs]
-
-
 # --------------------------------------------------------------------------- evaluators
 
 
@@ -533,9 +475,9 @@ class KLToDense:
         device = context.device_for(model)
         bs = _logit_batch(self.batch_size or context.batch_size, tokens.seq_len, model)
         wkey = window_cache_key(context, candidate, tokens, top_k)
-        cached = _window_cache(context).get(wkey) if wkey is not None else None
-        hashes = _window_hashes(context, tokens) if wkey is not None else ()
-        done = 0 if cached is None else _common_prefix(cached[0], hashes)
+        cached = window_cache(context).get(wkey) if wkey is not None else None
+        hashes = window_hashes(context, tokens) if wkey is not None else ()
+        done = 0 if cached is None else common_prefix(cached[0], hashes)
         per_seq: list[torch.Tensor] = [] if not done else [cached[1][:done]]
         # On CPU a fresh [batch, seq_len, vocab] buffer costs page faults on every call; keep one.
         buf = context.shared.get("kl_buffer") if device.type == "cpu" else None
@@ -544,7 +486,7 @@ class KLToDense:
             model.eval()
         try:
             with torch.inference_mode():
-                for i, batch in enumerate(_progress(_batches(tokens, bs, done), context, self.name, tokens, bs)):
+                for i, batch in enumerate(_progress(tail_batches(tokens, bs, done), context, self.name, tokens, bs)):
                     part = ref.rows(slice(done + i * bs, done + i * bs + batch.shape[0]), device)
                     batch = batch.to(device)
                     logits = _forward_logits(model, batch)
@@ -564,7 +506,7 @@ class KLToDense:
             context.shared["kl_buffer"] = buf
         seq_sums = torch.cat(per_seq)
         if wkey is not None and (cached is None or seq_sums.numel() >= cached[1].numel()):
-            _remember_windows(context, wkey, hashes, seq_sums)
+            remember_windows(context, wkey, hashes, seq_sums)
         value = float(seq_sums.sum()) / tokens.num_tokens
         per_seq_mean = seq_sums / tokens.seq_len
         computed = (tokens.num_sequences - done) * tokens.seq_len
@@ -583,8 +525,8 @@ class KLToDense:
         the window cache of an earlier :meth:`evaluate` in this process; ``None`` if not all are known."""
         tokens = self._tokens(context)
         wkey = window_cache_key(context, candidate, tokens, self.resolved_top_k(model, tokens))
-        cached = _window_cache(context).get(wkey) if wkey is not None else None
-        if cached is None or _common_prefix(cached[0], _window_hashes(context, tokens)) < tokens.num_sequences:
+        cached = window_cache(context).get(wkey) if wkey is not None else None
+        if cached is None or common_prefix(cached[0], window_hashes(context, tokens)) < tokens.num_sequences:
             return None
         return cached[1][: tokens.num_sequences] / tokens.seq_len
 

@@ -172,7 +172,7 @@ class EvolutionarySampler(GenerationSampler):
         seed: int = 0,
         max_tries: int = 200,
         fill: bool = True,
-        patience: int | None = 2,
+        patience: int | None = 1,
         patience_fraction: float = 0.5,
         surrogate: int = 4,
     ) -> None:

@@ -6,7 +6,7 @@ config does not give itself).
   whose racing promotion (:class:`~evoprune.evaluators.Race`) sends on every offspring not
   clearly worse than the leader (at most 4), a second of 8,192 tokens racing again (at most 2),
   a final stage of 16,384 tokens, each *extending* the one before (a promoted candidate pays
-  only for the new windows); and the convergence stop (2 generations without a new incumbent
+  only for the new windows); and the convergence stop (a generation without a new incumbent
   or a finalist within the noise band, and at least half as many tokens as it took to find
   the incumbent).
 - ``evopress-depth``, ``evopress-unstructured``, ``evopress-fast``: EvoPress's published
@@ -50,7 +50,7 @@ def _evopress(offspring: int, stages: list[dict[str, Any]]) -> dict[str, Any]:
 #: name -> the config sections it fills
 PRESETS: dict[str, dict[str, Any]] = {
     "default": {
-        "sampler": {"name": "evolutionary", "options": {"offspring": 16, "surrogate": 4, "patience": 2,
+        "sampler": {"name": "evolutionary", "options": {"offspring": 16, "surrogate": 4, "patience": 1,
                                                          "patience_fraction": 0.5}},
         "stages": [_stage("s1", 2048, {"race": 2.0, "max_count": 4}),
                    _stage("s2", 8192, {"race": 2.0, "max_count": 2}, extends="s1"),

@@ -114,7 +114,7 @@ import numpy as np
 
 from .. import _stop
 from .._logging import get_logger
-from .._optuna_private import distribution_contains, study_id, study_storage, trial_id
+from .._optuna_private import study_storage, trial_id
 from ..space import Candidate, SearchSpace
 from ..storage._liveness import FAIL_REASON_ATTR
 from ..storage._values import (
@@ -127,6 +127,8 @@ from ..storage._values import (
 from ._generation import GenerationSampler
 from ._objectives import objective_source
 from ._recorder import ATTR_PREFIX, OptunaRecorder, Recorder
+from ._trials import (SamplerExhausted, SearchStats, _free_device_memory, _state, fixed_trial, is_out_of_memory,
+                      is_resampled)
 
 __all__ = ["BUDGET_MODES", "SamplerExhausted", "SearchStats", "Searcher", "fixed_trial", "is_resampled",
            "trial_candidate"]
@@ -136,60 +138,6 @@ BUDGET_MODES = ("constrain", "repair")
 _PLACEHOLDER = 1e6
 #: resampled suggestions allowed per Optuna-sampler trial before the run stops as "exhausted"
 DEFAULT_MAX_RESAMPLES = 100
-
-
-class SamplerExhausted(Exception):
-    """Raised by an Optuna sampler (from ``before_trial`` or ``sample_*``) that has nothing left to
-    propose: the driver tells the asked trial as a resampled proposal and the run stops with
-    ``stopped_by="exhausted"``."""
-
-
-def is_resampled(trial: Any) -> bool:
-    """Whether a (frozen) trial is a resampled suggestion of an Optuna sampler -- told at once, never
-    evaluated, not a trial of the search (system attribute ``"evoprune:resampled"``)."""
-    return RESAMPLED_ATTR in trial.system_attrs
-
-
-@dataclasses.dataclass
-class SearchStats:
-    """What a :meth:`Searcher.run` call did."""
-
-    trials: int = 0
-    evaluated: int = 0
-    complete: int = 0
-    pruned: int = 0
-    failed: int = 0
-    #: Optuna samplers: suggestions asked (``trials`` plus the resampled ones below)
-    proposals: int = 0
-    #: resampled suggestions (not evaluated, not trials): over the budget, already seen, no candidate
-    infeasible: int = 0
-    duplicates: int = 0
-    invalid: int = 0
-    generations: int = 0
-    replayed: int = 0
-    tokens: int = 0
-    #: forward tokens spent scoring the incumbent for racing promotion (included in ``tokens``)
-    reference_tokens: int = 0
-    seconds: float = 0.0
-    stage_evaluations: dict[str, int] = dataclasses.field(default_factory=dict)
-    stopped_by: str | None = None
-
-    @property
-    def resampled(self) -> int:
-        """Suggestions resampled without a trial (over budget, already seen, no candidate)."""
-        return self.infeasible + self.duplicates + self.invalid
-
-    @property
-    def wasted_share(self) -> float:
-        """Share of the Optuna sampler's suggestions that were resampled (0.0 when none was asked).
-
-        >>> SearchStats(proposals=20, infeasible=3, duplicates=2).wasted_share
-        0.25
-        """
-        return self.resampled / self.proposals if self.proposals else 0.0
-
-    def to_dict(self) -> dict[str, Any]:
-        return {**dataclasses.asdict(self), "resampled": self.resampled, "wasted_share": self.wasted_share}
 
 
 @dataclasses.dataclass
@@ -726,70 +674,3 @@ class Searcher:
             bar.set_postfix({f"best {self.objectives[0]}": f"{best:.5g}"}, refresh=False)
         else:
             bar.set_postfix({"front": len(self.study.best_trials)}, refresh=False)
-
-
-def is_out_of_memory(exc: BaseException) -> bool:
-    """Did ``exc`` come from running out of device or host memory (CUDA/MPS OOM, a failed CPU allocation)?
-
-    >>> is_out_of_memory(RuntimeError("DefaultCPUAllocator: can't allocate memory: you tried to allocate 8 GB"))
-    True
-    >>> is_out_of_memory(ValueError("shapes do not match"))
-    False
-    """
-    import torch
-
-    if isinstance(exc, getattr(torch, "OutOfMemoryError", ())) or isinstance(exc, MemoryError):
-        return True
-    text = str(exc).lower()
-    return isinstance(exc, RuntimeError) and ("out of memory" in text or "can't allocate memory" in text)
-
-
-def _free_device_memory() -> None:
-    import gc
-
-    import torch
-
-    gc.collect()
-    if torch.cuda.is_available():
-        torch.cuda.empty_cache()
-
-
-def fixed_trial(study: Any, params: dict[str, Any], distributions: dict[str, Any], *,
-                user_attrs: dict[str, Any] | None = None, system_attrs: dict[str, Any] | None = None) -> Any:
-    """A new RUNNING :class:`optuna.Trial` of ``study`` with ``params`` already set.
-
-    One storage call creates it (a RUNNING template trial), so workers creating trials at the same
-    moment can never swap them -- unlike ``enqueue_trial`` + ``ask``, where ``ask`` pops the
-    study's oldest WAITING trial, whoever enqueued it -- and a process killed in between leaves
-    nothing half-made. The study's sampler is not asked for these params.
-
-    >>> import optuna
-    >>> from optuna.distributions import IntDistribution
-    >>> study = optuna.create_study()
-    >>> trial = fixed_trial(study, {"L0.mlp": 2}, {"L0.mlp": IntDistribution(0, 4)})
-    >>> trial.params, trial.number
-    ({'L0.mlp': 2}, 0)
-    >>> _ = study.tell(trial, 0.5)
-    >>> study.best_trial.params
-    {'L0.mlp': 2}
-    """
-    import optuna
-    from optuna.trial import TrialState, create_trial
-
-    unknown = sorted(set(params) - set(distributions))
-    if unknown:
-        raise ValueError(f"fixed_trial: no distribution for params {unknown}.")
-    dists = {k: distributions[k] for k in params}
-    for k, v in params.items():
-        if not distribution_contains(dists[k], v):
-            raise ValueError(f"fixed_trial: param {k}={v!r} is outside its distribution {dists[k]}.")
-    template = create_trial(state=TrialState.RUNNING, params=dict(params), distributions=dists,
-                            user_attrs=dict(user_attrs or {}), system_attrs=dict(system_attrs or {}))
-    new_id = study_storage(study).create_new_trial(study_id(study), template_trial=template)
-    return optuna.Trial(study, new_id)
-
-
-def _state(name: str) -> Any:
-    from optuna.trial import TrialState
-
-    return getattr(TrialState, name)
