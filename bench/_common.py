@@ -103,3 +103,10 @@ def reference_setup(size: str, *, seq_len: int, budget: float, device: torch.dev
     )
     return ReferenceSetup(model=model, tokenizer=tok, pruner=pruner, space=space, eval_ids=eval_ids,
                           eval_fingerprint=eval_fp, train_ids=train_ids, train_fingerprint=train_fp)
+
+
+def print_targets(targets) -> None:
+    """The closing ``TARGET <name> <value> <op> <limit> PASS|FAIL`` lines, one per ``(name, value, op, limit)``."""
+    for name, value, op, limit in targets:
+        ok = value <= limit if op == "<=" else value >= limit
+        print(f"TARGET {name} {value:.4g} {op} {limit} {'PASS' if ok else 'FAIL'}")

@@ -55,7 +55,7 @@ import time
 import numpy as np
 import optuna
 import torch
-from _common import add_common_args, start
+from _common import add_common_args, print_targets, start
 
 from evoprune.data import load_reference_corpus, tokenized_split, write_lmeval_tasks
 from evoprune.data._lmeval_tasks import CLOZE_TASK
@@ -582,9 +582,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"peak RSS of an `evoprune search` process (depth, 2 generations): {rss / 2**20:.0f} MiB = "
               f"{rss / args.fp32_bytes:.2f} x the fp32 model ({args.fp32_bytes / 2**20:.0f} MiB)")
     print(f"\ntotal {time.time() - t_start:.0f}s")
-    for name, value, op, limit in targets:
-        ok = value <= limit if op == "<=" else value >= limit
-        print(f"TARGET {name} {value:.4g} {op} {limit} {'PASS' if ok else 'FAIL'}")
+    print_targets(targets)
     return 0
 
 

@@ -44,7 +44,7 @@ from pathlib import Path
 
 import optuna
 import torch
-from _common import add_common_args, start
+from _common import add_common_args, print_targets, start
 from optima import PROBLEMS
 
 from evoprune.search import (ATTR_PREFIX, Searcher, StudyConfig, build_runtime, evopress_depth_generations,
@@ -239,9 +239,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"TPE on depth_3of8, {args.tpe_trials} trials asked: {d}")
         targets.append(("depth_3of8.wasted_trial_share", share, "<=", 0.05))
     print(f"\ntotal {time.time() - t_start:.0f}s")
-    for name, value, op, limit in targets:
-        ok = value <= limit if op == "<=" else value >= limit
-        print(f"TARGET {name} {value:.4g} {op} {limit} {'PASS' if ok else 'FAIL'}")
+    print_targets(targets)
     return 0
 
 

@@ -241,6 +241,20 @@ def sleb(
 # --------------------------------------------------------------------------- FLAP
 
 
+def _calibration_pass(model: Any, calib_ids: Any, hooks: list[Any], batch_size: int) -> None:
+    """Run the calibration batches through ``model`` (inference mode) so ``hooks`` see them; removes the hooks."""
+    import torch
+
+    device = next(model.parameters()).device
+    try:
+        with torch.inference_mode():
+            for start in range(0, calib_ids.shape[0], batch_size):
+                model(input_ids=calib_ids[start : start + batch_size].to(device), use_cache=False)
+    finally:
+        for h in hooks:
+            h.remove()
+
+
 def flap_scores(pruner: Any, calib_ids: Any, *, batch_size: int = 8) -> dict[str, Any]:
     """Per-layer fluctuation scores ``var(x_j) * ||W[:, j]||^2`` of ``o_proj`` and ``down_proj`` inputs.
 
@@ -272,14 +286,7 @@ def flap_scores(pruner: Any, calib_ids: Any, *, batch_size: int = 8) -> dict[str
         attn, mlp = getattr(layer, adapter.attn), getattr(layer, adapter.mlp)
         hooks.append(getattr(attn, adapter.o).register_forward_pre_hook(hook((i, "o"))))
         hooks.append(getattr(mlp, adapter.down).register_forward_pre_hook(hook((i, "down"))))
-    device = next(model.parameters()).device
-    try:
-        with torch.inference_mode():
-            for start in range(0, calib_ids.shape[0], batch_size):
-                model(input_ids=calib_ids[start : start + batch_size].to(device), use_cache=False)
-    finally:
-        for h in hooks:
-            h.remove()
+    _calibration_pass(model, calib_ids, hooks, batch_size)
     heads, head_channels, channels = [], [], []
     hd = spec.head_dim
     with torch.no_grad():
@@ -439,14 +446,7 @@ def owl_scores(pruner: Any, calib_ids: Any, *, m: float = 5.0, batch_size: int =
         linears.append(mods)
         for mod in mods:
             hooks.append(mod.register_forward_pre_hook(hook(id(mod))))
-    device = next(model.parameters()).device
-    try:
-        with torch.inference_mode():
-            for start in range(0, calib_ids.shape[0], batch_size):
-                model(input_ids=calib_ids[start : start + batch_size].to(device), use_cache=False)
-    finally:
-        for h in hooks:
-            h.remove()
+    _calibration_pass(model, calib_ids, hooks, batch_size)
     def wanda(mod: Any) -> Any:  # one linear's scores at a time (two passes: mean, then count)
         w = mod.weight.detach()
         return w.abs().float() * sq[id(mod)].sqrt().to(device=w.device, dtype=torch.float32).reshape(1, -1)

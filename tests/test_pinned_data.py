@@ -5,15 +5,14 @@ and one-line errors for files that are neither UTF-8 text nor valid token files.
 from __future__ import annotations
 
 import random
-from pathlib import Path
 from typing import Any
 
 import numpy as np
 import optuna
 import pytest
-import sqlalchemy as sa
 import torch
 import yaml
+from test_bad_input import dump
 from test_search_config import _char_tokenizer
 from tiny_models import tiny_model
 
@@ -261,17 +260,7 @@ def test_search_on_a_token_file_with_pinned_windows(world):
     assert len(optuna.load_study(study_name="cli", storage=url).trials) == 3
 
 
-def _dump(url: str) -> list[str] | None:
-    path = Path(sa.engine.make_url(url).database)
-    if not path.exists():
-        return None
-    import sqlite3
-
-    conn = sqlite3.connect(f"file:{path}?mode=ro", uri=True)
-    try:
-        return list(conn.iterdump())
-    finally:
-        conn.close()
+_dump = dump  # test_bad_input's: every row of every table, None without a database
 
 
 @pytest.mark.parametrize("validation, changes, words", [
