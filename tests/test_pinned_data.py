@@ -12,7 +12,7 @@ import optuna
 import pytest
 import torch
 import yaml
-from test_bad_input import dump
+from test_bad_input import dump, tiny_config
 from test_search_config import _char_tokenizer
 from tiny_models import tiny_model
 
@@ -61,22 +61,11 @@ def world(tmp_path_factory) -> dict[str, Any]:
 
 
 def _config(w: dict[str, Any], validation: str = "valid.txt", **changes: Any) -> dict[str, Any]:
+    """test_bad_input's tiny config on this world's model and files (3 trials, its own cache)."""
     data = {"source": "text", "train": [str(w["data"] / "train.txt")], "validation": [str(w["data"] / validation)]}
     data.update(changes.pop("data", {}))
-    cfg: dict[str, Any] = dict(
-        model=str(w["model"]),
-        data=data,
-        calibration={"num_sequences": 2, "seq_len": 32},
-        space={"attention": None, "mlp_step": 16},
-        budget={"metric": "params", "max_ratio": 0.9},
-        stages=[{"name": "final", "evaluators": ["kl"], "eval_tokens": 64, "seq_len": 32}],
-        sampler={"name": "evolutionary", "options": {"offspring": 2}},
-        objectives=["kl", "params"],
-        stop={"n_trials": 3},
-        cache_dir=str(w["root"] / "cache"),
-    )
-    cfg.update(changes)
-    return cfg
+    return tiny_config(w["data"], model=str(w["model"]), data=data, stop={"n_trials": 3},
+                       cache_dir=str(w["root"] / "cache"), **changes)
 
 
 # --------------------------------------------------------------------------- windows
