@@ -145,6 +145,10 @@ class EvolutionarySampler(GenerationSampler):
             changed (or a finalist came close) must be at least this fraction of the
             tokens spent until then: a search that found its incumbent late waits
             longer, one that found it early stops early (0: generations only).
+        explored: and at least this share of the incumbent's one-switch neighbours
+            (one gene a level up, another a level down; :meth:`neighbourhood_seen`)
+            must have been proposed already: a local optimum is only declared where
+            its neighbourhood was looked at (0: no such condition).
         surrogate: rank ``surrogate * offspring`` distinct mutants by an additive
             per-gene model (ridge regression of the log first-stage score on one-hot
             gene levels, fitted to every candidate scored so far) and propose the
@@ -174,6 +178,7 @@ class EvolutionarySampler(GenerationSampler):
         fill: bool = True,
         patience: int | None = 1,
         patience_fraction: float = 0.5,
+        explored: float = 0.5,
         surrogate: int = 4,
     ) -> None:
         for name, value, low in (("offspring", offspring, 1), ("parents", parents, 1), ("max_flips", max_flips, 1),
@@ -185,6 +190,8 @@ class EvolutionarySampler(GenerationSampler):
         if isinstance(patience_fraction, bool) or not isinstance(patience_fraction, (int, float)) \
                 or not patience_fraction >= 0:
             raise ValueError(f"EvolutionarySampler: patience_fraction must be a number >= 0, got {patience_fraction!r}.")
+        if isinstance(explored, bool) or not isinstance(explored, (int, float)) or not 0 <= explored <= 1:
+            raise ValueError(f"EvolutionarySampler: explored must be a share in [0, 1], got {explored!r}.")
         if isinstance(surrogate, bool) or not isinstance(surrogate, int) or surrogate < 1:
             raise ValueError(f"EvolutionarySampler: surrogate must be an int >= 1 (1: off), got {surrogate!r}.")
         if init_samples is not None and (not isinstance(init_samples, int) or init_samples < 1):
@@ -216,6 +223,7 @@ class EvolutionarySampler(GenerationSampler):
         self.fill = bool(fill)
         self.patience = patience
         self.patience_fraction = float(patience_fraction)
+        self.explored = float(explored)
         self.surrogate = surrogate
         self.space: SearchSpace | None = None
         self.group: str | None = None
@@ -453,7 +461,25 @@ class EvolutionarySampler(GenerationSampler):
     def _stop_now(self) -> bool:
         if self.patience is None or self._stale < self.patience:
             return False
-        return self._tokens - self._tokens_at_reset >= self.patience_fraction * self._tokens_at_reset
+        if self._tokens - self._tokens_at_reset < self.patience_fraction * self._tokens_at_reset:
+            return False
+        return self.neighbourhood_seen() >= self.explored
+
+    def neighbourhood_seen(self, samples: int = 64) -> float:
+        """Share of the incumbent's one-switch neighbours (one gene up a level, one down) already seen,
+        estimated from ``samples`` draws with an RNG of their own (the search's draws do not change)."""
+        inc = self.incumbent
+        if inc is None:
+            return 0.0
+        space = self._need_space()
+        rng = np.random.default_rng([self.seed, self._generation, 7])
+        lv = list(space.levels_of(inc).values())
+        found: set[str] = set()
+        for _ in range(samples):
+            new = level_switch(space, lv, rng, same_kind=self.same_kind, kinds=self.kinds)
+            if new is not None:
+                found.add(space.candidate_from_levels(dict(zip(space.gene_names, new))).key)
+        return sum(k in self._seen for k in found) / len(found) if found else 1.0
 
     def observe_generation(self, screened: Sequence[tuple[Candidate, float]], *, close: bool | None = None,
                            tokens: int | None = None) -> None:
@@ -582,6 +608,7 @@ class EvolutionarySampler(GenerationSampler):
             "fill": self.fill,
             "patience": self.patience,
             "patience_fraction": self.patience_fraction,
+            "explored": self.explored,
             "surrogate": self.surrogate,
         }
 

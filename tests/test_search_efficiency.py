@@ -273,20 +273,27 @@ def test_patience_waits_for_a_share_of_the_tokens_it_took_to_find_the_incumbent(
                num_key_value_heads=2, intermediate_size=128, vocab_size=100)
     space0 = SearchSpace.from_model(cfg, attention=None, mlp=False, drop_blocks=True)
     space = dataclasses.replace(space0, budget=(Budget(metric="dropped_blocks", exactly=4),))
-    evo = EvolutionarySampler(offspring=4, seed=0, surrogate=1, patience=1, patience_fraction=1.0)
-    evo.setup(space)
-    first = evo.ask_generation()
-    evo.observe_generation([(p.candidate, 1.0) for p in first], close=False, tokens=1000)
-    evo.tell_generation([(p.candidate, 1.0) for p in first])  # the incumbent, found after 1,000 tokens
-    spent = []
-    while True:
-        kids = evo.ask_generation()
-        if not kids:
-            break
-        worse = [(p.candidate, 2.0) for p in kids]  # never close, never better
-        evo.observe_generation(worse, close=False, tokens=300)
-        evo.tell_generation(worse)
-        spent.append(300)
+    def run(explored):
+        evo = EvolutionarySampler(offspring=4, seed=0, surrogate=1, patience=1, patience_fraction=1.0,
+                                  explored=explored)
+        evo.setup(space)
+        first = evo.ask_generation()
+        evo.observe_generation([(p.candidate, 1.0) for p in first], close=False, tokens=1000)
+        evo.tell_generation([(p.candidate, 1.0) for p in first])  # the incumbent, found after 1,000 tokens
+        spent = 0
+        while True:
+            kids = evo.ask_generation()
+            if not kids:
+                break
+            worse = [(p.candidate, 2.0) for p in kids]  # never close, never better
+            evo.observe_generation(worse, close=False, tokens=300)
+            evo.tell_generation(worse)
+            spent += 300
+        assert evo.converged and evo.state_dict()["tokens_at_reset"] == 1000
+        return spent, evo.neighbourhood_seen()
+
     # one stale generation would do for patience=1, but 1,000 tokens since the incumbent are needed
-    assert sum(spent) == 1200 and evo.converged
-    assert evo.state_dict()["tokens_at_reset"] == 1000
+    assert run(0.0)[0] == 1200
+    # and with `explored`, half of the incumbent's 4 x 8 one-switch neighbours must have been proposed
+    spent, seen = run(0.5)
+    assert spent > 1200 and seen >= 0.5
