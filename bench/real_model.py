@@ -13,11 +13,12 @@ size (target <= 2.5x).
 Experiments (``--experiment``):
 
 1. depth -- drop ``--drop`` of 30 blocks (exact budget). SLEB (greedy, calibration loss on
-   ``--sleb-sequences`` x seq_len tokens) sets the token budget; the evolutionary search (screen on
-   ``--screen-tokens``, best 1 promoted to ``--final-tokens``) and best-of-random (each scored on the
-   screening set) get the same number of forward tokens; ShortGPT is one-shot (block influence).
-   TARGETs: ``evo_rank_depth`` (rank of the evolutionary result's test perplexity among the four)
-   ``<= 1`` and ``depth_ppl_over_shortgpt <= 0.75``.
+   ``--sleb-sequences`` x seq_len tokens); ShortGPT (one-shot, block influence); and, with the same
+   budget of ``--depth-tokens`` forward tokens (at least SLEB's), the evolutionary search with the
+   default schedule scaled to ``--seq-len`` windows (:func:`_schedule`), EvoPress's depth schedule
+   scaled alike, and best-of-random (each scored on ``--screen-tokens``). TARGETs:
+   ``evo_rank_depth`` (rank of the evolutionary result's test perplexity among the methods) ``<= 1``
+   and ``depth_ppl_over_shortgpt <= 0.75``.
 2. width -- KV groups + MLP widths at ``--width-ratio`` params (default 0.5): evolutionary search
    (``--width-tokens`` forward tokens) vs FLAP-style vs uniform; plus FLAP vs uniform at 0.7 params
    (the FLAP check). TARGET ``flap_ppl_over_uniform_70 <= 1.5``.

@@ -7,8 +7,8 @@ config does not give itself).
   clearly worse than the leader (at most 4), a second of 8,192 tokens racing again (at most 2),
   a final stage of 16,384 tokens, each *extending* the one before (a promoted candidate pays
   only for the new windows); and the convergence stop (a generation without a new incumbent
-  or a finalist within the noise band, and at least half as many tokens as it took to find
-  the incumbent).
+  or a finalist within the noise band, at least half as many tokens as it took to find the
+  incumbent, and half of its one-switch neighbourhood proposed).
 - ``evopress-depth``, ``evopress-unstructured``, ``evopress-fast``: EvoPress's published
   schedules (32 offspring, survivors 2 @ 2,048 tokens -> 1 @ 32,768; 64 offspring,
   8 @ 2,048 -> 2 @ 16,384 -> 1 @ 65,536; 16 offspring, 1 @ 512 -> 1 @ 8,192), fixed top-k
@@ -51,7 +51,7 @@ def _evopress(offspring: int, stages: list[dict[str, Any]]) -> dict[str, Any]:
 PRESETS: dict[str, dict[str, Any]] = {
     "default": {
         "sampler": {"name": "evolutionary", "options": {"offspring": 16, "surrogate": 4, "patience": 1,
-                                                         "patience_fraction": 0.5}},
+                                                         "patience_fraction": 0.5, "explored": 0.5}},
         "stages": [_stage("s1", 2048, {"race": 2.0, "max_count": 4}),
                    _stage("s2", 8192, {"race": 2.0, "max_count": 2}, extends="s1"),
                    _stage("final", 16384, extends="s2")],
