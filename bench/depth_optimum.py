@@ -144,7 +144,8 @@ def main(argv: list[str] | None = None) -> int:
         # evolutionary
         rt.pipeline = staged
         study = optuna.create_study(directions=rt.directions)
-        searcher = Searcher(rt, study, EvolutionarySampler(offspring=args.offspring, seed=seed), progress=False)
+        searcher = Searcher(rt, study, EvolutionarySampler(offspring=args.offspring, seed=seed, patience=None),
+                            progress=False)
         tokens = 0
         t0 = time.time()
         while True:

@@ -62,7 +62,7 @@ def main(argv: list[str] | None = None) -> int:
           f"{args.generations} generations of {args.offspring} offspring; final token set {args.final_tokens}")
 
     study = optuna.create_study(directions=rt.directions)
-    sweep = BudgetSweep(levels=args.levels, offspring=args.offspring, seed=args.seed)
+    sweep = BudgetSweep(levels=args.levels, offspring=args.offspring, seed=args.seed, patience=None)  # fixed budget
     t0 = time.time()
     stats = Searcher(rt, study, sweep, progress=False).run(n_generations=args.generations)
     sweep_sec = time.time() - t0

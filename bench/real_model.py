@@ -170,6 +170,7 @@ def _evolve(rt, space, tokens: int, seed: int, offspring: int, init=None, pipeli
 
 
 def _evolve_with(rt, tokens: int, seed: int, offspring: int, init=None, **sampler_kw) -> tuple[Candidate, int, float]:
+    sampler_kw.setdefault("patience", None)  # equal budgets: every search spends its tokens
     rt.pipeline.prepare(rt.model, rt.context)  # dense references outside the token budget
     study = optuna.create_study(directions=rt.directions)
     sampler = EvolutionarySampler(offspring=offspring, seed=seed, **({"init": init} if init is not None else {}),

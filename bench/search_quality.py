@@ -101,7 +101,8 @@ def main(argv: list[str] | None = None) -> int:
     study = optuna.create_study(directions=rt.directions)
     # the space mixes widths and sparsity: switch levels across gene kinds so the search can trade one for
     # the other (same-kind switches would keep uniform's split between width and sparsity compression)
-    evo = EvolutionarySampler(offspring=args.offspring, init=uni, seed=args.seed, same_kind=False)
+    # equal budgets: the search spends its tokens (no convergence stop)
+    evo = EvolutionarySampler(offspring=args.offspring, init=uni, seed=args.seed, same_kind=False, patience=None)
     t0 = time.time()
     st = Searcher(rt, study, evo, progress=False).run(max_tokens=args.tokens)
     score("evolutionary", evo.best[0], st.tokens, time.time() - t0, st.evaluated)
