@@ -169,10 +169,9 @@ def tpe_waste(args, problem: str) -> tuple[float, dict]:
     study = optuna.create_study(directions=rt.directions, sampler=sampler)
     st = Searcher(rt, study, sampler, budget_mode=mode, progress=False).run(n_trials=args.tpe_trials)
     trials = [t for t in study.get_trials(deepcopy=False) if RESAMPLED_ATTR not in t.system_attrs]
-    evaluated = {t.user_attrs.get(ATTR_PREFIX + "candidate", {}).get("key") if isinstance(
-        t.user_attrs.get(ATTR_PREFIX + "candidate"), dict) else None for t in trials}
+    evaluated = {tuple(sorted(t.params.items())) for t in trials}
     wasted = sum(1 for t in trials if ATTR_PREFIX + "stage_reached" not in t.user_attrs)
-    out = dict(trials=len(trials), wasted=wasted, distinct=len(evaluated - {None}), proposals=st.proposals,
+    out = dict(trials=len(trials), wasted=wasted, distinct=len(evaluated), proposals=st.proposals,
                resampled=st.resampled, stopped_by=st.stopped_by)
     return (wasted / len(trials) if trials else 0.0), out
 
