@@ -6,7 +6,9 @@ Problems with a known optimum (``bench/data/optima_<problem>.json``, made once b
 The searches score on the validation split (their own stage windows), so the optimum they are
 judged against is one they never saw.
 
-Per problem, over ``--seeds`` seeds (the study seed: sampler and stage windows), two schedules:
+Per problem, over ``--seeds`` seeds (the study seed: sampler and stage windows), two schedules, both
+with every stage's tokens scaled by ``--token-scale`` (default 0.5: the first stage keeps 4 windows
+of 256 tokens, enough for the racing test):
 
 - ``default``: evoprune's default preset (surrogate-ranked offspring, a racing first stage, a
   final stage extending the first one's windows, the convergence stop). It runs until it stops by
@@ -25,8 +27,9 @@ median evopress), ``final_rank_median <= 1`` (default), ``stop_tokens_over_token
 2.0`` (default, median of the per-seed ratios); and for TPE on ``depth_3of8``
 ``wasted_trial_share <= 0.05`` (proposals over budget or already seen, of all proposals).
 
-    python bench/search_efficiency.py                         # all problems, 5 seeds
-    python bench/search_efficiency.py --problem depth_3of8 --seeds 3
+    python bench/search_efficiency.py                         # all problems, 3 seeds, ~15 min on 2 cores
+    python bench/search_efficiency.py --seeds 5               # the full run (26 min on 2 shared cores)
+    python bench/search_efficiency.py --problem depth_3of8 --seeds 1
 """
 
 from __future__ import annotations
