@@ -159,31 +159,28 @@ def _schedule(args, kind: str):
 
 def _evolve(rt, space, tokens: int, seed: int, offspring: int, init=None, pipeline=None,
             **sampler_kw) -> tuple[Candidate, int, float]:
+    """The evolutionary search on ``space`` for ``tokens`` forward tokens (with ``pipeline`` instead of
+    the runtime's, if given); its best final candidate, the tokens spent and the seconds."""
+    sampler_kw.setdefault("patience", None)  # equal budgets: every search spends its tokens
     rt.space = space
     saved = rt.pipeline
-    if pipeline is not None:
-        rt.pipeline = pipeline
+    rt.pipeline = pipeline if pipeline is not None else saved
     try:
-        return _evolve_with(rt, tokens, seed, offspring, init, **sampler_kw)
+        rt.pipeline.prepare(rt.model, rt.context)  # dense references outside the token budget
+        study = optuna.create_study(directions=rt.directions)
+        sampler = EvolutionarySampler(offspring=offspring, seed=seed, **({"init": init} if init is not None else {}),
+                                      **sampler_kw)
+        searcher = Searcher(rt, study, sampler, progress=False)
+        t0 = time.time()
+        used = 0
+        while used < tokens:
+            st = searcher.run(max_tokens=tokens - used)
+            used += st.tokens
+            if st.tokens == 0 or st.stopped_by in ("exhausted", "converged"):
+                break
+        return _best_final(study, rt.pipeline.stages[-1].name), used, time.time() - t0
     finally:
         rt.pipeline = saved
-
-
-def _evolve_with(rt, tokens: int, seed: int, offspring: int, init=None, **sampler_kw) -> tuple[Candidate, int, float]:
-    sampler_kw.setdefault("patience", None)  # equal budgets: every search spends its tokens
-    rt.pipeline.prepare(rt.model, rt.context)  # dense references outside the token budget
-    study = optuna.create_study(directions=rt.directions)
-    sampler = EvolutionarySampler(offspring=offspring, seed=seed, **({"init": init} if init is not None else {}),
-                                  **sampler_kw)
-    searcher = Searcher(rt, study, sampler, progress=False)
-    t0 = time.time()
-    used = 0
-    while used < tokens:
-        st = searcher.run(max_tokens=tokens - used)
-        used += st.tokens
-        if st.tokens == 0 or st.stopped_by in ("exhausted", "converged"):
-            break
-    return _best_final(study, rt.pipeline.stages[-1].name), used, time.time() - t0
 
 
 def _random_best(rt, space, tokens: int, seed: int) -> tuple[Candidate, int, float]:
@@ -211,7 +208,8 @@ def _throughput(rt, space, args) -> tuple[float, float]:
     ctx = rt.context.for_stage("screen", eval_tokens=args.screen_tokens, seq_len=args.seq_len)
     kl.prepare(rt.model, ctx)
     rng = np.random.default_rng(123)
-    cands = [space.random(rng) for _ in range(args.throughput_candidates)]
+    # distinct: a candidate scored again would be served by KL's per-window cache, not timed
+    cands = list({c.key: c for c in (space.random(rng) for _ in range(args.throughput_candidates))}.values())
     bs = args.batch_size
     t_kl = t_bare = 0.0
     for c in cands:  # interleaved, so load changes hit both alike

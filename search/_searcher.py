@@ -118,7 +118,6 @@ from .._optuna_private import study_storage, trial_id
 from ..space import Candidate, SearchSpace
 from ..storage._liveness import FAIL_REASON_ATTR
 from ..storage._values import (
-    CANDIDATE_KEY_ATTR,
     CREATOR_ATTR,
     DUPLICATE_OF_ATTR,
     INFEASIBLE_ATTR,
@@ -644,12 +643,10 @@ class Searcher:
         import optuna
 
         stats.duplicates += 1
-        rank = {optuna.trial.TrialState.COMPLETE: 0, optuna.trial.TrialState.PRUNED: 1}
-        earlier = [t for t in self.study.get_trials(deepcopy=False, states=tuple(rank))
-                   if t.number != trial.number and t.user_attrs.get(CANDIDATE_KEY_ATTR) == candidate.key
-                   and RESAMPLED_ATTR not in t.system_attrs
-                   and not t.user_attrs.get(INFEASIBLE_ATTR) and DUPLICATE_OF_ATTR not in t.user_attrs]
-        t = min(earlier, key=lambda t: (rank[t.state], t.number)) if earlier else None
+        # the recorder's one rule (an indexed lookup, not a scan of the study on this hot path); resampled
+        # rows never have a candidate row, so only evaluated trials are found
+        done = self.recorder.finished_trial(candidate.key)
+        t = None if done is None else study_storage(self.study).get_trial(done["trial_id"])
         if t is not None:
             trial.set_user_attr(DUPLICATE_OF_ATTR, t.number)
         self._mark_resampled(trial, "duplicate")
