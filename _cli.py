@@ -4,7 +4,8 @@
 dashboard | delete-study`` drive and browse studies (:mod:`evoprune.search`, :mod:`evoprune.storage`,
 :mod:`evoprune.report`); ``status`` and ``dashboard`` watch them;
 ``evoprune reference-corpus``, ``reference-model`` and ``reference-tasks`` build the offline
-reference data (:mod:`evoprune.data`).
+reference data (:mod:`evoprune.data`); ``export --format gguf|nemotron-nas`` writes a served format and
+``verify-export`` checks it against the target engine (:mod:`evoprune.pruning`).
 
 Every handler returns an exit code: 0 done, 1 failed (the message says what to do),
 2 bad arguments or unknown study, 3 the model or data fingerprint changed, 130 interrupted.
@@ -249,16 +250,32 @@ def _resolve_trial(study: Any, trial: str) -> int:
 def _cmd_export(args: argparse.Namespace) -> int:
     def go() -> int:
         study = load_study(storage=args.storage, study_name=args.study)
+        fmt = {"format": args.format, "dtype": args.dtype} if args.format != "hf" or args.dtype else {}
         art = study.export(_resolve_trial(study, args.trial), args.out, finetune_tokens=args.finetune_tokens,
-                           finetune_lr=args.finetune_lr)
+                           finetune_lr=args.finetune_lr, **fmt)
         healing = art.metrics.get("healing")
         if healing:
             print(f"healed with {healing['finetune']['tokens']} fine-tune tokens: perplexity "
                   f"{healing['ppl_before']:.4g} -> {healing['ppl_after']:.4g}")
-        print(f"exported trial {art.trial_number} of {study.name!r} to {art.path}")
+        print(f"exported trial {art.trial_number} of {study.name!r} to {art.path}"
+              + (f" ({args.format})" if args.format != "hf" else ""))
+        for gguf_file in sorted(Path(art.path).glob("*.gguf")):
+            print(f"gguf {gguf_file}")
         print(f"sha256 {art.sha256}  candidate {art.candidate_key}")
         print(json.dumps(art.metrics.get("values", {}), sort_keys=True))
         return EXIT_OK
+
+    return _run_guarded(go)
+
+
+def _cmd_verify_export(args: argparse.Namespace) -> int:
+    def go() -> int:
+        from .pruning._serve import verify_report
+
+        lines, ok = verify_report(args.path, prompt=args.prompt, steps=args.tokens, threads=args.threads,
+                                  float64=args.float64, tolerance=args.tolerance)
+        print("\n".join(lines))
+        return EXIT_OK if ok else EXIT_FAIL
 
     return _run_guarded(go)
 
@@ -400,7 +417,22 @@ def _register_study_commands(subparsers: Any) -> None:
                    help="heal first: fine-tune the kept weights on N train-split tokens (pruned structure stays "
                         "pruned); perplexity before/after goes into the artifact's metrics")
     p.add_argument("--finetune-lr", type=float, default=1e-4, metavar="LR", help="healing learning rate (default 1e-4)")
+    p.add_argument("--format", default="hf", choices=("hf", "gguf", "nemotron-nas"),
+                   help="hf: Hugging Face checkpoint (default); gguf: the same folder plus model-<dtype>.gguf for "
+                        "llama.cpp; nemotron-nas: DeciLM block_configs checkpoint for vLLM")
+    p.add_argument("--dtype", default=None, choices=("f32", "f16", "bf16"),
+                   help="GGUF tensor type (default f32; --format gguf only)")
     p.set_defaults(func=_cmd_export)
+
+    p = subparsers.add_parser("verify-export", help="one prompt through evoprune's model and the export's engine "
+                                                    "(llama.cpp / vLLM's rules): greedy tokens, max logit difference")
+    p.add_argument("path", metavar="DIR_OR_FILE", help="an `export --format gguf|nemotron-nas` folder or its .gguf file")
+    p.add_argument("--prompt", default="The capital of France is", help="prompt text (default: %(default)r)")
+    p.add_argument("--tokens", type=int, default=20, metavar="N", help="greedy tokens to compare (default 20)")
+    p.add_argument("--tolerance", type=float, default=1e-3, metavar="X", help="max logit difference (default 1e-3)")
+    p.add_argument("--threads", type=int, default=1, metavar="N", help="llama.cpp threads (default 1)")
+    p.add_argument("--float64", action="store_true", help="evoprune's model in float64 (float32 is ~1e-3 off deep)")
+    p.set_defaults(func=_cmd_verify_export)
 
     p = subparsers.add_parser("studies", help="list the studies in a database")
     storage_arg(p)

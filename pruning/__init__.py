@@ -48,11 +48,20 @@ classes use; ``from_pretrained`` inside it also loads format-1 exports (written 
 
     with per_layer_modules():
         model = AutoModelForCausalLM.from_pretrained("qwen3-half")
+
+Serving formats: ``pruner.export(candidate, "out", tokenizer=tok, format="gguf", dtype="f16")`` adds
+``model-f16.gguf`` (llama.cpp; :func:`write_gguf`) to the HF folder, ``format="nemotron-nas"`` writes
+DeciLM ``block_configs`` for vLLM (:func:`write_nemotron_nas`); :func:`verify_export` runs a prompt
+through evoprune's model and the target engine (``evoprune verify-export``). A candidate a format
+cannot hold exactly raises :class:`ExportFormatError` before anything is written.
 """
 
 from ._adapters import ArchAdapter, get_adapter, register_adapter, registered_model_types
 from ._auto import register_auto_classes
 from ._export import EXPORT_FORMAT_VERSION  # noqa: F401  (importable; written into exported configs)
+from ._gguf import ExportFormatError, write_gguf
+from ._nemotron import write_nemotron_nas
+from ._serve import EXPORT_FORMATS, VerifyResult, verify_export
 from ._importance import IMPORTANCE_METHODS, Importance
 from ._load import load_pruned
 from ._masks import wanda_mask
@@ -60,17 +69,23 @@ from ._modules import DroppedAttention, DroppedMLP, per_layer_modules
 from ._pruner import Pruner
 
 __all__ = [
+    "EXPORT_FORMATS",
     "IMPORTANCE_METHODS",
     "ArchAdapter",
     "DroppedAttention",
     "DroppedMLP",
+    "ExportFormatError",
     "Importance",
     "Pruner",
+    "VerifyResult",
     "get_adapter",
     "load_pruned",
     "per_layer_modules",
     "register_adapter",
     "register_auto_classes",
     "registered_model_types",
+    "verify_export",
     "wanda_mask",
+    "write_gguf",
+    "write_nemotron_nas",
 ]

@@ -222,8 +222,13 @@ class ExportMixin:
             _dispatch(new, device_map, kept, self.adapter.layers)
         return new
 
-    def export(self, candidate: Candidate, path: str | os.PathLike[str], tokenizer: Any = None, **save_kwargs: Any) -> Path:
+    def export(self, candidate: Candidate, path: str | os.PathLike[str], tokenizer: Any = None, *,
+               format: str = "hf", dtype: str | None = None, **save_kwargs: Any) -> Path:
         """Write ``candidate`` as a standard HF checkpoint directory and return its path.
+
+        ``format="gguf"`` also writes ``model-<dtype>.gguf`` (``dtype`` f32/f16/bf16) into the folder,
+        for llama.cpp; ``format="nemotron-nas"`` writes a DeciLM ``block_configs`` folder for vLLM
+        instead (see :mod:`._serve`). Both check first and write nothing when the candidate does not fit.
 
         Contents: ``model*.safetensors``, ``config.json`` (with ``per_layer_config`` for the
         per-layer differences and an ``evoprune`` section holding the candidate and the dense
@@ -245,6 +250,10 @@ class ExportMixin:
         path = Path(path)
         if path.exists() and (not path.is_dir() or any(path.iterdir())):
             raise FileExistsError(f"{path} exists and is not an empty folder; choose a new export folder.")
+        if format != "hf" or dtype is not None:
+            from ._serve import export_format
+
+            return export_format(self, candidate, path, fmt=format, tokenizer=tokenizer, dtype=dtype, **save_kwargs)
         model = self.materialize(candidate)
         # Written into a sibling folder and renamed when complete: a full disk or a kill mid-write
         # leaves no half-written export behind (the partial folder is removed, or has a .partial name).

@@ -61,6 +61,7 @@ from .._logging import get_logger
 from ..space import Candidate, SearchSpace
 from ._generation import GenerationSampler, Proposal
 from ._mutation import fill_budget, level_switch
+from ._surrogate import Surrogate, prior_score
 
 __all__ = ["EvolutionarySampler"]
 
@@ -153,7 +154,10 @@ class EvolutionarySampler(GenerationSampler):
             per-gene model (ridge regression of the log first-stage score on one-hot
             gene levels, fitted to every candidate scored so far) and propose the
             ``offspring`` best; 1 = no surrogate (EvoPress). The model is used once
-            it has at least as many scored candidates as genes.
+            it has at least as many scored candidates as genes; before that the pool
+            is ranked by the importance prior where the driver gave one
+            (:meth:`set_prior`; the :class:`~evoprune.search.Searcher` does, from the
+            pruner's calibration influences).
 
     The driver calls :meth:`setup` once, then alternately :meth:`ask_generation`
     and :meth:`tell_generation`. :attr:`min_finalists` tells it how many
@@ -238,6 +242,7 @@ class EvolutionarySampler(GenerationSampler):
         self._tokens_at_reset = 0  # ... when the incumbent last changed or a finalist came close
         self._close: bool | None = None  # the driver's verdict on the generation being told
         self._scored: dict[str, tuple[list[int], float]] = {}  # key -> (gene levels, first-stage score)
+        self._prior: dict[str, Sequence[float]] | None = None  # gene -> prior cost per level (set_prior)
         self._converged = False
 
     def __repr__(self) -> str:
@@ -396,8 +401,8 @@ class EvolutionarySampler(GenerationSampler):
                           "noise band", self._stale, self._tokens - self._tokens_at_reset,
                           extra={"fields": {"generation": self._generation, "group": self.group}})
                 return []
-            model = self._surrogate_model()
-            pool_size = self.offspring * (self.surrogate if model is not None else 1)
+            ranker = self._ranker()
+            pool_size = self.offspring * (self.surrogate if ranker is not None else 1)
             batch = []
             keys = set()
             for _slot in range(pool_size):
@@ -408,7 +413,7 @@ class EvolutionarySampler(GenerationSampler):
                         child = fill_budget(self.space, child, self._rng)
                     if child.key in self._seen or child.key in keys:
                         continue
-                    if model is None and not claim(child.key):
+                    if ranker is None and not claim(child.key):
                         self._seen[child.key] = None
                         continue
                     batch.append(child)
@@ -416,8 +421,8 @@ class EvolutionarySampler(GenerationSampler):
                     break
                 else:  # max_tries draws found nothing new: the neighbourhood is (nearly) exhausted
                     break
-            if model is not None:  # the surrogate's best first; claim them in that order
-                predicted = self._predict(model, batch)
+            if ranker is not None:  # the surrogate's (or prior's) best first; claim them in that order
+                predicted = ranker(batch)
                 order = sorted(range(len(batch)), key=lambda k: (predicted[k], k))
                 ranked, batch = [batch[k] for k in order], []
                 for child in ranked:
@@ -495,38 +500,33 @@ class EvolutionarySampler(GenerationSampler):
         if tokens is not None:
             self._tokens += int(tokens)
 
-    # -- surrogate -----------------------------------------------------------------------------
-    def _features(self, levels: Sequence[Sequence[int]]) -> np.ndarray:
-        space = self._need_space()
-        offsets, width = [], 0
-        for g in space.genes:
-            offsets.append(width)
-            width += g.top
-        x = np.zeros((len(levels), width))
-        for r, lvs in enumerate(levels):
-            for k, lv in enumerate(lvs):
-                if lv:
-                    x[r, offsets[k] + lv - 1] = 1.0
-        return x
+    # -- surrogate and prior --------------------------------------------------------------------
+    def set_prior(self, prior: Mapping[str, Sequence[float]] | None) -> None:
+        """Per gene, the prior cost of each level (:func:`~evoprune.search._surrogate.gene_prior`: the
+        calibration importance of what a level removes). With ``surrogate > 1`` it ranks the offspring
+        pool while too few candidates are scored to fit the surrogate. Not part of the saved state:
+        the driver sets it from the runtime each time (the calibration is deterministic)."""
+        self._prior = dict(prior) if prior else None
 
-    def _surrogate_model(self) -> np.ndarray | None:
-        """Ridge coefficients (intercept last) of log score on one-hot levels, or ``None``."""
+    def _surrogate_model(self) -> Surrogate | None:
+        """The fitted additive surrogate, or ``None`` (off, or fewer scored candidates than genes)."""
         if self.surrogate <= 1 or self.space is None:
             return None
         data = list(self._scored.values())
         if len(data) < max(8, len(self.space.genes)):
             return None
-        x = self._features([lv for lv, _v in data])
-        x = np.hstack([x, np.ones((len(data), 1))])
-        y = np.log(np.array([v for _lv, v in data]))
-        reg = 1e-2 * np.eye(x.shape[1])
-        reg[-1, -1] = 0.0
-        return np.linalg.solve(x.T @ x + reg, x.T @ y)
+        return Surrogate(self.space, [lv for lv, _v in data], [v for _lv, v in data])
 
-    def _predict(self, model: np.ndarray, cands: Sequence[Candidate]) -> list[float]:
-        space = self._need_space()
-        x = self._features([list(space.levels_of(c).values()) for c in cands])
-        return [float(v) for v in x @ model[:-1] + model[-1]]
+    def _ranker(self) -> Callable[[Sequence[Candidate]], list[float]] | None:
+        """How the offspring pool is ranked before paying for it: the surrogate once fitted, else the
+        importance prior, else not at all (``None``)."""
+        model = self._surrogate_model()
+        if model is not None:
+            return model.predict
+        if self.surrogate > 1 and self._prior is not None:
+            space, prior = self._need_space(), self._prior
+            return lambda cands: [prior_score(space, prior, c) for c in cands]
+        return None
 
     def tell_generation(self, results: Sequence[tuple[Candidate, float | None]]) -> None:
         """Last-stage fitness of the generation's candidates (``None`` or NaN: did not reach it).

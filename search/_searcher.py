@@ -126,6 +126,7 @@ from ..storage._values import (
 from ._generation import GenerationSampler
 from ._objectives import objective_source
 from ._recorder import ATTR_PREFIX, OptunaRecorder, Recorder
+from ._surrogate import gene_prior
 from ._trials import (SamplerExhausted, SearchStats, _free_device_memory, _state, fixed_trial, is_out_of_memory,
                       is_resampled)
 
@@ -246,6 +247,9 @@ class Searcher:
         self.sampler = sampler
         if self.generational:
             sampler.setup(self.space)
+            importance = getattr(getattr(runtime, "pruner", None), "importance", None)
+            if importance is not None and hasattr(sampler, "set_prior"):
+                sampler.set_prior(gene_prior(self.space, importance))
         if budget_mode is None:
             constrained = (optuna.samplers.TPESampler, optuna.samplers.NSGAIISampler, optuna.samplers.NSGAIIISampler)
             budget_mode = "constrain" if isinstance(study.sampler, constrained) else "repair"
@@ -401,8 +405,10 @@ class Searcher:
         before = stats.tokens
         results = self._evaluate(entries, stats, batch=True, min_final=sampler.min_finalists, reference=incumbent)
         if hasattr(sampler, "observe_generation"):
+            first = self.pipeline.stages[0].name  # a reused trial (replayed generation) counts as scored too
             sampler.observe_generation(
-                [(e.candidate, e.stages[0].objective) for e in entries if e.stages],
+                [(e.candidate, e.stages[0].objective) if e.stages else (e.candidate, e.stored.get(first))
+                 for e in entries if e.stages or e.stored],
                 close=None if incumbent is None or not results else any(bool(r.close) for r in results),
                 tokens=stats.tokens - before,
             )

@@ -414,7 +414,8 @@ class EvoStudy:
 
     # ------------------------------------------------------------------ export
     def export(self, number: int, out_dir: str | os.PathLike[str], *, runtime: Any = None,
-               finetune_tokens: int = 0, finetune_lr: float = 1e-4) -> Artifact:
+               finetune_tokens: int = 0, finetune_lr: float = 1e-4, format: str = "hf",
+               dtype: str | None = None) -> Artifact:
         """Write trial ``number``'s candidate as an HF checkpoint (``Pruner.export``) and record it
         (path, sha256 of the folder's files, candidate, metrics).
 
@@ -422,7 +423,10 @@ class EvoStudy:
         structure-preserving fine-tune on the train split, AdamW at ``finetune_lr``) and writes the
         healed weights; the artifact's ``metrics["healing"]`` holds the perplexity before and after on
         the last stage's ``eval_tokens`` (at most 16,384) and ``seq_len`` of the validation split.
-        The dense model in memory is restored afterwards."""
+        The dense model in memory is restored afterwards.
+
+        ``format``: ``"hf"``, ``"gguf"`` (the HF folder plus ``model-<dtype>.gguf`` for llama.cpp) or
+        ``"nemotron-nas"`` (DeciLM ``block_configs`` for vLLM); see ``Pruner.export``."""
         trial = self.storage.get_trial(self._trial_id(number))
         if trial.state != TrialState.COMPLETE:
             raise ValueError(
@@ -430,6 +434,10 @@ class EvoStudy:
                 "(see `evoprune show` for the best ones)."
             )
         candidate = self.candidate(number)
+        if format != "hf" or dtype is not None:
+            from ..pruning._serve import check_format_args
+
+            check_format_args(format, dtype)  # the rest is checked by Pruner.export before it writes
         out = Path(out_dir).expanduser().resolve()
         if out.exists() and (not out.is_dir() or any(out.iterdir())):
             raise FileExistsError(f"{out} exists and is not an empty folder; choose a new --out folder.")
@@ -439,6 +447,7 @@ class EvoStudy:
             runtime = self.build_runtime()
         else:
             self.verify_fingerprints(runtime.fingerprints, getattr(runtime, "fingerprint_details", None))
+        fmt = {"format": format, "dtype": dtype} if format != "hf" or dtype is not None else {}
         healing = None
         if finetune_tokens:
             from ..evaluators import healed
@@ -452,9 +461,9 @@ class EvoStudy:
                 runtime.model, ctx, tokens=int(finetune_tokens), lr=finetune_lr, seq_len=last.seq_len,
                 eval_tokens=min(last.eval_tokens or 4096, 16384),
             ) as healing:
-                path = runtime.pruner.export(candidate, out, tokenizer=runtime.tokenizer)
+                path = runtime.pruner.export(candidate, out, tokenizer=runtime.tokenizer, **fmt)
         else:
-            path = runtime.pruner.export(candidate, out, tokenizer=runtime.tokenizer)
+            path = runtime.pruner.export(candidate, out, tokenizer=runtime.tokenizer, **fmt)
         digest = directory_sha256(path)
         metrics: dict[str, Any] = {
             "values": dict(zip(self.config.objectives, trial.values)),
@@ -464,6 +473,7 @@ class EvoStudy:
             "study": self.name,
             "fingerprints": self.fingerprints(),
             **({"healing": healing} if healing is not None else {}),
+            **({"format": format, "dtype": dtype} if fmt else {}),
         }
         self.db.record_artifact(trial_id(trial), path=str(path), sha256=digest, metrics=metrics)
         return self.db.artifacts()[-1]

@@ -363,6 +363,10 @@ CASES: list[Case] = [
     ("export-out-is-a-file", _on_db("export", "--storage", "{db}", "--study", "s", "--trial", "0", "--out",
                                     "{root}/data/train.txt"), 1, ("--out",)),
     ("export-folder-edited-by-hand", _edited_export, 1, ("not an empty folder",)),
+    ("export-dtype-without-gguf", _on_db("export", "--storage", "{db}", "--study", "s", "--trial", "0", "--out",
+                                         "{root}/xdtype", "--dtype", "f16"), 1, ("--dtype", "--format gguf")),
+    ("verify-export-not-an-export", _on_db("verify-export", "{root}/data"), 2, ("config.json", "--format gguf")),
+    ("verify-export-missing", _on_db("verify-export", "{root}/nowhere.gguf"), 2, ("does not exist",)),
 ]
 
 

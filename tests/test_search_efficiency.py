@@ -297,3 +297,46 @@ def test_patience_waits_for_a_share_of_the_tokens_it_took_to_find_the_incumbent(
     # and with `explored`, half of the incumbent's 4 x 8 one-switch neighbours must have been proposed
     spent, seen = run(0.5)
     assert spent > 1200 and seen >= 0.5
+
+
+def test_the_importance_prior_ranks_the_first_offspring_and_the_searcher_sets_it(base):
+    from evoprune.search._surrogate import gene_prior, prior_score
+
+    model, _ids, pruner = base
+    rt = _runtime(base, _stages(), drop=2)
+    space = rt.space
+    infl = pruner.importance
+    prior = gene_prior(space, infl)
+    for i in range(6):  # a block's prior is its calibration influence (ShortGPT), only when dropped
+        assert prior[f"L{i}.block"] == (0.0, pytest.approx(float(infl.block_influence[i])))
+    # width levels: the share removed times the sublayer's influence; no calibration: no prior
+    wspace = SearchSpace.from_model(model.config, mlp_step=32)
+    wp = gene_prior(wspace, infl)
+    g = wspace.gene("L2.mlp")
+    assert wp["L2.mlp"] == pytest.approx(tuple(float(infl.mlp_influence[2]) * (1 - lv / g.levels[0])
+                                               for lv in g.levels))
+    nan = {k: torch.full((6,), float("nan")) for k in ("block_influence", "attn_influence", "mlp_influence")}
+    assert gene_prior(space, nan) is None
+
+    # a prior that says "blocks 1 and 4 matter least": before any score, the first offspring
+    # proposed are ranked by it (best first), so the prior's best neighbour of the parent leads
+    weights = [5.0, 0.1, 3.0, 4.0, 0.2, 6.0]
+    fake = {"block_influence": weights, "attn_influence": [1.0] * 6, "mlp_influence": [1.0] * 6}
+    evo = EvolutionarySampler(offspring=4, seed=1, patience=None)
+    evo.setup(space)
+    evo.set_prior(gene_prior(space, fake))
+    gen0 = evo.ask_generation()
+    evo.tell_generation([(p.candidate, 1.0) for p in gen0])
+    kids = [p.candidate for p in evo.ask_generation()]
+    scores = [prior_score(space, evo._prior, c) for c in kids]
+    assert scores == sorted(scores)
+    blind = EvolutionarySampler(offspring=4, seed=1, patience=None, surrogate=1)  # EvoPress: no ranking
+    blind.setup(space)
+    blind.set_prior(gene_prior(space, fake))
+    blind.tell_generation([(p.candidate, 1.0) for p in blind.ask_generation()])
+    assert min(scores) <= min(prior_score(space, evo._prior, p.candidate) for p in blind.ask_generation())
+
+    # the Searcher hands the pruner's influences to the sampler
+    s = EvolutionarySampler(offspring=4, seed=0, patience=None)
+    Searcher(rt, optuna.create_study(directions=["minimize"]), s, progress=False)
+    assert s._prior == prior
