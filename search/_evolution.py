@@ -143,9 +143,10 @@ class EvolutionarySampler(GenerationSampler):
             driver does not know per-window scores. ``None``: never stop by itself.
         patience_fraction: and, where the driver reports the forward tokens it spends
             (:meth:`observe_generation`), the tokens spent since the incumbent last
-            changed (or a finalist came close) must be at least this fraction of the
-            tokens spent until then: a search that found its incumbent late waits
-            longer, one that found it early stops early (0: generations only).
+            changed must be at least this fraction of the tokens spent until then: a
+            search that found its incumbent late waits longer, one that found it early
+            stops early (0: generations only). A close finalist restarts the
+            generation count, not this token count.
         explored: and at least this share of the incumbent's one-switch neighbours
             (one gene a level up, another a level down; :meth:`neighbourhood_seen`)
             must have been proposed already: a local optimum is only declared where
@@ -239,7 +240,7 @@ class EvolutionarySampler(GenerationSampler):
         self._migrants: set[str] = set()
         self._stale = 0  # generations in a row without a new incumbent or a close finalist
         self._tokens = 0  # forward tokens the driver reported (observe_generation)
-        self._tokens_at_reset = 0  # ... when the incumbent last changed or a finalist came close
+        self._tokens_at_reset = 0  # ... when the incumbent last changed
         self._close: bool | None = None  # the driver's verdict on the generation being told
         self._scored: dict[str, tuple[list[int], float]] = {}  # key -> (gene levels, first-stage score)
         self._prior: dict[str, Sequence[float]] | None = None  # gene -> prior cost per level (set_prior)
@@ -557,10 +558,9 @@ class EvolutionarySampler(GenerationSampler):
             if close is None:
                 close = any(v <= before[1] * 1.005 for _c, v in finalists if _c.key != before[0].key)
             new_best = self._population[0][0].key != before[0].key
-            if new_best or close:
-                self._stale, self._tokens_at_reset = 0, self._tokens
-            else:
-                self._stale += 1
+            if new_best:
+                self._tokens_at_reset = self._tokens
+            self._stale = 0 if new_best or close else self._stale + 1
         else:
             self._tokens_at_reset = self._tokens
         self._close = None

@@ -6,9 +6,11 @@ config does not give itself).
   whose racing promotion (:class:`~evoprune.evaluators.Race`) sends on every offspring not
   clearly worse than the leader (at most 4), a second of 8,192 tokens racing again (at most 2),
   a final stage of 16,384 tokens, each *extending* the one before (a promoted candidate pays
-  only for the new windows); and the convergence stop (a generation without a new incumbent
-  or a finalist within the noise band, at least half as many tokens as it took to find the
-  incumbent, and half of its one-switch neighbourhood proposed).
+  only for the new windows); before the surrogate has data, the pool is ranked by the
+  importance prior (calibration influence of what a candidate removes); and the convergence
+  stop (a generation without a new incumbent or a finalist within the noise band, at least
+  half as many tokens since the incumbent took over as it took to find it, and half of its
+  one-switch neighbourhood proposed).
 - ``evopress-depth``, ``evopress-unstructured``, ``evopress-fast``: EvoPress's published
   schedules (32 offspring, survivors 2 @ 2,048 tokens -> 1 @ 32,768; 64 offspring,
   8 @ 2,048 -> 2 @ 16,384 -> 1 @ 65,536; 16 offspring, 1 @ 512 -> 1 @ 8,192), fixed top-k

@@ -298,6 +298,23 @@ def test_patience_waits_for_a_share_of_the_tokens_it_took_to_find_the_incumbent(
     spent, seen = run(0.5)
     assert spent > 1200 and seen >= 0.5
 
+    # a close finalist restarts the generation count but not the token count: the incumbent was
+    # found after 1,000 tokens, so 1,000 more suffice however often a finalist came close
+    evo = EvolutionarySampler(offspring=4, seed=0, surrogate=1, patience=1, patience_fraction=1.0, explored=0.0)
+    evo.setup(space)
+    first = evo.ask_generation()
+    evo.observe_generation([(p.candidate, 1.0) for p in first], close=False, tokens=1000)
+    evo.tell_generation([(p.candidate, 1.0) for p in first])
+    closes = [True, True, True, False]
+    for close in closes:
+        kids = evo.ask_generation()
+        assert kids
+        worse = [(p.candidate, 2.0) for p in kids]
+        evo.observe_generation(worse, close=close, tokens=300)
+        evo.tell_generation(worse)
+    assert evo.state_dict()["tokens_at_reset"] == 1000 and evo.state_dict()["stale"] == 1
+    assert evo.ask_generation() == [] and evo.converged
+
 
 def test_the_importance_prior_ranks_the_first_offspring_and_the_searcher_sets_it(base):
     from evoprune.search._surrogate import gene_prior, prior_score
