@@ -93,7 +93,8 @@ class Latency:
     process on the same device. :meth:`evaluate` materializes the candidate
     with ``context.pruner.materialize(candidate)`` (a real, smaller module:
     sliced weights, dropped blocks gone) and times it the same way; without a
-    pruner, ``model`` itself is timed (it is taken to be the candidate).
+    pruner, or with a pruner in the probe mode (it prunes per batch, there is no
+    fixed smaller model), ``model`` itself is timed (it is taken to be the candidate).
 
     Args:
         batch_size, seq_len: input shape.
@@ -173,7 +174,9 @@ class Latency:
                 "model is dense (Pipeline.run_batch does this)."
             )
         pruner = context.pruner
-        if pruner is not None and hasattr(pruner, "materialize"):
+        # a probe-mode pruner (Probe Pruning) has no fixed smaller model: the applied model is timed,
+        # probe, scoring and per-batch weight gathers included
+        if pruner is not None and hasattr(pruner, "materialize") and getattr(pruner, "mode", "static") == "static":
             small = pruner.materialize(candidate)
             if next(small.parameters()).device != device:
                 small = small.to(device)

@@ -27,6 +27,10 @@ copy) or into a new, physically smaller model::
     pruner.export(candidate, "qwen3-half", tokenizer=AutoTokenizer.from_pretrained("Qwen/Qwen3-0.6B"))
     again = load_pruned("qwen3-half")               # fresh process: same logits again
 
+``pruner.set_mode("probe", ProbeSettings(...))`` (``evoprune.space.ProbeSettings``) applies a candidate's
+widths per batch instead, the kept heads and channels chosen by Probe Pruning (``_probe.py``); its
+export holds the dense weights and ``load_pruned`` gives back a model that prunes per batch.
+
 A new architecture needs one call, :func:`register_adapter` (module names plus the bias
 facts the cost model needs; see :class:`ArchAdapter`).
 

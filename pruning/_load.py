@@ -37,6 +37,9 @@ def load_pruned(
         **kwargs: passed on to ``from_pretrained`` (``attn_implementation=...`` etc.; choose the
             attention implementation here: each block keeps its own resolved config).
 
+    A probe-mode export (``Pruner.set_mode("probe")``) loads as the dense model with Probe Pruning
+    applied per batch (``model.evoprune_pruner`` holds its pruner).
+
     Example::
 
         from evoprune.pruning import load_pruned
@@ -54,8 +57,22 @@ def load_pruned(
         kwargs["dtype"] = dtype
     if device_map is not None:
         kwargs["device_map"] = device_map
+    section = _section(path)
+    if section.get("mode") == "probe":  # dense weights that prune per batch (Probe Pruning)
+        from ._probe import load_probe
+
+        return load_probe(path, section, **kwargs)
     with per_layer_modules():
         return AutoModelForCausalLM.from_pretrained(path, **kwargs)
+
+
+def _section(path: str | os.PathLike[str]) -> dict[str, Any]:
+    """The ``evoprune`` section of a local export's config.json (``{}`` for a hub id or none)."""
+    config = os.path.join(os.fspath(path), "config.json")
+    if not os.path.isfile(config):
+        return {}
+    with open(config, encoding="utf-8") as fh:
+        return json.load(fh).get("evoprune") or {}
 
 
 def _check_format(path: str | os.PathLike[str], supported: int) -> None:

@@ -136,6 +136,10 @@ class Pruner(ExportMixin):
         calib_batch_size: sequences per calibration forward.
         mask_cache_bytes: bound of the sparsity-mask LRU; masks are stored bit-packed (default:
             a quarter byte per dense decoder weight, i.e. two dense-sized sets of masks).
+        importance: precomputed scores to use instead of computing them (no cache).
+
+    :meth:`set_mode` ``("probe", ProbeSettings(...))`` switches to Probe Pruning: the candidate's widths
+    are then applied per batch, the kept units chosen by PP (see :mod:`evoprune.pruning._probe`).
 
     Example::
 
@@ -158,6 +162,7 @@ class Pruner(ExportMixin):
         data_fingerprint: str | None = None,
         calib_batch_size: int = 8,
         mask_cache_bytes: int | None = None,
+        importance: imp.Importance | None = None,
     ) -> None:
         if method not in imp.IMPORTANCE_METHODS:
             raise ValueError(f"Pruner: method must be one of {imp.IMPORTANCE_METHODS}, got {method!r}.")
@@ -192,7 +197,11 @@ class Pruner(ExportMixin):
         self.data_fingerprint = data_fingerprint if calib_ids is not None else None
         self.cache_hit = False
         self.cache_path: Path | None = None
-        importance = None
+        self._calib_ids, self._calib_batch_size = calib_ids, calib_batch_size  # for the probe mode's history
+        self.mode = "static"
+        self._probe: Any = None
+        if importance is not None:  # given scores (e.g. a loaded probe export: identity order)
+            self.cache_dir = None
         if self.cache_dir is not None:
             key = imp.cache_key(
                 model_fp=str(model_fingerprint), data_fp=str(self.data_fingerprint or "none"),
@@ -451,6 +460,9 @@ class Pruner(ExportMixin):
         if not isinstance(candidate, Candidate):
             raise TypeError(f"Pruner.apply expects a Candidate, got {type(candidate).__name__}.")
         self.spec.check_candidate(candidate)
+        if self._probe is not None and candidate.has_sparsity:
+            raise ValueError("Pruner.apply: the probe mode prunes heads and channels per batch and has no sparsity "
+                             "masks; use a candidate without sparsity or pruner.set_mode('static').")
         self.revert()
         try:
             self._apply(candidate)
@@ -477,15 +489,21 @@ class Pruner(ExportMixin):
                     self._set(r.attn, "layer_idx", attn_index)
                 attn_index += 1
                 if not self._is_dense(lc, "attn"):
-                    for plan in self._plans(i, "attn", lc):
-                        self._install(r.linears[plan.name], plan, lc, pattern)
+                    if self._probe is not None:
+                        self._probe.install(i, "attn", lc)
+                    else:
+                        for plan in self._plans(i, "attn", lc):
+                            self._install(r.linears[plan.name], plan, lc, pattern)
                     self._set_head_attrs(r.attn, lc)
             if lc.mlp_dropped:
                 self._set(r.layer, a.mlp, DroppedMLP())
                 self._set(r.layer, a.mlp_norm, nn.Identity())
             elif not self._is_dense(lc, "mlp"):
-                for plan in self._plans(i, "mlp", lc):
-                    self._install(r.linears[plan.name], plan, lc, pattern)
+                if self._probe is not None:
+                    self._probe.install(i, "mlp", lc)
+                else:
+                    for plan in self._plans(i, "mlp", lc):
+                        self._install(r.linears[plan.name], plan, lc, pattern)
         if len(kept_layers) != len(self._refs):
             parent = self.model.get_submodule(self._layers_parent)
             self._set(parent, self._layers_attr, nn.ModuleList(kept_layers))
@@ -495,6 +513,8 @@ class Pruner(ExportMixin):
             types = getattr(cfg, "layer_types", None)
             if types is not None:
                 self._set(cfg, "layer_types", [types[i] for i in kept])
+        if self._probe is not None:
+            self._probe.start(candidate)
 
     def _set_head_attrs(self, attn: nn.Module, lc: Any) -> None:
         values = {
@@ -564,6 +584,54 @@ class Pruner(ExportMixin):
                 module.forward = old_forward
 
         self._undo.append(undo)
+
+    # -- modes -------------------------------------------------------------------------------------
+    def set_mode(self, mode: str, probe: Any = None, *, history: Any = None) -> None:
+        """``"static"`` (default: keep the top-k units by calibration importance) or ``"probe"``
+        (choose the kept units per batch by Probe Pruning, see :mod:`evoprune.pruning._probe`; ``probe``
+        is a :class:`~evoprune.space.ProbeSettings` or its dict). Reverts any applied candidate; the
+        probe mode computes its calibration history here (one dense pass over the calibration tokens)."""
+        from ..space._mode import resolve_mode
+        from ._probe import ProbeMode
+
+        settings = resolve_mode(mode, probe if mode == "probe" else None, sparsity=False)
+        self.revert()
+        if mode == "static":
+            self._probe = None
+        else:  # the last probe mode is kept: switching back with the same settings reuses its history
+            last = getattr(self, "_last_probe", None)
+            if last is None or last.settings != settings or history is not None:
+                last = ProbeMode(self, settings, history, batch_size=self._calib_batch_size)
+            self._probe = self._last_probe = last
+        self.mode = mode
+
+    @property
+    def probe(self) -> Any:
+        """The :class:`~evoprune.pruning._probe.ProbeMode` in probe mode (``hold()``, ``selections()``), else ``None``."""
+        return self._probe
+
+    def materialize(self, candidate: Candidate) -> nn.Module:
+        if self._probe is not None:
+            raise ValueError("Pruner.materialize: a probe-mode candidate has no fixed smaller model (its units change "
+                             "per batch); export it (dense weights + widths + PP settings) or set_mode('static').")
+        return super().materialize(candidate)
+
+    materialize.__doc__ = ExportMixin.materialize.__doc__
+
+    def export(self, candidate: Candidate, path: str | os.PathLike[str], tokenizer: Any = None, **save_kwargs: Any) -> Path:
+        if self._probe is not None:  # dense weights + candidate + PP settings + history; load_pruned prunes per batch
+            from .. import __version__
+            from ._probe import export_probe
+
+            if save_kwargs.pop("format", "hf") != "hf" or save_kwargs.pop("dtype", None) is not None:
+                raise ValueError("Pruner.export: a probe-mode candidate exports as an HF folder with the dense weights "
+                                 "(format='hf', no dtype); GGUF / Nemotron-NAS need a static candidate (set_mode('static')).")
+
+            return export_probe(self, candidate, path, tokenizer=tokenizer, format_version=EXPORT_FORMAT_VERSION,
+                                evoprune_version=__version__, **save_kwargs)
+        return super().export(candidate, path, tokenizer=tokenizer, **save_kwargs)
+
+    export.__doc__ = ExportMixin.export.__doc__
 
     def revert(self) -> nn.Module:
         """Restore the dense (permuted) model exactly; a no-op when nothing is applied."""

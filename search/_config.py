@@ -204,6 +204,13 @@ class StudyConfig:
         unknown = sorted(set(space) - known)
         if unknown:
             raise ValueError(f"StudyConfig.space: unknown SearchSpace options {unknown}; known: {sorted(known)}.")
+        from ..space._mode import resolve_mode
+
+        try:  # the pruning mode is checked here, before any model loads or database row is written
+            resolve_mode(space.get("mode", "static"), space.get("probe"),
+                         sparsity=bool(space.get("sparsity_levels")) or bool(space.get("pattern_2_4")))
+        except ValueError as exc:
+            raise ValueError(f"StudyConfig.space: {exc}") from None
         object.__setattr__(self, "space", space)
         budget = self.budget
         if budget is None:
@@ -248,6 +255,9 @@ class StudyConfig:
         if len(set(names)) != len(names):
             raise ValueError(f"StudyConfig.stages: stage names must be distinct, got {names}.")
         object.__setattr__(self, "stages", stages)
+        if space.get("mode") == "probe" and any(s.finetune_tokens for s in stages):
+            raise ValueError("StudyConfig: space mode 'probe' prunes per batch and cannot be fine-tuned; set "
+                             "finetune_tokens: 0 in every stage or use mode: static.")
         check_eval_windows(self.data, stages)
         sampler = self.sampler
         if isinstance(sampler, str):

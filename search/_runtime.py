@@ -364,6 +364,8 @@ def build_runtime(config: StudyConfig, *, model: Any = None, tokenizer: Any = No
         calib_batch_size=calib_cfg.batch_size,
     )
     space = space_from_config(config, model.config)
+    if space.mode != "static":  # e.g. Probe Pruning: the evaluators apply candidates through the same pruner
+        pruner.set_mode(space.mode, space.probe)
     pipeline = build_pipeline(config.stages)
     context = EvalContext(
         eval_ids=splits["validation"], train_ids=splits["train"], data_fingerprint=data_fp, seed=config.seed,

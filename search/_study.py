@@ -449,6 +449,8 @@ class EvoStudy:
             self.verify_fingerprints(runtime.fingerprints, getattr(runtime, "fingerprint_details", None))
         fmt = {"format": format, "dtype": dtype} if format != "hf" or dtype is not None else {}
         healing = None
+        if finetune_tokens and getattr(runtime.pruner, "mode", "static") == "probe":
+            raise ValueError("export: a probe-mode study prunes per batch and cannot be healed; use finetune_tokens=0.")
         if finetune_tokens:
             from ..evaluators import healed
 

@@ -31,6 +31,7 @@ from ._archs import ArchFacts, get_arch, registered_model_types  # noqa: F401
 from ._candidate import ATTN_LINEARS, LINEAR_NAMES, MLP_LINEARS, Candidate, LayerConfig  # noqa: F401
 from ._cost import COUNT_METRICS, LATENCY_KINDS, METRICS, Budget, CostModel, LatencyTable  # noqa: F401
 from ._space import ATTENTION_UNITS, GENE_KINDS, SPARSITY_GRANULARITIES, Gene, SearchSpace  # noqa: F401
+from ._mode import PRUNING_MODES, ProbeSettings  # noqa: F401
 from ._sparsity import SPARSITY_PATTERNS, kept_per_row
 from ._spec import ModelSpec
 
@@ -42,6 +43,7 @@ __all__ = [
     "GENE_KINDS",
     "LINEAR_NAMES",
     "METRICS",
+    "PRUNING_MODES",
     "SPARSITY_PATTERNS",
     "SUPPORTED_MODEL_TYPES",
     "ArchFacts",
@@ -52,6 +54,7 @@ __all__ = [
     "LatencyTable",
     "LayerConfig",
     "ModelSpec",
+    "ProbeSettings",
     "SearchSpace",
     "get_arch",
     "kept_per_row",

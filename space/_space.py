@@ -51,6 +51,7 @@ import numpy as np
 from ._candidate import LINEAR_NAMES, Candidate, JsonValue, LayerConfig
 from ._cost import COUNT_METRICS, Budget, CostModel, LatencyTable, _layer_count
 from ._levels import LevelsMixin
+from ._mode import resolve_mode
 from ._moves import MovesMixin
 from ._spec import ModelSpec
 
@@ -178,6 +179,9 @@ class SearchSpace(JsonValue, LevelsMixin, MovesMixin):
         seq_len: context length for the ``"flops"`` metric.
         kv_dtype_bytes: bytes per KV-cache element for ``"kv_bytes"``.
         latency: a :class:`LatencyTable` for the ``"latency"`` metric.
+        mode: ``"static"`` (default: the top-k units by calibration importance) or ``"probe"``
+            (the widths are applied per batch by Probe Pruning, see :mod:`evoprune.space._mode`).
+        probe: :class:`~evoprune.space._mode.ProbeSettings` or its dict (probe mode only).
 
     Attributes (derived, not compared): ``genes`` (tuple of :class:`Gene`) and
     ``cost_model`` (:class:`CostModel`).
@@ -200,6 +204,8 @@ class SearchSpace(JsonValue, LevelsMixin, MovesMixin):
     seq_len: int = 2048
     kv_dtype_bytes: int = 2
     latency: LatencyTable | None = None
+    mode: str = "static"
+    probe: Any = None
     genes: tuple[Gene, ...] = dataclasses.field(init=False, compare=False, repr=False)
     cost_model: CostModel = dataclasses.field(init=False, compare=False, repr=False)
 
@@ -226,6 +232,7 @@ class SearchSpace(JsonValue, LevelsMixin, MovesMixin):
         self._set("mlp_min", mlp_min)
         self._set("sparsity_levels", self._resolve_sparsity())
         self._set("frozen_layers", self._resolve_frozen())
+        self._set("probe", resolve_mode(self.mode, self.probe, sparsity=bool(self.sparsity_levels)))
         for name in ("seq_len", "kv_dtype_bytes"):
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
@@ -626,6 +633,8 @@ class SearchSpace(JsonValue, LevelsMixin, MovesMixin):
             "seq_len": self.seq_len,
             "kv_dtype_bytes": self.kv_dtype_bytes,
             "latency": None if self.latency is None else self.latency.to_dict(),
+            # written only in probe mode: static spaces keep their JSON (and key) unchanged
+            **({"mode": self.mode, "probe": self.probe.to_dict()} if self.mode != "static" else {}),
         }
 
     @classmethod

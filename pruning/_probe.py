@@ -1,0 +1,494 @@
+"""Probe Pruning (PP) as a dynamic backend mode: per batch, choose *which* units a candidate keeps.
+
+Paper: Le, Diao, Wang et al., "Probe Pruning: Accelerating LLMs through Dynamic Pruning via
+Model-Probing", ICLR 2025 (arXiv 2502.15618); reference code Qi-Le1/Probe_Pruning
+(``src/model/hf/utils.py: generate_probe``, ``src/model/pruning_module.py: cal_*_prune_metric``,
+``src/model/llama_pp.py``). A :class:`~evoprune.space.Candidate` still says *how many* KV groups,
+query heads per group and MLP channels every block keeps (so the per-layer ratios are searched by
+evoprune's samplers); this mode picks *which* ones for every batch. Switch a pruner to it with
+``pruner.set_mode("probe", ProbeSettings(...))`` (a study does it from ``space: {mode: probe}``).
+
+Per pruned sublayer of block ``i``, on every prefill batch (``[B, S]`` tokens):
+
+1. **Probe selection by residual importance** (follows ``generate_probe`` with the reference's
+   default ``seqrank+bszrank``): ``n[b, s] = ||residual[b, s, :]||_2`` of the sublayer's residual
+   input (the block input for attention, the post-attention hidden state for the MLP); the
+   ``max(ceil(S * seq_ratio), 2)`` positions with the largest ``||n[:, s]||_2`` (sorted; when 10
+   or fewer, the first position replaces the smallest index), then the ``ceil(B * batch_ratio)``
+   sequences with the largest ``||n[b, chosen]||_2``. The probe is the layer-normalized input at
+   those sequences x positions.
+2. **Probing** (the reference's default ``sync`` mode: the probe runs through the block it prunes,
+   not several blocks ahead -- its "a few layers ahead" is the ``asyncintra`` variant, not done
+   here): attention runs q/k/v, RoPE and causal attention *among the probe positions* with the
+   dense weights and stops at the ``o_proj`` input (``o_proj`` itself is skipped); the MLP runs
+   ``act(gate) * up``, i.e. the ``down_proj`` input. *Departure*: the reference slices the causal
+   mask as ``mask[:q_len, :q_len]`` for a probe of non-contiguous positions; here the mask entries
+   of the actual probe positions are used (the model's 4-D mask sliced, or causal when none).
+3. **History integration** (``cal_*_prune_metric``, dynamic ratio, not ``probefixratio``): per
+   position ``s`` and input channel ``c`` of ``o_proj``/``down_proj``, the probe's
+   ``p[s, c] = sum_b x[b, s, c]^2 / n_probe_sequences`` and the history ``g[s, c]`` (mean ``x^2``
+   per position over the calibration sequences, then an EMA with ``momentum`` over the full
+   prefill batches of the session, updated on the kept channels only -- as the reference's
+   ``update_global_metric_score_distribution[_ema]``) combine as ``r = p / (p + g + 1e-6)``,
+   ``X2[c] = sum_s ((1 - r) g + r p)``. ``history=False`` uses ``X2 = sum_s p``.
+   *Departures*: the history is reset to the calibration state whenever a candidate is applied (so
+   a candidate scores the same on the same batches in any process: evoprune's "a candidate is a
+   pure value" invariant); the first batch of a session updates the history too (the reference
+   skips batch 0); positions beyond the history's length have ``g = 0`` (as the reference's
+   zero-initialized buffer); padding is not masked out of the probe (evoprune evaluates unpadded
+   windows).
+4. **PP importance score** (``ppwandasp``): ``score[c] = || X2[c] * W[:, c]^2 ||_2`` over the
+   output rows of ``down_proj`` / ``o_proj`` (``W`` their weight); an attention head's score is the
+   same L2 norm over its ``head_dim`` columns and all rows. MLP: the ``mlp_channels`` best
+   channels. **GQA** (*departure*: the reference leaves K/V unpruned under GQA and keeps query heads
+   anywhere): a KV group scores the sum of its query heads; the ``num_kv_heads`` best groups are
+   kept, and in each the ``q_per_kv`` best query heads -- the same unit structure as the static
+   mode, so K/V rows (and the KV cache) shrink too.
+5. **Full inference on the kept units**: the kept rows of q/k/v (gate/up) and columns of
+   o_proj (down_proj) are gathered (``index_select``, a copy per batch, as the reference's
+   ``extract_*_dim_weight``) and the block's own forward runs on them: real, smaller matmuls; the
+   probe, the scoring and the gathers are part of the measured time.
+
+**Decoding with a KV cache**: a forward whose cache already holds tokens is a decode step; it
+reuses the units chosen at that batch's prefill (no probe, no history update), so the cached
+K/V (of the kept KV groups only) stay consistent. Under that rule cached decoding equals an
+uncached recomputation of the whole sequence with the prefill's units held (:meth:`ProbeMode.hold`).
+
+Blocks the candidate keeps dense run untouched (no probe), so a candidate at ratio 1.0 is the
+dense model exactly. Dropped blocks/sublayers are the static mode's. Sparsity is refused.
+Fine-tuning in this mode is not supported (the gathered weights are per-batch copies).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+import os
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .._logging import get_logger
+from ..space import Candidate, ModelSpec
+from ..space._mode import ProbeSettings
+
+__all__ = ["ProbeMode", "ProbeSettings", "select_probe", "pp_scores", "export_probe", "load_probe",
+           "identity_importance", "HISTORY_FILE"]
+
+_log = get_logger("pruning")
+HISTORY_FILE = "probe_history.safetensors"
+_EPS = 1e-6
+
+
+# -- the PP formulas (one copy; the mode and the tests' callers use these) ---------------------------
+def select_probe(residual: torch.Tensor, settings: ProbeSettings) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(batch indices, position indices)`` of the probe, both sorted ascending (step 1)."""
+    B, S = residual.shape[0], residual.shape[1]
+    norms = torch.linalg.vector_norm(residual.float(), ord=2, dim=-1)  # [B, S]
+    n_seq = min(S, max(math.ceil(S * settings.seq_ratio), 2))
+    pos = _top(torch.linalg.vector_norm(norms, ord=2, dim=0), n_seq)
+    if n_seq <= 10 and n_seq < S:
+        pos[0] = 0  # the reference keeps the first token in the extreme case
+        pos = torch.sort(pos).values
+    n_b = min(B, max(math.ceil(B * settings.batch_ratio), 1))
+    seqs = _top(torch.linalg.vector_norm(norms[:, pos], ord=2, dim=1), n_b)
+    return seqs, pos
+
+
+def _top(score: torch.Tensor, k: int) -> torch.Tensor:
+    """Indices of the ``k`` largest entries (ties: lower index first), sorted ascending."""
+    order = torch.sort(score, descending=True, stable=True).indices[:k]
+    return torch.sort(order).values
+
+
+def integrate(probe_sq: torch.Tensor, history: torch.Tensor | None) -> torch.Tensor:
+    """Step 3: ``X2[c]`` from the probe's ``p [s, c]`` and the history rows ``g [s, c]`` (or ``None``)."""
+    if history is None:
+        return probe_sq.sum(0)
+    r = probe_sq / (probe_sq + history + _EPS)
+    return ((1 - r) * history + r * probe_sq).sum(0)
+
+
+def pp_scores(x2: torch.Tensor, w4: torch.Tensor, group: int = 1) -> torch.Tensor:
+    """Step 4 from ``X2 [C]`` and ``w4[c] = sum_j W[j, c]^4``: ``||X2[c] W[:, c]^2||_2`` summed in
+    squares over ``group`` consecutive columns (a head's ``head_dim``), i.e. per unit."""
+    sq = (x2.double() ** 2) * w4.double()
+    return sq.view(-1, group).sum(-1).sqrt()
+
+
+# -- the mode ------------------------------------------------------------------------------------------
+class _Layer:
+    """Per-block state: stashed residuals, the probe capture and the active (gathered) weights."""
+
+    def __init__(self) -> None:
+        self.res_attn: torch.Tensor | None = None
+        self.res_mlp: torch.Tensor | None = None
+        self.capture = False
+        self.captured: torch.Tensor | None = None
+        self.active: dict[str, tuple[torch.Tensor, torch.Tensor | None]] = {}
+        self.cols: dict[str, torch.Tensor] = {}  # "o"/"down" -> kept input columns (history updates)
+        self.selection: dict[str, torch.Tensor] = {}
+
+
+class ProbeMode:
+    """Probe Pruning for one :class:`~evoprune.pruning.Pruner` (made by ``pruner.set_mode("probe")``).
+
+    Args:
+        pruner: the pruner (its permuted dense model, adapter and calibration tokens).
+        settings: :class:`~evoprune.space.ProbeSettings`.
+        history: per-block calibration history ``{i: {"o": [P, q_heads*head_dim], "down": [P, I]}}``
+            (e.g. from an export); default: computed from the pruner's calibration tokens (zeros
+            without them: the probe alone scores).
+    """
+
+    def __init__(self, pruner: Any, settings: ProbeSettings, history: dict[int, dict[str, torch.Tensor]] | None = None,
+                 batch_size: int = 8) -> None:
+        if not isinstance(settings, ProbeSettings):
+            raise TypeError(f"ProbeMode needs ProbeSettings, got {type(settings).__name__}.")
+        self.pruner = pruner
+        self.settings = settings
+        self.spec: ModelSpec = pruner.spec
+        self.calib_history = history if history is not None else self._calibrate(batch_size)
+        self._w4: dict[tuple[int, str], torch.Tensor] = {}
+        self._layers: dict[int, _Layer] = {}
+        self._history: dict[int, dict[str, torch.Tensor]] = {}
+        self._held = False
+        self._decode = False
+
+    # -- calibration history ---------------------------------------------------------------------
+    def _calibrate(self, batch_size: int) -> dict[int, dict[str, torch.Tensor]]:
+        p, s = self.pruner, self.spec
+        ids = getattr(p, "_calib_ids", None)
+        dev = p.model.get_input_embeddings().weight.device
+        if ids is None:
+            _log.info("probe mode without calibration tokens: empty history (the probe alone scores)")
+            return {i: {"o": torch.zeros(0, s.num_heads * s.head_dim, device=dev),
+                        "down": torch.zeros(0, s.intermediate_size, device=dev)} for i in range(s.num_layers)}
+        if p.is_applied:
+            raise RuntimeError("ProbeMode: revert the pruner before switching modes.")
+        sums: dict[tuple[int, str], torch.Tensor] = {}
+        handles = []
+
+        def hook(key):
+            def pre(module, args):
+                x = args[0].detach().float()
+                acc = x.pow(2).sum(0)
+                sums[key] = acc if key not in sums else sums[key] + acc
+
+            return pre
+
+        for i, r in enumerate(p._refs):
+            handles.append(r.linears[p.adapter.o].register_forward_pre_hook(hook((i, "o"))))
+            handles.append(r.linears[p.adapter.down].register_forward_pre_hook(hook((i, "down"))))
+        base = p.model.get_submodule(p._layers_parent) if p._layers_parent else p.model
+        try:
+            with torch.no_grad():
+                for start in range(0, ids.shape[0], batch_size):
+                    base(input_ids=ids[start:start + batch_size].to(dev), use_cache=False)
+        finally:
+            for h in handles:
+                h.remove()
+        n = ids.shape[0]
+        return {i: {k: sums[(i, k)] / n for k in ("o", "down")} for i in range(s.num_layers)}
+
+    # -- installation (called by Pruner._apply; every change goes through the pruner's undo log) ----
+    def start(self, candidate: Candidate) -> None:
+        """A new applied session: fresh history (the calibration state) and no held selection."""
+        p = self.pruner
+        self._history = {i: {k: v.clone() for k, v in self.calib_history[i].items()} for i in self._layers}
+        base = p.model.get_submodule(p._layers_parent) if p._layers_parent else p.model
+        h = base.register_forward_pre_hook(self._on_forward, with_kwargs=True)
+        p._undo.append(h.remove)
+        p._undo.append(self._layers.clear)
+
+    def _on_forward(self, module: nn.Module, args: Any, kwargs: dict[str, Any]) -> None:
+        cache = kwargs.get("cache", kwargs.get("past_key_values"))
+        filled = cache is not None and hasattr(cache, "get_seq_length") and int(cache.get_seq_length()) > 0
+        self._decode = self._held or filled
+
+    def install(self, i: int, sublayer: str, lc: Any) -> None:
+        p, a = self.pruner, self.pruner.adapter
+        r = p._refs[i]
+        st = self._layers.setdefault(i, _Layer())
+        if sublayer == "attn":
+            self._hook_residual(r.attn_norm, st, "res_attn")
+            dense = {"num_key_value_groups": self.spec.q_per_kv, "num_key_value_heads": self.spec.num_kv_heads,
+                     "num_heads": self.spec.num_heads, "config": r.attn.config}
+            orig = r.attn.forward
+
+            def attn_forward(*args: Any, **kwargs: Any):
+                hidden = kwargs["hidden_states"] if "hidden_states" in kwargs else args[0]
+                if not self._decode:
+                    self._select_attn(i, lc, st, r, orig, hidden, kwargs, dense)
+                elif not st.selection:
+                    raise RuntimeError("probe mode: a decode step (cache already filled) before any prefill of this "
+                                       "applied candidate; run the prompt through the model first.")
+                return orig(*args, **kwargs)
+
+            p._set(r.attn, "forward", attn_forward)
+            names = [a.qkv] if a.qkv else [a.q, a.k, a.v]
+            for name in names + [a.o]:
+                self._install_linear(i, st, r.linears[name], name, "o" if name == a.o else None)
+        else:
+            self._hook_residual(r.mlp_norm, st, "res_mlp")
+            orig = r.mlp.forward
+
+            def mlp_forward(*args: Any, **kwargs: Any):
+                x = kwargs["hidden_states"] if "hidden_states" in kwargs else (kwargs["x"] if "x" in kwargs else args[0])
+                if not self._decode:
+                    self._select_mlp(i, lc, st, r, x)
+                elif "mlp" not in st.selection:
+                    raise RuntimeError("probe mode: a decode step before any prefill of this applied candidate.")
+                return orig(*args, **kwargs)
+
+            p._set(r.mlp, "forward", mlp_forward)
+            names = [a.gate_up] if a.gate_up else [a.gate, a.up]
+            for name in names + [a.down]:
+                self._install_linear(i, st, r.linears[name], name, "down" if name == a.down else None)
+
+    def _hook_residual(self, norm: nn.Module, st: _Layer, attr: str) -> None:
+        def pre(module, args, kwargs):
+            if not self._decode:
+                setattr(st, attr, args[0] if args else kwargs["hidden_states"])
+
+        h = norm.register_forward_pre_hook(pre, with_kwargs=True)
+        self.pruner._undo.append(h.remove)
+
+    def _install_linear(self, i: int, st: _Layer, module: nn.Module, name: str, hist: str | None) -> None:
+        def forward(x: torch.Tensor) -> torch.Tensor:
+            wb = st.active.get(name)
+            if wb is None:
+                if st.capture and hist == "o":  # the probe stops at o_proj's input
+                    st.captured = x
+                    return x.new_zeros(*x.shape[:-1], module.out_features)
+                return F.linear(x, module.weight, module.bias)
+            if hist is not None and not self._decode:
+                self._update_history(i, hist, x, st.cols[hist])
+            return F.linear(x, wb[0], wb[1])
+
+        self.pruner._set(module, "forward", forward)
+
+    # -- selection ---------------------------------------------------------------------------------
+    def _w4_of(self, i: int, key: str, w: torch.Tensor) -> torch.Tensor:
+        out = self._w4.get((i, key))
+        if out is None:
+            out = w.detach().float().pow(4).sum(0)
+            self._w4[(i, key)] = out
+        return out
+
+    def _x2(self, i: int, key: str, x: torch.Tensor, pos: torch.Tensor) -> torch.Tensor:
+        """Step 3 for the captured probe input ``x [b, s, C]`` at positions ``pos``."""
+        p = x.detach().float().pow(2).sum(0) / x.shape[0]
+        if not self.settings.history:
+            return integrate(p, None)
+        hist = self._history[i][key]
+        g = torch.zeros_like(p)
+        known = pos < hist.shape[0]
+        if bool(known.any()):
+            g[known] = hist[pos[known]].to(p.device)
+        return integrate(p, g)
+
+    def _select_attn(self, i, lc, st, r, orig, hidden, kwargs, dense) -> None:
+        p, a, s = self.pruner, self.pruner.adapter, self.spec
+        G, Q, hd = s.num_kv_heads, s.q_per_kv, s.head_dim
+        nq, nkv = G * Q * hd, G * hd
+        res = st.res_attn if st.res_attn is not None and st.res_attn.shape[:2] == hidden.shape[:2] else hidden
+        st.res_attn = None  # hold no activations between forwards
+        seqs, pos = select_probe(res, self.settings)
+        seqs, pos = seqs.to(hidden.device), pos.to(hidden.device)
+        probe = hidden.index_select(0, seqs).index_select(1, pos)
+        cos, sin = kwargs["position_embeddings"]
+        cos, sin = (_rows(t, seqs).index_select(1, pos) for t in (cos, sin))
+        mask = kwargs.get("attention_mask")
+        if isinstance(mask, torch.Tensor) and mask.dim() == 4:
+            mask = _rows(mask, seqs).index_select(2, pos).index_select(3, pos)
+        elif mask is not None:
+            mask = None  # not a plain tensor mask (e.g. flex attention): causal over the probe
+        attn = r.attn
+        pruned = {k: attn.__dict__[k] for k in dense if k in attn.__dict__}
+        for name in ([a.qkv] if a.qkv else [a.q, a.k, a.v]) + [a.o]:
+            st.active.pop(name, None)
+        st.capture = True
+        try:
+            for k, v in dense.items():
+                if k in pruned:
+                    attn.__dict__[k] = v
+            with torch.no_grad():
+                orig(hidden_states=probe, position_embeddings=(cos, sin), attention_mask=mask, cache=None)
+        finally:
+            st.capture = False
+            attn.__dict__.update(pruned)
+        x2 = self._x2(i, "o", st.captured, pos)
+        st.captured = None
+        wo = r.weight[a.o]
+        heads = pp_scores(x2, self._w4_of(i, "o", wo), hd).view(G, Q)
+        kv = _top(heads.sum(1), lc.num_kv_heads)
+        q = torch.stack([_top(heads[g], lc.q_per_kv) for g in kv.tolist()])
+        ar = torch.arange(hd, device=kv.device)
+        flat = (kv.view(-1, 1) * Q + q).reshape(-1)
+        q_rows = (flat.view(-1, 1) * hd + ar).reshape(-1).to(wo.device)
+        kv_rows = (kv.view(-1, 1) * hd + ar).reshape(-1).to(wo.device)
+        with torch.no_grad():
+            if a.qkv:
+                st.active[a.qkv] = _gather(r, a.qkv, torch.cat([q_rows, nq + kv_rows, nq + nkv + kv_rows]))
+            else:
+                st.active[a.q] = _gather(r, a.q, q_rows)
+                st.active[a.k] = _gather(r, a.k, kv_rows)
+                st.active[a.v] = _gather(r, a.v, kv_rows)
+            st.active[a.o] = (wo.detach().index_select(1, q_rows), None if r.bias[a.o] is None else r.bias[a.o].detach())
+        st.cols["o"] = q_rows
+        st.selection.update(kv=kv, q=q, heads=flat, attn_probe=torch.stack([seqs.new_tensor(len(seqs)),
+                                                                             pos.new_tensor(len(pos))]))
+
+    def _select_mlp(self, i, lc, st, r, x) -> None:
+        a, I = self.pruner.adapter, self.spec.intermediate_size
+        res = st.res_mlp if st.res_mlp is not None and st.res_mlp.shape[:2] == x.shape[:2] else x
+        st.res_mlp = None
+        seqs, pos = select_probe(res, self.settings)
+        seqs, pos = seqs.to(x.device), pos.to(x.device)
+        probe = x.index_select(0, seqs).index_select(1, pos)
+        mlp = r.mlp
+        act = getattr(mlp, "act_fn", None) or getattr(mlp, "activation_fn")
+        with torch.no_grad():
+            if a.gate_up:
+                gate, up = F.linear(probe, r.weight[a.gate_up], r.bias[a.gate_up]).chunk(2, dim=-1)
+            else:
+                gate = F.linear(probe, r.weight[a.gate], r.bias[a.gate])
+                up = F.linear(probe, r.weight[a.up], r.bias[a.up])
+            h = act(gate) * up
+        x2 = self._x2(i, "down", h, pos)
+        wd = r.weight[a.down]
+        ch = _top(pp_scores(x2, self._w4_of(i, "down", wd)), lc.mlp_channels).to(wd.device)
+        with torch.no_grad():
+            if a.gate_up:
+                st.active[a.gate_up] = _gather(r, a.gate_up, torch.cat([ch, I + ch]))
+            else:
+                st.active[a.gate] = _gather(r, a.gate, ch)
+                st.active[a.up] = _gather(r, a.up, ch)
+            st.active[a.down] = (wd.detach().index_select(1, ch),
+                                 None if r.bias[a.down] is None else r.bias[a.down].detach())
+        st.cols["down"] = ch
+        st.selection.update(mlp=ch, mlp_probe=torch.stack([seqs.new_tensor(len(seqs)), pos.new_tensor(len(pos))]))
+
+    def _update_history(self, i: int, key: str, x: torch.Tensor, cols: torch.Tensor) -> None:
+        m = self.settings.momentum
+        if m >= 1.0 or not self.settings.history:
+            return
+        with torch.no_grad():
+            h = self._history[i][key]
+            S = x.shape[1]
+            if h.shape[0] < S:
+                h = torch.cat([h, h.new_zeros(S - h.shape[0], h.shape[1])])
+                self._history[i][key] = h
+            val = x.detach().float().pow(2).sum(0) / x.shape[0]  # [S, kept]
+            ix = cols.to(h.device)
+            h[:S, ix] = m * h[:S, ix] + (1 - m) * val.to(h.device)
+
+    # -- public helpers ----------------------------------------------------------------------------
+    @contextlib.contextmanager
+    def hold(self) -> Iterator[None]:
+        """Inside: every forward reuses the units chosen at the last prefill (no probe, no history
+        update), as decode steps do."""
+        before = self._held
+        self._held = True
+        try:
+            yield
+        finally:
+            self._held = before
+
+    def selections(self) -> dict[int, dict[str, torch.Tensor]]:
+        """The units chosen at the last prefill, per pruned block, in the pruner's (permuted) order:
+        ``kv`` (KV groups), ``q`` (``[kv, q_per_kv]`` query heads inside each kept group), ``heads``
+        (flat query heads), ``mlp`` (channels); ``attn_probe``/``mlp_probe``: probe (sequences, positions)."""
+        return {i: dict(st.selection) for i, st in self._layers.items() if st.selection}
+
+
+def _rows(t: torch.Tensor, seqs: torch.Tensor) -> torch.Tensor:
+    return t if t.shape[0] == 1 else t.index_select(0, seqs.to(t.device))
+
+
+def _gather(r: Any, name: str, rows: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
+    w, b = r.weight[name].detach(), r.bias[name]
+    return w.index_select(0, rows), None if b is None else b.detach().index_select(0, rows)
+
+
+# -- export / load ---------------------------------------------------------------------------------
+def identity_importance(spec: ModelSpec) -> Any:
+    """Scores whose order is the checkpoint's own (a loaded probe export is already permuted)."""
+    from ._importance import Importance
+
+    L, G, Q, I = spec.num_layers, spec.num_kv_heads, spec.q_per_kv, spec.intermediate_size
+    nan = torch.full((L,), float("nan"))
+    norms = {"attn_in": torch.ones(L, spec.hidden_size), "o_in": torch.ones(L, spec.num_heads * spec.head_dim),
+             "mlp_in": torch.ones(L, spec.hidden_size), "down_in": torch.ones(L, I)}
+    desc = lambda n: -torch.arange(n, dtype=torch.float32)  # noqa: E731
+    return Importance("magnitude", desc(G).repeat(L, 1), desc(Q).repeat(L, G, 1), desc(I).repeat(L, 1),
+                      nan, nan.clone(), nan.clone(), norms, 0)
+
+
+def export_probe(pruner: Any, candidate: Candidate, path: str | os.PathLike[str], *, tokenizer: Any = None,
+                 format_version: int, evoprune_version: str, **save_kwargs: Any) -> Path:
+    """The dense (permuted) weights, the candidate, the PP settings and the calibration history."""
+    import shutil
+
+    from safetensors.torch import save_file
+
+    mode: ProbeMode = pruner._probe
+    pruner.spec.check_candidate(candidate)
+    path = Path(path)
+    if path.exists() and (not path.is_dir() or any(path.iterdir())):
+        raise FileExistsError(f"{path} exists and is not an empty folder; choose a new export folder.")
+    was = pruner.candidate
+    pruner.revert()
+    cfg = pruner.model.config
+    section = {"format_version": format_version, "evoprune_version": evoprune_version, "mode": "probe",
+               "candidate": candidate.to_dict(), "probe": mode.settings.to_dict(),
+               "dense_model_type": pruner.adapter.model_type, "model_fingerprint": str(pruner.model_fingerprint)}
+    path.parent.mkdir(parents=True, exist_ok=True)
+    partial = path.with_name(f".{path.name}.partial-{os.getpid()}")
+    shutil.rmtree(partial, ignore_errors=True)
+    try:
+        cfg.evoprune = section
+        pruner.model.save_pretrained(partial, **save_kwargs)
+        tensors = {f"{i}.{k}": v.detach().to("cpu", torch.float32).contiguous()
+                   for i, d in mode.calib_history.items() for k, v in d.items()}
+        save_file(tensors, str(partial / HISTORY_FILE))
+        if tokenizer is not None:
+            tokenizer.save_pretrained(partial)
+        if path.exists():
+            path.rmdir()
+        os.replace(partial, path)
+    except BaseException:
+        shutil.rmtree(partial, ignore_errors=True)
+        raise
+    finally:
+        if "evoprune" in cfg.__dict__:
+            del cfg.evoprune
+        if was is not None:
+            pruner.apply(was)
+    return path
+
+
+def load_probe(path: str | os.PathLike[str], section: dict[str, Any], **kwargs: Any) -> nn.Module:
+    """A probe export as a model that prunes per batch (``model.evoprune_pruner`` holds the pruner:
+    ``.revert()`` gives the dense model, ``.probe.hold()`` freezes the units)."""
+    from safetensors.torch import load_file
+    from transformers import AutoModelForCausalLM
+
+    from ._pruner import Pruner
+
+    model = AutoModelForCausalLM.from_pretrained(path, **kwargs).eval()
+    spec = ModelSpec.from_config(model.config)
+    pruner = Pruner(model, None, importance=identity_importance(spec),
+                    model_fingerprint=section.get("model_fingerprint"))
+    flat = load_file(os.path.join(os.fspath(path), HISTORY_FILE))
+    dev = model.get_input_embeddings().weight.device
+    history = {i: {k: flat[f"{i}.{k}"].to(dev) for k in ("o", "down")} for i in range(spec.num_layers)}
+    pruner.set_mode("probe", ProbeSettings.from_dict(section["probe"]), history=history)
+    pruner.apply(Candidate.from_dict(section["candidate"]))
+    model.evoprune_pruner = pruner
+    return model

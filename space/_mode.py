@@ -1,0 +1,95 @@
+"""The pruning mode of a search space: ``"static"`` (default) or ``"probe"`` (Probe Pruning, per batch).
+
+``"static"``: a candidate keeps the *k most important* heads / KV groups / MLP channels of every
+block, ranked once on calibration data; one fixed smaller model per candidate.
+
+``"probe"``: a candidate's per-layer widths say *how many* units each block keeps, and which ones
+are chosen **per batch** by Probe Pruning (Le, Diao, Wang et al., ICLR 2025, arXiv 2502.15618):
+a small probe of the batch picked by residual importance runs through the block, its states are
+integrated with historical states, and the PP importance score ranks the units (see
+:mod:`evoprune.pruning._probe`). The cost model counts what runs per batch (the active widths);
+the model in memory stays dense. Sparsity genes do not combine with the probe mode.
+
+This module is pure data (no torch): :class:`ProbeSettings` is stored with the space (and so
+with the study) as a JSON dict.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Mapping
+from typing import Any
+
+__all__ = ["PRUNING_MODES", "ProbeSettings", "resolve_mode"]
+
+PRUNING_MODES: tuple[str, ...] = ("static", "probe")
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class ProbeSettings:
+    """Probe Pruning settings (defaults follow the reference code Qi-Le1/Probe_Pruning).
+
+    Args:
+        seq_ratio: share of the sequence positions in the probe, ranked by the L2 norm (over the
+            batch) of the residual's per-token norm; at least 2 positions, and when 10 or fewer
+            are kept the first position is always one of them (reference: ``seqrank`` 0.5).
+        batch_ratio: share of the sequences in the probe (at least one), ranked the same way over
+            the chosen positions (reference: ``bszrank`` 0.05).
+        momentum: exponential moving average of the history after each prefill batch
+            (reference ``ema`` 0.99); ``1.0`` keeps the calibration history fixed.
+        history: integrate the probe's states with the history (calibration + earlier batches of
+            this applied session); ``False`` scores channels on the probe alone.
+
+    Example::
+
+        >>> ProbeSettings(seq_ratio=0.25).to_dict()
+        {'seq_ratio': 0.25, 'batch_ratio': 0.05, 'momentum': 0.99, 'history': True}
+    """
+
+    seq_ratio: float = 0.5
+    batch_ratio: float = 0.05
+    momentum: float = 0.99
+    history: bool = True
+
+    def __post_init__(self) -> None:
+        for name in ("seq_ratio", "batch_ratio"):
+            v = getattr(self, name)
+            if isinstance(v, bool) or not isinstance(v, (int, float)) or not 0 < float(v) <= 1:
+                raise ValueError(f"ProbeSettings.{name} must be a share in (0, 1], e.g. 0.5; got {v!r}.")
+            object.__setattr__(self, name, float(v))
+        m = self.momentum
+        if isinstance(m, bool) or not isinstance(m, (int, float)) or not 0 <= float(m) <= 1:
+            raise ValueError(f"ProbeSettings.momentum must be in [0, 1] (1.0 freezes the history), got {m!r}.")
+        object.__setattr__(self, "momentum", float(m))
+        if not isinstance(self.history, bool):
+            raise ValueError(f"ProbeSettings.history must be true or false, got {self.history!r}.")
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: Mapping[str, Any] | None) -> "ProbeSettings":
+        data = dict(data or {})
+        known = [f.name for f in dataclasses.fields(cls)]
+        unknown = sorted(set(data) - set(known))
+        if unknown:
+            raise ValueError(f"probe settings: unknown keys {unknown}; known: {known}.")
+        return cls(**data)
+
+
+def resolve_mode(mode: Any, probe: Any, *, sparsity: bool) -> ProbeSettings | None:
+    """Validate a space's ``mode`` and ``probe`` options; the settings (``None`` in static mode)."""
+    if mode not in PRUNING_MODES:
+        raise ValueError(f"SearchSpace.mode must be one of {PRUNING_MODES}, got {mode!r}.")
+    if mode == "static":
+        if probe is not None:
+            raise ValueError("SearchSpace.probe is only used with mode='probe'; remove it or set mode: probe.")
+        return None
+    if sparsity:
+        raise ValueError("SearchSpace(mode='probe') prunes heads and channels per batch and has no sparsity masks; "
+                         "remove sparsity_levels / pattern_2_4 or use mode='static'.")
+    if isinstance(probe, ProbeSettings):
+        return probe
+    if probe is not None and not isinstance(probe, Mapping):
+        raise ValueError(f"SearchSpace.probe must be a mapping such as {{seq_ratio: 0.5}}, got {probe!r}.")
+    return ProbeSettings.from_dict(probe)
