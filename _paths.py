@@ -3,10 +3,12 @@ scores, dense reference logits all live under it)."""
 
 from __future__ import annotations
 
+import contextlib
 import os
+from collections.abc import Iterator
 from pathlib import Path
 
-__all__ = ["cache_root"]
+__all__ = ["atomic_folder", "cache_root", "new_folder"]
 
 
 def cache_root(cache_dir: str | os.PathLike[str] | None = None) -> Path:
@@ -63,3 +65,46 @@ def cache_write_failed(exc: BaseException) -> bool:
     text = str(exc).lower()
     # torch.save reports a failed write as "unexpected pos"
     return any(s in text for s in ("read-only file system", "i/o error", "write failed", "unexpected pos"))
+
+
+def new_folder(path: str | os.PathLike[str]) -> Path:
+    """``path`` as a :class:`Path` after checking it is free: missing or an empty folder (else
+    :class:`FileExistsError` saying what to do)."""
+    path = Path(path)
+    if path.exists() and (not path.is_dir() or any(path.iterdir())):
+        raise FileExistsError(f"{path} exists and is not an empty folder; choose a new export folder.")
+    return path
+
+
+@contextlib.contextmanager
+def atomic_folder(path: str | os.PathLike[str]) -> Iterator[Path]:
+    """Write a folder all at once: yields a sibling ``.NAME.partial-PID`` folder (created) that
+    replaces ``path`` (missing or the empty folder a caller made) when the block ends. On any error
+    the partial folder is removed -- a full disk or a kill mid-write leaves no half-written folder
+    at ``path`` -- and a full disk is re-raised as a one-line :class:`OSError` saying what to do.
+
+    >>> import tempfile
+    >>> root = Path(tempfile.mkdtemp())
+    >>> with atomic_folder(root / "out") as tmp:
+    ...     _ = (tmp / "a.txt").write_text("x")
+    >>> sorted(p.name for p in root.iterdir()), (root / "out" / "a.txt").read_text()
+    (['out'], 'x')
+    """
+    import shutil
+
+    path = new_folder(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    partial = path.with_name(f".{path.name}.partial-{os.getpid()}")
+    shutil.rmtree(partial, ignore_errors=True)
+    partial.mkdir()
+    try:
+        yield partial
+        if path.exists():
+            path.rmdir()  # the empty folder the caller made
+        os.replace(partial, path)
+    except BaseException as exc:
+        shutil.rmtree(partial, ignore_errors=True)
+        if is_disk_full(exc):
+            raise OSError(f"could not write {path}: {str(exc).strip()}; free disk space or choose another "
+                          "folder (nothing was written).") from exc
+        raise

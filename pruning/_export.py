@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import copy
 import os
-import shutil
 from pathlib import Path
 from typing import Any
 
@@ -23,7 +22,7 @@ import torch
 from torch import nn
 
 from .. import __version__ as _evoprune_version
-from .._paths import is_disk_full
+from .._paths import atomic_folder, new_folder
 from ..space import Candidate
 from ._auto import pruned_config_class, pruned_model_class
 from ._modules import per_layer_modules, quiet_heterogeneous_warnings
@@ -247,33 +246,18 @@ class ExportMixin:
         can read them). Each block's real sizes and ``skip`` list are in ``per_layer_config``
         (written explicitly for every block), and ``num_hidden_layers`` counts the kept blocks.
         """
-        path = Path(path)
-        if path.exists() and (not path.is_dir() or any(path.iterdir())):
-            raise FileExistsError(f"{path} exists and is not an empty folder; choose a new export folder.")
+        path = new_folder(path)
         if format != "hf" or dtype is not None:
             from ._serve import export_format
 
             return export_format(self, candidate, path, fmt=format, tokenizer=tokenizer, dtype=dtype, **save_kwargs)
         model = self.materialize(candidate)
-        # Written into a sibling folder and renamed when complete: a full disk or a kill mid-write
-        # leaves no half-written export behind (the partial folder is removed, or has a .partial name).
-        path.parent.mkdir(parents=True, exist_ok=True)
-        partial = path.with_name(f".{path.name}.partial-{os.getpid()}")
-        shutil.rmtree(partial, ignore_errors=True)
         try:
-            with quiet_heterogeneous_warnings():
-                model.save_pretrained(partial, **save_kwargs)
-            if tokenizer is not None:
-                tokenizer.save_pretrained(partial)
-            if path.exists():
-                path.rmdir()  # the empty folder the caller made
-            os.replace(partial, path)
-        except BaseException as exc:
-            shutil.rmtree(partial, ignore_errors=True)
-            if is_disk_full(exc):
-                raise OSError(f"could not write the export to {path}: {str(exc).strip()}; free disk space or "
-                              "choose another folder (nothing was written).") from exc
-            raise
+            with atomic_folder(path) as partial:
+                with quiet_heterogeneous_warnings():
+                    model.save_pretrained(partial, **save_kwargs)
+                if tokenizer is not None:
+                    tokenizer.save_pretrained(partial)
         finally:
             del model
         return path

@@ -32,13 +32,13 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
 from pathlib import Path
 from typing import Any
 
 import torch
 
 from .._logging import get_logger
+from .._paths import atomic_folder, new_folder
 from ._gguf import ExportFormatError, _head_dim, _layer_tensors, _rope, model_adapter
 
 __all__ = ["NEMOTRON_NAS_MODEL_TYPES", "check_nemotron_nas_support", "ffn_mult_to_intermediate_size",
@@ -317,16 +317,10 @@ def write_nemotron_nas(model: Any, path: str | os.PathLike[str], *, tokenizer: A
     check_nemotron_nas_support(model.config)
     dense_heads = int(dense_heads or model.config.num_attention_heads)
     layout = nemotron_nas_layout(model, dense_heads)
-    path = Path(path)
-    if path.exists() and (not path.is_dir() or any(path.iterdir())):
-        raise FileExistsError(f"{path} exists and is not an empty folder; choose a new export folder.")
+    path = new_folder(path)
     cfg = nemotron_nas_config(model, layout, dense_heads, evoprune_section)
     sd = nemotron_nas_state_dict(model, layout, dense_heads)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    partial = path.with_name(f".{path.name}.partial-{os.getpid()}")
-    shutil.rmtree(partial, ignore_errors=True)
-    try:
-        partial.mkdir()
+    with atomic_folder(path) as partial:
         save_file(sd, str(partial / "model.safetensors"), metadata={"format": "pt"})
         (partial / "config.json").write_text(json.dumps(cfg, indent=2, sort_keys=True) + "\n")
         (partial / "configuration_decilm.py").write_text(_CONFIG_MODULE)
@@ -335,12 +329,6 @@ def write_nemotron_nas(model: Any, path: str | os.PathLike[str], *, tokenizer: A
             gen.save_pretrained(partial)
         if tokenizer is not None:
             tokenizer.save_pretrained(partial)
-        if path.exists():
-            path.rmdir()
-        os.replace(partial, path)
-    except BaseException:
-        shutil.rmtree(partial, ignore_errors=True)
-        raise
     padded = sum(e["ffn_width"] - e["mlp"] for e in layout)
     _log.info("wrote Nemotron-NAS export %s (%d blocks, %d zero MLP channels of padding)", path, len(layout), padded)
     return path

@@ -73,6 +73,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .._logging import get_logger
+from .._paths import atomic_folder, new_folder
 from ..space import Candidate, ModelSpec
 from ..space._mode import ProbeSettings
 
@@ -293,7 +294,7 @@ class ProbeMode:
         return integrate(p, g)
 
     def _select_attn(self, i, lc, st, r, orig, hidden, kwargs, dense) -> None:
-        p, a, s = self.pruner, self.pruner.adapter, self.spec
+        a, s = self.pruner.adapter, self.spec
         G, Q, hd = s.num_kv_heads, s.q_per_kv, s.head_dim
         nq, nkv = G * Q * hd, G * hd
         res = st.res_attn if st.res_attn is not None and st.res_attn.shape[:2] == hidden.shape[:2] else hidden
@@ -433,38 +434,26 @@ def identity_importance(spec: ModelSpec) -> Any:
 def export_probe(pruner: Any, candidate: Candidate, path: str | os.PathLike[str], *, tokenizer: Any = None,
                  format_version: int, evoprune_version: str, **save_kwargs: Any) -> Path:
     """The dense (permuted) weights, the candidate, the PP settings and the calibration history."""
-    import shutil
-
     from safetensors.torch import save_file
 
     mode: ProbeMode = pruner._probe
     pruner.spec.check_candidate(candidate)
-    path = Path(path)
-    if path.exists() and (not path.is_dir() or any(path.iterdir())):
-        raise FileExistsError(f"{path} exists and is not an empty folder; choose a new export folder.")
+    path = new_folder(path)
     was = pruner.candidate
     pruner.revert()
     cfg = pruner.model.config
     section = {"format_version": format_version, "evoprune_version": evoprune_version, "mode": "probe",
                "candidate": candidate.to_dict(), "probe": mode.settings.to_dict(),
                "dense_model_type": pruner.adapter.model_type, "model_fingerprint": str(pruner.model_fingerprint)}
-    path.parent.mkdir(parents=True, exist_ok=True)
-    partial = path.with_name(f".{path.name}.partial-{os.getpid()}")
-    shutil.rmtree(partial, ignore_errors=True)
     try:
         cfg.evoprune = section
-        pruner.model.save_pretrained(partial, **save_kwargs)
-        tensors = {f"{i}.{k}": v.detach().to("cpu", torch.float32).contiguous()
-                   for i, d in mode.calib_history.items() for k, v in d.items()}
-        save_file(tensors, str(partial / HISTORY_FILE))
-        if tokenizer is not None:
-            tokenizer.save_pretrained(partial)
-        if path.exists():
-            path.rmdir()
-        os.replace(partial, path)
-    except BaseException:
-        shutil.rmtree(partial, ignore_errors=True)
-        raise
+        with atomic_folder(path) as partial:
+            pruner.model.save_pretrained(partial, **save_kwargs)
+            tensors = {f"{i}.{k}": v.detach().to("cpu", torch.float32).contiguous()
+                       for i, d in mode.calib_history.items() for k, v in d.items()}
+            save_file(tensors, str(partial / HISTORY_FILE))
+            if tokenizer is not None:
+                tokenizer.save_pretrained(partial)
     finally:
         if "evoprune" in cfg.__dict__:
             del cfg.evoprune
