@@ -254,13 +254,18 @@ class ExportMixin:
         model = self.materialize(candidate)
         try:
             with atomic_folder(path) as partial:
-                with quiet_heterogeneous_warnings():
-                    model.save_pretrained(partial, **save_kwargs)
-                if tokenizer is not None:
-                    tokenizer.save_pretrained(partial)
+                save_hf(model, partial, tokenizer, **save_kwargs)
         finally:
             del model
         return path
+
+
+def save_hf(model: nn.Module, folder: Path, tokenizer: Any = None, **save_kwargs: Any) -> None:
+    """A materialized model (and the tokenizer) as HF checkpoint files in ``folder``."""
+    with quiet_heterogeneous_warnings():
+        model.save_pretrained(folder, **save_kwargs)
+    if tokenizer is not None:
+        tokenizer.save_pretrained(folder)
 
 
 def _uniform_widths(candidate: Candidate) -> tuple[int, int, int] | None:

@@ -11,13 +11,14 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
-import shutil
 from pathlib import Path
 from typing import Any
 
 import torch
 
 from .._logging import get_logger
+from .._paths import atomic_folder
+from ._export import save_hf
 from ._gguf import GGUF_DTYPES, ExportFormatError, check_gguf_support, check_tokenizer, write_gguf
 from ._nemotron import check_candidate_fits, check_nemotron_nas_support, write_nemotron_nas
 
@@ -72,18 +73,15 @@ def export_format(pruner: Any, candidate: Any, path: str | os.PathLike[str], *, 
     path = Path(path)
     if fmt == "gguf":
         dtype = dtype or "f32"
-        out = pruner.export(candidate, path, tokenizer=tokenizer, **save_kwargs)
-        try:
-            model = pruner.materialize(candidate).eval()
-            section = model.config.evoprune
-            write_gguf(model, out / gguf_file_name(dtype), tokenizer=tokenizer, dtype=dtype,
+        model = pruner.materialize(candidate).eval()  # once: the HF files and the GGUF come from it
+        section = model.config.evoprune
+        with atomic_folder(path) as partial:
+            save_hf(model, partial, tokenizer, **save_kwargs)
+            write_gguf(model, partial / gguf_file_name(dtype), tokenizer=tokenizer, dtype=dtype,
                        name=f"{section.get('dense_name_or_path') or 'model'} (evoprune {candidate.key[:12]})",
                        metadata={"candidate_key": candidate.key,
                                  "model_fingerprint": str(section.get("model_fingerprint"))})
-        except BaseException:
-            shutil.rmtree(out, ignore_errors=True)
-            raise
-        return out
+        return path
     if fmt == "nemotron-nas":
         model = pruner.materialize(candidate).eval()
         section = dict(model.config.evoprune)
