@@ -3,7 +3,9 @@
 The public API is small; everything else lives in the subpackages, whose imports flow one way:
 ``evoprune.space`` (pure values) <- ``evoprune.pruning`` <- ``evoprune.evaluators``;
 ``evoprune.data`` (reference corpus and models, token sources); ``evoprune.storage``
-(persistence only); ``evoprune.search`` (samplers, driver, the study facade) uses them all::
+(persistence only); ``evoprune.search`` (configs, runtime, samplers, driver) and
+``evoprune.baselines`` use them; ``evoprune.study`` (the study facade: create/load, Pareto front,
+status) drives search and storage; ``evoprune.report`` reads studies::
 
     >>> import evoprune
     >>> c = evoprune.Candidate(layers=(evoprune.LayerConfig(num_kv_heads=2, q_per_kv=2, mlp_channels=64),))
@@ -38,9 +40,11 @@ _EXPORTS: dict[str, str] = {
     "StudyConfig": "evoprune.search",
     "Searcher": "evoprune.search",
     "EvolutionarySampler": "evoprune.search",
-    # storage
-    "create_study": "evoprune.search",
-    "load_study": "evoprune.search",
+    # study
+    "create_study": "evoprune.study",
+    "load_study": "evoprune.study",
+    "delete_study": "evoprune.study",
+    "EvoStudy": "evoprune.study",
 }
 
 __all__ = ["__version__", *_EXPORTS]

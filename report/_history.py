@@ -31,6 +31,7 @@ from typing import Any
 
 import numpy as np
 
+from ..study import hypervolume, pareto_front
 from ._snapshot import StudySnapshot, load_snapshot
 
 __all__ = ["HistoryData", "history_data", "plot_history"]
@@ -86,8 +87,6 @@ def _hypervolume_history(values: np.ndarray, directions: Sequence[str], referenc
     """``(indices, hypervolumes)``: the hypervolume of the first ``i + 1`` points at up to ``max_points``
     indices; the front is carried from checkpoint to checkpoint (front of a union = front of the
     previous front and the new points), so each step only looks at a few points."""
-    from ..search._pareto import hypervolume, pareto_front
-
     n = len(values)
     checkpoints = list(range(n)) if n <= max_points else sorted(set(np.linspace(0, n - 1, max_points).astype(int)))
     finite = np.all(np.isfinite(values), axis=1)

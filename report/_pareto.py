@@ -35,6 +35,7 @@ from typing import Any
 import numpy as np
 
 from ..space import METRICS
+from ..study import pareto_front
 from ._snapshot import StudySnapshot, load_snapshot
 
 __all__ = ["ParetoPlotData", "pareto_matrix_data", "pareto_plot_data", "plot_pareto", "plot_pareto_matrix"]
@@ -99,8 +100,6 @@ def pareto_plot_data(study: Any, x: str | None = None, y: str | None = None, *,
             numbers.append(n)
             xs.append(vx)
             ys.append(vy)
-    from ..search._pareto import pareto_front
-
     keep = pareto_front(np.column_stack([xs, ys]) if numbers else np.empty((0, 2)), list(directions))
     front = tuple(numbers[i] for i in sorted(keep, key=lambda i: (xs[i], ys[i], numbers[i])))
     seeds = tuple(n for n in numbers if snap.trials[n].source == "seed")

@@ -8,7 +8,8 @@ import json
 from collections.abc import Mapping, Sequence
 from typing import Any
 
-from ..evaluators._tokens import check_window_offsets, normalize_windows
+from .._validate import check_keys as _check_keys
+from ..evaluators import check_window_offsets, normalize_windows
 from ..space import METRICS
 
 SAMPLER_NAMES: tuple[str, ...] = ("evolutionary", "tpe", "nsgaii", "random", "gp", "qmc")
@@ -19,14 +20,6 @@ _EVALUATOR_TYPES = ("kl", "ppl", "latency", "cost", "lm_eval")
 _DATA_SOURCES = ("reference", "text", "hub")
 #: Evaluator types that score the stage's evaluation tokens (so eval_tokens must be >= 1).
 _TOKEN_EVALUATORS = ("kl", "ppl")
-
-
-def _check_keys(what: str, data: Mapping[str, Any], allowed: Sequence[str]) -> None:
-    if not isinstance(data, Mapping):
-        raise TypeError(f"{what} must be a mapping, got {type(data).__name__}: {data!r}.")
-    unknown = sorted(set(data) - set(allowed))
-    if unknown:
-        raise ValueError(f"{what}: unknown keys {unknown}; allowed keys are {sorted(allowed)}.")
 
 
 def _pos_int(what: str, value: Any, *, zero: bool = False) -> int:
@@ -206,6 +199,30 @@ def _norm_evaluator(stage: str, spec: Any) -> dict[str, Any]:
     return spec
 
 
+def parse_promote(promote: Mapping[str, Any], where: str = "promote") -> tuple[str, dict[str, Any]]:
+    """The one reading of a stage's ``promote`` dict: ``(rule, kwargs)``, ``rule`` one of ``"top_k"``,
+    ``"top_fraction"``, ``"race"`` and ``kwargs`` those of :class:`~evoprune.evaluators.TopK`,
+    :class:`~evoprune.evaluators.TopFraction` or :class:`~evoprune.evaluators.Race`.
+
+    >>> parse_promote({"top_k": 4}), parse_promote({"race": 2.0, "max_count": 3})
+    (('top_k', {'k': 4}), ('race', {'z': 2.0, 'max_count': 3, 'min_count': 1}))
+    """
+    p = dict(promote)
+    if set(p) == {"top_k"}:
+        return "top_k", {"k": _pos_int(f"{where}.top_k", p["top_k"])}
+    if "top_fraction" in p and set(p) <= {"top_fraction", "min_count"}:
+        f = p["top_fraction"]
+        if isinstance(f, bool) or not isinstance(f, (int, float)) or not 0 < f <= 1:
+            raise ValueError(f"{where}.top_fraction must be in (0, 1], got {f!r}.")
+        return "top_fraction", {"fraction": float(f), "min_count": int(p.get("min_count", 1))}
+    if "race" in p and set(p) <= {"race", "max_count", "min_count"}:
+        return "race", {"z": p["race"], "max_count": p.get("max_count"), "min_count": p.get("min_count", 1)}
+    raise ValueError(
+        f'{where} must be null, {{"top_k": K}}, {{"top_fraction": F, "min_count": M}} or '
+        f'{{"race": Z, "max_count": K}}; got {promote!r}.'
+    )
+
+
 @dataclasses.dataclass(frozen=True, kw_only=True)
 class StageConfig:
     """One stage of the evaluation schedule (see :class:`evoprune.evaluators.Stage`).
@@ -253,26 +270,15 @@ class StageConfig:
         _pos_int(f"StudyConfig.stages[{self.name!r}].finetune_tokens", self.finetune_tokens, zero=True)
         object.__setattr__(self, "finetune", _jsonable("finetune", dict(self.finetune or {})))
         if self.promote is not None:
-            p = dict(self.promote)
-            if set(p) == {"top_k"}:
-                _pos_int(f"StudyConfig.stages[{self.name!r}].promote.top_k", p["top_k"])
-            elif "top_fraction" in p and set(p) <= {"top_fraction", "min_count"}:
-                f = p["top_fraction"]
-                if isinstance(f, bool) or not isinstance(f, (int, float)) or not 0 < f <= 1:
-                    raise ValueError(f"StudyConfig.stages[{self.name!r}].promote.top_fraction must be in (0, 1], got {f!r}.")
-            elif "race" in p and set(p) <= {"race", "max_count", "min_count"}:
+            kind, kwargs = parse_promote(self.promote, f"StudyConfig.stages[{self.name!r}].promote")
+            if kind == "race":
                 from ..evaluators import Race
 
                 try:
-                    Race(p["race"], p.get("max_count"), p.get("min_count", 1))
+                    Race(**kwargs)
                 except ValueError as exc:
                     raise ValueError(f"StudyConfig.stages[{self.name!r}].promote: {exc}") from None
-            else:
-                raise ValueError(
-                    f'StudyConfig.stages[{self.name!r}].promote must be null, {{"top_k": K}}, '
-                    f'{{"top_fraction": F, "min_count": M}} or {{"race": Z, "max_count": K}}; got {self.promote!r}.'
-                )
-            object.__setattr__(self, "promote", p)
+            object.__setattr__(self, "promote", dict(self.promote))
 
     def evaluator_names(self) -> list[str]:
         return [e.get("name", e["type"].rpartition(":")[2]) for e in self.evaluators]

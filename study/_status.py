@@ -30,7 +30,7 @@ from typing import Any
 
 from optuna.trial import TrialState
 
-from ..storage._values import RESAMPLED_ATTR, RESAMPLED_REASONS, naive
+from ..storage.internal import RESAMPLED_ATTR, RESAMPLED_REASONS, naive
 
 __all__ = ["StageCount", "StopProgress", "StudyStatus", "WorkerStatus", "format_duration", "study_status"]
 
