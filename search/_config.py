@@ -66,7 +66,6 @@ and against the data's length when the data is loaded::
 
 from __future__ import annotations
 
-import contextvars
 import dataclasses
 import json
 import os
@@ -82,6 +81,7 @@ from ..storage import StudyDatabase
 from ._config_parts import (
     _DTYPES,
     SAMPLER_NAMES,
+    FULL_CHECKS,
     CalibrationConfig,
     DataConfig,
     SamplerConfig,
@@ -96,10 +96,6 @@ from ._config_parts import (
 from ._objectives import objective_source
 from ._stages import build_pipeline
 
-#: ``False`` while :meth:`StudyConfig.from_stored` reads a config back from a study database: its
-#: evaluators were built and its objectives resolved when it was stored, so reading a study (``evoprune
-#: status``, ``show``, ...) does not build them again (which would import torch).
-_BUILD_EVALUATORS: contextvars.ContextVar[bool] = contextvars.ContextVar("evoprune_build_evaluators", default=True)
 #: keys of :meth:`StudyConfig.to_dict` that are machine settings, not part of what a study is: a config
 #: that differs only in them has the same :attr:`StudyConfig.digest` and continues the same study
 MACHINE_KEYS: tuple[str, ...] = ("threads",)
@@ -280,7 +276,7 @@ class StudyConfig:
             raise ValueError("StudyConfig.objectives must be a non-empty list of names, e.g. ['kl'] or ['kl', 'params'].")
         if len(set(objectives)) != len(objectives):
             raise ValueError(f"StudyConfig.objectives has duplicates: {objectives}.")
-        if _BUILD_EVALUATORS.get():
+        if FULL_CHECKS.get():
             pipeline = build_pipeline(stages)
             for o in objectives:
                 try:
@@ -332,11 +328,11 @@ class StudyConfig:
     def from_stored(cls, data: Mapping[str, Any]) -> "StudyConfig":
         """A config read back from a study database (:meth:`from_dict` without building the stage
         evaluators again: they were built, and the objectives resolved, when the study stored it)."""
-        token = _BUILD_EVALUATORS.set(False)
+        token = FULL_CHECKS.set(False)
         try:
             return cls.from_dict(data)
         finally:
-            _BUILD_EVALUATORS.reset(token)
+            FULL_CHECKS.reset(token)
 
     def to_json(self) -> str:
         """Canonical JSON (sorted keys)."""

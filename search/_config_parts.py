@@ -3,6 +3,7 @@ shared validation helpers (:mod:`evoprune.search._config` assembles them into :c
 
 from __future__ import annotations
 
+import contextvars
 import dataclasses
 import json
 from collections.abc import Mapping, Sequence
@@ -45,6 +46,13 @@ def _from(cls: type, what: str, value: Any) -> Any:
         raise TypeError(f"StudyConfig.{what} must be a mapping or a {cls.__name__}, got {type(value).__name__}.")
     _check_keys(f"StudyConfig.{what}", value, [f.name for f in dataclasses.fields(cls)])
     return cls(**dict(value))
+
+
+#: ``False`` while :meth:`StudyConfig.from_stored` reads a config back from a study database: the checks
+#: that need the rooms that load torch (building the stage evaluators, resolving the objectives, the
+#: importance methods, race options) ran when the config was stored, so reading a study (``evoprune
+#: status``, ``show``, ...) does not run them again.
+FULL_CHECKS: contextvars.ContextVar[bool] = contextvars.ContextVar("evoprune_full_config_checks", default=True)
 
 
 # --------------------------------------------------------------------------- parts
@@ -137,10 +145,12 @@ class CalibrationConfig:
             )
         _pos_int("StudyConfig.calibration.seq_len", self.seq_len)
         _pos_int("StudyConfig.calibration.batch_size", self.batch_size)
-        from ..pruning import IMPORTANCE_METHODS
+        if FULL_CHECKS.get():
+            from ..pruning import IMPORTANCE_METHODS  # pruning loads torch: checked unless read back from storage
 
-        if self.method not in IMPORTANCE_METHODS:
-            raise ValueError(f"StudyConfig.calibration.method must be one of {IMPORTANCE_METHODS}, got {self.method!r}.")
+            if self.method not in IMPORTANCE_METHODS:
+                raise ValueError(f"StudyConfig.calibration.method must be one of {IMPORTANCE_METHODS}, "
+                                 f"got {self.method!r}.")
         if isinstance(self.windows, tuple):
             _check_windows("StudyConfig.calibration.windows", self.windows, "calibration", self.num_sequences,
                            self.seq_len)
@@ -271,7 +281,7 @@ class StageConfig:
         object.__setattr__(self, "finetune", _jsonable("finetune", dict(self.finetune or {})))
         if self.promote is not None:
             kind, kwargs = parse_promote(self.promote, f"StudyConfig.stages[{self.name!r}].promote")
-            if kind == "race":
+            if kind == "race" and FULL_CHECKS.get():
                 from ..evaluators import Race
 
                 try:
