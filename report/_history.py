@@ -3,12 +3,12 @@ the hypervolume history of a multi-objective study.
 
 Tokens are the sum of every stage record's tokens of a trial (evaluation and fine-tuning tokens),
 accumulated in trial-number order over all trials, pruned ones included; a COMPLETE trial sits at
-the tokens spent up to and including it. The hypervolume (:func:`evoprune.search.hypervolume`, the
+the tokens spent up to and including it. The hypervolume (:func:`evoprune.study.hypervolume`, the
 one rule) is that of the front of the feasible COMPLETE trials so far, against a reference point 10 %
 of the value range beyond the worst value of each objective (or one you pass).
 
 >>> from evoprune.search import StudyConfig
->>> from evoprune.report import StudySnapshot, TrialView, history_data
+>>> from evoprune.report._snapshot import StudySnapshot, TrialView
 >>> cfg = StudyConfig(model="reference:tiny", calibration={"num_sequences": 4, "seq_len": 32},
 ...                   stages=[{"name": "final", "evaluators": ["kl"], "eval_tokens": 256, "seq_len": 32}],
 ...                   objectives=["kl", "params"])

@@ -1,13 +1,13 @@
 """Pareto front plots: any two axes (objectives, last-stage evaluators, cost ratios), and a pairwise
 view for three or more objectives.
 
-The front on the chosen axes is :func:`evoprune.search.pareto_front` (the one front rule) over every
+The front on the chosen axes is :func:`evoprune.study.pareto_front` (the one front rule) over every
 feasible COMPLETE trial; the dense model and the baseline trials (candidate source ``"seed"``) are
 marked; each point's hover shows every metric and the architecture summary.
 
 >>> from evoprune.search import StudyConfig
 >>> from evoprune.space import Candidate, LayerConfig
->>> from evoprune.report import StudySnapshot, TrialView, pareto_plot_data
+>>> from evoprune.report._snapshot import StudySnapshot, TrialView
 >>> cfg = StudyConfig(model="reference:tiny", calibration={"num_sequences": 4, "seq_len": 32},
 ...                   stages=[{"name": "final", "evaluators": ["kl"], "eval_tokens": 256, "seq_len": 32}],
 ...                   objectives=["kl", "params"])

@@ -8,7 +8,7 @@ Cost ratios (params, FLOPs, KV bytes, ...) are computed from each stored candida
 alone (no weights); where that config cannot be read, the snapshot has no costs and
 :attr:`StudySnapshot.space_note` says why.
 
-Every plot function accepts an :class:`~evoprune.search.EvoStudy`, a ``(storage URL, study name)``
+Every plot function accepts an :class:`~evoprune.study.EvoStudy`, a ``(storage URL, study name)``
 pair or a :class:`StudySnapshot` (pass one snapshot to several plots to read the database once).
 A snapshot can also be built by hand from plain values (tests, notebooks):
 
@@ -178,7 +178,7 @@ class StudySnapshot:
         return out
 
     def pareto_numbers(self) -> list[int]:
-        """The study's Pareto front (all objectives; :func:`evoprune.search.pareto_front`, ties kept)."""
+        """The study's Pareto front (all objectives; :func:`evoprune.study.pareto_front`, ties kept)."""
 
         numbers = self.complete_numbers()
         keep = pareto_front([self.trials[n].values for n in numbers], self.directions)
@@ -345,7 +345,7 @@ def _read(study: Any, space: SearchSpace | None) -> StudySnapshot:
 
 
 def load_snapshot(study: Any, *, space: SearchSpace | None = None) -> StudySnapshot:
-    """A :class:`StudySnapshot` of ``study``: an :class:`~evoprune.search.EvoStudy`, a ``(storage URL,
+    """A :class:`StudySnapshot` of ``study``: an :class:`~evoprune.study.EvoStudy`, a ``(storage URL,
     study name)`` pair, or a snapshot (returned as is). ``space`` overrides the space rebuilt from the
     stored config (e.g. when the model's config.json is elsewhere)."""
     if isinstance(study, StudySnapshot):

@@ -20,7 +20,8 @@ import optuna
 
 import evoprune
 from evoprune._logging import configure_logging
-from evoprune.search import hypervolume, shortgpt, sleb, uniform
+from evoprune.baselines import shortgpt, sleb, uniform
+from evoprune.study import hypervolume
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -309,7 +309,7 @@ class EvoStudy:
         return self.db.integrity_problems()
 
     def status(self, *, window: float = 300.0) -> Any:
-        """Where the study stands (:class:`~evoprune.search.StudyStatus`: trials by state, stage counts,
+        """Where the study stands (:class:`~evoprune.study.StudyStatus`: trials by state, stage counts,
         best so far, tokens, evaluations/s over the last ``window`` seconds of activity, workers, ETA
         against the stored stop condition). Reads only."""
         return study_status(self, window=window)
