@@ -1,0 +1,64 @@
+"""Rules that used to have two homes, pinned: the config digest and the study's own Optuna sampler."""
+
+from __future__ import annotations
+
+import optuna
+import pytest
+
+from evoprune.evaluators import Pipeline
+from evoprune.search import Runtime, StudyConfig, build_pipeline, study_sampler
+from evoprune.storage import ConfigMismatchError, StudyDatabase
+from evoprune.study import create_study, load_study
+
+optuna.logging.set_verbosity(optuna.logging.WARNING)
+
+CONFIG = dict(
+    model="reference:tiny",
+    calibration={"num_sequences": 8, "seq_len": 64},
+    space={"attention": None, "mlp_step": 16},
+    budget={"metric": "params", "max_ratio": 0.8},
+    stages=[{"name": "final", "evaluators": ["kl"], "eval_tokens": 512, "seq_len": 64}],
+    objectives=["kl", "params"],
+    seed=3,
+)
+
+
+def test_a_config_differing_only_in_threads_resumes(tmp_path):
+    url = f"sqlite:///{tmp_path / 'threads.db'}"
+    cfg = StudyConfig.from_dict(CONFIG)
+    threaded = cfg.replace(threads=3)
+    assert threaded.digest == cfg.digest and threaded.fingerprint == cfg.fingerprint
+    assert cfg.digest == StudyDatabase.config_digest(cfg.to_dict())  # no threads: the stored digest of old studies
+    study = create_study(cfg, storage=url, study_name="s")
+    study.db.register_worker(command="search")  # the study has started: a changed config is refused
+    study.close()
+    again = create_study(threaded, storage=url, study_name="s")  # same study, other machine setting
+    assert again.db.optuna_study_id == study.db.optuna_study_id
+    again.close()
+    with pytest.raises(ConfigMismatchError, match="different config"):
+        create_study(cfg.replace(seed=4), storage=url, study_name="s")
+
+
+@pytest.mark.parametrize("sampler", [{"name": "evolutionary", "options": {"offspring": 4}}, {"name": "tpe"},
+                                     {"name": "random", "options": {"seed": 11}}])
+def test_a_study_gets_the_same_sampler_by_either_path(tmp_path, sampler):
+    cfg = StudyConfig.from_dict({**CONFIG, "sampler": sampler})
+    url = f"sqlite:///{tmp_path / 'sampler.db'}"
+    facade = create_study(cfg, storage=url, study_name="s").optuna_study
+    loaded = load_study(storage=url, study_name="s").optuna_study
+    pipeline = build_pipeline(cfg.stages)
+    assert isinstance(pipeline, Pipeline)
+    runtime = Runtime(model=None, space=None, pipeline=pipeline, context=None, objectives=cfg.objectives, config=cfg)
+    by_hand = runtime.create_study()  # in memory, as `Runtime.create_study` documents
+    expected = type(study_sampler(cfg))
+    if sampler["name"] == "evolutionary":  # trials get fixed params; the study's own sampler never reads history
+        assert expected is optuna.samplers.RandomSampler
+    assert {type(s.sampler) for s in (facade, loaded, by_hand)} == {expected}
+
+    def first_draw(study: optuna.Study) -> int:
+        return study.ask().suggest_int("x", 0, 10**9)
+
+    # seeded alike: the first suggestion of each path is the same number
+    assert first_draw(facade) == first_draw(by_hand)
+    fresh = load_study(storage=url, study_name="s").optuna_study
+    assert first_draw(fresh) == first_draw(optuna.create_study(sampler=study_sampler(cfg)))
