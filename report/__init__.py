@@ -39,13 +39,14 @@ from ._architecture import plot_architecture
 from ._history import plot_history
 from ._html import build_report, write_report
 from ._pareto import plot_pareto, plot_pareto_matrix
-from ._snapshot import StudySnapshot, load_snapshot
+from ._snapshot import StudySnapshot, TrialView, load_snapshot
 from ._stages import plot_fidelity, plot_funnel
 
 register_study_verb("report", write_report)
 
 __all__ = [
     "StudySnapshot",
+    "TrialView",
     "build_report",
     "load_snapshot",
     "plot_architecture",

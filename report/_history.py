@@ -8,7 +8,7 @@ one rule) is that of the front of the feasible COMPLETE trials so far, against a
 of the value range beyond the worst value of each objective (or one you pass).
 
 >>> from evoprune.search import StudyConfig
->>> from evoprune.report._snapshot import StudySnapshot, TrialView
+>>> from evoprune.report import StudySnapshot, TrialView
 >>> cfg = StudyConfig(model="reference:tiny", calibration={"num_sequences": 4, "seq_len": 32},
 ...                   stages=[{"name": "final", "evaluators": ["kl"], "eval_tokens": 256, "seq_len": 32}],
 ...                   objectives=["kl", "params"])

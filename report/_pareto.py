@@ -7,7 +7,7 @@ marked; each point's hover shows every metric and the architecture summary.
 
 >>> from evoprune.search import StudyConfig
 >>> from evoprune.space import Candidate, LayerConfig
->>> from evoprune.report._snapshot import StudySnapshot, TrialView
+>>> from evoprune.report import StudySnapshot, TrialView
 >>> cfg = StudyConfig(model="reference:tiny", calibration={"num_sequences": 4, "seq_len": 32},
 ...                   stages=[{"name": "final", "evaluators": ["kl"], "eval_tokens": 256, "seq_len": 32}],
 ...                   objectives=["kl", "params"])

@@ -332,6 +332,14 @@ class EvoStudy:
         self.verify_fingerprints(runtime.fingerprints, runtime.fingerprint_details)
         return runtime
 
+    def _checked_runtime(self, runtime: Any) -> Any:
+        """``runtime``, or the one the study was created with, or a new one -- its fingerprints checked."""
+        runtime = runtime if runtime is not None else self.runtime
+        if runtime is None:
+            return self.build_runtime()
+        self.verify_fingerprints(runtime.fingerprints, getattr(runtime, "fingerprint_details", None))
+        return runtime
+
     def run(
         self,
         n_trials: int | None = None,
@@ -357,12 +365,7 @@ class EvoStudy:
         """
         stops = self.config.stops(n_trials=n_trials, n_generations=n_generations, timeout=timeout,
                                   max_tokens=max_tokens)
-        if runtime is None:
-            runtime = self.runtime
-        if runtime is None:
-            runtime = self.build_runtime()
-        else:
-            self.verify_fingerprints(runtime.fingerprints, getattr(runtime, "fingerprint_details", None))
+        runtime = self._checked_runtime(runtime)
         self.db.purge_orphans()  # rows of studies deleted with plain Optuna: their trial ids come back
         self.db.register_worker(command=command)
         sampler, budget_mode = self._worker_sampler(runtime)
@@ -475,12 +478,7 @@ class EvoStudy:
         out = Path(out_dir).expanduser().resolve()
         if out.exists() and (not out.is_dir() or any(out.iterdir())):
             raise FileExistsError(f"{out} exists and is not an empty folder; choose a new --out folder.")
-        if runtime is None:
-            runtime = self.runtime
-        if runtime is None:
-            runtime = self.build_runtime()
-        else:
-            self.verify_fingerprints(runtime.fingerprints, getattr(runtime, "fingerprint_details", None))
+        runtime = self._checked_runtime(runtime)
         fmt = {"format": format, "dtype": dtype} if format != "hf" or dtype is not None else {}
         healing = None
         if finetune_tokens and getattr(runtime.pruner, "mode", "static") == "probe":
