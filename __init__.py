@@ -49,6 +49,11 @@ _EXPORTS: dict[str, str] = {
 
 __all__ = ["__version__", *_EXPORTS]
 
+#: study verbs that rooms above :mod:`evoprune.study` provide (``EvoStudy.<verb>`` -> ``"module:function"``).
+#: This package is the composition root (like the CLI it may name every room); the study room looks its
+#: verbs up here and never imports those rooms itself: ``study.report(...)`` is ``evoprune.report.write_report``.
+STUDY_VERBS: dict[str, str] = {"report": "evoprune.report:write_report"}
+
 
 def __getattr__(name: str) -> Any:
     module = _EXPORTS.get(name)

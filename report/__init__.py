@@ -17,8 +17,8 @@ report. Each accepts an :class:`~evoprune.study.EvoStudy`, a ``(storage URL, stu
     report.write_report(snap, "out/demo-report.html")  # = study.report(...) = `evoprune report ...`
 
 This room also provides the study verb ``report`` (``study.report(path)`` = :func:`write_report`),
-registered with :mod:`evoprune.study` when it is imported (and, in an installed evoprune, through the
-``evoprune.study_verbs`` entry point), so the study room never imports this one.
+registered with :mod:`evoprune.study` when it is imported (the package's ``evoprune.STUDY_VERBS`` names
+this room as the verb's provider), so the study room never imports this one.
 
 Plots (private data function -> dataclass, then the figure):
 

@@ -20,6 +20,7 @@ Resuming needs the storage URL and the study name, nothing else::
 from __future__ import annotations
 
 import dataclasses
+import importlib
 import os
 from collections.abc import Mapping, Sequence
 from pathlib import Path
@@ -28,7 +29,7 @@ from typing import Any
 import optuna
 from optuna.trial import TrialState
 
-from .. import __version__
+from .. import STUDY_VERBS, __version__
 from .._fingerprint import directory_sha256
 from .._logging import get_logger
 from .._optuna_private import study_id, trial_id
@@ -100,10 +101,8 @@ class _FixedParamsSampler(optuna.samplers.BaseSampler):
 
 
 #: verbs of :class:`EvoStudy` that rooms above this one provide (``"report"``: :mod:`evoprune.report`),
-#: so that this room never imports them; filled by :func:`register_study_verb` or by the installed
-#: package's ``evoprune.study_verbs`` entry points
+#: so that this room never imports them: registered functions (:func:`register_study_verb`)
 _STUDY_VERBS: dict[str, Any] = {}
-ENTRY_POINT_GROUP = "evoprune.study_verbs"
 
 
 def register_study_verb(name: str, function: Any) -> None:
@@ -113,17 +112,13 @@ def register_study_verb(name: str, function: Any) -> None:
 
 
 def study_verb(name: str) -> Any:
-    """The function of study verb ``name``: registered, or else the installed ``evoprune.study_verbs``
-    entry point of that name (loading it registers it)."""
+    """The function of study verb ``name``: registered, or else provided by the room the package declares
+    for it (:data:`evoprune.STUDY_VERBS`, the composition root), which registers it when imported."""
+    if name not in _STUDY_VERBS and name in STUDY_VERBS:
+        module, _, attr = STUDY_VERBS[name].partition(":")
+        _STUDY_VERBS.setdefault(name, getattr(importlib.import_module(module), attr))
     if name not in _STUDY_VERBS:
-        from importlib.metadata import entry_points
-
-        for ep in entry_points(group=ENTRY_POINT_GROUP, name=name):
-            _STUDY_VERBS.setdefault(name, ep.load())
-            break
-    if name not in _STUDY_VERBS:
-        raise LookupError(f"no study verb {name!r}: `import evoprune.{name}` first, or reinstall evoprune "
-                          f"(pip install -e .) so that its {ENTRY_POINT_GROUP!r} entry points are registered.")
+        raise LookupError(f"no study verb {name!r}; register one with evoprune.study.register_study_verb.")
     return _STUDY_VERBS[name]
 
 

@@ -62,3 +62,27 @@ def test_a_study_gets_the_same_sampler_by_either_path(tmp_path, sampler):
     assert first_draw(facade) == first_draw(by_hand)
     fresh = load_study(storage=url, study_name="s").optuna_study
     assert first_draw(fresh) == first_draw(optuna.create_study(sampler=study_sampler(cfg)))
+
+
+def test_study_report_is_the_report_rooms_verb(tmp_path):
+    """`study.report(...)` works with only the study room imported; the study room never imports the report
+    room (the verb is provided by it: evoprune.STUDY_VERBS / register_study_verb)."""
+    import json
+    import os
+    import subprocess
+    import sys
+
+    url = f"sqlite:///{tmp_path / 'rep.db'}"
+    create_study(StudyConfig.from_dict(CONFIG), storage=url, study_name="s").close()
+    code = (
+        "import json, sys\n"
+        "from evoprune.study import load_study\n"
+        "before = 'evoprune.report' in sys.modules\n"
+        f"path = load_study(storage={url!r}, study_name='s').report({str(tmp_path / 'r.html')!r})\n"
+        "print(json.dumps({'before': before, 'path': str(path)}))\n"
+    )
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300, env=os.environ)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    out = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert out["before"] is False
+    assert out["path"] == str(tmp_path / "r.html") and "<html" in (tmp_path / "r.html").read_text().lower()
