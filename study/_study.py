@@ -216,6 +216,10 @@ class EvoStudy:
             })
         return self._recorder
 
+    @recorder.setter
+    def recorder(self, recorder: Any) -> None:
+        self._recorder = recorder
+
     def close(self) -> None:
         """Release the study's database connections."""
         self.storage.engine.dispose()
