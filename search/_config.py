@@ -326,8 +326,10 @@ class StudyConfig:
 
     @classmethod
     def from_stored(cls, data: Mapping[str, Any]) -> "StudyConfig":
-        """A config read back from a study database (:meth:`from_dict` without building the stage
-        evaluators again: they were built, and the objectives resolved, when the study stored it)."""
+        """A config read back from a study database: :meth:`from_dict` without the checks that need the
+        rooms that load torch (building the stage evaluators and resolving the objectives, the importance
+        method, race options; :data:`FULL_CHECKS`) -- they ran when the study stored it. Reading a study
+        (``evoprune status``, ``show``, ``check``) therefore imports neither torch nor transformers."""
         token = FULL_CHECKS.set(False)
         try:
             return cls.from_dict(data)
