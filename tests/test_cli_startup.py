@@ -16,28 +16,13 @@ import sys
 import optuna
 import pytest
 from optuna.trial import TrialState
+from test_storage_backends import tiny_study_config
 
 from evoprune import create_study
 from evoprune._optuna_private import trial_id
-from evoprune.search import StudyConfig
 from evoprune.space import Candidate, LayerConfig
 
 optuna.logging.set_verbosity(optuna.logging.WARNING)
-
-CONFIG = dict(
-    model="reference:tiny",
-    calibration={"num_sequences": 8, "seq_len": 64},
-    space={"attention": None, "mlp_step": 16},
-    budget={"metric": "params", "max_ratio": 0.8},
-    stages=[
-        {"name": "s1", "evaluators": ["kl"], "eval_tokens": 512, "seq_len": 64, "promote": {"top_k": 2}},
-        {"name": "final", "evaluators": ["kl"], "eval_tokens": 1024, "seq_len": 64},
-    ],
-    sampler={"name": "evolutionary", "options": {"offspring": 4}},
-    objectives=["kl", "params"],
-    stop={"n_trials": 10},
-    seed=1,
-)
 
 HEAVY = ("torch", "transformers")
 
@@ -46,7 +31,7 @@ HEAVY = ("torch", "transformers")
 def study_url(tmp_path_factory):
     """A real evoprune study: two complete trials and one pruned, with candidates and stage rows."""
     url = f"sqlite:///{tmp_path_factory.mktemp('startup') / 'startup.db'}"
-    study = create_study(StudyConfig.from_dict(CONFIG), storage=url, study_name="st")
+    study = create_study(tiny_study_config(stop={"n_trials": 10}), storage=url, study_name="st")
     rec = study.recorder
     for i, final in enumerate((0.4, None, 0.2)):
         t = study.optuna_study.ask()

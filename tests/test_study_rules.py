@@ -4,28 +4,18 @@ from __future__ import annotations
 
 import optuna
 import pytest
+from test_storage_backends import tiny_study_config
 
 from evoprune.evaluators import Pipeline
-from evoprune.search import Runtime, StudyConfig, build_pipeline, study_sampler
+from evoprune.search import Runtime, build_pipeline, study_sampler
 from evoprune.storage import ConfigMismatchError, StudyDatabase
 from evoprune.study import create_study, load_study
 
 optuna.logging.set_verbosity(optuna.logging.WARNING)
 
-CONFIG = dict(
-    model="reference:tiny",
-    calibration={"num_sequences": 8, "seq_len": 64},
-    space={"attention": None, "mlp_step": 16},
-    budget={"metric": "params", "max_ratio": 0.8},
-    stages=[{"name": "final", "evaluators": ["kl"], "eval_tokens": 512, "seq_len": 64}],
-    objectives=["kl", "params"],
-    seed=3,
-)
-
-
 def test_a_config_differing_only_in_threads_resumes(tmp_path):
     url = f"sqlite:///{tmp_path / 'threads.db'}"
-    cfg = StudyConfig.from_dict(CONFIG)
+    cfg = tiny_study_config(seed=3)
     threaded = cfg.replace(threads=3)
     assert threaded.digest == cfg.digest and threaded.fingerprint == cfg.fingerprint
     assert cfg.digest == StudyDatabase.config_digest(cfg.to_dict())  # no threads: the stored digest of old studies
@@ -42,7 +32,7 @@ def test_a_config_differing_only_in_threads_resumes(tmp_path):
 @pytest.mark.parametrize("sampler", [{"name": "evolutionary", "options": {"offspring": 4}}, {"name": "tpe"},
                                      {"name": "random", "options": {"seed": 11}}])
 def test_a_study_gets_the_same_sampler_by_either_path(tmp_path, sampler):
-    cfg = StudyConfig.from_dict({**CONFIG, "sampler": sampler})
+    cfg = tiny_study_config(sampler=sampler, seed=3)
     url = f"sqlite:///{tmp_path / 'sampler.db'}"
     facade = create_study(cfg, storage=url, study_name="s").optuna_study
     loaded = load_study(storage=url, study_name="s").optuna_study
@@ -73,7 +63,7 @@ def test_study_report_is_the_report_rooms_verb(tmp_path):
     import sys
 
     url = f"sqlite:///{tmp_path / 'rep.db'}"
-    create_study(StudyConfig.from_dict(CONFIG), storage=url, study_name="s").close()
+    create_study(tiny_study_config(), storage=url, study_name="s").close()
     code = (
         "import json, sys\n"
         "from evoprune.study import load_study\n"
