@@ -76,3 +76,15 @@ def test_study_report_is_the_report_rooms_verb(tmp_path):
     out = json.loads(proc.stdout.strip().splitlines()[-1])
     assert out["before"] is False
     assert out["path"] == str(tmp_path / "r.html") and "<html" in (tmp_path / "r.html").read_text().lower()
+
+
+def test_moved_names_still_import_from_search_with_a_warning():
+    import evoprune.baselines
+    import evoprune.search
+    import evoprune.study
+
+    for name, home in (("create_study", evoprune.study), ("pareto_front", evoprune.study), ("sleb", evoprune.baselines)):
+        with pytest.warns(DeprecationWarning, match=f"evoprune.search.{name} moved to {home.__name__}.{name}"):
+            assert getattr(evoprune.search, name) is getattr(home, name)
+    with pytest.raises(AttributeError):
+        evoprune.search.no_such_name  # noqa: B018
