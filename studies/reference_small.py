@@ -5,7 +5,7 @@
     python studies/reference_small.py --generations 5 --export out/small-60
 
 Copy this file as a starting point; it only uses the public API (``evoprune.create_study``, the
-study object, ``evoprune.search`` baselines and helpers), the same path as ``evoprune search``:
+study object, ``evoprune.baselines`` and ``evoprune.study`` helpers), the same path as ``evoprune search``:
 the study lives in a SQL database (``--storage``, default ``out/<config stem>.db``) and can be
 resumed with ``evoprune resume``.
 """
