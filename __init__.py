@@ -3,7 +3,9 @@
 The public API is small; everything else lives in the subpackages, whose imports flow one way:
 ``evoprune.space`` (pure values) <- ``evoprune.pruning`` <- ``evoprune.evaluators``;
 ``evoprune.data`` (reference corpus and models, token sources); ``evoprune.storage``
-(persistence only); ``evoprune.search`` (samplers, driver, the study facade) uses them all::
+(persistence only); ``evoprune.search`` (configs, runtime, samplers, driver) and
+``evoprune.baselines`` use them; ``evoprune.study`` (the study facade: create/load, Pareto front,
+status) drives search and storage; ``evoprune.report`` reads studies::
 
     >>> import evoprune
     >>> c = evoprune.Candidate(layers=(evoprune.LayerConfig(num_kv_heads=2, q_per_kv=2, mlp_channels=64),))
@@ -38,12 +40,19 @@ _EXPORTS: dict[str, str] = {
     "StudyConfig": "evoprune.search",
     "Searcher": "evoprune.search",
     "EvolutionarySampler": "evoprune.search",
-    # storage
-    "create_study": "evoprune.search",
-    "load_study": "evoprune.search",
+    # study
+    "create_study": "evoprune.study",
+    "load_study": "evoprune.study",
+    "delete_study": "evoprune.study",
+    "EvoStudy": "evoprune.study",
 }
 
 __all__ = ["__version__", *_EXPORTS]
+
+#: study verbs that rooms above :mod:`evoprune.study` provide (``EvoStudy.<verb>`` -> ``"module:function"``).
+#: This package is the composition root (like the CLI it may name every room); the study room looks its
+#: verbs up here and never imports those rooms itself: ``study.report(...)`` is ``evoprune.report.write_report``.
+STUDY_VERBS: dict[str, str] = {"report": "evoprune.report:write_report"}
 
 
 def __getattr__(name: str) -> Any:

@@ -1,7 +1,7 @@
 """The ``evoprune`` command line: one module, calling the public API only.
 
 ``evoprune search | resume | worker | export | studies | show | check | status | report |
-dashboard | delete-study`` drive and browse studies (:mod:`evoprune.search`, :mod:`evoprune.storage`,
+dashboard | delete-study`` drive and browse studies (:mod:`evoprune.study`, :mod:`evoprune.search`, :mod:`evoprune.storage`,
 :mod:`evoprune.report`); ``status`` and ``dashboard`` watch them;
 ``evoprune reference-corpus``, ``reference-model`` and ``reference-tasks`` build the offline
 reference data (:mod:`evoprune.data`); ``export --format gguf|nemotron-nas`` writes a served format and
@@ -33,7 +33,6 @@ import contextlib
 import json
 import math
 import os
-import re
 import signal
 import sys
 import threading
@@ -47,6 +46,8 @@ import optuna
 from . import _stop
 from ._logging import configure_logging
 from .data import (
+    CLOZE_TASK,
+    PPL_TASK,
     REFERENCE_SIZES,
     SPLITS,
     CorpusUnavailableError,
@@ -56,37 +57,29 @@ from .data import (
     read_reference_record,
     write_lmeval_tasks,
 )
-from .data._lmeval_tasks import CLOZE_TASK, PPL_TASK
-from .search import StudyConfig, StudyNotFoundError, create_study, delete_study, load_study
+from .search import StudyConfig
 from .storage import (
-    DEFAULT_GRACE_PERIOD,
-    DEFAULT_HEARTBEAT_INTERVAL,
     ConfigMismatchError,
     FingerprintMismatchError,
     SchemaVersionError,
     StorageError,
     StorageNotFoundError,
     check_storage,
-    default_storage_url,
     list_studies,
     redact_url,
 )
+from .storage.internal import DEFAULT_GRACE_PERIOD, DEFAULT_HEARTBEAT_INTERVAL, default_storage_url
+from .study import StudyNotFoundError, create_study, delete_study, load_study
 
 EXIT_OK, EXIT_FAIL, EXIT_USAGE, EXIT_FINGERPRINT, EXIT_INTERRUPTED = 0, 1, 2, 3, 130
 
 
 #: ``--debug``: show the traceback of an error (set by :func:`main`).
 _DEBUG = False
-_PASSWORD = re.compile(r"(://[^/\s:@]*:)[^@\s/]+@")
-
-
-def _no_password(text: str) -> str:
-    """``text`` with the password of any URL in it replaced by ``***``."""
-    return _PASSWORD.sub(r"\1***@", text)
 
 
 def _err(msg: str) -> None:
-    print(f"evoprune: error: {_no_password(msg)}", file=sys.stderr)
+    print(f"evoprune: error: {redact_url(msg)}", file=sys.stderr)
 
 
 def _one_line(exc: BaseException) -> str:
@@ -129,7 +122,7 @@ def _run_guarded(fn: Any) -> int:
             ConfigMismatchError, SchemaVersionError, StorageError, LookupError, ValueError, TypeError,
             OSError) as exc:
         if _DEBUG:
-            print(_no_password(traceback.format_exc()), file=sys.stderr, end="")
+            print(redact_url(traceback.format_exc()), file=sys.stderr, end="")
         _err(_one_line(exc))
         if isinstance(exc, FingerprintMismatchError):
             return EXIT_FINGERPRINT
@@ -145,7 +138,7 @@ def _run_guarded(fn: Any) -> int:
         return 128 + int(signum)
     except Exception as exc:  # a bug or an unforeseen failure: still one line, the traceback with --debug
         if _DEBUG:
-            print(_no_password(traceback.format_exc()), file=sys.stderr, end="")
+            print(redact_url(traceback.format_exc()), file=sys.stderr, end="")
         orig = getattr(exc, "orig", None)  # a driver error under SQLAlchemy's: its first line, not the SQL
         what = f"database error: {str(orig).strip().splitlines()[0]}" if orig is not None and str(orig).strip() \
             else f"{type(exc).__name__}: {_one_line(exc)}"

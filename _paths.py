@@ -8,7 +8,12 @@ import os
 from collections.abc import Iterator
 from pathlib import Path
 
-__all__ = ["atomic_folder", "cache_root", "new_folder"]
+__all__ = ["CACHE_FOLDERS", "atomic_folder", "cache_folder", "cache_root", "new_folder"]
+
+#: the cache root's sub-folders, each written by one room: reference models (``data``), downloaded
+#: wheels (``data``), importance scores (``pruning``, through the runtime), dense reference logits
+#: (``evaluators``), per-host run files (``_threads``)
+CACHE_FOLDERS: tuple[str, ...] = ("models", "downloads", "importance", "dense_reference", "run")
 
 
 def cache_root(cache_dir: str | os.PathLike[str] | None = None) -> Path:
@@ -28,6 +33,17 @@ def cache_root(cache_dir: str | os.PathLike[str] | None = None) -> Path:
     import platformdirs
 
     return Path(platformdirs.user_cache_dir("evoprune")).resolve()
+
+
+def cache_folder(kind: str, cache_dir: str | os.PathLike[str] | None = None) -> Path:
+    """``<cache root>/<kind>``: the one layout of the cache's sub-folders (:data:`CACHE_FOLDERS`).
+
+    >>> cache_folder("dense_reference", "/tmp/c").as_posix()
+    '/tmp/c/dense_reference'
+    """
+    if kind not in CACHE_FOLDERS:
+        raise ValueError(f"unknown cache folder {kind!r}; use one of {CACHE_FOLDERS}.")
+    return cache_root(cache_dir) / kind
 
 
 def is_disk_full(exc: BaseException) -> bool:

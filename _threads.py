@@ -143,9 +143,9 @@ def local_workers(run_dir: str | os.PathLike[str] | None = None, *, register: bo
     one keeps the count it saw (threads are set when a runtime is built).
     """
     if run_dir is None:
-        from ._paths import cache_root
+        from ._paths import cache_folder
 
-        run_dir = cache_root() / "run" / socket.gethostname()
+        run_dir = cache_folder("run") / socket.gethostname()
     folder = Path(run_dir)
     try:
         folder.mkdir(parents=True, exist_ok=True)

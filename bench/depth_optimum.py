@@ -38,15 +38,9 @@ import optuna
 from _common import add_common_args, start
 
 from evoprune.evaluators import KLToDense, Pipeline, Stage, TopK
-from evoprune.search import (
-    ATTR_PREFIX,
-    EvolutionarySampler,
-    Searcher,
-    StudyConfig,
-    build_runtime,
-    shortgpt,
-    sleb,
-)
+from evoprune.baselines import shortgpt, sleb
+from evoprune.search import EvolutionarySampler, Searcher, StudyConfig, build_runtime
+from evoprune.storage.internal import ATTR_PREFIX
 from evoprune.space import Budget
 
 

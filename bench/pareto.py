@@ -27,7 +27,9 @@ import optuna
 from _common import add_common_args, start
 
 from evoprune.evaluators import KLToDense, Pipeline, Stage, TopK
-from evoprune.search import ATTR_PREFIX, BudgetSweep, Searcher, StudyConfig, build_runtime, hypervolume, study_front
+from evoprune.search import BudgetSweep, Searcher, StudyConfig, build_runtime
+from evoprune.storage.internal import ATTR_PREFIX
+from evoprune.study import hypervolume, study_front
 
 
 def main(argv: list[str] | None = None) -> int:

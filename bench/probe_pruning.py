@@ -52,7 +52,9 @@ from torch.utils.flop_counter import FlopCounterMode
 
 from evoprune.data import load_reference_corpus, tokenized_split
 from evoprune.evaluators import perplexity
-from evoprune.search import ATTR_PREFIX, EvolutionarySampler, Searcher, StudyConfig, build_runtime, flap, flap_scores
+from evoprune.baselines import flap, flap_scores
+from evoprune.search import EvolutionarySampler, Searcher, StudyConfig, build_runtime
+from evoprune.storage.internal import ATTR_PREFIX
 from evoprune.space import Budget, Candidate, LayerConfig, ProbeSettings
 
 

@@ -61,20 +61,9 @@ from _common import add_common_args, print_targets, start
 from evoprune.data import load_reference_corpus, tokenized_split, write_lmeval_tasks
 from evoprune.data._lmeval_tasks import CLOZE_TASK
 from evoprune.evaluators import KLToDense, LMEval, perplexity
-from evoprune.search import (
-    ATTR_PREFIX,
-    EvolutionarySampler,
-    Searcher,
-    StudyConfig,
-    build_runtime,
-    flap,
-    flap_scores,
-    owl,
-    owl_scores,
-    shortgpt,
-    sleb,
-    uniform,
-)
+from evoprune.baselines import flap, flap_scores, owl, owl_scores, shortgpt, sleb, uniform
+from evoprune.search import EvolutionarySampler, Searcher, StudyConfig, build_runtime
+from evoprune.storage.internal import ATTR_PREFIX
 from evoprune.space import Budget, Candidate
 
 

@@ -60,14 +60,16 @@ def main(argv=None) -> int:
     t = time.perf_counter()
     made = populate(url, args.trials, model=str(model_dir), final_every=args.final_every, n_seeds=32)
     populate_s = time.perf_counter() - t
-    from evoprune.report import study_space
+    from evoprune.report._snapshot import study_space
 
     space, note = study_space(scale_config(str(model_dir)), {"space": made["space"].key})
     assert space is not None and not note, note  # the report rebuilds the stored space from config.json
     out = Path(tmp.name) / "report.html"
     cli = [time_cli(url, out) for _ in range(args.repeats)]
 
-    from evoprune.report import history_data, load_snapshot, pareto_plot_data, write_report
+    from evoprune.report import load_snapshot, write_report
+    from evoprune.report._history import history_data
+    from evoprune.report._pareto import pareto_plot_data
 
     t = time.perf_counter()
     snap = load_snapshot((url, "scale"))

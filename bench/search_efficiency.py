@@ -50,8 +50,8 @@ import torch
 from _common import add_common_args, print_targets, start
 from optima import PROBLEMS
 
-from evoprune.search import (ATTR_PREFIX, Searcher, StudyConfig, build_runtime, evopress_depth_generations,
-                             make_sampler)
+from evoprune.search import Searcher, StudyConfig, build_runtime, evopress_depth_generations, make_sampler
+from evoprune.storage.internal import ATTR_PREFIX
 from evoprune.search._stages import build_pipeline
 from evoprune.storage._values import RESAMPLED_ATTR
 

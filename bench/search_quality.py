@@ -32,16 +32,8 @@ import optuna
 from _common import add_common_args, start
 
 from evoprune.evaluators import KLToDense, Pipeline, Stage, TopK
-from evoprune.search import (
-    EvolutionarySampler,
-    Searcher,
-    StudyConfig,
-    build_runtime,
-    flap,
-    flap_scores,
-    trial_candidate,
-    uniform,
-)
+from evoprune.baselines import flap, flap_scores, uniform
+from evoprune.search import EvolutionarySampler, Searcher, StudyConfig, build_runtime, trial_candidate
 
 
 def main(argv: list[str] | None = None) -> int:

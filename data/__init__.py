@@ -34,13 +34,16 @@ cache dir) and works offline once built::
 """
 
 from ._corpus import SPLITS, CorpusUnavailableError, ReferenceCorpus, load_reference_corpus
-from ._lmeval_tasks import write_lmeval_tasks
+from ._lmeval_tasks import CLOZE_TASK, PPL_TASK, write_lmeval_tasks
 from ._pretrained import PRETRAINED, ReferenceModelUnavailableError
-from ._reference_model import REFERENCE_SIZES, SIZES, build_reference_model, read_reference_record, reference_model_dir
+from ._reference_model import (REFERENCE_SIZES, SIZES, build_reference_model, built_reference_model,
+                               read_reference_record, reference_model_dir)
 from ._sources import (TextFiles, is_token_file, load_splits, load_token_file, resolve_text_files, text_files,
                        token_stream, tokenized_split)
 
 __all__ = [
+    "CLOZE_TASK",
+    "PPL_TASK",
     "is_token_file",
     "load_token_file",
     "PRETRAINED",
@@ -52,6 +55,7 @@ __all__ = [
     "ReferenceModelUnavailableError",
     "TextFiles",
     "build_reference_model",
+    "built_reference_model",
     "load_reference_corpus",
     "load_splits",
     "read_reference_record",

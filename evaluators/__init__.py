@@ -24,29 +24,57 @@ tokens, seconds); evaluators with dense reference data also have
 ``__all__`` lists what a user calls; the dense-reference cache (``dense_reference``,
 ``reference_nbytes``), fine-tune internals and the fingerprints (``model_fingerprint``,
 ``ids_fingerprint``, ``default_cache_dir``: re-exported from their one home,
-``evoprune._fingerprint`` / ``evoprune._paths``) stay importable for advanced use.
+``evoprune._fingerprint`` / ``evoprune._paths``) stay importable for advanced use. Other rooms
+also use :func:`sequence_nll` (the one next-token NLL rule), :func:`normalize_windows` and
+:func:`check_window_offsets` (window choices, checked when a study config is read).
+
+Names load on first use (PEP 562), so ``import evoprune.evaluators`` -- and reading a study config,
+which checks window choices -- does not import torch.
 """
 
-from .._fingerprint import ids_fingerprint, model_fingerprint
-from .._paths import cache_root as default_cache_dir
-from ._base import EvalContext, EvalResult, Evaluator
-from ._cost import Cost
-from ._finetune import FineTuned, FineTuneReport, finetune, healed, select_trainable
-from ._kl import DenseReference, KLToDense, Perplexity, dense_reference, perplexity, reference_nbytes
-from ._latency import Latency, measure_latency
-from ._lmeval import LMEval
-from ._pipeline import (
-    CandidateResult,
-    EvalRecord,
-    Pipeline,
-    PromotionRule,
-    Race,
-    Stage,
-    StageResult,
-    TopFraction,
-    TopK,
-)
-from ._tokens import TokenSet, make_token_set
+from __future__ import annotations
+
+import importlib
+from typing import Any
+
+#: public name -> the module that defines it
+_EXPORTS: dict[str, str] = {
+    "ids_fingerprint": ".._fingerprint",
+    "model_fingerprint": ".._fingerprint",
+    "default_cache_dir": ".._paths:cache_root",
+    "EvalContext": "._base",
+    "EvalResult": "._base",
+    "Evaluator": "._base",
+    "Cost": "._cost",
+    "FineTuned": "._finetune",
+    "FineTuneReport": "._finetune",
+    "finetune": "._finetune",
+    "healed": "._finetune",
+    "select_trainable": "._finetune",
+    "DenseReference": "._kl",
+    "KLToDense": "._kl",
+    "Perplexity": "._kl",
+    "dense_reference": "._kl",
+    "perplexity": "._kl",
+    "reference_nbytes": "._kl",
+    "sequence_nll": "._kl",
+    "Latency": "._latency",
+    "measure_latency": "._latency",
+    "LMEval": "._lmeval",
+    "CandidateResult": "._pipeline",
+    "EvalRecord": "._pipeline",
+    "Pipeline": "._pipeline",
+    "PromotionRule": "._pipeline",
+    "Race": "._pipeline",
+    "Stage": "._pipeline",
+    "StageResult": "._pipeline",
+    "TopFraction": "._pipeline",
+    "TopK": "._pipeline",
+    "TokenSet": "._tokens",
+    "make_token_set": "._tokens",
+    "check_window_offsets": "._offsets",
+    "normalize_windows": "._offsets",
+}
 
 __all__ = [
     "CandidateResult",
@@ -66,8 +94,25 @@ __all__ = [
     "TokenSet",
     "TopFraction",
     "TopK",
+    "check_window_offsets",
     "finetune",
     "make_token_set",
     "measure_latency",
+    "normalize_windows",
     "perplexity",
+    "sequence_nll",
 ]
+
+
+def __getattr__(name: str) -> Any:
+    target = _EXPORTS.get(name)
+    if target is None:
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    module, _, attr = target.partition(":")
+    value = getattr(importlib.import_module(module, __name__), attr or name)
+    globals()[name] = value
+    return value
+
+
+def __dir__() -> list[str]:
+    return sorted(set(globals()) | set(_EXPORTS))

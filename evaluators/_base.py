@@ -11,7 +11,7 @@ import torch
 
 from .._fingerprint import ids_fingerprint, model_fingerprint
 from .._logging import get_logger
-from .._paths import cache_root
+from .._paths import cache_folder
 from ._tokens import TokenSet, make_token_set, normalize_windows
 
 __all__ = [
@@ -225,5 +225,5 @@ class EvalContext:
         if self.cache_dir is False:
             return None
         if self.cache_dir is None or self.cache_dir is True:
-            return cache_root() / "dense_reference"
+            return cache_folder("dense_reference")
         return Path(self.cache_dir)

@@ -1,8 +1,9 @@
 """evoprune.report: plots of a study and its one-file HTML report (reads the study, never writes).
 
-Each plot is a data function returning a plain dataclass (tested on its own) and a plotly figure
-built from it, as :mod:`optuna.visualization` does. Each accepts an :class:`~evoprune.search.EvoStudy`,
-a ``(storage URL, study name)`` pair or a :class:`StudySnapshot` (read once, reused by many plots)::
+Each plot is a private data function returning a plain dataclass (tested on its own) and a plotly
+figure drawn from it, as :mod:`optuna.visualization` does; the public names are the plots and the
+report. Each accepts an :class:`~evoprune.study.EvoStudy`, a ``(storage URL, study name)`` pair or a
+:class:`StudySnapshot` (read once, reused by many plots)::
 
     import evoprune
     from evoprune import report
@@ -15,7 +16,11 @@ a ``(storage URL, study name)`` pair or a :class:`StudySnapshot` (read once, reu
     report.plot_funnel(snap).show(); report.plot_fidelity(snap).show()
     report.write_report(snap, "out/demo-report.html")  # = study.report(...) = `evoprune report ...`
 
-Plots (data function -> dataclass, then the figure):
+This room also provides the study verb ``report`` (``study.report(path)`` = :func:`write_report`),
+registered with :mod:`evoprune.study` when it is imported (the package's ``evoprune.STUDY_VERBS`` names
+this room as the verb's provider), so the study room never imports this one.
+
+Plots (private data function -> dataclass, then the figure):
 
 * :func:`plot_pareto` (:func:`pareto_plot_data` -> :class:`ParetoPlotData`): two axes (objectives,
   last-stage evaluators, cost ratios), the front, the baselines and the dense model;
@@ -29,65 +34,26 @@ Plots (data function -> dataclass, then the figure):
   and their Spearman rank correlation.
 """
 
-from ._arch import CELL_COLUMNS, ArchSummary, DenseWidths
-from ._architecture import ArchitectureData, architecture_data, draw_architecture, plot_architecture
-from ._history import HistoryData, draw_history, history_data, plot_history
-from ._html import build_report, export_command, write_report
-from ._pareto import (
-    ParetoPlotData,
-    draw_pareto,
-    draw_pareto_matrix,
-    pareto_matrix_data,
-    pareto_plot_data,
-    plot_pareto,
-    plot_pareto_matrix,
-)
-from ._snapshot import StudySnapshot, TrialView, load_snapshot, study_space
-from ._stages import (
-    FidelityData,
-    FunnelData,
-    draw_fidelity,
-    draw_funnel,
-    fidelity_data,
-    funnel_data,
-    plot_fidelity,
-    plot_funnel,
-    spearman,
-)
+from ..study import register_study_verb
+from ._architecture import plot_architecture
+from ._history import plot_history
+from ._html import build_report, write_report
+from ._pareto import plot_pareto, plot_pareto_matrix
+from ._snapshot import StudySnapshot, TrialView, load_snapshot
+from ._stages import plot_fidelity, plot_funnel
+
+register_study_verb("report", write_report)
 
 __all__ = [
-    "CELL_COLUMNS",
-    "ArchSummary",
-    "ArchitectureData",
-    "DenseWidths",
-    "FidelityData",
-    "FunnelData",
-    "HistoryData",
-    "ParetoPlotData",
     "StudySnapshot",
     "TrialView",
-    "architecture_data",
     "build_report",
-    "draw_architecture",
-    "draw_fidelity",
-    "draw_funnel",
-    "draw_history",
-    "draw_pareto",
-    "draw_pareto_matrix",
-    "export_command",
-    "fidelity_data",
-    "funnel_data",
-    "history_data",
     "load_snapshot",
-    "pareto_matrix_data",
-    "pareto_plot_data",
     "plot_architecture",
     "plot_fidelity",
     "plot_funnel",
     "plot_history",
     "plot_pareto",
     "plot_pareto_matrix",
-    "spearman",
-    "study_space",
     "write_report",
 ]

@@ -7,7 +7,7 @@ kept linears, and 1 for a removed block (0.5 for a removed attention or MLP subl
 
 >>> from evoprune.search import StudyConfig
 >>> from evoprune.space import Candidate, LayerConfig
->>> from evoprune.report import StudySnapshot, TrialView, architecture_data
+>>> from evoprune.report import StudySnapshot, TrialView
 >>> cfg = StudyConfig(model="reference:tiny", calibration={"num_sequences": 4, "seq_len": 32},
 ...                   stages=[{"name": "final", "evaluators": ["kl"], "eval_tokens": 256, "seq_len": 32}])
 >>> c = Candidate(layers=(LayerConfig(num_kv_heads=2, q_per_kv=2, mlp_channels=64),

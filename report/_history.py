@@ -3,12 +3,12 @@ the hypervolume history of a multi-objective study.
 
 Tokens are the sum of every stage record's tokens of a trial (evaluation and fine-tuning tokens),
 accumulated in trial-number order over all trials, pruned ones included; a COMPLETE trial sits at
-the tokens spent up to and including it. The hypervolume (:func:`evoprune.search.hypervolume`, the
+the tokens spent up to and including it. The hypervolume (:func:`evoprune.study.hypervolume`, the
 one rule) is that of the front of the feasible COMPLETE trials so far, against a reference point 10 %
 of the value range beyond the worst value of each objective (or one you pass).
 
 >>> from evoprune.search import StudyConfig
->>> from evoprune.report import StudySnapshot, TrialView, history_data
+>>> from evoprune.report import StudySnapshot, TrialView
 >>> cfg = StudyConfig(model="reference:tiny", calibration={"num_sequences": 4, "seq_len": 32},
 ...                   stages=[{"name": "final", "evaluators": ["kl"], "eval_tokens": 256, "seq_len": 32}],
 ...                   objectives=["kl", "params"])
@@ -31,6 +31,7 @@ from typing import Any
 
 import numpy as np
 
+from ..study import hypervolume, pareto_front
 from ._snapshot import StudySnapshot, load_snapshot
 
 __all__ = ["HistoryData", "history_data", "plot_history"]
@@ -86,8 +87,6 @@ def _hypervolume_history(values: np.ndarray, directions: Sequence[str], referenc
     """``(indices, hypervolumes)``: the hypervolume of the first ``i + 1`` points at up to ``max_points``
     indices; the front is carried from checkpoint to checkpoint (front of a union = front of the
     previous front and the new points), so each step only looks at a few points."""
-    from ..search._pareto import hypervolume, pareto_front
-
     n = len(values)
     checkpoints = list(range(n)) if n <= max_points else sorted(set(np.linspace(0, n - 1, max_points).astype(int)))
     finite = np.all(np.isfinite(values), axis=1)

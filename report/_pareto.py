@@ -1,13 +1,13 @@
 """Pareto front plots: any two axes (objectives, last-stage evaluators, cost ratios), and a pairwise
 view for three or more objectives.
 
-The front on the chosen axes is :func:`evoprune.search.pareto_front` (the one front rule) over every
+The front on the chosen axes is :func:`evoprune.study.pareto_front` (the one front rule) over every
 feasible COMPLETE trial; the dense model and the baseline trials (candidate source ``"seed"``) are
 marked; each point's hover shows every metric and the architecture summary.
 
 >>> from evoprune.search import StudyConfig
 >>> from evoprune.space import Candidate, LayerConfig
->>> from evoprune.report import StudySnapshot, TrialView, pareto_plot_data
+>>> from evoprune.report import StudySnapshot, TrialView
 >>> cfg = StudyConfig(model="reference:tiny", calibration={"num_sequences": 4, "seq_len": 32},
 ...                   stages=[{"name": "final", "evaluators": ["kl"], "eval_tokens": 256, "seq_len": 32}],
 ...                   objectives=["kl", "params"])
@@ -35,6 +35,7 @@ from typing import Any
 import numpy as np
 
 from ..space import METRICS
+from ..study import pareto_front
 from ._snapshot import StudySnapshot, load_snapshot
 
 __all__ = ["ParetoPlotData", "pareto_matrix_data", "pareto_plot_data", "plot_pareto", "plot_pareto_matrix"]
@@ -99,8 +100,6 @@ def pareto_plot_data(study: Any, x: str | None = None, y: str | None = None, *,
             numbers.append(n)
             xs.append(vx)
             ys.append(vy)
-    from ..search._pareto import pareto_front
-
     keep = pareto_front(np.column_stack([xs, ys]) if numbers else np.empty((0, 2)), list(directions))
     front = tuple(numbers[i] for i in sorted(keep, key=lambda i: (xs[i], ys[i], numbers[i])))
     seeds = tuple(n for n in numbers if snap.trials[n].source == "seed")

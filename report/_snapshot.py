@@ -8,7 +8,7 @@ Cost ratios (params, FLOPs, KV bytes, ...) are computed from each stored candida
 alone (no weights); where that config cannot be read, the snapshot has no costs and
 :attr:`StudySnapshot.space_note` says why.
 
-Every plot function accepts an :class:`~evoprune.search.EvoStudy`, a ``(storage URL, study name)``
+Every plot function accepts an :class:`~evoprune.study.EvoStudy`, a ``(storage URL, study name)``
 pair or a :class:`StudySnapshot` (pass one snapshot to several plots to read the database once).
 A snapshot can also be built by hand from plain values (tests, notebooks):
 
@@ -32,7 +32,6 @@ ValueError: study 'demo' has no trial 7 with a candidate (it has trials 0-0); pi
 from __future__ import annotations
 
 import dataclasses
-import glob
 import json
 import math
 import os
@@ -40,14 +39,10 @@ from collections.abc import Sequence
 from typing import Any
 
 from .._logging import get_logger
-from .._paths import cache_root
-from ..data._reference_model import MARKER_FILE
+from ..data import built_reference_model
 from ..evaluators import KLToDense, Latency
-from ..search import load_study
-from ..search._objectives import objective_source
-from ..search._pareto import pareto_front
-from ..search._runtime import resolve_model_path, space_from_config
-from ..search._stages import build_pipeline
+from ..search import build_pipeline, objective_source, resolve_model_path, space_from_config
+from ..study import load_study, pareto_front
 from ..space import METRICS, Candidate, SearchSpace
 from ._arch import ArchSummary, DenseWidths, summarize
 
@@ -73,24 +68,16 @@ class TrialView:
     values: tuple[float, ...] | None = None
 
 
-def _reference_checkpoint(size: str, cache_dir: str | None) -> str | None:
-    """A completed build of the reference model ``size`` in the cache, without building one."""
-
-    found = [p for p in glob.glob(str(cache_root(cache_dir) / "models" / f"reference-{size}-seed0-*"))
-             if os.path.isfile(os.path.join(p, MARKER_FILE)) and os.path.isfile(os.path.join(p, "config.json"))]
-    return max(found, key=os.path.getmtime) if found else None
-
-
 def _model_path(config: Any) -> str:
     """The folder (or hub id) of the study's model, never building or downloading anything."""
     model = config.model
     if model.startswith("reference:"):
         size = model.partition(":")[2]
-        path = _reference_checkpoint(size, config.cache_dir)
+        path = built_reference_model(size, cache_dir=config.cache_dir)
         if path is None:
             raise LookupError(f"the reference model {model!r} is not built on this machine "
                               f"(`evoprune reference-model --size {size}` builds it)")
-        return path
+        return str(path)
 
     return resolve_model_path(model, cache_dir=config.cache_dir)
 
@@ -191,7 +178,7 @@ class StudySnapshot:
         return out
 
     def pareto_numbers(self) -> list[int]:
-        """The study's Pareto front (all objectives; :func:`evoprune.search.pareto_front`, ties kept)."""
+        """The study's Pareto front (all objectives; :func:`evoprune.study.pareto_front`, ties kept)."""
 
         numbers = self.complete_numbers()
         keep = pareto_front([self.trials[n].values for n in numbers], self.directions)
@@ -358,7 +345,7 @@ def _read(study: Any, space: SearchSpace | None) -> StudySnapshot:
 
 
 def load_snapshot(study: Any, *, space: SearchSpace | None = None) -> StudySnapshot:
-    """A :class:`StudySnapshot` of ``study``: an :class:`~evoprune.search.EvoStudy`, a ``(storage URL,
+    """A :class:`StudySnapshot` of ``study``: an :class:`~evoprune.study.EvoStudy`, a ``(storage URL,
     study name)`` pair, or a snapshot (returned as is). ``space`` overrides the space rebuilt from the
     stored config (e.g. when the model's config.json is elsewhere)."""
     if isinstance(study, StudySnapshot):

@@ -1,92 +1,104 @@
-"""evoprune.search: samplers, the ask/evaluate/tell driver, study configs and the study facade.
+"""evoprune.search: samplers, the ask/evaluate/tell driver, study configs and the runtime.
 
-The study facade is what most users call (also as ``evoprune.create_study`` / ``evoprune.load_study``)::
-
-    import evoprune
-    study = evoprune.create_study("studies/reference_small.yaml", storage="sqlite:///out/s.db", study_name="s")
-    study.run(n_generations=10)                      # or: evoprune search studies/reference_small.yaml ...
-    again = evoprune.load_study(storage="sqlite:///out/s.db", study_name="s")
-    again.run(n_generations=10)                      # resumes: stored config and sampler state
-    again.pareto_front()                             # [ParetoPoint(number, trial_id, values, candidate_key)]
-    again.export(again.pareto_front()[0].number, "out/best")
-
-The pieces compose by hand too::
+The study facade (``create_study``, ``load_study``, the study object, its Pareto front and status)
+is :mod:`evoprune.study`; the one-shot baselines are :mod:`evoprune.baselines`. The pieces here
+compose by hand::
 
     import optuna
     from evoprune.search import Searcher, StudyConfig, build_runtime, trial_candidate
 
     config = StudyConfig.from_yaml("studies/reference_small.yaml")
     runtime = build_runtime(config)               # model, data, pruner, space, pipeline, context
-    study = runtime.create_study()                # optuna.Study with the objectives' directions
+    study = runtime.create_study()                # optuna.Study: the objectives' directions, study_sampler
     sampler, budget_mode = runtime.make_sampler() # EvolutionarySampler / BudgetSweep / Optuna sampler
     Searcher(runtime, study, sampler, budget_mode=budget_mode).run(**config.stop.kwargs())
     best = trial_candidate(study.best_trial, runtime.space)   # the evaluated candidate
 
-Pieces: :class:`StudyConfig` + :func:`build_runtime` (:class:`Runtime`);
-:class:`GenerationSampler` (the protocol of samplers driven generation by generation),
-:class:`EvolutionarySampler` (level-switch mutation, staged selection, JSON state) and
-:class:`BudgetSweep` (one evolution per budget level -> a Pareto front); :func:`make_sampler`
-(Optuna TPE/NSGA-II/random/GP/QMC or your own ``BaseSampler``); :class:`Searcher` (ask -> apply
--> stages -> tell); the :class:`Recorder` protocol and its in-Optuna :class:`OptunaRecorder`;
-baselines :func:`uniform`, :func:`shortgpt`, :func:`sleb`, :func:`flap`, :func:`owl`; the one Pareto front
-and hypervolume :func:`pareto_front`, :func:`hypervolume`, :func:`study_front`; the one
-objective resolver :func:`objective_directions`.
+What it owns:
+
+* study configs: :class:`StudyConfig` (and :data:`SAMPLER_NAMES`, :data:`PRESETS`,
+  :func:`evopress_depth_generations`);
+* the runtime: :func:`build_runtime` -> :class:`Runtime`, :func:`space_from_config`,
+  :func:`resolve_model_path`; stages -> :func:`build_pipeline`; objectives -> :func:`objective_source`,
+  :func:`objective_directions` (the one resolver);
+* samplers: :class:`GenerationSampler` (+ :class:`Proposal`), :class:`EvolutionarySampler`
+  (:func:`level_switch`, :func:`fill_budget`), :class:`BudgetSweep`; :func:`make_sampler` (Optuna's
+  own by name) and :func:`study_sampler` (the Optuna study's own sampler, the one rule);
+* the driver: :class:`Searcher` (ask -> apply -> stages -> tell, :class:`SearchStats`,
+  :class:`SamplerExhausted`), the :class:`Recorder` protocol and its in-Optuna :class:`OptunaRecorder`,
+  :func:`trial_candidate`.
+
+Deprecated (one release): the study facade, Pareto/hypervolume and status names, the baselines and
+``ATTR_PREFIX`` are still importable from here with a :class:`DeprecationWarning`; import them from
+:mod:`evoprune.study`, :mod:`evoprune.baselines` and :mod:`evoprune.storage.internal`.
 """
 
-from ._baselines import calibration_loss, flap, flap_scores, owl, owl_allocation, owl_scores, shortgpt, sleb, uniform
+from __future__ import annotations
+
+import importlib
+import warnings
+from typing import Any
+
 from ._config import SAMPLER_NAMES, StudyConfig
 from ._evolution import EvolutionarySampler
-from ._mutation import fill_budget, level_switch
 from ._generation import GenerationSampler, Proposal
-from ._objectives import objective_directions
-from ._pareto import hypervolume, pareto_front, study_front
+from ._mutation import fill_budget, level_switch
+from ._objectives import objective_directions, objective_source
 from ._presets import PRESETS, evopress_depth_generations
-from ._recorder import ATTR_PREFIX, OptunaRecorder, Recorder
-from ._runtime import Runtime, build_runtime, make_sampler
-from ._searcher import Searcher, SearchStats, trial_candidate
-from ._status import StudyStatus, study_status
-from ._study import EvoStudy, ParetoPoint, StudyNotFoundError, create_study, delete_study, load_study
+from ._recorder import OptunaRecorder, Recorder
+from ._runtime import (Runtime, build_pipeline, build_runtime, make_sampler, resolve_model_path, space_from_config,
+                       study_sampler)
+from ._searcher import SamplerExhausted, Searcher, SearchStats, trial_candidate
 from ._sweep import BudgetSweep
 
 __all__ = [
     "PRESETS",
-    "evopress_depth_generations",
-    "ATTR_PREFIX",
     "SAMPLER_NAMES",
     "BudgetSweep",
-    "EvoStudy",
     "EvolutionarySampler",
     "GenerationSampler",
     "OptunaRecorder",
-    "ParetoPoint",
     "Proposal",
     "Recorder",
     "Runtime",
+    "SamplerExhausted",
     "SearchStats",
     "Searcher",
     "StudyConfig",
-    "StudyNotFoundError",
-    "StudyStatus",
+    "build_pipeline",
     "build_runtime",
-    "calibration_loss",
-    "create_study",
-    "delete_study",
+    "evopress_depth_generations",
     "fill_budget",
-    "flap",
-    "flap_scores",
-    "hypervolume",
     "level_switch",
-    "load_study",
     "make_sampler",
     "objective_directions",
-    "owl",
-    "owl_allocation",
-    "owl_scores",
-    "pareto_front",
-    "shortgpt",
-    "sleb",
-    "study_front",
-    "study_status",
+    "objective_source",
+    "resolve_model_path",
+    "space_from_config",
+    "study_sampler",
     "trial_candidate",
-    "uniform",
 ]
+
+#: names that moved out of ``evoprune.search`` (importable from here for one release, with a warning)
+_MOVED: dict[str, str] = {
+    **dict.fromkeys(
+        ["EvoStudy", "ParetoPoint", "StudyNotFoundError", "StudyStatus", "create_study", "delete_study",
+         "hypervolume", "load_study", "pareto_front", "study_front", "study_status"],
+        "evoprune.study",
+    ),
+    **dict.fromkeys(
+        ["calibration_loss", "flap", "flap_scores", "owl", "owl_allocation", "owl_scores", "shortgpt", "sleb",
+         "uniform"],
+        "evoprune.baselines",
+    ),
+    "ATTR_PREFIX": "evoprune.storage.internal",
+}
+
+
+def __getattr__(name: str) -> Any:
+    home = _MOVED.get(name)
+    if home is None:
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    warnings.warn(f"evoprune.search.{name} moved to {home}.{name}; import it from there (the old name goes away "
+                  "in the next release).", DeprecationWarning, stacklevel=2)
+    return getattr(importlib.import_module(home), name)

@@ -67,7 +67,6 @@ and against the data's length when the data is loaded::
 from __future__ import annotations
 
 import dataclasses
-import hashlib
 import json
 import os
 from collections.abc import Mapping, Sequence
@@ -78,9 +77,11 @@ from .._logging import get_logger
 from ..data import REFERENCE_SIZES as SIZES
 from ..space import Budget
 from ..space._cost import BUDGET_METRICS
+from ..storage import StudyDatabase
 from ._config_parts import (
     _DTYPES,
     SAMPLER_NAMES,
+    FULL_CHECKS,
     CalibrationConfig,
     DataConfig,
     SamplerConfig,
@@ -94,6 +95,10 @@ from ._config_parts import (
 )
 from ._objectives import objective_source
 from ._stages import build_pipeline
+
+#: keys of :meth:`StudyConfig.to_dict` that are machine settings, not part of what a study is: a config
+#: that differs only in them has the same :attr:`StudyConfig.digest` and continues the same study
+MACHINE_KEYS: tuple[str, ...] = ("threads",)
 
 __all__ = [
     "CalibrationConfig",
@@ -271,12 +276,13 @@ class StudyConfig:
             raise ValueError("StudyConfig.objectives must be a non-empty list of names, e.g. ['kl'] or ['kl', 'params'].")
         if len(set(objectives)) != len(objectives):
             raise ValueError(f"StudyConfig.objectives has duplicates: {objectives}.")
-        pipeline = build_pipeline(stages)
-        for o in objectives:
-            try:
-                objective_source(o, pipeline)
-            except ValueError as exc:
-                raise ValueError(f"StudyConfig.objectives: {exc}") from None
+        if FULL_CHECKS.get():
+            pipeline = build_pipeline(stages)
+            for o in objectives:
+                try:
+                    objective_source(o, pipeline)
+                except ValueError as exc:
+                    raise ValueError(f"StudyConfig.objectives: {exc}") from None
         object.__setattr__(self, "objectives", objectives)
         if isinstance(self.seed, bool) or not isinstance(self.seed, int):
             raise ValueError(f"StudyConfig.seed must be an int, got {self.seed!r}.")
@@ -317,6 +323,18 @@ class StudyConfig:
 
         _check_keys("StudyConfig", data, [f.name for f in dataclasses.fields(cls)] + ["preset"])
         return cls(**apply_preset(data))
+
+    @classmethod
+    def from_stored(cls, data: Mapping[str, Any]) -> "StudyConfig":
+        """A config read back from a study database: :meth:`from_dict` without the checks that need the
+        rooms that load torch (building the stage evaluators and resolving the objectives, the importance
+        method, race options; :data:`FULL_CHECKS`) -- they ran when the study stored it. Reading a study
+        (``evoprune status``, ``show``, ``check``) therefore imports neither torch nor transformers."""
+        token = FULL_CHECKS.set(False)
+        try:
+            return cls.from_dict(data)
+        finally:
+            FULL_CHECKS.reset(token)
 
     def to_json(self) -> str:
         """Canonical JSON (sorted keys)."""
@@ -394,10 +412,16 @@ class StudyConfig:
         return yaml.safe_dump(self.to_dict(), sort_keys=False)
 
     @property
+    def digest(self) -> str:
+        """The one config digest: sha256 of the canonical JSON of :meth:`to_dict` without the machine
+        settings (:data:`MACHINE_KEYS`: ``threads``). A study stores it and continues only a config with
+        the same digest (:meth:`StudyDatabase.create_or_open <evoprune.storage.StudyDatabase.create_or_open>`)."""
+        return StudyDatabase.config_digest({k: v for k, v in self.to_dict().items() if k not in MACHINE_KEYS})
+
+    @property
     def fingerprint(self) -> str:
-        """Digest of the canonical JSON (without ``threads``, a machine setting)."""
-        data = {k: v for k, v in self.to_dict().items() if k != "threads"}
-        return hashlib.sha256(json.dumps(data, sort_keys=True, separators=(",", ":")).encode()).hexdigest()[:16]
+        """The first 16 hex digits of :attr:`digest`."""
+        return self.digest[:16]
 
     def replace(self, **changes: Any) -> "StudyConfig":
         """A copy with some fields changed (validated again)."""

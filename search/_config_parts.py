@@ -3,12 +3,14 @@ shared validation helpers (:mod:`evoprune.search._config` assembles them into :c
 
 from __future__ import annotations
 
+import contextvars
 import dataclasses
 import json
 from collections.abc import Mapping, Sequence
 from typing import Any
 
-from ..evaluators._tokens import check_window_offsets, normalize_windows
+from .._validate import check_keys as _check_keys
+from ..evaluators import check_window_offsets, normalize_windows
 from ..space import METRICS
 
 SAMPLER_NAMES: tuple[str, ...] = ("evolutionary", "tpe", "nsgaii", "random", "gp", "qmc")
@@ -19,14 +21,6 @@ _EVALUATOR_TYPES = ("kl", "ppl", "latency", "cost", "lm_eval")
 _DATA_SOURCES = ("reference", "text", "hub")
 #: Evaluator types that score the stage's evaluation tokens (so eval_tokens must be >= 1).
 _TOKEN_EVALUATORS = ("kl", "ppl")
-
-
-def _check_keys(what: str, data: Mapping[str, Any], allowed: Sequence[str]) -> None:
-    if not isinstance(data, Mapping):
-        raise TypeError(f"{what} must be a mapping, got {type(data).__name__}: {data!r}.")
-    unknown = sorted(set(data) - set(allowed))
-    if unknown:
-        raise ValueError(f"{what}: unknown keys {unknown}; allowed keys are {sorted(allowed)}.")
 
 
 def _pos_int(what: str, value: Any, *, zero: bool = False) -> int:
@@ -52,6 +46,13 @@ def _from(cls: type, what: str, value: Any) -> Any:
         raise TypeError(f"StudyConfig.{what} must be a mapping or a {cls.__name__}, got {type(value).__name__}.")
     _check_keys(f"StudyConfig.{what}", value, [f.name for f in dataclasses.fields(cls)])
     return cls(**dict(value))
+
+
+#: ``False`` while :meth:`StudyConfig.from_stored` reads a config back from a study database: the checks
+#: that need the rooms that load torch (building the stage evaluators, resolving the objectives, the
+#: importance methods, race options) ran when the config was stored, so reading a study (``evoprune
+#: status``, ``show``, ...) does not run them again.
+FULL_CHECKS: contextvars.ContextVar[bool] = contextvars.ContextVar("evoprune_full_config_checks", default=True)
 
 
 # --------------------------------------------------------------------------- parts
@@ -144,10 +145,12 @@ class CalibrationConfig:
             )
         _pos_int("StudyConfig.calibration.seq_len", self.seq_len)
         _pos_int("StudyConfig.calibration.batch_size", self.batch_size)
-        from ..pruning import IMPORTANCE_METHODS
+        if FULL_CHECKS.get():
+            from ..pruning import IMPORTANCE_METHODS  # pruning loads torch: checked unless read back from storage
 
-        if self.method not in IMPORTANCE_METHODS:
-            raise ValueError(f"StudyConfig.calibration.method must be one of {IMPORTANCE_METHODS}, got {self.method!r}.")
+            if self.method not in IMPORTANCE_METHODS:
+                raise ValueError(f"StudyConfig.calibration.method must be one of {IMPORTANCE_METHODS}, "
+                                 f"got {self.method!r}.")
         if isinstance(self.windows, tuple):
             _check_windows("StudyConfig.calibration.windows", self.windows, "calibration", self.num_sequences,
                            self.seq_len)
@@ -206,6 +209,30 @@ def _norm_evaluator(stage: str, spec: Any) -> dict[str, Any]:
     return spec
 
 
+def parse_promote(promote: Mapping[str, Any], where: str = "promote") -> tuple[str, dict[str, Any]]:
+    """The one reading of a stage's ``promote`` dict: ``(rule, kwargs)``, ``rule`` one of ``"top_k"``,
+    ``"top_fraction"``, ``"race"`` and ``kwargs`` those of :class:`~evoprune.evaluators.TopK`,
+    :class:`~evoprune.evaluators.TopFraction` or :class:`~evoprune.evaluators.Race`.
+
+    >>> parse_promote({"top_k": 4}), parse_promote({"race": 2.0, "max_count": 3})
+    (('top_k', {'k': 4}), ('race', {'z': 2.0, 'max_count': 3, 'min_count': 1}))
+    """
+    p = dict(promote)
+    if set(p) == {"top_k"}:
+        return "top_k", {"k": _pos_int(f"{where}.top_k", p["top_k"])}
+    if "top_fraction" in p and set(p) <= {"top_fraction", "min_count"}:
+        f = p["top_fraction"]
+        if isinstance(f, bool) or not isinstance(f, (int, float)) or not 0 < f <= 1:
+            raise ValueError(f"{where}.top_fraction must be in (0, 1], got {f!r}.")
+        return "top_fraction", {"fraction": float(f), "min_count": int(p.get("min_count", 1))}
+    if "race" in p and set(p) <= {"race", "max_count", "min_count"}:
+        return "race", {"z": p["race"], "max_count": p.get("max_count"), "min_count": p.get("min_count", 1)}
+    raise ValueError(
+        f'{where} must be null, {{"top_k": K}}, {{"top_fraction": F, "min_count": M}} or '
+        f'{{"race": Z, "max_count": K}}; got {promote!r}.'
+    )
+
+
 @dataclasses.dataclass(frozen=True, kw_only=True)
 class StageConfig:
     """One stage of the evaluation schedule (see :class:`evoprune.evaluators.Stage`).
@@ -253,26 +280,15 @@ class StageConfig:
         _pos_int(f"StudyConfig.stages[{self.name!r}].finetune_tokens", self.finetune_tokens, zero=True)
         object.__setattr__(self, "finetune", _jsonable("finetune", dict(self.finetune or {})))
         if self.promote is not None:
-            p = dict(self.promote)
-            if set(p) == {"top_k"}:
-                _pos_int(f"StudyConfig.stages[{self.name!r}].promote.top_k", p["top_k"])
-            elif "top_fraction" in p and set(p) <= {"top_fraction", "min_count"}:
-                f = p["top_fraction"]
-                if isinstance(f, bool) or not isinstance(f, (int, float)) or not 0 < f <= 1:
-                    raise ValueError(f"StudyConfig.stages[{self.name!r}].promote.top_fraction must be in (0, 1], got {f!r}.")
-            elif "race" in p and set(p) <= {"race", "max_count", "min_count"}:
+            kind, kwargs = parse_promote(self.promote, f"StudyConfig.stages[{self.name!r}].promote")
+            if kind == "race" and FULL_CHECKS.get():
                 from ..evaluators import Race
 
                 try:
-                    Race(p["race"], p.get("max_count"), p.get("min_count", 1))
+                    Race(**kwargs)
                 except ValueError as exc:
                     raise ValueError(f"StudyConfig.stages[{self.name!r}].promote: {exc}") from None
-            else:
-                raise ValueError(
-                    f'StudyConfig.stages[{self.name!r}].promote must be null, {{"top_k": K}}, '
-                    f'{{"top_fraction": F, "min_count": M}} or {{"race": Z, "max_count": K}}; got {self.promote!r}.'
-                )
-            object.__setattr__(self, "promote", p)
+            object.__setattr__(self, "promote", dict(self.promote))
 
     def evaluator_names(self) -> list[str]:
         return [e.get("name", e["type"].rpartition(":")[2]) for e in self.evaluators]

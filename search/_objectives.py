@@ -20,7 +20,6 @@ import dataclasses
 from collections.abc import Sequence
 from typing import Any
 
-from ..evaluators import KLToDense
 from ..space import METRICS
 
 __all__ = ["ObjectiveSource", "objective_directions", "objective_source"]
@@ -44,6 +43,8 @@ def objective_source(name: str, pipeline: Any, space: Any = None) -> ObjectiveSo
     last = pipeline.stages[-1]
     evaluator = next((ev for ev in last.evaluators if ev.name == name), None)
     if evaluator is None and name == "kl":
+        from ..evaluators import KLToDense  # the evaluators are built: torch is loaded already
+
         evaluator = next((ev for ev in last.evaluators if isinstance(ev, KLToDense)), None)
     if evaluator is not None:
         return ObjectiveSource(name=name, kind="evaluator", direction=evaluator.direction, evaluator=evaluator)

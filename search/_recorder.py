@@ -111,12 +111,23 @@ from typing import Any, Protocol, runtime_checkable
 
 from .._optuna_private import study_storage, trial_id
 from ..space import Candidate
-from ..storage._values import CANDIDATE_KEY_ATTR, DUPLICATE_OF_ATTR, INFEASIBLE_ATTR
+from ..storage.internal import (
+    CANDIDATE_ATTR,
+    CANDIDATE_KEY_ATTR,
+    DUPLICATE_OF_ATTR,
+    INFEASIBLE_ATTR,
+    OBJECTIVE_ATTR,
+    PROMOTED_ATTR,
+    SAMPLER_STATE_ATTR,
+    SOURCE_ATTR,
+    STAGE_ATTR,
+    STAGE_INDEX_ATTR,
+    STAGE_REACHED_ATTR,
+)
 
-__all__ = ["ATTR_PREFIX", "OptunaRecorder", "Recorder"]
+__all__ = ["OptunaRecorder", "Recorder"]
 
-ATTR_PREFIX = "evoprune:"
-_STATE_ATTR = ATTR_PREFIX + "sampler_state"
+_STATE_ATTR = SAMPLER_STATE_ATTR
 
 
 @runtime_checkable
@@ -222,9 +233,9 @@ class OptunaRecorder:
     # -- trials -------------------------------------------------------------------------
     def record_candidate(self, trial_id: int, candidate: Candidate, *, source: str = "sampler") -> None:
         set_attr = self._storage.set_trial_user_attr
-        set_attr(trial_id, ATTR_PREFIX + "candidate", candidate.to_dict())
+        set_attr(trial_id, CANDIDATE_ATTR, candidate.to_dict())
         set_attr(trial_id, CANDIDATE_KEY_ATTR, candidate.key)
-        set_attr(trial_id, ATTR_PREFIX + "source", str(source))
+        set_attr(trial_id, SOURCE_ATTR, str(source))
 
     def record_stage(
         self,
@@ -236,7 +247,7 @@ class OptunaRecorder:
         seconds: float,
         details: Mapping[str, Any],
     ) -> None:
-        key = ATTR_PREFIX + f"stage:{stage}"
+        key = STAGE_ATTR + stage
         current = dict(self._storage.get_trial_user_attrs(trial_id).get(key, {}))
         current[str(evaluator)] = {
             "value": _jsonable(float(value)),
@@ -245,21 +256,21 @@ class OptunaRecorder:
             "details": _jsonable(dict(details or {})),
         }
         self._storage.set_trial_user_attr(trial_id, key, current)
-        self._storage.set_trial_user_attr(trial_id, ATTR_PREFIX + "stage_reached", str(stage))
+        self._storage.set_trial_user_attr(trial_id, STAGE_REACHED_ATTR, str(stage))
 
     def record_stage_result(
         self, trial_id: int, stage: str, stage_index: int, objective: float, promoted: bool | None
     ) -> None:
         set_attr = self._storage.set_trial_user_attr
-        set_attr(trial_id, ATTR_PREFIX + f"objective:{stage}", _jsonable(float(objective)))
-        set_attr(trial_id, ATTR_PREFIX + f"promoted:{stage}", promoted)
-        set_attr(trial_id, ATTR_PREFIX + "stage_reached", str(stage))
-        set_attr(trial_id, ATTR_PREFIX + "stage_index", int(stage_index))
+        set_attr(trial_id, OBJECTIVE_ATTR + stage, _jsonable(float(objective)))
+        set_attr(trial_id, PROMOTED_ATTR + stage, promoted)
+        set_attr(trial_id, STAGE_REACHED_ATTR, str(stage))
+        set_attr(trial_id, STAGE_INDEX_ATTR, int(stage_index))
 
     def stage_history(self, stage: str) -> list[float]:
         from optuna.trial import TrialState
 
-        key = ATTR_PREFIX + f"objective:{stage}"
+        key = OBJECTIVE_ATTR + stage
         return [
             _float(t.user_attrs[key]) for t in self.study.get_trials(deepcopy=False)
             if key in t.user_attrs and t.state != TrialState.FAIL
@@ -270,7 +281,7 @@ class OptunaRecorder:
         "stages": {stage: objective}}``, or ``None``."""
         from optuna.trial import TrialState
 
-        key_attr, prefix = CANDIDATE_KEY_ATTR, ATTR_PREFIX + "objective:"
+        key_attr, prefix = CANDIDATE_KEY_ATTR, OBJECTIVE_ATTR
         for t in sorted(self.study.get_trials(deepcopy=False), key=lambda t: t.number):
             if t.user_attrs.get(key_attr) != candidate_key or t.state not in (TrialState.COMPLETE, TrialState.PRUNED):
                 continue

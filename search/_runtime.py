@@ -26,7 +26,8 @@ from ._sweep import BudgetSweep
 from ._objectives import objective_directions
 from ._stages import build_pipeline, load_object
 
-__all__ = ["Runtime", "build_pipeline", "build_runtime", "make_sampler", "resolve_model_path"]
+__all__ = ["Runtime", "build_pipeline", "build_runtime", "make_sampler", "resolve_model_path", "space_from_config",
+           "study_sampler"]
 
 _log = get_logger("search.runtime")
 
@@ -76,17 +77,13 @@ class Runtime:
 
     def create_study(self, storage: Any = None, study_name: str | None = None, *, load_if_exists: bool = False,
                      sampler: Any = None) -> Any:
-        """An :class:`optuna.Study` with the right directions; the Optuna sampler of the config unless given.
-
-        (For an evolutionary config the study's own sampler is never asked: the
-        :class:`Searcher` fixes every trial's params.)
+        """An :class:`optuna.Study` with the right directions and, unless given, the config's
+        :func:`study_sampler` (the same sampler :func:`evoprune.create_study` gives a study).
         """
         import optuna
 
         if sampler is None and self.config is not None:
-            built = make_sampler(self.config.sampler.name, self.config.sampler.options, seed=self.seed)[0]
-            if isinstance(built, optuna.samplers.BaseSampler):
-                sampler = built
+            sampler = study_sampler(self.config)
         return optuna.create_study(
             storage=storage, study_name=study_name, directions=self.directions, sampler=sampler,
             load_if_exists=load_if_exists,
@@ -159,6 +156,19 @@ def make_sampler(
         return cls(**opts), budget_mode
     except TypeError as exc:
         raise ValueError(f"sampler {name!r}: bad options {sorted(opts)}: {exc}") from None
+
+
+def study_sampler(config: StudyConfig) -> Any:
+    """The Optuna study's own sampler -- the one rule for every way a study is made or opened: the
+    config's Optuna sampler, or -- for generation samplers, whose trials get fixed params -- a
+    ``RandomSampler(seed=config.seed)``, which never reads the trial history (Optuna's default
+    TPE/NSGA-II would load every trial on each ask)."""
+    import optuna
+
+    built = make_sampler(config.sampler.name, config.sampler.options, seed=config.seed)[0]
+    if isinstance(built, optuna.samplers.BaseSampler):
+        return built
+    return optuna.samplers.RandomSampler(seed=config.seed)
 
 
 # --------------------------------------------------------------------------- pipeline
@@ -275,7 +285,7 @@ def check_splits(config: StudyConfig, splits: Mapping[str, Any], vocab: int | No
         if s.finetune_tokens:
             need.append((f"stage {s.name!r} fine-tuning", "train", s.finetune_tokens, s.seq_len,
                          f"stages[{s.name!r}].finetune_tokens"))
-    from ..evaluators._tokens import check_window_offsets
+    from ..evaluators import check_window_offsets
 
     for what, split, tokens, seq_len, key in need:
         have = splits[split].numel()
@@ -309,7 +319,7 @@ def build_runtime(config: StudyConfig, *, model: Any = None, tokenizer: Any = No
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     from .._fingerprint import ids_fingerprint, model_fingerprint
-    from .._paths import cache_root
+    from .._paths import cache_folder
     from ..data import load_splits, text_files
     from ..evaluators import EvalContext, make_token_set
     from ..pruning import Pruner
@@ -355,12 +365,9 @@ def build_runtime(config: StudyConfig, *, model: Any = None, tokenizer: Any = No
         stage="calibration", seed=config.seed, data_fingerprint=fps["calibration"], windows=calib_cfg.windows,
     ).ids
     model_fp = model_fingerprint(model)
-    cache = cache_root(config.cache_dir or None)
+    cache = config.cache_dir or None
     pruner = Pruner(
-        model, calib, method=calib_cfg.method, cache_dir=cache / "importance", model_fingerprint=model_fp,
-        data_fingerprint=_digest(fps["calibration"], str(config.seed), str(calib_cfg.num_sequences),
-                                 str(calib_cfg.seq_len),
-                                 *([] if calib_cfg.windows == "random" else [json.dumps(calib_cfg.windows)])),
+        model, calib, method=calib_cfg.method, cache_dir=cache_folder("importance", cache), model_fingerprint=model_fp,
         calib_batch_size=calib_cfg.batch_size,
     )
     space = space_from_config(config, model.config)
@@ -370,7 +377,7 @@ def build_runtime(config: StudyConfig, *, model: Any = None, tokenizer: Any = No
     context = EvalContext(
         eval_ids=splits["validation"], train_ids=splits["train"], data_fingerprint=data_fp, seed=config.seed,
         device=device, pruner=pruner, cost_model=space.cost_model, tokenizer=tokenizer,
-        batch_size=config.eval_batch_size, cache_dir=cache / "dense_reference", model_fingerprint=model_fp,
+        batch_size=config.eval_batch_size, cache_dir=cache_folder("dense_reference", cache), model_fingerprint=model_fp,
         eval_windows=config.data.windows,
     )
     runtime = Runtime(

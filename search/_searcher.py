@@ -116,16 +116,20 @@ from .. import _stop
 from .._logging import get_logger
 from .._optuna_private import study_storage, trial_id
 from ..space import Candidate, SearchSpace
-from ..storage._liveness import FAIL_REASON_ATTR
-from ..storage._values import (
+from ..storage.internal import (
+    CANDIDATE_ATTR,
     CREATOR_ATTR,
     DUPLICATE_OF_ATTR,
+    FAIL_REASON_ATTR,
+    GROUP_ATTR,
     INFEASIBLE_ATTR,
+    REPAIRED_ATTR,
     RESAMPLED_ATTR,
+    SOURCE_ATTR,
 )
 from ._generation import GenerationSampler
 from ._objectives import objective_source
-from ._recorder import ATTR_PREFIX, OptunaRecorder, Recorder
+from ._recorder import OptunaRecorder, Recorder
 from ._surrogate import gene_prior
 from ._trials import (SamplerExhausted, SearchStats, _free_device_memory, _state, fixed_trial, is_out_of_memory,
                       is_resampled)
@@ -156,7 +160,7 @@ class _Entry:
 def trial_candidate(trial: Any, space: SearchSpace | None = None) -> Candidate:
     """The candidate a (frozen) trial evaluated: the recorded one (``evoprune:candidate``, which is the
     repaired candidate in ``"repair"`` mode), else ``space.candidate_from_params(trial.params)``."""
-    data = trial.user_attrs.get(ATTR_PREFIX + "candidate")
+    data = trial.user_attrs.get(CANDIDATE_ATTR)
     if data is not None:
         return Candidate.from_dict(data)
     if space is None:
@@ -166,12 +170,6 @@ def trial_candidate(trial: Any, space: SearchSpace | None = None) -> Candidate:
 
 def _direction_name(d: Any) -> str:
     return "maximize" if str(d).lower().endswith("maximize") else "minimize"
-
-
-def _stage_key(value: float, direction: str) -> float:
-    if value is None or math.isnan(value):
-        return math.inf
-    return value if direction == "minimize" else -value
 
 
 class Searcher:
@@ -377,9 +375,9 @@ class Searcher:
 
     def _new_trial(self, candidate: Candidate, source: str, space: SearchSpace, group: str | None) -> Any:
         params = self.space.params_of(candidate)
-        attrs = {ATTR_PREFIX + "source": source}
+        attrs = {SOURCE_ATTR: source}
         if group is not None:
-            attrs[ATTR_PREFIX + "group"] = group
+            attrs[GROUP_ATTR] = group
         trial = fixed_trial(self.study, params, self._distributions, user_attrs=attrs,
                             system_attrs=self._creator_attrs())
         for key, value in space.constraints(candidate).items():
@@ -481,13 +479,13 @@ class Searcher:
                 self.study.tell(trial, state=_state("FAIL"))
                 stats.invalid += 1
                 continue
-            source = trial.user_attrs.get(ATTR_PREFIX + "source", "sampler")
+            source = trial.user_attrs.get(SOURCE_ATTR, "sampler")
             if self.space.budget and not self.space.satisfies_budget(candidate):
                 if constrain:
                     self._tell_infeasible(trial, candidate, stats)
                     continue
                 candidate = self.space.repair(candidate, np.random.default_rng([self._seed(), trial.number]))
-                trial.set_user_attr(ATTR_PREFIX + "repaired", True)
+                trial.set_user_attr(REPAIRED_ATTR, True)
             if not self.recorder.claim(candidate.key):
                 self._tell_duplicate(trial, candidate, stats)
                 continue

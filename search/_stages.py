@@ -12,6 +12,7 @@ from collections.abc import Mapping, Sequence
 from typing import Any
 
 from .. import evaluators as ev
+from ._config_parts import parse_promote
 
 __all__ = ["build_evaluator", "build_pipeline", "load_object"]
 
@@ -60,13 +61,8 @@ def build_pipeline(stages: Sequence[Any]) -> Any:
     for s in stages:
         promote = None
         if s.promote is not None:
-            if "top_k" in s.promote:
-                promote = ev.TopK(int(s.promote["top_k"]))
-            elif "race" in s.promote:
-                promote = ev.Race(float(s.promote["race"]), s.promote.get("max_count"),
-                                  int(s.promote.get("min_count", 1)))
-            else:
-                promote = ev.TopFraction(float(s.promote["top_fraction"]), int(s.promote.get("min_count", 1)))
+            kind, kwargs = parse_promote(s.promote, f"stages[{s.name!r}].promote")
+            promote = {"top_k": ev.TopK, "top_fraction": ev.TopFraction, "race": ev.Race}[kind](**kwargs)
         out.append(
             ev.Stage(
                 name=s.name,

@@ -8,7 +8,7 @@ import dataclasses
 from typing import Any
 
 from .._optuna_private import distribution_contains, study_id, study_storage
-from ..storage._values import RESAMPLED_ATTR
+from ..storage.internal import is_resampled
 
 __all__ = ["SamplerExhausted", "SearchStats", "fixed_trial", "is_out_of_memory", "is_resampled"]
 
@@ -17,12 +17,6 @@ class SamplerExhausted(Exception):
     """Raised by an Optuna sampler (from ``before_trial`` or ``sample_*``) that has nothing left to
     propose: the driver tells the asked trial as a resampled proposal and the run stops with
     ``stopped_by="exhausted"``."""
-
-
-def is_resampled(trial: Any) -> bool:
-    """Whether a (frozen) trial is a resampled suggestion of an Optuna sampler -- told at once, never
-    evaluated, not a trial of the search (system attribute ``"evoprune:resampled"``)."""
-    return RESAMPLED_ATTR in trial.system_attrs
 
 
 @dataclasses.dataclass

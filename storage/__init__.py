@@ -2,7 +2,7 @@
 
 Persistence only: this package imports nothing from ``evoprune.search``, ``pruning`` or
 ``evaluators`` and holds no tensors. The study object users call (``create_study``,
-``load_study``) lives in :mod:`evoprune.search`, which drives this package.
+``load_study``) lives in :mod:`evoprune.study`, which drives this package.
 
 Everything a study needs to continue lives in one SQL database (SQLite file in WAL
 mode by default, PostgreSQL or MySQL for many workers): Optuna's tables hold the
@@ -23,35 +23,27 @@ Command line: ``evoprune search CONFIG``, ``evoprune resume``, ``evoprune worker
 number, one database), ``evoprune export``, ``evoprune studies``, ``evoprune show``,
 ``evoprune check``, ``evoprune delete-study``. Commands that only read check the URL with
 :func:`check_storage` first, so they never create a file, a folder or a table.
+
+Public names (what a user calls): :class:`StudyDatabase` (evoprune's tables of one study),
+:func:`list_studies`, :func:`check_storage`, :func:`normalize_url`, :func:`redact_url` (the one rule
+that hides passwords), :func:`schema_version`, the records :class:`Artifact`, :class:`StageRecord`,
+:class:`StageOutcome`, :class:`ReapReport`, and the errors. What only evoprune's own rooms need to run
+a study (the ``"evoprune:*"`` attribute names, heartbeats and reaping, the recorder, opening an Optuna
+RDB storage) is in :mod:`evoprune.storage.internal`, internal but shared.
 """
 
-from ._catalog import list_studies, stored_study
+from ._catalog import list_studies
 from ._database import ConfigMismatchError, FingerprintMismatchError, StudyDatabase
-from ._engine import (
-    DEFAULT_GRACE_PERIOD,
-    DEFAULT_HEARTBEAT_INTERVAL,
-    StorageError,
-    StorageNotFoundError,
-    check_storage,
-    default_storage_url,
-    normalize_url,
-    open_rdb_storage,
-    redact_url,
-)
-from ._liveness import Heartbeat, ReapReport, reap, stop_own
-from ._recorder import SQLRecorder
+from ._engine import StorageError, StorageNotFoundError, check_storage, normalize_url, redact_url
+from ._liveness import ReapReport
 from ._schema import SchemaVersionError, schema_version
 from ._values import Artifact, StageOutcome, StageRecord
 
 __all__ = [
     "Artifact",
     "ConfigMismatchError",
-    "DEFAULT_GRACE_PERIOD",
-    "DEFAULT_HEARTBEAT_INTERVAL",
     "FingerprintMismatchError",
-    "Heartbeat",
     "ReapReport",
-    "SQLRecorder",
     "SchemaVersionError",
     "StageOutcome",
     "StageRecord",
@@ -59,13 +51,8 @@ __all__ = [
     "StorageNotFoundError",
     "StudyDatabase",
     "check_storage",
-    "default_storage_url",
     "list_studies",
     "normalize_url",
-    "open_rdb_storage",
-    "reap",
-    "stop_own",
     "redact_url",
     "schema_version",
-    "stored_study",
 ]

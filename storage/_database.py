@@ -125,9 +125,14 @@ class StudyDatabase(ClaimsMixin, WorkersMixin, CheckMixin, StagesMixin):
         owner: Owner | None = None,
         orphans_upto: int | None = None,
         replace_unstarted: bool = False,
+        config_digest: str | None = None,
     ) -> StudyDatabase:
         """The study's row, created with ``config`` if missing (creating or upgrading the evoprune
         tables first if needed).
+
+        ``config_digest``: what the stored config is compared with (a config with the same digest
+        continues the study); default :meth:`config_digest` of all of ``config``. The study facade
+        passes ``StudyConfig.digest``, which leaves out machine settings such as ``threads``.
 
         ``orphans_upto``: pass :meth:`row_mark` read *before* this process created the Optuna study
         (only when it did create it). Rows of that Optuna study id up to the mark belong to a study
@@ -147,7 +152,7 @@ class StudyDatabase(ClaimsMixin, WorkersMixin, CheckMixin, StagesMixin):
         if not is_current(engine):
             upgrade(engine)
         text = canonical_json(config, where="config")
-        digest = StudyDatabase.config_digest(config)
+        digest = config_digest or StudyDatabase.config_digest(config)
 
         def run(conn: sa.Connection) -> int:
             if orphans_upto is not None:

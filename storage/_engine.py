@@ -21,6 +21,7 @@ True
 from __future__ import annotations
 
 import importlib.util
+import re
 import os
 import random
 import time
@@ -91,12 +92,34 @@ def normalize_url(url: str | os.PathLike[str]) -> str:
     return f"{scheme}://{rest}"
 
 
-def redact_url(url: str) -> str:
-    """``url`` with any password hidden (for logs and error messages)."""
-    try:
-        return sa.engine.make_url(url).render_as_string(hide_password=True)
-    except Exception:  # pragma: no cover - unparsable: show only the scheme
-        return url.split("://", 1)[0] + "://..."
+_URL_PASSWORD = re.compile(r"(://[^/\s:@]*:)[^@\s/]+@")
+
+
+def redact_url(text: str, url: str | None = None) -> str:
+    """``text`` with every password hidden as ``***`` -- the one rule for logs, errors and tracebacks.
+
+    ``text`` is a storage URL or any message that may hold URLs; with ``url``, the bare password of
+    ``url`` is hidden too wherever it appears (driver messages echo it).
+
+    >>> redact_url("postgresql://me:secret@db/evo")
+    'postgresql://me:***@db/evo'
+    >>> redact_url("cannot reach mysql://root:pw@h/x (pw rejected)", "mysql://root:pw@h/x")
+    'cannot reach mysql://root:***@h/x (*** rejected)'
+    """
+    if "://" in text and not any(c.isspace() for c in text):
+        try:
+            text = sa.engine.make_url(text).render_as_string(hide_password=True)
+        except Exception:  # pragma: no cover - unparsable: show only the scheme
+            return text.split("://", 1)[0] + "://..."
+    text = _URL_PASSWORD.sub(r"\1***@", text)
+    if url is not None:
+        try:
+            password = sa.engine.make_url(url).password
+        except Exception:  # pragma: no cover - unparsable URL
+            password = None
+        if password:
+            text = text.replace(str(password), "***")
+    return text
 
 
 class StorageError(RuntimeError):
@@ -106,15 +129,6 @@ class StorageError(RuntimeError):
 
 class StorageNotFoundError(StorageError):
     """There is no study database at the URL (no SQLite file, or a database without Optuna's tables)."""
-
-
-def _scrub(text: str, url: str) -> str:
-    """``text`` without the password of ``url`` (driver messages may echo the URL)."""
-    try:
-        password = sa.engine.make_url(url).password
-    except Exception:  # pragma: no cover - unparsable URL
-        password = None
-    return text.replace(str(password), "***") if password else text
 
 
 def describe_db_error(url: str, exc: BaseException) -> str:
@@ -135,7 +149,7 @@ def describe_db_error(url: str, exc: BaseException) -> str:
         hint = "check the user name and password"
     else:
         hint = "check --storage"
-    return _scrub(f"cannot open the study database {redact_url(url)}: {reason} ({hint}).", url)
+    return redact_url(f"cannot open the study database {redact_url(url)}: {reason} ({hint}).", url)
 
 
 _SQLITE_MAGIC = b"SQLite format 3\x00"

@@ -43,16 +43,14 @@ from .._optuna_private import rdb_models, trial_start_column
 from ._owner import Owner
 from ._scope import StudyScope
 from ._tables import TrialRow, WorkerRow
-from ._values import CREATOR_ATTR, naive
+from ._values import CREATOR_ATTR, FAIL_REASON_ATTR, naive
 
 if TYPE_CHECKING:
     from ._database import StudyDatabase
 
-__all__ = ["FAIL_REASON_ATTR", "Heartbeat", "ReapReport", "RunningTrial", "WorkersMixin", "reap", "stop_own"]
+__all__ = ["Heartbeat", "ReapReport", "RunningTrial", "WorkersMixin", "reap", "stop_own"]
 
 _log = get_logger("storage.liveness")
-
-FAIL_REASON_ATTR = "evoprune:fail_reason"
 
 
 @dataclasses.dataclass(frozen=True)

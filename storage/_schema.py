@@ -32,7 +32,7 @@ import sqlalchemy as sa
 
 from .._logging import get_logger
 from ._engine import run_transaction
-from ._tables import SchemaVersionRow, utcnow
+from ._tables import Base, SchemaVersionRow, utcnow
 
 __all__ = ["SCHEMA_VERSION", "VERSION_TABLE", "SchemaVersionError", "schema_version", "upgrade"]
 
@@ -80,6 +80,9 @@ def _alembic_config(connection: sa.Connection, version_locations: Sequence[str] 
         config.set_main_option("path_separator", "os")  # alembic < 1.16 splits on spaces
         config.set_main_option("version_locations", os.pathsep.join(locations).replace("%", "%%"))
     config.attributes["connection"] = connection
+    # what migrations/env.py needs, handed over here so that it imports nothing of evoprune's
+    config.attributes["target_metadata"] = Base.metadata
+    config.attributes["version_table"] = VERSION_TABLE
     return config
 
 

@@ -17,18 +17,31 @@ from collections.abc import Mapping
 from typing import Any
 
 __all__ = [
+    "ATTR_PREFIX",
+    "CANDIDATE_ATTR",
     "CANDIDATE_KEY_ATTR",
     "CREATOR_ATTR",
     "DUPLICATE_OF_ATTR",
+    "FAIL_REASON_ATTR",
+    "GROUP_ATTR",
     "INFEASIBLE_ATTR",
+    "OBJECTIVE_ATTR",
+    "PROMOTED_ATTR",
+    "REPAIRED_ATTR",
     "RESAMPLED_ATTR",
     "RESAMPLED_REASONS",
+    "SAMPLER_STATE_ATTR",
+    "SOURCE_ATTR",
+    "STAGE_ATTR",
+    "STAGE_INDEX_ATTR",
+    "STAGE_REACHED_ATTR",
     "Artifact",
     "StageOutcome",
     "StageRecord",
     "canonical_json",
     "check_name",
     "from_json",
+    "is_resampled",
     "join_float",
     "naive",
     "sha256_text",
@@ -36,8 +49,28 @@ __all__ = [
 ]
 
 
-# --------------------------------------------------------------------------- JSON
+# --------------------------------------------------------------------------- attribute names
+# The one home of every ``"evoprune:*"`` Optuna attribute name: the search driver and its recorders
+# write them, the database's reads, the status and the report read them.
 
+ATTR_PREFIX = "evoprune:"
+#: user attributes of a trial (see :mod:`evoprune.search`'s recorder): the candidate (``to_dict()``),
+#: where it came from, its seed group, whether the driver repaired it, the last stage reached and its index
+CANDIDATE_ATTR = ATTR_PREFIX + "candidate"
+SOURCE_ATTR = ATTR_PREFIX + "source"
+GROUP_ATTR = ATTR_PREFIX + "group"
+REPAIRED_ATTR = ATTR_PREFIX + "repaired"
+STAGE_REACHED_ATTR = ATTR_PREFIX + "stage_reached"
+STAGE_INDEX_ATTR = ATTR_PREFIX + "stage_index"
+#: per-stage user attributes: ``STAGE_ATTR + stage`` (evaluator results), ``OBJECTIVE_ATTR + stage``
+#: (the stage objective), ``PROMOTED_ATTR + stage`` (promoted at that stage)
+STAGE_ATTR = ATTR_PREFIX + "stage:"
+OBJECTIVE_ATTR = ATTR_PREFIX + "objective:"
+PROMOTED_ATTR = ATTR_PREFIX + "promoted:"
+#: study user attribute of the in-Optuna recorder: ``{"generation", "state"}`` of the generation sampler
+SAMPLER_STATE_ATTR = ATTR_PREFIX + "sampler_state"
+#: Optuna system attribute: why the reaper or the driver failed a trial
+FAIL_REASON_ATTR = ATTR_PREFIX + "fail_reason"
 #: Optuna user attributes the search driver sets on trials it tells without evaluating them, which
 #: the database's reads (Pareto values, integrity check) must recognise: a trial outside the budget
 #: (told placeholder values) and a trial that repeated an earlier candidate (told that one's values).
@@ -56,6 +89,15 @@ CREATOR_ATTR = "evoprune:creator"
 #: trials (status, show, report, check) leave it out.
 RESAMPLED_ATTR = "evoprune:resampled"
 RESAMPLED_REASONS = ("over_budget", "duplicate", "invalid")
+
+
+def is_resampled(trial: Any) -> bool:
+    """Whether a (frozen) trial is a resampled suggestion of an Optuna sampler -- told at once, never
+    evaluated, not a trial of the search (system attribute :data:`RESAMPLED_ATTR`)."""
+    return RESAMPLED_ATTR in trial.system_attrs
+
+
+# --------------------------------------------------------------------------- JSON
 
 
 def _plain(value: Any, where: str) -> Any:

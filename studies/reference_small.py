@@ -5,7 +5,7 @@
     python studies/reference_small.py --generations 5 --export out/small-60
 
 Copy this file as a starting point; it only uses the public API (``evoprune.create_study``, the
-study object, ``evoprune.search`` baselines and helpers), the same path as ``evoprune search``:
+study object, ``evoprune.baselines`` and ``evoprune.study`` helpers), the same path as ``evoprune search``:
 the study lives in a SQL database (``--storage``, default ``out/<config stem>.db``) and can be
 resumed with ``evoprune resume``.
 """
@@ -20,7 +20,8 @@ import optuna
 
 import evoprune
 from evoprune._logging import configure_logging
-from evoprune.search import hypervolume, shortgpt, sleb, uniform
+from evoprune.baselines import shortgpt, sleb, uniform
+from evoprune.study import hypervolume
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -113,7 +113,7 @@ def _other_tokenizer(folder: Path) -> Path:
 def world(tmp_path_factory, reference_tiny) -> World:
     import optuna
 
-    from evoprune.search import create_study
+    from evoprune.study import create_study
 
     root = tmp_path_factory.mktemp("bad_input")
     data = root / "data"
@@ -143,7 +143,7 @@ def world(tmp_path_factory, reference_tiny) -> World:
 @pytest.fixture(scope="module")
 def servers(world):
     """``{"postgresql": (empty_url, study_url), "mysql": ...}`` for the servers that answer."""
-    from evoprune.search import create_study
+    from evoprune.study import create_study
 
     out, drops, skipped = {}, [], {}
     for kind in ("postgresql", "mysql"):
@@ -458,7 +458,7 @@ def test_failed_start_leaves_the_name_free_and_delete_study(world, tmp_path, cap
     the same id never picks up, and `evoprune delete-study` removes both."""
     import optuna
 
-    from evoprune.search import load_study
+    from evoprune.study import load_study
     from evoprune.storage import list_studies
 
     url = f"sqlite:///{tmp_path / 'life.db'}"
@@ -512,7 +512,8 @@ def test_fixture_reuses_a_deleted_study_id(world):
 def test_python_path_failed_first_run_frees_the_name(world, tmp_path):
     """Python: ``create_study(..., runtime=True)`` writes nothing when the model is missing; a study
     created without a runtime whose first ``run`` fails never started, so the fixed config takes it."""
-    from evoprune.search import StudyConfig, create_study
+    from evoprune.search import StudyConfig
+    from evoprune.study import create_study
     from evoprune.storage import ConfigMismatchError
 
     url = f"sqlite:///{tmp_path / 'py.db'}"

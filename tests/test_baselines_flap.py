@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from evoprune.pruning import Pruner
-from evoprune.search import flap, flap_scores
+from evoprune.baselines import flap, flap_scores
 from evoprune.space import Budget, SearchSpace
 from tiny_models import tiny_model
 

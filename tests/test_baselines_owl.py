@@ -11,7 +11,7 @@ import pytest
 import torch
 
 from evoprune.pruning import Pruner
-from evoprune.search import owl, owl_allocation, owl_scores, uniform
+from evoprune.baselines import owl, owl_allocation, owl_scores, uniform
 from evoprune.space import Budget, SearchSpace
 from tiny_models import tiny_model
 

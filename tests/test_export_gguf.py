@@ -414,7 +414,7 @@ def test_smollm2_at_60_percent_params_greedy_20_tokens_identical(smollm2, tmp_pa
     (the bench `bench/gguf_serve.py` exports a searched one): 20 greedy tokens identical in llama.cpp."""
     import transformers
 
-    from evoprune.search import flap
+    from evoprune.baselines import flap
     from evoprune.space import Budget, SearchSpace
 
     tok = transformers.AutoTokenizer.from_pretrained(smollm2)
@@ -447,7 +447,7 @@ def test_smollm2_at_60_percent_params_greedy_20_tokens_identical(smollm2, tmp_pa
 
 def test_export_command_writes_each_format_and_records_it(reference_tiny, tmp_path, capsys):
     from evoprune._cli import main
-    from evoprune.search import create_study
+    from evoprune.study import create_study
 
     text = "The quick brown fox jumps over the lazy dog. Shall I compare thee to a summer's day? " * 16
     (tmp_path / "train.txt").write_text(text)

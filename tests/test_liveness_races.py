@@ -19,10 +19,12 @@ from tiny_models import tiny_model
 from evoprune._optuna_private import trial_id
 from evoprune.evaluators import EvalContext, KLToDense, Pipeline, Stage, TopK
 from evoprune.pruning import Pruner
-from evoprune.search import EvolutionarySampler, Runtime, Searcher, create_study
+from evoprune.search import EvolutionarySampler, Runtime, Searcher
+from evoprune.study import create_study
 from evoprune.search._searcher import SearchStats
 from evoprune.space import Budget, Candidate, LayerConfig, SearchSpace
-from evoprune.storage import SQLRecorder, StudyDatabase
+from evoprune.storage import StudyDatabase
+from evoprune.storage.internal import SQLRecorder
 from evoprune.storage._owner import Owner
 
 optuna.logging.set_verbosity(optuna.logging.WARNING)

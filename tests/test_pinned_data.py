@@ -227,7 +227,7 @@ def test_load_token_file_rejects_negative_ids(tmp_path):
 
 
 def test_search_on_a_token_file_with_pinned_windows(world):
-    from evoprune.search import create_study
+    from evoprune.study import create_study
 
     url = f"sqlite:///{world['root'] / 'e2e.db'}"
     cfg = StudyConfig.from_dict(_config(world, "valid.u16.bin", data={"windows": [320, 0, 640]},

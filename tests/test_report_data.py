@@ -32,18 +32,11 @@ from test_storage_backends import make_storage_url
 
 from evoprune import create_study
 from evoprune._optuna_private import trial_id
-from evoprune.report import (
-    architecture_data,
-    build_report,
-    fidelity_data,
-    funnel_data,
-    history_data,
-    load_snapshot,
-    pareto_matrix_data,
-    pareto_plot_data,
-    spearman,
-    write_report,
-)
+from evoprune.report import build_report, load_snapshot, write_report
+from evoprune.report._architecture import architecture_data
+from evoprune.report._history import history_data
+from evoprune.report._pareto import pareto_matrix_data, pareto_plot_data
+from evoprune.report._stages import fidelity_data, funnel_data, spearman
 from evoprune.report._snapshot import StudySnapshot, TrialView
 from evoprune.search import StudyConfig
 from evoprune.space import Candidate, LayerConfig, SearchSpace
@@ -258,7 +251,7 @@ def test_spearman_matches_scipy_with_ties():
 
 def test_report_without_the_models_config(snap, tmp_path):
     """No config.json: no cost ratios, a note saying why, widths relative to the widest seen; still a report."""
-    from evoprune.report import study_space
+    from evoprune.report._snapshot import study_space
 
     cfg = StudyConfig.from_dict({**CONFIG, "model": str(tmp_path / "gone")})
     space, note = study_space(cfg)

@@ -9,7 +9,8 @@ import torch
 from tiny_models import tiny_model
 
 from evoprune.pruning import Pruner
-from evoprune.search import calibration_loss, flap, flap_scores, hypervolume, pareto_front, shortgpt, sleb, uniform
+from evoprune.baselines import calibration_loss, flap, flap_scores, shortgpt, sleb, uniform
+from evoprune.study import hypervolume, pareto_front
 from evoprune.space import Budget, SearchSpace
 
 

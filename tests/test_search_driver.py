@@ -13,20 +13,18 @@ from tiny_models import tiny_model
 
 from evoprune.evaluators import EvalContext, KLToDense, Pipeline, Stage, TopK
 from evoprune.pruning import Pruner
+from evoprune.baselines import shortgpt, uniform
 from evoprune.search import (
-    ATTR_PREFIX,
     BudgetSweep,
     EvolutionarySampler,
     OptunaRecorder,
     Recorder,
     Runtime,
     Searcher,
-    pareto_front,
-    shortgpt,
-    study_front,
     trial_candidate,
-    uniform,
 )
+from evoprune.storage.internal import ATTR_PREFIX
+from evoprune.study import pareto_front, study_front
 from evoprune.space import Budget, SearchSpace
 
 optuna.logging.set_verbosity(optuna.logging.WARNING)

@@ -7,7 +7,7 @@ import numpy as np
 import optuna
 import pytest
 
-from evoprune.search import hypervolume, pareto_front
+from evoprune.study import hypervolume, pareto_front
 
 optuna.logging.set_verbosity(optuna.logging.WARNING)
 

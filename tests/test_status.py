@@ -19,7 +19,7 @@ from test_storage_backends import make_storage_url, storage_url, tiny_study_conf
 from evoprune import create_study, load_study
 from evoprune._cli import main
 from evoprune._optuna_private import trial_id
-from evoprune.search import study_status
+from evoprune.study import study_status
 from evoprune.space import Candidate, LayerConfig
 from evoprune.storage import StudyDatabase
 from evoprune.storage._owner import Owner

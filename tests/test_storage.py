@@ -19,15 +19,10 @@ from optuna.trial import TrialState
 from test_storage_backends import storage_url, tiny_study_config  # noqa: F401  (fixture)
 
 from evoprune._optuna_private import trial_id
-from evoprune.search import StudyNotFoundError, create_study, load_study
+from evoprune.study import StudyNotFoundError, create_study, load_study
 from evoprune.space import Candidate, LayerConfig
-from evoprune.storage import (
-    ConfigMismatchError,
-    FingerprintMismatchError,
-    Heartbeat,
-    SQLRecorder,
-    StudyDatabase,
-)
+from evoprune.storage import ConfigMismatchError, FingerprintMismatchError, StudyDatabase
+from evoprune.storage.internal import Heartbeat, SQLRecorder
 from evoprune.storage._owner import Owner
 
 optuna.logging.set_verbosity(optuna.logging.WARNING)
@@ -329,7 +324,7 @@ def test_fixed_trials_are_created_atomically_across_workers(storage_url):
 def test_cli_resume_stops_when_a_fingerprint_changed(tmp_path, capsys, monkeypatch):
     """`evoprune resume` exits with code 3 and names what changed (the runtime is faked: no model)."""
     from evoprune._cli import main
-    from evoprune.search import EvoStudy
+    from evoprune.study import EvoStudy
 
     url = f"sqlite:///{tmp_path / 'fp.db'}"
     study = create_study(tiny_study_config(), storage=url, study_name="fp")

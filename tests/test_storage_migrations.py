@@ -21,7 +21,8 @@ from optuna.trial import TrialState
 from test_storage_backends import storage_engine, storage_url  # noqa: F401  (fixture)
 
 from evoprune._optuna_private import study_id, trial_id
-from evoprune.storage import SchemaVersionError, StudyDatabase, list_studies, open_rdb_storage, schema_version
+from evoprune.storage import SchemaVersionError, StudyDatabase, list_studies, schema_version
+from evoprune.storage.internal import open_rdb_storage
 from evoprune.storage._schema import SCHEMA_VERSION, VERSION_TABLE, is_current, upgrade
 from evoprune.storage._tables import Base
 

@@ -1,7 +1,8 @@
 """Alembic environment of evoprune's tables (``storage/migrations``).
 
 Run only through :func:`evoprune.storage._schema.upgrade`, which passes the connection (inside
-its transaction and migration lock) as ``config.attributes["connection"]``. The revisions are
+its transaction and migration lock) as ``config.attributes["connection"]``, and the models'
+``target_metadata`` and the ``version_table`` (so this script imports nothing of evoprune's). The revisions are
 tracked in ``evoprune_alembic_version``, never in Optuna's own ``alembic_version``, and only the
 ``evoprune_*`` tables are compared when autogenerating.
 
@@ -16,9 +17,6 @@ models. Write the migration so that it can run again after a partial run (MySQL 
 from __future__ import annotations
 
 from alembic import context
-
-from evoprune.storage._schema import VERSION_TABLE
-from evoprune.storage._tables import Base
 
 
 def include_name(name: str | None, type_: str, parent_names: object) -> bool:
@@ -35,8 +33,8 @@ def run_migrations_online() -> None:
         )
     context.configure(
         connection=connection,
-        target_metadata=Base.metadata,
-        version_table=VERSION_TABLE,
+        target_metadata=context.config.attributes["target_metadata"],
+        version_table=context.config.attributes["version_table"],
         include_name=include_name,
     )
     with context.begin_transaction():  # the caller's transaction: nothing is begun or committed here

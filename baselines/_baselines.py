@@ -54,12 +54,13 @@ from typing import Any
 import numpy as np
 
 from .._logging import get_logger
+from ..evaluators import sequence_nll
 from ..space import Candidate, SearchSpace
 
 __all__ = ["calibration_loss", "flap", "flap_scores", "owl", "owl_allocation", "owl_scores", "shortgpt", "sleb",
            "uniform"]
 
-_log = get_logger("search.baselines")
+_log = get_logger("baselines")
 
 
 def _budget_ratio(space: SearchSpace) -> tuple[float, str]:
@@ -154,27 +155,11 @@ def shortgpt(space: SearchSpace, influence: Any, *, num_blocks: int | None = Non
 
 
 def calibration_loss(model: Any, calib_ids: Any, *, batch_size: int = 8) -> tuple[float, int]:
-    """Mean next-token cross-entropy of ``model`` on ``calib_ids [n, seq_len]``; returns ``(loss, tokens)``."""
-    import torch
-
-    device = next(model.parameters()).device
-    total, count = 0.0, 0
-    was_training = model.training
-    model.eval()
-    try:
-        with torch.inference_mode():
-            for start in range(0, calib_ids.shape[0], batch_size):
-                batch = calib_ids[start : start + batch_size].to(device)
-                logits = model(input_ids=batch, use_cache=False).logits[:, :-1].float()
-                target = batch[:, 1:]
-                nll = torch.nn.functional.cross_entropy(
-                    logits.reshape(-1, logits.shape[-1]), target.reshape(-1), reduction="sum"
-                )
-                total += float(nll)
-                count += target.numel()
-    finally:
-        model.train(was_training)
-    return total / max(count, 1), int(calib_ids.numel())
+    """Mean next-token cross-entropy of ``model`` on ``calib_ids [n, seq_len]``; returns ``(loss, tokens)``
+    (the perplexity rule is :func:`evoprune.evaluators.sequence_nll`; this only batches and averages)."""
+    batches = (calib_ids[start : start + batch_size] for start in range(0, calib_ids.shape[0], batch_size))
+    nll, count = sequence_nll(model, batches)
+    return nll / max(count, 1), int(calib_ids.numel())
 
 
 def sleb(

@@ -30,7 +30,7 @@ from typing import Any
 
 from optuna.trial import TrialState
 
-from ..storage._values import RESAMPLED_ATTR, RESAMPLED_REASONS, naive
+from ..storage.internal import RESAMPLED_ATTR, RESAMPLED_REASONS, naive
 
 __all__ = ["StageCount", "StopProgress", "StudyStatus", "WorkerStatus", "format_duration", "study_status"]
 
@@ -212,7 +212,7 @@ def _seconds(a: _dt.datetime, b: _dt.datetime) -> float:
 
 
 def study_status(study: Any, *, window: float = DEFAULT_WINDOW, now: _dt.datetime | None = None) -> StudyStatus:
-    """The :class:`StudyStatus` of an :class:`~evoprune.search.EvoStudy` (reads only).
+    """The :class:`StudyStatus` of an :class:`~evoprune.study.EvoStudy` (reads only).
 
     Args:
         study: the study (``load_study(...)``).

@@ -75,6 +75,6 @@ def hypervolume(points: Any, reference: Sequence[float], directions: Sequence[st
 
 def study_front(study: Any) -> list[Any]:
     """The study's Pareto-optimal feasible COMPLETE trials (``study.best_trials``, ties kept: the same
-    trials as :meth:`EvoStudy.pareto_front <evoprune.search.EvoStudy.pareto_front>`), sorted by
+    trials as :meth:`EvoStudy.pareto_front <evoprune.study.EvoStudy.pareto_front>`), sorted by
     values, then trial number."""
     return sorted(study.best_trials, key=lambda t: (tuple(t.values), t.number))

@@ -20,6 +20,7 @@ Resuming needs the storage URL and the study name, nothing else::
 from __future__ import annotations
 
 import dataclasses
+import importlib
 import os
 from collections.abc import Mapping, Sequence
 from pathlib import Path
@@ -28,41 +29,51 @@ from typing import Any
 import optuna
 from optuna.trial import TrialState
 
-from .. import __version__
+from .. import STUDY_VERBS, __version__
 from .._fingerprint import directory_sha256
 from .._logging import get_logger
 from .._optuna_private import study_id, trial_id
+from ..search import (
+    SamplerExhausted,
+    Searcher,
+    StudyConfig,
+    build_pipeline,
+    build_runtime,
+    make_sampler,
+    objective_directions,
+    study_sampler,
+)
 from ..space import Candidate
 from ..storage import (
-    DEFAULT_GRACE_PERIOD,
-    DEFAULT_HEARTBEAT_INTERVAL,
     Artifact,
-    Heartbeat,
+    ConfigMismatchError,
     ReapReport,
-    SQLRecorder,
     StageOutcome,
     StageRecord,
-    ConfigMismatchError,
     StudyDatabase,
     check_storage,
+    redact_url,
+)
+from ..storage.internal import (
+    DEFAULT_GRACE_PERIOD,
+    DEFAULT_HEARTBEAT_INTERVAL,
+    DUPLICATE_OF_ATTR,
+    Heartbeat,
+    SQLRecorder,
     default_storage_url,
+    is_resampled,
     open_rdb_storage,
     reap,
     stop_own,
-    redact_url,
     stored_study,
 )
-from ..storage._values import DUPLICATE_OF_ATTR
-from ._config import StudyConfig
-from ._objectives import objective_directions
 from ._pareto import pareto_front
-from ._runtime import build_runtime, make_sampler
-from ._searcher import SamplerExhausted, Searcher, is_resampled
-from ._stages import build_pipeline
+from ._status import study_status
 
-__all__ = ["EvoStudy", "ParetoPoint", "StudyNotFoundError", "create_study", "delete_study", "load_study"]
+__all__ = ["EvoStudy", "ParetoPoint", "StudyNotFoundError", "create_study", "delete_study", "load_study",
+           "register_study_verb"]
 
-_log = get_logger("search.study")
+_log = get_logger("study")
 
 
 class _FixedParamsSampler(optuna.samplers.BaseSampler):
@@ -87,6 +98,28 @@ class _FixedParamsSampler(optuna.samplers.BaseSampler):
         if param_name not in self._current:
             raise RuntimeError(f"no fixed value for param {param_name!r} of the retried candidate")
         return self._current[param_name]
+
+
+#: verbs of :class:`EvoStudy` that rooms above this one provide (``"report"``: :mod:`evoprune.report`),
+#: so that this room never imports them: registered functions (:func:`register_study_verb`)
+_STUDY_VERBS: dict[str, Any] = {}
+
+
+def register_study_verb(name: str, function: Any) -> None:
+    """Make ``function(study, *args, **kwargs)`` the study verb ``name`` (``EvoStudy.report`` is the verb
+    ``"report"``, registered by :mod:`evoprune.report`)."""
+    _STUDY_VERBS[name] = function
+
+
+def study_verb(name: str) -> Any:
+    """The function of study verb ``name``: registered, or else provided by the room the package declares
+    for it (:data:`evoprune.STUDY_VERBS`, the composition root), which registers it when imported."""
+    if name not in _STUDY_VERBS and name in STUDY_VERBS:
+        module, _, attr = STUDY_VERBS[name].partition(":")
+        _STUDY_VERBS.setdefault(name, getattr(importlib.import_module(module), attr))
+    if name not in _STUDY_VERBS:
+        raise LookupError(f"no study verb {name!r}; register one with evoprune.study.register_study_verb.")
+    return _STUDY_VERBS[name]
 
 
 class StudyNotFoundError(LookupError):
@@ -117,16 +150,6 @@ def _coerce_config(config: Any) -> tuple[StudyConfig, Path | None]:
 def study_directions(config: StudyConfig) -> list[str]:
     """Optuna directions of ``config.objectives`` (no model needed; see :func:`objective_directions`)."""
     return objective_directions(config.objectives, build_pipeline(config.stages))
-
-
-def _study_sampler(config: StudyConfig) -> Any:
-    """The Optuna study's own sampler: the config's Optuna sampler, or -- for generation samplers,
-    whose trials get fixed params -- a RandomSampler, which never reads the trial history (Optuna's
-    default TPE/NSGA-II would load every trial on each ask)."""
-    built = make_sampler(config.sampler.name, config.sampler.options, seed=config.seed)[0]
-    if isinstance(built, optuna.samplers.BaseSampler):
-        return built
-    return optuna.samplers.RandomSampler(seed=config.seed)
 
 
 def worker_seed(seed: int, index: int) -> int:
@@ -172,10 +195,7 @@ class EvoStudy:
         self._url = url
         self.heartbeat_interval = float(heartbeat_interval)
         self.grace_period = float(grace_period)
-        stages = build_pipeline(config.stages).stages
-        self.recorder = SQLRecorder(db, storage, directions={
-            st.name: {**{ev.name: ev.direction for ev in st.evaluators}, "objective": st.direction} for st in stages
-        })
+        self._recorder: SQLRecorder | None = None
         self.last_retried = 0
         #: the :class:`~evoprune.search.Runtime` built (or given) when the study was created, reused by
         #: :meth:`run` and :meth:`export` when they get none
@@ -183,6 +203,22 @@ class EvoStudy:
 
     def __repr__(self) -> str:
         return f"EvoStudy(name={self.name!r}, url={self.url!r})"
+
+    @property
+    def recorder(self) -> SQLRecorder:
+        """The :class:`~evoprune.storage.internal.SQLRecorder` the search driver writes through (built on
+        first use: it needs the stage evaluators' directions, which reading a study does not)."""
+        if self._recorder is None:
+            stages = build_pipeline(self.config.stages).stages
+            self._recorder = SQLRecorder(self.db, self.storage, directions={
+                st.name: {**{ev.name: ev.direction for ev in st.evaluators}, "objective": st.direction}
+                for st in stages
+            })
+        return self._recorder
+
+    @recorder.setter
+    def recorder(self, recorder: Any) -> None:
+        self._recorder = recorder
 
     def close(self) -> None:
         """Release the study's database connections."""
@@ -272,11 +308,9 @@ class EvoStudy:
         return self.db.integrity_problems()
 
     def status(self, *, window: float = 300.0) -> Any:
-        """Where the study stands (:class:`~evoprune.search.StudyStatus`: trials by state, stage counts,
+        """Where the study stands (:class:`~evoprune.study.StudyStatus`: trials by state, stage counts,
         best so far, tokens, evaluations/s over the last ``window`` seconds of activity, workers, ETA
         against the stored stop condition). Reads only."""
-        from ._status import study_status
-
         return study_status(self, window=window)
 
     # ------------------------------------------------------------------ workers
@@ -295,6 +329,14 @@ class EvoStudy:
         """Load model and data of the stored config and check their fingerprints against the study's."""
         runtime = build_runtime(self.config, **kwargs)
         self.verify_fingerprints(runtime.fingerprints, runtime.fingerprint_details)
+        return runtime
+
+    def _checked_runtime(self, runtime: Any) -> Any:
+        """``runtime``, or the one the study was created with, or a new one -- its fingerprints checked."""
+        runtime = runtime if runtime is not None else self.runtime
+        if runtime is None:
+            return self.build_runtime()
+        self.verify_fingerprints(runtime.fingerprints, getattr(runtime, "fingerprint_details", None))
         return runtime
 
     def run(
@@ -322,12 +364,7 @@ class EvoStudy:
         """
         stops = self.config.stops(n_trials=n_trials, n_generations=n_generations, timeout=timeout,
                                   max_tokens=max_tokens)
-        if runtime is None:
-            runtime = self.runtime
-        if runtime is None:
-            runtime = self.build_runtime()
-        else:
-            self.verify_fingerprints(runtime.fingerprints, getattr(runtime, "fingerprint_details", None))
+        runtime = self._checked_runtime(runtime)
         self.db.purge_orphans()  # rows of studies deleted with plain Optuna: their trial ids come back
         self.db.register_worker(command=command)
         sampler, budget_mode = self._worker_sampler(runtime)
@@ -407,10 +444,9 @@ class EvoStudy:
         """Write the study's self-contained HTML report (plots, Pareto table, config, fingerprints,
         versions) to ``path`` and return its absolute path; ``options`` go to
         :func:`evoprune.report.write_report` (e.g. ``trials=[3, 17]`` for the architecture heatmap).
-        Reads the study only, so it works while the search runs (`evoprune report` does the same)."""
-        from ..report import write_report
-
-        return write_report(self, path, **options)
+        Reads the study only, so it works while the search runs (`evoprune report` does the same).
+        The verb is provided by :mod:`evoprune.report` (:func:`study_verb`)."""
+        return study_verb("report")(self, path, **options)
 
     # ------------------------------------------------------------------ export
     def export(self, number: int, out_dir: str | os.PathLike[str], *, runtime: Any = None,
@@ -441,12 +477,7 @@ class EvoStudy:
         out = Path(out_dir).expanduser().resolve()
         if out.exists() and (not out.is_dir() or any(out.iterdir())):
             raise FileExistsError(f"{out} exists and is not an empty folder; choose a new --out folder.")
-        if runtime is None:
-            runtime = self.runtime
-        if runtime is None:
-            runtime = self.build_runtime()
-        else:
-            self.verify_fingerprints(runtime.fingerprints, getattr(runtime, "fingerprint_details", None))
+        runtime = self._checked_runtime(runtime)
         fmt = {"format": format, "dtype": dtype} if format != "hf" or dtype is not None else {}
         healing = None
         if finetune_tokens and getattr(runtime.pruner, "mode", "static") == "probe":
@@ -534,7 +565,7 @@ def create_study(
     url = check_storage(storage if storage is not None else default_storage_url(path), existing=False)
     name = study_name or _default_name(cfg, path)
     directions = study_directions(cfg)
-    sampler = _study_sampler(cfg)
+    sampler = study_sampler(cfg)
     _check_existing(url, name, cfg, directions, load_if_exists)
     if runtime is True:
         runtime = build_runtime(cfg)
@@ -558,7 +589,8 @@ def create_study(
         )
     db = StudyDatabase.create_or_open(rdb.engine, optuna_study_id=study_id(study), study_name=name,
                                       config=cfg.to_dict(), evoprune_version=__version__,
-                                      orphans_upto=mark if created else None, replace_unstarted=True)
+                                      orphans_upto=mark if created else None, replace_unstarted=True,
+                                      config_digest=cfg.digest)
     evo = EvoStudy(storage=rdb, optuna_study=study, db=db, config=cfg, url=url,
                    heartbeat_interval=heartbeat_interval, grace_period=grace_period)
     if runtime:
@@ -592,7 +624,7 @@ def _check_existing(url: str, name: str, cfg: StudyConfig, directions: list[str]
             f"study {name!r} exists with directions {found['directions']}, but this config's objectives need "
             f"{directions}; choose another --study name."
         )
-    if found["config_sha256"] != StudyDatabase.config_digest(cfg.to_dict()) and found["started"]:
+    if found["config_sha256"] != cfg.digest and found["started"]:
         raise ConfigMismatchError(
             f"study {name!r} already exists with a different config; continue it with `evoprune resume --study "
             f"{name} --storage URL` (which uses the stored config), choose a new --study name for the new config, "
@@ -617,8 +649,8 @@ def load_study(
     rdb = open_rdb_storage(url)
     study = _load_optuna(rdb, study_name, url)
     db = StudyDatabase.open(rdb.engine, optuna_study_id=study_id(study), study_name=study_name)
-    config = StudyConfig.from_dict(db.config())
-    study.sampler = _study_sampler(config)
+    config = StudyConfig.from_stored(db.config())
+    study.sampler = study_sampler(config)
     return EvoStudy(storage=rdb, optuna_study=study, db=db, config=config, url=url,
                     heartbeat_interval=heartbeat_interval, grace_period=grace_period)
 

@@ -1,0 +1,33 @@
+"""evoprune.baselines: one-shot compression methods, usable on their own or as seeds of a search.
+
+Each returns a :class:`~evoprune.space.Candidate` of the given space that meets its budget::
+
+    from evoprune.baselines import flap, owl, shortgpt, sleb, uniform
+
+    seeds = [uniform(space), shortgpt(space, pruner), flap(space, pruner, calib_ids)]
+    study.enqueue_trial(space.params_of(seeds[1]))                # Optuna samplers
+    EvolutionarySampler(init=seeds)                               # evolution
+
+* :func:`uniform`: every non-frozen block compressed alike.
+* :func:`shortgpt` (block influence) and :func:`sleb` (greedy calibration loss,
+  :func:`calibration_loss`): drop whole blocks.
+* :func:`flap` (:func:`flap_scores`): FLAP's fluctuation scores -> non-uniform widths.
+* :func:`owl` (:func:`owl_scores`, :func:`owl_allocation`): OWL's outlier-weighed per-block sparsity.
+
+The room uses ``space`` (candidates, budgets), ``evaluators`` (the one next-token NLL rule) and a
+:class:`~evoprune.pruning.Pruner` passed in by the caller; nothing here knows about samplers or storage.
+"""
+
+from ._baselines import calibration_loss, flap, flap_scores, owl, owl_allocation, owl_scores, shortgpt, sleb, uniform
+
+__all__ = [
+    "calibration_loss",
+    "flap",
+    "flap_scores",
+    "owl",
+    "owl_allocation",
+    "owl_scores",
+    "shortgpt",
+    "sleb",
+    "uniform",
+]
