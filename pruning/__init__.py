@@ -62,15 +62,17 @@ cannot hold exactly raises :class:`ExportFormatError` before anything is written
 
 from ._adapters import ArchAdapter, get_adapter, register_adapter, registered_model_types
 from ._auto import register_auto_classes
-from ._export import EXPORT_FORMAT_VERSION  # noqa: F401  (importable; written into exported configs)
+from ._calib import calibration_pass
 from ._gguf import ExportFormatError, write_gguf
-from ._nemotron import write_nemotron_nas
-from ._serve import EXPORT_FORMATS, VerifyResult, verify_export
 from ._importance import IMPORTANCE_METHODS, Importance
 from ._load import load_pruned
 from ._masks import wanda_mask
 from ._modules import DroppedAttention, DroppedMLP, per_layer_modules
+from ._nemotron import write_nemotron_nas
 from ._pruner import Pruner
+from ._serve import EXPORT_FORMAT_VERSION  # noqa: F401  (importable; written into exported configs)
+from ._serve import EXPORT_FORMATS, check_format_args
+from ._verify import VerifyResult, verify_export, verify_report
 
 __all__ = [
     "EXPORT_FORMATS",
@@ -82,6 +84,8 @@ __all__ = [
     "Importance",
     "Pruner",
     "VerifyResult",
+    "calibration_pass",
+    "check_format_args",
     "get_adapter",
     "load_pruned",
     "per_layer_modules",
@@ -89,6 +93,7 @@ __all__ = [
     "register_auto_classes",
     "registered_model_types",
     "verify_export",
+    "verify_report",
     "wanda_mask",
     "write_gguf",
     "write_nemotron_nas",
