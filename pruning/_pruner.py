@@ -160,7 +160,9 @@ class Pruner(ExportMixin):
         norms = self._permute()
         model._evoprune_permuted = True
         self._live = LiveModel(model=model, adapter=self.adapter, spec=self.spec, refs=self._refs, input_norms=norms,
-                               calib_ids=calib_ids, calib_batch_size=calib_batch_size)
+                               calib_ids=calib_ids, calib_batch_size=calib_batch_size,
+                               model_fingerprint=self.model_fingerprint, data_fingerprint=self.data_fingerprint,
+                               cache_dir=Path(cache_dir).expanduser() if cache_dir is not None else None)
         self._undo = UndoLog()  # the structure of the applied candidate (the strategy keeps its own)
         self._candidate: Candidate | None = None
         self.mode = "static"

@@ -145,8 +145,8 @@ class StaticStrategy:
         for plan in self._plans(i, sublayer, lc):
             ws, bs = [], []
             for part in plan.parts:
-                mask = self._mask(part, lc.sparsity_of(part.logical), pattern)
-                w = part.weight * mask if mask is not None else part.weight
+                w, mask = self._kept(part, lc, pattern)
+                w = w * mask if mask is not None else w
                 ws.append(w.reshape(part.shape2d))
                 if part.bias is not None:
                     bs.append(part.bias.reshape(-1))
@@ -223,6 +223,12 @@ class StaticStrategy:
                 (i, "down", mc))], False))
         return plans
 
+    def _kept(self, part: _Part, lc: LayerConfig, pattern: str) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """What a kept slice holds: ``(weight, keep-mask or None)``, the weight shaped like ``part.weight``
+        or ``part.shape2d``. Here the dense view and its Wanda mask; the one place to override for
+        other weights of the same slices (e.g. stored, compensated ones)."""
+        return part.weight, self._mask(part, lc.sparsity_of(part.logical), pattern)
+
     def _mask(self, part: _Part, level: float, pattern: str) -> torch.Tensor | None:
         """Keep-mask of ``part`` (shaped like ``part.weight``) at ``level``; bit-packed in an LRU."""
         if level <= 0:
@@ -250,13 +256,13 @@ class StaticStrategy:
         needs_forward = not single
         for part in plan.parts:
             wname = "weight" if single else f"weight_{part.logical}"
-            p = nn.Parameter(part.weight, requires_grad=dense_w.requires_grad)
+            weight, mask = self._kept(part, lc, pattern)
+            p = nn.Parameter(weight, requires_grad=dense_w.requires_grad)
             new_params[wname] = p
-            mask = self._mask(part, lc.sparsity_of(part.logical), pattern)
             if mask is not None:
                 self._masks[p] = mask
                 needs_forward = True
-            if tuple(part.weight.shape) != part.shape2d:
+            if tuple(weight.shape) != part.shape2d:
                 needs_forward = True
             wspecs.append((wname, mask, part.shape2d))
             if plan.bias_sliced and part.bias is not None:

@@ -60,7 +60,9 @@ and :class:`~evoprune.space.ModelSpec`, the dense modules and parameters of ever
 A new strategy (for example weights from a level database, swapped into the live parameters and
 restored bit for bit) is a new module with a class that satisfies this protocol, one entry in
 :data:`~._pruner.STRATEGIES` and its mode in ``evoprune.space.PRUNING_MODES``; the other
-strategies do not change.
+strategies do not change. One that keeps the static mode's slices (the first ``k`` units) with other
+weights in them can subclass :class:`~._static.StaticStrategy` and override ``_kept`` (what a kept
+slice holds: its weight and keep-mask), which both its ``apply`` and ``materialized_linears`` use.
 """
 
 from __future__ import annotations
@@ -200,6 +202,10 @@ class LiveModel:
             (``"attn_in"``, ``"o_in"``, ``"mlp_in"``, ``"down_in"``; ``[L, columns]``).
         calib_ids: the calibration tokens (``None`` without them).
         calib_batch_size: sequences per calibration forward.
+        model_fingerprint, data_fingerprint: identities of the dense model and the calibration
+            tokens (``data_fingerprint`` is ``None`` without them): keys of anything a strategy
+            computes once and stores.
+        cache_dir: the pruner's cache folder (``None``: nothing on disk).
     """
 
     model: nn.Module
@@ -209,6 +215,9 @@ class LiveModel:
     input_norms: dict[str, torch.Tensor]
     calib_ids: torch.Tensor | None = None
     calib_batch_size: int = 8
+    model_fingerprint: str | None = None
+    data_fingerprint: str | None = None
+    cache_dir: Path | None = None
 
     @property
     def backbone(self) -> nn.Module:

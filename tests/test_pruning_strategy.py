@@ -13,6 +13,7 @@ from tiny_models import tiny_model
 
 from evoprune.pruning import Pruner, calibration_pass, get_adapter
 from evoprune.pruning._pruner import STRATEGIES
+from evoprune.pruning._static import StaticStrategy
 from evoprune.pruning._strategy import Strategy
 from evoprune.space import PRUNING_MODES, Candidate, LayerConfig, ProbeSettings
 
@@ -127,6 +128,38 @@ def test_the_pruner_applies_its_structure_around_the_strategy_and_the_probe_refu
     _assert_state(model, before)
     with pytest.raises(ValueError, match="no fixed smaller model"):
         pruner.materialize(cand)
+
+
+class _Halved(StaticStrategy):
+    """A strategy with other weights in the static slices (as a level database's stored ones would be)."""
+
+    def _kept(self, part, lc, pattern):
+        weight, mask = super()._kept(part, lc, pattern)
+        return weight * 0.5, mask
+
+
+def test_a_strategy_with_its_own_weights_in_the_static_slices_applies_materializes_and_reverts():
+    pruner = Pruner(tiny_model("phi3"), _ids(4, 16, 0))
+    spec, model = pruner.spec, pruner.model
+    ids = _ids(2, 10, 4)
+    with torch.no_grad():
+        dense = model(ids).logits
+    before = _state(model)
+    cand = Candidate(layers=tuple(LayerConfig(num_kv_heads=2, q_per_kv=1 + i % 2, mlp_channels=48 + 8 * i,
+                                              sparsity=0.25 * (i % 2)) for i in range(spec.num_layers)))
+    with torch.no_grad(), pruner.applied(cand):
+        static = model(ids).logits
+    pruner._strategy = _Halved(pruner._live)  # what set_mode does for a registered mode
+    with torch.no_grad():
+        with pruner.applied(cand):
+            halved = model(ids).logits
+            assert pruner.masks  # the sparse parts keep their masks
+        small = pruner.materialize(cand)
+        assert torch.allclose(small(ids).logits, halved, atol=1e-5, rtol=0)
+    assert not torch.allclose(halved, static)
+    _assert_state(model, before)
+    with torch.no_grad():
+        assert torch.equal(model(ids).logits, dense)
 
 
 def test_calibration_pass_hands_every_batch_to_the_hooks_and_removes_them():
