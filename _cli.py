@@ -263,7 +263,7 @@ def _cmd_export(args: argparse.Namespace) -> int:
 
 def _cmd_verify_export(args: argparse.Namespace) -> int:
     def go() -> int:
-        from .pruning._serve import verify_report
+        from .pruning import verify_report
 
         lines, ok = verify_report(args.path, prompt=args.prompt, steps=args.tokens, threads=args.threads,
                                   float64=args.float64, tolerance=args.tolerance)

@@ -226,20 +226,6 @@ def sleb(
 # --------------------------------------------------------------------------- FLAP
 
 
-def _calibration_pass(model: Any, calib_ids: Any, hooks: list[Any], batch_size: int) -> None:
-    """Run the calibration batches through ``model`` (inference mode) so ``hooks`` see them; removes the hooks."""
-    import torch
-
-    device = next(model.parameters()).device
-    try:
-        with torch.inference_mode():
-            for start in range(0, calib_ids.shape[0], batch_size):
-                model(input_ids=calib_ids[start : start + batch_size].to(device), use_cache=False)
-    finally:
-        for h in hooks:
-            h.remove()
-
-
 def flap_scores(pruner: Any, calib_ids: Any, *, batch_size: int = 8) -> dict[str, Any]:
     """Per-layer fluctuation scores ``var(x_j) * ||W[:, j]||^2`` of ``o_proj`` and ``down_proj`` inputs.
 
@@ -250,15 +236,17 @@ def flap_scores(pruner: Any, calib_ids: Any, *, batch_size: int = 8) -> dict[str
     """
     import torch
 
+    from ..pruning import calibration_pass  # deferred, as torch: importing the baselines stays cheap
+
     pruner.revert()
     model, adapter, spec = pruner.model, pruner.adapter, pruner.spec
     layers = model.get_submodule(adapter.layers)
     stats: dict[tuple[int, str], list[torch.Tensor]] = {}
-    hooks = []
+    inputs = []
 
     def hook(key: tuple[int, str]):
-        def fn(module, args):
-            x = args[0].detach().float().reshape(-1, args[0].shape[-1])
+        def fn(x):
+            x = x.detach().float().reshape(-1, x.shape[-1])
             s = stats.setdefault(key, [torch.zeros(x.shape[-1], dtype=torch.float64), torch.zeros(x.shape[-1],
                                         dtype=torch.float64), 0])
             s[0] += x.sum(0).double().cpu()
@@ -269,9 +257,8 @@ def flap_scores(pruner: Any, calib_ids: Any, *, batch_size: int = 8) -> dict[str
 
     for i, layer in enumerate(layers):
         attn, mlp = getattr(layer, adapter.attn), getattr(layer, adapter.mlp)
-        hooks.append(getattr(attn, adapter.o).register_forward_pre_hook(hook((i, "o"))))
-        hooks.append(getattr(mlp, adapter.down).register_forward_pre_hook(hook((i, "down"))))
-    _calibration_pass(model, calib_ids, hooks, batch_size)
+        inputs += [(getattr(attn, adapter.o), hook((i, "o"))), (getattr(mlp, adapter.down), hook((i, "down")))]
+    calibration_pass(model, calib_ids, inputs, batch_size=batch_size)
     heads, head_channels, channels = [], [], []
     hd = spec.head_dim
     with torch.no_grad():
@@ -410,16 +397,18 @@ def owl_scores(pruner: Any, calib_ids: Any, *, m: float = 5.0, batch_size: int =
     """
     import torch
 
+    from ..pruning import calibration_pass  # deferred, as torch: importing the baselines stays cheap
+
     pruner.revert()
     model, adapter = pruner.model, pruner.adapter
     layers = model.get_submodule(adapter.layers)
     linears: list[list[Any]] = []
     sq: dict[int, Any] = {}
-    hooks = []
+    inputs = []
 
     def hook(key: int):
-        def fn(module, args):
-            x = args[0].detach().float().reshape(-1, args[0].shape[-1])
+        def fn(x):
+            x = x.detach().float().reshape(-1, x.shape[-1])
             s = x.pow(2).sum(0).double().cpu()
             sq[key] = s if key not in sq else sq[key] + s
 
@@ -430,8 +419,8 @@ def owl_scores(pruner: Any, calib_ids: Any, *, m: float = 5.0, batch_size: int =
         mods = [getattr(attn, n) for n in adapter.attn_linears] + [getattr(mlp, n) for n in adapter.mlp_linears]
         linears.append(mods)
         for mod in mods:
-            hooks.append(mod.register_forward_pre_hook(hook(id(mod))))
-    _calibration_pass(model, calib_ids, hooks, batch_size)
+            inputs.append((mod, hook(id(mod))))
+    calibration_pass(model, calib_ids, inputs, batch_size=batch_size)
     def wanda(mod: Any) -> Any:  # one linear's scores at a time (two passes: mean, then count)
         w = mod.weight.detach()
         return w.abs().float() * sq[id(mod)].sqrt().to(device=w.device, dtype=torch.float32).reshape(1, -1)

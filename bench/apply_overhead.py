@@ -241,8 +241,8 @@ def memory_probe(args: argparse.Namespace) -> dict[str, Any]:
         out.update(kind="cpu", before=before, peak=peak, rss_start=rss_start,
                    peak_source="VmHWM" if hwm else "sampled VmRSS")
     out["ratio"] = (dense_bytes + max(0, peak - before)) / dense_bytes
-    out["lru_masks"] = len(pruner._mask_cache)
-    out["lru_bytes"] = pruner._mask_cache.nbytes
+    out["lru_masks"] = len(pruner.strategy.mask_cache)
+    out["lru_bytes"] = pruner.strategy.mask_cache.nbytes
     return out
 
 

@@ -30,6 +30,10 @@ copy) or into a new, physically smaller model::
 ``pruner.set_mode("probe", ProbeSettings(...))`` (``evoprune.space.ProbeSettings``) applies a candidate's
 widths per batch instead, the kept heads and channels chosen by Probe Pruning (``_probe.py``); its
 export holds the dense weights and ``load_pruned`` gives back a model that prunes per batch.
+Each mode is one strategy behind one interface (``_strategy.py``): the pruner owns a candidate's
+structure (dropped blocks and sublayers, KV-cache indices, head counts) and hands the pruned
+sublayers to ``StaticStrategy`` (``_static.py``: prefix views + Wanda masks) or ``ProbeStrategy``
+(``_probe.py``); ``pruner.strategy`` is the current one.
 
 A new architecture needs one call, :func:`register_adapter` (module names plus the bias
 facts the cost model needs; see :class:`ArchAdapter`).
@@ -57,20 +61,37 @@ Serving formats: ``pruner.export(candidate, "out", tokenizer=tok, format="gguf",
 ``model-f16.gguf`` (llama.cpp; :func:`write_gguf`) to the HF folder, ``format="nemotron-nas"`` writes
 DeciLM ``block_configs`` for vLLM (:func:`write_nemotron_nas`); :func:`verify_export` runs a prompt
 through evoprune's model and the target engine (``evoprune verify-export``). A candidate a format
-cannot hold exactly raises :class:`ExportFormatError` before anything is written.
+cannot hold exactly raises :class:`ExportFormatError` before anything is written;
+:func:`check_format_args` checks a format name and dtype before a model is loaded, and
+:func:`verify_report` is the ``evoprune verify-export`` verb (printable lines and a verdict).
+
+:func:`calibration_pass` is the one calibration forward pass with hooks (the probe mode's history,
+FLAP's and OWL's statistics): calibration tokens through the decoder backbone, each hooked
+module's input handed to a function, the hooks removed afterwards.
+
+Inside the room, module-level imports flow one way (each module imports only those above it)::
+
+    _calib, _adapters < _modules < _auto < _masks, _importance, _gguf < _nemotron < _serve (formats)
+      < _strategy (interface) < _static, _probe (strategies) < _export < _pruner < _load < _verify
+
+``evoprune.space`` is reached through its public ``__init__`` only. The only deferred imports are of
+third-party packages (transformers, safetensors, gguf, llama_cpp, accelerate, vllm): importing
+``evoprune.pruning`` loads torch but not transformers.
 """
 
 from ._adapters import ArchAdapter, get_adapter, register_adapter, registered_model_types
 from ._auto import register_auto_classes
-from ._export import EXPORT_FORMAT_VERSION  # noqa: F401  (importable; written into exported configs)
+from ._calib import calibration_pass
 from ._gguf import ExportFormatError, write_gguf
-from ._nemotron import write_nemotron_nas
-from ._serve import EXPORT_FORMATS, VerifyResult, verify_export
 from ._importance import IMPORTANCE_METHODS, Importance
 from ._load import load_pruned
 from ._masks import wanda_mask
 from ._modules import DroppedAttention, DroppedMLP, per_layer_modules
+from ._nemotron import write_nemotron_nas
 from ._pruner import Pruner
+from ._serve import EXPORT_FORMAT_VERSION  # noqa: F401  (importable; written into exported configs)
+from ._serve import EXPORT_FORMATS, check_format_args
+from ._verify import VerifyResult, verify_export, verify_report
 
 __all__ = [
     "EXPORT_FORMATS",
@@ -82,6 +103,8 @@ __all__ = [
     "Importance",
     "Pruner",
     "VerifyResult",
+    "calibration_pass",
+    "check_format_args",
     "get_adapter",
     "load_pruned",
     "per_layer_modules",
@@ -89,6 +112,7 @@ __all__ = [
     "register_auto_classes",
     "registered_model_types",
     "verify_export",
+    "verify_report",
     "wanda_mask",
     "write_gguf",
     "write_nemotron_nas",

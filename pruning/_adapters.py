@@ -22,7 +22,7 @@ import dataclasses
 import importlib
 from typing import Any
 
-from ..space._archs import ArchFacts, find_arch, get_arch, register_arch, registered_archs, registered_model_types
+from ..space import ArchFacts, find_arch, get_arch, register_arch, registered_archs, registered_model_types
 
 __all__ = ["ArchAdapter", "get_adapter", "register_adapter", "registered_model_types"]
 

@@ -31,6 +31,9 @@ from typing import Any
 
 from .._logging import get_logger
 from .._transformers_hook import PRUNED_MODEL_TYPE_PREFIX
+from ..space import find_arch
+from ._adapters import ArchAdapter, get_adapter, registered_adapters
+from ._modules import per_layer_modules
 
 __all__ = [
     "PRUNED_MODEL_TYPE_PREFIX",
@@ -77,6 +80,7 @@ def pruned_config_class(dense_type: str) -> type:
         cls = _config_classes.get(dense_type)
         if cls is not None:
             return cls
+        # deferred: this module is imported while transformers may still be importing itself (the hook)
         from transformers.models.auto.configuration_auto import CONFIG_MAPPING, AutoConfig
 
         if dense_type not in CONFIG_MAPPING:
@@ -109,11 +113,9 @@ def pruned_model_class(dense_type: str) -> type:
         cls = _model_classes.get(dense_type)
         if cls is not None:
             return cls
-        from ._adapters import get_adapter
-
         get_adapter(dense_type)  # without an adapter per_layer_modules cannot build the blocks: say so
         config_cls = pruned_config_class(dense_type)
-        from transformers import AutoModelForCausalLM
+        from transformers import AutoModelForCausalLM  # deferred, as above
         from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING
 
         dense_config_cls = config_cls.__mro__[1]
@@ -122,8 +124,6 @@ def pruned_model_class(dense_type: str) -> type:
         base = MODEL_FOR_CAUSAL_LM_MAPPING[dense_config_cls]
         if isinstance(base, (list, tuple)):
             base = base[0]
-        from ._modules import per_layer_modules
-
         def __init__(self, config, *args: Any, **kwargs: Any) -> None:
             with per_layer_modules():
                 base.__init__(self, config, *args, **kwargs)
@@ -145,9 +145,6 @@ def pruned_model_class(dense_type: str) -> type:
 def resolve_pruned_model_type(model_type: str) -> type | None:
     """Register and return the config class of ``model_type`` (``"evoprune_llama"``), or ``None``
     when it is not ``evoprune_<type>`` of a registered adapter (transformers then rejects it)."""
-    from ..space._archs import find_arch
-    from ._adapters import ArchAdapter
-
     dense = dense_model_type(model_type)
     if dense is None or not isinstance(find_arch(dense), ArchAdapter):
         return None
@@ -170,8 +167,6 @@ def register_auto_classes(model_types: Any = None) -> tuple[str, ...]:
         >>> "evoprune_llama" in evoprune.register_auto_classes()
         True
     """
-    from ._adapters import registered_adapters
-
     explicit = model_types is not None
     types = tuple(model_types) if explicit else tuple(a.model_type for a in registered_adapters())
     done = []

@@ -1,7 +1,7 @@
 """Materialize and export: a candidate as a new, physically smaller model or an HF checkpoint.
 
-A mixin of :class:`~evoprune.pruning.Pruner` (it reads the pruner's permuted dense
-model, its per-block plans and its mask cache). The exported ``config.json`` writes the
+A mixin of :class:`~evoprune.pruning.Pruner` (it reads the pruner's permuted dense model and asks
+the pruner's strategy for the pruned linears' weights, see :mod:`._strategy`). The exported ``config.json`` writes the
 per-layer differences in transformers' ``per_layer_config`` field plus an ``evoprune``
 section; :func:`~evoprune.pruning.load_pruned` reads it back.
 
@@ -22,16 +22,12 @@ import torch
 from torch import nn
 
 from .. import __version__ as _evoprune_version
-from .._paths import atomic_folder, new_folder
 from ..space import Candidate
 from ._auto import pruned_config_class, pruned_model_class
 from ._modules import per_layer_modules, quiet_heterogeneous_warnings
+from ._serve import EXPORT_FORMAT_VERSION
 
-__all__ = ["EXPORT_FORMAT_VERSION", "ExportMixin"]
-
-EXPORT_FORMAT_VERSION = 2
-"""1: dense ``model_type`` + ``per_layer_config``; 2: ``evoprune_<dense>`` ``model_type`` unless stock
-transformers builds the export exactly; ``dense_model_type`` recorded."""
+__all__ = ["ExportMixin"]
 
 
 class ExportMixin:
@@ -115,6 +111,13 @@ class ExportMixin:
         """
         self.spec.check_candidate(candidate)
         a = self.adapter
+        pattern = candidate.sparsity_pattern
+        linears = {}  # first: a mode without a fixed smaller model refuses before anything is copied
+        for i in candidate.kept_layers:
+            lc = candidate.layers[i]
+            for sub, dropped in (("attn", lc.attn_dropped), ("mlp", lc.mlp_dropped)):
+                if not dropped:
+                    linears[(i, sub)] = self._strategy.materialized_linears(i, sub, lc, pattern)
         config = self.pruned_config(candidate)
         sd: dict[str, torch.Tensor] = {}
         memo: dict[int, torch.Tensor] = {}
@@ -129,7 +132,6 @@ class ExportMixin:
         for name, t in self.model.state_dict(keep_vars=True).items():
             if not name.startswith(prefix):
                 sd[name] = take(t)
-        pattern = candidate.sparsity_pattern
         for j, i in enumerate(candidate.kept_layers):
             r, lc = self._refs[i], candidate.layers[i]
             pfx = f"{a.layers}.{j}."
@@ -160,21 +162,10 @@ class ExportMixin:
                     if n.split(".", 1)[0] in linear_names:
                         continue
                     sd[f"{pfx}{sub_name}.{n}"] = take(t)
-                for plan in self._plans(i, sub, lc):
-                    ws, bs = [], []
-                    for part in plan.parts:
-                        mask = self._mask(part, lc.sparsity_of(part.logical), pattern)
-                        w = part.weight * mask if mask is not None else part.weight
-                        ws.append(w.reshape(part.shape2d))
-                        if part.bias is not None:
-                            bs.append(part.bias.reshape(-1))
-                    mod_pfx = f"{pfx}{sub_name}.{plan.name}."
-                    sd[mod_pfx + "weight"] = torch.cat(ws, 0).contiguous() if len(ws) > 1 else ws[0].clone().contiguous()
-                    if plan.bias_sliced:
-                        if bs:
-                            sd[mod_pfx + "bias"] = torch.cat(bs, 0).contiguous() if len(bs) > 1 else bs[0].clone()
-                    elif r.bias[plan.name] is not None:
-                        sd[mod_pfx + "bias"] = take(r.bias[plan.name])
+                for name, (w, b) in linears[(i, sub)].items():
+                    sd[f"{pfx}{sub_name}.{name}.weight"] = w
+                    if b is not None:
+                        sd[f"{pfx}{sub_name}.{name}.bias"] = b
         new = self._build(config, sd, candidate)
         return new
 
@@ -235,6 +226,9 @@ class ExportMixin:
         No pickles. Load it with :func:`~evoprune.pruning.load_pruned`, or with plain
         ``AutoModelForCausalLM.from_pretrained`` in a process that imported evoprune.
 
+        A probe-mode pruner writes the dense weights, the candidate and its settings instead (HF format
+        only); :func:`~evoprune.pruning.load_pruned` gives back a model that prunes per batch.
+
         ``model_type`` is the dense one when stock transformers builds the export exactly (block
         drops, sparsity, 2:4, or one set of widths for every kept block that the dense config
         class accepts; the global ``num_attention_heads``/``num_key_value_heads``/
@@ -246,26 +240,8 @@ class ExportMixin:
         can read them). Each block's real sizes and ``skip`` list are in ``per_layer_config``
         (written explicitly for every block), and ``num_hidden_layers`` counts the kept blocks.
         """
-        path = new_folder(path)
-        if format != "hf" or dtype is not None:
-            from ._serve import export_format
-
-            return export_format(self, candidate, path, fmt=format, tokenizer=tokenizer, dtype=dtype, **save_kwargs)
-        model = self.materialize(candidate)
-        try:
-            with atomic_folder(path) as partial:
-                save_hf(model, partial, tokenizer, **save_kwargs)
-        finally:
-            del model
-        return path
-
-
-def save_hf(model: nn.Module, folder: Path, tokenizer: Any = None, **save_kwargs: Any) -> None:
-    """A materialized model (and the tokenizer) as HF checkpoint files in ``folder``."""
-    with quiet_heterogeneous_warnings():
-        model.save_pretrained(folder, **save_kwargs)
-    if tokenizer is not None:
-        tokenizer.save_pretrained(folder)
+        return self._strategy.export(self, candidate, path, tokenizer=tokenizer, format=format, dtype=dtype,
+                                     **save_kwargs)
 
 
 def _uniform_widths(candidate: Candidate) -> tuple[int, int, int] | None:

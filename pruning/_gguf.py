@@ -44,6 +44,7 @@ import torch
 
 from .._logging import get_logger
 from ._adapters import get_adapter
+from ._auto import dense_model_type
 from ._modules import DroppedAttention, DroppedMLP
 
 __all__ = ["GGUF_DTYPES", "ExportFormatError", "GGUFBlock", "check_gguf_support", "gguf_blocks", "write_gguf"]
@@ -91,8 +92,6 @@ def check_gguf_support(config: Any, dtype: str = "f32") -> None:
     if dtype not in GGUF_DTYPES:
         raise ExportFormatError(f"GGUF dtype must be one of {', '.join(GGUF_DTYPES)}, got {dtype!r}.")
     model_type = getattr(config, "model_type", None)
-    from ._auto import dense_model_type
-
     model_type = dense_model_type(model_type) or model_type
     if model_type not in GGUF_MODEL_TYPES:
         raise ExportFormatError(
@@ -115,8 +114,6 @@ def check_gguf_support(config: Any, dtype: str = "f32") -> None:
 
 def model_adapter(model: Any) -> Any:
     """The adapter of ``model``, also for an ``evoprune_<type>`` export's config."""
-    from ._auto import dense_model_type
-
     model_type = model.config.model_type
     return get_adapter(dense_model_type(model_type) or model_type)
 

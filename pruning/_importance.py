@@ -143,6 +143,26 @@ class Importance:
             num_tokens=int(meta.get("num_tokens", "0")),
         )
 
+    @classmethod
+    def identity(cls, spec: Any) -> "Importance":
+        """Scores whose order is the model's own (e.g. a loaded probe export, already permuted): a
+        pruner given them permutes nothing. ``spec``: the model's :class:`~evoprune.space.ModelSpec`."""
+        L, G, Q, I = spec.num_layers, spec.num_kv_heads, spec.q_per_kv, spec.intermediate_size
+        nan = torch.full((L,), float("nan"))
+
+        def desc(n: int) -> torch.Tensor:
+            return -torch.arange(n, dtype=torch.float32)
+
+        return cls("magnitude", desc(G).repeat(L, 1), desc(Q).repeat(L, G, 1), desc(I).repeat(L, 1),
+                   nan, nan.clone(), nan.clone(), _unit_norms(spec), 0)
+
+
+def _unit_norms(spec: Any) -> dict[str, torch.Tensor]:
+    """Input norms of all ones (no calibration: Wanda scores become magnitudes)."""
+    L = spec.num_layers
+    return {"attn_in": torch.ones(L, spec.hidden_size), "o_in": torch.ones(L, spec.num_heads * spec.head_dim),
+            "mlp_in": torch.ones(L, spec.hidden_size), "down_in": torch.ones(L, spec.intermediate_size)}
+
 
 # -- fingerprints ----------------------------------------------------------------------------------
 # model_fingerprint and ids_fingerprint live in evoprune._fingerprint (the one copy); the pruner
@@ -360,13 +380,7 @@ def compute_importance(
             raise ValueError("method='taylor' needs calib_ids (it runs a backward pass on them).")
         kv, qh, mlp = _magnitude_scores(layers, adapter, spec)
         nan = torch.full((L,), float("nan"))
-        norms = {
-            "attn_in": torch.ones(L, spec.hidden_size),
-            "o_in": torch.ones(L, spec.num_heads * spec.head_dim),
-            "mlp_in": torch.ones(L, spec.hidden_size),
-            "down_in": torch.ones(L, spec.intermediate_size),
-        }
-        return Importance("magnitude", kv, qh, mlp, nan, nan.clone(), nan.clone(), norms, 0)
+        return Importance("magnitude", kv, qh, mlp, nan, nan.clone(), nan.clone(), _unit_norms(spec), 0)
 
     calib_ids = _validate_calib(calib_ids, spec.vocab_size)
     max_pos = getattr(model.config, "max_position_embeddings", None)

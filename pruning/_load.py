@@ -1,4 +1,11 @@
-"""Loading exported (non-uniform) checkpoints."""
+"""Loading exported (non-uniform) checkpoints.
+
+A materialized export (every fixed-model strategy) loads through transformers inside
+:func:`~evoprune.pruning.per_layer_modules`. An export whose ``evoprune`` section names a ``mode``
+(written by a strategy without a fixed smaller model, e.g. the probe mode) holds the dense weights:
+it loads as the dense model, a :class:`~evoprune.pruning.Pruner` in that mode (the strategy's
+``load_export`` gives the settings and options) and the exported candidate applied.
+"""
 
 from __future__ import annotations
 
@@ -6,7 +13,14 @@ import json
 import os
 from typing import Any
 
+from torch import nn
+
+from ..space import Candidate, ModelSpec
+from ._auto import register_auto_classes
+from ._importance import Importance
 from ._modules import per_layer_modules
+from ._pruner import STRATEGIES, Pruner
+from ._serve import EXPORT_FORMAT_VERSION
 
 __all__ = ["load_pruned"]
 
@@ -46,10 +60,7 @@ def load_pruned(
         model = load_pruned("exported/", dtype=torch.bfloat16)
         model.config.evoprune["candidate"]      # the architecture that was exported
     """
-    from transformers import AutoModelForCausalLM
-
-    from ._auto import register_auto_classes
-    from ._export import EXPORT_FORMAT_VERSION
+    from transformers import AutoModelForCausalLM  # deferred: keeps `import evoprune.pruning` cheap
 
     register_auto_classes()
     _check_format(path, EXPORT_FORMAT_VERSION)
@@ -58,12 +69,30 @@ def load_pruned(
     if device_map is not None:
         kwargs["device_map"] = device_map
     section = _section(path)
-    if section.get("mode") == "probe":  # dense weights that prune per batch (Probe Pruning)
-        from ._probe import load_probe
-
-        return load_probe(path, section, **kwargs)
+    if section.get("mode") is not None:  # dense weights, pruned by that mode's strategy (e.g. per batch)
+        return _load_mode_export(path, section, **kwargs)
     with per_layer_modules():
         return AutoModelForCausalLM.from_pretrained(path, **kwargs)
+
+
+def _load_mode_export(path: str | os.PathLike[str], section: dict[str, Any], **kwargs: Any) -> nn.Module:
+    """The dense model of a mode export with its candidate applied (``model.evoprune_pruner`` holds the
+    pruner: ``.revert()`` gives the dense model, e.g. ``.probe.hold()`` freezes the probe's units)."""
+    from transformers import AutoModelForCausalLM  # deferred: keeps `import evoprune.pruning` cheap
+
+    mode = section["mode"]
+    strategy = STRATEGIES.get(mode)
+    if strategy is None or not hasattr(strategy, "load_export"):
+        raise ValueError(f"{path} was exported in pruning mode {mode!r}, which this evoprune cannot load "
+                         f"(modes: {sorted(STRATEGIES)}); upgrade evoprune (pip install -U evoprune).")
+    model = AutoModelForCausalLM.from_pretrained(path, **kwargs).eval()
+    spec = ModelSpec.from_config(model.config)
+    pruner = Pruner(model, None, importance=Importance.identity(spec), model_fingerprint=section.get("model_fingerprint"))
+    settings, options = strategy.load_export(path, section, model.get_input_embeddings().weight.device)
+    pruner.set_mode(mode, settings, **options)
+    pruner.apply(Candidate.from_dict(section["candidate"]))
+    model.evoprune_pruner = pruner
+    return model
 
 
 def _section(path: str | os.PathLike[str]) -> dict[str, Any]:

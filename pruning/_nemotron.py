@@ -39,7 +39,9 @@ import torch
 
 from .._logging import get_logger
 from .._paths import atomic_folder, new_folder
+from ._auto import dense_model_type
 from ._gguf import ExportFormatError, _head_dim, _layer_tensors, _rope, model_adapter
+from ._modules import per_layer_modules
 
 __all__ = ["NEMOTRON_NAS_MODEL_TYPES", "check_nemotron_nas_support", "ffn_mult_to_intermediate_size",
            "nemotron_nas_layout", "write_nemotron_nas"]
@@ -118,8 +120,6 @@ def _ffn_mult(width: int, hidden_size: int) -> float:
 def check_nemotron_nas_support(config: Any) -> None:
     """Raise :class:`ExportFormatError` (one line, nothing written) when a model of ``config`` cannot be
     written as Nemotron-NAS exactly."""
-    from ._auto import dense_model_type
-
     model_type = dense_model_type(config.model_type) or config.model_type
     if model_type not in NEMOTRON_NAS_MODEL_TYPES:
         raise ExportFormatError(
@@ -392,9 +392,7 @@ def _llama(cfg: dict[str, Any], sd: dict[str, torch.Tensor], widths: dict[int, t
            path: Any) -> Any:
     """A transformers Llama whose block ``j`` has ``widths[j] = (q heads, kv heads, mlp)`` (0: dropped),
     loaded from ``sd`` with exact names and shapes."""
-    from transformers import LlamaConfig, LlamaForCausalLM
-
-    from ._modules import per_layer_modules
+    from transformers import LlamaConfig, LlamaForCausalLM  # deferred: keeps `import evoprune.pruning` cheap
 
     per_layer = {}
     for j, (nq, nkv, mc) in widths.items():

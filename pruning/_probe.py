@@ -6,7 +6,8 @@ Model-Probing", ICLR 2025 (arXiv 2502.15618); reference code Qi-Le1/Probe_Prunin
 ``src/model/llama_pp.py``). A :class:`~evoprune.space.Candidate` still says *how many* KV groups,
 query heads per group and MLP channels every block keeps (so the per-layer ratios are searched by
 evoprune's samplers); this mode picks *which* ones for every batch. Switch a pruner to it with
-``pruner.set_mode("probe", ProbeSettings(...))`` (a study does it from ``space: {mode: probe}``).
+``pruner.set_mode("probe", ProbeSettings(...))`` (a study does it from ``space: {mode: probe}``):
+:class:`ProbeStrategy` is the mode's strategy (the interface is in :mod:`._strategy`).
 
 Per pruned sublayer of block ``i``, on every prefill batch (``[B, S]`` tokens):
 
@@ -52,11 +53,16 @@ Per pruned sublayer of block ``i``, on every prefill batch (``[B, S]`` tokens):
 **Decoding with a KV cache**: a forward whose cache already holds tokens is a decode step; it
 reuses the units chosen at that batch's prefill (no probe, no history update), so the cached
 K/V (of the kept KV groups only) stay consistent. Under that rule cached decoding equals an
-uncached recomputation of the whole sequence with the prefill's units held (:meth:`ProbeMode.hold`).
+uncached recomputation of the whole sequence with the prefill's units held (:meth:`ProbeStrategy.hold`).
 
 Blocks the candidate keeps dense run untouched (no probe), so a candidate at ratio 1.0 is the
-dense model exactly. Dropped blocks/sublayers are the static mode's. Sparsity is refused.
-Fine-tuning in this mode is not supported (the gathered weights are per-batch copies).
+dense model exactly. Dropped blocks/sublayers are the pruner's (as in every mode). Sparsity is
+refused. Fine-tuning in this mode is not supported (the gathered weights are per-batch copies).
+
+**Export**: :meth:`ProbeStrategy.export` writes the dense (permuted) weights, the candidate, the PP
+settings and the calibration history (``mode: probe`` in the config's ``evoprune`` section);
+:func:`~evoprune.pruning.load_pruned` rebuilds a pruner in this mode from
+:meth:`ProbeStrategy.load_export` and applies the candidate, so the model prunes per batch again.
 """
 
 from __future__ import annotations
@@ -66,19 +72,21 @@ import math
 import os
 from collections.abc import Iterator
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .. import __version__ as _evoprune_version
 from .._logging import get_logger
 from .._paths import atomic_folder, new_folder
-from ..space import Candidate, ModelSpec
-from ..space._mode import ProbeSettings
+from ..space import Candidate, LayerConfig, ModelSpec, ProbeSettings
+from ._calib import calibration_pass
+from ._serve import EXPORT_FORMAT_VERSION
+from ._strategy import LiveModel, UndoLog
 
-__all__ = ["ProbeMode", "ProbeSettings", "select_probe", "pp_scores", "export_probe", "load_probe",
-           "identity_importance", "HISTORY_FILE"]
+__all__ = ["ProbeStrategy", "select_probe", "pp_scores", "HISTORY_FILE"]
 
 _log = get_logger("pruning")
 HISTORY_FILE = "probe_history.safetensors"
@@ -135,85 +143,139 @@ class _Layer:
         self.selection: dict[str, torch.Tensor] = {}
 
 
-class ProbeMode:
-    """Probe Pruning for one :class:`~evoprune.pruning.Pruner` (made by ``pruner.set_mode("probe")``).
+class ProbeStrategy:
+    """Probe Pruning: the strategy of the ``"probe"`` mode (made by ``pruner.set_mode("probe", settings)``).
 
     Args:
-        pruner: the pruner (its permuted dense model, adapter and calibration tokens).
+        live: the pruner's :class:`~._strategy.LiveModel` (its permuted dense model, adapter and
+            calibration tokens).
         settings: :class:`~evoprune.space.ProbeSettings`.
         history: per-block calibration history ``{i: {"o": [P, q_heads*head_dim], "down": [P, I]}}``
-            (e.g. from an export); default: computed from the pruner's calibration tokens (zeros
-            without them: the probe alone scores).
+            (e.g. from an export); default: computed from the calibration tokens (zeros without
+            them: the probe alone scores).
     """
 
-    def __init__(self, pruner: Any, settings: ProbeSettings, history: dict[int, dict[str, torch.Tensor]] | None = None,
-                 batch_size: int = 8) -> None:
+    mode: ClassVar[str] = "probe"
+
+    def __init__(self, live: LiveModel, settings: ProbeSettings,
+                 history: dict[int, dict[str, torch.Tensor]] | None = None) -> None:
         if not isinstance(settings, ProbeSettings):
-            raise TypeError(f"ProbeMode needs ProbeSettings, got {type(settings).__name__}.")
-        self.pruner = pruner
+            raise TypeError(f"ProbeStrategy needs ProbeSettings, got {type(settings).__name__}.")
+        self.live = live
         self.settings = settings
-        self.spec: ModelSpec = pruner.spec
-        self.calib_history = history if history is not None else self._calibrate(batch_size)
+        self.spec: ModelSpec = live.spec
+        self.calib_history = history if history is not None else self._calibrate()
         self._w4: dict[tuple[int, str], torch.Tensor] = {}
         self._layers: dict[int, _Layer] = {}
         self._history: dict[int, dict[str, torch.Tensor]] = {}
+        self._undo = UndoLog()
         self._held = False
         self._decode = False
 
     # -- calibration history ---------------------------------------------------------------------
-    def _calibrate(self, batch_size: int) -> dict[int, dict[str, torch.Tensor]]:
-        p, s = self.pruner, self.spec
-        ids = getattr(p, "_calib_ids", None)
-        dev = p.model.get_input_embeddings().weight.device
+    def _calibrate(self) -> dict[int, dict[str, torch.Tensor]]:
+        live, s = self.live, self.spec
+        ids = live.calib_ids
         if ids is None:
             _log.info("probe mode without calibration tokens: empty history (the probe alone scores)")
+            dev = live.device
             return {i: {"o": torch.zeros(0, s.num_heads * s.head_dim, device=dev),
                         "down": torch.zeros(0, s.intermediate_size, device=dev)} for i in range(s.num_layers)}
-        if p.is_applied:
-            raise RuntimeError("ProbeMode: revert the pruner before switching modes.")
         sums: dict[tuple[int, str], torch.Tensor] = {}
-        handles = []
 
-        def hook(key):
-            def pre(module, args):
-                x = args[0].detach().float()
-                acc = x.pow(2).sum(0)
+        def add(key: tuple[int, str]):
+            def fn(x: torch.Tensor) -> None:
+                acc = x.detach().float().pow(2).sum(0)
                 sums[key] = acc if key not in sums else sums[key] + acc
 
-            return pre
+            return fn
 
-        for i, r in enumerate(p._refs):
-            handles.append(r.linears[p.adapter.o].register_forward_pre_hook(hook((i, "o"))))
-            handles.append(r.linears[p.adapter.down].register_forward_pre_hook(hook((i, "down"))))
-        base = p.model.get_submodule(p._layers_parent) if p._layers_parent else p.model
-        try:
-            with torch.no_grad():
-                for start in range(0, ids.shape[0], batch_size):
-                    base(input_ids=ids[start:start + batch_size].to(dev), use_cache=False)
-        finally:
-            for h in handles:
-                h.remove()
+        a = live.adapter
+        inputs = [(r.linears[name], add((i, key))) for i, r in enumerate(live.refs)
+                  for name, key in ((a.o, "o"), (a.down, "down"))]
+        calibration_pass(live.model, ids, inputs, batch_size=live.calib_batch_size)
         n = ids.shape[0]
         return {i: {k: sums[(i, k)] / n for k in ("o", "down")} for i in range(s.num_layers)}
 
-    # -- installation (called by Pruner._apply; every change goes through the pruner's undo log) ----
-    def start(self, candidate: Candidate) -> None:
-        """A new applied session: fresh history (the calibration state) and no held selection."""
-        p = self.pruner
-        self._history = {i: {k: v.clone() for k, v in self.calib_history[i].items()} for i in self._layers}
-        base = p.model.get_submodule(p._layers_parent) if p._layers_parent else p.model
-        h = base.register_forward_pre_hook(self._on_forward, with_kwargs=True)
-        p._undo.append(h.remove)
-        p._undo.append(self._layers.clear)
+    # -- the strategy interface (see ._strategy) ---------------------------------------------------
+    def check(self, candidate: Candidate) -> None:
+        if candidate.has_sparsity:
+            raise ValueError("Pruner.apply: the probe mode prunes heads and channels per batch and has no sparsity "
+                             "masks; use a candidate without sparsity or pruner.set_mode('static').")
 
+    def apply(self, candidate: Candidate) -> None:
+        """Hook every pruned sublayer and start a session: the calibration history, no held selection."""
+        for i, sublayer, lc in self.live.pruned_sublayers(candidate):
+            self._install(i, sublayer, lc)
+        self._history = {i: {k: v.clone() for k, v in self.calib_history[i].items()} for i in self._layers}
+        h = self.live.backbone.register_forward_pre_hook(self._on_forward, with_kwargs=True)
+        self._undo.push(h.remove)
+
+    def revert(self) -> None:
+        self._undo.undo()
+        self._layers.clear()
+
+    @property
+    def masks(self) -> dict[nn.Parameter, torch.Tensor]:
+        return {}  # no sparsity in this mode
+
+    def materialized_linears(self, i: int, sublayer: str, lc: LayerConfig,
+                             pattern: str) -> dict[str, tuple[torch.Tensor, torch.Tensor | None]]:
+        raise ValueError("Pruner.materialize: a probe-mode candidate has no fixed smaller model (its units change "
+                         "per batch); export it (dense weights + widths + PP settings) or set_mode('static').")
+
+    def export(self, pruner: Any, candidate: Candidate, path: str | os.PathLike[str], *, tokenizer: Any = None,
+               format: str = "hf", dtype: str | None = None, **save_kwargs: Any) -> Path:
+        """The dense (permuted) weights, the candidate, the PP settings and the calibration history."""
+        from safetensors.torch import save_file  # deferred: keeps `import evoprune.pruning` cheap
+
+        if format != "hf" or dtype is not None:
+            raise ValueError("Pruner.export: a probe-mode candidate exports as an HF folder with the dense weights "
+                             "(format='hf', no dtype); GGUF / Nemotron-NAS need a static candidate (set_mode('static')).")
+        pruner.spec.check_candidate(candidate)
+        path = new_folder(path)
+        was = pruner.candidate
+        pruner.revert()
+        cfg = pruner.model.config
+        section = {"format_version": EXPORT_FORMAT_VERSION, "evoprune_version": _evoprune_version, "mode": self.mode,
+                   "candidate": candidate.to_dict(), "probe": self.settings.to_dict(),
+                   "dense_model_type": pruner.adapter.model_type, "model_fingerprint": str(pruner.model_fingerprint)}
+        try:
+            cfg.evoprune = section
+            with atomic_folder(path) as partial:
+                pruner.model.save_pretrained(partial, **save_kwargs)
+                tensors = {f"{i}.{k}": v.detach().to("cpu", torch.float32).contiguous()
+                           for i, d in self.calib_history.items() for k, v in d.items()}
+                save_file(tensors, str(partial / HISTORY_FILE))
+                if tokenizer is not None:
+                    tokenizer.save_pretrained(partial)
+        finally:
+            if "evoprune" in cfg.__dict__:
+                del cfg.evoprune
+            if was is not None:
+                pruner.apply(was)
+        return path
+
+    @staticmethod
+    def load_export(path: str | os.PathLike[str], section: dict[str, Any],
+                    device: torch.device) -> tuple[ProbeSettings, dict[str, Any]]:
+        """The settings and ``set_mode`` options (the history) of an export written by :meth:`export`."""
+        from safetensors.torch import load_file  # deferred: keeps `import evoprune.pruning` cheap
+
+        flat = load_file(os.path.join(os.fspath(path), HISTORY_FILE))
+        layers = sorted({int(k.split(".", 1)[0]) for k in flat})
+        history = {i: {k: flat[f"{i}.{k}"].to(device) for k in ("o", "down")} for i in layers}
+        return ProbeSettings.from_dict(section["probe"]), {"history": history}
+
+    # -- installation (every change goes through this strategy's undo log) -------------------------
     def _on_forward(self, module: nn.Module, args: Any, kwargs: dict[str, Any]) -> None:
         cache = kwargs.get("cache", kwargs.get("past_key_values"))
         filled = cache is not None and hasattr(cache, "get_seq_length") and int(cache.get_seq_length()) > 0
         self._decode = self._held or filled
 
-    def install(self, i: int, sublayer: str, lc: Any) -> None:
-        p, a = self.pruner, self.pruner.adapter
-        r = p._refs[i]
+    def _install(self, i: int, sublayer: str, lc: LayerConfig) -> None:
+        a = self.live.adapter
+        r = self.live.refs[i]
         st = self._layers.setdefault(i, _Layer())
         if sublayer == "attn":
             self._hook_residual(r.attn_norm, st, "res_attn")
@@ -230,7 +292,7 @@ class ProbeMode:
                                        "applied candidate; run the prompt through the model first.")
                 return orig(*args, **kwargs)
 
-            p._set(r.attn, "forward", attn_forward)
+            self._undo.set(r.attn, "forward", attn_forward)
             names = [a.qkv] if a.qkv else [a.q, a.k, a.v]
             for name in names + [a.o]:
                 self._install_linear(i, st, r.linears[name], name, "o" if name == a.o else None)
@@ -246,7 +308,7 @@ class ProbeMode:
                     raise RuntimeError("probe mode: a decode step before any prefill of this applied candidate.")
                 return orig(*args, **kwargs)
 
-            p._set(r.mlp, "forward", mlp_forward)
+            self._undo.set(r.mlp, "forward", mlp_forward)
             names = [a.gate_up] if a.gate_up else [a.gate, a.up]
             for name in names + [a.down]:
                 self._install_linear(i, st, r.linears[name], name, "down" if name == a.down else None)
@@ -257,7 +319,7 @@ class ProbeMode:
                 setattr(st, attr, args[0] if args else kwargs["hidden_states"])
 
         h = norm.register_forward_pre_hook(pre, with_kwargs=True)
-        self.pruner._undo.append(h.remove)
+        self._undo.push(h.remove)
 
     def _install_linear(self, i: int, st: _Layer, module: nn.Module, name: str, hist: str | None) -> None:
         def forward(x: torch.Tensor) -> torch.Tensor:
@@ -271,7 +333,7 @@ class ProbeMode:
                 self._update_history(i, hist, x, st.cols[hist])
             return F.linear(x, wb[0], wb[1])
 
-        self.pruner._set(module, "forward", forward)
+        self._undo.set(module, "forward", forward)
 
     # -- selection ---------------------------------------------------------------------------------
     def _w4_of(self, i: int, key: str, w: torch.Tensor) -> torch.Tensor:
@@ -294,7 +356,7 @@ class ProbeMode:
         return integrate(p, g)
 
     def _select_attn(self, i, lc, st, r, orig, hidden, kwargs, dense) -> None:
-        a, s = self.pruner.adapter, self.spec
+        a, s = self.live.adapter, self.spec
         G, Q, hd = s.num_kv_heads, s.q_per_kv, s.head_dim
         nq, nkv = G * Q * hd, G * hd
         res = st.res_attn if st.res_attn is not None and st.res_attn.shape[:2] == hidden.shape[:2] else hidden
@@ -346,7 +408,7 @@ class ProbeMode:
                                                                              pos.new_tensor(len(pos))]))
 
     def _select_mlp(self, i, lc, st, r, x) -> None:
-        a, I = self.pruner.adapter, self.spec.intermediate_size
+        a, I = self.live.adapter, self.spec.intermediate_size
         res = st.res_mlp if st.res_mlp is not None and st.res_mlp.shape[:2] == x.shape[:2] else x
         st.res_mlp = None
         seqs, pos = select_probe(res, self.settings)
@@ -415,69 +477,3 @@ def _rows(t: torch.Tensor, seqs: torch.Tensor) -> torch.Tensor:
 def _gather(r: Any, name: str, rows: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
     w, b = r.weight[name].detach(), r.bias[name]
     return w.index_select(0, rows), None if b is None else b.detach().index_select(0, rows)
-
-
-# -- export / load ---------------------------------------------------------------------------------
-def identity_importance(spec: ModelSpec) -> Any:
-    """Scores whose order is the checkpoint's own (a loaded probe export is already permuted)."""
-    from ._importance import Importance
-
-    L, G, Q, I = spec.num_layers, spec.num_kv_heads, spec.q_per_kv, spec.intermediate_size
-    nan = torch.full((L,), float("nan"))
-    norms = {"attn_in": torch.ones(L, spec.hidden_size), "o_in": torch.ones(L, spec.num_heads * spec.head_dim),
-             "mlp_in": torch.ones(L, spec.hidden_size), "down_in": torch.ones(L, I)}
-    desc = lambda n: -torch.arange(n, dtype=torch.float32)  # noqa: E731
-    return Importance("magnitude", desc(G).repeat(L, 1), desc(Q).repeat(L, G, 1), desc(I).repeat(L, 1),
-                      nan, nan.clone(), nan.clone(), norms, 0)
-
-
-def export_probe(pruner: Any, candidate: Candidate, path: str | os.PathLike[str], *, tokenizer: Any = None,
-                 format_version: int, evoprune_version: str, **save_kwargs: Any) -> Path:
-    """The dense (permuted) weights, the candidate, the PP settings and the calibration history."""
-    from safetensors.torch import save_file
-
-    mode: ProbeMode = pruner._probe
-    pruner.spec.check_candidate(candidate)
-    path = new_folder(path)
-    was = pruner.candidate
-    pruner.revert()
-    cfg = pruner.model.config
-    section = {"format_version": format_version, "evoprune_version": evoprune_version, "mode": "probe",
-               "candidate": candidate.to_dict(), "probe": mode.settings.to_dict(),
-               "dense_model_type": pruner.adapter.model_type, "model_fingerprint": str(pruner.model_fingerprint)}
-    try:
-        cfg.evoprune = section
-        with atomic_folder(path) as partial:
-            pruner.model.save_pretrained(partial, **save_kwargs)
-            tensors = {f"{i}.{k}": v.detach().to("cpu", torch.float32).contiguous()
-                       for i, d in mode.calib_history.items() for k, v in d.items()}
-            save_file(tensors, str(partial / HISTORY_FILE))
-            if tokenizer is not None:
-                tokenizer.save_pretrained(partial)
-    finally:
-        if "evoprune" in cfg.__dict__:
-            del cfg.evoprune
-        if was is not None:
-            pruner.apply(was)
-    return path
-
-
-def load_probe(path: str | os.PathLike[str], section: dict[str, Any], **kwargs: Any) -> nn.Module:
-    """A probe export as a model that prunes per batch (``model.evoprune_pruner`` holds the pruner:
-    ``.revert()`` gives the dense model, ``.probe.hold()`` freezes the units)."""
-    from safetensors.torch import load_file
-    from transformers import AutoModelForCausalLM
-
-    from ._pruner import Pruner
-
-    model = AutoModelForCausalLM.from_pretrained(path, **kwargs).eval()
-    spec = ModelSpec.from_config(model.config)
-    pruner = Pruner(model, None, importance=identity_importance(spec),
-                    model_fingerprint=section.get("model_fingerprint"))
-    flat = load_file(os.path.join(os.fspath(path), HISTORY_FILE))
-    dev = model.get_input_embeddings().weight.device
-    history = {i: {k: flat[f"{i}.{k}"].to(dev) for k in ("o", "down")} for i in range(spec.num_layers)}
-    pruner.set_mode("probe", ProbeSettings.from_dict(section["probe"]), history=history)
-    pruner.apply(Candidate.from_dict(section["candidate"]))
-    model.evoprune_pruner = pruner
-    return model

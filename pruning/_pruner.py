@@ -1,6 +1,8 @@
 """The pruning backend: score once, permute once, then apply candidates in place.
 
-:class:`Pruner` keeps scoring, permutation, planning and applied mode here;
+:class:`Pruner` keeps scoring, permutation and a candidate's structure (dropped blocks and
+sublayers, KV-cache ``layer_idx``, head counts) here; the pruned sublayers go to the strategy of
+the pruner's mode (:data:`STRATEGIES`, the interface in :mod:`._strategy`);
 ``materialize``/``export`` come from :mod:`._export`.
 """
 
@@ -8,109 +10,32 @@ from __future__ import annotations
 
 import contextlib
 import copy
-import dataclasses
 import os
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from .._logging import get_logger
 from .._paths import cache_write_failed
-from ..space import Candidate, ModelSpec
+from ..space import Candidate, ModelSpec, resolve_mode
 from . import _importance as imp
 from ._adapters import ArchAdapter, get_adapter
-from ._export import EXPORT_FORMAT_VERSION, ExportMixin
-from ._masks import MaskCache, pack_mask, unpack_mask, wanda_mask
+from ._export import ExportMixin
 from ._modules import DroppedAttention, DroppedMLP
+from ._probe import ProbeStrategy
+from ._static import StaticStrategy
+from ._strategy import LayerRefs, LiveModel, Strategy, UndoLog, collect_refs
 
-__all__ = ["Pruner", "EXPORT_FORMAT_VERSION"]
+__all__ = ["Pruner", "STRATEGIES"]
 
 _log = get_logger("pruning")
-_MISSING = object()
 
-
-@dataclasses.dataclass
-class _LayerRefs:
-    """The dense modules and parameters of one block, captured before any apply."""
-
-    layer: nn.Module
-    attn: nn.Module
-    mlp: nn.Module
-    attn_norm: nn.Module
-    mlp_norm: nn.Module
-    linears: dict[str, nn.Module]  # module attribute name -> Linear (attention and MLP)
-    weight: dict[str, nn.Parameter]
-    bias: dict[str, nn.Parameter | None]
-
-
-@dataclasses.dataclass
-class _Part:
-    """One logical slice of a (possibly fused) linear, as a view of the dense weight."""
-
-    logical: str  # "q", "k", "v", "o", "gate", "up", "down"
-    weight: torch.Tensor  # view of the dense weight (2-D, or 3-D for strided head selections)
-    bias: torch.Tensor | None  # view of the dense bias following the kept rows (None: no bias / bias kept whole)
-    shape2d: tuple[int, int]
-    norm: torch.Tensor  # ||X||_2 of the kept input columns (CPU, fp32)
-    key: tuple[Any, ...]  # identifies the kept slice for the mask cache
-
-
-@dataclasses.dataclass
-class _LinearPlan:
-    sublayer: str  # "attn" or "mlp"
-    name: str  # module attribute name inside the sublayer
-    parts: list[_Part]
-    bias_sliced: bool  # bias follows the parts' rows (False: kept whole, e.g. o_proj/down_proj)
-
-
-def _head_view(t: torch.Tensor, off: int, dim: int, kv: int, m: int, G: int, Q: int, hd: int) -> torch.Tensor:
-    """Rows (dim 0) or columns (dim 1) of the first ``m`` query heads of the first ``kv`` groups.
-
-    A prefix slice when it is contiguous (``m == Q`` or ``kv == 1``), else a strided 3-D view
-    ``[kv, m*hd, in]`` (rows) / ``[out, kv, m*hd]`` (columns)."""
-    t = t.narrow(dim, off, G * Q * hd)
-    if m == Q or kv == 1:
-        return t.narrow(dim, 0, kv * m * hd)
-    if dim == 0:
-        return t.view(G, Q * hd, *t.shape[1:])[:kv, : m * hd]
-    return t.view(t.shape[0], G, Q * hd)[:, :kv, : m * hd]
-
-
-def _head_index(kv: int, m: int, Q: int, hd: int) -> torch.Tensor:
-    """Flat channel indices (in the permuted head layout) of the kept query heads."""
-    base = torch.arange(kv).view(kv, 1) * (Q * hd)
-    return (base + torch.arange(m * hd).view(1, m * hd)).reshape(-1)
-
-
-def _make_forward(module: nn.Module, wspecs: list[tuple[str, torch.Tensor | None, tuple[int, int]]],
-                  bias_names: list[str] | None):
-    """Forward of a sliced Linear: (masked) views, reshaped/concatenated, one ``F.linear``."""
-
-    def forward(x: torch.Tensor) -> torch.Tensor:
-        params = module._parameters
-        ws = []
-        for wname, mask, shp in wspecs:
-            w = params[wname]
-            if mask is not None:
-                w = w * mask
-            if w.shape != shp:
-                w = w.reshape(shp)
-            ws.append(w)
-        w = ws[0] if len(ws) == 1 else torch.cat(ws, 0)
-        if bias_names is None:
-            b = params.get("bias")
-        elif not bias_names:
-            b = None
-        else:
-            bs = [params[n].reshape(-1) for n in bias_names]
-            b = bs[0] if len(bs) == 1 else torch.cat(bs, 0)
-        return F.linear(x, w, b)
-
-    return forward
+STRATEGIES: dict[str, type] = {StaticStrategy.mode: StaticStrategy, ProbeStrategy.mode: ProbeStrategy}
+"""The strategy of every pruning mode (``evoprune.space.PRUNING_MODES``): its class, made by
+:meth:`Pruner.set_mode` as ``cls(live_model, settings, **options)``."""
 
 
 class Pruner(ExportMixin):
@@ -140,6 +65,7 @@ class Pruner(ExportMixin):
 
     :meth:`set_mode` ``("probe", ProbeSettings(...))`` switches to Probe Pruning: the candidate's widths
     are then applied per batch, the kept units chosen by PP (see :mod:`evoprune.pruning._probe`).
+    Each mode is a strategy (:data:`STRATEGIES`; the interface is in :mod:`evoprune.pruning._strategy`).
 
     Example::
 
@@ -197,9 +123,6 @@ class Pruner(ExportMixin):
         self.data_fingerprint = data_fingerprint if calib_ids is not None else None
         self.cache_hit = False
         self.cache_path: Path | None = None
-        self._calib_ids, self._calib_batch_size = calib_ids, calib_batch_size  # for the probe mode's history
-        self.mode = "static"
-        self._probe: Any = None
         if importance is not None:  # given scores (e.g. a loaded probe export: identity order)
             self.cache_dir = None
         if self.cache_dir is not None:
@@ -231,16 +154,20 @@ class Pruner(ExportMixin):
 
         layers = imp.decoder_layers(model, self.adapter)
         self._layers_parent, _, self._layers_attr = self.adapter.layers.rpartition(".")
-        self._refs = [self._collect(layer) for layer in layers]
+        self._refs: list[LayerRefs] = [collect_refs(layer, self.adapter) for layer in layers]
         types = getattr(model.config, "layer_types", None)
         self._dense_layer_types = tuple(types) if types is not None else None
-        self._permute()
+        norms = self._permute()
         model._evoprune_permuted = True
-        dense_numel = sum(w.numel() for r in self._refs for w in r.weight.values())
-        self._mask_cache = MaskCache(mask_cache_bytes if mask_cache_bytes is not None else dense_numel // 4)
-        self._undo: list[Any] = []
+        self._live = LiveModel(model=model, adapter=self.adapter, spec=self.spec, refs=self._refs, input_norms=norms,
+                               calib_ids=calib_ids, calib_batch_size=calib_batch_size,
+                               model_fingerprint=self.model_fingerprint, data_fingerprint=self.data_fingerprint,
+                               cache_dir=Path(cache_dir).expanduser() if cache_dir is not None else None)
+        self._undo = UndoLog()  # the structure of the applied candidate (the strategy keeps its own)
         self._candidate: Candidate | None = None
-        self._masks: dict[nn.Parameter, torch.Tensor] = {}
+        self.mode = "static"
+        self._strategy: Strategy = StaticStrategy(self._live, None, mask_cache_bytes=mask_cache_bytes)
+        self._strategies: dict[str, Strategy] = {self.mode: self._strategy}  # one per mode, reused
 
     # -- setup -------------------------------------------------------------------------------------
     def _check_importance(self, importance: imp.Importance) -> None:
@@ -255,31 +182,10 @@ class Pruner(ExportMixin):
             if got != shape:
                 raise ValueError(f"importance {name} has shape {got}, the model needs {shape}.")
 
-    def _collect(self, layer: nn.Module) -> _LayerRefs:
-        a = self.adapter
-        attn, mlp = getattr(layer, a.attn), getattr(layer, a.mlp)
-        linears: dict[str, nn.Module] = {}
-        for n in a.attn_linears:
-            linears[n] = getattr(attn, n)
-        for n in a.mlp_linears:
-            linears[n] = getattr(mlp, n)
-        for n, mod in linears.items():
-            if not isinstance(mod, nn.Linear):
-                raise TypeError(f"expected {n} to be an nn.Linear, got {type(mod).__name__}.")
-        return _LayerRefs(
-            layer=layer,
-            attn=attn,
-            mlp=mlp,
-            attn_norm=getattr(layer, a.attn_norm),
-            mlp_norm=getattr(layer, a.mlp_norm),
-            linears=linears,
-            weight={n: m.weight for n, m in linears.items()},
-            bias={n: m.bias for n, m in linears.items()},
-        )
-
     @torch.no_grad()
-    def _permute(self) -> None:
-        """Reorder heads and channels by descending importance (in place, storage kept)."""
+    def _permute(self) -> dict[str, torch.Tensor]:
+        """Reorder heads and channels by descending importance (in place, storage kept); the input
+        norms in the new order."""
         s, a = self.spec, self.adapter
         G, Q, hd, I = s.num_kv_heads, s.q_per_kv, s.head_dim, s.intermediate_size
         nq, nkv = G * Q * hd, G * hd
@@ -306,95 +212,15 @@ class Pruner(ExportMixin):
             self._index_(r, a.down, 1, ch)
             norms["o_in"][i] = norms["o_in"][i][q_rows]
             norms["down_in"][i] = norms["down_in"][i][ch]
-        self._norms = norms  # in the permuted order
+        return norms
 
     @staticmethod
-    def _index_(r: _LayerRefs, name: str, dim: int, idx: torch.Tensor) -> None:
+    def _index_(r: LayerRefs, name: str, dim: int, idx: torch.Tensor) -> None:
         w = r.weight[name]
         w.data.copy_(w.data.index_select(dim, idx.to(w.device)))
         b = r.bias[name]
         if b is not None and dim == 0:
             b.data.copy_(b.data.index_select(0, idx.to(b.device)))
-
-    # -- planning ----------------------------------------------------------------------------------
-    def _plans(self, i: int, sublayer: str, lc: Any) -> list[_LinearPlan]:
-        """How each linear of block ``i``'s ``sublayer`` is sliced under ``lc``."""
-        s, a, r = self.spec, self.adapter, self._refs[i]
-        G, Q, hd, I = s.num_kv_heads, s.q_per_kv, s.head_dim, s.intermediate_size
-        plans: list[_LinearPlan] = []
-        if sublayer == "attn":
-            kv, m = lc.num_kv_heads, lc.q_per_kv
-            nq, nkv = G * Q * hd, G * hd
-            x_in = self._norms["attn_in"][i]
-
-            def q_part(w, b, off):
-                return _Part("q", _head_view(w, off, 0, kv, m, G, Q, hd),
-                             None if b is None else _head_view(b, off, 0, kv, m, G, Q, hd),
-                             (kv * m * hd, w.shape[1]), x_in, (i, "q", kv, m))
-
-            def kv_part(name, w, b, off):
-                return _Part(name, w.narrow(0, off, kv * hd), None if b is None else b.narrow(0, off, kv * hd),
-                             (kv * hd, w.shape[1]), x_in, (i, name, kv))
-
-            if a.qkv:
-                w, b = r.weight[a.qkv].detach(), r.bias[a.qkv]
-                b = None if b is None else b.detach()
-                plans.append(_LinearPlan("attn", a.qkv, [q_part(w, b, 0), kv_part("k", w, b, nq),
-                                                         kv_part("v", w, b, nq + nkv)], True))
-            else:
-                for name, maker in ((a.q, None), (a.k, "k"), (a.v, "v")):
-                    w, b = r.weight[name].detach(), r.bias[name]
-                    b = None if b is None else b.detach()
-                    part = q_part(w, b, 0) if maker is None else kv_part(maker, w, b, 0)
-                    plans.append(_LinearPlan("attn", name, [part], True))
-            wo = r.weight[a.o].detach()
-            cols = _head_index(kv, m, Q, hd)
-            plans.append(_LinearPlan("attn", a.o, [_Part(
-                "o", _head_view(wo, 0, 1, kv, m, G, Q, hd), None, (wo.shape[0], kv * m * hd),
-                self._norms["o_in"][i][cols], (i, "o", kv, m))], False))
-        else:
-            mc = lc.mlp_channels
-            x_in = self._norms["mlp_in"][i]
-
-            def row_part(name, w, b, off):
-                return _Part(name, w.narrow(0, off, mc), None if b is None else b.narrow(0, off, mc),
-                             (mc, w.shape[1]), x_in, (i, name, mc))
-
-            if a.gate_up:
-                w, b = r.weight[a.gate_up].detach(), r.bias[a.gate_up]
-                b = None if b is None else b.detach()
-                plans.append(_LinearPlan("mlp", a.gate_up, [row_part("gate", w, b, 0), row_part("up", w, b, I)], True))
-            else:
-                for name, logical in ((a.gate, "gate"), (a.up, "up")):
-                    w, b = r.weight[name].detach(), r.bias[name]
-                    b = None if b is None else b.detach()
-                    plans.append(_LinearPlan("mlp", name, [row_part(logical, w, b, 0)], True))
-            wd = r.weight[a.down].detach()
-            plans.append(_LinearPlan("mlp", a.down, [_Part(
-                "down", wd.narrow(1, 0, mc), None, (wd.shape[0], mc), self._norms["down_in"][i][:mc],
-                (i, "down", mc))], False))
-        return plans
-
-    def _mask(self, part: _Part, level: float, pattern: str) -> torch.Tensor | None:
-        """Keep-mask of ``part`` (shaped like ``part.weight``) at ``level``; bit-packed in an LRU."""
-        if level <= 0:
-            return None
-        key = part.key + (float(level), pattern, str(part.weight.device))
-        hit, packed = self._mask_cache.get(key)
-        if hit:
-            return None if packed is None else unpack_mask(*packed)
-        mask = wanda_mask(part.weight.reshape(part.shape2d), part.norm, level, pattern)
-        if mask is not None:
-            mask = mask.reshape(part.weight.shape)
-        self._mask_cache.put(key, None if mask is None else pack_mask(mask))
-        return mask
-
-    def _is_dense(self, lc: Any, sublayer: str) -> bool:
-        s = self.spec
-        if sublayer == "attn":
-            return (lc.num_kv_heads == s.num_kv_heads and lc.q_per_kv == s.q_per_kv
-                    and all(lc.sparsity_of(n) == 0 for n in ("q", "k", "v", "o")))
-        return lc.mlp_channels == s.intermediate_size and all(lc.sparsity_of(n) == 0 for n in ("gate", "up", "down"))
 
     # -- applied mode ------------------------------------------------------------------------------
     @property
@@ -409,8 +235,8 @@ class Pruner(ExportMixin):
     @property
     def masks(self) -> dict[nn.Parameter, torch.Tensor]:
         """After :meth:`apply`: ``{live weight parameter: bool keep-mask of the same shape}`` for every
-        sparse linear part (fine-tuning code multiplies gradients/weights by these)."""
-        return dict(self._masks)
+        sparse linear part (fine-tuning code multiplies gradients/weights by these); the strategy's."""
+        return self._strategy.masks
 
     def trainable_parameters(self) -> dict[str, nn.Parameter]:
         """The live parameters of the applied model, by name: the kept slices (views sharing the dense
@@ -422,30 +248,6 @@ class Pruner(ExportMixin):
         Without an applied candidate these are the dense model's parameters.
         """
         return dict(self.model.named_parameters())
-
-    def _set(self, obj: Any, name: str, value: Any) -> None:
-        """``setattr`` with an undo record (restores the exact previous state)."""
-        if isinstance(obj, nn.Module) and name in obj._modules:
-            old_mod = obj._modules[name]
-            obj._modules[name] = value
-            self._undo.append(lambda: obj._modules.__setitem__(name, old_mod))
-            return
-        if isinstance(obj, nn.Module):
-            old = obj.__dict__.get(name, _MISSING)  # instance attribute, not a class default
-        else:
-            old = getattr(obj, name, _MISSING)
-        setattr(obj, name, value)
-
-        def undo() -> None:
-            if old is _MISSING:
-                try:
-                    delattr(obj, name)
-                except AttributeError:
-                    pass
-            else:
-                setattr(obj, name, old)
-
-        self._undo.append(undo)
 
     def apply(self, candidate: Candidate) -> nn.Module:
         """Turn the live model into ``candidate`` in place (reverting any previous candidate).
@@ -460,12 +262,11 @@ class Pruner(ExportMixin):
         if not isinstance(candidate, Candidate):
             raise TypeError(f"Pruner.apply expects a Candidate, got {type(candidate).__name__}.")
         self.spec.check_candidate(candidate)
-        if self._probe is not None and candidate.has_sparsity:
-            raise ValueError("Pruner.apply: the probe mode prunes heads and channels per batch and has no sparsity "
-                             "masks; use a candidate without sparsity or pruner.set_mode('static').")
+        self._strategy.check(candidate)
         self.revert()
         try:
-            self._apply(candidate)
+            self._strategy.apply(candidate)  # on the dense model, then the structure
+            self._apply_structure(candidate)
         except BaseException:
             self._candidate = candidate
             self.revert()
@@ -473,48 +274,36 @@ class Pruner(ExportMixin):
         self._candidate = candidate
         return self.model
 
-    def _apply(self, candidate: Candidate) -> None:
-        a, pattern = self.adapter, candidate.sparsity_pattern
+    def _apply_structure(self, candidate: Candidate) -> None:
+        """Dropped blocks and sublayers, compact attention ``layer_idx``, head counts of pruned attention."""
+        a, live = self.adapter, self._live
         kept_layers = []
         attn_index = 0
-        for i, (r, lc) in enumerate(zip(self._refs, candidate.layers)):
+        for r, lc in zip(self._refs, candidate.layers):
             if lc.dropped:
                 continue
             kept_layers.append(r.layer)
             if lc.attn_dropped:
-                self._set(r.layer, a.attn, DroppedAttention())
-                self._set(r.layer, a.attn_norm, nn.Identity())
+                self._undo.set(r.layer, a.attn, DroppedAttention())
+                self._undo.set(r.layer, a.attn_norm, nn.Identity())
             else:
                 if getattr(r.attn, "layer_idx", attn_index) != attn_index:
-                    self._set(r.attn, "layer_idx", attn_index)
+                    self._undo.set(r.attn, "layer_idx", attn_index)
                 attn_index += 1
-                if not self._is_dense(lc, "attn"):
-                    if self._probe is not None:
-                        self._probe.install(i, "attn", lc)
-                    else:
-                        for plan in self._plans(i, "attn", lc):
-                            self._install(r.linears[plan.name], plan, lc, pattern)
+                if not live.is_dense(lc, "attn"):
                     self._set_head_attrs(r.attn, lc)
             if lc.mlp_dropped:
-                self._set(r.layer, a.mlp, DroppedMLP())
-                self._set(r.layer, a.mlp_norm, nn.Identity())
-            elif not self._is_dense(lc, "mlp"):
-                if self._probe is not None:
-                    self._probe.install(i, "mlp", lc)
-                else:
-                    for plan in self._plans(i, "mlp", lc):
-                        self._install(r.linears[plan.name], plan, lc, pattern)
+                self._undo.set(r.layer, a.mlp, DroppedMLP())
+                self._undo.set(r.layer, a.mlp_norm, nn.Identity())
         if len(kept_layers) != len(self._refs):
             parent = self.model.get_submodule(self._layers_parent)
-            self._set(parent, self._layers_attr, nn.ModuleList(kept_layers))
+            self._undo.set(parent, self._layers_attr, nn.ModuleList(kept_layers))
             cfg = self.model.config
             kept = candidate.kept_layers
-            self._set(cfg, "num_hidden_layers", len(kept))
+            self._undo.set(cfg, "num_hidden_layers", len(kept))
             types = getattr(cfg, "layer_types", None)
             if types is not None:
-                self._set(cfg, "layer_types", [types[i] for i in kept])
-        if self._probe is not None:
-            self._probe.start(candidate)
+                self._undo.set(cfg, "layer_types", [types[i] for i in kept])
 
     def _set_head_attrs(self, attn: nn.Module, lc: Any) -> None:
         values = {
@@ -524,120 +313,46 @@ class Pruner(ExportMixin):
         }
         for attr in self.adapter.attn_head_attrs:
             if hasattr(attn, attr):
-                self._set(attn, attr, values[attr])
+                self._undo.set(attn, attr, values[attr])
         if self.adapter.attn_reads_config_heads:
             cfg = copy.copy(attn.config)
             cfg.num_attention_heads = lc.num_q_heads
             cfg.num_key_value_heads = lc.num_kv_heads
-            self._set(attn, "config", cfg)
-
-    def _install(self, module: nn.Module, plan: _LinearPlan, lc: Any, pattern: str) -> None:
-        """Swap ``module``'s parameters for views of the kept slices (+ masks in the forward)."""
-        old_params = dict(module._parameters)
-        old_forward = module.__dict__.get("forward", _MISSING)
-        old_features = (module.in_features, module.out_features)
-        dense_w = old_params["weight"]
-        single = len(plan.parts) == 1
-        new_params: dict[str, nn.Parameter | None] = {}
-        wspecs: list[tuple[str, torch.Tensor | None, tuple[int, int]]] = []
-        bias_names: list[str] | None = [] if plan.bias_sliced else None
-        needs_forward = not single
-        for part in plan.parts:
-            wname = "weight" if single else f"weight_{part.logical}"
-            p = nn.Parameter(part.weight, requires_grad=dense_w.requires_grad)
-            new_params[wname] = p
-            mask = self._mask(part, lc.sparsity_of(part.logical), pattern)
-            if mask is not None:
-                self._masks[p] = mask
-                needs_forward = True
-            if tuple(part.weight.shape) != part.shape2d:
-                needs_forward = True
-            wspecs.append((wname, mask, part.shape2d))
-            if plan.bias_sliced and part.bias is not None:
-                bname = "bias" if single else f"bias_{part.logical}"
-                bp = old_params["bias"]
-                new_params[bname] = nn.Parameter(part.bias, requires_grad=bp.requires_grad)
-                bias_names.append(bname)  # type: ignore[union-attr]
-                if part.bias.dim() != 1:
-                    needs_forward = True
-        if plan.bias_sliced:
-            if not bias_names:
-                new_params["bias"] = None
-        else:
-            new_params["bias"] = old_params.get("bias")
-        module._parameters.clear()
-        module._parameters.update(new_params)
-        module.out_features = sum(p.shape2d[0] for p in plan.parts) if plan.bias_sliced else plan.parts[0].shape2d[0]
-        module.in_features = plan.parts[0].shape2d[1]
-        if needs_forward:
-            module.forward = _make_forward(module, wspecs, bias_names)
-
-        def undo() -> None:
-            for p in list(module._parameters.values()):
-                self._masks.pop(p, None)
-            module._parameters.clear()
-            module._parameters.update(old_params)
-            module.in_features, module.out_features = old_features
-            if old_forward is _MISSING:
-                module.__dict__.pop("forward", None)
-            else:
-                module.forward = old_forward
-
-        self._undo.append(undo)
+            self._undo.set(attn, "config", cfg)
 
     # -- modes -------------------------------------------------------------------------------------
-    def set_mode(self, mode: str, probe: Any = None, *, history: Any = None) -> None:
-        """``"static"`` (default: keep the top-k units by calibration importance) or ``"probe"``
-        (choose the kept units per batch by Probe Pruning, see :mod:`evoprune.pruning._probe`; ``probe``
-        is a :class:`~evoprune.space.ProbeSettings` or its dict). Reverts any applied candidate; the
-        probe mode computes its calibration history here (one dense pass over the calibration tokens)."""
-        from ..space._mode import resolve_mode
-        from ._probe import ProbeMode
+    def set_mode(self, mode: str, settings: Any = None, **options: Any) -> None:
+        """Switch the pruning mode: ``"static"`` (default: keep the top-k units by calibration importance)
+        or ``"probe"`` (choose the kept units per batch by Probe Pruning, see :mod:`evoprune.pruning._probe`;
+        ``settings`` is a :class:`~evoprune.space.ProbeSettings` or its dict, default settings when ``None``).
 
-        settings = resolve_mode(mode, probe if mode == "probe" else None, sparsity=False)
+        Reverts any applied candidate. ``options`` go to the mode's strategy (the probe's ``history=``:
+        per-block calibration history, e.g. from an export). A mode's strategy is kept and reused while
+        its settings stay the same (the probe mode computes its calibration history once, with one
+        dense pass over the calibration tokens)."""
+        settings = resolve_mode(mode, settings, sparsity=False)
         self.revert()
-        if mode == "static":
-            self._probe = None
-        else:  # the last probe mode is kept: switching back with the same settings reuses its history
-            last = getattr(self, "_last_probe", None)
-            if last is None or last.settings != settings or history is not None:
-                last = ProbeMode(self, settings, history, batch_size=self._calib_batch_size)
-            self._probe = self._last_probe = last
+        strategy = self._strategies.get(mode)
+        if strategy is None or strategy.settings != settings or options:
+            strategy = STRATEGIES[mode](self._live, settings, **options)
+            self._strategies[mode] = strategy
+        self._strategy = strategy
         self.mode = mode
 
     @property
-    def probe(self) -> Any:
-        """The :class:`~evoprune.pruning._probe.ProbeMode` in probe mode (``hold()``, ``selections()``), else ``None``."""
-        return self._probe
+    def strategy(self) -> Strategy:
+        """The strategy of the current mode (see :mod:`evoprune.pruning._strategy`)."""
+        return self._strategy
 
-    def materialize(self, candidate: Candidate) -> nn.Module:
-        if self._probe is not None:
-            raise ValueError("Pruner.materialize: a probe-mode candidate has no fixed smaller model (its units change "
-                             "per batch); export it (dense weights + widths + PP settings) or set_mode('static').")
-        return super().materialize(candidate)
-
-    materialize.__doc__ = ExportMixin.materialize.__doc__
-
-    def export(self, candidate: Candidate, path: str | os.PathLike[str], tokenizer: Any = None, **save_kwargs: Any) -> Path:
-        if self._probe is not None:  # dense weights + candidate + PP settings + history; load_pruned prunes per batch
-            from .. import __version__
-            from ._probe import export_probe
-
-            if save_kwargs.pop("format", "hf") != "hf" or save_kwargs.pop("dtype", None) is not None:
-                raise ValueError("Pruner.export: a probe-mode candidate exports as an HF folder with the dense weights "
-                                 "(format='hf', no dtype); GGUF / Nemotron-NAS need a static candidate (set_mode('static')).")
-
-            return export_probe(self, candidate, path, tokenizer=tokenizer, format_version=EXPORT_FORMAT_VERSION,
-                                evoprune_version=__version__, **save_kwargs)
-        return super().export(candidate, path, tokenizer=tokenizer, **save_kwargs)
-
-    export.__doc__ = ExportMixin.export.__doc__
+    @property
+    def probe(self) -> ProbeStrategy | None:
+        """The :class:`~evoprune.pruning._probe.ProbeStrategy` in probe mode (``hold()``, ``selections()``), else ``None``."""
+        return self._strategy if isinstance(self._strategy, ProbeStrategy) else None
 
     def revert(self) -> nn.Module:
         """Restore the dense (permuted) model exactly; a no-op when nothing is applied."""
-        while self._undo:
-            self._undo.pop()()
-        self._masks.clear()
+        self._undo.undo()
+        self._strategy.revert()
         self._candidate = None
         return self.model
 

@@ -1,33 +1,34 @@
-"""Serving formats of an export (``hf``, ``gguf``, ``nemotron-nas``) and the round-trip check.
+"""Export formats of a materialized candidate (``hf``, ``gguf``, ``nemotron-nas``) and llama.cpp's runner.
 
-:func:`export_format` is what ``Pruner.export(..., format=...)`` dispatches to for the non-HF
-formats; :func:`verify_export` is ``evoprune verify-export``: the same prompt through evoprune's own
-model and through the target engine (llama.cpp via ``llama-cpp-python`` for GGUF; vLLM's
-``block_configs`` reading rules for Nemotron-NAS), greedy tokens and the max logit difference.
+:func:`export_format` writes every format from ``pruner.materialize(candidate)``: it is the export
+of every strategy with a fixed smaller model (``Pruner.export`` -> ``strategy.export``).
+:func:`save_hf` is the one HF writer, :data:`EXPORT_FORMAT_VERSION` the version written into every
+export's ``evoprune`` section. :class:`LlamaCppRunner` runs a GGUF file in llama.cpp (for
+:mod:`._verify` and the benches). The round-trip check itself is :mod:`._verify`.
 """
 
 from __future__ import annotations
 
-import dataclasses
-import json
 import os
 from pathlib import Path
 from typing import Any
 
 import torch
+from torch import nn
 
-from .._logging import get_logger
-from .._paths import atomic_folder
-from ._export import save_hf
+from .._paths import atomic_folder, new_folder
 from ._gguf import GGUF_DTYPES, ExportFormatError, check_gguf_support, check_tokenizer, write_gguf
+from ._modules import quiet_heterogeneous_warnings
 from ._nemotron import check_candidate_fits, check_nemotron_nas_support, write_nemotron_nas
 
-__all__ = ["EXPORT_FORMATS", "VerifyResult", "check_format", "check_format_args", "export_format", "gguf_file_name", "verify_export"]
-
-_log = get_logger("pruning")
+__all__ = ["EXPORT_FORMATS", "EXPORT_FORMAT_VERSION", "LlamaCppRunner", "check_format", "check_format_args",
+           "export_format", "gguf_file_name", "save_hf"]
 
 EXPORT_FORMATS = ("hf", "gguf", "nemotron-nas")
-DEFAULT_PROMPT = "The capital of France is"
+
+EXPORT_FORMAT_VERSION = 2
+"""1: dense ``model_type`` + ``per_layer_config``; 2: ``evoprune_<dense>`` ``model_type`` unless stock
+transformers builds the export exactly; ``dense_model_type`` recorded."""
 
 
 def gguf_file_name(dtype: str) -> str:
@@ -61,16 +62,34 @@ def check_format(pruner: Any, candidate: Any, fmt: str, *, tokenizer: Any = None
         check_candidate_fits(pruner.spec.num_heads, [lc.num_kv_heads for lc in kept])
 
 
-def export_format(pruner: Any, candidate: Any, path: str | os.PathLike[str], *, fmt: str, tokenizer: Any = None,
-                  dtype: str | None = None, **save_kwargs: Any) -> Path:
-    """Write ``candidate`` in ``fmt`` (after all checks; nothing is written when one fails).
+def save_hf(model: nn.Module, folder: Path, tokenizer: Any = None, **save_kwargs: Any) -> None:
+    """A materialized model (and the tokenizer) as HF checkpoint files in ``folder``."""
+    with quiet_heterogeneous_warnings():
+        model.save_pretrained(folder, **save_kwargs)
+    if tokenizer is not None:
+        tokenizer.save_pretrained(folder)
 
+
+def export_format(pruner: Any, candidate: Any, path: str | os.PathLike[str], *, fmt: str = "hf", tokenizer: Any = None,
+                  dtype: str | None = None, **save_kwargs: Any) -> Path:
+    """Write ``pruner.materialize(candidate)`` in ``fmt`` into the new folder ``path`` (after all checks;
+    nothing is written when one fails) and return its path.
+
+    * ``hf``: a standard HF checkpoint folder (see ``Pruner.export``);
     * ``gguf``: the HF export folder (evoprune's own model, used by ``verify-export``) plus
       ``model-<dtype>.gguf`` in it;
     * ``nemotron-nas``: a DeciLM / Nemotron-NAS folder (``block_configs``) for vLLM.
     """
+    path = new_folder(path)
     check_format(pruner, candidate, fmt, tokenizer=tokenizer, dtype=dtype)
-    path = Path(path)
+    if fmt == "hf":
+        model = pruner.materialize(candidate)
+        try:
+            with atomic_folder(path) as partial:
+                save_hf(model, partial, tokenizer, **save_kwargs)
+        finally:
+            del model
+        return path
     if fmt == "gguf":
         dtype = dtype or "f32"
         model = pruner.materialize(candidate).eval()  # once: the HF files and the GGUF come from it
@@ -88,37 +107,6 @@ def export_format(pruner: Any, candidate: Any, path: str | os.PathLike[str], *, 
         return write_nemotron_nas(model, path, tokenizer=tokenizer, evoprune_section=section,
                                   dense_heads=pruner.spec.num_heads)
     raise AssertionError(fmt)
-
-
-# --------------------------------------------------------------------------- verify
-
-
-@dataclasses.dataclass
-class VerifyResult:
-    """What ``verify-export`` found."""
-
-    target: str  # "llama.cpp (GGUF ...)" / "vLLM rules (Nemotron-NAS)"
-    file: str
-    prompt_ids: list[int]
-    reference_tokens: list[int]
-    target_tokens: list[int]
-    max_logit_diff: float
-    tokenizer_match: bool | None = None  # llama.cpp's own tokenization of the prompt == transformers'
-
-    @property
-    def tokens_match(self) -> bool:
-        return self.reference_tokens == self.target_tokens
-
-
-def _greedy_torch(model: Any, ids: list[int], steps: int) -> tuple[list[int], torch.Tensor]:
-    """Greedy continuation (no cache: one full forward per step) and the logits of ids + continuation."""
-    seq = list(ids)
-    with torch.no_grad():
-        for _ in range(steps):
-            logits = model(torch.tensor([seq])).logits[0, -1]
-            seq.append(int(logits.argmax()))
-        full = model(torch.tensor([seq])).logits[0]
-    return seq[len(ids):], full
 
 
 class LlamaCppRunner:
@@ -157,115 +145,3 @@ class LlamaCppRunner:
 
     def close(self) -> None:
         self.llm.close()
-
-
-def _prompt_ids(tokenizer: Any, prompt: str) -> list[int]:
-    return list(tokenizer(prompt, add_special_tokens=True).input_ids)
-
-
-def verify_export(path: str | os.PathLike[str], *, prompt: str = DEFAULT_PROMPT, steps: int = 20,
-                  prompt_ids: list[int] | None = None, n_threads: int = 1,
-                  reference_dtype: torch.dtype = torch.float32) -> list[VerifyResult]:
-    """Run ``prompt`` through evoprune's own model and through the target engine of the export at ``path``.
-
-    ``path`` is a ``--format gguf`` export folder (or a ``.gguf`` file inside one: evoprune's model is
-    :func:`load_pruned` of that folder, the target is llama.cpp) or a ``--format nemotron-nas``
-    folder (evoprune's model is rebuilt with the real widths its ``evoprune`` section records; the
-    target is the folder read by vLLM's rules, see :func:`~._nemotron.deci_reference_model`).
-    One result per GGUF file (or one for Nemotron-NAS). ``prompt_ids`` (token ids) overrides ``prompt``.
-    ``reference_dtype=torch.float64`` runs evoprune's model in double precision: on a deep pruned model
-    float32 PyTorch itself is ~1e-3 off in the logits (llama.cpp's f32 ones are closer to float64).
-    """
-    path = Path(path)
-    if not path.exists():
-        raise FileNotFoundError(f"{path} does not exist; give an export folder or a .gguf file in one.")
-    folder = path.parent if path.is_file() else path
-    config_file = folder / "config.json"
-    if not config_file.is_file():
-        raise FileNotFoundError(f"{folder} has no config.json; verify-export needs the folder written by "
-                                "`evoprune export --format gguf|nemotron-nas`.")
-    cfg = json.loads(config_file.read_text())
-    from transformers import AutoTokenizer
-
-    tokenizer = AutoTokenizer.from_pretrained(folder) if prompt_ids is None else None
-    ids = list(prompt_ids) if prompt_ids is not None else _prompt_ids(tokenizer, prompt)
-    if cfg.get("model_type") == "nemotron-nas":
-        return [_verify_nemotron(folder, ids, steps, reference_dtype)]
-    ggufs = [path] if path.is_file() else sorted(folder.glob("*.gguf"))
-    if not ggufs:
-        raise FileNotFoundError(f"{folder} has no .gguf file and is not a Nemotron-NAS export; export with "
-                                "--format gguf or --format nemotron-nas first.")
-    from ._load import load_pruned
-
-    model = load_pruned(folder, dtype=reference_dtype).eval()
-    ref_tokens, ref_logits = _greedy_torch(model, ids, steps)
-    results = []
-    for g in ggufs:
-        runner = LlamaCppRunner(g, n_ctx=max(64, len(ids) + steps + 8), n_threads=n_threads)
-        try:
-            target_tokens = runner.greedy(ids, steps)
-            lc = runner.logits(ids + ref_tokens)
-            tok_match = None
-            if tokenizer is not None:
-                plain = list(tokenizer(prompt, add_special_tokens=False).input_ids)
-                tok_match = runner.tokenize(prompt) == plain
-        finally:
-            runner.close()
-        diff = float((lc.double() - ref_logits.double()).abs().max())
-        results.append(VerifyResult(target=f"llama.cpp ({g.name})", file=str(g), prompt_ids=ids,
-                                    reference_tokens=ref_tokens, target_tokens=target_tokens, max_logit_diff=diff,
-                                    tokenizer_match=tok_match))
-    return results
-
-
-def _verify_nemotron(folder: Path, ids: list[int], steps: int, dtype: torch.dtype) -> VerifyResult:
-    from ._nemotron import deci_reference_model, evoprune_model_from_nemotron_nas
-
-    ours = evoprune_model_from_nemotron_nas(folder).to(dtype)
-    ref_tokens, ref_logits = _greedy_torch(ours, ids, steps)
-    try:
-        import vllm  # noqa: F401
-        _log.info("vLLM is installed, but verify-export runs its DeciLM reading rules in-process (CPU)")
-    except ImportError:
-        pass
-    target = deci_reference_model(folder).to(dtype)
-    target_tokens, target_logits = _greedy_torch(target, ids, steps)
-    _, t_full = _greedy_torch(target, ids + ref_tokens, 0)
-    diff = float((t_full - ref_logits).abs().max())
-    return VerifyResult(target="vLLM DeciLM rules (block_configs)", file=str(folder), prompt_ids=ids,
-                        reference_tokens=ref_tokens, target_tokens=target_tokens, max_logit_diff=diff)
-
-
-def describe(results: list[VerifyResult], tokenizer: Any = None) -> list[str]:
-    """Printable lines for the CLI."""
-    lines = []
-    for r in results:
-        lines.append(f"target {r.target}: greedy {len(r.reference_tokens)} tokens "
-                     f"{'MATCH' if r.tokens_match else 'DIFFER'}; max logit difference {r.max_logit_diff:.3g}")
-        if not r.tokens_match:
-            first = next(i for i, (a, b) in enumerate(zip(r.reference_tokens, r.target_tokens)) if a != b) \
-                if any(a != b for a, b in zip(r.reference_tokens, r.target_tokens)) else len(r.reference_tokens)
-            lines.append(f"  first difference at step {first}: evoprune {r.reference_tokens[first:first + 4]} vs "
-                         f"target {r.target_tokens[first:first + 4]}")
-        if r.tokenizer_match is not None:
-            lines.append(f"  llama.cpp tokenizes the prompt {'as transformers does' if r.tokenizer_match else 'DIFFERENTLY from transformers (its pre-tokenizer is not known to evoprune)'}")
-        if tokenizer is not None:
-            lines.append(f"  evoprune: {tokenizer.decode(r.reference_tokens)!r}")
-            lines.append(f"  target:   {tokenizer.decode(r.target_tokens)!r}")
-    return lines
-
-
-def verify_report(path: str | os.PathLike[str], *, prompt: str = DEFAULT_PROMPT, steps: int = 20, threads: int = 1,
-                  float64: bool = False, tolerance: float = 1e-3) -> tuple[list[str], bool]:
-    """``evoprune verify-export``: the printable lines and whether every target matched within ``tolerance``."""
-    if steps < 1 or threads < 1:
-        raise ValueError(f"--tokens and --threads must be >= 1, got {steps} and {threads}.")
-    results = verify_export(path, prompt=prompt, steps=steps, n_threads=threads,
-                            reference_dtype=torch.float64 if float64 else torch.float32)
-    from transformers import AutoTokenizer
-
-    folder = Path(path) if Path(path).is_dir() else Path(path).parent
-    lines = describe(results, AutoTokenizer.from_pretrained(folder))
-    ok = all(r.tokens_match and r.max_logit_diff <= tolerance for r in results)
-    lines.append(f"verify-export: {'OK' if ok else 'FAILED'} (tolerance {tolerance:g})")
-    return lines, ok

@@ -20,6 +20,10 @@ Count budgets say exactly what to drop (:data:`COUNT_METRICS`), e.g. "drop exact
 >>> len(depth.random(0).kept_layers), sum(1 for _ in depth.enumerate())
 (5, 56)
 
+Budgets accept the metrics in :data:`BUDGET_METRICS` (:data:`METRICS` plus the counts);
+:func:`resolve_mode` validates a space's ``mode`` and ``probe`` options (``"static"`` or
+``"probe"``, :class:`ProbeSettings`; see :data:`PRUNING_MODES`).
+
 Architectures come from one registry (:func:`get_arch`, :data:`SUPPORTED_MODEL_TYPES`);
 ``evoprune.pruning.register_adapter`` adds one. :func:`kept_per_row` is the one
 sparsity rule shared by the cost model and the pruning masks.
@@ -27,18 +31,20 @@ sparsity rule shared by the cost model and the pruning masks.
 
 from typing import Any
 
-from ._archs import ArchFacts, get_arch, registered_model_types  # noqa: F401
+from ._archs import ArchFacts, find_arch, get_arch, register_arch, registered_archs, registered_model_types  # noqa: F401
 from ._candidate import ATTN_LINEARS, LINEAR_NAMES, MLP_LINEARS, Candidate, LayerConfig  # noqa: F401
-from ._cost import COUNT_METRICS, LATENCY_KINDS, METRICS, Budget, CostModel, LatencyTable  # noqa: F401
+from ._cost import BUDGET_METRICS, COUNT_METRICS, LATENCY_KINDS, METRICS, Budget, CostModel, LatencyTable  # noqa: F401
 from ._space import ATTENTION_UNITS, GENE_KINDS, SPARSITY_GRANULARITIES, Gene, SearchSpace  # noqa: F401
-from ._mode import PRUNING_MODES, ProbeSettings  # noqa: F401
+from ._mode import PRUNING_MODES, ProbeSettings, resolve_mode  # noqa: F401
 from ._sparsity import SPARSITY_PATTERNS, kept_per_row
 from ._spec import ModelSpec
 
 # Also importable, not part of the advertised API: ATTENTION_UNITS, ATTN_LINEARS, LATENCY_KINDS,
-# MLP_LINEARS, SPARSITY_GRANULARITIES (option values, documented where they are used) and
-# registered_model_types (evoprune.pruning exports it).
+# MLP_LINEARS, SPARSITY_GRANULARITIES (option values, documented where they are used);
+# registered_model_types (evoprune.pruning exports it); and the registry's writer side that
+# evoprune.pruning's adapters build on: register_arch, registered_archs, find_arch.
 __all__ = [
+    "BUDGET_METRICS",
     "COUNT_METRICS",
     "GENE_KINDS",
     "LINEAR_NAMES",
@@ -58,6 +64,7 @@ __all__ = [
     "SearchSpace",
     "get_arch",
     "kept_per_row",
+    "resolve_mode",
 ]
 
 

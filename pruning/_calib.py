@@ -1,0 +1,63 @@
+"""The one calibration forward pass with hooks.
+
+Several rules read what a model's modules see on calibration tokens (the probe mode's history,
+FLAP's fluctuation, OWL's Wanda norms). They all collect it the same way, here: run the tokens
+through the decoder backbone (no LM head: nothing reads the logits) in batches, without gradients
+and without a KV cache, and call one function per hooked module with that module's input::
+
+    seen = []   # down_proj's input on every batch
+    calibration_pass(model, calib_ids, [(down_proj, lambda x: seen.append(x.pow(2).sum((0, 1))))])
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterable
+
+import torch
+from torch import nn
+
+__all__ = ["calibration_pass"]
+
+
+def calibration_pass(
+    model: nn.Module,
+    calib_ids: torch.Tensor,
+    inputs: Iterable[tuple[nn.Module, Callable[[torch.Tensor], None]]],
+    *,
+    batch_size: int = 8,
+) -> None:
+    """Run ``calib_ids`` through ``model`` so that every ``(module, fn)`` of ``inputs`` sees it.
+
+    ``fn(x)`` is called with the first positional input of ``module`` (a forward pre-hook) on every
+    batch. ``model`` is a causal LM or its decoder backbone; a causal LM runs its backbone
+    (``model.base_model``), so no logits are computed. Batches of ``batch_size`` sequences go to the
+    device of the input embeddings, under ``torch.no_grad()`` and with ``use_cache=False``. The hooks
+    are removed afterwards, also when a batch raises.
+
+    Args:
+        model: the (dense, live) model.
+        calib_ids: calibration tokens, a ``LongTensor [n_sequences, seq_len]``.
+        inputs: ``(module, fn)`` pairs; one module may appear several times.
+        batch_size: sequences per forward.
+    """
+    if batch_size < 1:
+        raise ValueError(f"calibration_pass: batch_size must be >= 1, got {batch_size}.")
+    backbone = getattr(model, "base_model", model)
+    device = model.get_input_embeddings().weight.device
+    handles = []
+
+    def pre_hook(fn: Callable[[torch.Tensor], None]):
+        def hook(module: nn.Module, args: tuple) -> None:
+            fn(args[0])
+
+        return hook
+
+    try:
+        for module, fn in inputs:
+            handles.append(module.register_forward_pre_hook(pre_hook(fn)))
+        with torch.no_grad():
+            for start in range(0, calib_ids.shape[0], batch_size):
+                backbone(input_ids=calib_ids[start : start + batch_size].to(device), use_cache=False)
+    finally:
+        for h in handles:
+            h.remove()
