@@ -75,8 +75,7 @@ from typing import Any
 
 from .._logging import get_logger
 from ..data import REFERENCE_SIZES as SIZES
-from ..space import Budget
-from ..space._cost import BUDGET_METRICS
+from ..space import BUDGET_METRICS, Budget, resolve_mode
 from ..storage import StudyDatabase
 from ._config_parts import (
     _DTYPES,
@@ -209,8 +208,6 @@ class StudyConfig:
         unknown = sorted(set(space) - known)
         if unknown:
             raise ValueError(f"StudyConfig.space: unknown SearchSpace options {unknown}; known: {sorted(known)}.")
-        from ..space._mode import resolve_mode
-
         try:  # the pruning mode is checked here, before any model loads or database row is written
             resolve_mode(space.get("mode", "static"), space.get("probe"),
                          sparsity=bool(space.get("sparsity_levels")) or bool(space.get("pattern_2_4")))

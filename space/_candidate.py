@@ -13,6 +13,7 @@ import json
 from collections.abc import Iterable, Mapping
 from typing import Any
 
+from .._validate import check_keys
 from ._sparsity import SPARSITY_PATTERNS, check_sparsity
 
 LINEAR_NAMES: tuple[str, ...] = ("q", "k", "v", "o", "gate", "up", "down")
@@ -128,9 +129,7 @@ class LayerConfig:
 
     @classmethod
     def from_dict(cls, data: Mapping[str, Any]) -> "LayerConfig":
-        unknown = set(data) - {f.name for f in dataclasses.fields(cls)}
-        if unknown:
-            raise ValueError(f"LayerConfig: unknown keys {sorted(unknown)} in {dict(data)!r}.")
+        check_keys(f"LayerConfig {dict(data)!r}", data, (f.name for f in dataclasses.fields(cls)))
         return cls(**dict(data))
 
 

@@ -54,6 +54,7 @@ import statistics
 from collections.abc import Iterable, Mapping, Sequence
 from typing import Any
 
+from .._validate import check_keys
 from ._candidate import ATTN_LINEARS, MLP_LINEARS, Candidate, LayerConfig
 from ._sparsity import kept_per_row
 from ._spec import ModelSpec
@@ -333,9 +334,7 @@ class Budget:
 
     @classmethod
     def from_dict(cls, data: Mapping[str, Any]) -> "Budget":
-        unknown = set(data) - {f.name for f in dataclasses.fields(cls)}
-        if unknown:
-            raise ValueError(f"Budget.from_dict: unknown keys {sorted(unknown)}.")
+        check_keys("Budget.from_dict", data, (f.name for f in dataclasses.fields(cls)))
         return cls(**dict(data))
 
 

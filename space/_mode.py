@@ -20,6 +20,8 @@ import dataclasses
 from collections.abc import Mapping
 from typing import Any
 
+from .._validate import check_keys
+
 __all__ = ["PRUNING_MODES", "ProbeSettings", "resolve_mode"]
 
 PRUNING_MODES: tuple[str, ...] = ("static", "probe")
@@ -70,10 +72,7 @@ class ProbeSettings:
     @classmethod
     def from_dict(cls, data: Mapping[str, Any] | None) -> "ProbeSettings":
         data = dict(data or {})
-        known = [f.name for f in dataclasses.fields(cls)]
-        unknown = sorted(set(data) - set(known))
-        if unknown:
-            raise ValueError(f"probe settings: unknown keys {unknown}; known: {known}.")
+        check_keys("probe settings", data, (f.name for f in dataclasses.fields(cls)))
         return cls(**data)
 
 

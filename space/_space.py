@@ -48,6 +48,7 @@ from typing import Any
 
 import numpy as np
 
+from .._validate import check_keys
 from ._candidate import LINEAR_NAMES, Candidate, JsonValue, LayerConfig
 from ._cost import COUNT_METRICS, Budget, CostModel, LatencyTable, _layer_count
 from ._levels import LevelsMixin
@@ -647,10 +648,7 @@ class SearchSpace(JsonValue, LevelsMixin, MovesMixin):
             )
         if "spec" not in data:
             raise ValueError("SearchSpace.from_dict needs a 'spec' entry (as written by to_dict()).")
-        known = {f.name for f in dataclasses.fields(cls) if f.init}
-        unknown = set(data) - known
-        if unknown:
-            raise ValueError(f"SearchSpace.from_dict: unknown keys {sorted(unknown)}.")
+        check_keys("SearchSpace.from_dict", data, (f.name for f in dataclasses.fields(cls) if f.init))
         data["spec"] = ModelSpec.from_dict(data["spec"])
         if data.get("attn_levels") is not None:
             data["attn_levels"] = tuple(data["attn_levels"])

@@ -11,6 +11,7 @@ from __future__ import annotations
 import dataclasses
 from typing import Any
 
+from .._validate import check_keys
 from ._archs import get_arch
 from ._candidate import Candidate, LayerConfig
 from ._sparsity import kept_per_row
@@ -87,13 +88,10 @@ class ModelSpec:
     def from_dict(cls, data: Any) -> "ModelSpec":
         """Inverse of :meth:`to_dict` (not a transformers config: use :meth:`from_config` for those)."""
         names = {f.name for f in dataclasses.fields(cls)}
-        unknown = set(data) - names
+        check_keys("ModelSpec.from_dict (pass what ModelSpec.to_dict() wrote)", data, names)
         missing = names - set(data)
-        if unknown or missing:
-            raise ValueError(
-                f"ModelSpec.from_dict: unknown keys {sorted(unknown)}, missing keys {sorted(missing)}; "
-                "pass what ModelSpec.to_dict() wrote."
-            )
+        if missing:
+            raise ValueError(f"ModelSpec.from_dict: missing keys {sorted(missing)}; pass what ModelSpec.to_dict() wrote.")
         return cls(**dict(data))
 
     def dense_layer(self) -> LayerConfig:

@@ -471,7 +471,7 @@ class EvoStudy:
             )
         candidate = self.candidate(number)
         if format != "hf" or dtype is not None:
-            from ..pruning._serve import check_format_args
+            from ..pruning import check_format_args  # deferred: the read-only verbs stay free of torch
 
             check_format_args(format, dtype)  # the rest is checked by Pruner.export before it writes
         out = Path(out_dir).expanduser().resolve()
