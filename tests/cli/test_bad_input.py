@@ -23,7 +23,8 @@ import pytest
 import sqlalchemy as sa
 import yaml
 
-from test_storage_backends import _server_database
+from helpers import dump, tiny_text_config as tiny_config
+from helpers import server_database as _server_database
 
 from evoprune._cli import main
 
@@ -34,47 +35,7 @@ TEXT = (
 )
 
 
-def tiny_config(data_dir: Path, model: str = "reference:tiny", **changes: Any) -> dict[str, Any]:
-    """A tiny study config dict (text data, 2 stops) that searches in well under a second."""
-    cfg: dict[str, Any] = dict(
-        model=model,
-        data={"source": "text", "train": [str(data_dir / "train.txt")], "validation": [str(data_dir / "valid.txt")]},
-        calibration={"num_sequences": 2, "seq_len": 32},
-        space={"attention": None, "mlp_step": 16},
-        budget={"metric": "params", "max_ratio": 0.9},
-        stages=[{"name": "final", "evaluators": ["kl"], "eval_tokens": 64, "seq_len": 32}],
-        sampler={"name": "evolutionary", "options": {"offspring": 2}},
-        objectives=["kl", "params"],
-        stop={"n_trials": 1},
-    )
-    cfg.update(changes)
-    return cfg
-
-
 # --------------------------------------------------------------------------- dumps
-
-
-def dump(url: str) -> Any:
-    """Every row of every table (SQLite: the SQL dump, schema included); ``None``: no database."""
-    if url.startswith("sqlite"):
-        path = Path(sa.engine.make_url(url).database)
-        if not path.exists():
-            return None
-        conn = sqlite3.connect(f"file:{path}?mode=ro", uri=True)
-        try:
-            return list(conn.iterdump())
-        finally:
-            conn.close()
-    engine = sa.create_engine(url, poolclass=sa.pool.NullPool)
-    try:
-        with engine.connect() as conn:
-            out = {}
-            for table in sorted(sa.inspect(conn).get_table_names()):
-                rows = conn.execute(sa.text(f"SELECT * FROM {table}")).all()
-                out[table] = sorted(map(repr, rows))
-            return out
-    finally:
-        engine.dispose()
 
 
 # --------------------------------------------------------------------------- module setup

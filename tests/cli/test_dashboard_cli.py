@@ -11,7 +11,7 @@ import urllib.request
 
 import optuna
 import pytest
-from test_status import build_study
+from helpers import build_study
 
 from evoprune._cli import main
 

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from test_storage_resume import CONFIG
+from helpers import RESUME_CONFIG as CONFIG
 
 from evoprune import load_study
 from evoprune._cli import main

@@ -6,14 +6,13 @@ import importlib.util
 from pathlib import Path
 
 import pytest
-from test_search_config import _reference_tiny_cached
 
-ROOT = Path(__file__).resolve().parent.parent
+ROOT = Path(__file__).resolve().parents[2]
 
 
 @pytest.mark.slow
-@pytest.mark.skipif(not _reference_tiny_cached(), reason="reference tiny model not built (evoprune reference-model --size tiny)")
-def test_quickstart_one_generation(tmp_path, capsys):
+def test_quickstart_one_generation(reference_tiny, tmp_path, capsys):
+    """Runs on a fresh machine too: the ``reference_tiny`` fixture builds the model into the cache first."""
     spec = importlib.util.spec_from_file_location("quickstart", ROOT / "studies" / "quickstart.py")
     quickstart = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(quickstart)

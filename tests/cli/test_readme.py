@@ -11,7 +11,7 @@ import pytest
 
 from evoprune._cli import build_parser
 
-ROOT = Path(__file__).resolve().parent.parent
+ROOT = Path(__file__).resolve().parents[2]
 
 
 def _commands(text: str) -> list[str]:

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import optuna
 import pytest
-from test_search_config import _char_tokenizer
+from helpers import char_tokenizer as _char_tokenizer
 from tiny_models import tiny_model
 
 from evoprune import create_study, load_study

@@ -12,8 +12,8 @@ import optuna
 import pytest
 import torch
 import yaml
-from test_bad_input import dump, tiny_config
-from test_search_config import _char_tokenizer
+from helpers import char_tokenizer as _char_tokenizer
+from helpers import dump, tiny_text_config as tiny_config
 from tiny_models import tiny_model
 
 from evoprune._cli import main

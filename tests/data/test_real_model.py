@@ -23,7 +23,8 @@ import torch
 from evoprune.data import PRETRAINED, REFERENCE_SIZES, ReferenceModelUnavailableError, build_reference_model
 from evoprune.data._pretrained import pretrained_model_dir
 from evoprune.space import Candidate, CostModel, LayerConfig, ModelSpec
-from test_pruning import _RELOAD_SCRIPT, expected_params, random_layer
+from helpers import RELOAD_SCRIPT as _RELOAD_SCRIPT
+from helpers import expected_params, random_layer
 
 NAME = "smollm2-135m"
 KINDS = ("depth", "width", "unstructured", "2:4", "joint")
@@ -168,7 +169,7 @@ def test_round_trip_on_smollm2(smollm2, kind, tmp_path):
             jobs.append(dict(dir=str(out_dir), ids=ids.tolist(), prompt=prompt.tolist(),
                              out=str(tmp_path / f"c{k}.safetensors")))
     proc = subprocess.run([sys.executable, "-c", _RELOAD_SCRIPT, json.dumps(jobs)], capture_output=True, text=True,
-                          timeout=900, cwd=str(Path(__file__).parent))
+                          timeout=900, cwd=str(Path(__file__).parents[1]))
     assert proc.returncode == 0, proc.stderr[-4000:]
     from safetensors.torch import load_file
 

@@ -13,8 +13,10 @@ from evoprune.evaluators import (
     select_trainable,
 )
 from evoprune.pruning import Pruner
-from test_evaluators_support import bits, calib, candidate, one_thread, ref_data  # noqa: F401
+from helpers import bits, calib, candidate
 from tiny_models import tiny_model
+
+pytestmark = pytest.mark.usefixtures("one_thread")  # the shared 2 cores: one intra-op thread
 
 
 def _snapshot(model):

@@ -15,8 +15,10 @@ from evoprune.evaluators import (
     reference_nbytes,
 )
 from evoprune.pruning import Pruner
-from test_evaluators_support import calib, candidate, one_thread, ref_data  # noqa: F401
+from helpers import calib, candidate
 from tiny_models import tiny_model
+
+pytestmark = pytest.mark.usefixtures("one_thread")  # the shared 2 cores: one intra-op thread
 
 IDS = (torch.arange(30_000) * 7919 + 13) % 97
 

@@ -8,8 +8,10 @@ import torch
 from evoprune.evaluators import EvalContext, KLToDense, dense_reference, reference_nbytes
 from evoprune.evaluators._kl import AUTO_FULL_MAX_VOCAB, AUTO_TOP_K, resolve_top_k
 from evoprune.pruning import Pruner
-from test_evaluators_support import candidate, one_thread  # noqa: F401
+from helpers import candidate
 from tiny_models import tiny_model
+
+pytestmark = pytest.mark.usefixtures("one_thread")  # the shared 2 cores: one intra-op thread
 
 VOCAB = 20_000  # > AUTO_FULL_MAX_VOCAB
 

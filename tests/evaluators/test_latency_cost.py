@@ -7,8 +7,10 @@ import pytest
 from evoprune.evaluators import Cost, EvalContext, Latency, measure_latency
 from evoprune.pruning import Pruner
 from evoprune.space import CostModel, ModelSpec
-from test_evaluators_support import candidate, one_thread  # noqa: F401
+from helpers import candidate
 from tiny_models import tiny_model
+
+pytestmark = pytest.mark.usefixtures("one_thread")  # the shared 2 cores: one intra-op thread
 
 
 def test_latency_of_half_depth_is_below_dense():

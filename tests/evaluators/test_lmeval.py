@@ -9,8 +9,10 @@ import pytest
 
 from evoprune.evaluators import EvalContext, LMEval
 from evoprune.pruning import Pruner
-from test_evaluators_support import calib, candidate, one_thread, ref_data  # noqa: F401
+from helpers import calib, candidate
 from tiny_models import tiny_model
+
+pytestmark = pytest.mark.usefixtures("one_thread")  # the shared 2 cores: one intra-op thread
 
 
 @pytest.fixture

@@ -19,7 +19,9 @@ from evoprune.evaluators import (
 )
 from evoprune.pruning import Pruner
 from evoprune.space import CostModel
-from test_evaluators_support import bits, calib, candidate, one_thread, ref_data  # noqa: F401
+from helpers import bits, calib, candidate
+
+pytestmark = pytest.mark.usefixtures("one_thread")  # the shared 2 cores: one intra-op thread
 
 
 class _Params:

@@ -281,7 +281,7 @@ def test_export_on_a_full_disk_leaves_nothing_and_says_what_to_do(tmp_path):
     script = textwrap.dedent(f"""
         import resource, sys
         import torch
-        sys.path.insert(0, {str(Path(__file__).parent)!r})
+        sys.path.insert(0, {str(Path(__file__).parents[1])!r})
         from tiny_models import tiny_model
         from evoprune.pruning import Pruner
         from evoprune.space import SearchSpace

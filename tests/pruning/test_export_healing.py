@@ -10,7 +10,8 @@ import evoprune
 from evoprune._fingerprint import model_fingerprint
 from evoprune.evaluators import perplexity
 from evoprune.pruning import load_pruned
-from test_evaluators_support import one_thread  # noqa: F401
+
+pytestmark = pytest.mark.usefixtures("one_thread")  # the shared 2 cores: one intra-op thread
 
 CONFIG = {
     "model": "reference:tiny",

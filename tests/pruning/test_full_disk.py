@@ -13,7 +13,7 @@ def test_caches_on_a_full_disk_are_skipped_and_scores_unchanged(tmp_path):
     script = textwrap.dedent(f"""
         import resource, sys
         import torch
-        sys.path.insert(0, {str(Path(__file__).parent)!r})
+        sys.path.insert(0, {str(Path(__file__).parents[1])!r})
         from tiny_models import tiny_model
         from evoprune.evaluators import EvalContext, KLToDense
         from evoprune.pruning import Pruner

@@ -281,7 +281,7 @@ def test_space_and_config_carry_the_mode():
 
 @pytest.mark.parametrize("sampler", ["evolutionary", "tpe", "nsgaii"])
 def test_samplers_search_probe_mode_through_the_evaluators(sampler, tmp_path):
-    from test_search_config import _char_tokenizer
+    from helpers import char_tokenizer as _char_tokenizer
 
     from evoprune.search import Searcher, StudyConfig, build_runtime
 

@@ -12,6 +12,8 @@ from pathlib import Path
 import pytest
 import torch
 
+from helpers import RELOAD_SCRIPT as _RELOAD_SCRIPT
+from helpers import expected_params, random_layer
 from tiny_models import ARCHS, tiny_config, tiny_model
 
 from evoprune.pruning import (
@@ -44,23 +46,6 @@ def calib(vocab: int = 97, n: int = 4, seq_len: int = 16, seed: int = 0) -> torc
     return torch.randint(3, vocab, (n, seq_len), generator=g)
 
 
-def random_layer(spec: ModelSpec, rng: random.Random, pattern: str) -> LayerConfig:
-    levels = (0.0, 0.5) if pattern == "2:4" else (0.0, 0.1, 0.3, 0.5, 0.7)
-    drop_attn = rng.random() < 0.2
-    drop_mlp = rng.random() < 0.2
-    kv = 0 if drop_attn else rng.randint(1, spec.num_kv_heads)
-    m = 0 if drop_attn else rng.randint(1, spec.q_per_kv)
-    mc = 0 if drop_mlp else rng.randint(1, spec.intermediate_size)
-    if pattern == "2:4" and mc:  # 2:4 needs down_proj's input width (the kept channels) divisible by 4
-        mc = max(4, mc - mc % 4)
-    overrides = {}
-    for name in rng.sample(("q", "k", "v", "o", "gate", "up", "down"), rng.randint(0, 3)):
-        overrides[name] = rng.choice(levels)
-    return LayerConfig(
-        num_kv_heads=kv, q_per_kv=m, mlp_channels=mc, sparsity=rng.choice(levels), linear_sparsity=overrides
-    )
-
-
 def random_candidates(spec: ModelSpec, n: int, seed: int) -> list[Candidate]:
     rng = random.Random(seed)
     out: list[Candidate] = []
@@ -77,23 +62,6 @@ def random_candidates(spec: ModelSpec, n: int, seed: int) -> list[Candidate]:
             continue
         out.append(Candidate(layers=layers, sparsity_pattern=pattern))
     return out
-
-
-def expected_params(spec: ModelSpec, cand: Candidate) -> int:
-    """The cost model's parameter formula, written out independently."""
-    h, hd = spec.hidden_size, spec.head_dim
-    n = spec.vocab_size * h * (1 if spec.tie_word_embeddings else 2) + h
-    for lc in cand.layers:
-        if not lc.attn_dropped:
-            nq, nkv = lc.num_q_heads * hd, lc.num_kv_heads * hd
-            n += h + 2 * h * nq + 2 * h * nkv
-            n += (nq + 2 * nkv) if spec.qkv_bias else 0
-            n += h if spec.o_bias else 0
-            n += 2 * hd if spec.qk_norm else 0
-        if not lc.mlp_dropped:
-            mc = lc.mlp_channels
-            n += h + 3 * h * mc + ((2 * mc + h) if spec.mlp_bias else 0)
-    return n
 
 
 def snapshot(model: torch.nn.Module) -> dict[str, tuple[torch.Tensor, int]]:
@@ -370,29 +338,6 @@ def test_permutation_orders_heads_and_channels_by_importance():
 
 
 # -- export / reload in a fresh process ------------------------------------------------------------
-_RELOAD_SCRIPT = textwrap.dedent(
-    """
-    import json, sys, torch
-    torch.set_num_threads(1)
-    from safetensors.torch import save_file
-    from evoprune.pruning import load_pruned
-    jobs = json.loads(sys.argv[1])
-    for job in jobs:
-        model = load_pruned(job["dir"])
-        ids = torch.tensor(job["ids"])
-        prompt = torch.tensor(job["prompt"])
-        kw = dict(max_new_tokens=6, do_sample=False, pad_token_id=0)
-        out = {
-            "logits": model(ids).logits.contiguous(),
-            "gen_cache": model.generate(prompt, use_cache=True, **kw),
-            "gen_nocache": model.generate(prompt, use_cache=False, **kw),
-            "numel": torch.tensor(sum(p.numel() for p in model.parameters())),
-        }
-        save_file(out, job["out"])
-    """
-)
-
-
 @pytest.fixture(scope="session")
 def reloaded(tmp_path_factory):
     """Export 3 candidates per architecture and reload them all in ONE fresh Python process."""
@@ -417,7 +362,7 @@ def reloaded(tmp_path_factory):
                              out=str(root / f"{arch}-{k}.safetensors")))
     proc = subprocess.run(
         [sys.executable, "-c", _RELOAD_SCRIPT, json.dumps(jobs)],
-        capture_output=True, text=True, timeout=600, cwd=str(Path(__file__).parent),
+        capture_output=True, text=True, timeout=600, cwd=str(Path(__file__).parents[1]),
     )
     assert proc.returncode == 0, proc.stderr[-4000:]
     from safetensors.torch import load_file

@@ -28,7 +28,7 @@ import re
 import optuna
 import pytest
 from optuna.trial import TrialState
-from test_storage_backends import make_storage_url
+from helpers import make_storage_url
 
 from evoprune import create_study
 from evoprune._optuna_private import trial_id

@@ -8,6 +8,7 @@ from pathlib import Path
 import optuna
 import pytest
 
+from helpers import char_tokenizer as _char_tokenizer
 from tiny_models import tiny_model
 
 from evoprune.search import (
@@ -20,7 +21,7 @@ from evoprune.search import (
 )
 
 optuna.logging.set_verbosity(optuna.logging.WARNING)
-STUDIES = Path(__file__).resolve().parents[1] / "studies"
+STUDIES = Path(__file__).resolve().parents[2] / "studies"
 
 
 def test_defaults_round_trip_and_yaml(tmp_path):
@@ -82,17 +83,6 @@ def test_make_sampler_names():
         make_sampler("nowhere.module:Sampler")
 
 
-def _char_tokenizer():
-    from tokenizers import Regex, Tokenizer, models, pre_tokenizers
-    from transformers import PreTrainedTokenizerFast
-
-    chars = [chr(c) for c in range(32, 127)]
-    vocab = {"<unk>": 0, "<eos>": 1, **{c: i + 2 for i, c in enumerate(chars)}}  # 97 = tiny models' vocab
-    tok = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
-    tok.pre_tokenizer = pre_tokenizers.Split(Regex("."), behavior="isolated")
-    return PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="<unk>", eos_token="<eos>")
-
-
 def test_build_runtime_text_data_and_search(tmp_path):
     import random
 
@@ -132,15 +122,8 @@ def test_build_runtime_text_data_and_search(tmp_path):
     assert again.fingerprints == runtime.fingerprints and again.pruner.cache_hit
 
 
-def _reference_tiny_cached() -> bool:
-    from evoprune._paths import cache_root
-
-    return any((p / ".evoprune_complete").is_file() for p in (cache_root() / "models").glob("reference-tiny-*"))
-
-
 @pytest.mark.slow
-@pytest.mark.skipif(not _reference_tiny_cached(), reason="reference tiny model not built (evoprune reference-model --size tiny)")
-def test_build_runtime_reference_tiny():
+def test_build_runtime_reference_tiny(reference_tiny):  # the fixture builds the model on a fresh machine
     cfg = StudyConfig.from_dict({
         "model": "reference:tiny",
         "calibration": {"num_sequences": 4, "seq_len": 64},

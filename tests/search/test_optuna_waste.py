@@ -13,7 +13,7 @@ import optuna
 import pytest
 import torch
 from optuna.trial import TrialState
-from test_storage_backends import make_storage_url, tiny_study_config
+from helpers import make_storage_url, tiny_study_config
 from tiny_models import tiny_model
 
 from evoprune import create_study, load_study

@@ -13,7 +13,7 @@ from pathlib import Path
 
 import optuna
 import pytest
-from test_storage_backends import tiny_study_config
+from helpers import tiny_study_config
 
 from evoprune import create_study
 from evoprune._optuna_private import trial_id

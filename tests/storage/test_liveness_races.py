@@ -13,7 +13,7 @@ import optuna
 import pytest
 import torch
 from optuna.trial import TrialState
-from test_storage_backends import storage_url, tiny_study_config  # noqa: F401  (fixture)
+from helpers import tiny_study_config
 from tiny_models import tiny_model
 
 from evoprune._optuna_private import trial_id
@@ -184,8 +184,9 @@ def test_sigterm_stops_cleanly_and_a_second_signal_aborts(backend, tmp_path):
     import time
 
     import sqlalchemy as sa
-    from test_storage_backends import make_storage_url
-    from test_storage_resume import CONFIG, _counts
+    from helpers import RESUME_CONFIG as CONFIG
+    from helpers import make_storage_url
+    from helpers import trial_state_counts as _counts
 
     from evoprune import load_study
     from evoprune.storage._engine import normalize_url

@@ -18,14 +18,14 @@ import optuna
 import pytest
 import sqlalchemy as sa
 from optuna.trial import TrialState
-from test_storage_backends import storage_engine, storage_url  # noqa: F401  (fixture)
+from helpers import storage_engine
 
 from evoprune._optuna_private import study_id, trial_id
 from evoprune.storage import SchemaVersionError, StudyDatabase, list_studies, open_rdb_storage, schema_version
 from evoprune.storage._schema import SCHEMA_VERSION, VERSION_TABLE, is_current, upgrade
 from evoprune.storage._tables import Base
 
-FIXTURE = Path(__file__).parent / "fixtures" / "study_v0.1.0.db"
+FIXTURE = Path(__file__).parents[1] / "fixtures" / "study_v0.1.0.db"
 EVOPRUNE_TABLES = {"evoprune_schema_version", "evoprune_studies", "evoprune_trials", "evoprune_claims",
                    "evoprune_stages", "evoprune_stage_results", "evoprune_sampler_states", "evoprune_fingerprints",
                    "evoprune_artifacts", "evoprune_workers"}

@@ -15,38 +15,17 @@ import optuna
 import pytest
 import sqlalchemy as sa
 from optuna.trial import TrialState
-from test_storage_backends import make_storage_url
+from helpers import RESUME_CONFIG as CONFIG
+from helpers import make_storage_url
+from helpers import trial_state_counts as _counts
 
 from evoprune import load_study
-
-CONFIG = """\
-model: reference:tiny
-calibration: {num_sequences: 8, seq_len: 64}
-space: {attention: null, mlp_step: 16}
-budget: {metric: params, max_ratio: 0.8}
-stages:
-  - {name: s1, evaluators: [kl], eval_tokens: 512, seq_len: 64, promote: {top_k: 2}}
-  - {name: final, evaluators: [kl], eval_tokens: 1024, seq_len: 64}
-sampler: {name: evolutionary, options: {offspring: 4}}
-objectives: [kl, params]
-seed: 1
-"""
-
 
 @pytest.fixture(params=["sqlite", "postgresql"])
 def url(request, tmp_path):
     u, drop = make_storage_url(request.param, tmp_path)
     yield u
     drop()
-
-
-def _counts(engine: sa.Engine) -> dict[str, int]:
-    try:
-        with engine.connect() as conn:
-            rows = conn.execute(sa.text("SELECT state, COUNT(*) FROM trials GROUP BY state")).all()
-    except sa.exc.DBAPIError:  # tables not created yet
-        return {}
-    return {str(s).rsplit(".", 1)[-1]: int(n) for s, n in rows}
 
 
 def _snapshot(study) -> dict[int, tuple]:

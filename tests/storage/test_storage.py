@@ -16,7 +16,7 @@ import optuna
 import pytest
 import sqlalchemy as sa
 from optuna.trial import TrialState
-from test_storage_backends import storage_url, tiny_study_config  # noqa: F401  (fixture)
+from helpers import tiny_study_config
 
 from evoprune._optuna_private import trial_id
 from evoprune.search import StudyNotFoundError, create_study, load_study

@@ -18,7 +18,7 @@ from optuna.trial import TrialState
 
 import evoprune
 
-FIXTURE = Path(__file__).parent / "fixtures" / "study_v0.1.0.db"
+FIXTURE = Path(__file__).parents[1] / "fixtures" / "study_v0.1.0.db"
 
 
 def test_v010_database_opens_resumes_and_exports(reference_tiny, tmp_path):

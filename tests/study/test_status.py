@@ -14,7 +14,7 @@ import optuna
 import pytest
 import sqlalchemy as sa
 from optuna.trial import TrialState
-from test_storage_backends import make_storage_url, storage_url, tiny_study_config  # noqa: F401
+from helpers import build_study, make_storage_url, tiny_study_config
 
 from evoprune import create_study, load_study
 from evoprune._cli import main
@@ -25,36 +25,6 @@ from evoprune.storage import StudyDatabase
 from evoprune.storage._owner import Owner
 
 optuna.logging.set_verbosity(optuna.logging.WARNING)
-
-
-def _candidate(i: int) -> Candidate:
-    return Candidate(layers=(LayerConfig(num_kv_heads=2, q_per_kv=2, mlp_channels=16 * (i + 1)),) * 4)
-
-
-def build_study(url: str, **config):
-    """A single-objective study with hand-written rows: trial 0 complete (kl 0.4), trial 1 pruned at
-    s1, trial 2 complete (kl 0.2), trial 3 running; s1 costs 512 tokens, final 1024."""
-    cfg = tiny_study_config(objectives=["kl"], **config)
-    study = create_study(cfg, storage=url, study_name="st")
-    rec = study.recorder
-    plan = [(0.5, True, 0.4), (0.9, False, None), (0.3, True, 0.2)]
-    for i, (s1, promoted, final) in enumerate(plan):
-        t = study.optuna_study.ask()
-        tid = trial_id(t)
-        rec.record_candidate(tid, _candidate(i), source="initial")
-        rec.record_stage(tid, "s1", "kl", 512, s1, 0.1, {})
-        rec.record_stage_result(tid, "s1", 0, s1, promoted)
-        if final is None:
-            study.optuna_study.tell(t, state=TrialState.PRUNED)
-            continue
-        rec.record_stage(tid, "final", "kl", 1024, final, 0.2, {})
-        rec.record_stage_result(tid, "final", 1, final, None)
-        if i == 2:
-            time.sleep(1.05)  # MySQL keeps whole seconds: let the trials span one
-        study.optuna_study.tell(t, [final])
-    t = study.optuna_study.ask()
-    rec.record_candidate(trial_id(t), _candidate(3), source="initial")
-    return study
 
 
 def _dump(url: str) -> dict[str, list]:
