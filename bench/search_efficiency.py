@@ -37,6 +37,7 @@ from __future__ import annotations
 
 import argparse
 import concurrent.futures
+import contextlib
 import dataclasses
 import json
 import multiprocessing
@@ -210,7 +211,9 @@ def main(argv: list[str] | None = None) -> int:
         import optima as optima_bench
 
         args.data = tempfile.mkdtemp(prefix="evoprune-optima-smoke-")
-        optima_bench.main(["--smoke", "--model", args.model, "--out", args.data, *sum((["--problem", p] for p in problems), [])])
+        with contextlib.redirect_stdout(sys.stderr):  # its report (and TARGET lines) are not this bench's
+            optima_bench.main(["--smoke", "--model", args.model, "--out", args.data,
+                               *sum((["--problem", p] for p in problems), [])])
     tasks, optima = [], {}
     for problem in problems:
         data = json.loads((Path(args.data) / f"optima_{problem}.json").read_text())
