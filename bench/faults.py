@@ -20,9 +20,9 @@ Columns: fault, runs, trials lost (a candidate with a trial that never finished)
 duplicated (finished in two trials), claims stranded (held with no trial or a failed one once
 nobody runs), worker crashes (exits we did not cause), integrity (``evoprune check``).
 Covered by tests instead of here: a candidate that runs out of memory (it fails, the search goes
-on: tests/test_liveness_races.py), a NaN/inf fine-tune loss (stops, weights restored:
-tests/test_evaluators_finetune.py) and a full disk while caching importance scores or dense logits
-(skipped with a warning, scores unchanged: tests/test_full_disk.py).
+on: tests/storage/test_liveness_races.py), a NaN/inf fine-tune loss (stops, weights restored:
+tests/evaluators/test_finetune.py) and a full disk while caching importance scores or dense logits
+(skipped with a warning, scores unchanged: tests/pruning/test_full_disk.py).
 
 Usage: ``python bench/faults.py [--runs 3] [--seed 0] [--server postgresql://postgres@127.0.0.1:5432/test]``;
 ``--smoke``: one run of ``sigkill-search`` (never the PostgreSQL restart).

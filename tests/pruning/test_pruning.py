@@ -389,7 +389,7 @@ def test_export_directory_is_standard_and_pickle_free(arch, reloaded):
     assert "config.json" in files and any(f.endswith(".safetensors") for f in files)
     assert not any(f.endswith((".bin", ".pt", ".pth", ".pkl", ".pickle")) for f in files)
     cfg = json.loads((out_dir / "config.json").read_text())
-    assert cfg["model_type"] in (arch, f"evoprune_{arch}")  # which one: tests/test_export_auto.py
+    assert cfg["model_type"] in (arch, f"evoprune_{arch}")  # which one: tests/pruning/test_export_auto.py
     assert cfg["num_hidden_layers"] == len(exp["cand"].kept_layers)
     per_layer = cfg["per_layer_config"]
     kept = exp["cand"].kept_layers
