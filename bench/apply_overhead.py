@@ -4,6 +4,7 @@ of the same candidate materialized, and peak memory over many apply/revert cycle
 
     python bench/apply_overhead.py                 # defaults sized for a 2-core CPU, a few minutes
     python bench/apply_overhead.py --device cuda   # GPU variant (memory from the CUDA allocator)
+    python bench/apply_overhead.py --smoke         # seconds: a random-init tiny Llama, small counts
 
 Targets (last lines, one per target):
     TARGET apply_eval_revert_over_materialized_forward <ratio> <= 1.15 PASS|FAIL
