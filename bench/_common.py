@@ -8,11 +8,47 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import sys
 import time
 from typing import Any
 
 import numpy as np
 import torch
+
+
+# A tiny random-init Llama for the ``--smoke`` runs of the benches that do not need trained weights.
+TINY_SHAPE = dict(
+    vocab_size=256,
+    hidden_size=64,
+    intermediate_size=128,
+    num_hidden_layers=4,
+    num_attention_heads=8,
+    num_key_value_heads=4,
+    max_position_embeddings=256,
+    tie_word_embeddings=False,
+)
+
+
+def parse_args(ap: argparse.ArgumentParser, argv: list[str] | None = None, *, smoke: dict[str, Any]) -> argparse.Namespace:
+    """Parse ``argv`` with a ``--smoke`` flag: a seconds-long run (tiny model, small counts) that still
+    prints the bench's table and every TARGET line (which may then FAIL); ``tests/bench`` runs every
+    bench this way. ``smoke`` holds the argument values of the smoke size (flags given explicitly win)."""
+    sizes = " ".join(f"--{k.replace('_', '-')} {v}" for k, v in smoke.items() if not k.startswith("_"))
+    ap.add_argument("--smoke", action="store_true",
+                    help=f"a seconds-long run on a tiny model that still prints every TARGET line ({sizes})")
+    argv = sys.argv[1:] if argv is None else list(argv)
+    if "--smoke" in argv:
+        ap.set_defaults(**smoke)
+    return ap.parse_args(argv)
+
+
+def tiny_llama(seed: int = 0) -> Any:
+    """A random-init Llama of :data:`TINY_SHAPE` (fp32, eval mode)."""
+    import transformers
+
+    torch.manual_seed(seed)
+    return transformers.AutoModelForCausalLM.from_config(transformers.LlamaConfig(**TINY_SHAPE),
+                                                         dtype=torch.float32).eval()
 
 
 def add_common_args(ap: argparse.ArgumentParser, *, model: str | None = "reference:small", seq_len: int = 128,

@@ -4,6 +4,7 @@ of the same candidate materialized, and peak memory over many apply/revert cycle
 
     python bench/apply_overhead.py                 # defaults sized for a 2-core CPU, a few minutes
     python bench/apply_overhead.py --device cuda   # GPU variant (memory from the CUDA allocator)
+    python bench/apply_overhead.py --smoke         # seconds: a random-init tiny Llama, small counts
 
 Targets (last lines, one per target):
     TARGET apply_eval_revert_over_materialized_forward <ratio> <= 1.15 PASS|FAIL
@@ -42,6 +43,8 @@ from typing import Any
 
 import torch
 
+from _common import parse_args, tiny_llama  # noqa: E402  (bench/ is on sys.path)
+
 from evoprune.space import Candidate, LayerConfig, ModelSpec
 
 # the small reference model's shape (evoprune reference-model --size small)
@@ -57,10 +60,13 @@ FALLBACK_SHAPE = dict(
 )
 
 
-def load_small_model(*, build_reference: bool = False, seed: int = 0) -> tuple[Any, str]:
+def load_small_model(*, build_reference: bool = False, seed: int = 0, tiny: bool = False) -> tuple[Any, str]:
     """The small reference model if it is built (or ``build_reference``), else a random-init Llama
-    of the same shape. Returns ``(model, description)``."""
+    of the same shape (``tiny``: a random-init tiny Llama, for ``--smoke``). Returns ``(model, description)``."""
     import transformers
+
+    if tiny:
+        return tiny_llama(seed), "random-init tiny Llama (--smoke)"
 
     reason = ""
     try:
@@ -202,7 +208,7 @@ def memory_probe(args: argparse.Namespace) -> dict[str, Any]:
 
     device = torch.device(args.device)
     rss_start = rss_bytes()
-    model, _ = load_small_model(build_reference=args.build_reference, seed=args.seed)
+    model, _ = load_small_model(build_reference=args.build_reference, seed=args.seed, tiny=args.smoke)
     model.to(device)
     spec = ModelSpec.from_config(model.config)
     dense_bytes = param_bytes(model)
@@ -260,7 +266,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--build-reference", action="store_true", help="train the small reference model if missing")
     ap.add_argument("--memory-probe", metavar="CACHE_DIR", help=argparse.SUPPRESS)
-    args = ap.parse_args(argv)
+    args = parse_args(ap, argv, smoke=dict(candidates=2, reps=2, batch=2, seq_len=32, calib=4, cycles=10))
 
     torch.set_num_threads(args.threads)
     device = torch.device(args.device)
@@ -269,7 +275,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.memory_probe:
         print(json.dumps(memory_probe(args)))
         return 0
-    model, where = load_small_model(build_reference=args.build_reference, seed=args.seed)
+    model, where = load_small_model(build_reference=args.build_reference, seed=args.seed, tiny=args.smoke)
     model.to(device)
     spec = ModelSpec.from_config(model.config)
     dense_bytes = param_bytes(model)
@@ -357,6 +363,8 @@ def main(argv: list[str] | None = None) -> int:
            "--threads", str(args.threads), "--device", args.device, "--seed", str(args.seed)]
     if args.build_reference:
         cmd.append("--build-reference")
+    if args.smoke:
+        cmd.append("--smoke")
     def run_probe(extra_env: dict[str, str]) -> dict[str, Any]:
         proc = subprocess.run(cmd, capture_output=True, text=True, env={**os.environ, **extra_env})
         if proc.returncode != 0:

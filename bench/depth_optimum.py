@@ -22,6 +22,7 @@ optimum after 14 full evaluations, <= 0.
 
     python bench/depth_optimum.py                    # ~5-10 min on 2 CPU cores
     python bench/depth_optimum.py --seeds 3 --final-tokens 4096
+    python bench/depth_optimum.py --smoke            # seconds: tiny reference model, drop 1 of 4 blocks
 """
 
 from __future__ import annotations
@@ -35,7 +36,7 @@ import sys
 import time
 
 import optuna
-from _common import add_common_args, start
+from _common import add_common_args, parse_args, start
 
 from evoprune.evaluators import KLToDense, Pipeline, Stage, TopK
 from evoprune.baselines import shortgpt, sleb
@@ -77,7 +78,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--final-tokens", type=int, default=8192)
     ap.add_argument("--max-full-evals", type=int, default=30, help="cap per method and seed")
     add_common_args(ap)
-    args = ap.parse_args(argv)
+    args = parse_args(ap, argv, smoke=dict(model="reference:tiny", drop=1, seeds=1, offspring=2, screen_tokens=128,
+                                           final_tokens=256, max_full_evals=4, seq_len=64))
     t_start = start(args)
 
     cfg = StudyConfig.from_dict({

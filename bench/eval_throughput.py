@@ -18,6 +18,7 @@ timings erratic; ``--threads 2`` on an idle one). The target: stage-1 rate
 
     python bench/eval_throughput.py                 # small reference model, 24 candidates, CPU
     python bench/eval_throughput.py --size tiny --candidates 8
+    python bench/eval_throughput.py --smoke         # seconds: tiny reference model, 3 candidates
 """
 
 from __future__ import annotations
@@ -27,7 +28,7 @@ import statistics
 import time
 
 import torch
-from _common import add_common_args, add_reference_args, distinct_random, reference_setup, start
+from _common import add_common_args, add_reference_args, distinct_random, parse_args, reference_setup, start
 
 
 def _args(argv=None):
@@ -36,7 +37,7 @@ def _args(argv=None):
     p.add_argument("--tokens", type=int, default=2048, help="stage-1 evaluation tokens")
     p.add_argument("--repeats", type=int, default=3)
     add_common_args(p, model=None, seq_len=256, threads=1, device=True)
-    return p.parse_args(argv)
+    return parse_args(p, argv, smoke=dict(size="tiny", candidates=3, tokens=256, repeats=1, seq_len=64))
 
 
 def _sync(device):

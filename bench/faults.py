@@ -20,11 +20,12 @@ Columns: fault, runs, trials lost (a candidate with a trial that never finished)
 duplicated (finished in two trials), claims stranded (held with no trial or a failed one once
 nobody runs), worker crashes (exits we did not cause), integrity (``evoprune check``).
 Covered by tests instead of here: a candidate that runs out of memory (it fails, the search goes
-on: tests/test_liveness_races.py), a NaN/inf fine-tune loss (stops, weights restored:
-tests/test_evaluators_finetune.py) and a full disk while caching importance scores or dense logits
-(skipped with a warning, scores unchanged: tests/test_full_disk.py).
+on: tests/storage/test_liveness_races.py), a NaN/inf fine-tune loss (stops, weights restored:
+tests/evaluators/test_finetune.py) and a full disk while caching importance scores or dense logits
+(skipped with a warning, scores unchanged: tests/pruning/test_full_disk.py).
 
-Usage: ``python bench/faults.py [--runs 3] [--seed 0] [--server postgresql://postgres@127.0.0.1:5432/test]``.
+Usage: ``python bench/faults.py [--runs 3] [--seed 0] [--server postgresql://postgres@127.0.0.1:5432/test]``;
+``--smoke``: one run of ``sigkill-search`` (never the PostgreSQL restart).
 """
 
 from __future__ import annotations
@@ -42,6 +43,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from soak import _Counter, _database, audit  # noqa: E402
+from _common import parse_args  # noqa: E402
 from workers import ENV  # noqa: E402
 
 CONFIG = """\
@@ -200,7 +202,7 @@ def main(argv=None) -> int:
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--faults", default="sigkill-startup,sigkill-search,sigkill-finetune,sigterm-search,"
                                         "sigkill-export,diskfull-export,postgres-restart")
-    args = ap.parse_args(argv)
+    args = parse_args(ap, argv, smoke=dict(runs=1, faults="sigkill-search"))
     rng = random.Random(args.seed)
     faults = [f for f in args.faults.split(",") if f]
     can_restart = shutil.which("pg_ctlcluster") is not None and os.geteuid() == 0

@@ -15,6 +15,7 @@ TARGETs: ``pruned_greedy_match >= 1`` (the 20 greedy tokens identical) and
 
     python bench/gguf_serve.py                      # ~4 min on 2 CPU cores
     python bench/gguf_serve.py --generations 1      # quicker, a less searched candidate
+    python bench/gguf_serve.py --smoke              # seconds: the tiny reference model through llama.cpp
 """
 
 from __future__ import annotations
@@ -27,13 +28,13 @@ import time
 
 import numpy as np
 import torch
-from _common import print_targets
+from _common import parse_args, print_targets
 
 from evoprune.pruning import verify_export, write_gguf
 from evoprune.pruning._serve import LlamaCppRunner
 
 
-def _args() -> argparse.Namespace:
+def _args(argv: list[str] | None = None) -> argparse.Namespace:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--model", default="reference:smollm2-135m")
     ap.add_argument("--budget", type=float, default=0.62, help="max params ratio (min is budget - 0.05)")
@@ -49,7 +50,10 @@ def _args() -> argparse.Namespace:
     ap.add_argument("--threads", type=int, default=1, help="torch threads")
     ap.add_argument("--n-threads", type=int, default=1, help="llama.cpp threads")
     ap.add_argument("--seed", type=int, default=0)
-    return ap.parse_args()
+    ap.add_argument("--mlp-step", type=int, default=128, help="MLP channel step of the searched widths")
+    return parse_args(ap, argv, smoke=dict(model="reference:tiny", budget=0.8, generations=1, offspring=2,
+                                           eval_tokens=128, seq_len=64, calib_sequences=2, steps=4, pp=16, tg=8,
+                                           repeats=1, mlp_step=16))
 
 
 def _config(args: argparse.Namespace) -> dict:
@@ -59,7 +63,7 @@ def _config(args: argparse.Namespace) -> dict:
         "device": "cpu",
         "data": {"source": "reference"},
         "calibration": {"num_sequences": args.calib_sequences, "seq_len": args.seq_len},
-        "space": {"attention": "kv_groups", "mlp_step": 128, "drop_blocks": True},
+        "space": {"attention": "kv_groups", "mlp_step": args.mlp_step, "drop_blocks": True},
         "budget": [{"metric": "params", "max_ratio": args.budget, "min_ratio": args.budget - 0.05}],
         "stages": [{"name": "final", "evaluators": ["kl"], "eval_tokens": args.eval_tokens, "seq_len": args.seq_len}],
         "sampler": {"name": "evolutionary", "options": {"offspring": args.offspring, "init": "uniform"}},
@@ -84,8 +88,8 @@ def _time(runner: LlamaCppRunner, prompt: list[int], tg: int) -> tuple[float, fl
     return t1 - t0, t2 - t1
 
 
-def main() -> int:
-    args = _args()
+def main(argv: list[str] | None = None) -> int:
+    args = _args(argv)
     torch.set_num_threads(args.threads)
     import optuna
 

@@ -54,6 +54,7 @@ report the rank of any searched result.
 
     python bench/optima.py                            # all four problems: ~10 CPU-minutes (one thread)
     python bench/optima.py --problem depth_3of8 --n1 4096 --n2 65536 --out /tmp/optima
+    python bench/optima.py --smoke                    # seconds: tiny reference model, depth problem, temporary --out
 """
 
 from __future__ import annotations
@@ -66,13 +67,14 @@ import json
 import math
 import platform
 import sys
+import tempfile
 import time
 from pathlib import Path
 from typing import Any, Callable
 
 import numpy as np
 import torch
-from _common import add_common_args, start
+from _common import add_common_args, parse_args, start
 
 from evoprune.data import load_reference_corpus, tokenized_split
 from evoprune.evaluators import EvalContext, KLToDense, TokenSet
@@ -378,8 +380,11 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--top", type=int, default=20, help="phase-1b best re-scored in phase 2")
     ap.add_argument("--max-phase2", type=int, default=40, help="cap on the phase-2 configurations")
     add_common_args(ap, seq_len=256, threads=1)
-    args = ap.parse_args(argv)
+    args = parse_args(ap, argv, smoke=dict(model="reference:tiny", problem=["depth_3of8"], n1=128, n1b=256, keep_1b=4,
+                                           n2=512, top=2, max_phase2=4, seq_len=64, out=""))
     t_start = start(args)
+    if not args.out:  # --smoke: never overwrite bench/data
+        args.out = tempfile.mkdtemp(prefix="evoprune-optima-smoke-")
     names = args.problem or list(PROBLEMS)
     out_dir = Path(args.out)
     out_dir.mkdir(parents=True, exist_ok=True)

@@ -14,6 +14,7 @@ cut >= 60 % of the parameters.
 
     python bench/pareto.py                           # ~10 min on 2 CPU cores
     python bench/pareto.py --generations 40 --nsgaii 0
+    python bench/pareto.py --smoke                   # seconds: tiny reference model, 2 generations
 """
 
 from __future__ import annotations
@@ -24,7 +25,7 @@ import time
 
 import numpy as np
 import optuna
-from _common import add_common_args, start
+from _common import add_common_args, parse_args, start
 
 from evoprune.evaluators import KLToDense, Pipeline, Stage, TopK
 from evoprune.search import BudgetSweep, Searcher, StudyConfig, build_runtime
@@ -43,7 +44,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--mlp-step", type=int, default=64)
     ap.add_argument("--nsgaii", type=int, default=1, help="also run NSGA-II at the same token budget (1/0)")
     add_common_args(ap)
-    args = ap.parse_args(argv)
+    args = parse_args(ap, argv, smoke=dict(model="reference:tiny", levels=[0.8, 0.6], generations=2, offspring=3,
+                                           screen_tokens=128, final_tokens=256, mlp_step=16, seq_len=64))
     t_start = start(args)
 
     cfg = StudyConfig.from_dict({

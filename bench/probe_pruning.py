@@ -36,6 +36,7 @@ the better of static uniform / static FLAP) ``<= 1.0``; ``searched_pp_ppl_over_u
 ``probe_flops_share`` (PP uniform, 8 x 256) ``<= 0.05``.
 
     python bench/probe_pruning.py            # ~12 min on 2 CPU cores, 1 torch thread
+    python bench/probe_pruning.py --smoke    # seconds: the tiny reference model, small counts
 """
 
 from __future__ import annotations
@@ -47,7 +48,7 @@ import time
 
 import optuna
 import torch
-from _common import add_common_args, print_targets, start
+from _common import add_common_args, parse_args, print_targets, start
 from torch.utils.flop_counter import FlopCounterMode
 
 from evoprune.data import load_reference_corpus, tokenized_split
@@ -63,7 +64,7 @@ def _config(args) -> StudyConfig:
     return StudyConfig.from_dict({
         "model": args.model,
         "calibration": {"num_sequences": args.calib_sequences, "seq_len": L},
-        "space": {"attention": "q_per_group", "mlp_step": 64},
+        "space": {"attention": "q_per_group", "mlp_step": args.mlp_step},
         "stages": [
             {"name": "screen", "evaluators": ["ppl"], "eval_tokens": 4 * L, "seq_len": L, "promote": {"top_k": 1}},
             {"name": "final", "evaluators": ["ppl"], "eval_tokens": args.batch_size * L, "seq_len": L},
@@ -125,8 +126,13 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--repeats", type=int, default=2, help="timing rounds (all rows interleaved; the minimum counts)")
     ap.add_argument("--seq-ratio", type=float, default=0.5, help="PP probe: share of the positions")
     ap.add_argument("--batch-ratio", type=float, default=0.05, help="PP probe: share of the sequences")
+    ap.add_argument("--mlp-step", type=int, default=64, help="MLP channel step of the searched widths")
+    ap.add_argument("--time-shapes", type=int, nargs=2, default=[8, 256], metavar=("B", "S"),
+                    help="timed prefill shapes: B x S and 1 x 2S")
     add_common_args(ap, model="reference:smollm2-135m", seq_len=256, threads=1)
-    args = ap.parse_args(argv)
+    args = parse_args(ap, argv, smoke=dict(model="reference:tiny", calib_sequences=4, test_tokens=512, batch_size=4,
+                                           mlp=112, mlp_step=16, dense_blocks=1, search_tokens=1024, offspring=3, repeats=1,
+                                           seq_len=32, time_shapes=[4, 32]))
     t_start = start(args)
     rt = build_runtime(_config(args))
     model, pruner, spec = rt.model, rt.pruner, rt.space.spec
@@ -136,8 +142,10 @@ def main(argv: list[str] | None = None) -> int:
     n = min(args.test_tokens, test_ids.numel()) // L
     windows = test_ids[: n * L].view(n, L)
     g = torch.Generator().manual_seed(args.seed)
-    shapes = {"8x256": torch.randint(0, spec.vocab_size, (8, 256), generator=g),
-              "1x512": torch.randint(0, spec.vocab_size, (1, 512), generator=g)}
+    b, s = args.time_shapes  # timed prefill shapes: b x s and 1 x 2s (8 x 256 and 1 x 512 by default)
+    big, wide = f"{b}x{s}", f"1x{2 * s}"
+    shapes = {big: torch.randint(0, spec.vocab_size, (b, s), generator=g),
+              wide: torch.randint(0, spec.vocab_size, (1, 2 * s), generator=g)}
     uni = _uniform(spec, args.mlp, args.dense_blocks)
     space_static = dataclasses.replace(rt.space, budget=(Budget(metric="params", max_value=rt.space.cost(uni, "params")),))
     space_pp = dataclasses.replace(space_static, mode="probe", probe=settings)
@@ -193,17 +201,17 @@ def main(argv: list[str] | None = None) -> int:
 
     dense = rows["dense"]
     tmin = {name: {k: min(v) for k, v in r["times"].items()} for name, r in rows.items()}
-    print(f"\n{'method':<16} {'params':>6} {'test ppl':>9} {'ppl incr':>8} {'t 8x256':>8} {'t 1x512':>8} "
-          f"{'probe FLOPs 8x256/1x512':>24} {'degr/runtime':>12}  notes")
+    print(f"\n{'method':<16} {'params':>6} {'test ppl':>9} {'ppl incr':>8} {'t ' + big:>8} {'t ' + wide:>8} "
+          f"{'probe FLOPs ' + big + '/' + wide:>24} {'degr/runtime':>12}  notes")
     for name, r in rows.items():
         r["incr"] = r["ppl"] / dense["ppl"] - 1
         r["rel"] = {k: tmin[name][k] / tmin["dense"][k] for k in shapes}
-        red = 1 - r["rel"]["8x256"]
+        red = 1 - r["rel"][big]
         r["dpr"] = r["incr"] / red if name != "dense" and red > 0 else float("nan")
         share = "/".join(f"{r['share'][k]:.3f}" for k in shapes) if r["share"] else "-"
-        print(f"{name:<16} {r['params']:>6.3f} {r['ppl']:>9.2f} {r['incr']:>8.3f} {r['rel']['8x256']:>8.3f} "
-              f"{r['rel']['1x512']:>8.3f} {share:>24} {r['dpr']:>12.3f}  {r['extra']}")
-    print(f"(dense prefill: 8x256 {tmin['dense']['8x256']:.2f}s, 1x512 {tmin['dense']['1x512']:.2f}s)")
+        print(f"{name:<16} {r['params']:>6.3f} {r['ppl']:>9.2f} {r['incr']:>8.3f} {r['rel'][big]:>8.3f} "
+              f"{r['rel'][wide]:>8.3f} {share:>24} {r['dpr']:>12.3f}  {r['extra']}")
+    print(f"(dense prefill: {big} {tmin['dense'][big]:.2f}s, {wide} {tmin['dense'][wide]:.2f}s)")
     for name, c in (("FLAP", f_cand), ("static searched", s_cand), ("PP searched", p_cand)):
         print(f"  {name}: query heads {[lc.num_q_heads for lc in c.layers]}, MLP {[lc.mlp_channels for lc in c.layers]}")
     best = lambda names: min(rows[k]["dpr"] for k in names)  # noqa: E731
@@ -211,7 +219,7 @@ def main(argv: list[str] | None = None) -> int:
         ("pp_degradation_per_runtime_over_static",
          best(("PP uniform", "PP FLAP widths")) / best(("static uniform", "static FLAP")), "<=", 1.0),
         ("searched_pp_ppl_over_uniform_pp", rows["PP searched"]["ppl"] / rows["PP uniform"]["ppl"], "<=", 0.95),
-        ("probe_flops_share", rows["PP uniform"]["share"]["8x256"], "<=", 0.05),
+        ("probe_flops_share", rows["PP uniform"]["share"][big], "<=", 0.05),
     ]
     print(f"\ntotal {time.time() - t_start:.0f}s")
     print_targets(targets)

@@ -41,6 +41,7 @@ Timings are noisy on a shared machine; the ratios are measured side by side.
     python bench/real_model.py --experiment 2
     python bench/real_model.py --experiment 3 --threads 1 --no-rss
     python bench/real_model.py --experiment 4 --threads 1 --no-rss
+    python bench/real_model.py --smoke               # experiment 1 in seconds on the tiny reference model
 """
 
 from __future__ import annotations
@@ -56,7 +57,7 @@ import time
 import numpy as np
 import optuna
 import torch
-from _common import add_common_args, print_targets, start
+from _common import add_common_args, parse_args, print_targets, start
 
 from evoprune.data import load_reference_corpus, tokenized_split, write_lmeval_tasks
 from evoprune.data._lmeval_tasks import CLOZE_TASK
@@ -177,11 +178,15 @@ def _random_best(rt, space, tokens: int, seed: int) -> tuple[Candidate, int, flo
     ctx = rt.context.for_stage("screen", eval_tokens=rt.config.stages[0].eval_tokens, seq_len=rt.config.stages[0].seq_len)
     kl.prepare(rt.model, ctx)
     rng = np.random.default_rng(seed)
-    best, used, seen, t0 = None, 0, set(), time.time()
+    best, used, seen, t0, repeats = None, 0, set(), time.time(), 0
     while used + ctx.tokens.num_tokens <= tokens:
         c = space.random(rng)
         if c.key in seen:
+            repeats += 1
+            if repeats > 1000:  # a space smaller than the budget (e.g. --smoke): every candidate was scored
+                break
             continue
+        repeats = 0
         seen.add(c.key)
         with rt.pruner.applied(c):
             r = kl.evaluate(rt.model, c, ctx)
@@ -521,7 +526,10 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--throughput-candidates", type=int, default=4)
     ap.add_argument("--batch-size", type=int, default=8)
     add_common_args(ap, model="reference:smollm2-135m", seq_len=128, threads=2)
-    args = ap.parse_args(argv)
+    args = parse_args(ap, argv, smoke=dict(model="reference:tiny", drop=2, calib_sequences=2, sleb_sequences=1,
+                                           screen_tokens=64, final_tokens=128, offspring=2, depth_offspring=3,
+                                           screen_windows=2, depth_tokens=2000, test_tokens=512, cloze_limit=2,
+                                           throughput_candidates=2, batch_size=2, seq_len=64, threads=1))
     t_start = start(args)
     if args.experiment in ("1", "all"):
         space = {"attention": None, "mlp": False, "drop_blocks": True}

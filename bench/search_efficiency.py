@@ -30,12 +30,14 @@ median evopress), ``final_rank_median <= 1`` (default), ``stop_tokens_over_token
     python bench/search_efficiency.py                         # all problems, 3 seeds, ~15 min on 2 cores
     python bench/search_efficiency.py --seeds 5               # the full run (26 min on 2 shared cores)
     python bench/search_efficiency.py --problem depth_3of8 --seeds 1
+    python bench/search_efficiency.py --smoke      # seconds: tiny reference model, its depth optimum made first
 """
 
 from __future__ import annotations
 
 import argparse
 import concurrent.futures
+import contextlib
 import dataclasses
 import json
 import multiprocessing
@@ -47,7 +49,7 @@ from pathlib import Path
 
 import optuna
 import torch
-from _common import add_common_args, print_targets, start
+from _common import add_common_args, parse_args, print_targets, start
 from optima import PROBLEMS
 
 from evoprune.search import Searcher, StudyConfig, build_runtime, evopress_depth_generations, make_sampler
@@ -197,12 +199,24 @@ def main(argv: list[str] | None = None) -> int:
     add_common_args(ap, model="reference:small", seq_len=256, threads=1)
     ap.add_argument("--default-options", type=json.loads, default={},
                     help='JSON sampler options for the default schedule, e.g. \'{"patience": 3}\'')
-    args = ap.parse_args(argv)
+    ap.add_argument("--data", default=str(DATA), help="folder of the optima_<problem>.json files (bench/optima.py)")
+    args = parse_args(ap, argv, smoke=dict(model="reference:tiny", problem=["depth_3of8"], seeds=1, max_generations=2,
+                                           jobs=1, tpe_trials=4, token_scale=0.125, seq_len=64, batch_size=4,
+                                           data=""))
     t_start = start(args)
     problems = args.problem or list(SETUP)
+    if not args.data:  # --smoke: the optimum of this (tiny) model first, by bench/optima.py --smoke
+        import tempfile
+
+        import optima as optima_bench
+
+        args.data = tempfile.mkdtemp(prefix="evoprune-optima-smoke-")
+        with contextlib.redirect_stdout(sys.stderr):  # its report (and TARGET lines) are not this bench's
+            optima_bench.main(["--smoke", "--model", args.model, "--out", args.data,
+                               *sum((["--problem", p] for p in problems), [])])
     tasks, optima = [], {}
     for problem in problems:
-        data = json.loads((DATA / f"optima_{problem}.json").read_text())
+        data = json.loads((Path(args.data) / f"optima_{problem}.json").read_text())
         best = {data["optimum"]["key"]} | {t["key"] for t in (data.get("ties") or [])}
         optima[problem] = (best, data)
         for schedule in ("default", "evopress"):

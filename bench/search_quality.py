@@ -20,6 +20,7 @@ methods, and at most half the uniform candidate's.
 
     python bench/search_quality.py                        # ~10-15 min on 2 CPU cores
     python bench/search_quality.py --tokens 300000 --report-tokens 65536
+    python bench/search_quality.py --smoke                # seconds: tiny reference model, 4k tokens per method
 """
 
 from __future__ import annotations
@@ -29,7 +30,7 @@ import sys
 import time
 
 import optuna
-from _common import add_common_args, start
+from _common import add_common_args, parse_args, start
 
 from evoprune.evaluators import KLToDense, Pipeline, Stage, TopK
 from evoprune.baselines import flap, flap_scores, uniform
@@ -47,7 +48,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--report-tokens", type=int, default=32768)
     ap.add_argument("--mlp-step", type=int, default=64)
     add_common_args(ap)
-    args = ap.parse_args(argv)
+    args = parse_args(ap, argv, smoke=dict(model="reference:tiny", tokens=1536, offspring=3, screen_tokens=128,
+                                           mid_tokens=256, search_tokens=256, report_tokens=512, mlp_step=16,
+                                           seq_len=64))
     t_start = start(args)
 
     cfg = StudyConfig.from_dict({

@@ -17,7 +17,8 @@ retry pass, and the study is audited:
 
 Usage: ``python bench/soak.py [--trials 2000] [--workers 3] [--kill-every 10]
 [--server postgresql://postgres@127.0.0.1:5432/test] [--mariadb mysql://root@127.0.0.1:3306/test]
-[--mariadb-trials 300]``. Each process uses one torch thread.
+[--mariadb-trials 300]``. Each process uses one torch thread. ``--smoke``: 2 workers until 6 trials on
+PostgreSQL only, a kill every 4 s (the process start-ups dominate).
 """
 
 from __future__ import annotations
@@ -33,6 +34,7 @@ import uuid
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
+from _common import parse_args  # noqa: E402
 from workers import ENV  # noqa: E402  (one environment for worker processes)
 
 # An Optuna sampler (random, a different seed in each process) rather than the evolutionary one:
@@ -230,7 +232,7 @@ def main(argv=None) -> int:
     ap.add_argument("--kill-every", type=float, default=10.0, help="seconds between kills")
     ap.add_argument("--time-limit", type=float, default=720.0, help="seconds per run at most")
     ap.add_argument("--seed", type=int, default=0)
-    args = ap.parse_args(argv)
+    args = parse_args(ap, argv, smoke=dict(workers=2, trials=6, mariadb="", kill_every=4.0, time_limit=180.0))
     import optuna
 
     optuna.logging.set_verbosity(optuna.logging.WARNING)

@@ -16,7 +16,12 @@ cache) are timed interleaved; medians are compared. The FLOPs ratio counts every
 the LM head and causal attention (scores and values at the average context length).
 
 Targets (last lines, one per candidate): latency ratio <= 1.1 x FLOPs ratio, printed as
-``TARGET latency_over_flops_<kind>_<cut> <latency ratio / FLOPs ratio> <= 1.1 PASS|FAIL``.
+``TARGET latency_over_flops_<kind>_<cut> <latency ratio / FLOPs ratio> <= 1.1 PASS|FAIL``; and
+what the search's ``Latency`` evaluator reports for the 50 % depth cut (it materializes the
+candidate itself and times it against the dense model, prefill, the same tokens):
+``TARGET latency_evaluator_depth_50 <ratio> <= 0.85 PASS|FAIL``.
+
+    python bench/speedup.py --smoke    # seconds: a random-init tiny Llama, small counts
 """
 
 from __future__ import annotations
@@ -38,6 +43,7 @@ from apply_overhead import (  # noqa: E402  (the benches share their helpers)
     load_small_model,
     target_line,
 )
+from _common import parse_args  # noqa: E402
 
 from evoprune.space import Candidate, LayerConfig, ModelSpec  # noqa: E402
 
@@ -84,12 +90,12 @@ def main(argv: list[str] | None = None) -> int:
                     help="torch threads (1 default: stable timings on a shared 2-core machine)")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--build-reference", action="store_true", help="train the small reference model if missing")
-    args = ap.parse_args(argv)
+    args = parse_args(ap, argv, smoke=dict(batch=2, seq_len=32, reps=2, calib=4))
 
     torch.set_num_threads(args.threads)
     from evoprune.pruning import Pruner, load_pruned
 
-    model, where = load_small_model(build_reference=args.build_reference, seed=args.seed)
+    model, where = load_small_model(build_reference=args.build_reference, seed=args.seed, tiny=args.smoke)
     spec = ModelSpec.from_config(model.config)
     print(f"model: {where}")
     print(f"  {spec.num_layers} layers, hidden {spec.hidden_size}, {spec.num_heads} heads / {spec.num_kv_heads} kv, "
@@ -151,6 +157,20 @@ def main(argv: list[str] | None = None) -> int:
               f"{statistics.median(times[name]) * 1e3:>8.1f} {lat:>8.3f} {lat / flops:>9.3f}")
         lines.append(target_line(f"latency_over_flops_{name}", lat / flops, "<=", 1.1))
     print("(FLOPs and latency are ratios to the dense model; the target is latency ratio <= 1.1 x FLOPs ratio)")
+
+    # the search's Latency evaluator on the 50 % depth cut: it materializes the candidate and times it
+    # against its own dense timing (medians); its ratio tracks the exported model's
+    from evoprune.evaluators import EvalContext, Latency
+
+    lat_eval = Latency(batch_size=args.batch, seq_len=args.seq_len, warmup=1, repeats=args.reps)
+    ctx = EvalContext(pruner=pruner)
+    lat_eval.prepare(model, ctx)
+    with pruner.applied(cands["depth_50"]):
+        res = lat_eval.evaluate(model, cands["depth_50"], ctx)
+    print(f"Latency evaluator, depth_50: candidate {res.details['candidate_s'] * 1e3:.1f} ms / dense "
+          f"{res.details['dense_s'] * 1e3:.1f} ms = {res.value:.3f} (exported model above: "
+          f"{statistics.median(times['depth_50']) / t_dense:.3f})")
+    lines.append(target_line("latency_evaluator_depth_50", res.value, "<=", 0.85))
     print()
     for line in lines:
         print(line)

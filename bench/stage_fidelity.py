@@ -16,6 +16,7 @@ best candidate survives a top-k cut at stage 1, and how many of the final top
 
     python bench/stage_fidelity.py                   # small reference, 64 candidates (~15 min on 2 busy cores)
     python bench/stage_fidelity.py --final-tokens 16384 --ft-candidates 8
+    python bench/stage_fidelity.py --smoke          # seconds: tiny reference model, 4 candidates
 """
 
 from __future__ import annotations
@@ -27,7 +28,7 @@ import time
 import numpy as np
 import scipy.stats
 import torch
-from _common import add_common_args, add_reference_args, distinct_random, reference_setup, start
+from _common import add_common_args, add_reference_args, distinct_random, parse_args, reference_setup, start
 
 
 def _args(argv=None):
@@ -42,7 +43,9 @@ def _args(argv=None):
     p.add_argument("--ft-lr", type=float, default=1e-4)
     p.add_argument("--ft-eval-tokens", type=int, default=8192)
     add_common_args(p, model=None, seq_len=256, threads=1, device=True)
-    return p.parse_args(argv)
+    return parse_args(p, argv, smoke=dict(size="tiny", candidates=4, stage1_tokens=256, mid_tokens=512,
+                                          final_tokens=1024, ft_candidates=2, ft_tokens=256, ft_eval_tokens=256,
+                                          seq_len=64))
 
 
 def spearman(a, b) -> float:

@@ -1,12 +1,15 @@
-"""Shared fixtures; model factories live in tiny_models.py."""
+"""Shared fixtures (the only conftest). Helpers live in helpers.py, model factories in tiny_models.py;
+``pyproject.toml`` puts this folder on ``sys.path`` so every test module imports them by name."""
 
 from __future__ import annotations
 
 import os
+from pathlib import Path
 
 import pytest
 import torch
 
+from helpers import BACKENDS, RefData, make_storage_url
 from tiny_models import ARCHS, tiny_model
 
 torch.set_num_threads(max(1, min(2, os.cpu_count() or 1)))
@@ -20,6 +23,28 @@ def arch(request) -> str:
 @pytest.fixture
 def tiny(arch):
     return tiny_model(arch)
+
+
+@pytest.fixture
+def one_thread():
+    """One intra-op thread: the 2 shared cores are faster without OpenMP contention
+    (modules opt in with ``pytestmark = pytest.mark.usefixtures("one_thread")``)."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+# --------------------------------------------------------------------------- storage backends
+
+
+@pytest.fixture(params=BACKENDS)
+def storage_url(request, tmp_path):
+    """A fresh, empty study database URL on each backend (sqlite, postgresql, mysql; a server backend
+    is skipped with the reason only when no server answers)."""
+    url, drop = make_storage_url(request.param, tmp_path)
+    yield url
+    drop()
 
 
 # --------------------------------------------------------------------------- reference corpus / model
@@ -52,3 +77,17 @@ def reference_tiny(reference_corpus):
     from evoprune.data import build_reference_model
 
     return build_reference_model("tiny", progress=False)
+
+
+@pytest.fixture(scope="session")
+def ref_data(reference_tiny, reference_corpus) -> RefData:
+    """The trained tiny reference model (``reference_tiny``) with tokenized validation/calibration splits."""
+    import transformers
+
+    from evoprune.data import tokenized_split
+
+    path = Path(reference_tiny)
+    tok = transformers.AutoTokenizer.from_pretrained(path)
+    eval_ids, fp_eval = tokenized_split(tok, "validation", reference_corpus)
+    train_ids, fp_train = tokenized_split(tok, "calibration", reference_corpus)
+    return RefData(path, tok, eval_ids, train_ids, f"{fp_eval[:16]}-{fp_train[:16]}")
