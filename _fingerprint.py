@@ -2,7 +2,7 @@
 
 Study databases store these strings (``runtime.fingerprints``) and compare them
 on resume, and caches are keyed by them, so their values must never change:
-``tests/test_fingerprint.py`` pins them.
+``tests/data/test_fingerprint.py`` pins them.
 
 * :func:`model_fingerprint` -- 16 hex chars from a dense model's config and weights;
 * :func:`ids_fingerprint` -- sha256 of token ids as little-endian int64 (16 hex chars

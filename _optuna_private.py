@@ -5,7 +5,7 @@ RUNNING trial with fixed params in one call and to write user attributes by tria
 storage ids of studies and trials (unique across one database, unlike ``trial.number``), a
 distribution's membership test, the exact hypervolume, and the SQLAlchemy models of the RDB
 storage (evoprune's tables join Optuna's). Nothing else in evoprune touches ``optuna._*`` or a
-``_``-attribute of an Optuna object; ``tests/test_optuna_private.py`` fails loudly when an Optuna
+``_``-attribute of an Optuna object; ``tests/storage/test_optuna_private.py`` fails loudly when an Optuna
 release changes one of them.
 
 >>> import optuna

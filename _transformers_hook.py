@@ -13,7 +13,7 @@ learns to resolve ``evoprune_*`` keys on first lookup: the lookup calls
 Nothing is registered while transformers is still importing itself (its modules are then often
 partly initialized); the resolution runs when a config is looked up. This module is the one place
 that touches a private transformers attribute (``CONFIG_MAPPING._extra_content``, a plain dict of
-registered configs); ``tests/test_export_auto.py`` fails if a transformers release changes it.
+registered configs); ``tests/pruning/test_export_auto.py`` fails if a transformers release changes it.
 Where it is missing, :func:`evoprune.register_auto_classes` registers eagerly instead.
 """
 

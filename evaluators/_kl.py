@@ -19,7 +19,7 @@ That coarsening can only lower the KL (data-processing inequality), by the
 divergence hidden inside the tail. With k = vocab it equals the full KL; on the
 tiny reference model (vocab 768, perplexity ~50, a flat distribution) k = 128
 keeps >= 80 % of the full KL and ranks candidates identically (see
-tests/test_evaluators_kl.py); peakier distributions of larger models lose less.
+tests/evaluators/test_kl.py); peakier distributions of larger models lose less.
 
 Default (``top_k="auto"``): the full distribution while the vocabulary has at
 most :data:`AUTO_FULL_MAX_VOCAB` (16,384) entries and the full reference fits

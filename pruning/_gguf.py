@@ -8,7 +8,7 @@ length, but only some of its architectures use them:
 * ``deci`` (Nemotron-NAS) builds each block from its own head / KV-head / feed-forward counts and
   skips the attention of a block whose head count is 0. It is used for everything else.
 
-Encodings that keep llama.cpp on its exact path (each proven by ``tests/test_export_gguf.py``):
+Encodings that keep llama.cpp on its exact path (each proven by ``tests/pruning/test_export_gguf.py``):
 
 * a dropped block is not written (the block list closes up);
 * a dropped attention sublayer is head count 0 (no attention tensors, no KV cache) -- except in

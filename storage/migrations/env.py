@@ -9,7 +9,7 @@ tracked in ``evoprune_alembic_version``, never in Optuna's own ``alembic_version
 A new migration: copy ``versions/evoprune_v1.py`` to ``evoprune_v<N+1>.py`` (revision
 ``"evoprune_v<N+1>"``, down_revision the previous one), change the models in
 ``storage/_tables.py`` to match, and raise ``SCHEMA_VERSION`` in ``storage/_schema.py``;
-``tests/test_storage_migrations.py`` checks that upgrading an empty database gives exactly the
+``tests/storage/test_migrations.py`` checks that upgrading an empty database gives exactly the
 models. Write the migration so that it can run again after a partial run (MySQL commits every
 ``CREATE``/``ALTER`` at once).
 """

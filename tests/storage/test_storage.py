@@ -1,6 +1,6 @@
 """Study database: recorder round trip, claims, fingerprints, stale trials, Optuna compatibility, CLI.
 
-Runs against every backend (see test_storage_backends.py); no model is loaded here.
+Runs against every backend (see storage/test_backends.py and helpers.py); no model is loaded here.
 """
 
 from __future__ import annotations

@@ -16,7 +16,7 @@ import sys
 import optuna
 import pytest
 from optuna.trial import TrialState
-from test_storage_backends import tiny_study_config
+from helpers import tiny_study_config
 
 from evoprune import create_study
 from evoprune._optuna_private import trial_id

@@ -17,7 +17,7 @@ from evoprune.pruning._static import StaticStrategy
 from evoprune.pruning._strategy import Strategy
 from evoprune.space import PRUNING_MODES, Candidate, LayerConfig, ProbeSettings
 
-PRUNING_DIR = Path(__file__).resolve().parents[1] / "pruning"
+PRUNING_DIR = Path(__file__).resolve().parents[2] / "pruning"
 SETTINGS = {"static": None, "probe": ProbeSettings(seq_ratio=0.5, batch_ratio=0.5, momentum=0.9)}
 
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import optuna
 import pytest
-from test_storage_backends import tiny_study_config
+from helpers import tiny_study_config
 
 from evoprune.evaluators import Pipeline
 from evoprune.search import Runtime, build_pipeline, study_sampler
