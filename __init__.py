@@ -37,6 +37,7 @@ _EXPORTS: dict[str, str] = {
     # search
     "StudyConfig": "evoprune.search",
     "Searcher": "evoprune.search",
+    "plan": "evoprune.search",
     "EvolutionarySampler": "evoprune.search",
     # storage
     "create_study": "evoprune.search",

@@ -39,6 +39,7 @@ from ._evolution import EvolutionarySampler
 from ._mutation import fill_budget, level_switch
 from ._generation import GenerationSampler, Proposal
 from ._objectives import objective_directions
+from ._plan import Plan, plan
 from ._pareto import hypervolume, pareto_front, study_front
 from ._presets import PRESETS, evopress_depth_generations
 from ._recorder import ATTR_PREFIX, OptunaRecorder, Recorder
@@ -50,6 +51,7 @@ from ._sweep import BudgetSweep
 
 __all__ = [
     "PRESETS",
+    "Plan",
     "evopress_depth_generations",
     "ATTR_PREFIX",
     "SAMPLER_NAMES",
@@ -83,6 +85,7 @@ __all__ = [
     "owl_allocation",
     "owl_scores",
     "pareto_front",
+    "plan",
     "shortgpt",
     "sleb",
     "study_front",
