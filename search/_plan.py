@@ -83,6 +83,8 @@ CUDA_CONTEXT_BYTES = 600 * 2**20
 MFU = 0.5
 #: share of the peak memory bandwidth reached with device figures
 BANDWIDTH_EFFICIENCY = 0.8
+#: with device figures: seconds of kernel launches per decoder block and forward (about 15 kernels)
+LAUNCH_SECONDS_PER_BLOCK = 15 * 8e-6
 #: convergence estimate when the config has no usable evolutionary options
 _DEFAULT_OFFSPRING = 16
 
@@ -112,6 +114,7 @@ class Plan:
     workers: list[dict[str, Any]]
     time_source: str
     dense_reference_disk_bytes: int
+    kv_bytes_per_token: int = 0
     level_database_bytes: int = 0
     gpu_memory_bytes: int | None = None
     notes: list[str] = dataclasses.field(default_factory=list)
@@ -146,7 +149,8 @@ class Plan:
                    + ("" if self.fits is None else f"  {'fits' if self.fits else 'does NOT fit'} in "
                                                   f"{g(self.gpu_memory_bytes)}"))
         out.append(f"dense reference on disk: {g(self.dense_reference_disk_bytes)}; level database: "
-                   f"{g(self.level_database_bytes)}")
+                   f"{g(self.level_database_bytes)}; KV cache of the dense model (serving, not the search): "
+                   f"{self.kv_bytes_per_token:,} bytes per token")
         out.append(f"  {'stage':<8} {'tokens':>8} {'new':>8} {'seq':>5} {'batch':>5} {'GFLOP/tok':>10} "
                    f"{'cand/gen':>8} {'s/cand':>9} {'reference':>9}")
         for st in self.stages:
@@ -370,6 +374,8 @@ def _trial_overhead(n_genes: int, reps: int = 3) -> float:
     import optuna
     from optuna.distributions import IntDistribution
 
+    verbosity = optuna.logging.get_verbosity()
+    optuna.logging.set_verbosity(optuna.logging.WARNING)
     with tempfile.TemporaryDirectory(prefix="evoprune-plan-") as d:
         storage = optuna.storages.RDBStorage(f"sqlite:///{d}/plan.db")
         study = optuna.create_study(storage=storage, study_name="plan")
@@ -383,6 +389,7 @@ def _trial_overhead(n_genes: int, reps: int = 3) -> float:
 
         seconds = _median_seconds(one, reps)
         storage.engine.dispose()
+    optuna.logging.set_verbosity(verbosity)
     return seconds
 
 
@@ -442,9 +449,9 @@ def _measure(config: StudyConfig, folder: str | None, dtype: str, device: str, s
 
 
 def _figures_seconds(flops_tok: float, tokens: int, weights: int, vocab: int, dt: int, tflops: float,
-                     bandwidth: float) -> tuple[float, float]:
+                     bandwidth: float, blocks: int) -> tuple[float, float]:
     """``(forward, kl kernel)`` seconds of one batch of ``tokens`` tokens from device figures."""
-    compute = flops_tok * tokens / (tflops * 1e12 * MFU)
+    compute = flops_tok * tokens / (tflops * 1e12 * MFU) + blocks * LAUNCH_SECONDS_PER_BLOCK
     traffic = (weights + tokens * vocab * (dt + 8)) / (bandwidth * 1e9 * BANDWIDTH_EFFICIENCY)
     kernel = tokens * vocab * 12 / (bandwidth * 1e9 * BANDWIDTH_EFFICIENCY)
     return max(compute, traffic), kernel
@@ -550,7 +557,8 @@ def plan(config: Any, *, device: str | None = None, dtype: str | None = None, gp
         if measured:
             t_fwd, t_kern = measured["forward"][(b, t)], measured["kernel"][(b, t, top_k)]
         elif figures:
-            t_fwd, t_kern = _figures_seconds(flops_tok, b * t, weights, spec.vocab_size, dt, gpu_tflops, gpu_bandwidth)
+            t_fwd, t_kern = _figures_seconds(flops_tok, b * t, weights, spec.vocab_size, dt, gpu_tflops, gpu_bandwidth,
+                                              spec.num_layers)
         else:
             t_fwd = t_kern = None
         per_cand = None if t_fwd is None else n_batches * (t_fwd * ratio + t_kern)
@@ -593,7 +601,7 @@ def plan(config: Any, *, device: str | None = None, dtype: str | None = None, gp
         key = (cal.batch_size, cal.seq_len)
         t_cal = measured["forward"][key] if measured else _figures_seconds(
             cm.flops(dense, seq_len=cal.seq_len), cal.batch_size * cal.seq_len, weights, spec.vocab_size, dt,
-            gpu_tflops, gpu_bandwidth)[0]
+            gpu_tflops, gpu_bandwidth, spec.num_layers)[0]
         calib_s = math.ceil(cal.num_sequences / cal.batch_size) * t_cal * (3 if cal.method == "taylor" else 1)
         load_s = measured["load_seconds"] if measured else ckpt_bytes_seconds(params, ckpt_dtype)
         setup_s = load_s + calib_s
@@ -605,7 +613,7 @@ def plan(config: Any, *, device: str | None = None, dtype: str | None = None, gp
              time_source=("a calibration run on this machine" if measured else
                           f"device figures ({gpu_tflops:g} TFLOPS at {MFU:.0%}, {gpu_bandwidth:g} GB/s at "
                           f"{BANDWIDTH_EFFICIENCY:.0%})" if figures else "nothing (no times)"),
-             dense_reference_disk_bytes=ref_disk,
+             dense_reference_disk_bytes=ref_disk, kv_bytes_per_token=cm.kv_bytes(dense) // cm.kv_dtype_bytes * dt,
              gpu_memory_bytes=None if gpu_memory is None else int(gpu_memory * 2**30), notes=notes)
     if timed:
         p.search_seconds = (setup_s or 0.0) + (p.seconds_for(generations) or 0.0)
