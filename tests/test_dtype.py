@@ -30,6 +30,13 @@ def _config(tmp_path, dtype: str, **over):
     ))
 
 
+@pytest.fixture(scope="module")
+def runtimes(reference_tiny, tmp_path_factory):
+    """The same study in float32 and in bfloat16 (built once for the module)."""
+    d = tmp_path_factory.mktemp("dtype")
+    return {dt: build_runtime(_config(d, dt)) for dt in ("float32", "bfloat16")}
+
+
 def _stage1_kl(runtime, candidates):
     from evoprune.evaluators import KLToDense
 
@@ -48,9 +55,8 @@ def _spearman(a, b):
     return float(np.corrcoef(ra, rb)[0, 1])
 
 
-def test_bfloat16_search_ranks_candidates_like_float32(reference_tiny, tmp_path):
-    rt32 = build_runtime(_config(tmp_path, "float32"))
-    rt16 = build_runtime(_config(tmp_path, "bfloat16"))
+def test_bfloat16_search_ranks_candidates_like_float32(runtimes):
+    rt32, rt16 = runtimes["float32"], runtimes["bfloat16"]
     assert next(rt16.model.parameters()).dtype == torch.bfloat16
     assert next(rt32.model.parameters()).dtype == torch.float32
     assert rt16.fingerprints["model"] != rt32.fingerprints["model"]  # the dtype is part of what a study searched
@@ -73,13 +79,13 @@ def test_bfloat16_search_ranks_candidates_like_float32(reference_tiny, tmp_path)
     assert _stage1_kl(rt16, [rt16.space.spec.dense_candidate()])[0] == 0.0
 
 
-def test_bfloat16_export_keeps_the_dtype_and_reproduces_logits(reference_tiny, tmp_path):
+def test_bfloat16_export_keeps_the_dtype_and_reproduces_logits(runtimes, tmp_path):
     from gguf import GGUFReader
     from safetensors import safe_open
 
     from evoprune.pruning import load_pruned
 
-    rt = build_runtime(_config(tmp_path, "bfloat16"))
+    rt = runtimes["bfloat16"]
     cand = rt.space.random(np.random.default_rng(1))
     ids = rt.calib_ids[:2, :32]
     with rt.pruner.applied(cand), torch.inference_mode():
@@ -101,10 +107,10 @@ def test_bfloat16_export_keeps_the_dtype_and_reproduces_logits(reference_tiny, t
         assert types == {"BF16" if fmt == "bf16" else "F16"}, types
 
 
-def test_bfloat16_finetune_keeps_fp32_optimizer_state_and_restores_weights(reference_tiny, tmp_path):
+def test_bfloat16_finetune_keeps_fp32_optimizer_state_and_restores_weights(runtimes):
     from evoprune.evaluators import finetune
 
-    rt = build_runtime(_config(tmp_path, "bfloat16"))
+    rt = runtimes["bfloat16"]
     cand = rt.space.random(np.random.default_rng(2))
     before = {k: v.clone() for k, v in rt.model.state_dict().items()}
     ctx = rt.context.for_stage("s1", eval_tokens=512, seq_len=64)
