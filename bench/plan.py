@@ -135,7 +135,9 @@ def main() -> None:
             print(f"    {m['component']:<16} {m['host'] / 2**20:>9.1f} MiB  {m['note']}")
         print(f"    per candidate: " + ", ".join(f"{s['name']} {s['seconds_per_candidate']:.3g} s x {s['candidates']}"
                                               for s in p.stages)
-              + f"; per trial in the database {p.trial_overhead_seconds:.3g} s; setup {p.setup_seconds:.3g} s "
+              + f"; per trial in the database {p.trial_overhead_seconds:.3g} s; sampler per generation "
+              f"{p.sampler_seconds:.3g} s; dense references "
+              f"{sum(s['reference_seconds'] for s in p.stages):.3g} s; setup {p.setup_seconds:.3g} s "
               f"(measured wall incl. setup {r['wall']:.1f} s)")
         print(f"    convergence estimate: {p.generations} generations, {p.search_tokens:,} tokens, "
               f"{p.search_seconds:.0f} s with one worker", flush=True)

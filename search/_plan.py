@@ -36,12 +36,16 @@ Time: the forward FLOPs per token of the cost model (:meth:`~evoprune.space.Cost
 the stage's ``seq_len``) for the dense model and for a typical candidate of the budget (the
 space's uniform candidate at the first budget's ratio), turned into seconds either by a short
 calibration run on this machine (the dense model's forward and KL kernels timed on the stage
-shapes, plus a study database trial timed on a temporary SQLite file) or by device figures
+shapes) or by device figures
 (``gpu_tflops`` at :data:`MFU` of peak, ``gpu_bandwidth`` at :data:`BANDWIDTH_EFFICIENCY`; the
 slower of compute and memory traffic per batch). Candidates per stage per generation: the first
 stage's ``offspring``; a ``top_k`` promotion ``k``; a racing promotion (``race``) half its
 ``max_count`` (rounded up; measured on the reference models: 2-3 of 4, 1 of 2); no promotion:
-all. A stage that ``extends`` another pays only its new tokens.
+all. A stage that ``extends`` another pays only its new tokens. Besides compute, every trial pays
+its database work (claim, trial, candidate and stage rows: timed on a temporary SQLite study with
+evoprune's recorder; 0.05 s assumed without a calibration run) and every generation the
+sampler's own work (mutation pool, surrogate ranking, budget repair: timed on random scores, no
+model involved) -- on the tiny reference model these two are most of a generation.
 
 Convergence (an estimate, not a promise): the default schedule stops once a generation brings no
 new incumbent, at least ``patience_fraction`` more tokens were spent since the incumbent took
@@ -53,7 +57,8 @@ explored * N / offspring) + patience`` generations. A config with ``stop: {n_gen
 that instead.
 
 Workers: ``w`` workers on one database share a generation's candidates stage by stage
-(:class:`~evoprune.search.Searcher` claims), so a generation takes ``sum_s ceil(n_s / w) * t_s``.
+(:class:`~evoprune.search.Searcher` claims), so a generation takes ``sum_s ceil(n_s / w) * t_s``
+plus ``ceil(offspring / w)`` trials' database work plus the sampler's seconds.
 """
 
 from __future__ import annotations
@@ -104,9 +109,11 @@ class Plan:
     stages: list[dict[str, Any]]
     setup_seconds: float | None  # loading and the importance calibration (dense references: per stage)
     trial_overhead_seconds: float | None
+    sampler_seconds: float | None  # a generation sampler proposing one generation (no model involved)
     generation_seconds: float | None
     generation_tokens: int
-    first_generation_seconds: float | None
+    first_generation_seconds: float | None  # the initial candidate(s): no sampler work
+    second_generation_seconds: float | None  # the first evolved one: the sampler has no scores yet
     generations: int
     generations_source: str
     search_tokens: int
@@ -128,10 +135,12 @@ class Plan:
 
     def seconds_for(self, generations: int) -> float | None:
         """Planned search seconds for ``generations`` generations (dense references included, no setup)."""
-        if self.generation_seconds is None or self.first_generation_seconds is None:
+        if self.generation_seconds is None or self.first_generation_seconds is None or \
+                self.second_generation_seconds is None:
             return None
         ref = sum(s["reference_seconds"] or 0.0 for s in self.stages)
-        return ref + self.first_generation_seconds + max(0, generations - 1) * self.generation_seconds
+        second = self.second_generation_seconds if generations > 1 else 0.0
+        return ref + self.first_generation_seconds + second + max(0, generations - 2) * self.generation_seconds
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -158,7 +167,7 @@ class Plan:
                        f"{st['flops_per_token'] / 1e9:>10.4g} {st['candidates']:>8} {s(st['seconds_per_candidate']):>9} "
                        f"{s(st['reference_seconds']):>9}")
         out.append(f"setup (load, calibration): {s(self.setup_seconds)}; per trial in the database: "
-                   f"{s(self.trial_overhead_seconds)}")
+                   f"{s(self.trial_overhead_seconds)}; the sampler per generation: {s(self.sampler_seconds)}")
         out.append(f"per generation: {self.generation_tokens:,} forward tokens, {s(self.generation_seconds)}")
         out.append(f"search: {self.generations} generations ({self.generations_source}): {self.search_tokens:,} tokens, "
                    f"{s(self.search_seconds)} with one worker")
@@ -366,31 +375,72 @@ def _median_seconds(fn: Any, reps: int) -> float:
     return sorted(times)[len(times) // 2]
 
 
-def _trial_overhead(n_genes: int, reps: int = 3) -> float:
-    """Seconds of one trial's database writes (ask, one param per gene, attributes, tell) on a
-    temporary SQLite file -- what a worker's SQLite study pays per candidate besides compute."""
+def _trial_overhead(config: StudyConfig, space: Any, reps: int = 5) -> float:
+    """Seconds of one trial's database work on a temporary SQLite study (WAL, as studies open theirs):
+    the candidate's claim, ``ask`` with its gene params, the candidate row, one stage record and
+    result per stage, the stage history read, ``tell`` -- what a worker pays per candidate besides
+    compute (evoprune's own recorder; nothing is evaluated)."""
     import tempfile
 
+    import numpy as np
     import optuna
-    from optuna.distributions import IntDistribution
+
+    from .._optuna_private import trial_id
+    from ._study import create_study
 
     verbosity = optuna.logging.get_verbosity()
     optuna.logging.set_verbosity(optuna.logging.WARNING)
-    with tempfile.TemporaryDirectory(prefix="evoprune-plan-") as d:
-        storage = optuna.storages.RDBStorage(f"sqlite:///{d}/plan.db")
-        study = optuna.create_study(storage=storage, study_name="plan")
-        dist = IntDistribution(0, 7)
+    rng = np.random.default_rng(0)
+    dists = space.optuna_distributions()
+    names = [st.name for st in config.stages]
+    try:
+        with tempfile.TemporaryDirectory(prefix="evoprune-plan-") as d, \
+                create_study(config, storage=f"sqlite:///{d}/plan.db", study_name="plan") as study:
+            rec, opt = study.recorder, study.optuna_study
 
-        def one() -> None:
-            trial = study.ask({f"g{i}": dist for i in range(n_genes)})
-            for k in ("candidate", "stage", "tokens", "claim", "worker"):
-                trial.set_user_attr(k, 1)
-            study.tell(trial, 0.0)
+            def one() -> None:
+                cand = space.random(rng)
+                rec.claim(cand.key + str(rng.integers(1 << 30)))
+                trial = opt.ask(dists)
+                tid = trial_id(trial)
+                rec.record_candidate(tid, cand)
+                for i, name in enumerate(names[:1]):
+                    rec.record_stage(tid, name, "kl", 2048, 0.1, 0.01, {"token_set": "plan"})
+                    rec.record_stage_result(tid, name, i, 0.1, False)
+                    rec.stage_history(name)
+                opt.tell(trial, state=optuna.trial.TrialState.PRUNED)
 
-        seconds = _median_seconds(one, reps)
-        storage.engine.dispose()
-    optuna.logging.set_verbosity(verbosity)
+            seconds = _median_seconds(one, reps)
+    finally:
+        optuna.logging.set_verbosity(verbosity)
     return seconds
+
+
+def _sampler_seconds(config: StudyConfig, space: Any, generations: int = 2) -> tuple[float, float]:
+    """Seconds a generation sampler takes to propose the first evolved generation and a later one
+    (mutation pool, surrogate ranking once it has scores, budget repair), timed on random scores;
+    0 for Optuna's samplers (per trial, inside the database overhead)."""
+    import numpy as np
+
+    from ._runtime import make_sampler
+
+    sampler, _ = make_sampler(config.sampler.name, config.sampler.options, seed=config.seed, space=space)
+    if not hasattr(sampler, "ask_generation"):
+        return 0.0, 0.0
+    if hasattr(sampler, "setup"):
+        sampler.setup(space)
+    rng = np.random.default_rng(0)
+    times = []
+    for g in range(generations + 1):
+        start = time.perf_counter()
+        props = sampler.ask_generation(lambda key: True)
+        if g:
+            times.append(time.perf_counter() - start)
+        scored = [(p.candidate, float(rng.uniform(0.1, 1.0))) for p in props]
+        if hasattr(sampler, "observe_generation"):
+            sampler.observe_generation(scored, tokens=1)
+        sampler.tell_generation(scored[:2])
+    return (times[0], times[-1]) if times else (0.0, 0.0)
 
 
 def _measure(config: StudyConfig, folder: str | None, dtype: str, device: str, shapes: list, reps: int = 3
@@ -540,7 +590,8 @@ def plan(config: Any, *, device: str | None = None, dtype: str | None = None, gp
     offspring = int(options.get("offspring", _DEFAULT_OFFSPRING))
     n_trials_seconds = trial_seconds
     if n_trials_seconds is None:
-        n_trials_seconds = _trial_overhead(len(space.genes)) if measured else 0.05
+        n_trials_seconds = _trial_overhead(config, space) if measured else 0.05
+    sampler_first, sampler_s = _sampler_seconds(config, space) if (measured or figures) else (None, None)
 
     stages, n_in = [], offspring
     prev_tokens: dict[str, int] = {}
@@ -575,14 +626,16 @@ def plan(config: Any, *, device: str | None = None, dtype: str | None = None, gp
     trials = offspring
     timed = all(s["seconds_per_candidate"] is not None for s in stages)
 
-    def gen_seconds(workers: int, first: bool = False) -> float | None:
+    def gen_seconds(workers: int, first: bool = False, sampler: float | None = None) -> float | None:
         if not timed:
             return None
         total = sum((1 if first else math.ceil(s["candidates"] / workers)) * s["seconds_per_candidate"]
                     for s in stages)
-        return total + (1 if first else math.ceil(trials / workers)) * n_trials_seconds
+        return total + (1 if first else math.ceil(trials / workers)) * n_trials_seconds + \
+            (0.0 if first else (sampler_s if sampler is None else sampler) or 0.0)
 
     generation_s, first_s = gen_seconds(1), gen_seconds(1, first=True)
+    second_s = gen_seconds(1, sampler=sampler_first)
     patience = options.get("patience", 1)
     if config.stop.n_generations is not None and (patience is None or not options):
         generations, source = config.stop.n_generations, "the config's stop"
@@ -607,9 +660,9 @@ def plan(config: Any, *, device: str | None = None, dtype: str | None = None, gp
         setup_s = load_s + calib_s
     p = Plan(model=config.model, model_type=spec.model_type, params=params, dtype=dtype_name, device=dev,
              memory=rows, peak_host_bytes=peak_host, peak_device_bytes=peak_dev, stages=stages,
-             setup_seconds=setup_s, trial_overhead_seconds=n_trials_seconds, generation_seconds=generation_s,
+             setup_seconds=setup_s, trial_overhead_seconds=n_trials_seconds, sampler_seconds=sampler_s, generation_seconds=generation_s,
              generation_tokens=gen_tokens, first_generation_seconds=first_s, generations=generations,
-             generations_source=source, search_tokens=search_tokens, search_seconds=None, workers=[],
+             generations_source=source, second_generation_seconds=second_s, search_tokens=search_tokens, search_seconds=None, workers=[],
              time_source=("a calibration run on this machine" if measured else
                           f"device figures ({gpu_tflops:g} TFLOPS at {MFU:.0%}, {gpu_bandwidth:g} GB/s at "
                           f"{BANDWIDTH_EFFICIENCY:.0%})" if figures else "nothing (no times)"),
@@ -622,7 +675,7 @@ def plan(config: Any, *, device: str | None = None, dtype: str | None = None, gp
         while w <= max(1, offspring):
             g = gen_seconds(w)
             total = (setup_s or 0.0) + sum(s["reference_seconds"] or 0.0 for s in stages) + first_s + \
-                (generations - 1) * g
+                (gen_seconds(w, sampler=sampler_first) if generations > 1 else 0.0) + max(0, generations - 2) * g
             p.workers.append({"workers": w, "generation_seconds": g, "search_seconds": total,
                               "speedup": p.search_seconds / total})
             if best is not None and total > 0.95 * best:

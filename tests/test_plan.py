@@ -129,7 +129,9 @@ def test_plan_measures_on_this_cpu(reference_tiny, tmp_path):
     assert p.trial_overhead_seconds > 0 and p.setup_seconds > 0
     assert [st["candidates"] for st in p.stages] == [16, 2, 1]  # offspring; half of racing's max_count 4, then 2
     assert [st["new_tokens"] for st in p.stages] == [2048, 8192 - 2048, 16384 - 8192]  # extends: new windows only
-    assert p.seconds_for(4) == pytest.approx(
-        sum(st["reference_seconds"] for st in p.stages) + p.first_generation_seconds + 3 * p.generation_seconds)
+    assert p.seconds_for(4) == pytest.approx(sum(st["reference_seconds"] for st in p.stages)
+                                             + p.first_generation_seconds + p.second_generation_seconds
+                                             + 2 * p.generation_seconds)
+    assert p.sampler_seconds >= 0 and p.second_generation_seconds > p.first_generation_seconds
     bf = evoprune.plan(cfg, dtype="bfloat16", measure=False)
     assert {m["component"]: m for m in bf.memory}["weights"]["host"] * 2 == rows["weights"]["host"]
