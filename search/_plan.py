@@ -24,8 +24,10 @@ dense model's parameters, ``V`` the vocabulary, ``b`` a stage's sequences per fo
 - ``activations``: the largest stage's forward: fp32 logits twice (``b*T*V*4`` each: the logits and
   the reused log-softmax buffer) plus the logits in the model dtype, hidden states
   ``b*T*(4*H + 3*I)*dt`` and attention scores ``b*heads*T*T*dt``.
-- ``calibration``: the importance pass (``calibration.batch_size`` sequences): its forward as above,
-  fp32 statistics per linear input column; ``taylor`` adds weight gradients and saved activations.
+- ``calibration``: the importance pass (``calibration.batch_size`` sequences): the base model's
+  forward (no logits), fp32 statistics per linear input column and fp32 copies of a block's input
+  and output; ``taylor`` runs the whole model with its loss and adds weight gradients, saved
+  activations and the logits.
 - ``level database``: compressed weights of database-backed levels (SparseGPT levels, OBS widths):
   none yet -- 0 bytes -- until a space has such levels (the place for issue 24's database).
 - ``fine-tune``: trained parameters' backup (``dt``), fp32 masters and their gradients when
@@ -309,10 +311,13 @@ def _memory(config: StudyConfig, space: Any, spec: Any, dtype: str, device: str,
     bc, tc = cal.batch_size, cal.seq_len
     stats = spec.num_layers * (2 * spec.hidden_size + spec.num_heads * spec.head_dim
                                + spec.intermediate_size) * 4 * 2
-    calib = _forward_bytes(spec, bc, tc, dt, logits_fp32=1) + stats
+    # the base model's forward (no logits) and fp32 copies of a block's input and output (influence)
+    calib = _forward_bytes(spec, bc, tc, dt, logits_fp32=0) - bc * tc * vocab * (dt if dt != 4 else 0) + stats \
+        + 2 * bc * tc * spec.hidden_size * 4
     note = f"{bc} x {tc} tokens per forward, fp32 statistics"
-    if cal.method == "taylor":
-        calib += weights + spec.num_layers * bc * tc * (8 * spec.hidden_size + 4 * spec.intermediate_size) * dt
+    if cal.method == "taylor":  # the whole model with its loss (fp32 logits), weight gradients, saved activations
+        calib += weights + spec.num_layers * bc * tc * (8 * spec.hidden_size + 4 * spec.intermediate_size) * dt \
+            + bc * tc * vocab * (dt + 4)
         note += ", weight gradients and saved activations (taylor)"
     add("calibration", 0 if cuda else calib, calib if cuda else 0, note, "calibration")
     add("level database", 0, 0, "no database-backed levels in this space (issue 24's level database: on disk "
@@ -443,7 +448,7 @@ def _sampler_seconds(config: StudyConfig, space: Any, generations: int = 2) -> t
     return (times[0], times[-1]) if times else (0.0, 0.0)
 
 
-def _measure(config: StudyConfig, folder: str | None, dtype: str, device: str, shapes: list, reps: int = 3
+def _measure(config: StudyConfig, folder: str | None, dtype: str, device: str, shapes: list, reps: int = 5
              ) -> dict[str, Any]:
     """The calibration run: tokenizer and data, then the model (its weights, or random weights of
     its config), its forward and KL kernels timed on every stage shape, and a database trial."""
