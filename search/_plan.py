@@ -20,7 +20,8 @@ dense model's parameters, ``V`` the vocabulary, ``b`` a stage's sequences per fo
 - ``load``: loading converts dtypes through the host: a checkpoint stored in another dtype is read
   whole (its bytes, memory-mapped) next to the converted weights -- a transient of the load only.
 - ``dense reference``: every stage's reference (:func:`~evoprune.evaluators._kl.reference_nbytes`:
-  full distribution or top-k), held in host memory up to the cache bound; all of it on disk.
+  full distribution or top-k), held in host memory up to the cache bound, plus the largest one again
+  (its batches and their concatenation coexist while it is computed); all of it on disk.
 - ``activations``: the largest stage's forward: fp32 logits twice (``b*T*V*4`` each: the logits and
   the reused log-softmax buffer) plus the logits in the model dtype, hidden states
   ``b*T*(4*H + 3*I)*dt`` and attention scores ``b*heads*T*T*dt``.
@@ -298,11 +299,14 @@ def _memory(config: StudyConfig, space: Any, spec: Any, dtype: str, device: str,
         "load")
     vocab = spec.vocab_size
     shapes = _stage_shapes(config, vocab)
-    ref_total = sum(reference_nbytes(st.eval_tokens, vocab, k) for st, _, k in shapes)
+    refs = [reference_nbytes(st.eval_tokens, vocab, k) for st, _, k in shapes]
+    ref_total = sum(refs)
     ref_mem = min(ref_total, cache_bytes_limit())
-    add("dense reference", ref_mem, 0, f"{len(shapes)} stage reference(s), "
+    # computing a reference holds its batches and their concatenation at once: the largest one twice
+    add("dense reference", ref_mem + max(refs, default=0), 0, f"{len(shapes)} stage reference(s), "
         + ", ".join(f"{st.name}: {'full' if k is None else f'top-{k}'}" for st, _, k in shapes)
-        + (f"; {ref_total / 2**30:.2f} GiB capped at the cache bound" if ref_total > ref_mem else ""), "search")
+        + (f"; {ref_total / 2**30:.2f} GiB capped at the cache bound" if ref_total > ref_mem else "")
+        + "; the largest twice while it is computed", "search")
     act = max((_forward_bytes(spec, b, st.seq_len, dt) for st, b, _ in shapes), default=0)
     big = max(shapes, key=lambda x: _forward_bytes(spec, x[1], x[0].seq_len, dt), default=None)
     add("activations", 0 if cuda else act, act if cuda else 0,
