@@ -5,7 +5,8 @@ dashboard | delete-study`` drive and browse studies (:mod:`evoprune.search`, :mo
 :mod:`evoprune.report`); ``status`` and ``dashboard`` watch them;
 ``evoprune reference-corpus``, ``reference-model`` and ``reference-tasks`` build the offline
 reference data (:mod:`evoprune.data`); ``export --format gguf|nemotron-nas`` writes a served format and
-``verify-export`` checks it against the target engine (:mod:`evoprune.pruning`).
+``verify-export`` checks it against the target engine (:mod:`evoprune.pruning`); ``plan`` estimates a
+study's memory and time before it starts (:mod:`evoprune._cli_devices`).
 
 Every handler returns an exit code: 0 done, 1 failed (the message says what to do),
 2 bad arguments or unknown study, 3 the model or data fingerprint changed, 130 interrupted.
