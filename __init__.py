@@ -39,6 +39,7 @@ _EXPORTS: dict[str, str] = {
     # search
     "StudyConfig": "evoprune.search",
     "Searcher": "evoprune.search",
+    "plan": "evoprune.study",
     "EvolutionarySampler": "evoprune.search",
     # study
     "create_study": "evoprune.study",

@@ -5,7 +5,8 @@ dashboard | delete-study`` drive and browse studies (:mod:`evoprune.study`, :mod
 :mod:`evoprune.report`); ``status`` and ``dashboard`` watch them;
 ``evoprune reference-corpus``, ``reference-model`` and ``reference-tasks`` build the offline
 reference data (:mod:`evoprune.data`); ``export --format gguf|nemotron-nas`` writes a served format and
-``verify-export`` checks it against the target engine (:mod:`evoprune.pruning`).
+``verify-export`` checks it against the target engine (:mod:`evoprune.pruning`); ``plan`` estimates a
+study's memory and time before it starts (:mod:`evoprune._cli_devices`).
 
 Every handler returns an exit code: 0 done, 1 failed (the message says what to do),
 2 bad arguments or unknown study, 3 the model or data fingerprint changed, 130 interrupted.
@@ -44,6 +45,7 @@ from typing import Any
 import optuna
 
 from . import _stop
+from ._cli_devices import add_device_arg, apply_device, register_plan_command, run_device_workers
 from ._logging import configure_logging
 from .data import (
     CLOZE_TASK,
@@ -89,8 +91,6 @@ def _one_line(exc: BaseException) -> str:
 
 def _apply_threads_arg(args: argparse.Namespace) -> None:
     """``--threads N`` -> ``$EVOPRUNE_THREADS``, which the runtime applies (:mod:`evoprune._threads`)."""
-    import os
-
     from ._threads import ENV_VAR
 
     if getattr(args, "threads", None) is not None:
@@ -184,7 +184,7 @@ def _cmd_search(args: argparse.Namespace) -> int:
     def go() -> int:
         # everything is checked before a row is written: config, stop condition, storage, an existing
         # study of that name, then model, data and budgets (runtime=True builds the runtime first)
-        config = StudyConfig.from_file(args.config)
+        config = apply_device(args, StudyConfig.from_file(args.config))
         stops = config.stops(**_stops(args))
         _apply_threads_arg(args)
         storage = args.storage or default_storage_url(Path(args.config).expanduser())
@@ -203,8 +203,8 @@ def _cmd_resume(args: argparse.Namespace, command: str = "resume") -> int:
     def go() -> int:
         stops = _stops(args)
         _apply_threads_arg(args)
-        study = load_study(storage=args.storage, study_name=args.study, heartbeat_interval=args.heartbeat,
-                           grace_period=args.grace)
+        study = apply_device(args, load_study(storage=args.storage, study_name=args.study,
+                                              heartbeat_interval=args.heartbeat, grace_period=args.grace))
         stops = study.config.stops(**stops)
         saved = study.sampler_state()
         n = len(study.trials())
@@ -219,7 +219,7 @@ def _cmd_resume(args: argparse.Namespace, command: str = "resume") -> int:
 
 
 def _cmd_worker(args: argparse.Namespace) -> int:
-    return _cmd_resume(args, command="worker")
+    return _run_guarded(lambda: run_device_workers(args)) if args.devices else _cmd_resume(args, command="worker")
 
 
 def _resolve_trial(study: Any, trial: str) -> int:
@@ -377,6 +377,7 @@ def _register_study_commands(subparsers: Any) -> None:
         p.add_argument("--grace", type=float, default=DEFAULT_GRACE_PERIOD, metavar="S",
                        help=f"a worker silent this long is presumed dead (default {DEFAULT_GRACE_PERIOD})")
         p.add_argument("--progress", action="store_true", help="show a progress bar")
+        add_device_arg(p, dtype=p.prog.split()[-1] == "search")
         p.add_argument("--threads", type=int, default=None, metavar="N",
                        help="torch threads (default: the config's threads, else the CPUs this process may use by "
                             "affinity and cgroup quota, shared among the evoprune processes on this machine)")
@@ -398,6 +399,8 @@ def _register_study_commands(subparsers: Any) -> None:
     storage_arg(p)
     study_arg(p)
     run_args(p)
+    p.add_argument("--devices", default=None, metavar="LIST",
+                   help="start one worker process per device on this study, e.g. 0,1,2,3 (GPUs) or cpu,cpu")
     p.set_defaults(func=_cmd_worker)
 
     p = subparsers.add_parser("export", help="write a trial's model as a Hugging Face checkpoint and record it")
@@ -642,6 +645,7 @@ def build_parser() -> argparse.ArgumentParser:
     _register_study_commands(sub)
     _register_monitor_commands(sub)
     _register_reference_commands(sub)
+    register_plan_command(sub, _run_guarded)
     for command in sub.choices.values():  # `evoprune COMMAND ... --debug` works too
         command.add_argument("--debug", action="store_true", default=argparse.SUPPRESS,
                              help="show the traceback of an error")

@@ -26,7 +26,9 @@ tokens, seconds); evaluators with dense reference data also have
 ``ids_fingerprint``, ``default_cache_dir``: re-exported from their one home,
 ``evoprune._fingerprint`` / ``evoprune._paths``) stay importable for advanced use. Other rooms
 also use :func:`sequence_nll` (the one next-token NLL rule), :func:`normalize_windows` and
-:func:`check_window_offsets` (window choices, checked when a study config is read).
+:func:`check_window_offsets` (window choices, checked when a study config is read); :func:`evoprune.plan` uses
+the KL evaluator's memory rules and kernels (``resolve_top_k``, ``kl_cache_bytes_limit``,
+``KL_LOGITS_BYTES_PER_FORWARD``, ``forward_logits``, ``kl_kernel``).
 
 Names load on first use (PEP 562), so ``import evoprune.evaluators`` -- and reading a study config,
 which checks window choices -- does not import torch.
@@ -57,6 +59,11 @@ _EXPORTS: dict[str, str] = {
     "dense_reference": "._kl",
     "perplexity": "._kl",
     "reference_nbytes": "._kl",
+    "forward_logits": "._kl:_forward_logits",
+    "kl_kernel": "._kl",
+    "resolve_top_k": "._kl",
+    "kl_cache_bytes_limit": "._kl:cache_bytes_limit",
+    "KL_LOGITS_BYTES_PER_FORWARD": "._kl:LOGITS_BYTES_PER_FORWARD",
     "sequence_nll": "._kl",
     "Latency": "._latency",
     "measure_latency": "._latency",

@@ -257,6 +257,15 @@ def _reference_batch(logits: torch.Tensor, top_k: int | None) -> DenseReference:
     return DenseReference(logprobs=logp_top, indices=idx.to(torch.int32), rest=rest)
 
 
+def kl_kernel(logits: torch.Tensor, top_k: int | None):
+    """A zero-argument callable that runs the KL evaluator's kernel once on ``logits`` against a dense
+    reference made from them (full or top-k), for timing it (:func:`evoprune.plan`)."""
+    ref = _reference_batch(logits.clone(), top_k)
+    if top_k is None:
+        return lambda: _cross_full(ref.probs, logits, None)
+    return lambda: _kl_topk(ref, logits.clone())
+
+
 # --------------------------------------------------------------------------- reference cache
 
 

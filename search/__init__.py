@@ -46,8 +46,8 @@ from ._mutation import fill_budget, level_switch
 from ._objectives import objective_directions, objective_source
 from ._presets import PRESETS, evopress_depth_generations
 from ._recorder import OptunaRecorder, Recorder
-from ._runtime import (Runtime, build_pipeline, build_runtime, make_sampler, resolve_model_path, space_from_config,
-                       study_sampler)
+from ._runtime import (Runtime, build_pipeline, build_runtime, check_model_config, load_model_config, make_sampler,
+                       resolve_model_path, space_from_config, study_sampler)
 from ._searcher import SamplerExhausted, Searcher, SearchStats, trial_candidate
 from ._sweep import BudgetSweep
 
@@ -67,9 +67,9 @@ __all__ = [
     "StudyConfig",
     "build_pipeline",
     "build_runtime",
+    "check_model_config",
     "evopress_depth_generations",
-    "fill_budget",
-    "level_switch",
+    "load_model_config",
     "make_sampler",
     "objective_directions",
     "objective_source",

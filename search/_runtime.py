@@ -21,6 +21,7 @@ from typing import Any
 from .._logging import get_logger
 from ..space import LatencyTable, SearchSpace
 from ._config import StudyConfig
+from .._device import check_device, check_dtype, torch_dtype
 from ._evolution import EvolutionarySampler
 from ._sweep import BudgetSweep
 from ._objectives import objective_directions
@@ -186,20 +187,6 @@ def resolve_model_path(model: str, *, cache_dir: str | None = None) -> str:
     return model
 
 
-def _torch_dtype(name: str) -> Any:
-    import torch
-
-    return {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16, "auto": "auto"}[name]
-
-
-def _device(name: str) -> str:
-    if name == "auto":
-        import torch
-
-        return "cuda" if torch.cuda.is_available() else "cpu"
-    return name
-
-
 def _digest(*parts: str) -> str:
     return hashlib.sha256("|".join(parts).encode()).hexdigest()[:16]
 
@@ -221,7 +208,7 @@ def _first_line(exc: BaseException) -> str:
     return (lines[0] if lines else type(exc).__name__).strip("'\"")
 
 
-def _load_model_config(model: str, path: str) -> Any:
+def load_model_config(model: str, path: str) -> Any:
     """The transformers config of checkpoint ``path`` (of config string ``model``), with one clear
     error for a missing folder, a missing or corrupt ``config.json`` or an unknown model type."""
     from transformers import AutoConfig
@@ -329,19 +316,24 @@ def build_runtime(config: StudyConfig, *, model: Any = None, tokenizer: Any = No
     from .._threads import apply_threads
 
     apply_threads(config.threads)  # $EVOPRUNE_THREADS (--threads), config.threads, or the CPUs free to us
+    device = check_device(config.device)  # a device this machine has (one line otherwise), before anything loads
     path = resolve_model_path(config.model, cache_dir=config.cache_dir) if model is None else None
-    device = _device(config.device)
     # cheap checks first: the model's config.json, architecture, widths, budgets and sequence lengths
-    model_config = model.config if model is not None else _load_model_config(config.model, path)
+    model_config = model.config if model is not None else load_model_config(config.model, path)
     check_model_config(config, model_config)
+    dtype = check_dtype(config.dtype, device, model_config)  # the device computes in it (one line otherwise)
     if model is None:
-        _log.info("loading model", extra={"fields": {"model": path, "dtype": config.dtype, "device": device}})
+        _log.info("loading model", extra={"fields": {"model": path, "dtype": dtype, "device": device}})
         try:
-            model = AutoModelForCausalLM.from_pretrained(path, dtype=_torch_dtype(config.dtype))
+            model = AutoModelForCausalLM.from_pretrained(path, dtype=torch_dtype(dtype))
         except (OSError, ValueError, KeyError, RuntimeError) as exc:
             raise ValueError(f"cannot load the weights of model {config.model!r} from {path}: {_first_line(exc)}; "
                              "check that the folder is a complete transformers checkpoint.") from None
+        # the fingerprint is taken on the CPU copy: the same weights give the same study on any device
+        model_fp = model_fingerprint(model)
         model.to(device)
+    else:
+        model_fp = None
     model.eval()
     if tokenizer is None:
         tok_src = config.tokenizer or path
@@ -364,7 +356,7 @@ def build_runtime(config: StudyConfig, *, model: Any = None, tokenizer: Any = No
         splits["calibration"], num_tokens=calib_cfg.num_sequences * calib_cfg.seq_len, seq_len=calib_cfg.seq_len,
         stage="calibration", seed=config.seed, data_fingerprint=fps["calibration"], windows=calib_cfg.windows,
     ).ids
-    model_fp = model_fingerprint(model)
+    model_fp = model_fp or model_fingerprint(model)
     cache = config.cache_dir or None
     pruner = Pruner(
         model, calib, method=calib_cfg.method, cache_dir=cache_folder("importance", cache), model_fingerprint=model_fp,

@@ -25,6 +25,7 @@ transformers: they load when a study runs or exports.
 """
 
 from ._pareto import hypervolume, pareto_front, study_front
+from ._plan import Plan, plan
 from ._status import StudyStatus, study_status
 from ._study import (EvoStudy, ParetoPoint, StudyNotFoundError, create_study, delete_study, load_study,
                      register_study_verb)
@@ -32,6 +33,7 @@ from ._study import (EvoStudy, ParetoPoint, StudyNotFoundError, create_study, de
 __all__ = [
     "EvoStudy",
     "ParetoPoint",
+    "Plan",
     "StudyNotFoundError",
     "StudyStatus",
     "create_study",
@@ -39,6 +41,7 @@ __all__ = [
     "hypervolume",
     "load_study",
     "pareto_front",
+    "plan",
     "register_study_verb",
     "study_front",
     "study_status",
