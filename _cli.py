@@ -125,6 +125,32 @@ def _run_guarded(fn: Any) -> int:
     """Map evoprune's errors to exit codes and one clear line on stderr (``--debug``: the traceback too)."""
     try:
         return int(fn() or 0)
+    except Exception as exc:
+        gone = _stop.abandoned()  # the study was deleted under this worker: that is the one line to print
+        if gone is None:
+            return _error_code(exc)
+        if _DEBUG:
+            print(_no_password(traceback.format_exc()), file=sys.stderr, end="")
+        _err(gone)
+        return EXIT_FAIL
+    except KeyboardInterrupt as exc:
+        if isinstance(exc, _stop.Abandoned):
+            _err(exc.message)
+            return EXIT_FAIL
+        signum = getattr(exc, "signum", signal.SIGINT)
+        what = "interrupted" if signum == signal.SIGINT else f"stopped by {signal.Signals(signum).name}"
+        if _stop.searched():
+            _err(f"{what}; running trials were failed and their candidates released, the study is saved -- "
+                 "continue it with `evoprune resume --storage URL --study NAME`.")
+        else:
+            _err(f"{what}.")
+        return 128 + int(signum)
+
+
+def _error_code(error: Exception) -> int:
+    """One line on stderr for ``error`` (``--debug``: the traceback too) and its exit code."""
+    try:
+        raise error
     except (FingerprintMismatchError, StudyNotFoundError, FileNotFoundError, optuna.exceptions.DuplicatedStudyError,
             ConfigMismatchError, SchemaVersionError, StorageError, LookupError, ValueError, TypeError,
             OSError) as exc:
@@ -137,12 +163,6 @@ def _run_guarded(fn: Any) -> int:
                             optuna.exceptions.DuplicatedStudyError)):
             return EXIT_USAGE
         return EXIT_FAIL
-    except KeyboardInterrupt as exc:
-        signum = getattr(exc, "signum", signal.SIGINT)
-        what = "interrupted" if signum == signal.SIGINT else f"stopped by {signal.Signals(signum).name}"
-        _err(f"{what}; running trials were failed and their candidates released, the study is saved -- "
-             "continue it with `evoprune resume --storage URL --study NAME`.")
-        return 128 + int(signum)
     except Exception as exc:  # a bug or an unforeseen failure: still one line, the traceback with --debug
         if _DEBUG:
             print(_no_password(traceback.format_exc()), file=sys.stderr, end="")
@@ -322,8 +342,12 @@ def _cmd_check(args: argparse.Namespace) -> int:
         problems = study.check()
         for p in problems:
             print(f"problem: {p}")
-        print(f"study {study.name!r}: {'OK' if not problems else str(len(problems)) + ' problem(s)'}")
-        return EXIT_OK if not problems else EXIT_FAIL
+        warnings = study.db.held_by_dead_workers(args.grace)
+        for w in warnings:
+            print(f"warning: {w}")
+        print(f"study {study.name!r}: {'OK' if not problems else str(len(problems)) + ' problem(s)'}"
+              + (f", {len(warnings) - 1} warning(s)" if warnings else ""))
+        return EXIT_OK if not problems and not warnings else EXIT_FAIL
 
     return _run_guarded(go)
 
@@ -338,7 +362,7 @@ def _cmd_delete(args: argparse.Namespace) -> int:
             if answer.strip().lower() not in ("y", "yes"):
                 print("nothing deleted")
                 return EXIT_FAIL
-        n = delete_study(storage=args.storage, study_name=args.study)
+        n = delete_study(storage=args.storage, study_name=args.study, force=args.force)
         print(f"deleted study {args.study!r} ({n} trials) from {redact_url(check_storage(args.storage, existing=True))}")
         return EXIT_OK
 
@@ -444,15 +468,20 @@ def _register_study_commands(subparsers: Any) -> None:
     p.add_argument("--limit", type=int, default=20, help="Pareto-front rows to print")
     p.set_defaults(func=_cmd_show)
 
-    p = subparsers.add_parser("check", help="integrity check of a study's rows (exit 1 on problems)")
+    p = subparsers.add_parser("check", help="integrity check of a study's rows (exit 1 on problems, or on trials "
+                                            "and claims held by dead or silent workers)")
     storage_arg(p)
     study_arg(p)
+    p.add_argument("--grace", type=float, default=DEFAULT_GRACE_PERIOD, metavar="S",
+                   help=f"a worker silent this long counts as dead (default {DEFAULT_GRACE_PERIOD})")
     p.set_defaults(func=_cmd_check)
 
     p = subparsers.add_parser("delete-study", help="delete a study: its trials and all of evoprune's rows")
     storage_arg(p)
     study_arg(p)
     p.add_argument("--yes", action="store_true", help="do not ask for confirmation")
+    p.add_argument("--force", action="store_true",
+                   help="while workers run the study: ask them to stop cleanly, then delete (without it: refused)")
     p.set_defaults(func=_cmd_delete)
 
     p = subparsers.add_parser("report", help="write one self-contained HTML report of a study (plots, Pareto table)")

@@ -26,7 +26,7 @@ import signal
 import threading
 from collections.abc import Iterator
 
-__all__ = ["Stopped", "check", "cooperative", "request", "reset"]
+__all__ = ["Abandoned", "Stopped", "abandon", "abandoned", "check", "cooperative", "request", "reset"]
 
 
 class Stopped(KeyboardInterrupt):
@@ -37,8 +37,34 @@ class Stopped(KeyboardInterrupt):
         self.signum = int(signum)
 
 
+class Abandoned(Stopped):
+    """The study was deleted under this worker (``delete-study --force``): stop, saying so in one line."""
+
+    def __init__(self, message: str) -> None:
+        KeyboardInterrupt.__init__(self, message)
+        self.signum = int(signal.SIGTERM)
+        self.message = message
+
+
 _state = threading.local()
 _requested: list[int] = []
+_abandoned: list[str] = []
+_searched: list[bool] = []
+
+
+def searched() -> bool:
+    """Did a search loop (:func:`cooperative`) start since the last :func:`reset`?"""
+    return bool(_searched)
+
+
+def abandon(message: str) -> None:
+    """Stop at the next :func:`check` with :class:`Abandoned` (any thread may call it: the heartbeat does)."""
+    _abandoned.append(message)
+
+
+def abandoned() -> str | None:
+    """The message of an :func:`abandon` request, if any."""
+    return _abandoned[0] if _abandoned else None
 
 
 def _depth() -> int:
@@ -49,6 +75,7 @@ def _depth() -> int:
 def cooperative() -> Iterator[None]:
     """Within this block (in the main thread) a stop request waits for :func:`check`."""
     _state.depth = _depth() + 1
+    _searched.append(True)
     try:
         yield
     finally:
@@ -65,9 +92,13 @@ def request(signum: int) -> None:
 def reset() -> None:
     """Forget stop requests (the CLI does when a command ends)."""
     _requested.clear()
+    _abandoned.clear()
+    _searched.clear()
 
 
 def check() -> None:
     """Raise :class:`Stopped` if a stop was requested (call it where stopping is safe)."""
+    if _abandoned:
+        raise Abandoned(_abandoned[0])
     if _requested:
         raise Stopped(_requested[0])

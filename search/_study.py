@@ -635,19 +635,26 @@ def _load_optuna(rdb: Any, study_name: str, url: str) -> Any:
         ) from None
 
 
-def delete_study(*, storage: str | os.PathLike[str], study_name: str) -> int:
+def delete_study(*, storage: str | os.PathLike[str], study_name: str, force: bool = False) -> int:
     """Delete a study: evoprune's rows (config, fingerprints, candidates, stages, sampler states,
     workers, claims, artifact records) and then the Optuna study with its trials. Exported
     checkpoint folders on disk are kept. Works for plain Optuna studies too. Returns the number
     of trials the study had.
 
+    A study that live workers run is refused (``ValueError`` naming them); with ``force`` they are
+    asked to stop cleanly first (:mod:`evoprune.storage._deleting`).
+
     Raises:
         StudyNotFoundError: no such study (nothing is deleted).
     """
+    from ..storage._deleting import stop_workers_for_delete
+
     url = check_storage(storage, existing=True)
     rdb = open_rdb_storage(url)
     try:
         study = _load_optuna(rdb, study_name, url)
+        stop_workers_for_delete(rdb.engine, study_id(study), study_name, force=force,
+                                grace_period=DEFAULT_GRACE_PERIOD, wait=DEFAULT_GRACE_PERIOD)
         n = len(study.get_trials(deepcopy=False))
         StudyDatabase.delete_rows(rdb.engine, study_id(study))
         optuna.delete_study(study_name=study_name, storage=rdb)
