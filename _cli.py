@@ -75,6 +75,8 @@ from .storage import (
 EXIT_OK, EXIT_FAIL, EXIT_USAGE, EXIT_FINGERPRINT, EXIT_INTERRUPTED = 0, 1, 2, 3, 130
 
 
+#: seconds a second SIGTERM/SIGINT waits for the search's cleanup before the process exits
+_ABORT_CLEANUP_S = 5.0
 #: ``--debug``: show the traceback of an error (set by :func:`main`).
 _DEBUG = False
 _PASSWORD = re.compile(r"(://[^/\s:@]*:)[^@\s/]+@")
@@ -687,14 +689,21 @@ def build_parser() -> argparse.ArgumentParser:
 @contextlib.contextmanager
 def _signals_stop_cleanly() -> Any:
     """SIGTERM and SIGINT stop the command cleanly once (:mod:`evoprune._stop`); a second signal exits
-    at once (``128 + signum``) without cleaning up. Previous handlers come back afterwards."""
+    (``128 + signum``) after a cleanup of at most ``_ABORT_CLEANUP_S`` seconds. Previous handlers come
+    back afterwards."""
     if threading.current_thread() is not threading.main_thread():
         yield
         return
     stopping = []
 
     def handler(signum: int, frame: Any) -> None:
-        if stopping:
+        if stopping:  # the second signal: a bounded cleanup, one line, exit now
+            clean = _stop.abort_cleanup(_ABORT_CLEANUP_S)
+            _err(f"stopped by a second {signal.Signals(signum).name}; " + (
+                "running trials were failed and their claims released" if clean else
+                f"cleanup did not finish in {_ABORT_CLEANUP_S:g} s; the next `evoprune resume` or worker on the "
+                "study recovers its running trials and claims") + ".")
+            sys.stderr.flush()
             os._exit(128 + signum)
         stopping.append(signum)
         _stop.request(signum)  # raises now, or at the search driver's next safe point

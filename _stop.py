@@ -6,7 +6,9 @@ search runs (:func:`cooperative`), the first signal only records the request and
 :func:`check` between trials, stages and generations, where stopping is safe: it raises
 :class:`Stopped` (a ``KeyboardInterrupt``), which fails the running trials, releases the claims and
 marks the worker stopped. Outside a search the handler raises at once. A second signal exits
-immediately (``128 + signum``), without cleanup.
+at once (``128 + signum``) after a short, bounded cleanup (:func:`on_abort`, at most a few
+seconds): the search fails its running trials and releases its claims; whatever that cleanup
+could not finish, the next process that opens the study recovers.
 
 >>> import signal
 >>> with cooperative():
@@ -24,9 +26,11 @@ from __future__ import annotations
 import contextlib
 import signal
 import threading
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
+from typing import Any
 
-__all__ = ["Abandoned", "Stopped", "abandon", "abandoned", "check", "cooperative", "request", "reset"]
+__all__ = ["Abandoned", "Stopped", "abandon", "abort_cleanup", "abandoned", "check", "cooperative", "on_abort",
+           "request", "reset", "searched"]
 
 
 class Stopped(KeyboardInterrupt):
@@ -50,6 +54,38 @@ _state = threading.local()
 _requested: list[int] = []
 _abandoned: list[str] = []
 _searched: list[bool] = []
+
+
+_on_abort: list[Callable[[], Any]] = []
+
+
+@contextlib.contextmanager
+def on_abort(cleanup: Callable[[], Any]) -> Iterator[None]:
+    """Within this block, a second signal runs ``cleanup`` (bounded by :func:`abort_cleanup`'s
+    timeout) before the process exits: a search fails its running trials and releases its claims."""
+    _on_abort.append(cleanup)
+    try:
+        yield
+    finally:
+        _on_abort.remove(cleanup)
+
+
+def abort_cleanup(timeout: float) -> bool:
+    """Run the :func:`on_abort` cleanups in a thread of their own (the main thread may hold a lock where
+    the signal interrupted it) for at most ``timeout`` seconds; ``True`` if they all finished."""
+    if not _on_abort:
+        return True
+    done: list[bool] = []
+
+    def run() -> None:
+        for cleanup in reversed(list(_on_abort)):
+            cleanup()
+        done.append(True)
+
+    t = threading.Thread(target=run, name="evoprune-abort-cleanup", daemon=True)
+    t.start()
+    t.join(timeout)
+    return bool(done)
 
 
 def searched() -> bool:

@@ -28,7 +28,7 @@ from typing import Any
 import optuna
 from optuna.trial import TrialState
 
-from .. import __version__
+from .. import __version__, _stop
 from .._fingerprint import directory_sha256
 from .._logging import get_logger
 from .._optuna_private import study_id, trial_id
@@ -341,7 +341,7 @@ class EvoStudy:
                               reap=self.reap, reap_every=self.grace_period)
         stopped = "crashed"
         try:
-            with heartbeat:
+            with heartbeat, _stop.on_abort(lambda: stop_own(self.db, self.storage, "aborted by a second signal")):
                 searcher = Searcher(runtime, self.optuna_study, sampler, self.recorder, budget_mode=budget_mode,
                                     progress=progress)
                 stats = searcher.run(**stops)

@@ -296,15 +296,18 @@ def open_rdb_storage(
         kwargs["connect_args"] = connect_args
     else:
         kwargs.setdefault("pool_pre_ping", True)
+    from ._firststart import first_start_lock
+
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
         try:
-            storage = _reconnecting_storage_class()(
-                url,
-                engine_kwargs=kwargs,
-                heartbeat_interval=heartbeat_interval,
-                grace_period=grace_period,
-            )
+            with first_start_lock(url, _sqlite_file(url) if _is_sqlite(url) else None, kwargs):
+                storage = _reconnecting_storage_class()(
+                    url,
+                    engine_kwargs=kwargs,
+                    heartbeat_interval=heartbeat_interval,
+                    grace_period=grace_period,
+                )
         except sa_exc.DBAPIError as exc:
             raise StorageError(describe_db_error(url, exc)) from None
     configure_sqlite_engine(storage.engine)
