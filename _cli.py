@@ -29,14 +29,11 @@ from __future__ import annotations
 
 import argparse
 import collections
-import contextlib
 import json
 import math
-import os
 import re
 import signal
 import sys
-import threading
 import traceback
 from pathlib import Path
 from collections.abc import Sequence
@@ -45,6 +42,7 @@ from typing import Any
 import optuna
 
 from . import _stop
+from ._cli_args import UsageError, apply_threads_arg, check_args, check_log_level, stops
 from ._logging import configure_logging
 from .data import (
     REFERENCE_SIZES,
@@ -75,8 +73,6 @@ from .storage import (
 EXIT_OK, EXIT_FAIL, EXIT_USAGE, EXIT_FINGERPRINT, EXIT_INTERRUPTED = 0, 1, 2, 3, 130
 
 
-#: seconds a second SIGTERM/SIGINT waits for the search's cleanup before the process exits
-_ABORT_CLEANUP_S = 5.0
 #: ``--debug``: show the traceback of an error (set by :func:`main`).
 _DEBUG = False
 _PASSWORD = re.compile(r"(://[^/\s:@]*:)[^@\s/]+@")
@@ -94,33 +90,6 @@ def _err(msg: str) -> None:
 def _one_line(exc: BaseException) -> str:
     lines = [ln.strip() for ln in str(exc).strip("'\"").splitlines() if ln.strip()]
     return " ".join(lines) or type(exc).__name__
-
-
-def _apply_threads_arg(args: argparse.Namespace) -> None:
-    """``--threads N`` -> ``$EVOPRUNE_THREADS``, which the runtime applies (:mod:`evoprune._threads`)."""
-    import os
-
-    from ._threads import ENV_VAR
-
-    if getattr(args, "threads", None) is not None:
-        if args.threads < 1:
-            raise ValueError(f"--threads must be >= 1, got {args.threads}; leave it out for automatic.")
-        os.environ[ENV_VAR] = str(args.threads)
-
-
-def _stops(args: argparse.Namespace) -> dict[str, Any]:
-    flags = {"n_trials": "--n-trials", "n_generations": "--generations", "max_tokens": "--max-tokens"}
-    stops = {k: v for k, v in dict(n_trials=args.n_trials, n_generations=args.generations, timeout=args.timeout,
-                                   max_tokens=args.max_tokens).items() if v is not None}
-    for key, value in stops.items():
-        if key in flags and value < 1:
-            raise ValueError(f"{flags[key]} must be >= 1, got {value}; leave it out to use the config's `stop`.")
-        if key == "timeout" and not value > 0:
-            raise ValueError(f"--timeout must be a positive number of seconds, got {value:g}.")
-    for flag, value in (("--heartbeat", args.heartbeat), ("--grace", args.grace)):
-        if not value > 0:
-            raise ValueError(f"{flag} must be a positive number of seconds, got {value:g}.")
-    return stops
 
 
 def _run_guarded(fn: Any) -> int:
@@ -161,7 +130,7 @@ def _error_code(error: Exception) -> int:
         _err(_one_line(exc))
         if isinstance(exc, FingerprintMismatchError):
             return EXIT_FINGERPRINT
-        if isinstance(exc, (StudyNotFoundError, StorageNotFoundError, FileNotFoundError,
+        if isinstance(exc, (StudyNotFoundError, StorageNotFoundError, FileNotFoundError, UsageError,
                             optuna.exceptions.DuplicatedStudyError)):
             return EXIT_USAGE
         return EXIT_FAIL
@@ -214,8 +183,8 @@ def _cmd_search(args: argparse.Namespace) -> int:
         # everything is checked before a row is written: config, stop condition, storage, an existing
         # study of that name, then model, data and budgets (runtime=True builds the runtime first)
         config = StudyConfig.from_file(args.config)
-        stops = config.stops(**_stops(args))
-        _apply_threads_arg(args)
+        stops = config.stops(**stops(args))
+        apply_threads_arg(args)
         storage = args.storage or default_storage_url(Path(args.config).expanduser())
         study = create_study(config, storage=storage, study_name=args.study or Path(args.config).stem,
                              load_if_exists=True, heartbeat_interval=args.heartbeat, grace_period=args.grace,
@@ -230,8 +199,8 @@ def _cmd_search(args: argparse.Namespace) -> int:
 
 def _cmd_resume(args: argparse.Namespace, command: str = "resume") -> int:
     def go() -> int:
-        stops = _stops(args)
-        _apply_threads_arg(args)
+        stops = stops(args)
+        apply_threads_arg(args)
         study = load_study(storage=args.storage, study_name=args.study, heartbeat_interval=args.heartbeat,
                            grace_period=args.grace)
         stops = study.config.stops(**stops)
@@ -274,7 +243,7 @@ def _cmd_export(args: argparse.Namespace) -> int:
         study = load_study(storage=args.storage, study_name=args.study)
         fmt = {"format": args.format, "dtype": args.dtype} if args.format != "hf" or args.dtype else {}
         art = study.export(_resolve_trial(study, args.trial), args.out, finetune_tokens=args.finetune_tokens,
-                           finetune_lr=args.finetune_lr, **fmt)
+                           **({"finetune_lr": args.finetune_lr} if args.finetune_lr is not None else {}), **fmt)
         healing = art.metrics.get("healing")
         if healing:
             print(f"healed with {healing['finetune']['tokens']} fine-tune tokens: perplexity "
@@ -442,7 +411,8 @@ def _register_study_commands(subparsers: Any) -> None:
     p.add_argument("--finetune-tokens", type=int, default=0, metavar="N",
                    help="heal first: fine-tune the kept weights on N train-split tokens (pruned structure stays "
                         "pruned); perplexity before/after goes into the artifact's metrics")
-    p.add_argument("--finetune-lr", type=float, default=1e-4, metavar="LR", help="healing learning rate (default 1e-4)")
+    p.add_argument("--finetune-lr", type=float, default=None, metavar="LR",
+                   help="healing learning rate (default 1e-4; with --finetune-tokens)")
     p.add_argument("--format", default="hf", choices=("hf", "gguf", "nemotron-nas"),
                    help="hf: Hugging Face checkpoint (default); gguf: the same folder plus model-<dtype>.gguf for "
                         "llama.cpp; nemotron-nas: DeciLM block_configs checkpoint for vLLM")
@@ -686,47 +656,21 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-@contextlib.contextmanager
-def _signals_stop_cleanly() -> Any:
-    """SIGTERM and SIGINT stop the command cleanly once (:mod:`evoprune._stop`); a second signal exits
-    (``128 + signum``) after a cleanup of at most ``_ABORT_CLEANUP_S`` seconds. Previous handlers come
-    back afterwards."""
-    if threading.current_thread() is not threading.main_thread():
-        yield
-        return
-    stopping = []
-
-    def handler(signum: int, frame: Any) -> None:
-        if stopping:  # the second signal: a bounded cleanup, one line, exit now
-            clean = _stop.abort_cleanup(_ABORT_CLEANUP_S)
-            _err(f"stopped by a second {signal.Signals(signum).name}; " + (
-                "running trials were failed and their claims released" if clean else
-                f"cleanup did not finish in {_ABORT_CLEANUP_S:g} s; the next `evoprune resume` or worker on the "
-                "study recovers its running trials and claims") + ".")
-            sys.stderr.flush()
-            os._exit(128 + signum)
-        stopping.append(signum)
-        _stop.request(signum)  # raises now, or at the search driver's next safe point
-
-    previous = {sig: signal.signal(sig, handler) for sig in (signal.SIGTERM, signal.SIGINT)}
-    try:
-        yield
-    finally:
-        for sig, h in previous.items():
-            signal.signal(sig, h)
-        _stop.reset()
-
-
 def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     global _DEBUG
     _DEBUG = bool(args.debug)
-    configure_logging(args.log_level, as_json=args.log_json or None)
+    try:  # bad flag values: one line, exit 2, before anything is opened
+        configure_logging(check_log_level(args.log_level), as_json=args.log_json or None)
+        check_args(args)
+    except UsageError as exc:
+        _err(str(exc))
+        return EXIT_USAGE
     if not getattr(args, "func", None):
         parser.print_help(sys.stderr)
         return 2
-    with _signals_stop_cleanly():
+    with _stop.signals_stop_cleanly(_err):
         return int(args.func(args) or 0)
 
 

@@ -24,13 +24,15 @@ True SIGTERM
 from __future__ import annotations
 
 import contextlib
+import os
 import signal
+import sys
 import threading
 from collections.abc import Callable, Iterator
 from typing import Any
 
 __all__ = ["Abandoned", "Stopped", "abandon", "abort_cleanup", "abandoned", "check", "cooperative", "on_abort",
-           "request", "reset", "searched"]
+           "request", "reset", "searched", "signals_stop_cleanly"]
 
 
 class Stopped(KeyboardInterrupt):
@@ -138,3 +140,38 @@ def check() -> None:
         raise Abandoned(_abandoned[0])
     if _requested:
         raise Stopped(_requested[0])
+
+
+#: seconds a second SIGTERM/SIGINT waits for the search's cleanup (:func:`on_abort`) before the process exits
+ABORT_CLEANUP_S = 5.0
+
+
+@contextlib.contextmanager
+def signals_stop_cleanly(say: Callable[[str], Any]) -> Iterator[None]:
+    """SIGTERM and SIGINT stop the command cleanly once (:func:`request`); a second signal exits
+    (``128 + signum``) after a cleanup of at most :data:`ABORT_CLEANUP_S` seconds, telling ``say``
+    one line. Previous handlers come back afterwards (the CLI wraps every command in this)."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    stopping = []
+
+    def handler(signum: int, frame: Any) -> None:
+        if stopping:  # the second signal: a bounded cleanup, one line, exit now
+            clean = abort_cleanup(ABORT_CLEANUP_S)
+            say(f"stopped by a second {signal.Signals(signum).name}; " + (
+                "running trials were failed and their claims released" if clean else
+                f"cleanup did not finish in {ABORT_CLEANUP_S:g} s; the next `evoprune resume` or worker on the "
+                "study recovers its running trials and claims") + ".")
+            sys.stderr.flush()
+            os._exit(128 + signum)
+        stopping.append(signum)
+        request(signum)  # raises now, or at the search driver's next safe point
+
+    previous = {sig: signal.signal(sig, handler) for sig in (signal.SIGTERM, signal.SIGINT)}
+    try:
+        yield
+    finally:
+        for sig, h in previous.items():
+            signal.signal(sig, h)
+        reset()

@@ -125,7 +125,9 @@ def describe_db_error(url: str, exc: BaseException) -> str:
     if len(reason) > 300:
         reason = reason[:300] + "..."
     lower = str(orig).lower()
-    if "does not exist" in lower or "unknown database" in lower:
+    if "role" in lower and "does not exist" in lower:
+        hint = "no such user on the server: create it (CREATE ROLE name LOGIN) or fix the user name in --storage"
+    elif "does not exist" in lower or "unknown database" in lower:
         hint = "create the database first (CREATE DATABASE ...) or fix its name in --storage"
     elif "resolve" in lower or "name or service not known" in lower or "nodename" in lower:
         hint = "the host name does not resolve; fix the host in --storage"
