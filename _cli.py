@@ -42,7 +42,9 @@ from typing import Any
 import optuna
 
 from . import _stop
-from ._cli_args import UsageError, apply_threads_arg, check_args, check_log_level, stops
+from ._cli_args import UsageError, check_args, check_log_level
+from ._cli_args import apply_threads_arg as _apply_threads_arg
+from ._cli_args import stops as _stops
 from ._logging import configure_logging
 from .data import (
     REFERENCE_SIZES,
@@ -183,8 +185,8 @@ def _cmd_search(args: argparse.Namespace) -> int:
         # everything is checked before a row is written: config, stop condition, storage, an existing
         # study of that name, then model, data and budgets (runtime=True builds the runtime first)
         config = StudyConfig.from_file(args.config)
-        stops = config.stops(**stops(args))
-        apply_threads_arg(args)
+        stops = config.stops(**_stops(args))
+        _apply_threads_arg(args)
         storage = args.storage or default_storage_url(Path(args.config).expanduser())
         study = create_study(config, storage=storage, study_name=args.study or Path(args.config).stem,
                              load_if_exists=True, heartbeat_interval=args.heartbeat, grace_period=args.grace,
@@ -199,8 +201,8 @@ def _cmd_search(args: argparse.Namespace) -> int:
 
 def _cmd_resume(args: argparse.Namespace, command: str = "resume") -> int:
     def go() -> int:
-        stops = stops(args)
-        apply_threads_arg(args)
+        stops = _stops(args)
+        _apply_threads_arg(args)
         study = load_study(storage=args.storage, study_name=args.study, heartbeat_interval=args.heartbeat,
                            grace_period=args.grace)
         stops = study.config.stops(**stops)
@@ -226,7 +228,7 @@ def _resolve_trial(study: Any, trial: str) -> int:
         try:
             return int(trial)
         except ValueError:
-            raise ValueError(f"--trial must be a trial number or 'best', got {trial!r}.") from None
+            raise UsageError(f"--trial must be a trial number or 'best', got {trial!r}.") from None
     if len(study.optuna_study.directions) != 1:
         raise ValueError(
             "--trial best needs a single-objective study; this one has "
