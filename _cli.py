@@ -42,7 +42,7 @@ from typing import Any
 import optuna
 
 from . import _stop
-from ._cli_args import UsageError, check_args, check_log_level
+from ._cli_args import UsageError, check_args, check_log_level, check_out
 from ._cli_args import apply_threads_arg as _apply_threads_arg
 from ._cli_args import stops as _stops
 from ._logging import configure_logging
@@ -243,6 +243,7 @@ def _resolve_trial(study: Any, trial: str) -> int:
 def _cmd_export(args: argparse.Namespace) -> int:
     def go() -> int:
         study = load_study(storage=args.storage, study_name=args.study)
+        check_out(args.out)
         fmt = {"format": args.format, "dtype": args.dtype} if args.format != "hf" or args.dtype else {}
         art = study.export(_resolve_trial(study, args.trial), args.out, finetune_tokens=args.finetune_tokens,
                            **({"finetune_lr": args.finetune_lr} if args.finetune_lr is not None else {}), **fmt)
@@ -348,6 +349,7 @@ def _cmd_report(args: argparse.Namespace) -> int:
 
         study = load_study(storage=_existing_storage(args.storage), study_name=args.study)
         try:
+            check_out(args.out)
             path = write_report(study, args.out)
         finally:
             study.close()
@@ -427,7 +429,8 @@ def _register_study_commands(subparsers: Any) -> None:
     p.add_argument("path", metavar="DIR_OR_FILE", help="an `export --format gguf|nemotron-nas` folder or its .gguf file")
     p.add_argument("--prompt", default="The capital of France is", help="prompt text (default: %(default)r)")
     p.add_argument("--tokens", type=int, default=20, metavar="N", help="greedy tokens to compare (default 20)")
-    p.add_argument("--tolerance", type=float, default=1e-3, metavar="X", help="max logit difference (default 1e-3)")
+    p.add_argument("--tolerance", type=float, default=None, metavar="X",
+                   help="max logit difference (default by the file's dtype: 1e-3 f32, 5e-2 f16, 0.25 bf16)")
     p.add_argument("--threads", type=int, default=1, metavar="N", help="llama.cpp threads (default 1)")
     p.add_argument("--float64", action="store_true", help="evoprune's model in float64 (float32 is ~1e-3 off deep)")
     p.set_defaults(func=_cmd_verify_export)

@@ -13,7 +13,7 @@ import os
 from pathlib import Path
 from typing import Any
 
-__all__ = ["MAX_STUDY_NAME", "UsageError", "apply_threads_arg", "check_args", "check_log_level", "stops"]
+__all__ = ["MAX_STUDY_NAME", "UsageError", "apply_threads_arg", "check_args", "check_log_level", "check_out", "stops"]
 
 #: Optuna's limit for a study name (its indexed string columns)
 MAX_STUDY_NAME = 512
@@ -83,13 +83,16 @@ def check_args(args: argparse.Namespace) -> None:
         raise UsageError(f"--tokens must be >= 1, got {args.tokens}.")
     if get("limit") is not None and args.limit < 0:
         raise UsageError(f"--limit must be >= 0, got {args.limit}.")
-    out = get("out")
-    if out is not None and args.command in ("export", "report"):
-        parent = Path(out).expanduser().absolute().parent
-        if not parent.is_dir():
-            raise UsageError(f"--out {out}: its folder {parent} does not exist; create it first or pick another.")
-        if not os.access(parent, os.W_OK | os.X_OK):
-            raise UsageError(f"--out {out}: its folder {parent} is not writable; pick another.")
+
+
+def check_out(out: str) -> None:
+    """``--out`` of ``export``/``report``: its folder must exist and be writable (checked once the study
+    is found, before anything is written)."""
+    parent = Path(out).expanduser().absolute().parent
+    if not parent.is_dir():
+        raise UsageError(f"--out {out}: its folder {parent} does not exist; create it first or pick another.")
+    if not os.access(parent, os.W_OK | os.X_OK):
+        raise UsageError(f"--out {out}: its folder {parent} is not writable; pick another.")
 
 
 def apply_threads_arg(args: argparse.Namespace) -> None:
