@@ -86,7 +86,11 @@ def pruned_config_class(dense_type: str) -> type:
             )
         base = CONFIG_MAPPING[dense_type]
         name = f"Evoprune{base.__name__}"
+        from ._placeholders import unexpected_patterns
+
+        ignore = list(getattr(base, "_keys_to_ignore_on_load_unexpected", None) or []) + unexpected_patterns(dense_type)
         cls = type(name, (base,), {
+            "_keys_to_ignore_on_load_unexpected": ignore,  # the placeholders of dropped sublayers
             "model_type": pruned_model_type(dense_type),
             "__module__": __name__,
             "__qualname__": name,
@@ -129,7 +133,11 @@ def pruned_model_class(dense_type: str) -> type:
                 base.__init__(self, config, *args, **kwargs)
 
         name = f"Evoprune{base.__name__}"
+        from ._placeholders import unexpected_patterns
+
+        ignore = list(getattr(base, "_keys_to_ignore_on_load_unexpected", None) or []) + unexpected_patterns(dense_type)
         cls = type(name, (base,), {
+            "_keys_to_ignore_on_load_unexpected": ignore,  # the placeholders of dropped sublayers
             "config_class": config_cls,
             "__init__": __init__,
             "__module__": __name__,

@@ -264,6 +264,9 @@ def save_hf(model: nn.Module, folder: Path, tokenizer: Any = None, **save_kwargs
     """A materialized model (and the tokenizer) as HF checkpoint files in ``folder``."""
     with quiet_heterogeneous_warnings():
         model.save_pretrained(folder, **save_kwargs)
+    from ._placeholders import add_placeholders
+
+    add_placeholders(folder)  # dropped sublayers: a stock class fails loudly instead of loading it wrong
     if tokenizer is not None:
         tokenizer.save_pretrained(folder)
 
