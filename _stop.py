@@ -31,8 +31,8 @@ import threading
 from collections.abc import Callable, Iterator
 from typing import Any
 
-__all__ = ["Abandoned", "Stopped", "abandon", "abort_cleanup", "abandoned", "check", "cooperative", "on_abort",
-           "request", "reset", "searched", "signals_stop_cleanly"]
+__all__ = ["Abandoned", "Stopped", "abandon", "abandoned", "abort_cleanup", "check", "clear_abandoned", "cooperative",
+           "on_abort", "request", "reset", "searched", "signals_stop_cleanly"]
 
 
 class Stopped(KeyboardInterrupt):
@@ -98,6 +98,11 @@ def searched() -> bool:
 def abandon(message: str) -> None:
     """Stop at the next :func:`check` with :class:`Abandoned` (any thread may call it: the heartbeat does)."""
     _abandoned.append(message)
+
+
+def clear_abandoned() -> None:
+    """Forget an :func:`abandon` request (a new search run starts)."""
+    _abandoned.clear()
 
 
 def abandoned() -> str | None:

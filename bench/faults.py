@@ -271,7 +271,8 @@ def main(argv=None) -> int:
     ap.add_argument("--server", default="postgresql://postgres@127.0.0.1:5432/test")
     ap.add_argument("--runs", type=int, default=3)
     ap.add_argument("--seed", type=int, default=0)
-    ap.add_argument("--mariadb", default="mysql://root@127.0.0.1:3306/test", help="'' leaves MariaDB out of first-start")
+    ap.add_argument("--mariadb", default="mysql://root@127.0.0.1:3306/test",
+                    help="'' leaves MariaDB out of first-start")
     ap.add_argument("--first-start-rounds", type=int, default=10)
     ap.add_argument("--faults", default="sigkill-startup,sigkill-search,sigkill-finetune,sigterm-search,"
                                         "sigkill-export,diskfull-export,postgres-restart,stall,first-start")

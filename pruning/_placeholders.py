@@ -50,7 +50,8 @@ def unexpected_patterns(dense_type: str) -> list[str]:
     from ._adapters import get_adapter
 
     a = get_adapter(dense_type)
-    return [rf"\.{re.escape(a.attn)}\.{re.escape(a.o)}\.weight$", rf"\.{re.escape(a.mlp)}\.{re.escape(a.down)}\.weight$"]
+    return [rf"\.{re.escape(a.attn)}\.{re.escape(a.o)}\.weight$",
+            rf"\.{re.escape(a.mlp)}\.{re.escape(a.down)}\.weight$"]
 
 
 def add_placeholders(folder: str | Path) -> list[str]:

@@ -110,7 +110,8 @@ class WorkersMixin(StudyScope):
                 values.update(stopped_at=None, stop_reason=None)
             conn.execute(sa.update(WorkerRow).where(WorkerRow.owner == self.owner.name).values(**values))
             # its row gone (the study was deleted) or marked by `delete-study --force`: stop at the next safe point
-            self.deleting = me is None or me.stop_reason == DELETING_REASON
+            self.deleting = (me.stop_reason == DELETING_REASON) if me is not None else getattr(self, "_had_row", False)
+            self._had_row = me is not None or getattr(self, "_had_row", False)
             self.revived = revived
             rows = conn.execute(
                 sa.select(TrialRow.trial_id)
@@ -277,6 +278,9 @@ class Heartbeat:
 
     def start(self) -> Heartbeat:
         if self._thread is None:
+            from .. import _stop
+
+            _stop.clear_abandoned()  # a new run: an earlier run's deleted study is not this one's
             self.beat()
             self._thread = threading.Thread(target=self._run, name="evoprune-heartbeat", daemon=True)
             self._thread.start()
