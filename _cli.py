@@ -8,7 +8,10 @@ reference data (:mod:`evoprune.data`); ``export --format gguf|nemotron-nas`` wri
 ``verify-export`` checks it against the target engine (:mod:`evoprune.pruning`).
 
 Every handler returns an exit code: 0 done, 1 failed (the message says what to do),
-2 bad arguments or unknown study, 3 the model or data fingerprint changed, 130 interrupted.
+2 bad arguments (any bad flag value, checked by :mod:`evoprune._cli_args` before anything is
+opened) or unknown study, 3 the model or data fingerprint changed, 128 + signal when stopped
+(130 Ctrl-C, 143 SIGTERM). ``check`` exits 1 on problems and on trials or claims held by dead
+or silent workers (warnings).
 An error is one line on stderr (never a password); ``--debug`` adds the traceback. Commands
 that read a study never create a database; ``search`` writes nothing until config, stop
 condition, storage, model, data and budgets are checked.

@@ -250,3 +250,30 @@ def test_kill_and_double_signal_leave_a_state_check_reports_and_resume_recovers(
             assert check.returncode == 0 and "warning" not in check.stdout, check.stdout
     finally:
         engine.dispose()
+
+
+def test_a_signal_outside_a_search_says_so_without_the_search_message(tmp_path):
+    """Point 5: SIGTERM during `export` (healing) stops it with one line that does not claim running
+    trials were failed or ask for `evoprune resume`; exit 143; no half-written folder."""
+    url = f"sqlite:///{tmp_path / 'exp.db'}"
+    cfg = tmp_path / "exp.yaml"
+    cfg.write_text(CONFIG)
+    assert _run("search", str(cfg), "--storage", url, "--study", "exp", "--generations", "1").returncode == 0
+    out = tmp_path / "healed"
+    p = _cli("export", "--storage", url, "--study", "exp", "--trial", "0", "--out", str(out),
+             "--finetune-tokens", "2000000")
+    import threading
+
+    chunks: list[str] = []
+    reader = threading.Thread(target=lambda: chunks.extend(iter(lambda: p.stderr.read(64), "")), daemon=True)
+    reader.start()
+    _wait(lambda: "Loading weights" in "".join(chunks), [p])  # the command runs (its handlers are in place)
+    time.sleep(2.0)  # healing
+    p.send_signal(signal.SIGTERM)
+    p.wait(timeout=120)
+    reader.join(timeout=10)
+    err = "".join(chunks)
+    assert p.returncode == 128 + signal.SIGTERM, err[-3000:]
+    errors = [ln for ln in err.splitlines() if ln.startswith("evoprune: error")]
+    assert errors == ["evoprune: error: stopped by SIGTERM."], err[-3000:]
+    assert not out.exists()
