@@ -433,7 +433,7 @@ def _register_study_commands(subparsers: Any) -> None:
     p.add_argument("--prompt", default="The capital of France is", help="prompt text (default: %(default)r)")
     p.add_argument("--tokens", type=int, default=20, metavar="N", help="greedy tokens to compare (default 20)")
     p.add_argument("--tolerance", type=float, default=None, metavar="X",
-                   help="max logit difference (default by the file's dtype: 1e-3 f32, 5e-2 f16, 0.25 bf16)")
+                   help="max logit difference (default 1e-3; f16/bf16 files: 4 x the dtype's eps x max |logit|)")
     p.add_argument("--threads", type=int, default=1, metavar="N", help="llama.cpp threads (default 1)")
     p.add_argument("--float64", action="store_true", help="evoprune's model in float64 (float32 is ~1e-3 off deep)")
     p.set_defaults(func=_cmd_verify_export)
