@@ -9,7 +9,10 @@ reference data (:mod:`evoprune.data`); ``export --format gguf|nemotron-nas`` wri
 study's memory and time before it starts (:mod:`evoprune._cli_devices`).
 
 Every handler returns an exit code: 0 done, 1 failed (the message says what to do),
-2 bad arguments or unknown study, 3 the model or data fingerprint changed, 130 interrupted.
+2 bad arguments (any bad flag value, checked by :mod:`evoprune._cli_args` before anything is
+opened) or unknown study, 3 the model or data fingerprint changed, 128 + signal when stopped
+(130 Ctrl-C, 143 SIGTERM). ``check`` exits 1 on problems and on trials or claims held by dead
+or silent workers (warnings).
 An error is one line on stderr (never a password); ``--debug`` adds the traceback. Commands
 that read a study never create a database; ``search`` writes nothing until config, stop
 condition, storage, model, data and budgets are checked.
@@ -30,13 +33,10 @@ from __future__ import annotations
 
 import argparse
 import collections
-import contextlib
 import json
 import math
-import os
 import signal
 import sys
-import threading
 import traceback
 from pathlib import Path
 from collections.abc import Sequence
@@ -46,6 +46,9 @@ import optuna
 
 from . import _stop
 from ._cli_devices import add_device_arg, apply_device, register_plan_command, run_device_workers
+from ._cli_args import UsageError, check_args, check_log_level, check_out
+from ._cli_args import apply_threads_arg as _apply_threads_arg
+from ._cli_args import stops as _stops
 from ._logging import configure_logging
 from .data import (
     CLOZE_TASK,
@@ -89,35 +92,36 @@ def _one_line(exc: BaseException) -> str:
     return " ".join(lines) or type(exc).__name__
 
 
-def _apply_threads_arg(args: argparse.Namespace) -> None:
-    """``--threads N`` -> ``$EVOPRUNE_THREADS``, which the runtime applies (:mod:`evoprune._threads`)."""
-    from ._threads import ENV_VAR
-
-    if getattr(args, "threads", None) is not None:
-        if args.threads < 1:
-            raise ValueError(f"--threads must be >= 1, got {args.threads}; leave it out for automatic.")
-        os.environ[ENV_VAR] = str(args.threads)
-
-
-def _stops(args: argparse.Namespace) -> dict[str, Any]:
-    flags = {"n_trials": "--n-trials", "n_generations": "--generations", "max_tokens": "--max-tokens"}
-    stops = {k: v for k, v in dict(n_trials=args.n_trials, n_generations=args.generations, timeout=args.timeout,
-                                   max_tokens=args.max_tokens).items() if v is not None}
-    for key, value in stops.items():
-        if key in flags and value < 1:
-            raise ValueError(f"{flags[key]} must be >= 1, got {value}; leave it out to use the config's `stop`.")
-        if key == "timeout" and not value > 0:
-            raise ValueError(f"--timeout must be a positive number of seconds, got {value:g}.")
-    for flag, value in (("--heartbeat", args.heartbeat), ("--grace", args.grace)):
-        if not value > 0:
-            raise ValueError(f"{flag} must be a positive number of seconds, got {value:g}.")
-    return stops
-
-
 def _run_guarded(fn: Any) -> int:
     """Map evoprune's errors to exit codes and one clear line on stderr (``--debug``: the traceback too)."""
     try:
         return int(fn() or 0)
+    except Exception as exc:
+        gone = _stop.abandoned()  # the study was deleted under this worker: that is the one line to print
+        if gone is None:
+            return _error_code(exc)
+        if _DEBUG:
+            print(redact_url(traceback.format_exc()), file=sys.stderr, end="")
+        _err(gone)
+        return EXIT_FAIL
+    except KeyboardInterrupt as exc:
+        if isinstance(exc, _stop.Abandoned):
+            _err(exc.message)
+            return EXIT_FAIL
+        signum = getattr(exc, "signum", signal.SIGINT)
+        what = "interrupted" if signum == signal.SIGINT else f"stopped by {signal.Signals(signum).name}"
+        if _stop.searched():
+            _err(f"{what}; running trials were failed and their candidates released, the study is saved -- "
+                 "continue it with `evoprune resume --storage URL --study NAME`.")
+        else:
+            _err(f"{what}.")
+        return 128 + int(signum)
+
+
+def _error_code(error: Exception) -> int:
+    """One line on stderr for ``error`` (``--debug``: the traceback too) and its exit code."""
+    try:
+        raise error
     except (FingerprintMismatchError, StudyNotFoundError, FileNotFoundError, optuna.exceptions.DuplicatedStudyError,
             ConfigMismatchError, SchemaVersionError, StorageError, LookupError, ValueError, TypeError,
             OSError) as exc:
@@ -126,16 +130,10 @@ def _run_guarded(fn: Any) -> int:
         _err(_one_line(exc))
         if isinstance(exc, FingerprintMismatchError):
             return EXIT_FINGERPRINT
-        if isinstance(exc, (StudyNotFoundError, StorageNotFoundError, FileNotFoundError,
+        if isinstance(exc, (StudyNotFoundError, StorageNotFoundError, FileNotFoundError, UsageError,
                             optuna.exceptions.DuplicatedStudyError)):
             return EXIT_USAGE
         return EXIT_FAIL
-    except KeyboardInterrupt as exc:
-        signum = getattr(exc, "signum", signal.SIGINT)
-        what = "interrupted" if signum == signal.SIGINT else f"stopped by {signal.Signals(signum).name}"
-        _err(f"{what}; running trials were failed and their candidates released, the study is saved -- "
-             "continue it with `evoprune resume --storage URL --study NAME`.")
-        return 128 + int(signum)
     except Exception as exc:  # a bug or an unforeseen failure: still one line, the traceback with --debug
         if _DEBUG:
             print(redact_url(traceback.format_exc()), file=sys.stderr, end="")
@@ -228,7 +226,7 @@ def _resolve_trial(study: Any, trial: str) -> int:
         try:
             return int(trial)
         except ValueError:
-            raise ValueError(f"--trial must be a trial number or 'best', got {trial!r}.") from None
+            raise UsageError(f"--trial must be a trial number or 'best', got {trial!r}.") from None
     if len(study.optuna_study.directions) != 1:
         raise ValueError(
             "--trial best needs a single-objective study; this one has "
@@ -243,9 +241,10 @@ def _resolve_trial(study: Any, trial: str) -> int:
 def _cmd_export(args: argparse.Namespace) -> int:
     def go() -> int:
         study = load_study(storage=args.storage, study_name=args.study)
+        check_out(args.out)
         fmt = {"format": args.format, "dtype": args.dtype} if args.format != "hf" or args.dtype else {}
         art = study.export(_resolve_trial(study, args.trial), args.out, finetune_tokens=args.finetune_tokens,
-                           finetune_lr=args.finetune_lr, **fmt)
+                           **({"finetune_lr": args.finetune_lr} if args.finetune_lr is not None else {}), **fmt)
         healing = art.metrics.get("healing")
         if healing:
             print(f"healed with {healing['finetune']['tokens']} fine-tune tokens: perplexity "
@@ -315,8 +314,12 @@ def _cmd_check(args: argparse.Namespace) -> int:
         problems = study.check()
         for p in problems:
             print(f"problem: {p}")
-        print(f"study {study.name!r}: {'OK' if not problems else str(len(problems)) + ' problem(s)'}")
-        return EXIT_OK if not problems else EXIT_FAIL
+        warnings = study.db.held_by_dead_workers(args.grace)
+        for w in warnings:
+            print(f"warning: {w}")
+        print(f"study {study.name!r}: {'OK' if not problems else str(len(problems)) + ' problem(s)'}"
+              + (f", {len(warnings) - 1} warning(s)" if warnings else ""))
+        return EXIT_OK if not problems and not warnings else EXIT_FAIL
 
     return _run_guarded(go)
 
@@ -331,7 +334,7 @@ def _cmd_delete(args: argparse.Namespace) -> int:
             if answer.strip().lower() not in ("y", "yes"):
                 print("nothing deleted")
                 return EXIT_FAIL
-        n = delete_study(storage=args.storage, study_name=args.study)
+        n = delete_study(storage=args.storage, study_name=args.study, force=args.force)
         print(f"deleted study {args.study!r} ({n} trials) from {redact_url(check_storage(args.storage, existing=True))}")
         return EXIT_OK
 
@@ -344,6 +347,7 @@ def _cmd_report(args: argparse.Namespace) -> int:
 
         study = load_study(storage=_existing_storage(args.storage), study_name=args.study)
         try:
+            check_out(args.out)
             path = write_report(study, args.out)
         finally:
             study.close()
@@ -412,7 +416,8 @@ def _register_study_commands(subparsers: Any) -> None:
     p.add_argument("--finetune-tokens", type=int, default=0, metavar="N",
                    help="heal first: fine-tune the kept weights on N train-split tokens (pruned structure stays "
                         "pruned); perplexity before/after goes into the artifact's metrics")
-    p.add_argument("--finetune-lr", type=float, default=1e-4, metavar="LR", help="healing learning rate (default 1e-4)")
+    p.add_argument("--finetune-lr", type=float, default=None, metavar="LR",
+                   help="healing learning rate (default 1e-4; with --finetune-tokens)")
     p.add_argument("--format", default="hf", choices=("hf", "gguf", "nemotron-nas"),
                    help="hf: Hugging Face checkpoint (default); gguf: the same folder plus model-<dtype>.gguf for "
                         "llama.cpp; nemotron-nas: DeciLM block_configs checkpoint for vLLM")
@@ -425,7 +430,8 @@ def _register_study_commands(subparsers: Any) -> None:
     p.add_argument("path", metavar="DIR_OR_FILE", help="an `export --format gguf|nemotron-nas` folder or its .gguf file")
     p.add_argument("--prompt", default="The capital of France is", help="prompt text (default: %(default)r)")
     p.add_argument("--tokens", type=int, default=20, metavar="N", help="greedy tokens to compare (default 20)")
-    p.add_argument("--tolerance", type=float, default=1e-3, metavar="X", help="max logit difference (default 1e-3)")
+    p.add_argument("--tolerance", type=float, default=None, metavar="X",
+                   help="max logit difference (default 1e-3; f16/bf16 files: 4 x the dtype's eps x max |logit|)")
     p.add_argument("--threads", type=int, default=1, metavar="N", help="llama.cpp threads (default 1)")
     p.add_argument("--float64", action="store_true", help="evoprune's model in float64 (float32 is ~1e-3 off deep)")
     p.set_defaults(func=_cmd_verify_export)
@@ -440,15 +446,20 @@ def _register_study_commands(subparsers: Any) -> None:
     p.add_argument("--limit", type=int, default=20, help="Pareto-front rows to print")
     p.set_defaults(func=_cmd_show)
 
-    p = subparsers.add_parser("check", help="integrity check of a study's rows (exit 1 on problems)")
+    p = subparsers.add_parser("check", help="integrity check of a study's rows (exit 1 on problems, or on trials "
+                                            "and claims held by dead or silent workers)")
     storage_arg(p)
     study_arg(p)
+    p.add_argument("--grace", type=float, default=DEFAULT_GRACE_PERIOD, metavar="S",
+                   help=f"a worker silent this long counts as dead (default {DEFAULT_GRACE_PERIOD})")
     p.set_defaults(func=_cmd_check)
 
     p = subparsers.add_parser("delete-study", help="delete a study: its trials and all of evoprune's rows")
     storage_arg(p)
     study_arg(p)
     p.add_argument("--yes", action="store_true", help="do not ask for confirmation")
+    p.add_argument("--force", action="store_true",
+                   help="while workers run the study: ask them to stop cleanly, then delete (without it: refused)")
     p.set_defaults(func=_cmd_delete)
 
     p = subparsers.add_parser("report", help="write one self-contained HTML report of a study (plots, Pareto table)")
@@ -652,40 +663,21 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-@contextlib.contextmanager
-def _signals_stop_cleanly() -> Any:
-    """SIGTERM and SIGINT stop the command cleanly once (:mod:`evoprune._stop`); a second signal exits
-    at once (``128 + signum``) without cleaning up. Previous handlers come back afterwards."""
-    if threading.current_thread() is not threading.main_thread():
-        yield
-        return
-    stopping = []
-
-    def handler(signum: int, frame: Any) -> None:
-        if stopping:
-            os._exit(128 + signum)
-        stopping.append(signum)
-        _stop.request(signum)  # raises now, or at the search driver's next safe point
-
-    previous = {sig: signal.signal(sig, handler) for sig in (signal.SIGTERM, signal.SIGINT)}
-    try:
-        yield
-    finally:
-        for sig, h in previous.items():
-            signal.signal(sig, h)
-        _stop.reset()
-
-
 def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     global _DEBUG
     _DEBUG = bool(args.debug)
-    configure_logging(args.log_level, as_json=args.log_json or None)
+    try:  # bad flag values: one line, exit 2, before anything is opened
+        configure_logging(check_log_level(args.log_level), as_json=args.log_json or None)
+        check_args(args)
+    except UsageError as exc:
+        _err(str(exc))
+        return EXIT_USAGE
     if not getattr(args, "func", None):
         parser.print_help(sys.stderr)
         return 2
-    with _signals_stop_cleanly():
+    with _stop.signals_stop_cleanly(_err):
         return int(args.func(args) or 0)
 
 

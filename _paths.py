@@ -92,6 +92,16 @@ def new_folder(path: str | os.PathLike[str]) -> Path:
     return path
 
 
+def _umask_modes(folder: Path) -> None:
+    """Give every file under ``folder`` the mode a plain ``open()`` would (``0o666`` less the umask):
+    some writers (safetensors through a temporary file) leave ``0600`` while the others are ``0644``."""
+    umask = os.umask(0o022)
+    os.umask(umask)
+    for file in folder.rglob("*"):
+        if file.is_file() and not file.is_symlink():
+            file.chmod(0o666 & ~umask)
+
+
 @contextlib.contextmanager
 def atomic_folder(path: str | os.PathLike[str]) -> Iterator[Path]:
     """Write a folder all at once: yields a sibling ``.NAME.partial-PID`` folder (created) that
@@ -115,6 +125,7 @@ def atomic_folder(path: str | os.PathLike[str]) -> Iterator[Path]:
     partial.mkdir()
     try:
         yield partial
+        _umask_modes(partial)
         if path.exists():
             path.rmdir()  # the empty folder the caller made
         os.replace(partial, path)

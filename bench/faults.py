@@ -14,7 +14,15 @@ random moment and then continued with ``evoprune resume``; the study is audited 
   one line that says what to do, no half-written folder, and the export into the same folder
   then succeeds;
 * ``postgres-restart``: PostgreSQL restarted (``pg_ctlcluster``) under 2 running workers, which
-  must ride through it (skipped where the cluster cannot be restarted).
+  must ride through it (skipped where the cluster cannot be restarted);
+* ``stall``: a search and a worker share a study (``--heartbeat 0.2 --grace 1``); the search is
+  frozen with SIGSTOP three times for 3.5 s (longer than the grace period) while one of its trials
+  runs, then SIGCONT: the trials failed as silent meanwhile are discarded by their owner (one
+  warning), and both processes must finish with exit 0 (issue 23);
+* ``first-start``: 4 processes open one new, empty database at the same moment and create a study
+  each (a fleet started by a scheduler), ``--first-start-rounds`` rounds (default 10) on SQLite,
+  PostgreSQL and MariaDB; a process that fails counts as a worker crash, a missing study as an
+  integrity problem (issue 23).
 
 Columns: fault, runs, trials lost (a candidate with a trial that never finished), candidates
 duplicated (finished in two trials), claims stranded (held with no trial or a failed one once
@@ -165,6 +173,27 @@ def run_fault(fault: str, url: str, workdir: Path, rng: random.Random, i: int) -
                         and again.returncode == 0 and (out / "config.json").is_file())
             if not extra_ok:
                 print(f"{fault}: exit {full.returncode}: {last!r}; again: {again.returncode} {again.stderr[-500:]}")
+        elif fault == "stall":
+            from evoprune import create_study
+
+            cfg.write_text(CONFIG.replace("offspring: 6}", "offspring: 6, patience: null}") % "")
+            create_study(cfg, storage=url, study_name=study).close()
+            fast = ["--generations", "200", "--timeout", "40", "--heartbeat", "0.2", "--grace", "1"]
+            a = _cli("search", str(cfg), "--storage", url, "--study", study, *fast)
+            b = _cli("worker", "--storage", url, "--study", study, *fast)
+            for _ in range(3):
+                if not _wait_for(counter, a, lambda c: c.get("RUNNING", 0) >= 1 and c.get("COMPLETE", 0) >= 1):
+                    break
+                time.sleep(rng.uniform(0.0, 0.5))
+                a.send_signal(signal.SIGSTOP)
+                time.sleep(3.5)
+                a.send_signal(signal.SIGCONT)
+                time.sleep(1.0)
+            for w in (a, b):
+                _, err = w.communicate()
+                if w.returncode != 0:
+                    crashes += 1
+                    print(f"{fault}: exit {w.returncode}\n{err.decode()[-2000:]}")
         elif fault == "postgres-restart":
             from evoprune import create_study
 
@@ -186,7 +215,7 @@ def run_fault(fault: str, url: str, workdir: Path, rng: random.Random, i: int) -
             if again.returncode != 0:
                 crashes += 1
                 print(f"{fault}: search after the kill failed: {again.stderr[-1500:]}")
-        elif fault not in ("sigkill-export", "diskfull-export"):
+        elif fault not in ("sigkill-export", "diskfull-export", "stall"):
             crashes += _resume(url, study) != 0
         result = audit(url, study)
     finally:
@@ -195,13 +224,60 @@ def run_fault(fault: str, url: str, workdir: Path, rng: random.Random, i: int) -
     return result
 
 
+_FIRST_START = """
+import sys, time
+from evoprune import create_study
+url, name, at, config = sys.argv[1], sys.argv[2], float(sys.argv[3]), sys.argv[4]
+time.sleep(max(0.0, at - time.time()))  # every process opens the database at the same moment
+create_study(config, storage=url, study_name=name).close()
+"""
+
+
+def first_start(servers: dict[str, str], workdir: Path, rounds: int, processes: int = 4) -> dict:
+    """``rounds`` x ``processes`` concurrent first starts per backend (see the module docs)."""
+    from evoprune.storage import list_studies
+
+    cfg = workdir / "first.yaml"
+    cfg.write_text(CONFIG % "")
+    crashes, missing, per_backend = 0, 0, {}
+    for kind, server in servers.items():
+        failed = 0
+        for r in range(rounds):
+            if kind == "sqlite":
+                url, drop = f"sqlite:///{workdir / f'first-{r}.db'}", (lambda: None)
+            else:
+                url, drop = _database(server, kind)
+            try:
+                at = time.time() + 8.0  # after every interpreter has imported evoprune
+                ps = [subprocess.Popen([sys.executable, "-c", _FIRST_START, url, f"first{i}", str(at), str(cfg)],
+                                       env=ENV, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+                      for i in range(processes)]
+                for p in ps:
+                    _, err = p.communicate()
+                    if p.returncode != 0:
+                        failed += 1
+                        print(f"first-start ({kind}, round {r}): exit {p.returncode}: "
+                              f"{(err.decode().strip().splitlines() or [''])[-1][:300]}")
+                missing += processes - len([s for s in list_studies(url) if s["name"].startswith("first")])
+            finally:
+                drop()
+        per_backend[kind] = failed
+        crashes += failed
+        print(f"first-start {kind}: {rounds} rounds x {processes} processes, {failed} failed", flush=True)
+    return dict(trials=0, lost=0, duplicated=0, stranded=0, running=0, crashes=crashes, problems=[],
+                extra_ok=missing == 0, per_backend=per_backend)
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--server", default="postgresql://postgres@127.0.0.1:5432/test")
     ap.add_argument("--runs", type=int, default=3)
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--mariadb", default="mysql://root@127.0.0.1:3306/test",
+                    help="'' leaves MariaDB out of first-start")
+    ap.add_argument("--first-start-rounds", type=int, default=10)
     ap.add_argument("--faults", default="sigkill-startup,sigkill-search,sigkill-finetune,sigterm-search,"
-                                        "sigkill-export,diskfull-export,postgres-restart")
+                                        "sigkill-export,diskfull-export,postgres-restart,stall,first-start")
     args = parse_args(ap, argv, smoke=dict(runs=1, faults="sigkill-search"))
     rng = random.Random(args.seed)
     faults = [f for f in args.faults.split(",") if f]
@@ -212,6 +288,14 @@ def main(argv=None) -> int:
         for fault in faults:
             if fault == "postgres-restart" and not can_restart:
                 print("postgres-restart skipped: pg_ctlcluster is missing or this is not root")
+                continue
+            if fault == "first-start":
+                servers = {"sqlite": "", "postgresql": args.server, **({"mysql": args.mariadb} if args.mariadb else {})}
+                r = first_start(servers, workdir, args.first_start_rounds)
+                rows.append((fault, args.first_start_rounds, {**{k: r[k] for k in ("lost", "duplicated", "stranded",
+                                                                                   "crashes", "running", "trials")},
+                                                              "integrity": r["extra_ok"]}))
+                print(f"{fault}: done", flush=True)
                 continue
             url, drop = _database(args.server, "postgresql")
             try:

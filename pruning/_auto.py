@@ -34,6 +34,7 @@ from .._transformers_hook import PRUNED_MODEL_TYPE_PREFIX
 from ..space import find_arch
 from ._adapters import ArchAdapter, get_adapter, registered_adapters
 from ._modules import per_layer_modules
+from ._placeholders import unexpected_patterns
 
 __all__ = [
     "PRUNED_MODEL_TYPE_PREFIX",
@@ -90,7 +91,9 @@ def pruned_config_class(dense_type: str) -> type:
             )
         base = CONFIG_MAPPING[dense_type]
         name = f"Evoprune{base.__name__}"
+        ignore = list(getattr(base, "_keys_to_ignore_on_load_unexpected", None) or []) + unexpected_patterns(dense_type)
         cls = type(name, (base,), {
+            "_keys_to_ignore_on_load_unexpected": ignore,  # the placeholders of dropped sublayers
             "model_type": pruned_model_type(dense_type),
             "__module__": __name__,
             "__qualname__": name,
@@ -129,7 +132,9 @@ def pruned_model_class(dense_type: str) -> type:
                 base.__init__(self, config, *args, **kwargs)
 
         name = f"Evoprune{base.__name__}"
+        ignore = list(getattr(base, "_keys_to_ignore_on_load_unexpected", None) or []) + unexpected_patterns(dense_type)
         cls = type(name, (base,), {
+            "_keys_to_ignore_on_load_unexpected": ignore,  # the placeholders of dropped sublayers
             "config_class": config_cls,
             "__init__": __init__,
             "__module__": __name__,

@@ -20,6 +20,7 @@ from .._paths import atomic_folder, new_folder
 from ._gguf import GGUF_DTYPES, ExportFormatError, check_gguf_support, check_tokenizer, write_gguf
 from ._modules import quiet_heterogeneous_warnings
 from ._nemotron import check_candidate_fits, check_nemotron_nas_support, write_nemotron_nas
+from ._placeholders import add_placeholders
 
 __all__ = ["EXPORT_FORMATS", "EXPORT_FORMAT_VERSION", "LlamaCppRunner", "check_format", "check_format_args",
            "export_format", "gguf_file_name", "save_hf"]
@@ -66,6 +67,7 @@ def save_hf(model: nn.Module, folder: Path, tokenizer: Any = None, **save_kwargs
     """A materialized model (and the tokenizer) as HF checkpoint files in ``folder``."""
     with quiet_heterogeneous_warnings():
         model.save_pretrained(folder, **save_kwargs)
+    add_placeholders(folder)  # dropped sublayers: a stock class fails loudly instead of loading it wrong
     if tokenizer is not None:
         tokenizer.save_pretrained(folder)
 

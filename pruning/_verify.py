@@ -39,6 +39,9 @@ class VerifyResult:
     target_tokens: list[int]
     max_logit_diff: float
     tokenizer_match: bool | None = None  # llama.cpp's own tokenization of the prompt == transformers'
+    dtype: str = "f32"  # the target file's matrix type (GGUF)
+    reference: str = "evoprune's model"  # what the target was compared with
+    tolerance: float = 1e-3  # the default max logit difference for it (:func:`default_tolerance`)
 
     @property
     def tokens_match(self) -> bool:
@@ -93,9 +96,15 @@ def verify_export(path: str | os.PathLike[str], *, prompt: str = DEFAULT_PROMPT,
         raise FileNotFoundError(f"{folder} has no .gguf file and is not a Nemotron-NAS export; export with "
                                 "--format gguf or --format nemotron-nas first.")
     model = load_pruned(folder, dtype=reference_dtype).eval()
-    ref_tokens, ref_logits = _greedy_torch(model, ids, steps)
+    dense_ref = _greedy_torch(model, ids, steps)
     results = []
     for g in ggufs:
+        # the reference at the file's dtype: its matrices rounded as the writer rounded them (norms stay f32)
+        file_dtype = gguf_dtype(g)
+        ref_tokens, ref_logits = dense_ref if file_dtype == "f32" else _greedy_torch(
+            _rounded(load_pruned(folder, dtype=reference_dtype).eval(), file_dtype), ids, steps)
+        reference = f"evoprune's model in {str(reference_dtype).removeprefix('torch.')}" + (
+            "" if file_dtype == "f32" else f", its matrices rounded to {file_dtype} as in the file")
         runner = LlamaCppRunner(g, n_ctx=max(64, len(ids) + steps + 8), n_threads=n_threads)
         try:
             target_tokens = runner.greedy(ids, steps)
@@ -109,8 +118,46 @@ def verify_export(path: str | os.PathLike[str], *, prompt: str = DEFAULT_PROMPT,
         diff = float((lc.double() - ref_logits.double()).abs().max())
         results.append(VerifyResult(target=f"llama.cpp ({g.name})", file=str(g), prompt_ids=ids,
                                     reference_tokens=ref_tokens, target_tokens=target_tokens, max_logit_diff=diff,
-                                    tokenizer_match=tok_match))
+                                    tokenizer_match=tok_match, dtype=file_dtype, reference=reference,
+                                    tolerance=default_tolerance(file_dtype, float(ref_logits.abs().max()))))
     return results
+
+
+#: ``verify-export``'s default tolerance (max logit difference) of an f32 file
+DEFAULT_TOLERANCE = 1e-3
+
+
+def default_tolerance(dtype: str, logits_absmax: float) -> float:
+    """The default tolerance for a ``dtype`` GGUF file, compared with the reference whose matrices are rounded
+    alike: ``4 * eps(dtype) * max |logit|``, at least :data:`DEFAULT_TOLERANCE` (f32: that). Measured with
+    SmolLM2-135M (6 blocks dropped, 20 greedy tokens all equal, max |logit| about 30): f16 1.0e-4 (tolerance
+    0.13), bf16 0.24 (tolerance 1.0: llama.cpp's bf16 arithmetic rounds more than the weights alone);
+    a tiny Llama (max |logit| 0.52) with one zeroed matrix is 0.09 off, over its f16/bf16 tolerances
+    (2.0e-3, 1.6e-2)."""
+    if dtype not in ("f16", "bf16"):
+        return DEFAULT_TOLERANCE
+    eps = torch.finfo(torch.float16 if dtype == "f16" else torch.bfloat16).eps
+    return max(DEFAULT_TOLERANCE, 4.0 * eps * float(logits_absmax))
+
+
+def gguf_dtype(path: str | os.PathLike[str]) -> str:
+    """``"f32"``, ``"f16"`` or ``"bf16"``: the type of a GGUF file's matrices (its token embedding)."""
+    import gguf
+
+    reader = gguf.GGUFReader(str(path))
+    types = {t.name: t.tensor_type for t in reader.tensors}
+    t = types.get("token_embd.weight", next(iter(types.values()), None))
+    return {gguf.GGMLQuantizationType.F16: "f16", gguf.GGMLQuantizationType.BF16: "bf16"}.get(t, "f32")
+
+
+def _rounded(model: Any, dtype: str) -> Any:
+    """``model`` with every matrix rounded to ``dtype`` (``"f16"``/``"bf16"``) and back, in place."""
+    to = torch.float16 if dtype == "f16" else torch.bfloat16
+    with torch.no_grad():
+        for p in model.parameters():
+            if p.ndim >= 2:
+                p.copy_(p.to(to).to(p.dtype))
+    return model
 
 
 def _verify_nemotron(folder: Path, ids: list[int], steps: int, dtype: torch.dtype) -> VerifyResult:
@@ -135,6 +182,7 @@ def describe(results: list[VerifyResult], tokenizer: Any = None) -> list[str]:
     for r in results:
         lines.append(f"target {r.target}: greedy {len(r.reference_tokens)} tokens "
                      f"{'MATCH' if r.tokens_match else 'DIFFER'}; max logit difference {r.max_logit_diff:.3g}")
+        lines.append(f"  reference: {r.reference}")
         if not r.tokens_match:
             first = next(i for i, (a, b) in enumerate(zip(r.reference_tokens, r.target_tokens)) if a != b) \
                 if any(a != b for a, b in zip(r.reference_tokens, r.target_tokens)) else len(r.reference_tokens)
@@ -149,8 +197,9 @@ def describe(results: list[VerifyResult], tokenizer: Any = None) -> list[str]:
 
 
 def verify_report(path: str | os.PathLike[str], *, prompt: str = DEFAULT_PROMPT, steps: int = 20, threads: int = 1,
-                  float64: bool = False, tolerance: float = 1e-3) -> tuple[list[str], bool]:
-    """``evoprune verify-export``: the printable lines and whether every target matched within ``tolerance``."""
+                  float64: bool = False, tolerance: float | None = None) -> tuple[list[str], bool]:
+    """``evoprune verify-export``: the printable lines and whether every target matched within ``tolerance``
+    (default: :func:`default_tolerance` of each file's dtype and logits)."""
     if steps < 1 or threads < 1:
         raise ValueError(f"--tokens and --threads must be >= 1, got {steps} and {threads}.")
     results = verify_export(path, prompt=prompt, steps=steps, n_threads=threads,
@@ -159,6 +208,9 @@ def verify_report(path: str | os.PathLike[str], *, prompt: str = DEFAULT_PROMPT,
 
     folder = Path(path) if Path(path).is_dir() else Path(path).parent
     lines = describe(results, AutoTokenizer.from_pretrained(folder))
-    ok = all(r.tokens_match and r.max_logit_diff <= tolerance for r in results)
-    lines.append(f"verify-export: {'OK' if ok else 'FAILED'} (tolerance {tolerance:g})")
+    limits = [r.tolerance if tolerance is None else tolerance for r in results]
+    ok = all(r.tokens_match and r.max_logit_diff <= lim for r, lim in zip(results, limits))
+    shown = sorted({f"{lim:.3g}" for lim in limits}) or [f"{tolerance or DEFAULT_TOLERANCE:g}"]
+    lines.append(f"verify-export: {'OK' if ok else 'FAILED'} (tolerance {', '.join(shown)}"
+                 + (f" for {', '.join(sorted({r.dtype for r in results}))}" if tolerance is None else "") + ")")
     return lines, ok

@@ -310,6 +310,30 @@ class StageConfig:
         return hash(json.dumps(self.to_dict(), sort_keys=True))
 
 
+def _check_sampler_options(name: str, options: Mapping[str, Any]) -> None:
+    """Unknown options of a built-in sampler are a config error (caught before anything is written)."""
+    import inspect
+
+    import optuna
+
+    from ._evolution import EvolutionarySampler
+    from ._sweep import BudgetSweep
+
+    classes = {"evolutionary": [EvolutionarySampler] + ([BudgetSweep] if "budget_sweep" in options else []),
+               "tpe": [optuna.samplers.TPESampler], "nsgaii": [optuna.samplers.NSGAIISampler],
+               "random": [optuna.samplers.RandomSampler], "gp": [optuna.samplers.GPSampler],
+               "qmc": [optuna.samplers.QMCSampler]}.get(name)
+    if classes is None:  # "pkg.mod:Class": its own constructor says
+        return
+    known = {"budget_mode", "seed"} | ({"budget_sweep", "sweep_metric"} if name == "evolutionary" else set())
+    for cls in classes:
+        known |= set(inspect.signature(cls).parameters) - {"self", "args", "kwargs"}
+    unknown = sorted(set(options) - known)
+    if unknown:
+        raise ValueError(f"StudyConfig.sampler.options: unknown option(s) {unknown} for sampler {name!r}; it takes "
+                         f"{', '.join(sorted(known))}.")
+
+
 @dataclasses.dataclass(frozen=True, kw_only=True)
 class SamplerConfig:
     """``name``: one of :data:`SAMPLER_NAMES` or ``"pkg.mod:Class"``; ``options``: its keyword arguments.
@@ -331,6 +355,7 @@ class SamplerConfig:
                 f"got {self.name!r}."
             )
         object.__setattr__(self, "options", _jsonable("StudyConfig.sampler.options", dict(self.options or {})))
+        _check_sampler_options(self.name, self.options)
 
     def to_dict(self) -> dict[str, Any]:
         return {"name": self.name, "options": dict(self.options)}

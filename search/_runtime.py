@@ -324,11 +324,24 @@ def build_runtime(config: StudyConfig, *, model: Any = None, tokenizer: Any = No
     dtype = check_dtype(config.dtype, device, model_config)  # the device computes in it (one line otherwise)
     if model is None:
         _log.info("loading model", extra={"fields": {"model": path, "dtype": dtype, "device": device}})
+        import transformers.utils.logging as hf_logging
+
+        verbosity = hf_logging.get_verbosity()
+        hf_logging.set_verbosity_error()  # its load report would print many lines before our one
         try:
-            model = AutoModelForCausalLM.from_pretrained(path, dtype=torch_dtype(dtype))
+            model, info = AutoModelForCausalLM.from_pretrained(path, dtype=torch_dtype(dtype),
+                                                               output_loading_info=True, ignore_mismatched_sizes=True)
         except (OSError, ValueError, KeyError, RuntimeError) as exc:
             raise ValueError(f"cannot load the weights of model {config.model!r} from {path}: {_first_line(exc)}; "
                              "check that the folder is a complete transformers checkpoint.") from None
+        finally:
+            hf_logging.set_verbosity(verbosity)
+        bad = [f"{k} has shape {list(ckpt)} in the weights, {list(want)} by config.json"
+               for k, ckpt, want in sorted(info.get("mismatched_keys", []))[:1]] + \
+            [f"{k} is missing from the weights" for k in sorted(info.get("missing_keys", []))[:1]]
+        if bad:
+            raise ValueError(f"the weights of model {config.model!r} in {path} do not match its config.json: {bad[0]}; "
+                             "use the config.json saved with these weights.")
         # the fingerprint is taken on the CPU copy: the same weights give the same study on any device
         model_fp = model_fingerprint(model)
         model.to(device)

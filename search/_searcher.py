@@ -132,7 +132,7 @@ from ._objectives import objective_source
 from ._recorder import OptunaRecorder, Recorder
 from ._surrogate import gene_prior
 from ._trials import (SamplerExhausted, SearchStats, _free_device_memory, _state, fixed_trial, is_out_of_memory,
-                      is_resampled)
+                      discard, is_resampled)
 
 __all__ = ["BUDGET_MODES", "SamplerExhausted", "SearchStats", "Searcher", "fixed_trial", "is_resampled",
            "trial_candidate"]
@@ -155,6 +155,7 @@ class _Entry:
     #: stage -> objective of an earlier finished trial of this candidate (replayed generation): its
     #: results are reused, not evaluated or told again.
     stored: dict[str, float] | None = None
+    lost: bool = False  # another process finished its trial: results are discarded (_discard)
 
 
 def trial_candidate(trial: Any, space: SearchSpace | None = None) -> Candidate:
@@ -526,12 +527,15 @@ class Searcher:
             e = entries[i]
             e.stages.append(sr)
             stats.stage_evaluations[sr.stage] = stats.stage_evaluations.get(sr.stage, 0) + 1
-            for rec in sr.records:
-                self.recorder.record_stage(trial_id(e.trial), rec.stage, rec.evaluator, rec.tokens, rec.value,
-                                           rec.seconds, rec.details)
-                stats.tokens += int(rec.tokens or 0)
-            if self.single_objective and not math.isnan(sr.objective):
-                e.trial.report(sr.objective, si)
+            stats.tokens += sum(int(rec.tokens or 0) for rec in sr.records)
+            try:
+                for rec in sr.records if not e.lost else ():
+                    self.recorder.record_stage(trial_id(e.trial), rec.stage, rec.evaluator, rec.tokens,
+                                               rec.value, rec.seconds, rec.details)
+                if not e.lost and self.single_objective and not math.isnan(sr.objective):
+                    e.trial.report(sr.objective, si)
+            except Exception as exc:
+                discard(e, exc, stats)
             _stop.check()  # a safe point: this stage's rows are written
 
         def decided(i: int, si: int, value: float, promoted: bool | None) -> None:
@@ -543,14 +547,20 @@ class Searcher:
                 if not promoted:
                     e.done = True
                 return
-            self.recorder.record_stage_result(trial_id(e.trial), stages[si].name, si, value, promoted)
-            if math.isnan(value):
-                self._finish(e, "FAIL", stats)
-            elif last:
-                e.final = value
-                self._finish(e, "COMPLETE", stats)
-            elif not promoted:
-                self._finish(e, "PRUNED", stats)
+            try:
+                if e.lost:
+                    e.done = e.done or last or not promoted
+                else:
+                    self.recorder.record_stage_result(trial_id(e.trial), stages[si].name, si, value, promoted)
+                    if math.isnan(value):
+                        self._finish(e, "FAIL", stats)
+                    elif last:
+                        e.final = value
+                        self._finish(e, "COMPLETE", stats)
+                    elif not promoted:
+                        self._finish(e, "PRUNED", stats)
+            except Exception as exc:
+                discard(e, exc, stats)
             _stop.check()
 
         def reference_tokens(tokens: int) -> None:
@@ -569,10 +579,11 @@ class Searcher:
             for e in entries:
                 if not e.done and e.trial is not None:
                     self.recorder.release(e.candidate.key)
-                    try:
-                        if oom:
-                            study_storage(self.study).set_trial_system_attr(
-                                trial_id(e.trial), FAIL_REASON_ATTR, "out of memory while evaluating")
+                    try:  # why it failed: out of memory, a signal, or the error itself
+                        why = "out of memory while evaluating" if oom else (
+                            f"interrupted ({exc})" if isinstance(exc, KeyboardInterrupt) else str(exc)[:200])
+                        study_storage(self.study).set_trial_system_attr(trial_id(e.trial), FAIL_REASON_ATTR,
+                                                                        why or type(exc).__name__)
                         self.study.tell(e.trial, state=_state("FAIL"))
                     except Exception as tell_exc:  # the evaluation's own error is re-raised below
                         _log.warning("could not fail trial %s after an error: %s", e.trial.number, tell_exc)

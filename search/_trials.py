@@ -7,10 +7,13 @@ from __future__ import annotations
 import dataclasses
 from typing import Any
 
+from .._logging import get_logger
 from .._optuna_private import distribution_contains, study_id, study_storage
-from ..storage.internal import is_resampled
+from ..storage.internal import TrialNotRunningError, is_resampled
 
-__all__ = ["SamplerExhausted", "SearchStats", "fixed_trial", "is_out_of_memory", "is_resampled"]
+__all__ = ["SamplerExhausted", "SearchStats", "discard", "fixed_trial", "is_out_of_memory", "is_resampled", "is_taken"]
+
+_log = get_logger("search")
 
 
 class SamplerExhausted(Exception):
@@ -42,6 +45,8 @@ class SearchStats:
     seconds: float = 0.0
     stage_evaluations: dict[str, int] = dataclasses.field(default_factory=dict)
     stopped_by: str | None = None
+    #: results discarded because another process had finished their trial meanwhile (see :func:`is_taken`)
+    discarded: int = 0
 
     @property
     def resampled(self) -> int:
@@ -59,6 +64,29 @@ class SearchStats:
 
     def to_dict(self) -> dict[str, Any]:
         return {**dataclasses.asdict(self), "resampled": self.resampled, "wasted_share": self.wasted_share}
+
+
+def is_taken(exc: BaseException) -> bool:
+    """Did recording fail because another process finished the trial meanwhile? (A reaper failed it
+    while this process stalled past the grace period, or the study was deleted.) The driver then
+    discards that trial's result with one warning and goes on; it never crashes on it."""
+    import optuna
+
+    if isinstance(exc, ValueError) and str(exc).startswith("Cannot tell a "):  # study.tell of a finished trial
+        return True
+    return isinstance(exc, (optuna.exceptions.UpdateFinishedTrialError, TrialNotRunningError))
+
+
+def discard(entry: Any, exc: Exception, stats: SearchStats) -> None:
+    """Another process finished ``entry``'s trial (:func:`is_taken`): warn once, drop its result, go on
+    (any other error is raised again)."""
+    if not is_taken(exc):
+        raise exc
+    entry.lost = entry.done = True
+    entry.final = None
+    stats.discarded += 1
+    _log.warning("trial %d was finished by another process (this worker stalled past the grace period, or the "
+                 "study was deleted); its result is discarded: %s", entry.trial.number, str(exc)[:300])
 
 
 def is_out_of_memory(exc: BaseException) -> bool:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import collections
 from typing import Any
 
 import sqlalchemy as sa
@@ -129,3 +130,37 @@ class CheckMixin(StudyScope):
             if sha256_text(s.state_json) != s.state_sha256:
                 problems.append(f"sampler state of generation {s.generation}: checksum mismatch")
         return problems
+
+    def held_by_dead_workers(self, grace_period: float) -> list[str]:
+        """Warnings: RUNNING trials and open claims held by workers that are dead (their process is gone
+        on this host, or silent longer than ``grace_period`` s) or stopped without releasing them -- a
+        kill or a second signal leaves them; the next search, resume or worker that starts recovers them
+        (its reaper fails the trials and releases the claims), or they wait for a live worker's reaper."""
+        from optuna.trial import TrialState
+
+        rows = self.workers()  # type: ignore[attr-defined]
+        dead = {o for o, alive in self.worker_liveness(grace_period, rows) if not alive}  # type: ignore[attr-defined]
+        gone = dead | self.stopped_workers(rows)  # type: ignore[attr-defined]
+        out = []
+        held: dict[str, list[int]] = {}
+        for t in self.running_trials():  # type: ignore[attr-defined]
+            who = t.owner or t.creator
+            if who in gone:
+                held.setdefault(who, []).append(t.number)
+        for who, numbers in sorted(held.items()):
+            out.append(f"{len(numbers)} RUNNING trial(s) {numbers[:10]} held by worker {who}, which is "
+                       f"{'dead or silent' if who in dead else 'stopped'}")
+        tm = rdb_models().TrialModel
+        claims = self._tx(lambda c: c.execute(
+            sa.select(ClaimRow.owner, ClaimRow.trial_id, tm.state)
+            .outerjoin(tm, tm.trial_id == ClaimRow.trial_id)
+            .where(ClaimRow.study_id == self.study_id, ClaimRow.status == "claimed",
+                   ClaimRow.owner.in_(sorted(dead)))).all()) if dead else []
+        open_claims = collections.Counter(c.owner for c in claims
+                                          if c.trial_id is None or c.state in (TrialState.RUNNING, TrialState.FAIL))
+        for who, n in sorted(open_claims.items()):
+            out.append(f"{n} claim(s) held by worker {who}, which is dead or silent")
+        if out:
+            out.append("the next `evoprune search`, `resume` or `worker` on the study recovers them "
+                       "(fails those trials, releases the claims for retry)")
+        return out

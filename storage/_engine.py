@@ -139,7 +139,9 @@ def describe_db_error(url: str, exc: BaseException) -> str:
     if len(reason) > 300:
         reason = reason[:300] + "..."
     lower = str(orig).lower()
-    if "does not exist" in lower or "unknown database" in lower:
+    if "role" in lower and "does not exist" in lower:
+        hint = "no such user on the server: create it (CREATE ROLE name LOGIN) or fix the user name in --storage"
+    elif "does not exist" in lower or "unknown database" in lower:
         hint = "create the database first (CREATE DATABASE ...) or fix its name in --storage"
     elif "resolve" in lower or "name or service not known" in lower or "nodename" in lower:
         hint = "the host name does not resolve; fix the host in --storage"
@@ -310,15 +312,18 @@ def open_rdb_storage(
         kwargs["connect_args"] = connect_args
     else:
         kwargs.setdefault("pool_pre_ping", True)
+    from ._firststart import first_start_lock
+
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
         try:
-            storage = _reconnecting_storage_class()(
-                url,
-                engine_kwargs=kwargs,
-                heartbeat_interval=heartbeat_interval,
-                grace_period=grace_period,
-            )
+            with first_start_lock(url, _sqlite_file(url) if _is_sqlite(url) else None, kwargs):
+                storage = _reconnecting_storage_class()(
+                    url,
+                    engine_kwargs=kwargs,
+                    heartbeat_interval=heartbeat_interval,
+                    grace_period=grace_period,
+                )
         except sa_exc.DBAPIError as exc:
             raise StorageError(describe_db_error(url, exc)) from None
     configure_sqlite_engine(storage.engine)

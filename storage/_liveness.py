@@ -52,6 +52,11 @@ __all__ = ["Heartbeat", "ReapReport", "RunningTrial", "WorkersMixin", "reap", "s
 
 _log = get_logger("storage.liveness")
 
+#: ``stop_reason`` of a worker the reaper found dead (its heartbeat row beating again revives it)
+PRESUMED_DEAD = "presumed dead"
+#: ``stop_reason`` that ``delete-study --force`` writes into the rows of live workers: they stop
+DELETING_REASON = "stopping: the study is being deleted (delete-study --force)"
+
 
 @dataclasses.dataclass(frozen=True)
 class RunningTrial:
@@ -96,7 +101,17 @@ class WorkersMixin(StudyScope):
         tm = rdb_models().TrialModel
 
         def run(conn: sa.Connection) -> list[int]:
-            conn.execute(sa.update(WorkerRow).where(WorkerRow.owner == self.owner.name).values(last_seen=sa.func.now()))
+            me = conn.execute(sa.select(WorkerRow.stopped_at, WorkerRow.stop_reason)
+                              .where(WorkerRow.owner == self.owner.name)).first()
+            values: dict[str, Any] = {"last_seen": sa.func.now()}
+            revived = me is not None and me.stopped_at is not None and (me.stop_reason or "").startswith(PRESUMED_DEAD)
+            if revived:  # a stall past the grace period: another worker presumed it dead; it lives again
+                values.update(stopped_at=None, stop_reason=None)
+            conn.execute(sa.update(WorkerRow).where(WorkerRow.owner == self.owner.name).values(**values))
+            # its row gone (the study was deleted) or marked by `delete-study --force`: stop at the next safe point
+            self.deleting = (me.stop_reason == DELETING_REASON) if me is not None else getattr(self, "_had_row", False)
+            self._had_row = me is not None or getattr(self, "_had_row", False)
+            self.revived = revived
             rows = conn.execute(
                 sa.select(TrialRow.trial_id)
                 .join(tm, tm.trial_id == TrialRow.trial_id)
@@ -228,10 +243,20 @@ class Heartbeat:
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
         self.beats = 0
+        self.deleting = False
 
     def beat(self) -> list[int]:
         """One heartbeat now; returns the trial ids it refreshed."""
         trial_ids = self.db.beat()
+        if getattr(self.db, "revived", False):
+            _log.warning("this worker was presumed dead by another (it stalled longer than the grace period); "
+                         "its trials then were failed and retried elsewhere, it goes on with new ones")
+        if getattr(self.db, "deleting", False) and not self.deleting:
+            self.deleting = True
+            from .. import _stop
+
+            _stop.abandon(f"study {self.db.study_name!r} was deleted (delete-study --force) while this worker ran; "
+                          "it stopped")
         for tid in trial_ids:
             try:
                 self.storage.record_heartbeat(tid)
@@ -252,6 +277,9 @@ class Heartbeat:
 
     def start(self) -> Heartbeat:
         if self._thread is None:
+            from .. import _stop
+
+            _stop.clear_abandoned()  # a new run: an earlier run's deleted study is not this one's
             self.beat()
             self._thread = threading.Thread(target=self._run, name="evoprune-heartbeat", daemon=True)
             self._thread.start()
@@ -290,6 +318,9 @@ def reap(db: StudyDatabase, storage: Any, *, grace_period: float) -> ReapReport:
     dead = {owner for owner, alive in workers if not alive}
     alive = {owner for owner, ok in workers if ok} | {db.owner.name}
     stopped = db.stopped_workers(rows)
+    # a worker whose own row beats again (it woke from a stall) keeps its trials: their heartbeats follow
+    fresh = {w["owner"] for w in rows if w["stopped_at"] is None
+             and (naive(w["db_now"]) - naive(w["last_seen"])).total_seconds() <= grace_period}
     to_fail: list[tuple[int, int, str]] = []
     for t in db.running_trials():
         who = t.owner or t.creator
@@ -299,12 +330,12 @@ def reap(db: StudyDatabase, storage: Any, *, grace_period: float) -> ReapReport:
             to_fail.append((t.trial_id, t.number, f"worker {who} died"))
         elif who is not None and who in stopped and (t.heartbeat_age is None or t.heartbeat_age > grace_period):
             to_fail.append((t.trial_id, t.number, f"worker {who} stopped without finishing it"))
-        elif t.heartbeat_age is not None and t.heartbeat_age > grace_period:
+        elif t.heartbeat_age is not None and t.heartbeat_age > grace_period and who not in fresh:
             to_fail.append((t.trial_id, t.number, f"no heartbeat for more than {grace_period:g} s"))
         elif who is None and alive == {db.owner.name} and (t.age is None or t.age > grace_period):
             to_fail.append((t.trial_id, t.number, "orphaned: asked by a process that is gone"))
     report.failed_trials = _fail_trials(storage, to_fail, db.study_name)
-    db.mark_workers_dead(dead, "presumed dead (no heartbeat or process gone)")
+    db.mark_workers_dead(dead, f"{PRESUMED_DEAD} (no heartbeat or process gone)")
     report.dead_workers = sorted(dead)
     # a stopped worker (finished, interrupted or crashed) holds nothing: its claims without a trial go too
     report.released_claims = db.release_claims_of_failed_trials() + db.release_claims_of(dead | stopped)

@@ -12,9 +12,14 @@ from .._optuna_private import rdb_models
 from ._engine import run_transaction
 from ._owner import Owner
 
-__all__ = ["StudyScope"]
+__all__ = ["StudyScope", "TrialNotRunningError"]
 
 T = TypeVar("T")
+
+
+class TrialNotRunningError(RuntimeError):
+    """A result arrived for a trial that is no longer RUNNING: another process finished it (a reaper
+    that presumed its worker dead during a stall, or a deleted study). The driver discards it."""
 
 
 class StudyScope:
@@ -59,7 +64,7 @@ class StudyScope:
 
         row = self._trial_row(conn, trial_id)
         if row.state != TrialState.RUNNING:
-            raise RuntimeError(
+            raise TrialNotRunningError(
                 f"cannot record {what} for trial {row.number} of study {self.study_name!r}: it is "
                 f"{row.state.name}, not RUNNING (a trial whose worker was presumed dead is failed and retried "
                 "elsewhere; its late results are not kept)."

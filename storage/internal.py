@@ -8,13 +8,17 @@ reads return). What lives here is what the study facade and the search driver ne
 * opening and naming storages (:func:`open_rdb_storage`, :func:`default_storage_url`,
   :func:`stored_study`), worker liveness (:class:`Heartbeat`, :func:`reap`, :func:`stop_own` and their
   defaults) and the recorder the driver writes through (:class:`SQLRecorder`);
-* :func:`naive` (database timestamps as naive local time).
+* :func:`naive` (database timestamps as naive local time);
+* what a worker needs when another process acts on its study: :class:`TrialNotRunningError` (a trial
+  finished elsewhere) and :func:`stop_workers_for_delete` (``delete-study --force``).
 """
 
 from ._catalog import stored_study
+from ._deleting import stop_workers_for_delete
 from ._engine import DEFAULT_GRACE_PERIOD, DEFAULT_HEARTBEAT_INTERVAL, default_storage_url, open_rdb_storage
 from ._liveness import Heartbeat, reap, stop_own
 from ._recorder import SQLRecorder
+from ._scope import TrialNotRunningError
 from ._values import (
     ATTR_PREFIX,
     CANDIDATE_ATTR,
@@ -39,6 +43,8 @@ from ._values import (
 )
 
 __all__ = [
+    "TrialNotRunningError",
+    "stop_workers_for_delete",
     "ATTR_PREFIX",
     "CANDIDATE_ATTR",
     "CANDIDATE_KEY_ATTR",

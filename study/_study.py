@@ -29,7 +29,7 @@ from typing import Any
 import optuna
 from optuna.trial import TrialState
 
-from .. import STUDY_VERBS, __version__
+from .. import STUDY_VERBS, __version__, _stop
 from .._fingerprint import directory_sha256
 from .._logging import get_logger
 from .._optuna_private import study_id, trial_id
@@ -65,6 +65,7 @@ from ..storage.internal import (
     open_rdb_storage,
     reap,
     stop_own,
+    stop_workers_for_delete,
     stored_study,
 )
 from ._pareto import pareto_front
@@ -378,7 +379,7 @@ class EvoStudy:
                               reap=self.reap, reap_every=self.grace_period)
         stopped = "crashed"
         try:
-            with heartbeat:
+            with heartbeat, _stop.on_abort(lambda: stop_own(self.db, self.storage, "aborted by a second signal")):
                 searcher = Searcher(runtime, self.optuna_study, sampler, self.recorder, budget_mode=budget_mode,
                                     progress=progress)
                 stats = searcher.run(**stops)
@@ -667,11 +668,14 @@ def _load_optuna(rdb: Any, study_name: str, url: str) -> Any:
         ) from None
 
 
-def delete_study(*, storage: str | os.PathLike[str], study_name: str) -> int:
+def delete_study(*, storage: str | os.PathLike[str], study_name: str, force: bool = False) -> int:
     """Delete a study: evoprune's rows (config, fingerprints, candidates, stages, sampler states,
     workers, claims, artifact records) and then the Optuna study with its trials. Exported
     checkpoint folders on disk are kept. Works for plain Optuna studies too. Returns the number
     of trials the study had.
+
+    A study that live workers run is refused (``ValueError`` naming them); with ``force`` they are
+    asked to stop cleanly first (:func:`evoprune.storage.internal.stop_workers_for_delete`).
 
     Raises:
         StudyNotFoundError: no such study (nothing is deleted).
@@ -680,6 +684,8 @@ def delete_study(*, storage: str | os.PathLike[str], study_name: str) -> int:
     rdb = open_rdb_storage(url)
     try:
         study = _load_optuna(rdb, study_name, url)
+        stop_workers_for_delete(rdb.engine, study_id(study), study_name, force=force,
+                                grace_period=DEFAULT_GRACE_PERIOD, wait=DEFAULT_GRACE_PERIOD)
         n = len(study.get_trials(deepcopy=False))
         StudyDatabase.delete_rows(rdb.engine, study_id(study))
         optuna.delete_study(study_name=study_name, storage=rdb)

@@ -330,3 +330,19 @@ def build_study(url: str, **config):
     t = study.optuna_study.ask()
     rec.record_candidate(trial_id(t), _status_candidate(3), source="initial")
     return study
+
+
+def sibling_module(test_file: str, name: str) -> Any:
+    """The test module ``name`` (``"test_export_gguf"``) in the folder of ``test_file`` (pass ``__file__``):
+    the room folders under tests/ are not packages, so a test reuses a neighbour's helpers this way."""
+    import importlib.util
+    import sys
+
+    path = Path(test_file).resolve().parent / f"{name}.py"
+    key = f"_evoprune_tests_{path.parent.name}_{name}"
+    if key not in sys.modules:
+        spec = importlib.util.spec_from_file_location(key, path)
+        module = importlib.util.module_from_spec(spec)
+        sys.modules[key] = module
+        spec.loader.exec_module(module)
+    return sys.modules[key]

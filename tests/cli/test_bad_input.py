@@ -236,9 +236,9 @@ CASES: list[Case] = [
     ("objective-unknown", _search("o1.yaml", _cfg(objectives=["accuracy"])), 1, ("objectives",)),
     # ---- stop conditions
     ("no-stop-condition", _search("ns.yaml", _cfg(stop={})), 1, ("no stop condition", "--max-tokens")),
-    ("generations-0", _search("g0.yaml", _cfg(), "--generations", "0"), 1, ("--generations", ">= 1")),
-    ("n-trials-negative", _search("g1.yaml", _cfg(), "--n-trials", "-3"), 1, ("--n-trials",)),
-    ("timeout-0", _search("g2.yaml", _cfg(), "--timeout", "0"), 1, ("--timeout",)),
+    ("generations-0", _search("g0.yaml", _cfg(), "--generations", "0"), 2, ("--generations", ">= 1")),
+    ("n-trials-negative", _search("g1.yaml", _cfg(), "--n-trials", "-3"), 2, ("--n-trials",)),
+    ("timeout-0", _search("g2.yaml", _cfg(), "--timeout", "0"), 2, ("--timeout",)),
     ("config-stop-0", _search("g3.yaml", _cfg(stop={"n_generations": 0})), 1, ("n_generations",)),
     # ---- model, space and budget (checked before a row is written)
     ("sparsity-negative", _search("sp1.yaml", _cfg(space={"attention": None, "sparsity_levels": [0.0, -0.1]})),
@@ -286,7 +286,7 @@ CASES: list[Case] = [
     ("resume-changed-model", _change_model_weights, 3, ("model fingerprint changed",)),
     ("resume-changed-data", _change_data, 3, ("fingerprint changed",)),
     ("resume-generations-0", _on_db("resume", "--storage", "{db}", "--study", "s", "--generations", "0"),
-     1, ("--generations",)),
+     2, ("--generations",)),
     # ---- storage URLs
     ("storage-is-yaml", lambda w: (["search", w.write("ok.yaml", tiny_config(w.data)), "--storage",
                                     w.write("other.yaml", {"a": 1})], w.db), 1, ("not a SQLite database",)),
@@ -318,7 +318,7 @@ CASES: list[Case] = [
     ("trial-999", _on_db("export", "--storage", "{db}", "--study", "s", "--trial", "999", "--out", "{root}/x999"),
      1, ("no trial 999", "evoprune show")),
     ("trial-not-a-number", _on_db("export", "--storage", "{db}", "--study", "s", "--trial", "abc", "--out",
-                                  "{root}/xabc"), 1, ("--trial",)),
+                                  "{root}/xabc"), 2, ("--trial",)),
     ("export-folder-exists", _on_db("export", "--storage", "{db}", "--study", "s", "--trial", "0", "--out",
                                     "{root}/data"), 1, ("not an empty folder", "--out")),
     ("export-out-is-a-file", _on_db("export", "--storage", "{db}", "--study", "s", "--trial", "0", "--out",
@@ -494,3 +494,78 @@ def test_python_path_failed_first_run_frees_the_name(world, tmp_path):
         study.run(n_trials=1)
     with pytest.raises(ConfigMismatchError, match="different config"):
         create_study(bad, storage=url, study_name="py")  # now it has started: its config is fixed
+
+
+# --------------------------------------------------------------------------- issue 23: the inputs that still escaped
+
+
+def _mismatched_weights(w: World) -> str:
+    """A copy of the reference model whose config.json says twice the MLP width its weights have."""
+    folder = w.root / "model_mismatch"
+    if not folder.exists():
+        shutil.copytree(w.ref, folder)
+        cfg = json.loads((folder / "config.json").read_text(encoding="utf-8"))
+        cfg["intermediate_size"] *= 2
+        (folder / "config.json").write_text(json.dumps(cfg), encoding="utf-8")
+    return str(folder)
+
+
+_RESUME = ("resume", "--storage", "{db}", "--study", "s", "--n-trials", "1")
+_EXPORT = ("export", "--storage", "{db}", "--study", "s", "--trial", "0")
+
+CASES_23: list[Case] = [
+    # bad flag values: exit 2 (the README's rule), before anything is opened
+    ("heartbeat-inf", _on_db(*_RESUME, "--heartbeat", "inf"), 2, ("--heartbeat", "finite")),
+    ("threads-100000", _on_db(*_RESUME, "--threads", "100000"), 2, ("--threads", "100000")),
+    ("log-level-bogus", _on_db("--log-level", "BOGUS", "studies", "--storage", "{db}"), 2, ("--log-level", "BOGUS")),
+    ("export-out-folder-missing", _on_db(*_EXPORT, "--out", "{root}/no/such/folder/out"), 2,
+     ("--out", "does not exist")),
+    ("report-out-folder-missing", _on_db("report", "--storage", "{db}", "--study", "s", "--out",
+                                         "{root}/no/such/report.html"), 2, ("--out", "does not exist")),
+    ("storage-in-memory", lambda w: (["search", w.write("ok.yaml", tiny_config(w.data)), "--storage", "sqlite://"],
+                                     w.db), 2, ("in-memory", "sqlite:///")),
+    ("storage-in-memory-resume", _on_db("resume", "--storage", "sqlite:///:memory:", "--study", "s"), 2,
+     ("in-memory",)),
+    ("study-name-600-chars", _search("long.yaml", _cfg(), study="x" * 600), 2, ("--study", "512")),
+    ("study-name-empty", _on_db(*_RESUME[:4], "", "--n-trials", "1"), 2, ("--study",)),
+    ("finetune-lr-nan", _on_db(*_EXPORT, "--out", "{root}/xnan", "--finetune-tokens", "64", "--finetune-lr", "nan"),
+     2, ("--finetune-lr", "finite")),
+    ("finetune-lr-without-tokens", _on_db(*_EXPORT, "--out", "{root}/xlr", "--finetune-lr", "0.001"), 2,
+     ("--finetune-tokens",)),
+    ("status-grace-negative", _on_db("status", "--storage", "{db}", "--study", "s", "--grace", "-1"), 2, ("--grace",)),
+    ("check-grace-zero", _on_db("check", "--storage", "{db}", "--study", "s", "--grace", "0"), 2, ("--grace",)),
+    ("grace-below-heartbeat", _on_db(*_RESUME, "--heartbeat", "5", "--grace", "2"), 2, ("--grace", "--heartbeat")),
+    ("timeout-inf", _on_db(*_RESUME, "--timeout", "inf"), 2, ("--timeout", "finite")),
+    ("verify-tolerance-nan", _on_db("verify-export", "{root}/data", "--tolerance", "nan"), 2, ("--tolerance",)),
+    # config content: exit 1
+    ("unknown-sampler-option", _search("so.yaml", _cfg(sampler={"name": "evolutionary",
+                                                                "options": {"offspring": 2, "bogus": 1}})),
+     1, ("sampler.options", "bogus", "offspring")),
+    ("unknown-tpe-option", _search("so2.yaml", _cfg(sampler={"name": "tpe", "options": {"n_startup": 2}})),
+     1, ("sampler.options", "n_startup", "n_startup_trials")),
+    ("weights-do-not-match-config", _search("wm.yaml", _cfg(model=_mismatched_weights)), 1,
+     ("do not match its config.json", "mlp")),
+]
+
+
+@pytest.mark.parametrize("case", CASES_23, ids=[c[0] for c in CASES_23])
+def test_bad_input_issue_23(world, capfd, case):
+    """Issue 23 point 5: one line, the database untouched, exit 2 for a bad flag value; and no
+    transformers load report before the line (capfd: what the process really wrote)."""
+    _, setup, code, words = case
+    argv, url = setup(world)
+    _check(capfd, argv, url, code, words)
+
+
+def test_server_bad_input_issue_23(world, servers, capsys):
+    """A PostgreSQL role that does not exist is named as such (not "create the database"); a
+    600-character study name is refused before PostgreSQL sees it."""
+    found, skipped = servers
+    if "postgresql" not in found:
+        pytest.skip(skipped.get("postgresql", "no PostgreSQL"))
+    empty, full = found["postgresql"]
+    no_role = sa.engine.make_url(full).set(username="evoprune_no_such_role").render_as_string(hide_password=False)
+    line = _check(capsys, ["show", "--storage", no_role, "--study", "s"], full, 1, ("evoprune_no_such_role",))
+    assert "CREATE ROLE" in line and "CREATE DATABASE" not in line, line
+    cfg = world.write("srv-long.yaml", tiny_config(world.data))
+    _check(capsys, ["search", cfg, "--storage", empty, "--study", "y" * 600], empty, 2, ("--study", "512"))
