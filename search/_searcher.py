@@ -411,7 +411,12 @@ class Searcher:
                 close=None if incumbent is None or not results else any(bool(r.close) for r in results),
                 tokens=stats.tokens - before,
             )
-        sampler.tell_generation([(e.candidate, e.final) for e in entries])
+        told = [(e.candidate, e.final) for e in entries if not e.lost]
+        if entries and not told:  # every trial was finished by another process (this one stalled): draw again
+            sampler.discard_pending()
+            self.recorder.save_sampler_state(sampler.generation, sampler.state_dict())
+            return True
+        sampler.tell_generation(told)
         stats.generations += 1
         self.recorder.save_sampler_state(sampler.generation, sampler.state_dict())
         return True

@@ -383,3 +383,38 @@ def test_uniform_seed_and_single_objective_pruned_rank_below_complete(base):
     pruned = [t for t in study.trials if t.state == STATE.PRUNED]
     assert pruned and all(t.last_step == 0 for t in pruned)
     assert np.isfinite(study.best_value)
+
+
+class _ReapedFirstGeneration(OptunaRecorder):
+    """Fails every trial of the first generation in the storage just before its first stage result is
+    recorded -- what another worker's reaper does to a search that stalled past --grace."""
+
+    def __init__(self, study):
+        super().__init__(study)
+        self.to_reap = None
+
+    def save_sampler_state(self, generation, state):
+        if self.to_reap is None:  # right after the first ask: the generation's size
+            self.to_reap = len(state["pending"])
+            self.reaped = self.to_reap
+        super().save_sampler_state(generation, state)
+
+    def record_stage(self, trial_id, *args, **kwargs):
+        if self.to_reap and self._storage.get_trial(trial_id).state == STATE.RUNNING:
+            self._storage.set_trial_state_values(trial_id, STATE.FAIL)
+            self.to_reap -= 1
+        super().record_stage(trial_id, *args, **kwargs)
+
+
+def test_a_generation_finished_by_another_process_is_drawn_again_not_a_crash(base):
+    """Issue 23: when every trial of the first generation was failed by another process (a stall past the
+    grace period), their results are discarded and the search draws a new generation and goes on."""
+    rt = make_runtime(base, WIDTH)
+    study = optuna.create_study(directions=rt.directions)
+    rec = _ReapedFirstGeneration(study)
+    stats = Searcher(rt, study, EvolutionarySampler(offspring=4, seed=0), rec, progress=False).run(n_generations=2)
+    assert rec.to_reap == 0 and stats.discarded == rec.reaped >= 1
+    assert stats.generations == 2
+    states = [t.state for t in study.get_trials(deepcopy=False)]
+    assert states[: rec.reaped] == [STATE.FAIL] * rec.reaped
+    assert STATE.COMPLETE in states[rec.reaped:]
