@@ -70,8 +70,8 @@ def settle(pipeline: Any, model: Any, context: Any, candidate: Any, reference: A
     while size * 2 <= cap:
         size *= 2
         st = dataclasses.replace(last, eval_tokens=size, extends=stream, promote=None, finetune_tokens=0)
-        ctx = pipeline.stage_context(st, context)
-        for ev in st.evaluators:  # the dense reference of the larger set (the model is dense here)
+        ctx = pipeline.stage_context(st, dataclasses.replace(context, cache_dir=False))
+        for ev in st.evaluators:  # the dense reference of the larger set (the model is dense here), in memory only
             if hasattr(ev, "prepare"):
                 ev.prepare(model, ctx)
         for c in (candidate, reference):
