@@ -213,3 +213,26 @@ def test_the_evopress_preset_is_the_faithful_loop_and_the_old_one_is_kept_as_fix
         EvolutionarySampler(settle=-1)
     with pytest.raises(ValueError, match="unseen_chance"):
         EvolutionarySampler(unseen_chance=1.5)
+
+
+def test_the_cli_searches_without_a_stop_flag_until_the_sampler_stops(tmp_path, capsys):
+    import yaml
+
+    from evoprune._cli import main
+
+    cfg = {
+        "model": "reference:tiny", "calibration": {"num_sequences": 4, "seq_len": 64},
+        "space": {"attention": None, "mlp_step": 16},
+        "budget": [{"metric": "params", "max_ratio": 0.8}],
+        "stages": [{"name": "final", "evaluators": ["kl"], "eval_tokens": 256, "seq_len": 64}],
+        "sampler": {"name": "evolutionary", "options": {"offspring": 4, "patience": 1}},
+    }
+    path = tmp_path / "study.yaml"
+    path.write_text(yaml.safe_dump(cfg))
+    url = f"sqlite:///{tmp_path / 's.db'}"
+    assert main(["search", str(path), "--storage", url, "--study", "own", "--threads", "1"]) == 0
+    assert "stopped by converged" in capsys.readouterr().out
+    cfg["sampler"] = {"name": "random"}
+    path.write_text(yaml.safe_dump(cfg))
+    assert main(["search", str(path), "--storage", url, "--study", "rnd", "--threads", "1"]) != 0
+    assert "no stop condition" in capsys.readouterr().err
