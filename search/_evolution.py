@@ -59,10 +59,10 @@ import numpy as np
 
 from .._logging import get_logger
 from ..space import Candidate, SearchSpace
+from ._evidence import check_evidence_options, settled_order
 from ._generation import GenerationSampler, Proposal
 from ._mutation import fill_budget, level_switch
 from ._surrogate import Surrogate, prior_score
-from ._evidence import check_evidence_options, settled_order
 from ._state import rng_state, set_rng_state, uniform_in_budget
 from ._unseen import explore_before_stop
 
