@@ -139,7 +139,7 @@ def evopress_cap(args, problem: str) -> int:
     tokens = [st.eval_tokens for st in cfg.stages]
     survivors = [st.promote["top_k"] for st in cfg.stages[:-1]]
     per_gen = opts["offspring"] * tokens[0] + sum(k * t for k, t in zip(survivors, tokens[1:])) + tokens[-1]
-    init = opts.get("init_samples", 0) * tokens[0] if opts.get("init") == "random" else tokens[-1]
+    init = (opts.get("init_samples", 1) if opts.get("init") == "random" else 1) * tokens[0]  # first stage only
     return init + gens * per_gen
 
 
