@@ -149,7 +149,9 @@ def run_one(args, problem: str, schedule: str, seed: int, optimum: set[str], ran
     cfg = _config(args, problem, _preset(problem, schedule), seed)
     # this run's stage schedule and seed; fresh per-run caches (token sets, per-window KL), the
     # dense references (keyed by their token set) and the model fingerprint stay
-    shared = {k: v for k, v in rt.context.shared.items() if k in ("dense_reference", "model_fingerprint")}
+    # (every token set depends on the seed: a run keeps no dense reference of another, so memory stays
+    # bounded by one run's; the disk cache has them)
+    shared = {k: v for k, v in rt.context.shared.items() if k == "model_fingerprint"}
     rt.pipeline = build_pipeline(cfg.stages)
     rt.context = dataclasses.replace(rt.context, seed=seed, shared=shared)
     rt.pipeline.prepare(rt.model, rt.context)  # dense references: not search tokens
@@ -172,7 +174,7 @@ def run_one(args, problem: str, schedule: str, seed: int, optimum: set[str], ran
         if st.generations == 0:
             stopped = st.stopped_by
             break
-    searcher.context.forget_draws(keep=None)  # EvoPress's drawn windows: not kept for the next run
+    rt.context = dataclasses.replace(rt.context, shared={k: v for k, v in shared.items() if k == "model_fingerprint"})
     inc = sampler.incumbent
     rank = 1 if inc is not None and inc.key in optimum else (ranks.get(inc.key) if inc is not None else None)
     return dict(problem=problem, schedule=schedule, seed=seed, first=first, stop=tokens, rank=rank, stopped=stopped,
