@@ -28,7 +28,8 @@ tokens, seconds); evaluators with dense reference data also have
 also use :func:`sequence_nll` (the one next-token NLL rule), :func:`normalize_windows` and
 :func:`check_window_offsets` (window choices, checked when a study config is read); :func:`evoprune.plan` uses
 the KL evaluator's memory rules and kernels (``resolve_top_k``, ``kl_cache_bytes_limit``,
-``KL_LOGITS_BYTES_PER_FORWARD``, ``forward_logits``, ``kl_kernel``).
+``KL_LOGITS_BYTES_PER_FORWARD``, ``forward_logits``, ``kl_kernel``); the search's close calls use the
+racing stages' paired statistics (``paired_gap``, ``t_critical``).
 
 Names load on first use (PEP 562), so ``import evoprune.evaluators`` -- and reading a study config,
 which checks window choices -- does not import torch.
@@ -71,6 +72,8 @@ _EXPORTS: dict[str, str] = {
     "CandidateResult": "._pipeline",
     "EvalRecord": "._pipeline",
     "Pipeline": "._pipeline",
+    "paired_gap": "._pipeline",
+    "t_critical": "._pipeline",
     "PromotionRule": "._pipeline",
     "Race": "._pipeline",
     "Stage": "._pipeline",

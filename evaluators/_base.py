@@ -110,6 +110,11 @@ class EvalContext:
         eval_windows: how evaluation (``split="eval"``) windows are chosen: ``"random"`` (default,
             per stage and seed), ``"first"`` (the first tokens of ``eval_ids``) or a list of window
             start offsets (see :func:`evoprune.evaluators.make_token_set`). Fine-tuning windows stay random.
+        draw: ``None`` (default): every stage keeps its one token set for the whole run. An int:
+            evaluation windows drawn afresh for this draw (a deterministic function of data, stage,
+            seed and the draw), as EvoPress draws new calibration windows for every selection step;
+            the search driver sets it to the generation (``fresh_windows``). Dense references of
+            drawn sets stay in memory only (:meth:`forget_draws` drops those of other draws).
 
     Example::
 
@@ -137,6 +142,7 @@ class EvalContext:
     allow_train_on_eval: bool = False
     shared: dict[str, Any] = dataclasses.field(default_factory=dict, repr=False)
     eval_windows: Any = "random"
+    draw: int | None = None
 
     def __post_init__(self) -> None:
         for name in ("eval_ids", "train_ids"):
@@ -171,19 +177,45 @@ class EvalContext:
                 "(e.g. from evoprune.data.tokenized_split)."
             )
         windows = self.eval_windows if split == "eval" else "random"
+        draw = self.draw if split == "eval" and windows == "random" else None
         cache = self.shared.setdefault("token_sets", {})
-        key = (split, stage, int(num_tokens), int(seq_len), windows)
+        key = (split, stage, int(num_tokens), int(seq_len), windows, draw)
         if key not in cache:
             cache[key] = make_token_set(
                 ids,
                 num_tokens=num_tokens,
                 seq_len=seq_len,
-                stage=f"{split}:{stage}",
+                stage=f"{split}:{stage}" if draw is None else f"{split}:{stage}#draw{int(draw)}",
                 seed=self.seed,
                 data_fingerprint=self.data_fingerprint,
                 windows=windows,
             )
         return cache[key]
+
+    def forget_draws(self, keep: int | None = None) -> None:
+        """Drop what the shared caches hold for token sets of draws other than ``keep`` (token sets,
+        dense references, window digests, per-window KL): a run with fresh windows per generation
+        keeps only the current generation's."""
+        sets = self.shared.get("token_sets", {})
+        old = {k: ts for k, ts in sets.items() if k[-1] is not None and k[-1] != keep}
+        if not old:
+            return
+        keys = {ts.key for ts in old.values()}
+        stages = {ts.stage for ts in old.values()}
+        for k in old:
+            sets.pop(k, None)
+        refs = self.shared.get("dense_reference", {})
+        for k in [k for k in refs if k[0] in keys]:
+            refs.pop(k, None)
+        memo = self.shared.get("window_hashes", {})
+        for k in keys:
+            memo.pop(k, None)
+        windows = self.shared.get("kl_windows", {})
+        for k in [k for k in windows if len(k) > 2 and k[2] in stages]:
+            windows.pop(k, None)
+        done = self.shared.get("prepared", set())
+        for k in [k for k in done if k[-1] is not None and k[-1] != keep]:
+            done.discard(k)
 
     def for_stage(self, stage: str, *, eval_tokens: int | None = None, seq_len: int | None = None) -> "EvalContext":
         """A copy for ``stage`` (sharing caches) whose ``tokens`` is the stage's token set."""

@@ -321,7 +321,7 @@ def dense_reference(
     if mem_key in mem:
         mem[mem_key] = mem.pop(mem_key)  # most recently used last
         return mem[mem_key]
-    directory = context.resolved_cache_dir()
+    directory = context.resolved_cache_dir() if context.draw is None else None  # drawn sets: memory only
     path = None
     if directory is not None and (compute or "model_fingerprint" in context.shared or context.model_fingerprint):
         # the fingerprint (one pass over the weights, on the dense model) is only needed for the file name

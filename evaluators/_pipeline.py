@@ -504,7 +504,7 @@ class Pipeline:
         for st in self.stages:
             ctx = self.stage_context(st, context)
             for ev in st.evaluators:
-                key = (st.name, st.eval_tokens, st.seq_len, id(ev))
+                key = (st.name, st.eval_tokens, st.seq_len, id(ev), context.draw)
                 if key in done or not hasattr(ev, "prepare"):
                     continue
                 ev.prepare(model, ctx)

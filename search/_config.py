@@ -381,8 +381,9 @@ class StudyConfig:
 
     def stops(self, **given: Any) -> dict[str, Any]:
         """The stop conditions of a run: those ``given`` (``n_trials``, ``n_generations``, ``timeout``,
-        ``max_tokens``; ``None`` = not given), else the config's ``stop`` section. Checked by the
-        config's own rules, so a search without (or with a bad) stop condition fails before it starts.
+        ``max_tokens``; ``None`` = not given), else the config's ``stop`` section, else ``{}`` where the
+        sampler stops by itself (:attr:`sampler_stops_itself`). Checked by the config's own rules, so a
+        search without (or with a bad) stop condition fails before it starts.
 
         >>> StudyConfig(stop={"n_trials": 5}).stops(n_generations=None)
         {'n_trials': 5}
@@ -396,12 +397,25 @@ class StudyConfig:
             StopConfig(**chosen)
             return chosen
         chosen = self.stop.kwargs()
+        if not chosen and self.sampler_stops_itself:
+            return {}  # the sampler's own stop (the Searcher adds a logged safety cap)
         if not chosen:
             raise ValueError(
                 "no stop condition: pass --n-trials, --generations, --timeout or --max-tokens (Python: n_trials, "
                 "n_generations, timeout or max_tokens), or set `stop` in the config (e.g. stop: {n_generations: 10})."
             )
         return chosen
+
+    @property
+    def sampler_stops_itself(self) -> bool:
+        """Whether the configured sampler ends the search by itself (the evolutionary sampler's and the
+        budget sweep's convergence stop, ``patience`` not ``None``): then a run needs no stop condition.
+
+        >>> StudyConfig().sampler_stops_itself, StudyConfig(sampler={"name": "tpe"}).sampler_stops_itself
+        (True, False)
+        """
+        opts = dict(self.sampler.options or {})
+        return self.sampler.name == "evolutionary" and opts.get("patience", 1) is not None
 
     def to_yaml(self) -> str:
         import yaml

@@ -59,47 +59,18 @@ import numpy as np
 
 from .._logging import get_logger
 from ..space import Candidate, SearchSpace
+from ._evidence import check_evidence_options, settled_order
 from ._generation import GenerationSampler, Proposal
 from ._mutation import fill_budget, level_switch
 from ._surrogate import Surrogate, prior_score
+from ._state import rng_state, set_rng_state, uniform_in_budget
+from ._unseen import explore_before_stop
 
 __all__ = ["EvolutionarySampler"]
 
 _log = get_logger("search.evolution")
 _STATE_VERSION = 1
 INIT_MODES = ("uniform", "random")
-
-
-# --------------------------------------------------------------------------- RNG state <-> JSON
-
-
-def _rng_state(rng: np.random.Generator) -> dict[str, Any]:
-    """JSON-able bit generator state (128-bit integers as decimal strings)."""
-
-    def enc(v: Any) -> Any:
-        if isinstance(v, dict):
-            return {k: enc(x) for k, x in v.items()}
-        if isinstance(v, (int, np.integer)) and not isinstance(v, bool):
-            return str(int(v))
-        return v
-
-    return enc(rng.bit_generator.state)
-
-
-def _set_rng_state(rng: np.random.Generator, state: Mapping[str, Any]) -> None:
-    def dec(v: Any) -> Any:
-        if isinstance(v, dict):
-            return {k: dec(x) for k, x in v.items()}
-        if isinstance(v, str) and (v.isdigit() or (v.startswith("-") and v[1:].isdigit())):
-            return int(v)
-        return v
-
-    if state.get("bit_generator") != type(rng.bit_generator).__name__:
-        raise ValueError(
-            f"sampler state was saved with bit generator {state.get('bit_generator')!r}, "
-            f"this sampler uses {type(rng.bit_generator).__name__}."
-        )
-    rng.bit_generator.state = dec(dict(state))
 
 
 # --------------------------------------------------------------------------- the sampler
@@ -159,6 +130,16 @@ class EvolutionarySampler(GenerationSampler):
             is ranked by the importance prior where the driver gave one
             (:meth:`set_prior`; the :class:`~evoprune.search.Searcher` does, from the
             pruner's calibration influences).
+        fresh_windows, rescore_parents, repeats: EvoPress's own loop (``preset: evopress``): windows
+            drawn afresh every generation (``EvalContext.draw``, seeded: reproducible, resumable);
+            parents scored again with the finalists on the last stage's fresh windows every
+            generation (tokens count), the initial candidates on the first stage only; a candidate
+            seen in an earlier generation may come again (scored without a new trial).
+        settle, settle_z: close calls (0: off): a finalist within ``settle_z`` standard errors of the
+            incumbent is scored with it on more nested windows, up to ``settle`` x the last stage's
+            tokens, until separated; a tie keeps the incumbent (:mod:`evoprune.search._evidence`).
+        unseen_chance: before the convergence stop, unseen candidates the surrogate gives more than
+            this chance to beat the incumbent are proposed first (:mod:`evoprune.search._unseen`).
 
     The driver calls :meth:`setup` once, then alternately :meth:`ask_generation`
     and :meth:`tell_generation`. :attr:`min_finalists` tells it how many
@@ -185,6 +166,12 @@ class EvolutionarySampler(GenerationSampler):
         patience_fraction: float = 0.5,
         explored: float = 0.5,
         surrogate: int = 4,
+        fresh_windows: bool = False,
+        rescore_parents: bool = False,
+        repeats: bool = False,
+        settle: int = 0,
+        settle_z: float = 2.0,
+        unseen_chance: float | None = None,
     ) -> None:
         for name, value, low in (("offspring", offspring, 1), ("parents", parents, 1), ("max_flips", max_flips, 1),
                                  ("max_tries", max_tries, 1)):
@@ -199,6 +186,7 @@ class EvolutionarySampler(GenerationSampler):
             raise ValueError(f"EvolutionarySampler: explored must be a share in [0, 1], got {explored!r}.")
         if isinstance(surrogate, bool) or not isinstance(surrogate, int) or surrogate < 1:
             raise ValueError(f"EvolutionarySampler: surrogate must be an int >= 1 (1: off), got {surrogate!r}.")
+        check_evidence_options(settle, settle_z, unseen_chance)
         if init_samples is not None and (not isinstance(init_samples, int) or init_samples < 1):
             raise ValueError(f"EvolutionarySampler: init_samples must be a positive int, got {init_samples!r}.")
         if isinstance(init, str):
@@ -230,6 +218,13 @@ class EvolutionarySampler(GenerationSampler):
         self.patience_fraction = float(patience_fraction)
         self.explored = float(explored)
         self.surrogate = surrogate
+        self.fresh_windows = bool(fresh_windows)
+        self.rescore_parents = bool(rescore_parents)
+        self.repeats = bool(repeats)
+        self.settle = settle
+        self.settle_z = float(settle_z)
+        self.unseen_chance = None if unseen_chance is None else float(unseen_chance)
+        self._repeated: set[str] = set()  # pending candidates seen in an earlier generation
         self.space: SearchSpace | None = None
         self.group: str | None = None
         self._rng = np.random.default_rng(seed)
@@ -242,6 +237,7 @@ class EvolutionarySampler(GenerationSampler):
         self._tokens = 0  # forward tokens the driver reported (observe_generation)
         self._tokens_at_reset = 0  # ... when the incumbent last changed
         self._close: bool | None = None  # the driver's verdict on the generation being told
+        self._settled: dict[str, str] = {}  # ... and its close calls (observe_generation)
         self._scored: dict[str, tuple[list[int], float]] = {}  # key -> (gene levels, first-stage score)
         self._prior: dict[str, Sequence[float]] | None = None  # gene -> prior cost per level (set_prior)
         self._converged = False
@@ -305,6 +301,17 @@ class EvolutionarySampler(GenerationSampler):
         return self.parents if self._generation == 0 else 0
 
     @property
+    def stops_itself(self) -> bool:
+        """Whether the search ends by itself (the convergence stop: ``patience`` is not ``None``)."""
+        return self.patience is not None
+
+    @property
+    def first_stage_only(self) -> bool:
+        """Whether the current generation is scored on the first stage only (EvoPress's initial
+        population: ``rescore_parents``, generation 0)."""
+        return self.rescore_parents and self._generation == 0
+
+    @property
     def pending(self) -> list[Candidate]:
         """The asked but not yet told generation (empty between generations). A sampler restored
         from a state saved mid-generation returns exactly these from :meth:`ask_generation` again,
@@ -317,6 +324,7 @@ class EvolutionarySampler(GenerationSampler):
         saved state taken by other workers."""
         self._pending = []
         self._migrants = set()
+        self._repeated = set()
 
     def seen(self, key: str) -> bool:
         return key in self._seen
@@ -357,7 +365,7 @@ class EvolutionarySampler(GenerationSampler):
                 take(c)
             n_random = max(0, self.parents - len(out))
         elif self.init == "uniform":
-            take(_uniform_in_budget(space, self._rng))
+            take(uniform_in_budget(space, self._rng))
             n_random = max(0, self.parents - len(out))
         else:
             n_random = self.init_samples
@@ -396,25 +404,35 @@ class EvolutionarySampler(GenerationSampler):
         else:
             if not self._population:
                 raise RuntimeError("EvolutionarySampler: no parents (no candidate of the first generation was scored).")
-            if self._stop_now():
+            explore = self._unseen() if self._stop_now() else None
+            if explore is not None and not explore:
                 self._converged = True
                 _log.info("converged: the incumbent held for %d generations (%d tokens) with no finalist within the "
                           "noise band", self._stale, self._tokens - self._tokens_at_reset,
                           extra={"fields": {"generation": self._generation, "group": self.group}})
                 return []
-            ranker = self._ranker()
-            pool_size = self.offspring * (self.surrogate if ranker is not None else 1)
-            batch = []
-            keys = set()
+            ranker = self._ranker() if not explore else None
+            pool_size = 0 if explore else self.offspring * (self.surrogate if ranker is not None else 1)
+            batch, keys, repeated = [], set(), set()
+            for child in (explore or [])[: self.offspring]:  # unseen candidates that may beat the incumbent
+                if claim(child.key):
+                    batch.append(child)
+                    keys.add(child.key)
+                else:
+                    self._seen[child.key] = None
             for _slot in range(pool_size):
                 for _try in range(self.max_tries):
                     parent = self._population[int(self._rng.integers(len(self._population)))][0]
                     child = self.mutate(parent)
                     if self.fill:
                         child = fill_budget(self.space, child, self._rng)
-                    if child.key in self._seen or child.key in keys:
+                    if child.key in keys or (child.key in self._seen and not self.repeats):
                         continue
-                    if ranker is None and not claim(child.key):
+                    if self.repeats and child.key in self._seen:
+                        if any(child.key == p.key for p, _f in self._population):
+                            continue
+                        repeated.add(child.key)
+                    elif ranker is None and not claim(child.key):
                         self._seen[child.key] = None
                         continue
                     batch.append(child)
@@ -451,6 +469,7 @@ class EvolutionarySampler(GenerationSampler):
                 batch.append(m)
                 keys.add(m.key)
             self._migrants = {c.key for c in batch[n_children:]}
+            self._repeated = {c.key for c in batch if c.key in repeated}
         for c in batch:
             self._seen[c.key] = None
         self._pending = batch
@@ -462,6 +481,8 @@ class EvolutionarySampler(GenerationSampler):
             source = "evolution" if self._generation else ("seed" if self.init == "seed" else "initial")
         if candidate.key in self._migrants:
             source = "migrant"
+        if candidate.key in self._repeated:
+            source = "repeat"
         return Proposal(candidate=candidate, source=source, group=self.group, space=self.space)
 
     def _stop_now(self) -> bool:
@@ -470,6 +491,10 @@ class EvolutionarySampler(GenerationSampler):
         if self._tokens - self._tokens_at_reset < self.patience_fraction * self._tokens_at_reset:
             return False
         return self.neighbourhood_seen() >= self.explored
+
+    def _unseen(self) -> list[Candidate]:
+        """Before the convergence stop: unseen candidates that may beat the incumbent (``unseen_chance``)."""
+        return explore_before_stop(self)
 
     def neighbourhood_seen(self, samples: int = 64) -> float:
         """Share of the incumbent's one-switch neighbours (one gene up a level, one down) already seen,
@@ -488,16 +513,25 @@ class EvolutionarySampler(GenerationSampler):
         return sum(k in self._seen for k in found) / len(found) if found else 1.0
 
     def observe_generation(self, screened: Sequence[tuple[Candidate, float]], *, close: bool | None = None,
-                           tokens: int | None = None) -> None:
+                           tokens: int | None = None, parents: Sequence[tuple[Candidate, float]] = (),
+                           settled: Mapping[str, str] | None = None) -> None:
         """What the driver saw of the generation before :meth:`tell_generation`: the first-stage score
         of every candidate scored (the surrogate's data) and whether any finalist came within the
         noise band of the incumbent (``None``: unknown; the convergence rule then uses 0.5 %), and the
-        forward tokens the generation cost (for ``patience_fraction``)."""
+        forward tokens the generation cost (for ``patience_fraction``); ``parents``: the parents'
+        last-stage scores on this generation's windows (``rescore_parents``), which replace their
+        fitness; ``settled``: finalist key -> ``"won"``, ``"lost"`` or ``"tie"``, the verdict of a close
+        call against the incumbent on more tokens (:meth:`Searcher <evoprune.search.Searcher>`):
+        only a finalist that won may take the incumbent's place."""
         space = self._need_space()
         for cand, value in screened:
             if value is not None and math.isfinite(float(value)) and float(value) > 0:
                 self._scored[cand.key] = (list(space.levels_of(cand).values()), float(value))
         self._close = close
+        if parents:
+            fresh = {c.key: float(v) for c, v in parents if v is not None and not math.isnan(float(v))}
+            self._population = sorted(((c, fresh.get(c.key, f)) for c, f in self._population), key=lambda cf: cf[1])
+        self._settled = dict(settled or {})
         if tokens is not None:
             self._tokens += int(tokens)
 
@@ -547,7 +581,7 @@ class EvolutionarySampler(GenerationSampler):
             finalists.append((pending[cand.key], value))
         before = self._population[0] if self._population else None
         pool = finalists + list(self._population)  # newcomers first: stable sort gives them ties
-        pool.sort(key=lambda cv: cv[1])
+        pool.sort(key=settled_order(self._settled, before[1] if before is not None else math.inf))
         if not pool and self._generation == 0:
             raise RuntimeError(
                 "EvolutionarySampler: no initial candidate reached the last stage; check the stage promotion rules."
@@ -564,6 +598,8 @@ class EvolutionarySampler(GenerationSampler):
         else:
             self._tokens_at_reset = self._tokens
         self._close = None
+        self._settled = {}
+        self._repeated = set()
         self._pending = []
         self._generation += 1
         if self._population:
@@ -585,8 +621,9 @@ class EvolutionarySampler(GenerationSampler):
             "population": [{"candidate": c.to_dict(), "fitness": f} for c, f in self._population],
             "pending": [c.to_dict() for c in self._pending],
             "migrants": sorted(self._migrants),
+            "repeated": sorted(self._repeated),
             "seen": list(self._seen),
-            "rng": _rng_state(self._rng),
+            "rng": rng_state(self._rng),
             "stale": self._stale,
             "tokens": self._tokens,
             "tokens_at_reset": self._tokens_at_reset,
@@ -610,6 +647,12 @@ class EvolutionarySampler(GenerationSampler):
             "patience_fraction": self.patience_fraction,
             "explored": self.explored,
             "surrogate": self.surrogate,
+            "fresh_windows": self.fresh_windows,
+            "rescore_parents": self.rescore_parents,
+            "repeats": self.repeats,
+            "settle": self.settle,
+            "settle_z": self.settle_z,
+            "unseen_chance": self.unseen_chance,
         }
 
     def load_state_dict(self, state: Mapping[str, Any]) -> None:
@@ -630,28 +673,11 @@ class EvolutionarySampler(GenerationSampler):
         self._population = [(Candidate.from_dict(p["candidate"]), float(p["fitness"])) for p in state["population"]]
         self._pending = [Candidate.from_dict(c) for c in state.get("pending", [])]
         self._migrants = set(state.get("migrants", []))
+        self._repeated = set(state.get("repeated", []))
         self._seen = dict.fromkeys(state["seen"])
-        _set_rng_state(self._rng, state["rng"])
+        set_rng_state(self._rng, state["rng"])
         self._stale = int(state.get("stale", 0))
         self._tokens = int(state.get("tokens", 0))
         self._tokens_at_reset = int(state.get("tokens_at_reset", 0))
         self._converged = bool(state.get("converged", False))
         self._scored = {k: ([int(x) for x in lv], float(v)) for k, lv, v in state.get("scored", [])}
-
-
-def _uniform_in_budget(space: SearchSpace, rng: np.random.Generator) -> Candidate:
-    """``space.uniform`` at the (first) budget ratio, repaired into every budget; repaired dense otherwise."""
-    bounds = space.budget_bounds()
-    cand = None
-    if bounds:
-        metric, _lo, hi = bounds[0]
-        if hi is not None:
-            try:
-                cand = space.uniform(min(1.0, hi / space.dense_cost(metric)), metric=metric)
-            except ValueError:
-                cand = None
-    if cand is None:
-        cand = space.dense()
-    if space.budget and not space.satisfies_budget(cand):
-        cand = space.repair(cand, rng)
-    return cand

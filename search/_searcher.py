@@ -81,7 +81,7 @@ status, show, report and check leave it out:
 
 :attr:`SearchStats.proposals` counts every suggestion, ``infeasible``,
 ``duplicates`` and ``invalid`` the resampled ones, ``wasted_share`` their share.
-The evolutionary sampler never proposes a seen candidate.
+The evolutionary sampler never proposes a seen candidate (EvoPress's loop may: ``repeats``).
 
 Interruption (generation samplers): the sampler state is saved right after a
 generation is asked (it then holds the generation's candidates) and again after
@@ -94,13 +94,12 @@ bit-reproducible evaluation the study ends exactly as an uninterrupted run
 (``bench/crash_resume.py``). A worker that finds the saved generation held by
 live workers draws a generation of its own.
 
-Stop conditions (any that is given): ``n_trials`` (trials run by this call),
-``n_generations`` (generation samplers), ``max_tokens`` (forward tokens:
-evaluation tokens of every stage plus fine-tuning tokens), ``timeout``
-(seconds). A generation always completes, so a generation sampler may run past
-``n_trials``/``timeout`` by up to one generation; with ``max_tokens`` a new
-generation starts only if the previous generation's token cost still fits
-(the first generation of a call always runs).
+Stop conditions (any that is given; none: a sampler that stops by itself runs to its stop):
+``n_trials`` (trials run by this call), ``n_generations`` (generation samplers), ``max_tokens``
+(forward tokens: every stage's evaluation and fine-tuning tokens, close calls, re-scored parents),
+``timeout`` (seconds). A generation always completes, so a generation sampler may run past
+``n_trials``/``timeout`` by up to one generation; with ``max_tokens`` a new generation starts only
+if the previous generation's token cost still fits (the first generation of a call always runs).
 """
 
 from __future__ import annotations
@@ -117,7 +116,6 @@ from .._logging import get_logger
 from .._optuna_private import study_storage, trial_id
 from ..space import Candidate, SearchSpace
 from ..storage.internal import (
-    CANDIDATE_ATTR,
     CREATOR_ATTR,
     DUPLICATE_OF_ATTR,
     FAIL_REASON_ATTR,
@@ -127,12 +125,13 @@ from ..storage.internal import (
     RESAMPLED_ATTR,
     SOURCE_ATTR,
 )
+from ._evidence import fresh_draw, rescore, settle_entry
 from ._generation import GenerationSampler
 from ._objectives import objective_source
 from ._recorder import OptunaRecorder, Recorder
 from ._surrogate import gene_prior
-from ._trials import (SamplerExhausted, SearchStats, _free_device_memory, _state, fixed_trial, is_out_of_memory,
-                      discard, is_resampled)
+from ._trials import (SamplerExhausted, SearchStats, _free_device_memory, _state, direction_name, discard, fixed_trial,
+                      is_out_of_memory, is_resampled, own_stop, trial_candidate)
 
 __all__ = ["BUDGET_MODES", "SamplerExhausted", "SearchStats", "Searcher", "fixed_trial", "is_resampled",
            "trial_candidate"]
@@ -156,21 +155,6 @@ class _Entry:
     #: results are reused, not evaluated or told again.
     stored: dict[str, float] | None = None
     lost: bool = False  # another process finished its trial: results are discarded (_discard)
-
-
-def trial_candidate(trial: Any, space: SearchSpace | None = None) -> Candidate:
-    """The candidate a (frozen) trial evaluated: the recorded one (``evoprune:candidate``, which is the
-    repaired candidate in ``"repair"`` mode), else ``space.candidate_from_params(trial.params)``."""
-    data = trial.user_attrs.get(CANDIDATE_ATTR)
-    if data is not None:
-        return Candidate.from_dict(data)
-    if space is None:
-        raise ValueError(f"trial {trial.number} has no recorded candidate; pass the space to decode its params.")
-    return space.candidate_from_params(trial.params)
-
-
-def _direction_name(d: Any) -> str:
-    return "maximize" if str(d).lower().endswith("maximize") else "minimize"
 
 
 class Searcher:
@@ -229,7 +213,7 @@ class Searcher:
             raise ValueError("Searcher: runtime.objectives is empty; use e.g. ['kl'] or ['kl', 'params'].")
         self._sources = [objective_source(n, self.pipeline, self.space) for n in self.objectives]
         self.directions = [src.direction for src in self._sources]
-        study_dirs = [_direction_name(d) for d in study.directions]
+        study_dirs = [direction_name(d) for d in study.directions]
         if study_dirs != self.directions:
             raise ValueError(
                 f"Searcher: the study's directions {study_dirs} do not match the objectives {self.objectives} "
@@ -301,11 +285,11 @@ class Searcher:
     ) -> SearchStats:
         """Search until a stop condition holds; returns what this call did (:class:`SearchStats`).
 
-        At least one of ``n_trials``, ``n_generations`` (generation samplers only),
-        ``max_tokens`` or ``timeout`` must be given.
+        At least one of ``n_trials``, ``n_generations`` (generation samplers only), ``max_tokens`` or
+        ``timeout`` must be given, unless the sampler stops by itself (then a safety cap: :func:`own_stop`).
         """
         if n_trials is None and n_generations is None and max_tokens is None and timeout is None:
-            raise ValueError("Searcher.run: give a stop condition: n_trials, n_generations, max_tokens or timeout.")
+            n_generations = own_stop(self.sampler if self.generational else None)
         if n_generations is not None and not self.generational:
             raise ValueError(
                 "Searcher.run: n_generations needs a generation sampler (EvolutionarySampler or BudgetSweep); "
@@ -387,6 +371,8 @@ class Searcher:
 
     def _generation_step(self, stats: SearchStats) -> bool:
         sampler = self.sampler
+        if getattr(sampler, "fresh_windows", False):  # EvoPress: new windows every generation (seeded)
+            self.context = fresh_draw(self.context, int(sampler.generation))
         pending = bool(sampler.pending)
         entries = self._replay(sampler, stats) if pending else []
         if pending and not entries:
@@ -402,14 +388,19 @@ class Searcher:
             entries = [self._start(p, stats) for p in proposals]
         incumbent = getattr(sampler, "incumbent", None)
         before = stats.tokens
-        results = self._evaluate(entries, stats, batch=True, min_final=sampler.min_finalists, reference=incumbent)
+        first_only, self._settled = bool(getattr(sampler, "first_stage_only", False)), {}
+        results = self._evaluate(entries, stats, batch=True, min_final=sampler.min_finalists, reference=incumbent,
+                                 first_only=first_only)
+        parents = rescore(self, stats) if getattr(sampler, "rescore_parents", False) and not first_only else []
         if hasattr(sampler, "observe_generation"):
             first = self.pipeline.stages[0].name  # a reused trial (replayed generation) counts as scored too
+            settled = {k: v["verdict"] for k, v in self._settled.items()}
             sampler.observe_generation(
                 [(e.candidate, e.stages[0].objective) if e.stages else (e.candidate, e.stored.get(first))
                  for e in entries if e.stages or e.stored],
-                close=None if incumbent is None or not results else any(bool(r.close) for r in results),
-                tokens=stats.tokens - before,
+                close=None if incumbent is None or not results else any(
+                    bool(r.close) and settled.get(r.candidate.key) != "lost" for r in results),
+                tokens=stats.tokens - before, parents=parents, settled=settled,
             )
         told = [(e.candidate, e.final) for e in entries if not e.lost]
         if entries and not told:  # every trial was finished by another process (this one stalled): draw again
@@ -422,8 +413,10 @@ class Searcher:
         return True
 
     def _start(self, p: Any, stats: SearchStats) -> _Entry:
-        """A new trial for proposal ``p`` (its candidate is claimed)."""
+        """A new trial for proposal ``p`` (its candidate is claimed); a repeat is scored without a trial."""
         space = p.space if p.space is not None else self.space
+        if p.source == "repeat":  # (EvoPress's loop)
+            return _Entry(trial=None, candidate=p.candidate, space=space)
         trial = self._new_trial(p.candidate, p.source, space, p.group)
         self.recorder.record_candidate(trial_id(trial), p.candidate, source=p.source)
         stats.trials += 1
@@ -438,12 +431,12 @@ class Searcher:
         entries, skipped, reused = [], 0, 0
         for p in proposals:
             done = self.recorder.finished_trial(p.candidate.key)
-            if done is not None:
+            if done is not None and p.source != "repeat":
                 space = p.space if p.space is not None else self.space
                 entries.append(_Entry(trial=None, candidate=p.candidate, space=space,
                                       stored={k: float(v) for k, v in done["stages"].items()}))
                 reused += 1
-            elif self.recorder.claim(p.candidate.key):
+            elif p.source == "repeat" or self.recorder.claim(p.candidate.key):  # a repeat: scored, no trial
                 entries.append(self._start(p, stats))
             else:
                 skipped += 1
@@ -523,10 +516,13 @@ class Searcher:
     # ------------------------------------------------------------------ evaluation
 
     def _evaluate(self, entries: list[_Entry], stats: SearchStats, *, batch: bool, min_final: int,
-                  reference: Candidate | None = None) -> list[Any]:
+                  reference: Candidate | None = None, first_only: bool = False) -> list[Any]:
         """Stage the entries through the pipeline's one promotion loop; record and tell as results come.
-        ``reference``: the incumbent a racing promotion compares with (its scoring tokens count)."""
-        stages = self.pipeline.stages
+        ``reference``: the incumbent a racing promotion compares with (its scoring tokens count; close calls
+        with it settled where the sampler asks). ``first_only``: the first stage only (``PRUNED`` there)."""
+        pipeline = self.pipeline if not first_only else type(self.pipeline)(self.pipeline.stages[:1])
+        stages = pipeline.stages
+        factor = int(getattr(self.sampler, "settle", 0) or 0) if batch and not first_only else 0
 
         def scored(i: int, si: int, sr: Any) -> None:
             e = entries[i]
@@ -534,11 +530,12 @@ class Searcher:
             stats.stage_evaluations[sr.stage] = stats.stage_evaluations.get(sr.stage, 0) + 1
             stats.tokens += sum(int(rec.tokens or 0) for rec in sr.records)
             try:
-                for rec in sr.records if not e.lost else ():
-                    self.recorder.record_stage(trial_id(e.trial), rec.stage, rec.evaluator, rec.tokens,
-                                               rec.value, rec.seconds, rec.details)
-                if not e.lost and self.single_objective and not math.isnan(sr.objective):
-                    e.trial.report(sr.objective, si)
+                if not e.lost and e.trial is not None:  # a repeat (EvoPress's loop) is scored again, not recorded
+                    for rec in sr.records:
+                        self.recorder.record_stage(trial_id(e.trial), rec.stage, rec.evaluator, rec.tokens,
+                                                   rec.value, rec.seconds, rec.details)
+                    if self.single_objective and not math.isnan(sr.objective):
+                        e.trial.report(sr.objective, si)
             except Exception as exc:
                 discard(e, exc, stats)
             _stop.check()  # a safe point: this stage's rows are written
@@ -546,19 +543,25 @@ class Searcher:
         def decided(i: int, si: int, value: float, promoted: bool | None) -> None:
             e = entries[i]
             last = si == len(stages) - 1
-            if e.stored is not None:  # a reused trial: already told, follow its recorded outcome
+            if e.stored is not None or e.trial is None:  # reused (already told) or a repeat (no trial)
                 if last:
                     e.final = value
                 if not promoted:
                     e.done = True
                 return
+            promoted = False if first_only else promoted
             try:
                 if e.lost:
                     e.done = e.done or last or not promoted
                 else:
+                    if last and factor and reference is not None and e.candidate.key != reference.key and value == value:
+                        settle_entry(self, pipeline, e, reference, factor, stats)
                     self.recorder.record_stage_result(trial_id(e.trial), stages[si].name, si, value, promoted)
                     if math.isnan(value):
                         self._finish(e, "FAIL", stats)
+                    elif first_only:
+                        e.final = value
+                        self._finish(e, "PRUNED", stats)
                     elif last:
                         e.final = value
                         self._finish(e, "COMPLETE", stats)
@@ -573,7 +576,7 @@ class Searcher:
             stats.reference_tokens += int(tokens)
 
         try:
-            return self.pipeline.run_batch(
+            return pipeline.run_batch(
                 [e.candidate for e in entries], self.model, self.context,
                 history=None if batch else self.recorder.stage_history,
                 known=[e.stored for e in entries], min_promoted=min_final if batch else 0,

@@ -121,6 +121,11 @@ class BudgetSweep(GenerationSampler):
         self._turn += 1
 
     @property
+    def stops_itself(self) -> bool:
+        """Whether every budget level's run ends by itself (then the sweep does)."""
+        return all(getattr(r, "stops_itself", False) for r in self.runs)
+
+    @property
     def best(self) -> list[tuple[str, Candidate, float]]:
         """Best candidate of every level that has one: ``(group, candidate, fitness)``."""
         return [(run.group or "", *run.best) for run in self.runs if run.best is not None]

@@ -9,11 +9,13 @@ from typing import Any
 
 from .._logging import get_logger
 from .._optuna_private import distribution_contains, study_id, study_storage
-from ..storage.internal import TrialNotRunningError, is_resampled
-
-__all__ = ["SamplerExhausted", "SearchStats", "discard", "fixed_trial", "is_out_of_memory", "is_resampled", "is_taken"]
+from ..space import Candidate, SearchSpace
+from ..storage.internal import CANDIDATE_ATTR, TrialNotRunningError, is_resampled
 
 _log = get_logger("search")
+
+__all__ = ["SamplerExhausted", "SearchStats", "discard", "fixed_trial", "is_out_of_memory", "is_resampled", "is_taken",
+           "own_stop", "trial_candidate", "direction_name"]
 
 
 class SamplerExhausted(Exception):
@@ -42,6 +44,8 @@ class SearchStats:
     tokens: int = 0
     #: forward tokens spent scoring the incumbent for racing promotion (included in ``tokens``)
     reference_tokens: int = 0
+    #: forward tokens spent settling close calls at the last stage (included in ``tokens``)
+    close_call_tokens: int = 0
     seconds: float = 0.0
     stage_evaluations: dict[str, int] = dataclasses.field(default_factory=dict)
     stopped_by: str | None = None
@@ -154,3 +158,33 @@ def _state(name: str) -> Any:
     from optuna.trial import TrialState
 
     return getattr(TrialState, name)
+
+
+#: generations a run without a stop condition may take at most, where the sampler stops by itself
+SAFETY_GENERATIONS = 1000
+
+
+def own_stop(sampler: Any) -> int:
+    """The generation cap of a run given no stop condition: :data:`SAFETY_GENERATIONS` (logged) where the
+    generation ``sampler`` stops by itself (``stops_itself``: the evolutionary convergence stop); else the
+    one-line error that asks for a stop condition."""
+    if not getattr(sampler, "stops_itself", False):
+        raise ValueError("Searcher.run: give a stop condition: n_trials, n_generations, max_tokens or timeout.")
+    _log.info("no stop condition given: searching until the sampler stops by itself (safety cap: %d generations)",
+              SAFETY_GENERATIONS)
+    return SAFETY_GENERATIONS
+
+
+def trial_candidate(trial: Any, space: SearchSpace | None = None) -> Candidate:
+    """The candidate a (frozen) trial evaluated: the recorded one (``evoprune:candidate``, which is the
+    repaired candidate in ``"repair"`` mode), else ``space.candidate_from_params(trial.params)``."""
+    data = trial.user_attrs.get(CANDIDATE_ATTR)
+    if data is not None:
+        return Candidate.from_dict(data)
+    if space is None:
+        raise ValueError(f"trial {trial.number} has no recorded candidate; pass the space to decode its params.")
+    return space.candidate_from_params(trial.params)
+
+
+def direction_name(d: Any) -> str:
+    return "maximize" if str(d).lower().endswith("maximize") else "minimize"

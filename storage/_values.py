@@ -20,6 +20,7 @@ __all__ = [
     "ATTR_PREFIX",
     "CANDIDATE_ATTR",
     "CANDIDATE_KEY_ATTR",
+    "CLOSE_CALL_ATTR",
     "CREATOR_ATTR",
     "DUPLICATE_OF_ATTR",
     "FAIL_REASON_ATTR",
@@ -61,6 +62,8 @@ SOURCE_ATTR = ATTR_PREFIX + "source"
 GROUP_ATTR = ATTR_PREFIX + "group"
 REPAIRED_ATTR = ATTR_PREFIX + "repaired"
 STAGE_REACHED_ATTR = ATTR_PREFIX + "stage_reached"
+#: a close call settled on extra paired tokens (search/_evidence.py): the verdict, on the challenger's trial
+CLOSE_CALL_ATTR = ATTR_PREFIX + "close_call"
 STAGE_INDEX_ATTR = ATTR_PREFIX + "stage_index"
 #: per-stage user attributes: ``STAGE_ATTR + stage`` (evaluator results), ``OBJECTIVE_ATTR + stage``
 #: (the stage objective), ``PROMOTED_ATTR + stage`` (promoted at that stage)

@@ -235,7 +235,9 @@ CASES: list[Case] = [
     ("calibration-no-seq-len", _search("c0.yaml", _cfg(calibration={"num_sequences": 2})), 1, ("seq_len",)),
     ("objective-unknown", _search("o1.yaml", _cfg(objectives=["accuracy"])), 1, ("objectives",)),
     # ---- stop conditions
-    ("no-stop-condition", _search("ns.yaml", _cfg(stop={})), 1, ("no stop condition", "--max-tokens")),
+    # a sampler without a stop rule of its own (the evolutionary one stops by itself: issue 27)
+    ("no-stop-condition", _search("ns.yaml", _cfg(stop={}, sampler={"name": "tpe"})), 1,
+     ("no stop condition", "--max-tokens")),
     ("generations-0", _search("g0.yaml", _cfg(), "--generations", "0"), 2, ("--generations", ">= 1")),
     ("n-trials-negative", _search("g1.yaml", _cfg(), "--n-trials", "-3"), 2, ("--n-trials",)),
     ("timeout-0", _search("g2.yaml", _cfg(), "--timeout", "0"), 2, ("--timeout",)),
@@ -478,7 +480,8 @@ def test_python_path_failed_first_run_frees_the_name(world, tmp_path):
     from evoprune.storage import ConfigMismatchError
 
     url = f"sqlite:///{tmp_path / 'py.db'}"
-    bad = StudyConfig.from_dict(tiny_config(world.data, model=str(world.root / "gone"), stop={}))
+    bad = StudyConfig.from_dict(tiny_config(world.data, model=str(world.root / "gone"), stop={},
+                                            sampler={"name": "evolutionary", "options": {"patience": None}}))
     good = StudyConfig.from_dict(tiny_config(world.data))
     with pytest.raises(FileNotFoundError, match="does not exist"):
         create_study(bad, storage=url, study_name="py", runtime=True)
