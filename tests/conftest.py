@@ -91,3 +91,15 @@ def ref_data(reference_tiny, reference_corpus) -> RefData:
     eval_ids, fp_eval = tokenized_split(tok, "validation", reference_corpus)
     train_ids, fp_train = tokenized_split(tok, "calibration", reference_corpus)
     return RefData(path, tok, eval_ids, train_ids, f"{fp_eval[:16]}-{fp_train[:16]}")
+
+
+@pytest.fixture(scope="module")
+def six_block_llama():
+    """A 6-block tiny Llama, 8,000 random token ids and its pruner (calibration: the first 4 x 32 ids), one
+    torch thread: the depth problems of the search tests."""
+    from evoprune.pruning import Pruner
+
+    torch.set_num_threads(1)
+    model = tiny_model("llama", num_hidden_layers=6)
+    ids = torch.randint(3, 97, (8000,), generator=torch.Generator().manual_seed(0))
+    return model, ids, Pruner(model, ids[: 4 * 32].reshape(4, 32))

@@ -10,11 +10,9 @@ import optuna
 import pytest
 import torch
 
-from tiny_models import tiny_model
 
 from evoprune.evaluators import EvalContext, KLToDense, Pipeline, Stage, TopK
 from evoprune.evaluators._pipeline import paired_gap
-from evoprune.pruning import Pruner
 from evoprune.search import EvolutionarySampler, Runtime, Searcher, StudyConfig
 from evoprune.search._evidence import settle, settled_order
 from evoprune.storage.internal import CLOSE_CALL_ATTR
@@ -25,13 +23,8 @@ optuna.logging.set_verbosity(optuna.logging.WARNING)
 
 
 @pytest.fixture(scope="module")
-def base():
-    torch.set_num_threads(1)
-    model = tiny_model("llama", num_hidden_layers=6)
-    gen = torch.Generator().manual_seed(0)
-    ids = torch.randint(3, 97, (8000,), generator=gen)
-    pruner = Pruner(model, ids[: 4 * 32].reshape(4, 32))
-    return model, ids, pruner
+def base(six_block_llama):
+    return six_block_llama
 
 
 def _runtime(base, drop=2, extends=None):

@@ -18,7 +18,9 @@ from helpers import trial_state_counts as _counts
 from evoprune.storage._engine import normalize_url
 
 #: the resume tests' config with no convergence stop: the workers run until --timeout
-LONG = CONFIG.replace("options: {offspring: 4}", "options: {offspring: 4, patience: null}")
+# no convergence stop and a space too large to exhaust while the test stalls and signals the processes
+LONG = CONFIG.replace("options: {offspring: 4}", "options: {offspring: 4, patience: null}").replace(
+    "mlp_step: 16", "mlp_step: 4")
 ENV = dict(os.environ, EVOPRUNE_LOG_LEVEL=os.environ.get("DBG_LEVEL", "WARNING"), OMP_NUM_THREADS="1")
 
 
