@@ -9,25 +9,19 @@ import sys
 import pytest
 import torch
 
-from helpers import make_storage_url
+from helpers import make_storage_url, tiny_text_config
 
 
 def _study(tmp_path, url):
-    from evoprune.search import create_study
+    from evoprune.study import create_study
 
     text = "The quick brown fox jumps over the lazy dog. Shall I compare thee to a summer's day? " * 40
     (tmp_path / "train.txt").write_text(text)
     (tmp_path / "valid.txt").write_text(text)
-    cfg = dict(
-        model="reference:tiny",
-        data={"source": "text", "train": [str(tmp_path / "train.txt")], "validation": [str(tmp_path / "valid.txt")]},
-        calibration={"num_sequences": 2, "seq_len": 32},
-        space={"attention": "kv_groups", "mlp_step": 16},
-        budget={"metric": "params", "max_ratio": 0.8},
-        stages=[{"name": "final", "evaluators": ["kl"], "eval_tokens": 64, "seq_len": 32}],
-        sampler={"name": "evolutionary", "options": {"offspring": 4, "init": "random"}},
-        objectives=["kl"], cache_dir=str(tmp_path / "cache"),
-    )
+    cfg = tiny_text_config(tmp_path, space={"attention": "kv_groups", "mlp_step": 16},
+                           budget={"metric": "params", "max_ratio": 0.8},
+                           sampler={"name": "evolutionary", "options": {"offspring": 4, "init": "random"}},
+                           objectives=["kl"], cache_dir=str(tmp_path / "cache"))
     return create_study(cfg, storage=url, study_name="s")
 
 
