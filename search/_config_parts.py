@@ -9,6 +9,7 @@ import json
 from collections.abc import Mapping, Sequence
 from typing import Any
 
+from .._device import DTYPE_BYTES
 from .._validate import check_keys as _check_keys
 from ..evaluators import check_window_offsets, normalize_windows
 from ..space import METRICS
@@ -16,7 +17,7 @@ from ..space import METRICS
 SAMPLER_NAMES: tuple[str, ...] = ("evolutionary", "tpe", "nsgaii", "random", "gp", "qmc")
 """Built-in sampler names; anything else must be an import path ``"pkg.mod:Class"``."""
 
-_DTYPES = ("float32", "float16", "bfloat16", "auto")
+_DTYPES = (*DTYPE_BYTES, "auto")  # the dtypes evoprune computes in (one list: _device.DTYPE_BYTES)
 _EVALUATOR_TYPES = ("kl", "ppl", "latency", "cost", "lm_eval")
 _DATA_SOURCES = ("reference", "text", "hub")
 #: Evaluator types that score the stage's evaluation tokens (so eval_tokens must be >= 1).
