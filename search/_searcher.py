@@ -117,12 +117,9 @@ from .._optuna_private import study_storage, trial_id
 from ..space import Candidate, SearchSpace
 from ..storage.internal import (
     CREATOR_ATTR,
-    DUPLICATE_OF_ATTR,
     FAIL_REASON_ATTR,
     GROUP_ATTR,
-    INFEASIBLE_ATTR,
     REPAIRED_ATTR,
-    RESAMPLED_ATTR,
     SOURCE_ATTR,
 )
 from ._evidence import fresh_draw, rescore, settle_entry
@@ -130,15 +127,15 @@ from ._generation import GenerationSampler
 from ._objectives import objective_source
 from ._recorder import OptunaRecorder, Recorder
 from ._surrogate import gene_prior
-from ._trials import (SamplerExhausted, SearchStats, _free_device_memory, _state, direction_name, discard, fixed_trial,
-                      is_out_of_memory, is_resampled, own_stop, trial_candidate)
+from ._trials import (SamplerExhausted, SearchStats, _free_device_memory, _state, direction_name, discard, fixed_trial, is_taken,
+                      is_out_of_memory, is_resampled, mark_resampled, own_stop, tell_duplicate, tell_infeasible,
+                      trial_candidate)
 
 __all__ = ["BUDGET_MODES", "SamplerExhausted", "SearchStats", "Searcher", "fixed_trial", "is_resampled",
            "trial_candidate"]
 
 _log = get_logger("search")
 BUDGET_MODES = ("constrain", "repair")
-_PLACEHOLDER = 1e6
 #: resampled suggestions allowed per Optuna-sampler trial before the run stops as "exhausted"
 DEFAULT_MAX_RESAMPLES = 100
 
@@ -462,46 +459,62 @@ class Searcher:
                 trial = self.study.ask()
             except SamplerExhausted:  # before_trial: the trial row exists, RUNNING (the reaper fails it)
                 return "exhausted"
-            for key, value in self._creator_attrs().items():  # at once: the reaper must know whose trial it is
-                study_storage(self.study).set_trial_system_attr(trial_id(trial), key, value)
-            stats.proposals += 1
             try:
-                candidate = self.space.suggest(trial, set_constraints=constrain)
-            except SamplerExhausted:
-                stats.proposals -= 1
-                self._mark_resampled(trial, "invalid")
-                self.study.tell(trial, state=_state("FAIL"))
-                return "exhausted"
-            except ValueError as exc:  # e.g. levels that drop every block
-                _log.debug("suggested params give no candidate (%s); resampled", exc)
-                self._mark_resampled(trial, "invalid")
-                self.study.tell(trial, state=_state("FAIL"))
-                stats.invalid += 1
+                outcome = self._propose(trial, stats, constrain)
+            except Exception as exc:  # this process stalled past the grace period: another one failed the trial
+                if not is_taken(exc):
+                    raise
+                stats.discarded += 1
+                _log.warning("trial %d was finished by another process (this worker stalled past the grace period, "
+                             "or the study was deleted); it is dropped: %s", trial.number, str(exc)[:300])
                 continue
-            source = trial.user_attrs.get(SOURCE_ATTR, "sampler")
-            if self.space.budget and not self.space.satisfies_budget(candidate):
-                if constrain:
-                    self._tell_infeasible(trial, candidate, stats)
-                    continue
-                candidate = self.space.repair(candidate, np.random.default_rng([self._seed(), trial.number]))
-                trial.set_user_attr(REPAIRED_ATTR, True)
-            if not self.recorder.claim(candidate.key):
-                self._tell_duplicate(trial, candidate, stats)
-                continue
-            stats.trials += 1
-            self.recorder.record_candidate(trial_id(trial), candidate, source=source)
-            entry = _Entry(trial=trial, candidate=candidate, space=self.space)
-            self._evaluate([entry], stats, batch=False, min_final=0)
-            return None
+            if outcome == "exhausted":
+                return outcome
+            if outcome is not None:
+                self._evaluate([outcome], stats, batch=False, min_final=0)
+                return None
         _log.warning("the sampler proposed only seen or over-budget candidates %d times in a row; search stopped",
                      self.max_resamples + 1,
                      extra={"fields": {"proposals": stats.proposals, "over_budget": stats.infeasible,
                                        "duplicates": stats.duplicates, "invalid": stats.invalid}})
         return "exhausted"
 
-    def _mark_resampled(self, trial: Any, reason: str) -> None:
-        """Mark ``trial`` as a resampled suggestion (before it is told: a told row is always marked)."""
-        study_storage(self.study).set_trial_system_attr(trial_id(trial), RESAMPLED_ATTR, reason)
+    def _propose(self, trial: Any, stats: SearchStats, constrain: bool) -> _Entry | str | None:
+        """The asked ``trial``'s candidate, claimed and recorded (an entry to evaluate), ``None`` when the
+        suggestion was resampled (told at once), or ``"exhausted"``."""
+        for key, value in self._creator_attrs().items():  # at once: the reaper must know whose trial it is
+            study_storage(self.study).set_trial_system_attr(trial_id(trial), key, value)
+        stats.proposals += 1
+        try:
+            candidate = self.space.suggest(trial, set_constraints=constrain)
+        except SamplerExhausted:
+            stats.proposals -= 1
+            mark_resampled(self.study, trial, "invalid")
+            self.study.tell(trial, state=_state("FAIL"))
+            return "exhausted"
+        except ValueError as exc:  # e.g. levels that drop every block
+            _log.debug("suggested params give no candidate (%s); resampled", exc)
+            mark_resampled(self.study, trial, "invalid")
+            self.study.tell(trial, state=_state("FAIL"))
+            stats.invalid += 1
+            return None
+        source = trial.user_attrs.get(SOURCE_ATTR, "sampler")
+        if self.space.budget and not self.space.satisfies_budget(candidate):
+            if constrain:
+                tell_infeasible(self, trial, candidate, stats)
+                return None
+            candidate = self.space.repair(candidate, np.random.default_rng([self._seed(), trial.number]))
+            trial.set_user_attr(REPAIRED_ATTR, True)
+        if not self.recorder.claim(candidate.key):
+            tell_duplicate(self, trial, candidate, stats)
+            return None
+        stats.trials += 1
+        try:
+            self.recorder.record_candidate(trial_id(trial), candidate, source=source)
+        except Exception:
+            self.recorder.release(candidate.key)
+            raise
+        return _Entry(trial=trial, candidate=candidate, space=self.space)
 
     def _creator_attrs(self) -> dict[str, Any]:
         """System attributes that name this process as the creator of a new trial (the SQL
@@ -639,47 +652,6 @@ class Searcher:
             self._tick(None)
         stats.evaluated += 1
         entry.done = True
-
-    def _tell_infeasible(self, trial: Any, candidate: Candidate, stats: SearchStats) -> None:
-        """Tell an over-budget suggestion (resampled, not evaluated): ``COMPLETE`` with its constraint
-        violations (already set) and placeholder values (see the module docstring)."""
-        values = []
-        for i, src in enumerate(self._sources):
-            if src.kind == "cost":
-                values.append(self.space.ratio(candidate, src.metric))
-            else:
-                worst = self._worst[i]
-                if worst is None:
-                    worst = _PLACEHOLDER if self.directions[i] == "minimize" else -_PLACEHOLDER
-                values.append(worst)
-        trial.set_user_attr(INFEASIBLE_ATTR, True)
-        self._mark_resampled(trial, "over_budget")
-        self.study.tell(trial, values if len(values) > 1 else values[0])
-        stats.infeasible += 1
-
-    def _tell_duplicate(self, trial: Any, candidate: Candidate, stats: SearchStats) -> None:
-        """Tell ``trial``, whose candidate another trial holds (claimed: evaluated, running or failed for
-        good), as a resampled suggestion (see the module docstring): one objective -- like the
-        earlier trial (``COMPLETE`` with its value, or ``PRUNED`` with its intermediate values);
-        several objectives, or no finished earlier trial -- ``PRUNED`` without values. No candidate
-        row is written: it is not a trial of the search."""
-        import optuna
-
-        stats.duplicates += 1
-        # the recorder's one rule (an indexed lookup, not a scan of the study on this hot path); resampled
-        # rows never have a candidate row, so only evaluated trials are found
-        done = self.recorder.finished_trial(candidate.key)
-        t = None if done is None else study_storage(self.study).get_trial(done["trial_id"])
-        if t is not None:
-            trial.set_user_attr(DUPLICATE_OF_ATTR, t.number)
-        self._mark_resampled(trial, "duplicate")
-        if t is not None and self.single_objective and t.state == optuna.trial.TrialState.COMPLETE:
-            self.study.tell(trial, t.values[0])
-            return
-        if t is not None and self.single_objective:
-            for step, v in sorted(t.intermediate_values.items()):
-                trial.report(v, step)
-        self.study.tell(trial, state=_state("PRUNED"))
 
     def _tick(self, value: float | None) -> None:
         bar = getattr(self, "_bar", None)

@@ -8,14 +8,15 @@ import dataclasses
 from typing import Any
 
 from .._logging import get_logger
-from .._optuna_private import distribution_contains, study_id, study_storage
+from .._optuna_private import distribution_contains, study_id, study_storage, trial_id
 from ..space import Candidate, SearchSpace
-from ..storage.internal import CANDIDATE_ATTR, TrialNotRunningError, is_resampled
+from ..storage.internal import (CANDIDATE_ATTR, DUPLICATE_OF_ATTR, INFEASIBLE_ATTR, RESAMPLED_ATTR,
+                                TrialNotRunningError, is_resampled)
 
 _log = get_logger("search")
 
 __all__ = ["SamplerExhausted", "SearchStats", "discard", "fixed_trial", "is_out_of_memory", "is_resampled", "is_taken",
-           "own_stop", "trial_candidate", "direction_name"]
+           "own_stop", "trial_candidate", "direction_name", "mark_resampled", "tell_duplicate", "tell_infeasible"]
 
 
 class SamplerExhausted(Exception):
@@ -188,3 +189,55 @@ def trial_candidate(trial: Any, space: SearchSpace | None = None) -> Candidate:
 
 def direction_name(d: Any) -> str:
     return "maximize" if str(d).lower().endswith("maximize") else "minimize"
+
+
+#: the placeholder value of an over-budget suggestion before any trial finished (see the driver's docstring)
+_PLACEHOLDER = 1e6
+
+
+def mark_resampled(study: Any, trial: Any, reason: str) -> None:
+    """Mark ``trial`` as a resampled suggestion (before it is told: a told row is always marked)."""
+    study_storage(study).set_trial_system_attr(trial_id(trial), RESAMPLED_ATTR, reason)
+
+
+def tell_infeasible(searcher: Any, trial: Any, candidate: Candidate, stats: SearchStats) -> None:
+    """The driver's answer to an over-budget suggestion (resampled, not evaluated): ``COMPLETE`` with its constraint
+    violations (already set) and placeholder values (see :mod:`evoprune.search._searcher`)."""
+    values = []
+    for i, src in enumerate(searcher._sources):
+        if src.kind == "cost":
+            values.append(searcher.space.ratio(candidate, src.metric))
+        else:
+            worst = searcher._worst[i]
+            if worst is None:
+                worst = _PLACEHOLDER if searcher.directions[i] == "minimize" else -_PLACEHOLDER
+            values.append(worst)
+    trial.set_user_attr(INFEASIBLE_ATTR, True)
+    mark_resampled(searcher.study, trial, "over_budget")
+    searcher.study.tell(trial, values if len(values) > 1 else values[0])
+    stats.infeasible += 1
+
+
+def tell_duplicate(searcher: Any, trial: Any, candidate: Candidate, stats: SearchStats) -> None:
+    """The driver's answer to ``trial``, whose candidate another trial holds (claimed: evaluated, running or failed for
+    good), as a resampled suggestion (see :mod:`evoprune.search._searcher`): one objective -- like the
+    earlier trial (``COMPLETE`` with its value, or ``PRUNED`` with its intermediate values);
+    several objectives, or no finished earlier trial -- ``PRUNED`` without values. No candidate
+    row is written: it is not a trial of the search."""
+    import optuna
+
+    stats.duplicates += 1
+    # the recorder's one rule (an indexed lookup, not a scan of the study on this hot path); resampled
+    # rows never have a candidate row, so only evaluated trials are found
+    done = searcher.recorder.finished_trial(candidate.key)
+    t = None if done is None else study_storage(searcher.study).get_trial(done["trial_id"])
+    if t is not None:
+        trial.set_user_attr(DUPLICATE_OF_ATTR, t.number)
+    mark_resampled(searcher.study, trial, "duplicate")
+    if t is not None and searcher.single_objective and t.state == optuna.trial.TrialState.COMPLETE:
+        searcher.study.tell(trial, t.values[0])
+        return
+    if t is not None and searcher.single_objective:
+        for step, v in sorted(t.intermediate_values.items()):
+            trial.report(v, step)
+    searcher.study.tell(trial, state=_state("PRUNED"))

@@ -418,3 +418,40 @@ def test_a_generation_finished_by_another_process_is_drawn_again_not_a_crash(bas
     states = [t.state for t in study.get_trials(deepcopy=False)]
     assert states[: rec.reaped] == [STATE.FAIL] * rec.reaped
     assert STATE.COMPLETE in states[rec.reaped:]
+
+
+class _ReapedAtBirth(OptunaRecorder):
+    """Fails the first ``n`` trials in the storage just before their candidate is recorded -- another worker's
+    reaper acting while this search stalled right after it created the trial (the CI failure of issue 23:
+    ``UpdateFinishedTrialError`` escaped from ``record_candidate``)."""
+
+    def __init__(self, study, n):
+        super().__init__(study)
+        self.left, self.reaped = n, []
+
+    def record_candidate(self, trial_id, candidate, **kwargs):
+        if self.left:
+            self._storage.set_trial_state_values(trial_id, STATE.FAIL)
+            self.left -= 1
+            self.reaped.append(candidate.key)
+        super().record_candidate(trial_id, candidate, **kwargs)
+
+
+@pytest.mark.parametrize("mode", ["generation", "optuna"])
+def test_a_trial_failed_by_another_process_before_its_candidate_is_recorded_is_dropped_not_a_crash(base, mode):
+    rt = make_runtime(base, WIDTH)
+    sampler = optuna.samplers.RandomSampler(seed=0) if mode == "optuna" else None
+    study = optuna.create_study(directions=rt.directions, sampler=sampler)
+    rec = _ReapedAtBirth(study, 2)
+    if mode == "optuna":
+        stats = Searcher(rt, study, None, rec, progress=False).run(n_trials=4)
+    else:
+        stats = Searcher(rt, study, EvolutionarySampler(offspring=4, seed=0), rec, progress=False).run(n_generations=2)
+        assert stats.generations == 2
+    assert rec.left == 0 and stats.discarded == 2
+    trials = study.get_trials(deepcopy=False)
+    failed = [t for t in trials if t.state == STATE.FAIL]
+    assert len(failed) == 2 and all(ATTR_PREFIX + "candidate" not in t.user_attrs for t in failed)
+    assert any(t.state == STATE.COMPLETE for t in trials)
+    # the dropped trials' candidates were released: nothing holds them, a later trial may evaluate them
+    assert all(rec.claim(key) for key in rec.reaped)
