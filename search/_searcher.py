@@ -355,16 +355,13 @@ class Searcher:
             return "timeout"
         return None
 
-    def _new_trial(self, candidate: Candidate, source: str, space: SearchSpace, group: str | None) -> Any:
+    def _new_trial(self, candidate: Candidate, source: str, group: str | None) -> Any:
         params = self.space.params_of(candidate)
         attrs = {SOURCE_ATTR: source}
         if group is not None:
             attrs[GROUP_ATTR] = group
-        trial = fixed_trial(self.study, params, self._distributions, user_attrs=attrs,
-                            system_attrs=self._creator_attrs())
-        for key, value in space.constraints(candidate).items():
-            trial.set_constraint(key, value)
-        return trial
+        return fixed_trial(self.study, params, self._distributions, user_attrs=attrs,
+                           system_attrs=self._creator_attrs())
 
     def _generation_step(self, stats: SearchStats) -> bool:
         sampler = self.sampler
@@ -414,10 +411,17 @@ class Searcher:
         space = p.space if p.space is not None else self.space
         if p.source == "repeat":  # (EvoPress's loop)
             return _Entry(trial=None, candidate=p.candidate, space=space)
-        trial = self._new_trial(p.candidate, p.source, space, p.group)
-        self.recorder.record_candidate(trial_id(trial), p.candidate, source=p.source)
+        entry = _Entry(trial=self._new_trial(p.candidate, p.source, p.group), candidate=p.candidate,
+                       space=space)
         stats.trials += 1
-        return _Entry(trial=trial, candidate=p.candidate, space=space)
+        try:  # a stall past the grace period right after the trial was created: another process failed it
+            for key, value in space.constraints(p.candidate).items():
+                entry.trial.set_constraint(key, value)
+            self.recorder.record_candidate(trial_id(entry.trial), p.candidate, source=p.source)
+        except Exception as exc:
+            discard(entry, exc, stats)
+            self.recorder.release(p.candidate.key)
+        return entry
 
     def _replay(self, sampler: Any, stats: SearchStats) -> list[_Entry]:
         """Entries of the generation that was asked but not told (saved state of a process that
