@@ -25,6 +25,7 @@ from .._validate import check_keys
 __all__ = ["PRUNING_MODES", "ProbeSettings", "resolve_mode"]
 
 PRUNING_MODES: tuple[str, ...] = ("static", "probe")
+GQA_MODES: tuple[str, ...] = ("groups", "reference")
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
@@ -41,6 +42,11 @@ class ProbeSettings:
             (reference ``ema`` 0.99); ``1.0`` keeps the calibration history fixed.
         history: integrate the probe's states with the history (calibration + earlier batches of
             this applied session); ``False`` scores channels on the probe alone.
+        gqa: how attention is pruned under grouped-query attention. ``"groups"`` (default): KV
+            groups score the sum of their query heads, the best groups are kept and the best
+            ``q_per_kv`` query heads inside each, so K/V and the KV cache shrink. ``"reference"``: as
+            the reference code, K/V stay whole and the ``num_kv_heads * q_per_kv`` best query heads
+            are kept anywhere (a candidate's attention width is then its number of query heads).
 
     Example::
 
@@ -52,6 +58,7 @@ class ProbeSettings:
     batch_ratio: float = 0.05
     momentum: float = 0.99
     history: bool = True
+    gqa: str = "groups"
 
     def __post_init__(self) -> None:
         for name in ("seq_ratio", "batch_ratio"):
@@ -65,9 +72,17 @@ class ProbeSettings:
         object.__setattr__(self, "momentum", float(m))
         if not isinstance(self.history, bool):
             raise ValueError(f"ProbeSettings.history must be true or false, got {self.history!r}.")
+        if self.gqa not in GQA_MODES:
+            raise ValueError(f"ProbeSettings.gqa must be one of {GQA_MODES} (groups: shrink K/V; reference: K/V whole, "
+                             f"query heads anywhere), got {self.gqa!r}.")
 
     def to_dict(self) -> dict[str, Any]:
-        return dataclasses.asdict(self)
+        """The settings as a dict; defaults added after the first release are left out (so a space
+        stored before them keeps its JSON and key)."""
+        out = dataclasses.asdict(self)
+        if out["gqa"] == "groups":
+            del out["gqa"]
+        return out
 
     @classmethod
     def from_dict(cls, data: Mapping[str, Any] | None) -> "ProbeSettings":
