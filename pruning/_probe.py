@@ -80,6 +80,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .. import __version__ as _evoprune_version
+from .._fingerprint import ids_fingerprint
 from .._logging import get_logger
 from .._paths import atomic_folder, new_folder
 from ..space import Candidate, LayerConfig, ModelSpec, ProbeSettings
@@ -191,15 +192,23 @@ class ProbeStrategy:
     mode: ClassVar[str] = "probe"
 
     def __init__(self, live: LiveModel, settings: ProbeSettings,
-                 history: dict[int, dict[str, torch.Tensor]] | None = None) -> None:
+                 history: dict[int, dict[str, torch.Tensor]] | None = None,
+                 calib_ids: torch.Tensor | None = None) -> None:
         if not isinstance(settings, ProbeSettings):
             raise TypeError(f"ProbeStrategy needs ProbeSettings, got {type(settings).__name__}.")
+        if calib_ids is not None and (not isinstance(calib_ids, torch.Tensor) or calib_ids.dim() != 2):
+            raise ValueError("ProbeStrategy: calib_ids must be a [sequences, seq_len] token tensor (the probe's own "
+                             "calibration set, probe: {calibration: {...}}).")
         self.live = live
         self.settings = settings
         self.spec: ModelSpec = live.spec
-        self.calib_history = history if history is not None else self._calibrate()
-        self.calib_key = (str(live.data_fingerprint) if history is None
-                          else "given:" + str(sum(float(v.double().sum()) for d in history.values() for v in d.values())))
+        ids = calib_ids if calib_ids is not None else live.calib_ids
+        self.calib_history = history if history is not None else self._calibrate(ids)
+        if history is not None:
+            self.calib_key = "given:" + str(sum(float(v.double().sum()) for d in history.values() for v in d.values()))
+        else:
+            self.calib_key = str(live.data_fingerprint) if calib_ids is None else ids_fingerprint(calib_ids)
+        self.calib_tokens = 0 if ids is None or history is not None else int(ids.numel())
         self._w4: dict[tuple[int, str], torch.Tensor] = {}
         self._layers: dict[int, _Layer] = {}
         self._history: dict[int, dict[str, torch.Tensor]] = {}
@@ -210,9 +219,8 @@ class ProbeStrategy:
         self._valid: torch.Tensor | None = None  # [B, S] real tokens of the current prefill (None: no padding)
 
     # -- calibration history ---------------------------------------------------------------------
-    def _calibrate(self) -> dict[int, dict[str, torch.Tensor]]:
+    def _calibrate(self, ids: torch.Tensor | None) -> dict[int, dict[str, torch.Tensor]]:
         live, s = self.live, self.spec
-        ids = live.calib_ids
         if ids is None:
             _log.info("probe mode without calibration tokens: empty history (the probe alone scores)")
             dev = live.device

@@ -22,10 +22,50 @@ from typing import Any
 
 from .._validate import check_keys
 
-__all__ = ["PRUNING_MODES", "ProbeSettings", "resolve_mode"]
+__all__ = ["PRUNING_MODES", "ProbeCalibration", "ProbeSettings", "resolve_mode"]
 
 PRUNING_MODES: tuple[str, ...] = ("static", "probe")
 GQA_MODES: tuple[str, ...] = ("groups", "reference")
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class ProbeCalibration:
+    """The probe mode's own calibration set for the history (``probe: {calibration: {...}}``).
+
+    Without it the history comes from the study's importance calibration tokens
+    (``calibration: {num_sequences, seq_len}``). The defaults are sized for two CPU cores (64 x 256
+    tokens, one dense pass); the paper's setting is 2,000 samples (``num_sequences: 2000``), for a GPU.
+    The windows are drawn from the calibration split with the study's seed (stage ``"probe_calibration"``),
+    so the set is fingerprinted by the data, the seed and these settings (stored with the space).
+
+    Args:
+        num_sequences: calibration sequences.
+        seq_len: tokens per sequence (the history covers positions ``0 .. seq_len - 1``; later
+            positions start from zero, as the reference's buffer).
+    """
+
+    num_sequences: int = 64
+    seq_len: int = 256
+
+    def __post_init__(self) -> None:
+        for name in ("num_sequences", "seq_len"):
+            v = getattr(self, name)
+            if isinstance(v, bool) or not isinstance(v, int) or v < 1:
+                raise ValueError(f"ProbeSettings.calibration.{name} must be a positive integer, e.g. 64; got {v!r}.")
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: Mapping[str, Any] | None) -> "ProbeCalibration":
+        if isinstance(data, ProbeCalibration):
+            return data
+        if data is not None and not isinstance(data, Mapping):
+            raise ValueError(f"ProbeSettings.calibration must be a mapping such as {{num_sequences: 64, seq_len: 256}}, "
+                             f"got {data!r}.")
+        data = dict(data or {})
+        check_keys("probe calibration", data, (f.name for f in dataclasses.fields(cls)))
+        return cls(**data)
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
@@ -47,6 +87,8 @@ class ProbeSettings:
             ``q_per_kv`` query heads inside each, so K/V and the KV cache shrink. ``"reference"``: as
             the reference code, K/V stay whole and the ``num_kv_heads * q_per_kv`` best query heads
             are kept anywhere (a candidate's attention width is then its number of query heads).
+        calibration: :class:`ProbeCalibration` (or its dict): the history's own calibration set;
+            ``None`` (default): the study's importance calibration tokens.
 
     Example::
 
@@ -59,8 +101,11 @@ class ProbeSettings:
     momentum: float = 0.99
     history: bool = True
     gqa: str = "groups"
+    calibration: ProbeCalibration | None = None
 
     def __post_init__(self) -> None:
+        if self.calibration is not None:
+            object.__setattr__(self, "calibration", ProbeCalibration.from_dict(self.calibration))
         for name in ("seq_ratio", "batch_ratio"):
             v = getattr(self, name)
             if isinstance(v, bool) or not isinstance(v, (int, float)) or not 0 < float(v) <= 1:
@@ -82,6 +127,8 @@ class ProbeSettings:
         out = dataclasses.asdict(self)
         if out["gqa"] == "groups":
             del out["gqa"]
+        if out["calibration"] is None:
+            del out["calibration"]
         return out
 
     @classmethod
