@@ -420,6 +420,11 @@ class ProbeStrategy:
         nq, nkv = G * Q * hd, G * hd
         res = st.res_attn if st.res_attn is not None and st.res_attn.shape[:2] == hidden.shape[:2] else hidden
         st.res_attn = None  # hold no activations between forwards
+        if not self.settings.use_probe:
+            for name in ([a.qkv] if a.qkv else [a.q, a.k, a.v]) + [a.o]:
+                st.active.pop(name, None)
+            self._keep_heads(i, lc, st, r, self._history_x2(i, "o", hidden.shape[1]))
+            return
         valid = self._valid_for(hidden.shape)
         seqs, pos = select_probe(res, self.settings, valid)
         seqs, pos = seqs.to(hidden.device), pos.to(hidden.device)
@@ -448,6 +453,16 @@ class ProbeStrategy:
             attn.__dict__.update(pruned)
         x2 = self._x2(i, "o", st.captured, pos, pvalid)
         st.captured = None
+        self._keep_heads(i, lc, st, r, x2, seqs, pos)
+
+    def _history_x2(self, i: int, key: str, S: int) -> torch.Tensor:
+        """``X2`` from the history alone (``use_probe=False``): its rows for the batch's positions."""
+        return self._history[i][key][:S].float().sum(0)
+
+    def _keep_heads(self, i, lc, st, r, x2, seqs=None, pos=None) -> None:
+        a, s = self.live.adapter, self.spec
+        G, Q, hd = s.num_kv_heads, s.q_per_kv, s.head_dim
+        nq, nkv = G * Q * hd, G * hd
         wo = r.weight[a.o]
         scores = pp_scores(x2, self._w4_of(i, "o", wo), hd)
         ar = torch.arange(hd, device=scores.device)
@@ -489,8 +504,8 @@ class ProbeStrategy:
                 st.active[a.o] = (wo.detach().index_select(1, q_rows),
                                   None if r.bias[a.o] is None else r.bias[a.o].detach())
         st.cols["o"] = q_rows
-        st.selection.update(kv=kv, q=q, heads=flat, attn_probe=torch.stack([seqs.new_tensor(len(seqs)),
-                                                                             pos.new_tensor(len(pos))]))
+        probe = (0, 0) if seqs is None else (len(seqs), len(pos))
+        st.selection.update(kv=kv, q=q, heads=flat, attn_probe=torch.tensor(probe))
 
     def _reference_heads(self, attn: nn.Module, n: int, orig: Any, args: Any, kwargs: dict[str, Any]):
         """Run the block's attention with ``n`` query heads, each with its own (repeated) K/V head."""
@@ -512,21 +527,25 @@ class ProbeStrategy:
         a, I = self.live.adapter, self.spec.intermediate_size
         res = st.res_mlp if st.res_mlp is not None and st.res_mlp.shape[:2] == x.shape[:2] else x
         st.res_mlp = None
-        valid = self._valid_for(x.shape)
-        seqs, pos = select_probe(res, self.settings, valid)
-        seqs, pos = seqs.to(x.device), pos.to(x.device)
-        pvalid = None if valid is None else valid.to(x.device).index_select(0, seqs).index_select(1, pos)
-        probe = x.index_select(0, seqs).index_select(1, pos)
-        mlp = r.mlp
-        act = getattr(mlp, "act_fn", None) or getattr(mlp, "activation_fn")
-        with torch.no_grad():
-            if a.gate_up:
-                gate, up = F.linear(probe, r.weight[a.gate_up], r.bias[a.gate_up]).chunk(2, dim=-1)
-            else:
-                gate = F.linear(probe, r.weight[a.gate], r.bias[a.gate])
-                up = F.linear(probe, r.weight[a.up], r.bias[a.up])
-            h = act(gate) * up
-        x2 = self._x2(i, "down", h, pos, pvalid)
+        if self.settings.use_probe:
+            valid = self._valid_for(x.shape)
+            seqs, pos = select_probe(res, self.settings, valid)
+            seqs, pos = seqs.to(x.device), pos.to(x.device)
+            pvalid = None if valid is None else valid.to(x.device).index_select(0, seqs).index_select(1, pos)
+            probe = x.index_select(0, seqs).index_select(1, pos)
+            mlp = r.mlp
+            act = getattr(mlp, "act_fn", None) or getattr(mlp, "activation_fn")
+            with torch.no_grad():
+                if a.gate_up:
+                    gate, up = F.linear(probe, r.weight[a.gate_up], r.bias[a.gate_up]).chunk(2, dim=-1)
+                else:
+                    gate = F.linear(probe, r.weight[a.gate], r.bias[a.gate])
+                    up = F.linear(probe, r.weight[a.up], r.bias[a.up])
+                h = act(gate) * up
+            x2 = self._x2(i, "down", h, pos, pvalid)
+            n_probe = (len(seqs), len(pos))
+        else:
+            x2, n_probe = self._history_x2(i, "down", x.shape[1]), (0, 0)
         wd = r.weight[a.down]
         ch = _top(pp_scores(x2, self._w4_of(i, "down", wd)), lc.mlp_channels).to(wd.device)
         with torch.no_grad():
@@ -538,7 +557,7 @@ class ProbeStrategy:
             st.active[a.down] = (wd.detach().index_select(1, ch),
                                  None if r.bias[a.down] is None else r.bias[a.down].detach())
         st.cols["down"] = ch
-        st.selection.update(mlp=ch, mlp_probe=torch.stack([seqs.new_tensor(len(seqs)), pos.new_tensor(len(pos))]))
+        st.selection.update(mlp=ch, mlp_probe=torch.tensor(n_probe))
 
     def _update_history(self, i: int, key: str, x: torch.Tensor, cols: torch.Tensor) -> None:
         m = self.settings.momentum

@@ -87,6 +87,8 @@ class ProbeSettings:
             ``q_per_kv`` query heads inside each, so K/V and the KV cache shrink. ``"reference"``: as
             the reference code, K/V stay whole and the ``num_kv_heads * q_per_kv`` best query heads
             are kept anywhere (a candidate's attention width is then its number of query heads).
+        use_probe: ``False`` scores units from the history alone (no probe is run: the "calibration
+            only" ablation of the paper); needs ``history``.
         calibration: :class:`ProbeCalibration` (or its dict): the history's own calibration set;
             ``None`` (default): the study's importance calibration tokens.
 
@@ -101,6 +103,7 @@ class ProbeSettings:
     momentum: float = 0.99
     history: bool = True
     gqa: str = "groups"
+    use_probe: bool = True
     calibration: ProbeCalibration | None = None
 
     def __post_init__(self) -> None:
@@ -117,6 +120,10 @@ class ProbeSettings:
         object.__setattr__(self, "momentum", float(m))
         if not isinstance(self.history, bool):
             raise ValueError(f"ProbeSettings.history must be true or false, got {self.history!r}.")
+        if not isinstance(self.use_probe, bool) or (not self.use_probe and not self.history):
+            raise ValueError(f"ProbeSettings.use_probe must be true or false, and false needs history: true (the units "
+                             f"are then scored from the history alone); got use_probe={self.use_probe!r}, "
+                             f"history={self.history!r}.")
         if self.gqa not in GQA_MODES:
             raise ValueError(f"ProbeSettings.gqa must be one of {GQA_MODES} (groups: shrink K/V; reference: K/V whole, "
                              f"query heads anywhere), got {self.gqa!r}.")
@@ -127,6 +134,8 @@ class ProbeSettings:
         out = dataclasses.asdict(self)
         if out["gqa"] == "groups":
             del out["gqa"]
+        if out["use_probe"]:
+            del out["use_probe"]
         if out["calibration"] is None:
             del out["calibration"]
         return out

@@ -126,3 +126,24 @@ def test_gqa_setting_is_checked():
     with pytest.raises(ValueError, match="gqa must be one of"):
         ProbeSettings(gqa="heads")
     assert ProbeSettings.from_dict({"gqa": "reference"}).gqa == "reference"
+
+
+def test_history_only_scoring_runs_no_probe_and_ranks_by_the_history():
+    settings = ProbeSettings(batch_ratio=0.5, use_probe=False)
+    pruner = Pruner(tiny_model("llama"), _ids(4, 16, 0))
+    pruner.set_mode("probe", settings)
+    s = pruner.spec
+    cand = Candidate(layers=(LayerConfig(num_kv_heads=s.num_kv_heads, q_per_kv=s.q_per_kv,
+                                         mlp_channels=s.intermediate_size // 2),) * s.num_layers)
+    hist = {i: d["down"] for i, d in pruner.probe.calib_history.items()}
+    with pruner.applied(cand), torch.no_grad():
+        pruner.model(_ids(2, 12, 5), use_cache=False)
+        sel = pruner.probe.selections()
+    adapter = get_adapter("llama")
+    for i, layer in enumerate(pruner.model.get_submodule(adapter.layers)):
+        w = getattr(getattr(layer, adapter.mlp), adapter.down).weight.float()
+        x2 = hist[i][:12].sum(0)
+        want = torch.topk(torch.linalg.vector_norm(x2[None] * w.pow(2), dim=0), s.intermediate_size // 2).indices.sort().values
+        assert torch.equal(sel[i]["mlp"], want) and sel[i]["mlp_probe"].tolist() == [0, 0]
+    with pytest.raises(ValueError, match="needs history"):
+        ProbeSettings(use_probe=False, history=False)
