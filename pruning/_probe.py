@@ -34,17 +34,26 @@ Per pruned sublayer of block ``i``, on every prefill batch (``[B, S]`` tokens):
    ``X2[c] = sum_s ((1 - r) g + r p)``. ``history=False`` uses ``X2 = sum_s p``.
    *Departures*: the history is reset to the calibration state whenever a candidate is applied (so
    a candidate scores the same on the same batches in any process: evoprune's "a candidate is a
-   pure value" invariant); the first batch of a session updates the history too (the reference
-   skips batch 0); positions beyond the history's length have ``g = 0`` (as the reference's
-   zero-initialized buffer); padding is not masked out of the probe (evoprune evaluates unpadded
-   windows).
+   pure value" invariant; the bench measures it against re-applying per batch); the first batch of
+   a session updates the history too (the reference skips batch 0); positions beyond the history's
+   length have ``g = 0`` (as the reference's zero-initialized buffer). ``use_probe=False`` scores
+   from the history alone (``X2 = sum_s g``; the calibration-only ablation).
+   **Padding** (as the reference's ``pad_tokens``): with an attention mask, padded tokens count
+   zero in the probe ranking, positions / sequences that are all padding are never probed, the
+   probe sizes are shares of the real positions and sequences, ``p`` and the history update average
+   over the real tokens of each position (the reference's ``nonpad_tokens_denominator``), and a
+   position where every sequence is padding keeps its history (the reference decays it) -- so a
+   right-padded batch gives the same units, logits and history as the same sequences unpadded.
 4. **PP importance score** (``ppwandasp``): ``score[c] = || X2[c] * W[:, c]^2 ||_2`` over the
    output rows of ``down_proj`` / ``o_proj`` (``W`` their weight); an attention head's score is the
    same L2 norm over its ``head_dim`` columns and all rows. MLP: the ``mlp_channels`` best
-   channels. **GQA** (*departure*: the reference leaves K/V unpruned under GQA and keeps query heads
-   anywhere): a KV group scores the sum of its query heads; the ``num_kv_heads`` best groups are
-   kept, and in each the ``q_per_kv`` best query heads -- the same unit structure as the static
-   mode, so K/V rows (and the KV cache) shrink too.
+   channels. **GQA**, ``gqa="groups"`` (default; a *departure*): a KV group scores the sum of its
+   query heads; the ``num_kv_heads`` best groups are kept, and in each the ``q_per_kv`` best query
+   heads -- the static mode's unit structure, so K/V rows (and the KV cache) shrink too.
+   ``gqa="reference"`` (the reference code): K/V stay whole and the ``num_kv_heads * q_per_kv``
+   best query heads are kept anywhere; K/V are computed whole and each kept query head reads its
+   own group's K/V (an index of the projection's output, so the cached K/V hold one copy per kept
+   head: more cache memory than the reference's ``repeat_kv``, the same attention).
 5. **Full inference on the kept units**: the kept rows of q/k/v (gate/up) and columns of
    o_proj (down_proj) are gathered (``index_select``, a copy per batch, as the reference's
    ``extract_*_dim_weight``) and the block's own forward runs on them: real, smaller matmuls; the
