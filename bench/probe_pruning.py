@@ -316,7 +316,8 @@ def main(argv: list[str] | None = None) -> int:
         tag = f"{round(r * 100)}%"
         for name in ("FLAP+comp", "static searched", "PP searched"):
             c = rows[f"{tag} {name}"]["plan"][1]
-            print(f"  {tag} {name}: query heads {[lc.num_q_heads for lc in c.layers]}, "
+            print(f"  {tag} {name}: KV groups {[lc.num_kv_heads for lc in c.layers]}, "
+                  f"query heads {[lc.num_q_heads for lc in c.layers]}, "
                   f"MLP {[lc.mlp_channels for lc in c.layers]}")
     R = lambda k: rows[f"{tag_top} {k}"]  # noqa: E731
     best = lambda names: min(R(k)["dpr"] for k in names)  # noqa: E731
