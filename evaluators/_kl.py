@@ -55,7 +55,8 @@ from .._logging import get_logger
 from .._paths import cache_write_failed
 from ._base import EvalContext, EvalResult
 from ._tokens import TokenSet
-from ._windows import common_prefix, remember_windows, tail_batches, window_cache, window_cache_key, window_hashes
+from ._windows import (common_prefix, remember_windows, reusable_windows, tail_batches, window_cache, window_cache_key,
+                       window_hashes)
 
 __all__ = ["AUTO_FULL_MAX_VOCAB", "AUTO_TOP_K", "DEFAULT_CACHE_BYTES", "DenseReference", "KLToDense", "Perplexity", "dense_reference", "perplexity", "reference_nbytes", "sequence_nll"]
 
@@ -483,10 +484,11 @@ class KLToDense:
         start = time.perf_counter()
         device = context.device_for(model)
         bs = _logit_batch(self.batch_size or context.batch_size, tokens.seq_len, model)
-        wkey = window_cache_key(context, candidate, tokens, top_k)
+        wkey = window_cache_key(context, candidate, tokens, top_k, bs)
         cached = window_cache(context).get(wkey) if wkey is not None else None
         hashes = window_hashes(context, tokens) if wkey is not None else ()
-        done = 0 if cached is None else common_prefix(cached[0], hashes)
+        done = 0 if cached is None else reusable_windows(context, common_prefix(cached[0], hashes), bs,
+                                                         tokens.num_sequences)
         per_seq: list[torch.Tensor] = [] if not done else [cached[1][:done]]
         # On CPU a fresh [batch, seq_len, vocab] buffer costs page faults on every call; keep one.
         buf = context.shared.get("kl_buffer") if device.type == "cpu" else None
@@ -533,7 +535,8 @@ class KLToDense:
         """Per-window mean KL (fp64, ``[num_sequences]``) of ``candidate`` on the stage's token set, from
         the window cache of an earlier :meth:`evaluate` in this process; ``None`` if not all are known."""
         tokens = self._tokens(context)
-        wkey = window_cache_key(context, candidate, tokens, self.resolved_top_k(model, tokens))
+        bs = _logit_batch(self.batch_size or context.batch_size, tokens.seq_len, model)
+        wkey = window_cache_key(context, candidate, tokens, self.resolved_top_k(model, tokens), bs, fresh=True)
         cached = window_cache(context).get(wkey) if wkey is not None else None
         if cached is None or common_prefix(cached[0], window_hashes(context, tokens)) < tokens.num_sequences:
             return None

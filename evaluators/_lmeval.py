@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import math
+import threading
 import time
 from collections.abc import Iterator, Sequence
 from pathlib import Path
@@ -36,7 +37,46 @@ def _hflm_class():
                 "model_sha": "",
             }
 
+        def _model_call(self, inps: torch.Tensor, attn_mask: torch.Tensor | None = None,
+                        labels: torch.Tensor | None = None) -> torch.Tensor:
+            # lm-eval right-pads loglikelihood batches and calls the model without a mask; pass the
+            # real lengths (recorded by _padding_lengths) as an attention mask so a per-batch mode
+            # (probe) leaves the padding out of its ranking and history.
+            lengths, _PADDING.lengths = _PADDING.lengths, None
+            if (attn_mask is None and labels is None and lengths is not None and len(lengths) == inps.shape[0]
+                    and max(lengths) <= inps.shape[1] and min(lengths) < inps.shape[1]):
+                mask = (torch.arange(inps.shape[1]) < torch.tensor(lengths).unsqueeze(1)).to(inps.device, torch.long)
+                with torch.no_grad():
+                    return self.model(inps, attention_mask=mask).logits
+            return super()._model_call(inps, attn_mask, labels)
+
     return _InMemoryHFLM
+
+
+class _Padding(threading.local):
+    lengths: list[int] | None = None
+
+
+_PADDING = _Padding()
+
+
+@contextlib.contextmanager
+def _padding_lengths() -> Iterator[None]:
+    """Record the unpadded lengths of every batch lm-eval right-pads (``pad_and_concat``)."""
+    import lm_eval.models.huggingface as hf
+
+    orig = hf.pad_and_concat
+
+    def wrapped(max_length: int, tensors: list, padding_side: str = "right"):
+        _PADDING.lengths = [int(t.shape[0]) for t in tensors] if padding_side == "right" else None
+        return orig(max_length, tensors, padding_side=padding_side)
+
+    hf.pad_and_concat = wrapped
+    try:
+        yield
+    finally:
+        hf.pad_and_concat = orig
+        _PADDING.lengths = None
 
 
 @contextlib.contextmanager
@@ -157,7 +197,7 @@ class LMEval:
         was_training = model.training
         lm = _hflm_class()(pretrained=model, tokenizer=context.tokenizer, **hflm_kwargs)
         try:
-            with torch.inference_mode(), _no_git_probe():
+            with torch.inference_mode(), _no_git_probe(), _padding_lengths():
                 out = lm_eval.simple_evaluate(
                     model=lm,
                     tasks=self.tasks,

@@ -17,22 +17,46 @@ import torch
 from ._base import EvalContext
 from ._tokens import TokenSet
 
-__all__ = ["WINDOW_CACHE_ENTRIES", "common_prefix", "remember_windows", "tail_batches", "window_cache",
-           "window_cache_key", "window_hashes"]
+__all__ = ["WINDOW_CACHE_ENTRIES", "common_prefix", "remember_windows", "reusable_windows", "tail_batches",
+           "window_cache", "window_cache_key", "window_hashes"]
 
 #: Candidates whose per-window KL sums one context keeps (least recently used dropped first).
 WINDOW_CACHE_ENTRIES = 100_000
 
 
-def window_cache_key(context: EvalContext, candidate: Any, tokens: TokenSet, top_k: int | None) -> tuple | None:
+def window_cache_key(context: EvalContext, candidate: Any, tokens: TokenSet, top_k: int | None,
+                     batch: int | None = None, fresh: bool = False) -> tuple | None:
     """The window-cache key of ``candidate`` on ``tokens``' stream (``None``: not cacheable -- no
     candidate key, or the model is being fine-tuned so it is not "dense + candidate"). An entry
     holds the digests of the windows it covers: only the windows a token set shares with it, from
-    the first on, are reused, whatever the stream name says."""
+    the first on, are reused, whatever the stream name says (see :func:`reusable_windows`).
+
+    In a per-batch mode (the pruner's ``probe`` strategy) a window's value also depends on its
+    batch-mates and on the session's history: the key then holds the strategy's
+    ``cache_key()`` (settings, calibration, history updates so far -- none with ``fresh``, the state
+    right after an apply, for reading back values) and the batch size ``batch``."""
     key = getattr(candidate, "key", None)
     if not isinstance(key, str) or context.shared.get("model_modified", 0):
         return None
-    return (key, tokens.data_fingerprint, tokens.stage, tokens.seed, tokens.seq_len, top_k)
+    base = (key, tokens.data_fingerprint, tokens.stage, tokens.seed, tokens.seq_len, top_k)
+    probe = getattr(context.pruner, "probe", None)
+    if probe is None:
+        return base
+    return base + (probe.cache_key(fresh), batch)
+
+
+def reusable_windows(context: EvalContext, shared: int, batch: int, total: int) -> int:
+    """How many of the ``shared`` leading windows of a cache entry may be reused when the rest of
+    ``total`` windows are computed in batches of ``batch``: all of them in static mode; in probe
+    mode whole batches only (a window's units depend on its batch-mates), and, when the history
+    moves with every batch, the entry only as a whole (the batches after a reused prefix would see
+    a history that never saw it)."""
+    probe = getattr(context.pruner, "probe", None)
+    if probe is None:
+        return shared
+    if probe.history_moves:
+        return shared if shared >= total else 0
+    return shared if shared >= total else shared - shared % max(batch, 1)
 
 
 def window_cache(context: EvalContext) -> dict:

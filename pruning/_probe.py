@@ -34,17 +34,26 @@ Per pruned sublayer of block ``i``, on every prefill batch (``[B, S]`` tokens):
    ``X2[c] = sum_s ((1 - r) g + r p)``. ``history=False`` uses ``X2 = sum_s p``.
    *Departures*: the history is reset to the calibration state whenever a candidate is applied (so
    a candidate scores the same on the same batches in any process: evoprune's "a candidate is a
-   pure value" invariant); the first batch of a session updates the history too (the reference
-   skips batch 0); positions beyond the history's length have ``g = 0`` (as the reference's
-   zero-initialized buffer); padding is not masked out of the probe (evoprune evaluates unpadded
-   windows).
+   pure value" invariant; the bench measures it against re-applying per batch); the first batch of
+   a session updates the history too (the reference skips batch 0); positions beyond the history's
+   length have ``g = 0`` (as the reference's zero-initialized buffer). ``use_probe=False`` scores
+   from the history alone (``X2 = sum_s g``; the calibration-only ablation).
+   **Padding** (as the reference's ``pad_tokens``): with an attention mask, padded tokens count
+   zero in the probe ranking, positions / sequences that are all padding are never probed, the
+   probe sizes are shares of the real positions and sequences, ``p`` and the history update average
+   over the real tokens of each position (the reference's ``nonpad_tokens_denominator``), and a
+   position where every sequence is padding keeps its history (the reference decays it) -- so a
+   right-padded batch gives the same units, logits and history as the same sequences unpadded.
 4. **PP importance score** (``ppwandasp``): ``score[c] = || X2[c] * W[:, c]^2 ||_2`` over the
    output rows of ``down_proj`` / ``o_proj`` (``W`` their weight); an attention head's score is the
    same L2 norm over its ``head_dim`` columns and all rows. MLP: the ``mlp_channels`` best
-   channels. **GQA** (*departure*: the reference leaves K/V unpruned under GQA and keeps query heads
-   anywhere): a KV group scores the sum of its query heads; the ``num_kv_heads`` best groups are
-   kept, and in each the ``q_per_kv`` best query heads -- the same unit structure as the static
-   mode, so K/V rows (and the KV cache) shrink too.
+   channels. **GQA**, ``gqa="groups"`` (default; a *departure*): a KV group scores the sum of its
+   query heads; the ``num_kv_heads`` best groups are kept, and in each the ``q_per_kv`` best query
+   heads -- the static mode's unit structure, so K/V rows (and the KV cache) shrink too.
+   ``gqa="reference"`` (the reference code): K/V stay whole and the ``num_kv_heads * q_per_kv``
+   best query heads are kept anywhere; K/V are computed whole and each kept query head reads its
+   own group's K/V (an index of the projection's output, so the cached K/V hold one copy per kept
+   head: more cache memory than the reference's ``repeat_kv``, the same attention).
 5. **Full inference on the kept units**: the kept rows of q/k/v (gate/up) and columns of
    o_proj (down_proj) are gathered (``index_select``, a copy per batch, as the reference's
    ``extract_*_dim_weight``) and the block's own forward runs on them: real, smaller matmuls; the
@@ -68,6 +77,7 @@ settings and the calibration history (``mode: probe`` in the config's ``evoprune
 from __future__ import annotations
 
 import contextlib
+import copy
 import math
 import os
 from collections.abc import Iterator
@@ -79,6 +89,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .. import __version__ as _evoprune_version
+from .._fingerprint import ids_fingerprint
 from .._logging import get_logger
 from .._paths import atomic_folder, new_folder
 from ..space import Candidate, LayerConfig, ModelSpec, ProbeSettings
@@ -86,7 +97,7 @@ from ._calib import calibration_pass
 from ._serve import EXPORT_FORMAT_VERSION
 from ._strategy import LiveModel, UndoLog
 
-__all__ = ["ProbeStrategy", "select_probe", "pp_scores", "HISTORY_FILE"]
+__all__ = ["ProbeStrategy", "select_probe", "masked_square_mean", "pp_scores", "HISTORY_FILE"]
 
 _log = get_logger("pruning")
 HISTORY_FILE = "probe_history.safetensors"
@@ -94,18 +105,49 @@ _EPS = 1e-6
 
 
 # -- the PP formulas (one copy; the mode and the tests' callers use these) ---------------------------
-def select_probe(residual: torch.Tensor, settings: ProbeSettings) -> tuple[torch.Tensor, torch.Tensor]:
-    """``(batch indices, position indices)`` of the probe, both sorted ascending (step 1)."""
+def select_probe(residual: torch.Tensor, settings: ProbeSettings,
+                 valid: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(batch indices, position indices)`` of the probe, both sorted ascending (step 1).
+
+    ``valid`` (``[B, S]`` bool, the attention mask; ``None``: no padding): padded tokens count zero
+    in the ranking, positions where every sequence is padded and sequences that are all padding are
+    never chosen, and the probe's sizes are shares of the positions and sequences that hold a real
+    token -- so a padded batch picks the same probe as the same sequences unpadded."""
     B, S = residual.shape[0], residual.shape[1]
     norms = torch.linalg.vector_norm(residual.float(), ord=2, dim=-1)  # [B, S]
-    n_seq = min(S, max(math.ceil(S * settings.seq_ratio), 2))
-    pos = _top(torch.linalg.vector_norm(norms, ord=2, dim=0), n_seq)
-    if n_seq <= 10 and n_seq < S:
+    if valid is not None:
+        norms = norms * valid.to(norms.device, norms.dtype)
+        cols, rows = valid.any(0).to(norms.device), valid.any(1).to(norms.device)
+        S_eff, B_eff = max(int(cols.sum()), 1), max(int(rows.sum()), 1)
+    else:
+        cols = rows = None
+        S_eff, B_eff = S, B
+    n_seq = min(S_eff, max(math.ceil(S_eff * settings.seq_ratio), 2))
+    pos_score = torch.linalg.vector_norm(norms, ord=2, dim=0)
+    if cols is not None:
+        pos_score = pos_score.masked_fill(~cols, -1.0)
+    pos = _top(pos_score, n_seq)
+    if n_seq <= 10 and n_seq < S_eff and (cols is None or bool(cols[0])):
         pos[0] = 0  # the reference keeps the first token in the extreme case
         pos = torch.sort(pos).values
-    n_b = min(B, max(math.ceil(B * settings.batch_ratio), 1))
-    seqs = _top(torch.linalg.vector_norm(norms[:, pos], ord=2, dim=1), n_b)
+    n_b = min(B_eff, max(math.ceil(B_eff * settings.batch_ratio), 1))
+    seq_score = torch.linalg.vector_norm(norms[:, pos], ord=2, dim=1)
+    if rows is not None:
+        seq_score = seq_score.masked_fill(~rows, -1.0)
+    seqs = _top(seq_score, n_b)
     return seqs, pos
+
+
+def masked_square_mean(x: torch.Tensor, valid: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Per position and channel, the mean of ``x^2`` over the sequences whose token is real
+    (``x [b, s, C]``, ``valid [b, s]`` or ``None``), as the reference's ``probe_num`` /
+    ``nonpad_tokens_denominator``; and which positions hold any real token (``None``: all)."""
+    sq = x.detach().float().pow(2)
+    if valid is None:
+        return sq.sum(0) / x.shape[0], None
+    v = valid.to(sq.device, sq.dtype)
+    n = v.sum(0)
+    return (sq * v.unsqueeze(-1)).sum(0) / n.clamp(min=1).unsqueeze(-1), n > 0
 
 
 def _top(score: torch.Tensor, k: int) -> torch.Tensor:
@@ -140,6 +182,7 @@ class _Layer:
         self.captured: torch.Tensor | None = None
         self.active: dict[str, tuple[torch.Tensor, torch.Tensor | None]] = {}
         self.cols: dict[str, torch.Tensor] = {}  # "o"/"down" -> kept input columns (history updates)
+        self.spread: dict[str, torch.Tensor] = {}  # gqa reference: output columns repeated per kept query head
         self.selection: dict[str, torch.Tensor] = {}
 
 
@@ -158,24 +201,35 @@ class ProbeStrategy:
     mode: ClassVar[str] = "probe"
 
     def __init__(self, live: LiveModel, settings: ProbeSettings,
-                 history: dict[int, dict[str, torch.Tensor]] | None = None) -> None:
+                 history: dict[int, dict[str, torch.Tensor]] | None = None,
+                 calib_ids: torch.Tensor | None = None) -> None:
         if not isinstance(settings, ProbeSettings):
             raise TypeError(f"ProbeStrategy needs ProbeSettings, got {type(settings).__name__}.")
+        if calib_ids is not None and (not isinstance(calib_ids, torch.Tensor) or calib_ids.dim() != 2):
+            raise ValueError("ProbeStrategy: calib_ids must be a [sequences, seq_len] token tensor (the probe's own "
+                             "calibration set, probe: {calibration: {...}}).")
         self.live = live
         self.settings = settings
         self.spec: ModelSpec = live.spec
-        self.calib_history = history if history is not None else self._calibrate()
+        ids = calib_ids if calib_ids is not None else live.calib_ids
+        self.calib_history = history if history is not None else self._calibrate(ids)
+        if history is not None:
+            self.calib_key = "given:" + str(sum(float(v.double().sum()) for d in history.values() for v in d.values()))
+        else:
+            self.calib_key = str(live.data_fingerprint) if calib_ids is None else ids_fingerprint(calib_ids)
+        self.calib_tokens = 0 if ids is None or history is not None else int(ids.numel())
         self._w4: dict[tuple[int, str], torch.Tensor] = {}
         self._layers: dict[int, _Layer] = {}
         self._history: dict[int, dict[str, torch.Tensor]] = {}
         self._undo = UndoLog()
         self._held = False
         self._decode = False
+        self._batches = 0  # history updates since apply (a value computed later depends on them)
+        self._valid: torch.Tensor | None = None  # [B, S] real tokens of the current prefill (None: no padding)
 
     # -- calibration history ---------------------------------------------------------------------
-    def _calibrate(self) -> dict[int, dict[str, torch.Tensor]]:
+    def _calibrate(self, ids: torch.Tensor | None) -> dict[int, dict[str, torch.Tensor]]:
         live, s = self.live, self.spec
-        ids = live.calib_ids
         if ids is None:
             _log.info("probe mode without calibration tokens: empty history (the probe alone scores)")
             dev = live.device
@@ -208,6 +262,7 @@ class ProbeStrategy:
         for i, sublayer, lc in self.live.pruned_sublayers(candidate):
             self._install(i, sublayer, lc)
         self._history = {i: {k: v.clone() for k, v in self.calib_history[i].items()} for i in self._layers}
+        self._batches = 0
         h = self.live.backbone.register_forward_pre_hook(self._on_forward, with_kwargs=True)
         self._undo.push(h.remove)
 
@@ -272,6 +327,14 @@ class ProbeStrategy:
         cache = kwargs.get("cache", kwargs.get("past_key_values"))
         filled = cache is not None and hasattr(cache, "get_seq_length") and int(cache.get_seq_length()) > 0
         self._decode = self._held or filled
+        if not self._decode:
+            mask = kwargs.get("attention_mask")
+            valid = mask.bool() if isinstance(mask, torch.Tensor) and mask.dim() == 2 else None
+            self._valid = None if valid is None or bool(valid.all()) else valid
+
+    def _valid_for(self, shape: torch.Size) -> torch.Tensor | None:
+        v = self._valid
+        return v if v is not None and tuple(v.shape) == tuple(shape[:2]) else None
 
     def _install(self, i: int, sublayer: str, lc: LayerConfig) -> None:
         a = self.live.adapter
@@ -290,6 +353,8 @@ class ProbeStrategy:
                 elif not st.selection:
                     raise RuntimeError("probe mode: a decode step (cache already filled) before any prefill of this "
                                        "applied candidate; run the prompt through the model first.")
+                if self.settings.gqa == "reference":
+                    return self._reference_heads(r.attn, int(st.selection["heads"].numel()), orig, args, kwargs)
                 return orig(*args, **kwargs)
 
             self._undo.set(r.attn, "forward", attn_forward)
@@ -331,7 +396,9 @@ class ProbeStrategy:
                 return F.linear(x, module.weight, module.bias)
             if hist is not None and not self._decode:
                 self._update_history(i, hist, x, st.cols[hist])
-            return F.linear(x, wb[0], wb[1])
+            out = F.linear(x, wb[0], wb[1])
+            spread = st.spread.get(name)  # gqa reference: each kept query head's K/V group, whole K/V computed
+            return out if spread is None else out.index_select(-1, spread)
 
         self._undo.set(module, "forward", forward)
 
@@ -343,9 +410,10 @@ class ProbeStrategy:
             self._w4[(i, key)] = out
         return out
 
-    def _x2(self, i: int, key: str, x: torch.Tensor, pos: torch.Tensor) -> torch.Tensor:
-        """Step 3 for the captured probe input ``x [b, s, C]`` at positions ``pos``."""
-        p = x.detach().float().pow(2).sum(0) / x.shape[0]
+    def _x2(self, i: int, key: str, x: torch.Tensor, pos: torch.Tensor, valid: torch.Tensor | None) -> torch.Tensor:
+        """Step 3 for the captured probe input ``x [b, s, C]`` at positions ``pos`` (``valid``: the
+        probe's real tokens, ``[b, s]``; padded entries count neither in the sum nor in the mean)."""
+        p, _ = masked_square_mean(x, valid)
         if not self.settings.history:
             return integrate(p, None)
         hist = self._history[i][key]
@@ -361,8 +429,15 @@ class ProbeStrategy:
         nq, nkv = G * Q * hd, G * hd
         res = st.res_attn if st.res_attn is not None and st.res_attn.shape[:2] == hidden.shape[:2] else hidden
         st.res_attn = None  # hold no activations between forwards
-        seqs, pos = select_probe(res, self.settings)
+        if not self.settings.use_probe:
+            for name in ([a.qkv] if a.qkv else [a.q, a.k, a.v]) + [a.o]:
+                st.active.pop(name, None)
+            self._keep_heads(i, lc, st, r, self._history_x2(i, "o", hidden.shape[1]))
+            return
+        valid = self._valid_for(hidden.shape)
+        seqs, pos = select_probe(res, self.settings, valid)
         seqs, pos = seqs.to(hidden.device), pos.to(hidden.device)
+        pvalid = None if valid is None else valid.to(hidden.device).index_select(0, seqs).index_select(1, pos)
         probe = hidden.index_select(0, seqs).index_select(1, pos)
         cos, sin = kwargs["position_embeddings"]
         cos, sin = (_rows(t, seqs).index_select(1, pos) for t in (cos, sin))
@@ -385,45 +460,101 @@ class ProbeStrategy:
         finally:
             st.capture = False
             attn.__dict__.update(pruned)
-        x2 = self._x2(i, "o", st.captured, pos)
+        x2 = self._x2(i, "o", st.captured, pos, pvalid)
         st.captured = None
+        self._keep_heads(i, lc, st, r, x2, seqs, pos)
+
+    def _history_x2(self, i: int, key: str, S: int) -> torch.Tensor:
+        """``X2`` from the history alone (``use_probe=False``): its rows for the batch's positions."""
+        return self._history[i][key][:S].float().sum(0)
+
+    def _keep_heads(self, i, lc, st, r, x2, seqs=None, pos=None) -> None:
+        a, s = self.live.adapter, self.spec
+        G, Q, hd = s.num_kv_heads, s.q_per_kv, s.head_dim
+        nq, nkv = G * Q * hd, G * hd
         wo = r.weight[a.o]
-        heads = pp_scores(x2, self._w4_of(i, "o", wo), hd).view(G, Q)
-        kv = _top(heads.sum(1), lc.num_kv_heads)
-        q = torch.stack([_top(heads[g], lc.q_per_kv) for g in kv.tolist()])
-        ar = torch.arange(hd, device=kv.device)
-        flat = (kv.view(-1, 1) * Q + q).reshape(-1)
-        q_rows = (flat.view(-1, 1) * hd + ar).reshape(-1).to(wo.device)
-        kv_rows = (kv.view(-1, 1) * hd + ar).reshape(-1).to(wo.device)
-        with torch.no_grad():
-            if a.qkv:
-                st.active[a.qkv] = _gather(r, a.qkv, torch.cat([q_rows, nq + kv_rows, nq + nkv + kv_rows]))
-            else:
-                st.active[a.q] = _gather(r, a.q, q_rows)
-                st.active[a.k] = _gather(r, a.k, kv_rows)
-                st.active[a.v] = _gather(r, a.v, kv_rows)
-            st.active[a.o] = (wo.detach().index_select(1, q_rows), None if r.bias[a.o] is None else r.bias[a.o].detach())
+        scores = pp_scores(x2, self._w4_of(i, "o", wo), hd)
+        ar = torch.arange(hd, device=scores.device)
+        st.spread.clear()
+        if self.settings.gqa == "reference":  # K/V whole, the best query heads anywhere (the reference code)
+            flat = _top(scores, lc.num_q_heads)
+            kv = torch.unique(flat // Q)
+            q = flat.view(1, -1)
+            q_rows = (flat.view(-1, 1) * hd + ar).reshape(-1).to(wo.device)
+            all_kv = torch.arange(nkv, device=wo.device)
+            dup = ((flat // Q).view(-1, 1) * hd + ar).reshape(-1).to(wo.device)  # each kept head's K/V columns
+            with torch.no_grad():
+                if a.qkv:
+                    st.active[a.qkv] = _gather(r, a.qkv, torch.cat([q_rows, nq + all_kv, nq + nkv + all_kv]))
+                    n = len(q_rows)
+                    st.spread[a.qkv] = torch.cat([torch.arange(n, device=wo.device), n + dup, n + nkv + dup])
+                else:
+                    st.active[a.q] = _gather(r, a.q, q_rows)
+                    for name in (a.k, a.v):
+                        st.active[name] = (r.weight[name].detach(),
+                                           None if r.bias[name] is None else r.bias[name].detach())
+                        st.spread[name] = dup
+                st.active[a.o] = (wo.detach().index_select(1, q_rows),
+                                  None if r.bias[a.o] is None else r.bias[a.o].detach())
+        else:
+            heads = scores.view(G, Q)
+            kv = _top(heads.sum(1), lc.num_kv_heads)
+            q = torch.stack([_top(heads[g], lc.q_per_kv) for g in kv.tolist()])
+            flat = (kv.view(-1, 1) * Q + q).reshape(-1)
+            q_rows = (flat.view(-1, 1) * hd + ar).reshape(-1).to(wo.device)
+            kv_rows = (kv.view(-1, 1) * hd + ar).reshape(-1).to(wo.device)
+            with torch.no_grad():
+                if a.qkv:
+                    st.active[a.qkv] = _gather(r, a.qkv, torch.cat([q_rows, nq + kv_rows, nq + nkv + kv_rows]))
+                else:
+                    st.active[a.q] = _gather(r, a.q, q_rows)
+                    st.active[a.k] = _gather(r, a.k, kv_rows)
+                    st.active[a.v] = _gather(r, a.v, kv_rows)
+                st.active[a.o] = (wo.detach().index_select(1, q_rows),
+                                  None if r.bias[a.o] is None else r.bias[a.o].detach())
         st.cols["o"] = q_rows
-        st.selection.update(kv=kv, q=q, heads=flat, attn_probe=torch.stack([seqs.new_tensor(len(seqs)),
-                                                                             pos.new_tensor(len(pos))]))
+        probe = (0, 0) if seqs is None else (len(seqs), len(pos))
+        st.selection.update(kv=kv, q=q, heads=flat, attn_probe=torch.tensor(probe))
+
+    def _reference_heads(self, attn: nn.Module, n: int, orig: Any, args: Any, kwargs: dict[str, Any]):
+        """Run the block's attention with ``n`` query heads, each with its own (repeated) K/V head."""
+        over = {"num_key_value_groups": 1, "num_key_value_heads": n, "num_heads": n}
+        if self.live.adapter.attn_reads_config_heads:
+            cfg = copy.copy(attn.config)
+            cfg.num_attention_heads = cfg.num_key_value_heads = n
+            over["config"] = cfg
+        saved = {k: attn.__dict__[k] for k in over if k in attn.__dict__}
+        attn.__dict__.update(over)
+        try:
+            return orig(*args, **kwargs)
+        finally:
+            for k in over:
+                attn.__dict__.pop(k, None)
+            attn.__dict__.update(saved)
 
     def _select_mlp(self, i, lc, st, r, x) -> None:
         a, I = self.live.adapter, self.spec.intermediate_size
         res = st.res_mlp if st.res_mlp is not None and st.res_mlp.shape[:2] == x.shape[:2] else x
         st.res_mlp = None
-        seqs, pos = select_probe(res, self.settings)
-        seqs, pos = seqs.to(x.device), pos.to(x.device)
-        probe = x.index_select(0, seqs).index_select(1, pos)
-        mlp = r.mlp
-        act = getattr(mlp, "act_fn", None) or getattr(mlp, "activation_fn")
-        with torch.no_grad():
-            if a.gate_up:
-                gate, up = F.linear(probe, r.weight[a.gate_up], r.bias[a.gate_up]).chunk(2, dim=-1)
-            else:
-                gate = F.linear(probe, r.weight[a.gate], r.bias[a.gate])
-                up = F.linear(probe, r.weight[a.up], r.bias[a.up])
-            h = act(gate) * up
-        x2 = self._x2(i, "down", h, pos)
+        if self.settings.use_probe:
+            valid = self._valid_for(x.shape)
+            seqs, pos = select_probe(res, self.settings, valid)
+            seqs, pos = seqs.to(x.device), pos.to(x.device)
+            pvalid = None if valid is None else valid.to(x.device).index_select(0, seqs).index_select(1, pos)
+            probe = x.index_select(0, seqs).index_select(1, pos)
+            mlp = r.mlp
+            act = getattr(mlp, "act_fn", None) or getattr(mlp, "activation_fn")
+            with torch.no_grad():
+                if a.gate_up:
+                    gate, up = F.linear(probe, r.weight[a.gate_up], r.bias[a.gate_up]).chunk(2, dim=-1)
+                else:
+                    gate = F.linear(probe, r.weight[a.gate], r.bias[a.gate])
+                    up = F.linear(probe, r.weight[a.up], r.bias[a.up])
+                h = act(gate) * up
+            x2 = self._x2(i, "down", h, pos, pvalid)
+            n_probe = (len(seqs), len(pos))
+        else:
+            x2, n_probe = self._history_x2(i, "down", x.shape[1]), (0, 0)
         wd = r.weight[a.down]
         ch = _top(pp_scores(x2, self._w4_of(i, "down", wd)), lc.mlp_channels).to(wd.device)
         with torch.no_grad():
@@ -435,23 +566,44 @@ class ProbeStrategy:
             st.active[a.down] = (wd.detach().index_select(1, ch),
                                  None if r.bias[a.down] is None else r.bias[a.down].detach())
         st.cols["down"] = ch
-        st.selection.update(mlp=ch, mlp_probe=torch.stack([seqs.new_tensor(len(seqs)), pos.new_tensor(len(pos))]))
+        st.selection.update(mlp=ch, mlp_probe=torch.tensor(n_probe))
 
     def _update_history(self, i: int, key: str, x: torch.Tensor, cols: torch.Tensor) -> None:
         m = self.settings.momentum
         if m >= 1.0 or not self.settings.history:
             return
         with torch.no_grad():
+            val, real = masked_square_mean(x, self._valid_for(x.shape))  # [S, kept]; positions with a real token
+            if real is not None:  # positions where every sequence is padding leave the history alone
+                S = int(real.nonzero().max()) + 1 if bool(real.any()) else 0
+                val, real = val[:S], real[:S]
+            else:
+                S = x.shape[1]
             h = self._history[i][key]
-            S = x.shape[1]
             if h.shape[0] < S:
                 h = torch.cat([h, h.new_zeros(S - h.shape[0], h.shape[1])])
                 self._history[i][key] = h
-            val = x.detach().float().pow(2).sum(0) / x.shape[0]  # [S, kept]
             ix = cols.to(h.device)
-            h[:S, ix] = m * h[:S, ix] + (1 - m) * val.to(h.device)
+            new = m * h[:S, ix] + (1 - m) * val.to(h.device)
+            if real is not None:
+                new = torch.where(real.to(h.device).unsqueeze(-1), new, h[:S, ix])
+            h[:S, ix] = new
+            self._batches += 1
 
     # -- public helpers ----------------------------------------------------------------------------
+    @property
+    def history_moves(self) -> bool:
+        """Whether prefill batches update the history (so a batch's units depend on the batches before it)."""
+        return self.settings.history and self.settings.momentum < 1.0
+
+    def cache_key(self, fresh: bool = False) -> tuple:
+        """What a value computed now depends on besides the candidate and the batch itself: the
+        settings, the calibration history's identity, and how many history updates this applied
+        session has made (``0`` when the history cannot move; ``fresh``: as right after an apply).
+        Evaluators key cached values by it."""
+        return (self.mode, repr(sorted(self.settings.to_dict().items())),
+                self.calib_key, self._batches if self.history_moves and not fresh else 0)
+
     @contextlib.contextmanager
     def hold(self) -> Iterator[None]:
         """Inside: every forward reuses the units chosen at the last prefill (no probe, no history
@@ -462,6 +614,11 @@ class ProbeStrategy:
             yield
         finally:
             self._held = before
+
+    def history(self) -> dict[int, dict[str, torch.Tensor]]:
+        """A copy of this session's history per pruned block (``"o"``/``"down"``: ``[positions, columns]``
+        mean squared inputs: the calibration state after an apply, then its EMA over prefill batches)."""
+        return {i: {k: v.clone() for k, v in d.items()} for i, d in self._history.items()}
 
     def selections(self) -> dict[int, dict[str, torch.Tensor]]:
         """The units chosen at the last prefill, per pruned block, in the pruner's (permuted) order:

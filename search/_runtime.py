@@ -291,6 +291,21 @@ def check_splits(config: StudyConfig, splits: Mapping[str, Any], vocab: int | No
             )
 
 
+def _probe_calibration(settings: Any, ids: Any, config: StudyConfig, fingerprint: str) -> dict[str, Any]:
+    """``set_mode`` options of the probe mode's own calibration set (``probe: {calibration: {...}}``), if any."""
+    pc = getattr(settings, "calibration", None)
+    if pc is None:
+        return {}
+    from ..evaluators import make_token_set  # deferred as in build_runtime (loads torch)
+
+    need = pc.num_sequences * pc.seq_len
+    if ids.numel() < need:
+        raise ValueError(f"space.probe.calibration needs {need} tokens ({pc.num_sequences} x {pc.seq_len}) but the "
+                         f"calibration split has {ids.numel()}; lower num_sequences / seq_len or add data.")
+    return {"calib_ids": make_token_set(ids, num_tokens=need, seq_len=pc.seq_len, stage="probe_calibration",
+                                        seed=config.seed, data_fingerprint=fingerprint).ids}
+
+
 def build_runtime(config: StudyConfig, *, model: Any = None, tokenizer: Any = None) -> Runtime:
     """Load the model, tokenizer and data of ``config`` and build pruner, space, pipeline and context.
 
@@ -377,7 +392,8 @@ def build_runtime(config: StudyConfig, *, model: Any = None, tokenizer: Any = No
     )
     space = space_from_config(config, model.config)
     if space.mode != "static":  # e.g. Probe Pruning: the evaluators apply candidates through the same pruner
-        pruner.set_mode(space.mode, space.probe)
+        pruner.set_mode(space.mode, space.probe, **_probe_calibration(space.probe, splits["calibration"], config,
+                                                                      fps["calibration"]))
     pipeline = build_pipeline(config.stages)
     context = EvalContext(
         eval_ids=splits["validation"], train_ids=splits["train"], data_fingerprint=data_fp, seed=config.seed,

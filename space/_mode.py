@@ -22,9 +22,50 @@ from typing import Any
 
 from .._validate import check_keys
 
-__all__ = ["PRUNING_MODES", "ProbeSettings", "resolve_mode"]
+__all__ = ["PRUNING_MODES", "ProbeCalibration", "ProbeSettings", "resolve_mode"]
 
 PRUNING_MODES: tuple[str, ...] = ("static", "probe")
+GQA_MODES: tuple[str, ...] = ("groups", "reference")
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class ProbeCalibration:
+    """The probe mode's own calibration set for the history (``probe: {calibration: {...}}``).
+
+    Without it the history comes from the study's importance calibration tokens
+    (``calibration: {num_sequences, seq_len}``). The defaults are sized for two CPU cores (64 x 256
+    tokens, one dense pass); the paper's setting is 2,000 samples (``num_sequences: 2000``), for a GPU.
+    The windows are drawn from the calibration split with the study's seed (stage ``"probe_calibration"``),
+    so the set is fingerprinted by the data, the seed and these settings (stored with the space).
+
+    Args:
+        num_sequences: calibration sequences.
+        seq_len: tokens per sequence (the history covers positions ``0 .. seq_len - 1``; later
+            positions start from zero, as the reference's buffer).
+    """
+
+    num_sequences: int = 64
+    seq_len: int = 256
+
+    def __post_init__(self) -> None:
+        for name in ("num_sequences", "seq_len"):
+            v = getattr(self, name)
+            if isinstance(v, bool) or not isinstance(v, int) or v < 1:
+                raise ValueError(f"ProbeSettings.calibration.{name} must be a positive integer, e.g. 64; got {v!r}.")
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: Mapping[str, Any] | None) -> "ProbeCalibration":
+        if isinstance(data, ProbeCalibration):
+            return data
+        if data is not None and not isinstance(data, Mapping):
+            raise ValueError(f"ProbeSettings.calibration must be a mapping such as {{num_sequences: 64, seq_len: 256}}, "
+                             f"got {data!r}.")
+        data = dict(data or {})
+        check_keys("probe calibration", data, (f.name for f in dataclasses.fields(cls)))
+        return cls(**data)
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
@@ -41,6 +82,15 @@ class ProbeSettings:
             (reference ``ema`` 0.99); ``1.0`` keeps the calibration history fixed.
         history: integrate the probe's states with the history (calibration + earlier batches of
             this applied session); ``False`` scores channels on the probe alone.
+        gqa: how attention is pruned under grouped-query attention. ``"groups"`` (default): KV
+            groups score the sum of their query heads, the best groups are kept and the best
+            ``q_per_kv`` query heads inside each, so K/V and the KV cache shrink. ``"reference"``: as
+            the reference code, K/V stay whole and the ``num_kv_heads * q_per_kv`` best query heads
+            are kept anywhere (a candidate's attention width is then its number of query heads).
+        use_probe: ``False`` scores units from the history alone (no probe is run: the "calibration
+            only" ablation of the paper); needs ``history``.
+        calibration: :class:`ProbeCalibration` (or its dict): the history's own calibration set;
+            ``None`` (default): the study's importance calibration tokens.
 
     Example::
 
@@ -52,8 +102,13 @@ class ProbeSettings:
     batch_ratio: float = 0.05
     momentum: float = 0.99
     history: bool = True
+    gqa: str = "groups"
+    use_probe: bool = True
+    calibration: ProbeCalibration | None = None
 
     def __post_init__(self) -> None:
+        if self.calibration is not None:
+            object.__setattr__(self, "calibration", ProbeCalibration.from_dict(self.calibration))
         for name in ("seq_ratio", "batch_ratio"):
             v = getattr(self, name)
             if isinstance(v, bool) or not isinstance(v, (int, float)) or not 0 < float(v) <= 1:
@@ -65,9 +120,25 @@ class ProbeSettings:
         object.__setattr__(self, "momentum", float(m))
         if not isinstance(self.history, bool):
             raise ValueError(f"ProbeSettings.history must be true or false, got {self.history!r}.")
+        if not isinstance(self.use_probe, bool) or (not self.use_probe and not self.history):
+            raise ValueError(f"ProbeSettings.use_probe must be true or false, and false needs history: true (the units "
+                             f"are then scored from the history alone); got use_probe={self.use_probe!r}, "
+                             f"history={self.history!r}.")
+        if self.gqa not in GQA_MODES:
+            raise ValueError(f"ProbeSettings.gqa must be one of {GQA_MODES} (groups: shrink K/V; reference: K/V whole, "
+                             f"query heads anywhere), got {self.gqa!r}.")
 
     def to_dict(self) -> dict[str, Any]:
-        return dataclasses.asdict(self)
+        """The settings as a dict; defaults added after the first release are left out (so a space
+        stored before them keeps its JSON and key)."""
+        out = dataclasses.asdict(self)
+        if out["gqa"] == "groups":
+            del out["gqa"]
+        if out["use_probe"]:
+            del out["use_probe"]
+        if out["calibration"] is None:
+            del out["calibration"]
+        return out
 
     @classmethod
     def from_dict(cls, data: Mapping[str, Any] | None) -> "ProbeSettings":

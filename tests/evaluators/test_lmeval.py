@@ -113,3 +113,32 @@ def test_lmeval_reference_tasks_on_applied_candidate(ref_data, offline):
     # the pruned model is a worse language model
     ppl = lambda r: r.details["evoprune_ref_ppl"]["word_perplexity,none"]  # noqa: E731
     assert ppl(pruned) > ppl(dense)
+
+
+def test_padded_loglikelihood_batches_pass_their_mask_to_a_probe_model(tmp_path, offline):
+    """lm-eval right-pads multiple-choice batches and calls the model without a mask; evoprune passes the real
+    lengths (as an attention mask), so the probe mode can leave the padding out."""
+    import torch
+
+    from evoprune.space import Candidate, LayerConfig, ProbeSettings
+
+    _write_tasks(tmp_path)
+    model = tiny_model("llama")
+    pruner = Pruner(model, calib(torch.arange(4000) % 97))
+    pruner.set_mode("probe", ProbeSettings(batch_ratio=0.5, momentum=1.0))
+    s = pruner.spec
+    cand = Candidate(layers=(LayerConfig(num_kv_heads=s.num_kv_heads, q_per_kv=max(1, s.q_per_kv - 1),
+                                         mlp_channels=s.intermediate_size // 2),) * s.num_layers)
+    masks = []
+    h = pruner.model.model.register_forward_pre_hook(
+        lambda m, a, kw: masks.append(kw.get("attention_mask")), with_kwargs=True)
+    ctx = EvalContext(tokenizer=_char_tokenizer(model.config.vocab_size), pruner=pruner)
+    ev = LMEval(["tiny_mc"], metric="acc", include_path=tmp_path, include_defaults=False, batch_size=1)
+    with pruner.applied(cand):
+        ev.evaluate(model, cand, ctx)  # batch 1: nothing padded, no mask
+        assert all(m is None for m in masks)
+        many = LMEval(["tiny_mc"], metric="acc", include_path=tmp_path, include_defaults=False,
+                      batch_size=8).evaluate(model, cand, ctx)
+    h.remove()
+    assert any(m is not None and not bool(m.all()) for m in masks)  # padded batches carried their mask
+    assert 0.0 <= many.value <= 1.0

@@ -480,3 +480,30 @@ def test_export_command_writes_each_format_and_records_it(reference_tiny, tmp_pa
     with create_study(cfg, storage=url, study_name="s") as study:
         arts = study.artifacts()
     assert [Path(a.path).name for a in arts] == ["g", "n"]  # both recorded, with their sha256
+
+
+def test_flap_compensated_export_runs_in_llama_cpp(tmp_path):
+    """The compensated biases in GGUF: llama.cpp's deci / llama architectures hold o_proj and FFN biases."""
+    from evoprune.baselines import compensated, flap, input_means, structured_pruner, with_zero_biases
+    from evoprune.space import Budget, SearchSpace
+
+    dense = tiny_model("llama", num_hidden_layers=4)
+    calib = torch.randint(3, 97, (4, 32), generator=torch.Generator().manual_seed(2))
+    pruner = structured_pruner(with_zero_biases(dense), calib, "flap")
+    space = SearchSpace.from_model(pruner.model.config, attention="q_per_group", mlp_step=8,
+                                   budget=Budget(metric="params", max_ratio=0.7))
+    cand = flap(space, pruner, calib)
+    means = input_means(pruner, calib)
+    prompt = [1, 5, 17, 33, 40, 61, 8, 90]
+    with compensated(pruner, cand, means) as m, torch.no_grad():
+        want = m(torch.tensor([prompt])).logits[0].numpy()
+        out = pruner.export(cand, tmp_path / "g", tokenizer=tiny_tokenizer(), format="gguf")
+    path = next(out.glob("*.gguf"))
+    llm = llama_cpp.Llama(str(path), n_ctx=64, logits_all=True, verbose=False, n_threads=1, n_threads_batch=1,
+                          type_k=0, type_v=0)
+    try:
+        llm.eval(prompt)
+        got = np.array(llm.scores[: len(prompt)])
+    finally:
+        llm.close()
+    assert np.abs(got - want).max() < 1e-3
