@@ -366,6 +366,10 @@ class CostModel:
         seq_len: context length ``T`` for :meth:`flops`.
         kv_dtype_bytes: bytes per KV-cache element (2 for fp16/bf16).
         latency_table: measured :class:`LatencyTable` for the ``"latency"`` metric.
+        kv_whole: K/V stay whole whatever the candidate's KV groups (Probe Pruning's ``gqa: reference``):
+            ``k``/``v`` weights, FLOPs and KV cache count the model's KV heads, the candidate keeps
+            ``num_kv_heads * q_per_kv`` query heads. These are the reference's costs; evoprune's
+            implementation computes one K/V copy per kept query head (docs/probe-pruning.md).
     """
 
     spec: ModelSpec
@@ -373,6 +377,7 @@ class CostModel:
     seq_len: int = 2048
     kv_dtype_bytes: int = 2
     latency_table: LatencyTable | None = None
+    kv_whole: bool = False
 
     def __post_init__(self) -> None:
         if not isinstance(self.spec, ModelSpec):
@@ -427,14 +432,14 @@ class CostModel:
         s = self.spec
         h, hd = s.hidden_size, s.head_dim
         nq = num_kv_heads * q_per_kv
-        q_out, kv_out = nq * hd, num_kv_heads * hd
+        q_out, kv_out = nq * hd, (s.num_kv_heads if self.kv_whole else num_kv_heads) * hd
         if metric == "kv_bytes":
             return 2 * kv_out * self.kv_dtype_bytes
         if metric == "latency":
             self._check_metric(metric)
             assert self.latency_table is not None
             return self.latency_table.lookup("attn", nq)
-        shapes = s.attn_shapes(num_kv_heads, q_per_kv)
+        shapes = s.attn_shapes(num_kv_heads, q_per_kv, kv_heads=s.num_kv_heads if self.kv_whole else None)
         if metric == "flops":
             t = self.seq_len if seq_len is None else seq_len
             return 2 * sum(r * c for _, r, c in shapes) + 2 * nq * hd * (t + 1)

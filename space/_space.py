@@ -241,7 +241,8 @@ class SearchSpace(JsonValue, LevelsMixin, MovesMixin):
         if self.latency is not None and not isinstance(self.latency, LatencyTable):
             raise TypeError("SearchSpace.latency must be a LatencyTable (see LatencyTable.fit) or None.")
         self._set("cost_model", CostModel(spec, seq_len=self.seq_len, kv_dtype_bytes=self.kv_dtype_bytes,
-                                          latency_table=self.latency))
+                                          latency_table=self.latency,
+                                          kv_whole=self.probe is not None and self.probe.gqa == "reference"))
         self._set("budget", self._resolve_budget())
         self._build_genes()
         self._check_budget_reachable()

@@ -103,10 +103,12 @@ class ModelSpec:
         """The candidate that keeps everything."""
         return Candidate(layers=(self.dense_layer(),) * self.num_layers)
 
-    def attn_shapes(self, num_kv_heads: int, q_per_kv: int) -> tuple[tuple[str, int, int], ...]:
-        """``((name, out_features, in_features), ...)`` of the kept q, k, v, o weights."""
+    def attn_shapes(self, num_kv_heads: int, q_per_kv: int, *, kv_heads: int | None = None
+                    ) -> tuple[tuple[str, int, int], ...]:
+        """``((name, out_features, in_features), ...)`` of the kept q, k, v, o weights (``kv_heads``: K/V
+        computed for that many heads instead of ``num_kv_heads``, as Probe Pruning's ``gqa: reference``)."""
         h, hd = self.hidden_size, self.head_dim
-        q_out, kv_out = num_kv_heads * q_per_kv * hd, num_kv_heads * hd
+        q_out, kv_out = num_kv_heads * q_per_kv * hd, (num_kv_heads if kv_heads is None else kv_heads) * hd
         return (("q", q_out, h), ("k", kv_out, h), ("v", kv_out, h), ("o", h, q_out))
 
     def mlp_shapes(self, channels: int) -> tuple[tuple[str, int, int], ...]:

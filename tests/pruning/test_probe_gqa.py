@@ -147,3 +147,28 @@ def test_history_only_scoring_runs_no_probe_and_ranks_by_the_history():
         assert torch.equal(sel[i]["mlp"], want) and sel[i]["mlp_probe"].tolist() == [0, 0]
     with pytest.raises(ValueError, match="needs history"):
         ProbeSettings(use_probe=False, history=False)
+
+
+def test_the_cost_model_counts_kv_whole_under_gqa_reference():
+    """Under ``gqa: reference`` K/V stay whole: a candidate that keeps fewer KV groups saves only its query
+    and output heads (params, FLOPs, KV cache), while ``gqa: groups`` also saves the K/V rows."""
+    from evoprune.space import SearchSpace
+
+    model = tiny_model("llama")
+    spec_kw = dict(mode="probe")
+    ref = SearchSpace.from_model(model.config, probe={"gqa": "reference"}, **spec_kw)
+    grp = SearchSpace.from_model(model.config, **spec_kw)
+    spec = ref.spec
+    assert spec.num_kv_heads >= 2
+    dense, cand = spec.dense_candidate(), _attn_only(spec, spec.num_kv_heads - 1, spec.q_per_kv)
+    hd, h, L = spec.head_dim, spec.hidden_size, spec.num_layers
+    q_rows = spec.q_per_kv * hd  # one KV group's query heads
+    for space in (ref, grp):
+        assert space.cost_model.params(dense) == sum(p.numel() for p in model.parameters())
+    saved_ref = ref.cost_model.params(dense) - ref.cost_model.params(cand)
+    saved_grp = grp.cost_model.params(dense) - grp.cost_model.params(cand)
+    assert saved_ref == L * 2 * q_rows * h  # q rows and o columns of the dropped group's heads
+    assert saved_grp == saved_ref + L * 2 * hd * h  # and its k and v rows
+    assert ref.cost_model.kv_bytes(cand) == ref.cost_model.kv_bytes(dense)
+    assert grp.cost_model.kv_bytes(cand) < grp.cost_model.kv_bytes(dense)
+    assert grp.cost_model.flops(cand) < ref.cost_model.flops(cand) < ref.cost_model.flops(dense)
