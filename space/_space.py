@@ -13,6 +13,9 @@ gene name           levels (values in ``Gene.levels``)
                     query heads per KV group (``"q_per_group"``)
 ``Li.mlp``          kept MLP channels ``I, I-step, ..., mlp_min``, then ``0`` if
                     ``drop_mlp``
+                    (with ``linear_ranks``, the ``block``/``attn``/``mlp`` genes that
+                    drop get the levels ``-r`` for each rank ``r`` just before their
+                    drop level: the part is replaced by a fitted linear map of rank r)
 ``Li.sparsity``     sparsity of every linear of the block, ascending from 0
                     (``sparsity_granularity="layer"``)
 ``Li.q.sparsity``   ... one gene per linear ``q k v o gate up down``
@@ -183,6 +186,10 @@ class SearchSpace(JsonValue, LevelsMixin, MovesMixin):
         mode: ``"static"`` (default: the top-k units by calibration importance) or ``"probe"``
             (the widths are applied per batch by Probe Pruning, see :mod:`evoprune.space._mode`).
         probe: :class:`~evoprune.space._mode.ProbeSettings` or its dict (probe mode only).
+        linear_ranks: ranks of the fitted linear maps that may replace what a
+            ``drop_*`` option drops (``hidden_size`` = a full matrix, less = low rank),
+            e.g. ``(576,)`` or ``(576, 64)``; each becomes a level ``-rank`` just before
+            the drop level of every dropping gene. Empty (default): drop only.
 
     Attributes (derived, not compared): ``genes`` (tuple of :class:`Gene`) and
     ``cost_model`` (:class:`CostModel`).
@@ -207,6 +214,7 @@ class SearchSpace(JsonValue, LevelsMixin, MovesMixin):
     latency: LatencyTable | None = None
     mode: str = "static"
     probe: Any = None
+    linear_ranks: tuple[int, ...] = ()
     genes: tuple[Gene, ...] = dataclasses.field(init=False, compare=False, repr=False)
     cost_model: CostModel = dataclasses.field(init=False, compare=False, repr=False)
 
@@ -232,6 +240,7 @@ class SearchSpace(JsonValue, LevelsMixin, MovesMixin):
         self._set("mlp_step", step)
         self._set("mlp_min", mlp_min)
         self._set("sparsity_levels", self._resolve_sparsity())
+        self._set("linear_ranks", self._resolve_linear())
         self._set("frozen_layers", self._resolve_frozen())
         self._set("probe", resolve_mode(self.mode, self.probe, sparsity=bool(self.sparsity_levels)))
         for name in ("seq_len", "kv_dtype_bytes"):
@@ -371,6 +380,22 @@ class SearchSpace(JsonValue, LevelsMixin, MovesMixin):
                 raise ValueError("SearchSpace: pattern_2_4 needs hidden_size and head_dim divisible by 4.")
         return tuple(levels)
 
+    def _resolve_linear(self) -> tuple[int, ...]:
+        h = self.spec.hidden_size
+        ranks = _int_tuple("linear_ranks", self.linear_ranks or ())
+        for r in ranks:
+            if not 1 <= r <= h:
+                raise ValueError(f"SearchSpace.linear_ranks: rank {r} is not in 1..{h} (the hidden size); use "
+                                 f"{h} for a full matrix or a smaller low rank.")
+        if len(set(ranks)) != len(ranks):
+            raise ValueError(f"SearchSpace.linear_ranks has duplicates: {ranks}.")
+        if ranks and not (self.drop_attention or self.drop_mlp or self.drop_blocks):
+            raise ValueError("SearchSpace.linear_ranks replace what is dropped: add drop_blocks, drop_attention or "
+                             "drop_mlp.")
+        if ranks and self.mode != "static":
+            raise ValueError("SearchSpace.linear_ranks needs mode: static (probe mode cannot hold linear maps).")
+        return tuple(sorted(ranks, reverse=True))
+
     def _resolve_frozen(self) -> tuple[int, ...]:
         n = self.spec.num_layers
         out = set()
@@ -414,8 +439,9 @@ class SearchSpace(JsonValue, LevelsMixin, MovesMixin):
             attn_values = tuple(self.attn_levels or ())
         elif self.drop_attention:
             attn_values = (spec.num_kv_heads,)
+        linear = tuple(-r for r in self.linear_ranks)
         if self.drop_attention:
-            attn_values = attn_values + (0,)
+            attn_values = attn_values + linear + (0,)
         mlp_values: tuple[int, ...] = ()
         if self.mlp:
             assert self.mlp_step is not None and self.mlp_min is not None
@@ -423,10 +449,10 @@ class SearchSpace(JsonValue, LevelsMixin, MovesMixin):
         elif self.drop_mlp:
             mlp_values = (spec.intermediate_size,)
         if self.drop_mlp:
-            mlp_values = mlp_values + (0,)
+            mlp_values = mlp_values + linear + (0,)
         per_layer: list[tuple[str, tuple[Any, ...]]] = []
         if self.drop_blocks:
-            per_layer.append(("block", (1, 0)))
+            per_layer.append(("block", (1, *linear, 0)))
         if len(attn_values) > 1:
             per_layer.append(("attn", attn_values))
         if len(mlp_values) > 1:
@@ -636,6 +662,7 @@ class SearchSpace(JsonValue, LevelsMixin, MovesMixin):
             "latency": None if self.latency is None else self.latency.to_dict(),
             # written only in probe mode: static spaces keep their JSON (and key) unchanged
             **({"mode": self.mode, "probe": self.probe.to_dict()} if self.mode != "static" else {}),
+            **({"linear_ranks": list(self.linear_ranks)} if self.linear_ranks else {}),
         }
 
     @classmethod
@@ -652,7 +679,7 @@ class SearchSpace(JsonValue, LevelsMixin, MovesMixin):
         data["spec"] = ModelSpec.from_dict(data["spec"])
         if data.get("attn_levels") is not None:
             data["attn_levels"] = tuple(data["attn_levels"])
-        for key in ("sparsity_levels", "frozen_layers"):
+        for key in ("sparsity_levels", "frozen_layers", "linear_ranks"):
             if key in data:
                 data[key] = tuple(data[key])
         data["budget"] = tuple(Budget.from_dict(b) for b in data.get("budget") or ())
