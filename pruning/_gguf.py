@@ -135,9 +135,6 @@ def _layer_tensors(model: Any, adapter: Any, j: int, layer: Any, head_dim: int) 
     """The block's HF tensors as separate q/k/v/o/gate/up/down (fused ones split) plus counts."""
     out: dict[str, Any] = {"attn": None, "mlp": None}
     attn = getattr(layer, adapter.attn)
-    if isinstance(getattr(layer, adapter.mlp), LinearReplacement):
-        raise ExportFormatError("GGUF export cannot hold a linear MLP replacement (llama.cpp's deci runs linear "
-                                "attention only); use a space without mlp linear levels or --format hf/nemotron-nas.")
     if isinstance(attn, LinearReplacement):  # llama.cpp's deci "linear attention": wo on the attention-normed input
         out["attn"] = dict(linear=attn.matrix(), norm=getattr(layer, adapter.attn_norm).weight)
     elif not isinstance(attn, DroppedAttention):
@@ -162,7 +159,9 @@ def _layer_tensors(model: Any, adapter: Any, j: int, layer: Any, head_dim: int) 
                 raise ExportFormatError("GGUF export cannot hold per-head q/k norms (as in Qwen3); export this model "
                                         "as a Hugging Face checkpoint (--format hf).")
     mlp = getattr(layer, adapter.mlp)
-    if not isinstance(mlp, DroppedMLP):
+    if isinstance(mlp, LinearReplacement):
+        out["mlp"] = dict(linear=mlp.matrix(), norm=getattr(layer, adapter.mlp_norm).weight)
+    elif not isinstance(mlp, DroppedMLP):
         down = getattr(mlp, adapter.down)
         if adapter.fused_gate_up:
             gu = getattr(mlp, adapter.gate_up)
@@ -185,6 +184,9 @@ def gguf_blocks(model: Any) -> tuple[str, list[GGUFBlock]]:
     for j, layer in enumerate(layers):
         t = _layer_tensors(model, adapter, j, layer, hd)
         a, m = t["attn"], t["mlp"]
+        if m is not None and "linear" in m:
+            raise ExportFormatError("GGUF export cannot hold a linear MLP replacement (llama.cpp's deci runs linear "
+                                    "attention only); use a space without mlp linear levels or --format hf/nemotron-nas.")
         if a is not None and "linear" in a:  # query heads > 0, KV heads 0 (the head size stays hidden / n_head)
             if model.config.hidden_size % hd:
                 raise ExportFormatError(f"GGUF linear attention needs hidden_size ({model.config.hidden_size}) to be "

@@ -521,6 +521,8 @@ def test_gguf_linear_attention_runs_in_llama_cpp_token_for_token(arch, first_lin
     cpp_tokens, cpp_logits = llama_cpp_run(path, PROMPT, STEPS, PROMPT + ref_tokens)
     assert cpp_tokens == ref_tokens
     assert np.abs(cpp_logits - ref_logits).max() < TOL
+    (r,) = verify_export(out, prompt_ids=PROMPT, steps=STEPS)  # `evoprune verify-export`: llama.cpp vs evoprune
+    assert r.tokens_match and r.max_logit_diff < TOL and r.target.startswith("llama.cpp")
 
 
 def test_gguf_refuses_a_linear_ffn_in_one_line(tmp_path):
@@ -533,3 +535,41 @@ def test_gguf_refuses_a_linear_ffn_in_one_line(tmp_path):
     with pytest.raises(ExportFormatError, match="cannot hold a linear MLP") as exc:
         pruner.export(cand, tmp_path / "x", tokenizer=tiny_tokenizer(), format="gguf")
     assert "\n" not in str(exc.value) and not (tmp_path / "x").exists()
+
+
+@pytest.mark.parametrize("arch", ["llama", "qwen2", "phi3"])
+def test_nemotron_nas_writes_replace_with_linear_as_decilm_defines_it(arch, tmp_path):
+    from safetensors import safe_open
+
+    from evoprune.pruning._nemotron import evoprune_model_from_nemotron_nas
+
+    tok = tiny_tokenizer()
+    pruner, spec = _pruner(arch)
+    h, d = spec.hidden_size, spec.dense_layer()
+    cand = Candidate(layers=(
+        d,
+        LayerConfig(num_kv_heads=0, q_per_kv=0, mlp_channels=spec.intermediate_size, attn_linear=h),
+        LayerConfig(num_kv_heads=spec.num_kv_heads, q_per_kv=spec.q_per_kv, mlp_channels=0, mlp_linear=h),
+        LayerConfig(num_kv_heads=0, q_per_kv=0, mlp_channels=0, block_linear=8),
+        LayerConfig(num_kv_heads=0, q_per_kv=0, mlp_channels=0),
+        d,
+    ))
+    out = pruner.export(cand, tmp_path / "nas", tokenizer=tok, format="nemotron-nas")
+    cfg = json.loads((out / "config.json").read_text())
+    blocks = cfg["block_configs"]
+    assert blocks[1]["attention"] == {"n_heads_in_group": None, "no_op": False, "replace_with_linear": True}
+    assert blocks[2]["ffn"] == {"ffn_mult": None, "no_op": False, "replace_with_linear": True}
+    assert blocks[3]["attention"]["replace_with_linear"] and blocks[3]["ffn"]["no_op"]
+    with safe_open(str(out / "model.safetensors"), "pt") as f:
+        shapes = {k: tuple(f.get_slice(k).get_shape()) for k in f.keys()}
+    assert shapes["model.layers.1.self_attn.linear_attn.weight"] == (h, h)
+    assert shapes["model.layers.2.mlp.linear_mlp.weight"] == (h, h)
+    assert "model.layers.1.input_layernorm.weight" in shapes and "model.layers.2.post_attention_layernorm.weight" in shapes
+    with pruner.applied(cand), torch.no_grad():
+        applied = pruner.model(torch.tensor([PROMPT])).logits
+    with torch.no_grad():
+        target = deci_reference_model(out)(torch.tensor([PROMPT])).logits
+        own = evoprune_model_from_nemotron_nas(out)(torch.tensor([PROMPT])).logits
+    assert (target - applied).abs().max() < 1e-5 and (own - applied).abs().max() < 1e-5
+    (r,) = verify_export(out, prompt_ids=PROMPT, steps=STEPS)
+    assert r.tokens_match and r.max_logit_diff < 1e-5
