@@ -156,3 +156,39 @@ def test_bad_linear_input_for_the_pruner_is_one_line():
                     + (pruner.spec.dense_layer(),) * 5)
     with pytest.raises(ValueError, match="rank larger than the hidden size"):
         pruner.apply(bad)
+
+
+def test_linear_levels_are_refused_in_probe_mode_before_anything_is_applied():
+    model = tiny_model("llama", num_hidden_layers=6)
+    pruner = Pruner(model, _ids())
+    pruner.set_mode("probe")
+    with pytest.raises(ValueError, match="linear levels need the static mode"):
+        pruner.apply(_mixed(pruner.spec))
+    assert not pruner.is_applied
+
+
+def test_a_study_searches_linear_levels_and_heals_its_export_by_distillation(reference_tiny, tmp_path):
+    """End to end: a study config with linear_ranks, a KL-healed fine-tune stage, an export healed by KL."""
+    config = {
+        "model": "reference:tiny",
+        "calibration": {"num_sequences": 4, "seq_len": 32},
+        "space": {"attention": None, "mlp": False, "drop_blocks": True, "linear_ranks": [64]},
+        "budget": {"metric": "params", "max_ratio": 0.8},
+        "stages": [{"name": "s1", "evaluators": ["kl"], "eval_tokens": 256, "seq_len": 32, "promote": {"top_k": 1}},
+                   {"name": "s2", "evaluators": ["kl"], "eval_tokens": 256, "seq_len": 32, "finetune_tokens": 256,
+                    "finetune": {"loss": "kl", "lr": 1e-4}}],
+        "sampler": {"name": "evolutionary", "options": {"offspring": 2}},
+        "objectives": ["kl"],
+    }
+    study = evoprune.create_study(config, storage=f"sqlite:///{tmp_path / 's.db'}", study_name="s")
+    try:
+        study.run(n_trials=6)
+        runtime = study.runtime if study.runtime is not None else study.build_runtime()
+        space = runtime.space
+        assert space.linear_ranks == (64,)
+        best = study.pareto_front()[0].number
+        assert space.contains(study.candidate(best)) and space.satisfies_budget(study.candidate(best))
+        art = study.export(best, tmp_path / "out", runtime=runtime, finetune_tokens=512, finetune_loss="kl")
+        assert art.metrics["healing"]["finetune"]["loss"] == "kl"
+    finally:
+        study.close()
