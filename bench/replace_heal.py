@@ -23,6 +23,7 @@ candidates and token counts of kl / ce test perplexity after healing), ``replace
 from __future__ import annotations
 
 import argparse
+import functools
 import math
 import tempfile
 import time
@@ -37,6 +38,9 @@ from evoprune.evaluators import healed, perplexity, teacher_nbytes
 from evoprune.pruning import ExportFormatError, verify_export
 from evoprune.search import build_runtime
 from evoprune.space import Budget, SearchSpace
+
+
+print = functools.partial(print, flush=True)  # noqa: A001 -- progress shows while a long run goes on
 
 
 def _describe(cand) -> str:
