@@ -13,9 +13,7 @@ gene name           levels (values in ``Gene.levels``)
                     query heads per KV group (``"q_per_group"``)
 ``Li.mlp``          kept MLP channels ``I, I-step, ..., mlp_min``, then ``0`` if
                     ``drop_mlp``
-                    (with ``linear_ranks``, the ``block``/``attn``/``mlp`` genes that
-                    drop get the levels ``-r`` for each rank ``r`` just before their
-                    drop level: the part is replaced by a fitted linear map of rank r)
+                    (``linear_ranks``: levels ``-r`` before the drop level, a fitted map)
 ``Li.sparsity``     sparsity of every linear of the block, ascending from 0
                     (``sparsity_granularity="layer"``)
 ``Li.q.sparsity``   ... one gene per linear ``q k v o gate up down``
@@ -186,10 +184,8 @@ class SearchSpace(JsonValue, LevelsMixin, MovesMixin):
         mode: ``"static"`` (default: the top-k units by calibration importance) or ``"probe"``
             (the widths are applied per batch by Probe Pruning, see :mod:`evoprune.space._mode`).
         probe: :class:`~evoprune.space._mode.ProbeSettings` or its dict (probe mode only).
-        linear_ranks: ranks of the fitted linear maps that may replace what a
-            ``drop_*`` option drops (``hidden_size`` = a full matrix, less = low rank),
-            e.g. ``(576,)`` or ``(576, 64)``; each becomes a level ``-rank`` just before
-            the drop level of every dropping gene. Empty (default): drop only.
+        linear_ranks: ranks of fitted linear maps that may replace what ``drop_*`` drops
+            (``hidden_size``: full matrix), each a level ``-rank`` before a drop level.
 
     Attributes (derived, not compared): ``genes`` (tuple of :class:`Gene`) and
     ``cost_model`` (:class:`CostModel`).
@@ -385,13 +381,11 @@ class SearchSpace(JsonValue, LevelsMixin, MovesMixin):
         ranks = _int_tuple("linear_ranks", self.linear_ranks or ())
         for r in ranks:
             if not 1 <= r <= h:
-                raise ValueError(f"SearchSpace.linear_ranks: rank {r} is not in 1..{h} (the hidden size); use "
-                                 f"{h} for a full matrix or a smaller low rank.")
+                raise ValueError(f"SearchSpace.linear_ranks: rank {r} is not in 1..{h} (the hidden size; {h}: full).")
         if len(set(ranks)) != len(ranks):
             raise ValueError(f"SearchSpace.linear_ranks has duplicates: {ranks}.")
         if ranks and not (self.drop_attention or self.drop_mlp or self.drop_blocks):
-            raise ValueError("SearchSpace.linear_ranks replace what is dropped: add drop_blocks, drop_attention or "
-                             "drop_mlp.")
+            raise ValueError("SearchSpace.linear_ranks replace what is dropped: add drop_blocks, drop_attention or drop_mlp.")
         if ranks and self.mode != "static":
             raise ValueError("SearchSpace.linear_ranks needs mode: static (probe mode cannot hold linear maps).")
         return tuple(sorted(ranks, reverse=True))
@@ -686,7 +680,6 @@ class SearchSpace(JsonValue, LevelsMixin, MovesMixin):
         if data.get("latency") is not None:
             data["latency"] = LatencyTable.from_dict(data["latency"])
         return cls(**data)
-
 
 
 def _state_count(state: tuple[bool, bool], metric: str) -> int:
