@@ -150,11 +150,14 @@ class LinearFits:
 
     # -- fitting -----------------------------------------------------------------------------------
     def ensure(self, needed: Iterable[tuple[int, str]]) -> None:
-        """Fit every ``(layer, part)`` of ``needed`` not yet known (one calibration pass over all of them).
-        Must run on the dense model."""
+        """Fit every ``(layer, part)`` of ``needed`` not yet known -- and, in the same calibration pass, that part
+        of every other block not yet known (a search soon needs them all; one pass instead of one per new
+        block). Must run on the dense model."""
         missing = sorted({(i, p) for i, p in needed if not self.has(i, p)})
         if not missing:
             return
+        wanted = {p for _, p in missing}
+        missing = sorted({(i, p) for i in range(len(self.refs)) for p in wanted if not self.has(i, p)})
         if self.calib_ids is None:
             raise ValueError("linear levels are fitted on calibration tokens: give the Pruner calib_ids.")
         parts = {p for _, p in missing}
