@@ -244,10 +244,13 @@ def _cmd_export(args: argparse.Namespace) -> int:
         check_out(args.out)
         fmt = {"format": args.format, "dtype": args.dtype} if args.format != "hf" or args.dtype else {}
         art = study.export(_resolve_trial(study, args.trial), args.out, finetune_tokens=args.finetune_tokens,
-                           **({"finetune_lr": args.finetune_lr} if args.finetune_lr is not None else {}), **fmt)
+                           **({"finetune_lr": args.finetune_lr} if args.finetune_lr is not None else {}),
+                           **({"finetune_loss": args.finetune_loss} if args.finetune_loss is not None else {}),
+                           **({"finetune_temperature": args.finetune_temperature}
+                              if args.finetune_temperature is not None else {}), **fmt)
         healing = art.metrics.get("healing")
         if healing:
-            print(f"healed with {healing['finetune']['tokens']} fine-tune tokens: perplexity "
+            print(f"healed with {healing['finetune']['tokens']} fine-tune tokens ({healing['finetune']['loss']}): perplexity "
                   f"{healing['ppl_before']:.4g} -> {healing['ppl_after']:.4g}")
         print(f"exported trial {art.trial_number} of {study.name!r} to {art.path}"
               + (f" ({args.format})" if args.format != "hf" else ""))
@@ -418,6 +421,11 @@ def _register_study_commands(subparsers: Any) -> None:
                         "pruned); perplexity before/after goes into the artifact's metrics")
     p.add_argument("--finetune-lr", type=float, default=None, metavar="LR",
                    help="healing learning rate (default 1e-4; with --finetune-tokens)")
+    p.add_argument("--finetune-loss", default=None, choices=("ce", "kl", "kl+ce"),
+                   help="healing loss: ce (next-token, default), kl (distillation from the dense model, whose "
+                        "logits are computed once with the candidate reverted: no second model copy) or kl+ce")
+    p.add_argument("--finetune-temperature", type=float, default=None, metavar="T",
+                   help="distillation temperature (default 1.0; with --finetune-loss kl or kl+ce)")
     p.add_argument("--format", default="hf", choices=("hf", "gguf", "nemotron-nas"),
                    help="hf: Hugging Face checkpoint (default); gguf: the same folder plus model-<dtype>.gguf for "
                         "llama.cpp; nemotron-nas: DeciLM block_configs checkpoint for vLLM")

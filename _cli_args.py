@@ -75,6 +75,16 @@ def check_args(args: argparse.Namespace) -> None:
         if not get("finetune_tokens"):
             raise UsageError("--finetune-lr is only used with --finetune-tokens N (healing); add it or leave "
                              "--finetune-lr out.")
+    if get("finetune_loss") is not None and not get("finetune_tokens"):
+        raise UsageError("--finetune-loss is only used with --finetune-tokens N (healing); add it or leave "
+                         "--finetune-loss out.")
+    if get("finetune_temperature") is not None:
+        t = args.finetune_temperature
+        if not (math.isfinite(t) and t > 0):
+            raise UsageError(f"--finetune-temperature must be a positive, finite number, got {t:g}.")
+        if get("finetune_loss") not in ("kl", "kl+ce"):
+            raise UsageError("--finetune-temperature is only used with --finetune-loss kl or kl+ce; add one or "
+                             "leave --finetune-temperature out.")
     if get("finetune_tokens") is not None and args.finetune_tokens < 0:
         raise UsageError(f"--finetune-tokens must be >= 0, got {args.finetune_tokens}.")
     if get("tolerance") is not None and not (math.isfinite(args.tolerance) and args.tolerance > 0):

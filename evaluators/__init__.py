@@ -49,6 +49,8 @@ _EXPORTS: dict[str, str] = {
     "EvalResult": "._base",
     "Evaluator": "._base",
     "Cost": "._cost",
+    "check_distill": "._distill",
+    "teacher_nbytes": "._distill",
     "FineTuned": "._finetune",
     "FineTuneReport": "._finetune",
     "finetune": "._finetune",

@@ -23,6 +23,7 @@ import torch
 
 from .._logging import get_logger
 from ._base import EvalContext, EvalResult, as_result
+from ._distill import check_distill, distill_loss, teacher_reference
 
 __all__ = ["FineTuneReport", "FineTuned", "finetune", "healed", "select_trainable"]
 
@@ -43,6 +44,8 @@ class FineTuneReport:
     trained_numel: int
     lr: float
     token_set: str
+    loss: str = "ce"
+    teacher_bytes: int = 0
 
     @property
     def first_loss(self) -> float:
@@ -62,6 +65,8 @@ class FineTuneReport:
             "trained_numel": self.trained_numel,
             "lr": self.lr,
             "token_set": self.token_set,
+            "loss": self.loss,
+            "teacher_bytes": self.teacher_bytes,
         }
 
 
@@ -188,6 +193,9 @@ def finetune(
     betas: tuple[float, float] = (0.9, 0.999),
     max_grad_norm: float | None = 1.0,
     verify: Literal["checksum", "exact", "off"] = "checksum",
+    loss: Literal["ce", "kl", "kl+ce"] = "ce",
+    temperature: float = 1.0,
+    top_k: int | str = "auto",
 ) -> Iterator[FineTuneReport]:
     """Fine-tune the applied candidate for ``tokens`` training tokens; undo it on exit.
 
@@ -199,6 +207,12 @@ def finetune(
     parameters get their exact previous bytes back and ``verify`` checks that
     every weight storage of ``model`` is unchanged.
 
+    ``loss``: ``"ce"`` (next-token cross-entropy), ``"kl"`` (distillation:
+    ``T**2 * KL(dense_T || candidate_T)`` per token at ``temperature`` T, the
+    dense teacher computed once by reverting the candidate, see
+    :mod:`evoprune.evaluators._distill`; ``top_k`` bounds its memory) or
+    ``"kl+ce"`` (their sum).
+
     Example::
 
         with pruner.applied(candidate), finetune(model, ctx, tokens=50_000, lr=1e-5) as report:
@@ -209,12 +223,16 @@ def finetune(
         raise ValueError(f"finetune: tokens must be >= 1, got {tokens}.")
     if lr <= 0:
         raise ValueError(f"finetune: lr must be > 0, got {lr}.")
+    check_distill(loss, temperature, top_k)
     if seq_len is None:
         if context.tokens is None:
             raise ValueError("finetune: give seq_len= (or use a stage context whose tokens define it).")
         seq_len = context.tokens.seq_len
     data = context.token_set(tokens, seq_len, split="train")
     pruner = context.pruner
+    # the teacher first: computing it reverts and re-applies the candidate (new live views)
+    teacher = (teacher_reference(model, context, data, temperature=temperature, top_k=top_k, batch_size=batch_size)
+               if loss != "ce" else None)
     named = select_trainable(model, pruner=pruner, train=train, layers=layers)
     if not named:
         raise ValueError(f"finetune: no parameters selected for train={train!r}, layers={list(layers)}.")
@@ -243,6 +261,8 @@ def finetune(
         trained_numel=sum(p.numel() for p in params),
         lr=lr,
         token_set=data.key,
+        loss=loss,
+        teacher_bytes=teacher.nbytes if teacher is not None else 0,
     )
     start = time.perf_counter()
     try:
@@ -258,15 +278,21 @@ def finetune(
             from tqdm.auto import tqdm
 
             batches = tqdm(batches, total=math.ceil(data.num_sequences / batch_size), desc="finetune", leave=False)
+        row = 0
         for batch in batches:
             batch = batch.to(device)
-            out = model(input_ids=batch, labels=batch, use_cache=False)
-            loss = out.loss
-            if not torch.isfinite(loss):
-                _log.warning("fine-tune loss is %s at step %d; stopping early", float(loss.detach()), report.steps)
-                report.losses.append(float(loss.detach()))
+            out = model(input_ids=batch, labels=batch if loss != "kl" else None, use_cache=False)
+            if teacher is None:
+                step_loss = out.loss
+            else:
+                kd = distill_loss(out.logits, teacher.rows(row, row + batch.shape[0], device))
+                step_loss = kd if loss == "kl" else kd + out.loss
+            row += batch.shape[0]
+            if not torch.isfinite(step_loss):
+                _log.warning("fine-tune loss is %s at step %d; stopping early", float(step_loss.detach()), report.steps)
+                report.losses.append(float(step_loss.detach()))
                 break
-            loss.backward()
+            step_loss.backward()
             with torch.no_grad():
                 for p, master, m in zip(params, masters, masks):
                     if p.grad is None:
@@ -288,7 +314,7 @@ def finetune(
                     p.grad = None
             report.steps += 1
             report.tokens += batch.numel()
-            report.losses.append(float(loss.detach()))
+            report.losses.append(float(step_loss.detach()))
         del opt
         model.train(was_training)
         report.seconds = time.perf_counter() - start

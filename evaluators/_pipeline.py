@@ -21,6 +21,7 @@ import torch
 
 from .._logging import get_logger
 from ._base import EvalContext, as_result
+from ._distill import check_distill
 from ._finetune import FineTuned
 
 __all__ = [
@@ -306,10 +307,13 @@ class Stage:
         if self.promote is not None and not isinstance(self.promote, PromotionRule):
             raise TypeError(f"Stage {self.name!r}: promote must be TopK(k), TopFraction(f), Race(z) or None.")
         unknown = set(self.finetune) - {
-            "lr", "train", "layers", "batch_size", "seq_len", "weight_decay", "betas", "max_grad_norm", "verify"
+            "lr", "train", "layers", "batch_size", "seq_len", "weight_decay", "betas", "max_grad_norm", "verify",
+            "loss", "temperature", "top_k",
         }
         if unknown:
             raise ValueError(f"Stage {self.name!r}: unknown finetune options {sorted(unknown)}.")
+        check_distill(self.finetune.get("loss", "ce"), self.finetune.get("temperature", 1.0),
+                      self.finetune.get("top_k", "auto"), where=f"Stage {self.name!r}: finetune")
 
     @property
     def objective_evaluator(self) -> Any:

@@ -70,6 +70,10 @@ class ExportMixin:
                 over["intermediate_size"] = lc.mlp_channels
             if skip:
                 over["skip"] = skip
+            linear = {"attention": lc.block_linear or lc.attn_linear, "mlp": lc.mlp_linear}
+            if candidate.has_linear:  # a skipped sublayer replaced by a fitted map (a block's: in the attention
+                # slot); transformers wants a per-layer attribute in every block
+                over["linear"] = {k: v for k, v in linear.items() if v}
             per_layer[j] = over
         d["per_layer_config"] = per_layer
         d["allow_global_per_layer_attribute_access"] = True
@@ -151,6 +155,15 @@ class ExportMixin:
                 ("attn", a.attn_norm, lc.attn_dropped, r.attn),
                 ("mlp", a.mlp_norm, lc.mlp_dropped, r.mlp),
             ):
+                rank = (lc.block_linear or lc.attn_linear) if sub == "attn" else lc.mlp_linear
+                if rank:  # the kept input norm and the fitted map
+                    norm = r.attn_norm if sub == "attn" else r.mlp_norm
+                    for n, t in norm.state_dict(keep_vars=True).items():
+                        sd[f"{pfx}{norm_name}.{n}"] = take(t)
+                    part = "block" if sub == "attn" and lc.block_linear else sub
+                    for n, t in self.linear_module(i, part, rank).state_dict().items():
+                        sd[f"{pfx}{a.attn if sub == 'attn' else a.mlp}.{n}"] = t.detach().clone().contiguous()
+                    continue
                 if dropped:
                     continue
                 norm = r.attn_norm if sub == "attn" else r.mlp_norm

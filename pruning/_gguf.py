@@ -19,7 +19,11 @@ Encodings that keep llama.cpp on its exact path (each proven by ``tests/pruning/
   block (wrong) or crash in the last one;
 * Q and K rows are permuted from transformers' rotate-half layout to llama.cpp's interleaved
   rotary layout (as llama.cpp's own ``convert_hf_to_gguf.py`` does);
-* unstructured / 2:4 sparsity is written dense (its zeros are in the weights).
+* unstructured / 2:4 sparsity is written dense (its zeros are in the weights);
+* a linear attention replacement (or a block's, which sits in the attention slot) is ``deci``'s
+  "linear attention": query heads ``hidden / head_dim``, KV heads 0, the attention norm and the
+  fitted ``hidden x hidden`` map as ``attn_output`` (llama.cpp applies it to the attention-normed
+  input; evoprune fits it on that input). A linear MLP replacement has no llama.cpp form and is refused.
 
 Supported: ``llama``, ``mistral``, ``qwen2`` (q/k/v biases) and ``phi3`` (fused projections are
 split) with rope ``default``, ``linear`` or ``llama3``. A Mistral/Qwen2 sliding window is written as the
@@ -45,7 +49,7 @@ import torch
 from .._logging import get_logger
 from ._adapters import get_adapter
 from ._auto import dense_model_type
-from ._modules import DroppedAttention, DroppedMLP
+from ._modules import DroppedAttention, DroppedMLP, LinearReplacement
 
 __all__ = ["GGUF_DTYPES", "ExportFormatError", "GGUFBlock", "check_gguf_support", "gguf_blocks", "write_gguf"]
 
@@ -67,7 +71,8 @@ class GGUFBlock:
     n_head: int
     n_head_kv: int
     n_ff: int
-    attn: str  # "real", "none" (head count 0) or "zero" (one head with zero V / output weights)
+    attn: str  # "real", "none" (head count 0), "zero" (one head with zero V / output weights) or "linear"
+    # (query heads > 0, KV heads 0: llama.cpp's deci runs wo on the attention-normed input)
     mlp: str  # "real" or "zero" (width 1, zero weights)
 
 
@@ -130,7 +135,9 @@ def _layer_tensors(model: Any, adapter: Any, j: int, layer: Any, head_dim: int) 
     """The block's HF tensors as separate q/k/v/o/gate/up/down (fused ones split) plus counts."""
     out: dict[str, Any] = {"attn": None, "mlp": None}
     attn = getattr(layer, adapter.attn)
-    if not isinstance(attn, DroppedAttention):
+    if isinstance(attn, LinearReplacement):  # llama.cpp's deci "linear attention": wo on the attention-normed input
+        out["attn"] = dict(linear=attn.matrix(), norm=getattr(layer, adapter.attn_norm).weight)
+    elif not isinstance(attn, DroppedAttention):
         o = getattr(attn, adapter.o)
         n_head = o.weight.shape[1] // head_dim
         if adapter.fused_qkv:
@@ -152,7 +159,9 @@ def _layer_tensors(model: Any, adapter: Any, j: int, layer: Any, head_dim: int) 
                 raise ExportFormatError("GGUF export cannot hold per-head q/k norms (as in Qwen3); export this model "
                                         "as a Hugging Face checkpoint (--format hf).")
     mlp = getattr(layer, adapter.mlp)
-    if not isinstance(mlp, DroppedMLP):
+    if isinstance(mlp, LinearReplacement):
+        out["mlp"] = dict(linear=mlp.matrix(), norm=getattr(layer, adapter.mlp_norm).weight)
+    elif not isinstance(mlp, DroppedMLP):
         down = getattr(mlp, adapter.down)
         if adapter.fused_gate_up:
             gu = getattr(mlp, adapter.gate_up)
@@ -175,7 +184,15 @@ def gguf_blocks(model: Any) -> tuple[str, list[GGUFBlock]]:
     for j, layer in enumerate(layers):
         t = _layer_tensors(model, adapter, j, layer, hd)
         a, m = t["attn"], t["mlp"]
-        if a is not None:
+        if m is not None and "linear" in m:
+            raise ExportFormatError("GGUF export cannot hold a linear MLP replacement (llama.cpp's deci runs linear "
+                                    "attention only); use a space without mlp linear levels or --format hf/nemotron-nas.")
+        if a is not None and "linear" in a:  # query heads > 0, KV heads 0 (the head size stays hidden / n_head)
+            if model.config.hidden_size % hd:
+                raise ExportFormatError(f"GGUF linear attention needs hidden_size ({model.config.hidden_size}) to be "
+                                        f"a multiple of head_dim ({hd}); export with --format hf.")
+            attn, nh, nkv = "linear", model.config.hidden_size // hd, 0
+        elif a is not None:
             attn, nh, nkv = "real", a["n_head"], a["n_kv"]
         elif j == 0:
             attn, nh, nkv = "zero", 1, 1
@@ -426,6 +443,9 @@ def write_gguf(model: Any, path: str | os.PathLike[str], *, tokenizer: Any, dtyp
                     put(n[MT.ATTN_V] + ".bias", a["v_b"])
                 if a["o_b"] is not None:
                     put(n[MT.ATTN_OUT] + ".bias", a["o_b"])
+            elif b.attn == "linear":  # wo [hidden, hidden] on the attention-normed input (no q/k/v, no KV cache)
+                put(n[MT.ATTN_NORM] + ".weight", a["norm"])
+                put(n[MT.ATTN_OUT] + ".weight", a["linear"])
             elif b.attn == "zero":  # one head, V and output zero: contributes exactly 0
                 put(n[MT.ATTN_NORM] + ".weight", torch.ones(hidden))
                 for key in (MT.ATTN_Q, MT.ATTN_K, MT.ATTN_V):

@@ -15,7 +15,7 @@ from torch import nn
 
 from ._adapters import ArchAdapter, registered_adapters
 
-__all__ = ["DroppedAttention", "DroppedMLP", "per_layer_modules", "SKIP_VALUES"]
+__all__ = ["DroppedAttention", "DroppedMLP", "LinearReplacement", "per_layer_modules", "SKIP_VALUES"]
 
 SKIP_VALUES: tuple[str, ...] = ("attention", "mlp")
 """Entries of ``per_layer_config[i]["skip"]`` this backend understands."""
@@ -37,6 +37,65 @@ class DroppedMLP(nn.Module):
 
     def forward(self, hidden_states: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
         return hidden_states.new_zeros(())
+
+
+class LinearReplacement(nn.Module):
+    """A sublayer (or a whole block, in the attention slot) replaced by a fitted linear map of its
+    normed input: ``x @ A`` (``A.weight`` is ``A`` transposed, ``hidden x hidden``) or, below full rank,
+    ``x @ U @ V`` (``U.weight`` ``[rank, hidden]``, ``V.weight`` ``[hidden, rank]``). In the attention slot
+    it returns ``(output, None)`` like an attention module and holds no KV cache.
+
+    Built empty (``rank``, ``hidden``) or from fitted weights with :meth:`from_weights`.
+    """
+
+    def __init__(self, hidden: int, rank: int, *, attention: bool, dtype: Any = None, device: Any = None) -> None:
+        super().__init__()
+        if not 1 <= rank <= hidden:
+            raise ValueError(f"LinearReplacement: rank must be in 1..{hidden} (the hidden size), got {rank}.")
+        self.hidden, self.rank, self.attention = int(hidden), int(rank), bool(attention)
+        kw = {"bias": False, "dtype": dtype, "device": device}
+        if rank >= hidden:
+            self.A = nn.Linear(hidden, hidden, **kw)
+        else:
+            self.U = nn.Linear(hidden, rank, **kw)
+            self.V = nn.Linear(rank, hidden, **kw)
+
+    @classmethod
+    def from_weights(cls, weights: dict[str, torch.Tensor], *, attention: bool) -> "LinearReplacement":
+        """From ``{"A.weight"}`` or ``{"U.weight", "V.weight"}`` (the module's own state-dict names)."""
+        if "A.weight" in weights:
+            w = weights["A.weight"]
+            mod = cls(w.shape[1], w.shape[1], attention=attention, dtype=w.dtype, device=w.device)
+        else:
+            u = weights["U.weight"]
+            mod = cls(u.shape[1], u.shape[0], attention=attention, dtype=u.dtype, device=u.device)
+        with torch.no_grad():
+            for name, p in mod.named_parameters():
+                p.copy_(weights[name])
+        return mod
+
+    def matrix(self) -> torch.Tensor:
+        """The full ``[hidden, hidden]`` map ``M`` with ``output = x @ M.T`` (an ``nn.Linear`` weight)."""
+        if self.rank >= self.hidden:
+            return self.A.weight.detach()
+        return (self.V.weight @ self.U.weight).detach()
+
+    def forward(self, hidden_states: torch.Tensor, *args: Any, **kwargs: Any) -> Any:
+        y = self.A(hidden_states) if self.rank >= self.hidden else self.V(self.U(hidden_states))
+        return (y, None) if self.attention else y
+
+    def extra_repr(self) -> str:
+        return f"hidden={self.hidden}, rank={self.rank}, attention={self.attention}"
+
+
+def _layer_linear(config: Any, layer_idx: int) -> dict[str, int]:
+    """``per_layer_config[i]["linear"]``: ``{"attention" | "mlp": rank}`` of the fitted linear maps."""
+    linear = dict(getattr(config.per_layer_config[layer_idx], "linear", None) or {})
+    unknown = set(linear) - set(SKIP_VALUES)
+    if unknown:
+        raise ValueError(f"per_layer_config[{layer_idx}].linear has {sorted(unknown)}; evoprune understands "
+                         f"{list(SKIP_VALUES)}.")
+    return {k: int(v) for k, v in linear.items()}
 
 
 def _layer_skips(config: Any, layer_idx: int) -> set[str]:
@@ -61,13 +120,19 @@ def _patched_init(orig_init, adapter: ArchAdapter):
             return orig_init(self, config, layer_idx, *args, **kwargs)
         layer_config = config.per_layer_config[layer_idx]
         skip = _layer_skips(config, layer_idx)
+        linear = _layer_linear(config, layer_idx)
         orig_init(self, layer_config, layer_idx, *args, **kwargs)
-        if "attention" in skip:
+        hidden = int(config.hidden_size)
+        if "attention" in linear:  # skipped attention replaced by a linear map of its normed input
+            setattr(self, adapter.attn, LinearReplacement(hidden, linear["attention"], attention=True))
+        elif "attention" in skip:
             setattr(self, adapter.attn, DroppedAttention())
             setattr(self, adapter.attn_norm, nn.Identity())
         else:
             getattr(self, adapter.attn).layer_idx = attention_cache_index(config, layer_idx)
-        if "mlp" in skip:
+        if "mlp" in linear:
+            setattr(self, adapter.mlp, LinearReplacement(hidden, linear["mlp"], attention=False))
+        elif "mlp" in skip:
             setattr(self, adapter.mlp, DroppedMLP())
             setattr(self, adapter.mlp_norm, nn.Identity())
 

@@ -4,8 +4,8 @@ serves natively (``model_type: nemotron-nas``, ``architectures: ["DeciLMForCausa
 The format (as vLLM's ``nemotron_nas.py`` and llama.cpp's ``DeciModel`` converter read it) gives
 each block a ``block_configs`` entry::
 
-    {"attention": {"n_heads_in_group": int | None, "no_op": bool, "replace_with_linear": False},
-     "ffn": {"ffn_mult": float | None, "no_op": bool, "replace_with_linear": False}}
+    {"attention": {"n_heads_in_group": int | None, "no_op": bool, "replace_with_linear": bool},
+     "ffn": {"ffn_mult": float | None, "no_op": bool, "replace_with_linear": bool}}
 
 * every kept attention has ``num_attention_heads`` (global) query heads and
   ``num_attention_heads // n_heads_in_group`` KV heads;
@@ -20,7 +20,12 @@ evoprune candidates map onto it exactly, with zero padding where the format is c
   zero O columns: they contribute exactly 0 but still cost their compute in the server);
 * MLP widths are padded with zero channels up to the next multiple of 256 (``silu(0) * 0`` through
   zero down-projection columns is exactly 0);
-* dropped sublayers are ``no_op``, dropped blocks vanish; sparsity stays in the (dense) weights.
+* dropped sublayers are ``no_op``, dropped blocks vanish; sparsity stays in the (dense) weights;
+* a full-rank linear replacement is ``replace_with_linear`` as DeciLM defines it (the norm kept,
+  ``self_attn.linear_attn.weight`` / ``mlp.linear_mlp.weight``, ``hidden x hidden``; a block's map
+  is the attention's with the FFN ``no_op``; a low-rank map is written as its product). vLLM's
+  ``nemotron_nas`` loader does not run these (it reads only ``no_op`` and ``n_heads_in_group``);
+  DeciLM's modeling code and evoprune do.
 
 The folder also holds ``configuration_decilm.py`` (evoprune's own small config class, for
 ``trust_remote_code`` loaders such as vLLM that read ``block_configs`` as attributes) and the
@@ -155,15 +160,22 @@ def nemotron_nas_layout(model: Any, dense_heads: int) -> list[dict[str, Any]]:
     for j, layer in enumerate(model.get_submodule(adapter.layers)):
         t = _layer_tensors(model, adapter, j, layer, hd)
         a, m = t["attn"], t["mlp"]
-        entry: dict[str, Any] = {}
-        if a is None:
+        entry: dict[str, Any] = {"attn_linear": bool(a is not None and "linear" in a),
+                                 "mlp_linear": bool(m is not None and "linear" in m)}
+        if entry["attn_linear"]:  # DeciLM: input_layernorm + self_attn.linear_attn (hidden x hidden)
+            entry.update(n_kv=0, q_per_kv=0)
+            att = {"n_heads_in_group": None, "no_op": False, "replace_with_linear": True}
+        elif a is None:
             entry.update(n_kv=0, q_per_kv=0)
             att = {"n_heads_in_group": None, "no_op": True, "replace_with_linear": False}
         else:
             entry.update(n_kv=a["n_kv"], q_per_kv=a["n_head"] // a["n_kv"])
             check_candidate_fits(dense_heads, [a["n_kv"]])
             att = {"n_heads_in_group": dense_heads // a["n_kv"], "no_op": False, "replace_with_linear": False}
-        if m is None:
+        if entry["mlp_linear"]:  # DeciLM: post_attention_layernorm + mlp.linear_mlp (hidden x hidden)
+            entry.update(mlp=0, ffn_width=0)
+            ffn = {"ffn_mult": None, "no_op": False, "replace_with_linear": True}
+        elif m is None:
             entry.update(mlp=0, ffn_width=0)
             ffn = {"ffn_mult": None, "no_op": True, "replace_with_linear": False}
         else:
@@ -224,7 +236,10 @@ def nemotron_nas_state_dict(model: Any, layout: list[dict[str, Any]], dense_head
         t = _layer_tensors(model, adapter, j, layer, hd)
         p = f"model.layers.{j}."
         a, m = t["attn"], t["mlp"]
-        if a is not None:
+        if e["attn_linear"]:
+            put(p + "input_layernorm.weight", a["norm"])
+            put(p + "self_attn.linear_attn.weight", a["linear"])
+        elif a is not None:
             group = dense_heads // e["n_kv"]
             put(p + "input_layernorm.weight", a["norm"])
             put(p + "self_attn.q_proj.weight", _pad_heads(a["q"], e["n_kv"], e["q_per_kv"], group, hd, 0))
@@ -236,7 +251,10 @@ def nemotron_nas_state_dict(model: Any, layout: list[dict[str, Any]], dense_head
                 put(p + "self_attn.k_proj.bias", a["k_b"])
                 put(p + "self_attn.v_proj.bias", a["v_b"])
             put(p + "self_attn.o_proj.bias", a["o_b"])
-        if m is not None:
+        if e["mlp_linear"]:
+            put(p + "post_attention_layernorm.weight", m["norm"])
+            put(p + "mlp.linear_mlp.weight", m["linear"])
+        elif m is not None:
             w = e["ffn_width"]
             put(p + "post_attention_layernorm.weight", m["norm"])
             put(p + "mlp.gate_proj.weight", _pad_rows(m["gate"], w))
@@ -298,8 +316,9 @@ def nemotron_nas_config(model: Any, layout: list[dict[str, Any]], dense_heads: i
     cfg["evoprune"] = {
         **(evoprune_section or {}),
         "format": "nemotron-nas",
-        "real_widths": [{"num_kv_heads": e["n_kv"], "q_per_kv": e["q_per_kv"], "mlp_channels": e["mlp"]}
-                        for e in layout],
+        "real_widths": [{"num_kv_heads": e["n_kv"], "q_per_kv": e["q_per_kv"], "mlp_channels": e["mlp"],
+                         **({"attn_linear": True} if e["attn_linear"] else {}),
+                         **({"mlp_linear": True} if e["mlp_linear"] else {})} for e in layout],
     }
     return cfg
 
@@ -329,6 +348,9 @@ def write_nemotron_nas(model: Any, path: str | os.PathLike[str], *, tokenizer: A
             gen.save_pretrained(partial)
         if tokenizer is not None:
             tokenizer.save_pretrained(partial)
+    if any(e["attn_linear"] or e["mlp_linear"] for e in layout):
+        _log.warning("Nemotron-NAS export %s has replace_with_linear blocks: DeciLM's own modeling code and evoprune "
+                     "run them, vLLM's nemotron_nas loader does not (it reads only no_op and n_heads_in_group)", path)
     padded = sum(e["ffn_width"] - e["mlp"] for e in layout)
     _log.info("wrote Nemotron-NAS export %s (%d blocks, %d zero MLP channels of padding)", path, len(layout), padded)
     return path
@@ -350,12 +372,15 @@ def deci_reference_model(path: str | os.PathLike[str]) -> Any:
     This is the target engine of ``evoprune verify-export`` (vLLM needs a GPU)."""
     cfg, sd = read_nemotron_nas(path)
     heads, hidden = cfg["num_attention_heads"], cfg["hidden_size"]
-    per_layer = {}
+    per_layer, linear = {}, {}
     for j, b in enumerate(cfg["block_configs"]):
         a, f = b["attention"], b["ffn"]
-        per_layer[j] = (0 if a["no_op"] else heads, 0 if a["no_op"] else heads // a["n_heads_in_group"],
-                        0 if f["no_op"] else ffn_mult_to_intermediate_size(f["ffn_mult"], hidden))
-    return _llama(cfg, sd, per_layer, path)
+        a_lin, f_lin = bool(a.get("replace_with_linear")), bool(f.get("replace_with_linear"))
+        linear[j] = {**({"attention": hidden} if a_lin else {}), **({"mlp": hidden} if f_lin else {})}
+        per_layer[j] = (0 if a["no_op"] or a_lin else heads,
+                        0 if a["no_op"] or a_lin else heads // a["n_heads_in_group"],
+                        0 if f["no_op"] or f_lin else ffn_mult_to_intermediate_size(f["ffn_mult"], hidden))
+    return _llama(cfg, sd, per_layer, path, linear)
 
 
 def evoprune_model_from_nemotron_nas(path: str | os.PathLike[str]) -> Any:
@@ -368,9 +393,11 @@ def evoprune_model_from_nemotron_nas(path: str | os.PathLike[str]) -> Any:
                          "Nemotron-NAS export.")
     heads = cfg["num_attention_heads"]
     hd = cfg["head_dim"]
-    per_layer = {}
+    per_layer, linear = {}, {}
     for j, w in enumerate(real):
         kv, q, mc = w["num_kv_heads"], w["q_per_kv"], w["mlp_channels"]
+        linear[j] = {**({"attention": cfg["hidden_size"]} if w.get("attn_linear") else {}),
+                     **({"mlp": cfg["hidden_size"]} if w.get("mlp_linear") else {})}
         p = f"model.layers.{j}."
         if kv:
             group = heads // kv
@@ -385,15 +412,21 @@ def evoprune_model_from_nemotron_nas(path: str | os.PathLike[str]) -> Any:
                 if p + name in sd:
                     sd[p + name] = sd[p + name].narrow(dim, 0, mc).contiguous()
         per_layer[j] = (kv * q, kv, mc)
-    return _llama(cfg, sd, per_layer, path)
+    return _llama(cfg, sd, per_layer, path, linear)
 
 
 def _llama(cfg: dict[str, Any], sd: dict[str, torch.Tensor], widths: dict[int, tuple[int, int, int]],
-           path: Any) -> Any:
-    """A transformers Llama whose block ``j`` has ``widths[j] = (q heads, kv heads, mlp)`` (0: dropped),
+           path: Any, linear: dict[int, dict[str, int]] | None = None) -> Any:
+    """A transformers Llama whose block ``j`` has ``widths[j] = (q heads, kv heads, mlp)`` (0: dropped; with
+    ``linear[j]`` ``{"attention" | "mlp": hidden}``: replaced by DeciLM's ``linear_attn`` / ``linear_mlp``),
     loaded from ``sd`` with exact names and shapes."""
     from transformers import LlamaConfig, LlamaForCausalLM  # deferred: keeps `import evoprune.pruning` cheap
 
+    linear = {j: v for j, v in (linear or {}).items() if v}
+    for old, new in ((".self_attn.linear_attn.weight", ".self_attn.A.weight"),
+                     (".mlp.linear_mlp.weight", ".mlp.A.weight")):  # DeciLM's names -> evoprune's module
+        for n in [n for n in sd if n.endswith(old)]:
+            sd[n[: -len(old)] + new] = sd.pop(n)
     per_layer = {}
     for j, (nq, nkv, mc) in widths.items():
         over: dict[str, Any] = {}
@@ -408,6 +441,8 @@ def _llama(cfg: dict[str, Any], sd: dict[str, torch.Tensor], widths: dict[int, t
             skip.append("mlp")
         if skip:
             over["skip"] = skip
+        if linear:
+            over["linear"] = linear.get(j, {})
         per_layer[j] = over
     keys = ("hidden_size", "num_attention_heads", "num_key_value_heads", "head_dim", "intermediate_size",
             "num_hidden_layers", "vocab_size", "max_position_embeddings", "rms_norm_eps", "hidden_act",

@@ -19,12 +19,13 @@ import torch
 from torch import nn
 
 from .._logging import get_logger
-from .._paths import cache_write_failed
+from .._paths import cache_folder, cache_write_failed
 from ..space import Candidate, ModelSpec, resolve_mode
 from . import _importance as imp
 from ._adapters import ArchAdapter, get_adapter
 from ._export import ExportMixin
-from ._modules import DroppedAttention, DroppedMLP
+from ._linear import DEFAULT_RIDGE, LinearFits, fitted_linear
+from ._modules import DroppedAttention, DroppedMLP, LinearReplacement
 from ._probe import ProbeStrategy
 from ._static import StaticStrategy
 from ._strategy import LayerRefs, LiveModel, Strategy, UndoLog, collect_refs
@@ -62,6 +63,8 @@ class Pruner(ExportMixin):
         mask_cache_bytes: bound of the sparsity-mask LRU; masks are stored bit-packed (default:
             a quarter byte per dense decoder weight, i.e. two dense-sized sets of masks).
         importance: precomputed scores to use instead of computing them (no cache).
+        linear_ridge: ridge of the fitted linear replacements (``linear`` levels, :mod:`._linear`), relative
+            to the mean diagonal of ``X^T X``; 0 is plain least squares.
 
     :meth:`set_mode` ``("probe", ProbeSettings(...))`` switches to Probe Pruning: the candidate's widths
     are then applied per batch, the kept units chosen by PP (see :mod:`evoprune.pruning._probe`).
@@ -89,6 +92,7 @@ class Pruner(ExportMixin):
         calib_batch_size: int = 8,
         mask_cache_bytes: int | None = None,
         importance: imp.Importance | None = None,
+        linear_ridge: float = DEFAULT_RIDGE,
     ) -> None:
         if method not in imp.IMPORTANCE_METHODS:
             raise ValueError(f"Pruner: method must be one of {imp.IMPORTANCE_METHODS}, got {method!r}.")
@@ -163,6 +167,13 @@ class Pruner(ExportMixin):
                                calib_ids=calib_ids, calib_batch_size=calib_batch_size,
                                model_fingerprint=self.model_fingerprint, data_fingerprint=self.data_fingerprint,
                                cache_dir=Path(cache_dir).expanduser() if cache_dir is not None else None)
+        self._linear = LinearFits(model, self.adapter, self._refs, calib_ids, batch_size=calib_batch_size,
+                                  ridge=linear_ridge,
+                                  key={"model_fingerprint": str(self.model_fingerprint),
+                                       "data_fingerprint": str(self.data_fingerprint)},
+                                  folder=cache_folder("linear_fits", self.cache_dir.parent)
+                                  if self.cache_dir is not None else None)
+        self._linear_modules: dict[tuple[int, str, int], LinearReplacement] = {}
         self._undo = UndoLog()  # the structure of the applied candidate (the strategy keeps its own)
         self._candidate: Candidate | None = None
         self.mode = "static"
@@ -263,7 +274,11 @@ class Pruner(ExportMixin):
             raise TypeError(f"Pruner.apply expects a Candidate, got {type(candidate).__name__}.")
         self.spec.check_candidate(candidate)
         self._strategy.check(candidate)
+        if candidate.has_linear and self.mode != "static":
+            raise ValueError(f"Pruner.apply: linear levels need the static mode (this pruner is in {self.mode!r} mode).")
         self.revert()
+        if candidate.has_linear:  # fitted on the dense model, once per block and part
+            self._linear.ensure(self.linear_parts(candidate))
         try:
             self._strategy.apply(candidate)  # on the dense model, then the structure
             self._apply_structure(candidate)
@@ -279,11 +294,14 @@ class Pruner(ExportMixin):
         a, live = self.adapter, self._live
         kept_layers = []
         attn_index = 0
-        for r, lc in zip(self._refs, candidate.layers):
+        for i, (r, lc) in enumerate(zip(self._refs, candidate.layers)):
             if lc.dropped:
                 continue
             kept_layers.append(r.layer)
-            if lc.attn_dropped:
+            slot = ("block", lc.block_linear) if lc.block_linear else ("attn", lc.attn_linear)
+            if slot[1]:  # the attention slot holds a fitted map of the attention-normed input
+                self._undo.set(r.layer, a.attn, self.linear_module(i, *slot))
+            elif lc.attn_dropped:
                 self._undo.set(r.layer, a.attn, DroppedAttention())
                 self._undo.set(r.layer, a.attn_norm, nn.Identity())
             else:
@@ -292,7 +310,9 @@ class Pruner(ExportMixin):
                 attn_index += 1
                 if not live.is_dense(lc, "attn"):
                     self._set_head_attrs(r.attn, lc)
-            if lc.mlp_dropped:
+            if lc.mlp_linear:
+                self._undo.set(r.layer, a.mlp, self.linear_module(i, "mlp", lc.mlp_linear))
+            elif lc.mlp_dropped:
                 self._undo.set(r.layer, a.mlp, DroppedMLP())
                 self._undo.set(r.layer, a.mlp_norm, nn.Identity())
         if len(kept_layers) != len(self._refs):
@@ -304,6 +324,31 @@ class Pruner(ExportMixin):
             types = getattr(cfg, "layer_types", None)
             if types is not None:
                 self._undo.set(cfg, "layer_types", [types[i] for i in kept])
+
+    # -- linear replacements -----------------------------------------------------------------------
+    @staticmethod
+    def linear_parts(candidate: Candidate) -> list[tuple[int, str]]:
+        """``(block, part)`` of every fitted linear map of ``candidate`` (part ``"attn"``, ``"mlp"``, ``"block"``)."""
+        out = []
+        for i, lc in enumerate(candidate.layers):
+            out += [(i, part) for part in ("attn", "mlp", "block") if getattr(lc, f"{part}_linear")]
+        return out
+
+    def linear_module(self, i: int, part: str, rank: int) -> LinearReplacement:
+        """The :class:`LinearReplacement` of block ``i``'s ``part`` at ``rank`` (fitted on first use, reused)."""
+        key = (i, part, rank)
+        mod = self._linear_modules.get(key)
+        if mod is None:
+            ref = self._refs[i].weight[next(iter(self._refs[i].weight))]
+            weights = fitted_linear(self._linear, i, part, rank, dtype=ref.dtype, device=ref.device)
+            mod = LinearReplacement.from_weights(weights, attention=part != "mlp")
+            self._linear_modules[key] = mod
+        return mod
+
+    def linear_residual_share(self, i: int, part: str) -> float:
+        """The full-rank fit's residual share ``|Y - XA|^2 / |Y|^2`` on the calibration tokens (fits it if needed)."""
+        self._linear.ensure([(i, part)])
+        return self._linear.residual_share(i, part)
 
     def _set_head_attrs(self, attn: nn.Module, lc: Any) -> None:
         values = {

@@ -280,6 +280,11 @@ class StageConfig:
         _pos_int(f"StudyConfig.stages[{self.name!r}].seq_len", self.seq_len)
         _pos_int(f"StudyConfig.stages[{self.name!r}].finetune_tokens", self.finetune_tokens, zero=True)
         object.__setattr__(self, "finetune", _jsonable("finetune", dict(self.finetune or {})))
+        if FULL_CHECKS.get() and ({"loss", "temperature", "top_k"} & set(self.finetune)):
+            from ..evaluators import check_distill
+
+            check_distill(self.finetune.get("loss", "ce"), self.finetune.get("temperature", 1.0),
+                          self.finetune.get("top_k", "auto"), where=f"StudyConfig.stages[{self.name!r}].finetune")
         if self.promote is not None:
             kind, kwargs = parse_promote(self.promote, f"StudyConfig.stages[{self.name!r}].promote")
             if kind == "race" and FULL_CHECKS.get():

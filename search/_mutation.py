@@ -153,8 +153,8 @@ def level_switch(
             continue
         la = genes[a].layer
         for j, b in enumerate(down_idx):
-            if genes[b].kind != "block" or a == b:
-                continue
+            if genes[b].kind != "block" or a == b or lv[b] != lv[a] + 1:  # an exchange of the same two levels
+                continue  # (keep <-> drop, or between linear ranks); others cost what their deltas say
             lb = genes[b].layer
             moves = []
             for g in genes:

@@ -195,7 +195,7 @@ def space_from_config(config: StudyConfig, model_config: Any) -> SearchSpace:
     """The study's :class:`~evoprune.space.SearchSpace`: ``config.space`` options and budgets on the
     model's config (a transformers config or its ``config.json`` dict; no weights needed)."""
     opts = dict(config.space)
-    for key in ("attn_levels", "sparsity_levels", "frozen_layers"):
+    for key in ("attn_levels", "sparsity_levels", "frozen_layers", "linear_ranks"):
         if opts.get(key) is not None:
             opts[key] = tuple(opts[key])
     if opts.get("latency") is not None:

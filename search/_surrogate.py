@@ -58,8 +58,20 @@ def gene_prior(space: SearchSpace, influence: Any) -> dict[str, tuple[float, ...
                 return None
             continue
         full = g.levels[0]
-        out[g.name] = tuple(vals[g.layer] * (1.0 - lv / full) if full else 0.0 for lv in g.levels)
+        h = space.spec.hidden_size
+        out[g.name] = tuple(vals[g.layer] * (_linear_share(-lv, h) if lv < 0 else 1.0 - lv / full) if full else 0.0
+                            for lv in g.levels)
     return out if any(any(v) for v in out.values()) else None
+
+
+#: The prior share of a part's influence that a full-rank fitted linear replacement leaves unexplained (a
+#: fixed guess, not the fit's residual: the prior costs no fit); a rank-r map leaves ``1 - (1 - share) * r / h``.
+LINEAR_PRIOR_SHARE = 0.5
+
+
+def _linear_share(rank: int, hidden: int) -> float:
+    """Prior share of a linear level of ``rank``: between :data:`LINEAR_PRIOR_SHARE` (full rank) and 1 (a drop)."""
+    return 1.0 - (1.0 - LINEAR_PRIOR_SHARE) * min(rank, hidden) / hidden
 
 
 def prior_score(space: SearchSpace, prior: Mapping[str, Sequence[float]], candidate: Candidate) -> float:

@@ -43,7 +43,16 @@ class LayerConfig:
             ``((name, level), ...)`` with names from :data:`LINEAR_NAMES`;
             a mapping is accepted and normalized to a sorted tuple.
 
-    A block with both sublayers dropped is dropped whole (``dropped``).
+        attn_linear, mlp_linear: rank of the linear map that replaces the
+            dropped attention / MLP sublayer (``0``: dropped, nothing replaces it):
+            the sublayer's output becomes ``norm(x) @ A`` with ``A`` fitted in closed
+            form on calibration data (full ``hidden x hidden`` when the rank is the
+            hidden size, else ``U @ V`` of that rank). Needs the sublayer dropped.
+        block_linear: rank of one linear map that replaces the whole block
+            (both sublayers dropped): ``x + input_norm(x) @ A``, fitted to the
+            block's whole residual update.
+
+    A block with both sublayers dropped and nothing linear is dropped whole (``dropped``).
     """
 
     num_kv_heads: int
@@ -51,9 +60,12 @@ class LayerConfig:
     mlp_channels: int
     sparsity: float = 0.0
     linear_sparsity: tuple[tuple[str, float], ...] = ()
+    attn_linear: int = 0
+    mlp_linear: int = 0
+    block_linear: int = 0
 
     def __post_init__(self) -> None:
-        for name in ("num_kv_heads", "q_per_kv", "mlp_channels"):
+        for name in ("num_kv_heads", "q_per_kv", "mlp_channels", "attn_linear", "mlp_linear", "block_linear"):
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int) or value < 0:
                 raise ValueError(f"LayerConfig.{name} must be a non-negative int, got {value!r}.")
@@ -62,6 +74,13 @@ class LayerConfig:
                 "LayerConfig: num_kv_heads and q_per_kv must both be 0 (attention dropped) "
                 f"or both be positive; got num_kv_heads={self.num_kv_heads}, q_per_kv={self.q_per_kv}."
             )
+        if self.attn_linear and self.num_kv_heads:
+            raise ValueError("LayerConfig: attn_linear replaces a dropped attention; set num_kv_heads=q_per_kv=0.")
+        if self.mlp_linear and self.mlp_channels:
+            raise ValueError("LayerConfig: mlp_linear replaces a dropped MLP; set mlp_channels=0.")
+        if self.block_linear and (self.num_kv_heads or self.mlp_channels or self.attn_linear or self.mlp_linear):
+            raise ValueError("LayerConfig: block_linear replaces the whole block; set num_kv_heads=q_per_kv="
+                             "mlp_channels=0 and no attn_linear/mlp_linear.")
         _check_level("LayerConfig.sparsity", self.sparsity)
         object.__setattr__(self, "sparsity", float(self.sparsity))
         items: Iterable[tuple[str, float]]
@@ -99,8 +118,13 @@ class LayerConfig:
 
     @property
     def dropped(self) -> bool:
-        """The whole block is removed."""
-        return self.attn_dropped and self.mlp_dropped
+        """The whole block is removed (both sublayers dropped, nothing linear in their place)."""
+        return self.attn_dropped and self.mlp_dropped and not self.replaced
+
+    @property
+    def replaced(self) -> bool:
+        """Some part of the block is a fitted linear map (``attn_linear``, ``mlp_linear``, ``block_linear``)."""
+        return bool(self.attn_linear or self.mlp_linear or self.block_linear)
 
     @property
     def num_q_heads(self) -> int:
@@ -125,6 +149,9 @@ class LayerConfig:
             out["sparsity"] = self.sparsity
         if self.linear_sparsity:
             out["linear_sparsity"] = dict(self.linear_sparsity)
+        for name in ("attn_linear", "mlp_linear", "block_linear"):
+            if getattr(self, name):
+                out[name] = getattr(self, name)
         return out
 
     @classmethod
@@ -215,6 +242,11 @@ class Candidate(JsonValue):
     def kept_layers(self) -> tuple[int, ...]:
         """Indices (in the dense model) of the blocks that are not dropped whole."""
         return tuple(i for i, layer in enumerate(self.layers) if not layer.dropped)
+
+    @property
+    def has_linear(self) -> bool:
+        """Some block or sublayer is replaced by a fitted linear map."""
+        return any(layer.replaced for layer in self.layers)
 
     @property
     def has_sparsity(self) -> bool:

@@ -43,7 +43,9 @@ not cost objectives, so :attr:`CostModel.metrics` and :meth:`CostModel.costs` le
 them out): ``dropped_blocks`` (blocks removed whole), ``dropped_attn`` / ``dropped_mlp``
 (attention / MLP sublayers removed, a dropped block's included) and
 ``dropped_sublayers`` (``dropped_attn + dropped_mlp``). They are additive over
-blocks too (``0`` outside the blocks and for the dense model).
+blocks too (``0`` outside the blocks and for the dense model). A block or sublayer
+replaced by a fitted linear map is not dropped: it counts 0 and costs
+:meth:`CostModel.linear_cost` (its matrix or low-rank pair and its input norm).
 """
 
 from __future__ import annotations
@@ -471,6 +473,26 @@ class CostModel:
         extra = h + (2 * channels + h if s.mlp_bias else 0)
         return self._weights_cost(shapes, extra, metric, sparsity, pattern)
 
+    def linear_cost(self, rank: int, metric: str) -> float:
+        """Cost of one fitted linear replacement of ``rank`` (with the input norm it keeps); 0 for rank 0.
+
+        ``params``/``nonzero_params``: ``h*h + h`` at full rank, ``2*h*rank + h`` below it; ``flops``: twice
+        the matrix parameters; ``kv_bytes``: 0; ``latency``: an MLP of the same multiply-adds in the table
+        (``ceil(matrix params / (3 h))`` channels), an approximation."""
+        if rank <= 0:
+            return 0
+        h = self.spec.hidden_size
+        matrix = sum(r * c for _, r, c in self.spec.linear_shapes(rank))
+        if metric in ("params", "nonzero_params"):
+            return matrix + h
+        if metric == "flops":
+            return 2 * matrix
+        if metric == "kv_bytes":
+            return 0
+        self._check_metric(metric)
+        assert self.latency_table is not None
+        return self.latency_table.lookup("mlp", -(-matrix // (3 * h)))
+
     def _weights_cost(self, shapes: Any, extra: int, metric: str, sparsity: Mapping[str, float] | None,
                       pattern: str) -> int:
         """``params`` / ``nonzero_params`` of a sublayer's linears ``(name, rows, in_features)`` plus
@@ -496,7 +518,9 @@ class CostModel:
             mlp_sp = {n: layer.sparsity_of(n) for n in MLP_LINEARS}
         return self.attn_cost(
             layer.num_kv_heads, layer.q_per_kv, metric, sparsity=attn_sp, seq_len=seq_len, pattern=pattern
-        ) + self.mlp_cost(layer.mlp_channels, metric, sparsity=mlp_sp, pattern=pattern)
+        ) + self.mlp_cost(layer.mlp_channels, metric, sparsity=mlp_sp, pattern=pattern) + (
+            self.linear_cost(layer.attn_linear, metric) + self.linear_cost(layer.mlp_linear, metric)
+            + self.linear_cost(layer.block_linear, metric) if layer.replaced else 0)
 
     # ---- totals ------------------------------------------------------------
 
@@ -577,10 +601,15 @@ class CostModel:
 
 def _layer_count(layer: LayerConfig, metric: str) -> int:
     """``layer``'s contribution to a count metric (see the module docstring)."""
+    # a part replaced by a fitted linear map is not dropped (it still computes something)
+    if layer.block_linear:
+        return 0
+    attn = int(layer.attn_dropped and not layer.attn_linear)
+    mlp = int(layer.mlp_dropped and not layer.mlp_linear)
     if metric == "dropped_blocks":
         return int(layer.dropped)
     if metric == "dropped_attn":
-        return int(layer.attn_dropped)
+        return attn
     if metric == "dropped_mlp":
-        return int(layer.mlp_dropped)
-    return int(layer.attn_dropped) + int(layer.mlp_dropped)
+        return mlp
+    return attn + mlp

@@ -50,14 +50,20 @@ class LevelsMixin:
         g = self._layer_genes[i]
         if not g:
             return self._dense_layer
-        if "block" in g and lv[g["block"]] == 1:
-            return _DROPPED
+        if "block" in g:
+            b = self.genes[g["block"]].levels[lv[g["block"]]]
+            if b == 0:
+                return _DROPPED
+            if b < 0:
+                return LayerConfig(num_kv_heads=0, q_per_kv=0, mlp_channels=0, block_linear=-b)
         spec = self.spec
         nkv, m = spec.num_kv_heads, spec.q_per_kv
+        attn_linear = mlp_linear = 0
         if "attn" in g:
             u = self.genes[g["attn"]].levels[lv[g["attn"]]]
-            if u == 0:
+            if u <= 0:
                 nkv = m = 0
+                attn_linear = -u
             elif self.attention == "kv_groups":
                 nkv = u
             elif self.attention == "q_per_group":
@@ -65,7 +71,9 @@ class LevelsMixin:
         channels = spec.intermediate_size
         if "mlp" in g:
             channels = self.genes[g["mlp"]].levels[lv[g["mlp"]]]
-        if nkv == 0 and channels == 0:
+            if channels < 0:
+                channels, mlp_linear = 0, -channels
+        if nkv == 0 and channels == 0 and not (attn_linear or mlp_linear):
             return _DROPPED
         sparsity = 0.0
         linear: list[tuple[str, float]] = []
@@ -80,7 +88,8 @@ class LevelsMixin:
                     continue
                 linear.append((name, self.genes[k].levels[lv[k]]))
         return LayerConfig(
-            num_kv_heads=nkv, q_per_kv=m, mlp_channels=channels, sparsity=sparsity, linear_sparsity=tuple(linear)
+            num_kv_heads=nkv, q_per_kv=m, mlp_channels=channels, sparsity=sparsity, linear_sparsity=tuple(linear),
+            attn_linear=attn_linear, mlp_linear=mlp_linear,
         )
 
     def _candidate(self, lv: Sequence[int]) -> Candidate:
@@ -117,10 +126,23 @@ class LevelsMixin:
                 raise ValueError(f"{where} is frozen (frozen_layers) and must stay dense; got {layer}.")
             return out
         if layer.dropped and "block" in g:
-            out["block"] = 1
+            out["block"] = self.genes[g["block"]].top
+            return out
+        if layer.block_linear:
+            values = self.genes[g["block"]].levels if "block" in g else ()
+            if -layer.block_linear not in values:
+                raise ValueError(f"{where}: block_linear={layer.block_linear} is not a level of this space (block "
+                                 f"levels {values}; linear_ranks with drop_blocks=True offers it).")
+            out["block"] = values.index(-layer.block_linear)
             return out
         # attention
-        if layer.attn_dropped:
+        if layer.attn_linear:
+            values = self.genes[g["attn"]].levels if "attn" in g else ()
+            if -layer.attn_linear not in values:
+                raise ValueError(f"{where}: attn_linear={layer.attn_linear} is not a level of this space (linear_ranks "
+                                 "with drop_attention=True offers it).")
+            out["attn"] = values.index(-layer.attn_linear)
+        elif layer.attn_dropped:
             if "attn" not in g or not self.genes[g["attn"]].drops:
                 what = "drop_blocks=True" if layer.dropped else "drop_attention=True"
                 raise ValueError(f"{where} drops attention but this space does not ({what} allows it).")
@@ -153,10 +175,16 @@ class LevelsMixin:
                     raise ValueError(f"{where}: {unit} attention units is not a level of this space {values}.")
                 out["attn"] = values.index(unit)
         # mlp
-        if layer.mlp_dropped and ("mlp" not in g or not self.genes[g["mlp"]].drops):
+        if layer.mlp_linear:
+            values = self.genes[g["mlp"]].levels if "mlp" in g else ()
+            if -layer.mlp_linear not in values:
+                raise ValueError(f"{where}: mlp_linear={layer.mlp_linear} is not a level of this space (linear_ranks "
+                                 "with drop_mlp=True offers it).")
+            out["mlp"] = values.index(-layer.mlp_linear)
+        elif layer.mlp_dropped and ("mlp" not in g or not self.genes[g["mlp"]].drops):
             what = "drop_blocks=True" if layer.dropped else "drop_mlp=True"
             raise ValueError(f"{where} drops the MLP but this space does not ({what} allows it).")
-        if "mlp" in g:
+        elif "mlp" in g:
             values = self.genes[g["mlp"]].levels
             if layer.mlp_channels not in values:
                 raise ValueError(

@@ -206,9 +206,11 @@ class MovesMixin:
             if part == "attn":
                 sp = {n: layer.sparsity_of(n) for n in ATTN_LINEARS}
                 cost = cm.attn_cost(layer.num_kv_heads, layer.q_per_kv, metric, sparsity=sp)
+                cost += cm.linear_cost(layer.attn_linear, metric)
             else:
                 sp = {n: layer.sparsity_of(n) for n in MLP_LINEARS}
                 cost = cm.mlp_cost(layer.mlp_channels, metric, sparsity=sp)
+                cost += cm.linear_cost(layer.mlp_linear, metric)
             drops = k is not None and self.genes[k].drops and j == self.genes[k].top
             out.append((cost, j, drops))
         return out
@@ -251,7 +253,7 @@ class MovesMixin:
             cost = best_a[0] + best_m[0]
             layer_assign = chosen(best_a, best_m)
             if "block" in g and minimize and cost > 0:
-                cost, layer_assign = 0, [(g["block"], 1)]
+                cost, layer_assign = 0, [(g["block"], self.genes[g["block"]].top)]
             for k, level in layer_assign:
                 lv[k] = level
             total += cost

@@ -13,6 +13,7 @@ gene name           levels (values in ``Gene.levels``)
                     query heads per KV group (``"q_per_group"``)
 ``Li.mlp``          kept MLP channels ``I, I-step, ..., mlp_min``, then ``0`` if
                     ``drop_mlp``
+                    (``linear_ranks``: levels ``-r`` before the drop level, a fitted map)
 ``Li.sparsity``     sparsity of every linear of the block, ascending from 0
                     (``sparsity_granularity="layer"``)
 ``Li.q.sparsity``   ... one gene per linear ``q k v o gate up down``
@@ -183,6 +184,8 @@ class SearchSpace(JsonValue, LevelsMixin, MovesMixin):
         mode: ``"static"`` (default: the top-k units by calibration importance) or ``"probe"``
             (the widths are applied per batch by Probe Pruning, see :mod:`evoprune.space._mode`).
         probe: :class:`~evoprune.space._mode.ProbeSettings` or its dict (probe mode only).
+        linear_ranks: ranks of fitted linear maps that may replace what ``drop_*`` drops
+            (``hidden_size``: full matrix), each a level ``-rank`` before a drop level.
 
     Attributes (derived, not compared): ``genes`` (tuple of :class:`Gene`) and
     ``cost_model`` (:class:`CostModel`).
@@ -207,6 +210,7 @@ class SearchSpace(JsonValue, LevelsMixin, MovesMixin):
     latency: LatencyTable | None = None
     mode: str = "static"
     probe: Any = None
+    linear_ranks: tuple[int, ...] = ()
     genes: tuple[Gene, ...] = dataclasses.field(init=False, compare=False, repr=False)
     cost_model: CostModel = dataclasses.field(init=False, compare=False, repr=False)
 
@@ -232,6 +236,7 @@ class SearchSpace(JsonValue, LevelsMixin, MovesMixin):
         self._set("mlp_step", step)
         self._set("mlp_min", mlp_min)
         self._set("sparsity_levels", self._resolve_sparsity())
+        self._set("linear_ranks", self._resolve_linear())
         self._set("frozen_layers", self._resolve_frozen())
         self._set("probe", resolve_mode(self.mode, self.probe, sparsity=bool(self.sparsity_levels)))
         for name in ("seq_len", "kv_dtype_bytes"):
@@ -372,6 +377,20 @@ class SearchSpace(JsonValue, LevelsMixin, MovesMixin):
                 raise ValueError("SearchSpace: pattern_2_4 needs hidden_size and head_dim divisible by 4.")
         return tuple(levels)
 
+    def _resolve_linear(self) -> tuple[int, ...]:
+        h = self.spec.hidden_size
+        ranks = _int_tuple("linear_ranks", self.linear_ranks or ())
+        for r in ranks:
+            if not 1 <= r <= h:
+                raise ValueError(f"SearchSpace.linear_ranks: rank {r} is not in 1..{h} (the hidden size; {h}: full).")
+        if len(set(ranks)) != len(ranks):
+            raise ValueError(f"SearchSpace.linear_ranks has duplicates: {ranks}.")
+        if ranks and not (self.drop_attention or self.drop_mlp or self.drop_blocks):
+            raise ValueError("SearchSpace.linear_ranks replace what is dropped: add drop_blocks, drop_attention or drop_mlp.")
+        if ranks and self.mode != "static":
+            raise ValueError("SearchSpace.linear_ranks needs mode: static (probe mode cannot hold linear maps).")
+        return tuple(sorted(ranks, reverse=True))
+
     def _resolve_frozen(self) -> tuple[int, ...]:
         n = self.spec.num_layers
         out = set()
@@ -415,8 +434,9 @@ class SearchSpace(JsonValue, LevelsMixin, MovesMixin):
             attn_values = tuple(self.attn_levels or ())
         elif self.drop_attention:
             attn_values = (spec.num_kv_heads,)
+        linear = tuple(-r for r in self.linear_ranks)
         if self.drop_attention:
-            attn_values = attn_values + (0,)
+            attn_values = attn_values + linear + (0,)
         mlp_values: tuple[int, ...] = ()
         if self.mlp:
             assert self.mlp_step is not None and self.mlp_min is not None
@@ -424,10 +444,10 @@ class SearchSpace(JsonValue, LevelsMixin, MovesMixin):
         elif self.drop_mlp:
             mlp_values = (spec.intermediate_size,)
         if self.drop_mlp:
-            mlp_values = mlp_values + (0,)
+            mlp_values = mlp_values + linear + (0,)
         per_layer: list[tuple[str, tuple[Any, ...]]] = []
         if self.drop_blocks:
-            per_layer.append(("block", (1, 0)))
+            per_layer.append(("block", (1, *linear, 0)))
         if len(attn_values) > 1:
             per_layer.append(("attn", attn_values))
         if len(mlp_values) > 1:
@@ -637,6 +657,7 @@ class SearchSpace(JsonValue, LevelsMixin, MovesMixin):
             "latency": None if self.latency is None else self.latency.to_dict(),
             # written only in probe mode: static spaces keep their JSON (and key) unchanged
             **({"mode": self.mode, "probe": self.probe.to_dict()} if self.mode != "static" else {}),
+            **({"linear_ranks": list(self.linear_ranks)} if self.linear_ranks else {}),
         }
 
     @classmethod
@@ -653,14 +674,13 @@ class SearchSpace(JsonValue, LevelsMixin, MovesMixin):
         data["spec"] = ModelSpec.from_dict(data["spec"])
         if data.get("attn_levels") is not None:
             data["attn_levels"] = tuple(data["attn_levels"])
-        for key in ("sparsity_levels", "frozen_layers"):
+        for key in ("sparsity_levels", "frozen_layers", "linear_ranks"):
             if key in data:
                 data[key] = tuple(data[key])
         data["budget"] = tuple(Budget.from_dict(b) for b in data.get("budget") or ())
         if data.get("latency") is not None:
             data["latency"] = LatencyTable.from_dict(data["latency"])
         return cls(**data)
-
 
 
 def _state_count(state: tuple[bool, bool], metric: str) -> int:

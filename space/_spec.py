@@ -111,6 +111,14 @@ class ModelSpec:
         q_out, kv_out = num_kv_heads * q_per_kv * hd, (num_kv_heads if kv_heads is None else kv_heads) * hd
         return (("q", q_out, h), ("k", kv_out, h), ("v", kv_out, h), ("o", h, q_out))
 
+    def linear_shapes(self, rank: int) -> tuple[tuple[str, int, int], ...]:
+        """``((name, out_features, in_features), ...)`` of a fitted linear replacement of ``rank``: one
+        ``hidden x hidden`` matrix at full rank, else ``U`` (hidden -> rank) and ``V`` (rank -> hidden)."""
+        h = self.hidden_size
+        if rank <= 0:
+            return ()
+        return (("A", h, h),) if rank >= h else (("U", rank, h), ("V", h, rank))
+
     def mlp_shapes(self, channels: int) -> tuple[tuple[str, int, int], ...]:
         """``((name, out_features, in_features), ...)`` of the kept gate, up, down weights."""
         h = self.hidden_size
@@ -147,4 +155,8 @@ class ModelSpec:
                 raise ValueError(
                     f"layer {i}: mlp_channels={layer.mlp_channels} exceeds the model's {self.intermediate_size}."
                 )
+            for name in ("attn_linear", "mlp_linear", "block_linear"):
+                if getattr(layer, name) > self.hidden_size:
+                    raise ValueError(f"layer {i}: {name}={getattr(layer, name)} is a rank larger than the hidden size "
+                                     f"{self.hidden_size}; use a rank of 1..{self.hidden_size}.")
         self.check_sparsity(candidate)

@@ -452,12 +452,14 @@ class EvoStudy:
     # ------------------------------------------------------------------ export
     def export(self, number: int, out_dir: str | os.PathLike[str], *, runtime: Any = None,
                finetune_tokens: int = 0, finetune_lr: float = 1e-4, format: str = "hf",
-               dtype: str | None = None) -> Artifact:
+               dtype: str | None = None, finetune_loss: str = "ce", finetune_temperature: float = 1.0) -> Artifact:
         """Write trial ``number``'s candidate as an HF checkpoint (``Pruner.export``) and record it
         (path, sha256 of the folder's files, candidate, metrics).
 
         ``finetune_tokens > 0`` heals the candidate first (:func:`evoprune.evaluators.healed`: the
-        structure-preserving fine-tune on the train split, AdamW at ``finetune_lr``) and writes the
+        structure-preserving fine-tune on the train split, AdamW at ``finetune_lr``, loss ``finetune_loss``:
+        ``"ce"``, ``"kl"`` -- distillation from the dense model at ``finetune_temperature`` -- or
+        ``"kl+ce"``) and writes the
         healed weights; the artifact's ``metrics["healing"]`` holds the perplexity before and after on
         the last stage's ``eval_tokens`` (at most 16,384) and ``seq_len`` of the validation split.
         The dense model in memory is restored afterwards.
@@ -484,7 +486,9 @@ class EvoStudy:
         if finetune_tokens and getattr(runtime.pruner, "mode", "static") == "probe":
             raise ValueError("export: a probe-mode study prunes per batch and cannot be healed; use finetune_tokens=0.")
         if finetune_tokens:
-            from ..evaluators import healed
+            from ..evaluators import check_distill, healed
+
+            check_distill(finetune_loss, finetune_temperature, where="export")
 
             if finetune_tokens < 0 or finetune_lr <= 0:
                 raise ValueError(f"export: finetune_tokens must be >= 0 and finetune_lr > 0, got {finetune_tokens}, "
@@ -493,7 +497,7 @@ class EvoStudy:
             ctx = runtime.context.for_stage("export-heal")
             with runtime.pruner.applied(candidate), healed(
                 runtime.model, ctx, tokens=int(finetune_tokens), lr=finetune_lr, seq_len=last.seq_len,
-                eval_tokens=min(last.eval_tokens or 4096, 16384),
+                eval_tokens=min(last.eval_tokens or 4096, 16384), loss=finetune_loss, temperature=finetune_temperature,
             ) as healing:
                 path = runtime.pruner.export(candidate, out, tokenizer=runtime.tokenizer, **fmt)
         else:

@@ -29,7 +29,7 @@ EXACT = 1e-6  # two loaders of the same checkpoint
 
 # kinds that stock transformers builds exactly: they keep the dense model_type
 STOCK_KINDS = ("block_drops", "sparsity", "2:4", "uniform_widths")
-CUSTOM_KINDS = ("widths_per_layer", "q_per_group", "attn_dropped", "mlp_dropped")
+CUSTOM_KINDS = ("widths_per_layer", "q_per_group", "attn_dropped", "mlp_dropped", "linear")
 
 
 def calib(n: int = 4, seq_len: int = 16, seed: int = 0) -> torch.Tensor:
@@ -62,6 +62,11 @@ def candidates(spec: ModelSpec) -> dict[str, Candidate]:
         "2:4": Candidate(layers=tuple(
             LayerConfig(num_kv_heads=G, q_per_kv=Q, mlp_channels=I, sparsity=0.5) for _ in range(n)),
             sparsity_pattern="2:4"),
+        # fitted linear maps (issue 26): a whole block full rank, an attention low rank, an MLP full rank
+        "linear": Candidate(layers=with_layers(
+            l0=LayerConfig(num_kv_heads=0, q_per_kv=0, mlp_channels=I, attn_linear=8),
+            l1=LayerConfig(num_kv_heads=0, q_per_kv=0, mlp_channels=0, block_linear=spec.hidden_size),
+            l2=LayerConfig(num_kv_heads=G, q_per_kv=Q, mlp_channels=0, mlp_linear=spec.hidden_size))),
         # the same smaller widths everywhere: hidden 64 % 4 heads == 0, so every dense config accepts them
         "uniform_widths": Candidate(layers=tuple(
             LayerConfig(num_kv_heads=2, q_per_kv=Q, mlp_channels=48) for _ in range(n))),

@@ -507,3 +507,96 @@ def test_flap_compensated_export_runs_in_llama_cpp(tmp_path):
     finally:
         llm.close()
     assert np.abs(got - want).max() < 1e-3
+
+
+# --------------------------------------------------------------------------- linear replacements (issue 26)
+
+
+def _linear_attention_candidate(spec: ModelSpec, *, first_linear: bool) -> Candidate:
+    h, d = spec.hidden_size, spec.dense_layer()
+    lin_attn = LayerConfig(num_kv_heads=0, q_per_kv=0, mlp_channels=spec.intermediate_size // 2, attn_linear=h)
+    lin_block = LayerConfig(num_kv_heads=0, q_per_kv=0, mlp_channels=0, block_linear=8)  # low rank: U @ V written
+    layers = [d, lin_attn, lin_block, LayerConfig(num_kv_heads=0, q_per_kv=0, mlp_channels=0), d, d]
+    if first_linear:
+        layers[0], layers[1] = layers[1], layers[0]
+    return Candidate(layers=tuple(layers))
+
+
+@pytest.mark.parametrize("arch", ["llama", "qwen2", "phi3"])
+@pytest.mark.parametrize("first_linear", [False, True])
+def test_gguf_linear_attention_runs_in_llama_cpp_token_for_token(arch, first_linear, tmp_path):
+    tok = tiny_tokenizer()
+    model = tiny_model(arch, num_hidden_layers=6)
+    pruner = Pruner(model, calib())
+    spec = pruner.spec
+    cand = _linear_attention_candidate(spec, first_linear=first_linear)
+    out = pruner.export(cand, tmp_path / "exp", tokenizer=tok, format="gguf")
+    path = out / "model-f32.gguf"
+    assert gguf_arch(path) == "deci"
+    reader = gguf.GGUFReader(str(path))
+    field = reader.fields["deci.attention.head_count_kv"]
+    kv = [int(field.parts[i][0]) for i in field.data]
+    heads = reader.fields["deci.attention.head_count"]
+    nh = [int(heads.parts[i][0]) for i in heads.data]
+    lin = [j for j, i in enumerate(cand.kept_layers) if cand.layers[i].attn_linear or cand.layers[i].block_linear]
+    assert all(kv[j] == 0 and nh[j] > 0 for j in lin) and len(lin) == 2
+    with pruner.applied(cand), torch.no_grad():
+        applied = model(torch.tensor([PROMPT])).logits[0].numpy()
+    small = pruner.materialize(cand).eval()
+    ref_tokens, ref_logits = torch_greedy(small, PROMPT, STEPS)
+    assert np.abs(ref_logits[: len(PROMPT)] - applied).max() < 1e-5
+    cpp_tokens, cpp_logits = llama_cpp_run(path, PROMPT, STEPS, PROMPT + ref_tokens)
+    assert cpp_tokens == ref_tokens
+    assert np.abs(cpp_logits - ref_logits).max() < TOL
+    (r,) = verify_export(out, prompt_ids=PROMPT, steps=STEPS)  # `evoprune verify-export`: llama.cpp vs evoprune
+    assert r.tokens_match and r.max_logit_diff < TOL and r.target.startswith("llama.cpp")
+
+
+def test_gguf_refuses_a_linear_ffn_in_one_line(tmp_path):
+    model = tiny_model("llama", num_hidden_layers=6)
+    pruner = Pruner(model, calib())
+    spec = pruner.spec
+    d = spec.dense_layer()
+    cand = Candidate(layers=(d, LayerConfig(num_kv_heads=spec.num_kv_heads, q_per_kv=spec.q_per_kv, mlp_channels=0,
+                                            mlp_linear=spec.hidden_size), d, d, d, d))
+    with pytest.raises(ExportFormatError, match="cannot hold a linear MLP") as exc:
+        pruner.export(cand, tmp_path / "x", tokenizer=tiny_tokenizer(), format="gguf")
+    assert "\n" not in str(exc.value) and not (tmp_path / "x").exists()
+
+
+@pytest.mark.parametrize("arch", ["llama", "qwen2", "phi3"])
+def test_nemotron_nas_writes_replace_with_linear_as_decilm_defines_it(arch, tmp_path):
+    from safetensors import safe_open
+
+    from evoprune.pruning._nemotron import evoprune_model_from_nemotron_nas
+
+    tok = tiny_tokenizer()
+    pruner, spec = _pruner(arch)
+    h, d = spec.hidden_size, spec.dense_layer()
+    cand = Candidate(layers=(
+        d,
+        LayerConfig(num_kv_heads=0, q_per_kv=0, mlp_channels=spec.intermediate_size, attn_linear=h),
+        LayerConfig(num_kv_heads=spec.num_kv_heads, q_per_kv=spec.q_per_kv, mlp_channels=0, mlp_linear=h),
+        LayerConfig(num_kv_heads=0, q_per_kv=0, mlp_channels=0, block_linear=8),
+        LayerConfig(num_kv_heads=0, q_per_kv=0, mlp_channels=0),
+        d,
+    ))
+    out = pruner.export(cand, tmp_path / "nas", tokenizer=tok, format="nemotron-nas")
+    cfg = json.loads((out / "config.json").read_text())
+    blocks = cfg["block_configs"]
+    assert blocks[1]["attention"] == {"n_heads_in_group": None, "no_op": False, "replace_with_linear": True}
+    assert blocks[2]["ffn"] == {"ffn_mult": None, "no_op": False, "replace_with_linear": True}
+    assert blocks[3]["attention"]["replace_with_linear"] and blocks[3]["ffn"]["no_op"]
+    with safe_open(str(out / "model.safetensors"), "pt") as f:
+        shapes = {k: tuple(f.get_slice(k).get_shape()) for k in f.keys()}
+    assert shapes["model.layers.1.self_attn.linear_attn.weight"] == (h, h)
+    assert shapes["model.layers.2.mlp.linear_mlp.weight"] == (h, h)
+    assert "model.layers.1.input_layernorm.weight" in shapes and "model.layers.2.post_attention_layernorm.weight" in shapes
+    with pruner.applied(cand), torch.no_grad():
+        applied = pruner.model(torch.tensor([PROMPT])).logits
+    with torch.no_grad():
+        target = deci_reference_model(out)(torch.tensor([PROMPT])).logits
+        own = evoprune_model_from_nemotron_nas(out)(torch.tensor([PROMPT])).logits
+    assert (target - applied).abs().max() < 1e-5 and (own - applied).abs().max() < 1e-5
+    (r,) = verify_export(out, prompt_ids=PROMPT, steps=STEPS)
+    assert r.tokens_match and r.max_logit_diff < 1e-5

@@ -46,6 +46,17 @@ def test_export_heals_and_records_perplexity(reference_tiny, tmp_path):
         windows = runtime.context.for_stage("export-heal").token_set(heal["eval_tokens"], 64).ids
         reloaded = load_pruned(art.path).eval()
         assert perplexity(reloaded, windows) == pytest.approx(heal["ppl_after"], rel=1e-4)
+        # distillation healing: the teacher from the live model (candidate reverted once), dense restored,
+        # and the export holds the distilled weights
+        with pytest.raises(ValueError, match="export: loss must be one of"):
+            study.export(number, tmp_path / "badloss", runtime=runtime, finetune_tokens=64, finetune_loss="mse")
+        kd = study.export(number, tmp_path / "kd", runtime=runtime, finetune_tokens=8192, finetune_loss="kl",
+                          finetune_temperature=2.0)
+        kd_heal = kd.metrics["healing"]
+        assert kd_heal["finetune"]["loss"] == "kl" and kd_heal["finetune"]["teacher_bytes"] > 0
+        assert kd_heal["ppl_after"] < kd_heal["ppl_before"] and kd_heal["ppl_after"] != heal["ppl_after"]
+        assert model_fingerprint(runtime.model) == dense_fp
+        assert perplexity(load_pruned(kd.path).eval(), windows) == pytest.approx(kd_heal["ppl_after"], rel=1e-4)
         plain = study.export(number, tmp_path / "plain", runtime=runtime)
         assert "healing" not in plain.metrics
         assert perplexity(load_pruned(plain.path).eval(), windows) == pytest.approx(heal["ppl_before"], rel=1e-4)
