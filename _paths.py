@@ -12,8 +12,8 @@ __all__ = ["CACHE_FOLDERS", "atomic_folder", "cache_folder", "cache_root", "new_
 
 #: the cache root's sub-folders, each written by one room: reference models (``data``), downloaded
 #: wheels (``data``), importance scores (``pruning``, through the runtime), dense reference logits
-#: (``evaluators``), per-host run files (``_threads``)
-CACHE_FOLDERS: tuple[str, ...] = ("models", "downloads", "importance", "dense_reference", "run")
+#: (``evaluators``), per-host run files (``_threads``), level databases (``pruning``, through the runtime)
+CACHE_FOLDERS: tuple[str, ...] = ("models", "downloads", "importance", "dense_reference", "run", "levels")
 
 
 def cache_root(cache_dir: str | os.PathLike[str] | None = None) -> Path:

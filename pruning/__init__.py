@@ -84,6 +84,8 @@ from ._auto import register_auto_classes
 from ._calib import calibration_pass
 from ._gguf import ExportFormatError, write_gguf
 from ._importance import IMPORTANCE_METHODS, Importance
+from ._leveldb import LevelDB, LevelDBError
+from ._levels import LevelSettings, levels_from_space
 from ._load import load_pruned
 from ._masks import wanda_mask
 from ._modules import DroppedAttention, DroppedMLP, per_layer_modules
@@ -101,11 +103,15 @@ __all__ = [
     "DroppedMLP",
     "ExportFormatError",
     "Importance",
+    "LevelDB",
+    "LevelDBError",
+    "LevelSettings",
     "Pruner",
     "VerifyResult",
     "calibration_pass",
     "check_format_args",
     "get_adapter",
+    "levels_from_space",
     "load_pruned",
     "per_layer_modules",
     "register_adapter",

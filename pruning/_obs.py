@@ -24,6 +24,8 @@ Ties break towards the lower column index (stable sorts), so equal inputs give e
 
 from __future__ import annotations
 
+from typing import Any
+
 import torch
 
 from ..space import kept_per_row
@@ -47,7 +49,7 @@ def _dampen(hessian: torch.Tensor, percdamp: float) -> tuple[torch.Tensor, torch
 
 @torch.no_grad()
 def sparsegpt(weight: torch.Tensor, hessian: torch.Tensor, level: float, pattern: str = "unstructured", *,
-              blocksize: int = 128, percdamp: float = 0.01) -> torch.Tensor:
+              blocksize: int = 128, percdamp: float = 0.01, return_mask: bool = False) -> Any:
     """SparseGPT: ``weight`` pruned to ``level`` with the remaining weights updated (a new float32
     tensor of the same shape; exactly ``in - kept_per_row(in, level, pattern)`` zeros per row, see
     the module docs).
@@ -59,14 +61,16 @@ def sparsegpt(weight: torch.Tensor, hessian: torch.Tensor, level: float, pattern
         pattern: ``"unstructured"`` or ``"2:4"``.
         blocksize: columns per lazy-update block (a multiple of 4 for ``"2:4"``).
         percdamp: dampening, a fraction of the mean Hessian diagonal.
+        return_mask: return ``(weight, keep-mask)`` (the mask also marks kept weights that are 0).
     """
     if weight.dim() != 2 or hessian.shape != (weight.shape[1], weight.shape[1]):
         raise ValueError(f"sparsegpt: weight {tuple(weight.shape)} and hessian {tuple(hessian.shape)} do not match.")
     out_f, in_f = weight.shape
     n_prune = in_f - kept_per_row(in_f, level, pattern)  # validates level, pattern and width
     w = weight.detach().to(torch.float64).clone()
+    keep = torch.ones(w.shape, dtype=torch.bool)
     if n_prune == 0:
-        return w.float()
+        return (w.float(), keep) if return_mask else w.float()
     if blocksize < 1 or (pattern == "2:4" and blocksize % 4):
         raise ValueError(f"sparsegpt: blocksize must be a positive multiple of 4 for 2:4, got {blocksize}.")
     h, dead = _dampen(hessian, percdamp)
@@ -96,8 +100,9 @@ def sparsegpt(weight: torch.Tensor, hessian: torch.Tensor, level: float, pattern
             w1[:, j] = torch.where(prune1[:, j], torch.zeros_like(col), w1[:, j])
             err[:, j] = e
         w[:, i1:i2] = w1
+        keep[:, i1:i2] = ~prune1
         w[:, i2:] -= err @ u[i1:i2, i2:]
-    return w.float()
+    return (w.float(), keep) if return_mask else w.float()
 
 
 @torch.no_grad()

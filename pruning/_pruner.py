@@ -24,6 +24,7 @@ from ..space import Candidate, ModelSpec, resolve_mode
 from . import _importance as imp
 from ._adapters import ArchAdapter, get_adapter
 from ._export import ExportMixin
+from ._levels import LevelSettings, LevelStrategy
 from ._modules import DroppedAttention, DroppedMLP
 from ._probe import ProbeStrategy
 from ._static import StaticStrategy
@@ -338,6 +339,33 @@ class Pruner(ExportMixin):
             self._strategies[mode] = strategy
         self._strategy = strategy
         self.mode = mode
+
+    def use_levels(self, settings: LevelSettings | None, *, cache_dir: str | os.PathLike[str] | None = None,
+                   progress: bool = False) -> None:
+        """Take the static mode's kept slices from a level database (:class:`~._levels.LevelSettings`:
+        SparseGPT / Wanda / magnitude sparsity, OBS-compensated widths), built now unless it is already
+        in ``cache_dir`` (the folder of level databases; ``None``: in memory); ``None`` goes back to
+        the plain static strategy. Switches to the static mode and reverts any applied candidate."""
+        self.revert()
+        if settings is None:
+            strategy: Strategy = self._strategies.get("static:plain") or self._strategies["static"]
+        else:
+            current = self._strategies.get("static")
+            if isinstance(current, LevelStrategy) and current.levels == settings:
+                strategy = current
+            else:
+                strategy = LevelStrategy(self._live, settings, progress=progress, cache_dir=cache_dir)
+        if "static:plain" not in self._strategies and not isinstance(self._strategies["static"], LevelStrategy):
+            self._strategies["static:plain"] = self._strategies["static"]
+        self._strategies["static"] = strategy
+        self._strategy = strategy
+        self.mode = "static"
+
+    @property
+    def levels(self) -> dict[str, Any] | None:
+        """The level database in use (path, digest, dtype, bytes, build seconds, methods), else ``None``."""
+        strategy = self._strategies.get("static")
+        return strategy.info() if isinstance(strategy, LevelStrategy) else None
 
     @property
     def strategy(self) -> Strategy:

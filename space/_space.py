@@ -52,7 +52,7 @@ from .._validate import check_keys
 from ._candidate import LINEAR_NAMES, Candidate, JsonValue, LayerConfig
 from ._cost import COUNT_METRICS, Budget, CostModel, LatencyTable, _layer_count
 from ._levels import LevelsMixin
-from ._mode import resolve_mode
+from ._mode import check_level_methods, resolve_mode
 from ._moves import MovesMixin
 from ._spec import ModelSpec
 
@@ -183,6 +183,12 @@ class SearchSpace(JsonValue, LevelsMixin, MovesMixin):
         mode: ``"static"`` (default: the top-k units by calibration importance) or ``"probe"``
             (the widths are applied per batch by Probe Pruning, see :mod:`evoprune.space._mode`).
         probe: :class:`~evoprune.space._mode.ProbeSettings` or its dict (probe mode only).
+        sparsity_method: ``None`` (default: Wanda masks computed per candidate) or where the sparsity
+            levels come from a level database built once (``evoprune.pruning``): ``"sparsegpt"``
+            (OBS reconstruction), ``"wanda"`` or ``"magnitude"`` (masks only).
+        width_method: ``None`` (default: slices) or ``"slice"`` / ``"obs"`` (o_proj / down_proj's kept
+            columns updated by least squares) from the level database.
+        level_dtype: the level database's storage dtype (``"float32"``, ``"float16"``, ``"bfloat16"``).
 
     Attributes (derived, not compared): ``genes`` (tuple of :class:`Gene`) and
     ``cost_model`` (:class:`CostModel`).
@@ -207,6 +213,9 @@ class SearchSpace(JsonValue, LevelsMixin, MovesMixin):
     latency: LatencyTable | None = None
     mode: str = "static"
     probe: Any = None
+    sparsity_method: str | None = None
+    width_method: str | None = None
+    level_dtype: str = "float32"
     genes: tuple[Gene, ...] = dataclasses.field(init=False, compare=False, repr=False)
     cost_model: CostModel = dataclasses.field(init=False, compare=False, repr=False)
 
@@ -234,6 +243,8 @@ class SearchSpace(JsonValue, LevelsMixin, MovesMixin):
         self._set("sparsity_levels", self._resolve_sparsity())
         self._set("frozen_layers", self._resolve_frozen())
         self._set("probe", resolve_mode(self.mode, self.probe, sparsity=bool(self.sparsity_levels)))
+        check_level_methods(self.sparsity_method, self.width_method, self.level_dtype, mode=self.mode,
+                            sparse=bool(self.sparsity_levels), widths=self.attention is not None or self.mlp)
         for name in ("seq_len", "kv_dtype_bytes"):
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
@@ -335,6 +346,11 @@ class SearchSpace(JsonValue, LevelsMixin, MovesMixin):
                 f"SearchSpace: mlp_min={mlp_min} leaves only the dense MLP width; lower it or use mlp=False."
             )
         return step, mlp_min
+
+    @property
+    def uses_levels(self) -> bool:
+        """Whether candidates take their weights from a level database (``sparsity_method`` or ``width_method`` set)."""
+        return self.sparsity_method is not None or self.width_method is not None
 
     def _resolve_sparsity(self) -> tuple[float, ...]:
         if self.sparsity_granularity not in SPARSITY_GRANULARITIES:
@@ -636,6 +652,10 @@ class SearchSpace(JsonValue, LevelsMixin, MovesMixin):
             "latency": None if self.latency is None else self.latency.to_dict(),
             # written only in probe mode: static spaces keep their JSON (and key) unchanged
             **({"mode": self.mode, "probe": self.probe.to_dict()} if self.mode != "static" else {}),
+            # written only when set: spaces without a level database keep their JSON (and key) unchanged
+            **({"sparsity_method": self.sparsity_method} if self.sparsity_method is not None else {}),
+            **({"width_method": self.width_method} if self.width_method is not None else {}),
+            **({"level_dtype": self.level_dtype} if self.level_dtype != "float32" else {}),
         }
 
     @classmethod
