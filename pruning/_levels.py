@@ -47,7 +47,7 @@ from ..space import Candidate, LayerConfig
 from ._calib import calibration_pass
 from ._leveldb import LEVEL_DTYPES, LevelDB
 from ._masks import pack_mask, unpack_mask, wanda_mask
-from ._obs import obs_columns, sparsegpt
+from ._obs import obs_columns, sparsegpt, sparsegpt_factor
 from ._static import StaticStrategy, _head_index, _LinearPlan, _Part
 from ._strategy import LiveModel
 
@@ -209,12 +209,15 @@ class LevelStrategy(StaticStrategy):
         r, a, s = live.refs[i], live.adapter, live.spec
         dt = self.db.dtype
         out: dict[str, torch.Tensor] = {}
+        factors: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
         for name, group in self._groups(i).items():
             w = r.weight[name].detach().float().cpu()
             for level in st.sparsity.get(i, ()):
                 if st.sparsity_method == "sparsegpt":
-                    new, keep = sparsegpt(w, hs[(i, group)], level, st.pattern, blocksize=st.blocksize,
-                                          percdamp=st.percdamp, return_mask=True)
+                    if group not in factors:  # one factorisation per input group, for every level
+                        factors[group] = sparsegpt_factor(hs[(i, group)], st.percdamp)
+                    new, keep = sparsegpt(w, None, level, st.pattern, blocksize=st.blocksize,
+                                          return_mask=True, factor=factors[group])
                 else:
                     norm = None if st.sparsity_method == "magnitude" else live.input_norms[group][i]
                     keep, new = wanda_mask(w, norm, level, st.pattern), w

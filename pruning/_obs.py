@@ -31,7 +31,7 @@ import torch
 from ..space import kept_per_row
 from ._masks import wanda_mask
 
-__all__ = ["obs_columns", "sparsegpt", "magnitude_prune", "wanda_prune"]
+__all__ = ["obs_columns", "sparsegpt", "sparsegpt_factor", "magnitude_prune", "wanda_prune"]
 
 
 def _dampen(hessian: torch.Tensor, percdamp: float) -> tuple[torch.Tensor, torch.Tensor]:
@@ -48,8 +48,20 @@ def _dampen(hessian: torch.Tensor, percdamp: float) -> tuple[torch.Tensor, torch
 
 
 @torch.no_grad()
-def sparsegpt(weight: torch.Tensor, hessian: torch.Tensor, level: float, pattern: str = "unstructured", *,
-              blocksize: int = 128, percdamp: float = 0.01, return_mask: bool = False) -> Any:
+def sparsegpt_factor(hessian: torch.Tensor, percdamp: float = 0.01) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(U, dead)``: the upper Cholesky factor of the dampened ``H^-1`` (float64) and the dead inputs;
+    pass it as ``factor=`` to :func:`sparsegpt` to compress one weight to several levels with one
+    factorisation."""
+    h, dead = _dampen(hessian, percdamp)
+    hinv = torch.cholesky_inverse(torch.linalg.cholesky(h))
+    return torch.linalg.cholesky(hinv, upper=True), dead
+
+
+@torch.no_grad()
+def sparsegpt(weight: torch.Tensor, hessian: torch.Tensor | None, level: float, pattern: str = "unstructured", *,
+              blocksize: int = 128, percdamp: float = 0.01, return_mask: bool = False,
+              dtype: torch.dtype = torch.float32,
+              factor: tuple[torch.Tensor, torch.Tensor] | None = None) -> Any:
     """SparseGPT: ``weight`` pruned to ``level`` with the remaining weights updated (a new float32
     tensor of the same shape; exactly ``in - kept_per_row(in, level, pattern)`` zeros per row, see
     the module docs).
@@ -62,21 +74,27 @@ def sparsegpt(weight: torch.Tensor, hessian: torch.Tensor, level: float, pattern
         blocksize: columns per lazy-update block (a multiple of 4 for ``"2:4"``).
         percdamp: dampening, a fraction of the mean Hessian diagonal.
         return_mask: return ``(weight, keep-mask)`` (the mask also marks kept weights that are 0).
+        dtype: the dtype the updates are computed in (float32, as the reference code; float64 for exactness).
+        factor: :func:`sparsegpt_factor` of ``hessian`` (then ``hessian`` may be ``None``).
     """
-    if weight.dim() != 2 or hessian.shape != (weight.shape[1], weight.shape[1]):
-        raise ValueError(f"sparsegpt: weight {tuple(weight.shape)} and hessian {tuple(hessian.shape)} do not match.")
+    if factor is None:
+        if hessian is None:
+            raise ValueError("sparsegpt: give hessian or factor.")
+        factor = None if hessian.shape != (weight.shape[-1],) * 2 else sparsegpt_factor(hessian, percdamp)
+    if weight.dim() != 2 or factor is None or factor[0].shape != (weight.shape[1], weight.shape[1]):
+        shape = tuple((hessian if hessian is not None else factor[0]).shape)  # type: ignore[index]
+        raise ValueError(f"sparsegpt: weight {tuple(weight.shape)} and hessian {shape} do not match.")
     out_f, in_f = weight.shape
     n_prune = in_f - kept_per_row(in_f, level, pattern)  # validates level, pattern and width
-    w = weight.detach().to(torch.float64).clone()
+    w = weight.detach().to(dtype).clone()
     keep = torch.ones(w.shape, dtype=torch.bool)
     if n_prune == 0:
         return (w.float(), keep) if return_mask else w.float()
     if blocksize < 1 or (pattern == "2:4" and blocksize % 4):
         raise ValueError(f"sparsegpt: blocksize must be a positive multiple of 4 for 2:4, got {blocksize}.")
-    h, dead = _dampen(hessian, percdamp)
-    w[:, dead] = 0.0
-    hinv = torch.cholesky_inverse(torch.linalg.cholesky(h))
-    u = torch.linalg.cholesky(hinv, upper=True)  # row j: the OBS update over columns j.. once 0..j-1 are fixed
+    u, dead = factor
+    u = u.to(dtype)
+    w[:, dead] = 0.0  # row j: the OBS update over columns j.. once 0..j-1 are fixed
     for i1 in range(0, in_f, blocksize):
         i2 = min(i1 + blocksize, in_f)
         w1 = w[:, i1:i2].clone()
