@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import random
@@ -210,3 +211,122 @@ def test_applied_equals_materialized_reverts_exactly_and_counts_match(arch, tmp_
             assert nonzeros + zeros_outside == space.cost(cand, "nonzero_params")  # e.g. the padding row
     pruner.use_levels(None)
     assert _same_state(model, snap)
+
+
+def test_database_wanda_is_the_per_candidate_wanda_bit_for_bit(tmp_path):
+    model = tiny_model("qwen2")
+    ids = _ids(seed=2)
+    pruner = Pruner(model, _ids())
+    space = _sparse_space(pruner.spec, method="wanda")
+    cands = [space.random(seed) for seed in range(3)]
+    plain = []
+    for cand in cands:
+        with pruner.applied(cand):
+            plain.append(model(ids).logits)
+    pruner.use_levels(levels_from_space(space), cache_dir=tmp_path)
+    for cand, want in zip(cands, plain):
+        with pruner.applied(cand):
+            assert torch.equal(model(ids).logits, want)
+
+
+def test_sparsegpt_levels_reconstruct_better_than_wanda_on_a_model(tmp_path):
+    """On the same candidate, the stored SparseGPT weights follow the dense logits more closely."""
+    model = tiny_model("llama", num_hidden_layers=2, hidden_size=128, intermediate_size=256)
+    ids = _ids(n=32, seq=32, seed=3)
+    dense = model(ids[:4]).logits
+    pruner = Pruner(model, ids)
+    space = _sparse_space(pruner.spec)
+    top = space.candidate_from_levels({g.name: g.top for g in space.genes})  # 75 % everywhere
+    with pruner.applied(top):
+        wanda = (model(ids[:4]).logits - dense).pow(2).mean()
+    pruner.use_levels(levels_from_space(space), cache_dir=tmp_path)
+    with pruner.applied(top):
+        sgpt = (model(ids[:4]).logits - dense).pow(2).mean()
+    assert sgpt < 0.9 * wanda  # random weights and tokens: the gap is small; the unit tests measure it
+
+
+@pytest.mark.parametrize("dtype", ["float16", "bfloat16"])
+def test_half_storage_keeps_the_exact_nonzero_counts(dtype, tmp_path):
+    model = tiny_model("llama")
+    pruner = Pruner(model, _ids())
+    space = _sparse_space(pruner.spec)
+    pruner.use_levels(levels_from_space(space, dtype=dtype), cache_dir=tmp_path)
+    assert pruner.levels["dtype"] == dtype
+    cand = space.random(5)
+    with pruner.applied(cand):
+        for p, mask in pruner.masks.items():
+            assert p.dtype == torch.float32 and torch.equal(mask, p != 0)
+    small = pruner.materialize(cand)
+    zeros_outside = sum(int((p == 0).sum()) for n, p in small.named_parameters() if ".layers." not in n)
+    assert sum(int((p != 0).sum()) for p in small.parameters()) + zeros_outside == space.cost(cand, "nonzero_params")
+
+
+def test_bad_levels_are_one_line_errors(tmp_path):
+    model = tiny_model("llama")
+    pruner = Pruner(model, _ids())
+    spec = pruner.spec
+    with pytest.raises(ValueError, match="sparsity_method must be one of"):
+        SearchSpace.from_model(spec, attention=None, mlp=False, sparsity_levels=(0, .5), sparsity_method="obs")
+    with pytest.raises(ValueError, match="width_method must be one of"):
+        SearchSpace.from_model(spec, width_method="sparsegpt")
+    with pytest.raises(ValueError, match="'sparsegpt' with width genes is not supported"):
+        SearchSpace.from_model(spec, sparsity_levels=(0, .5), sparsity_method="sparsegpt")
+    with pytest.raises(ValueError, match="need mode 'static'"):
+        SearchSpace.from_model(spec, mode="probe", width_method="obs")
+    space = _sparse_space(spec)
+    pruner.use_levels(levels_from_space(space), cache_dir=tmp_path)
+    lc = LayerConfig(num_kv_heads=spec.num_kv_heads, q_per_kv=spec.q_per_kv, mlp_channels=spec.intermediate_size,
+                     sparsity=0.6)
+    with pytest.raises(ValueError, match=r"sparsity 0.6 is not in the level database .* build the levels"):
+        pruner.apply(Candidate(layers=(lc,) * spec.num_layers))
+    narrow = dataclasses.replace(lc, mlp_channels=48, sparsity=0.5)
+    with pytest.raises(ValueError, match="sparsegpt levels of a narrower down_proj are not stored"):
+        pruner.apply(Candidate(layers=(narrow,) * spec.num_layers))
+    assert not pruner.is_applied
+    with pytest.raises(ValueError, match="need calibration tokens"):
+        Pruner(tiny_model("llama")).use_levels(levels_from_space(space))
+
+
+def test_exports_reload_to_the_applied_logits_in_a_fresh_process(tmp_path):
+    from helpers import RELOAD_SCRIPT
+    from safetensors.torch import load_file
+
+    ids, prompt = _ids(n=2, seq=12, seed=7), _ids(n=1, seq=4, seed=8)
+    jobs, expected = [], {}
+    for arch in ROUND_TRIP_ARCHS:
+        model = tiny_model(arch)
+        pruner = Pruner(model, _ids())
+        for kind, space in (("sparsegpt", _sparse_space(pruner.spec)), ("obs", _width_space(pruner.spec))):
+            pruner.use_levels(levels_from_space(space), cache_dir=tmp_path / "levels")
+            cand = space.random(ROUND_TRIP_ARCHS.index(arch))
+            out = pruner.export(cand, tmp_path / f"{arch}-{kind}")
+            with pruner.applied(cand):
+                expected[(arch, kind)] = model(ids).logits
+            jobs.append(dict(dir=str(out), ids=ids.tolist(), prompt=prompt.tolist(),
+                             out=str(tmp_path / f"{arch}-{kind}.safetensors")))
+    proc = subprocess.run([sys.executable, "-c", RELOAD_SCRIPT, json.dumps(jobs)], capture_output=True, text=True,
+                          timeout=600, cwd=str(TESTS))
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    for (arch, kind), want in expected.items():
+        got = load_file(str(tmp_path / f"{arch}-{kind}.safetensors"))
+        assert (got["logits"] - want).abs().max() < 1e-5, (arch, kind)
+
+
+def test_nemotron_nas_export_holds_the_database_weights(tmp_path):
+    from evoprune.pruning._nemotron import deci_reference_model
+
+    model = tiny_model("llama")
+    pruner = Pruner(model, _ids())
+    space = _width_space(pruner.spec)
+    pruner.use_levels(levels_from_space(space), cache_dir=tmp_path / "levels")
+    spec = pruner.spec
+    lc = LayerConfig(num_kv_heads=2, q_per_kv=spec.q_per_kv, mlp_channels=48, sparsity=0.5)
+    cand = Candidate(layers=(lc,) * spec.num_layers)
+    small = pruner.materialize(cand)
+    plain = Pruner(tiny_model("llama"), _ids()).materialize(cand)
+    ids = _ids(n=1, seq=8, seed=9)
+    with torch.no_grad():
+        want = small(ids).logits
+        assert (plain(ids).logits - want).abs().max() > 1e-3  # the OBS weights are not the sliced ones
+        out = pruner.export(cand, tmp_path / "nas", format="nemotron-nas")
+        assert (deci_reference_model(out)(ids).logits - want).abs().max() < 1e-5
