@@ -57,6 +57,10 @@ def test_a_study_builds_its_level_database_once_and_shows_it(world, tmp_path, ca
     assert main(["show", "--storage", url, "--study", "lv"]) == 0
     out = capsys.readouterr().out
     assert f"level database: {db} (sparsegpt sparsity" in out
+    from evoprune.report import write_report
+
+    page = Path(write_report(study, tmp_path / "report.html")).read_text(encoding="utf-8")
+    assert f"{db.name} at {db} (sparsegpt sparsity" in page
 
 
 @pytest.mark.parametrize("space,message", [
