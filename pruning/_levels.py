@@ -36,6 +36,7 @@ from __future__ import annotations
 import dataclasses
 import math
 import os
+from pathlib import Path
 from collections.abc import Mapping
 from typing import Any
 
@@ -165,6 +166,7 @@ class LevelStrategy(StaticStrategy):
             raise TypeError(f"LevelStrategy needs LevelSettings, got {type(settings).__name__}.")
         super().__init__(live, None, mask_cache_bytes=mask_cache_bytes)
         self.levels = settings
+        self.cache_dir = None if cache_dir is None else str(Path(cache_dir).expanduser())
         self._db_params: list[nn.Parameter] = []
         key = {"model": live.model_fingerprint, "calibration": live.data_fingerprint,
                "calib_shape": None if live.calib_ids is None else list(live.calib_ids.shape),

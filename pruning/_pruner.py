@@ -169,6 +169,7 @@ class Pruner(ExportMixin):
         self.mode = "static"
         self._strategy: Strategy = StaticStrategy(self._live, None, mask_cache_bytes=mask_cache_bytes)
         self._strategies: dict[str, Strategy] = {self.mode: self._strategy}  # one per mode, reused
+        self._level_strategies: list[LevelStrategy] = []  # every level database opened (use_levels)
 
     # -- setup -------------------------------------------------------------------------------------
     def _check_importance(self, importance: imp.Importance) -> None:
@@ -349,12 +350,12 @@ class Pruner(ExportMixin):
         self.revert()
         if settings is None:
             strategy: Strategy = self._strategies.get("static:plain") or self._strategies["static"]
-        else:
-            current = self._strategies.get("static")
-            if isinstance(current, LevelStrategy) and current.levels == settings:
-                strategy = current
-            else:
+        else:  # a database opened before (same levels, same folder) is reused: no second check or mapping
+            root = None if cache_dir is None else str(Path(cache_dir).expanduser())
+            strategy = next((s for s in self._level_strategies if s.levels == settings and s.cache_dir == root), None)
+            if strategy is None:
                 strategy = LevelStrategy(self._live, settings, progress=progress, cache_dir=cache_dir)
+                self._level_strategies.append(strategy)
         if "static:plain" not in self._strategies and not isinstance(self._strategies["static"], LevelStrategy):
             self._strategies["static:plain"] = self._strategies["static"]
         self._strategies["static"] = strategy

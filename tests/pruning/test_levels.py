@@ -330,3 +330,16 @@ def test_nemotron_nas_export_holds_the_database_weights(tmp_path):
         assert (plain(ids).logits - want).abs().max() > 1e-3  # the OBS weights are not the sliced ones
         out = pruner.export(cand, tmp_path / "nas", format="nemotron-nas")
         assert (deci_reference_model(out)(ids).logits - want).abs().max() < 1e-5
+
+
+def test_switching_back_to_a_database_reuses_it(tmp_path):
+    pruner = Pruner(tiny_model("llama"), _ids())
+    space = _sparse_space(pruner.spec)
+    pruner.use_levels(levels_from_space(space), cache_dir=tmp_path)
+    first = pruner.strategy
+    pruner.use_levels(None)
+    assert pruner.levels is None and type(pruner.strategy).__name__ == "StaticStrategy"
+    pruner.use_levels(levels_from_space(space), cache_dir=tmp_path)
+    assert pruner.strategy is first and first.db.built_layers == list(range(pruner.spec.num_layers))
+    pruner.use_levels(levels_from_space(space, sparsity_method="magnitude"), cache_dir=tmp_path)
+    assert pruner.strategy is not first and pruner.levels["sparsity_method"] == "magnitude"
