@@ -343,3 +343,23 @@ def test_switching_back_to_a_database_reuses_it(tmp_path):
     assert pruner.strategy is first and first.db.built_layers == list(range(pruner.spec.num_layers))
     pruner.use_levels(levels_from_space(space, sparsity_method="magnitude"), cache_dir=tmp_path)
     assert pruner.strategy is not first and pruner.levels["sparsity_method"] == "magnitude"
+
+
+def test_a_full_disk_while_building_is_one_line_and_leaves_no_partial_file(tmp_path):
+    script = textwrap.dedent(f"""
+        import resource, sys
+        import torch
+        from evoprune.pruning import LevelDB, LevelDBError
+        db = LevelDB({str(tmp_path)!r}, {{"k": 1}}, 2)
+        resource.setrlimit(resource.RLIMIT_FSIZE, (4096, resource.RLIM_INFINITY))  # files over 4 KiB: EFBIG
+        try:
+            db.build([0, 1], lambda i: {{"w": torch.ones(64, 64)}})
+        except LevelDBError as exc:
+            print("ERROR", exc)
+    """)
+    proc = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120)
+    lines = [ln for ln in proc.stdout.splitlines() if ln.startswith("ERROR")]
+    assert proc.returncode == 0 and len(lines) == 1, proc.stderr[-2000:]
+    assert "cannot write the level database" in lines[0] and "free disk space" in lines[0]
+    (db,) = [p for p in tmp_path.iterdir() if p.is_dir()]
+    assert sorted(p.name for p in db.iterdir() if not p.name.endswith(".lock")) == ["manifest.json"]
