@@ -17,8 +17,9 @@ strategy stores ``"down_proj@s0.5"``-style entries, other compressors store thei
 * **Checked**: :meth:`LevelDB.verify` compares every finished file's size and sha256 with its
   sidecar (a mismatch: logged, the layer deleted and built again); :meth:`LevelDB.load` checks the
   size. A folder whose manifest holds another key is refused with one line.
-* **Memory-mapped**: :meth:`LevelDB.load` maps the file copy-on-write (``mmap.ACCESS_COPY``): the
-  tensors cost no memory until read and writing to them never changes the file.
+* **Memory-mapped**: :meth:`LevelDB.load` maps the file private (copy-on-write) and pre-faulted
+  (``MAP_POPULATE``: the pages come from the page cache once, not on a candidate's first forward);
+  the mapped pages are the page cache's, and writing to the tensors never changes the file.
 
 ``root=None`` keeps everything in memory (the same API; nothing on disk).
 """
@@ -186,8 +187,9 @@ class LevelDB:
             return self._maps[i][1]
         if not self.done(i):
             raise LevelDBError(f"level database {self.path}: layer {i} is missing or truncated; build it again.")
-        with open(self._file(i, "safetensors"), "rb") as f:
-            mm = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_COPY)
+        with open(self._file(i, "safetensors"), "rb") as f:  # private (copy-on-write), pre-faulted where Linux can
+            mm = mmap.mmap(f.fileno(), 0, flags=mmap.MAP_PRIVATE | getattr(mmap, "MAP_POPULATE", 0),
+                           prot=mmap.PROT_READ | mmap.PROT_WRITE)
         (n,) = struct.unpack("<Q", mm[:8])
         header = json.loads(mm[8 : 8 + n])
         out: dict[str, torch.Tensor] = {}

@@ -262,6 +262,8 @@ class LevelStrategy(StaticStrategy):
         finally:
             if bar is not None:
                 bar.close()
+        for i in layers:  # map every layer now: the first candidates pay no page faults
+            self.db.load(i)
         _log.info("level database ready", extra={"fields": {**self.db.info(), "layers": len(layers),
                                                             "computed": len(built)}})
 
