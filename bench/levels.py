@@ -13,7 +13,7 @@ Wanda levels and on SparseGPT levels. Per-block levels are the target +- ``--lev
 
 Widths (``--width-ratios``, default 0.5 and 0.7 of the params; KV groups + MLP channels in steps of
 ``--mlp-step``): uniform and evolutionary (``--width-tokens``) with ``width_method: slice`` and
-``obs``. ``--no-widths`` / ``--no-search`` skip the heavy parts.
+``obs``. ``--no-widths`` / ``--no-search`` / ``--no-sparsity`` skip the heavy parts.
 
 Also measured: the level databases' build seconds and bytes, and stage-1 throughput (KL evaluations
 incl. apply/revert, candidates/s) against bare forwards of the same candidates in the sparse space,
@@ -187,6 +187,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--mlp-step", type=int, default=128)
     ap.add_argument("--width-tokens", type=int, default=20_000, help="search budget per method and ratio")
     ap.add_argument("--no-widths", dest="widths", action="store_false", help="skip the width rows")
+    ap.add_argument("--no-sparsity", dest="sparsity", action="store_false",
+                    help="skip the sparsity rows (with --no-widths: only the throughput and database lines)")
     ap.add_argument("--no-search", dest="search", action="store_false", help="skip the evolutionary rows")
     ap.add_argument("--level-dtype", default="float32")
     ap.add_argument("--cache-dir", default=None, help="evoprune cache root (the level databases go to levels/)")
@@ -225,7 +227,8 @@ def main(argv: list[str] | None = None) -> int:
           f"{bare_before:.3f} (ratio {before / bare_before:.3f}); SparseGPT levels from the database {after:.3f} vs "
           f"{bare_after:.3f} (ratio {after / bare_after:.3f})")
 
-    sparsity_part(rt, args, score, targets, info)
+    if args.sparsity:
+        sparsity_part(rt, args, score, targets, info)
     if args.widths:
         width_part(rt, args, score, targets, info)
     print("\nlevel databases:")
