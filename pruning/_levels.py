@@ -74,6 +74,8 @@ class LevelSettings:
         dtype: storage dtype (``"float32"``, ``"float16"``, ``"bfloat16"``).
         blocksize, percdamp: SparseGPT's block size and dampening (fraction of the mean Hessian diagonal).
         obs_percdamp: dampening of the width least squares.
+        selection: SparseGPT's unstructured mask choice, ``"block"`` (the reference code's; every
+            logical linear keeps exactly its cost-model count) or ``"row"`` (every row does).
     """
 
     sparsity_method: str = "sparsegpt"
@@ -86,6 +88,7 @@ class LevelSettings:
     blocksize: int = 128
     percdamp: float = 0.01
     obs_percdamp: float = 0.0
+    selection: str = "block"
 
     def __post_init__(self) -> None:
         if self.sparsity_method not in LEVEL_SPARSITY_METHODS:
@@ -104,6 +107,7 @@ class LevelSettings:
         width = self.width_method == "obs"
         return {"method": f"{self.sparsity_method}+{self.width_method}", "pattern": self.pattern,
                 "blocksize": self.blocksize, "percdamp": self.percdamp, "obs_percdamp": self.obs_percdamp,
+                "selection": self.selection,
                 "sparsity": {str(i): list(v) for i, v in sorted(self.sparsity.items())},
                 "heads": {str(i): [list(h) for h in v] for i, v in sorted(self.heads.items())} if width else {},
                 "mlp": {str(i): list(v) for i, v in sorted(self.mlp.items())} if width else {}}
@@ -188,6 +192,17 @@ class LevelStrategy(StaticStrategy):
         out[a.down] = "down_in"
         return out
 
+    def _row_parts(self, name: str) -> list[int]:
+        """Rows of each logical linear in linear ``name`` (q, k, v of a fused ``qkv_proj``; gate, up)."""
+        a, s = self.live.adapter, self.live.spec
+        rows = self.live.refs[0].weight[name].shape[0]
+        if name == a.qkv:
+            nkv = s.num_kv_heads * s.head_dim
+            return [rows - 2 * nkv, nkv, nkv]
+        if name == a.gate_up:
+            return [rows // 2, rows // 2]
+        return [rows]
+
     def _hessians(self, layers: list[int]) -> dict[tuple[int, str], torch.Tensor]:
         """``X^T X`` of every input group of ``layers`` on the dense model's calibration inputs."""
         live, a = self.live, self.live.adapter
@@ -218,8 +233,10 @@ class LevelStrategy(StaticStrategy):
                 if st.sparsity_method == "sparsegpt":
                     if group not in factors:  # one factorisation per input group, for every level
                         factors[group] = sparsegpt_factor(hs[(i, group)], st.percdamp)
-                    new, keep = sparsegpt(w, None, level, st.pattern, blocksize=st.blocksize,
-                                          return_mask=True, factor=factors[group])
+                    parts = [sparsegpt(p, None, level, st.pattern, blocksize=st.blocksize, return_mask=True,
+                                       factor=factors[group], selection=st.selection)
+                             for p in w.split(self._row_parts(name), 0)]  # each logical part keeps its count
+                    new, keep = torch.cat([p[0] for p in parts]), torch.cat([p[1] for p in parts])
                 else:
                     norm = None if st.sparsity_method == "magnitude" else live.input_norms[group][i]
                     keep, new = wanda_mask(w, norm, level, st.pattern), w

@@ -30,7 +30,7 @@ def test_sparsegpt_reconstructs_better_than_wanda_and_magnitude_at_the_same_coun
     h = x.T @ x
     norms = x.pow(2).sum(0).sqrt()
     kept = kept_per_row(64, level, pattern)
-    out = {"sparsegpt": sparsegpt(w, h, level, pattern),
+    out = {"sparsegpt": sparsegpt(w, h, level, pattern, selection="row"),
            "wanda": wanda_prune(w, norms, level, pattern), "magnitude": magnitude_prune(w, level, pattern)}
     for name, w_hat in out.items():
         assert w_hat.dtype == torch.float32 and w_hat.shape == w.shape
@@ -39,9 +39,12 @@ def test_sparsegpt_reconstructs_better_than_wanda_and_magnitude_at_the_same_coun
         assert (out["sparsegpt"].reshape(48, 16, 4) != 0).sum(-1).eq(2).all()
     errs = {k: _err(w, v, x) for k, v in out.items()}
     assert errs["sparsegpt"] < 0.7 * errs["wanda"] and errs["wanda"] < errs["magnitude"], errs
+    block = sparsegpt(w, h, level, pattern, selection="block")  # masks over whole blocks (reference code)
+    assert int((block != 0).sum()) == 48 * kept  # the linear's count is exact
+    assert _err(w, block, x) < errs["wanda"]
 
 
-def _plain_obs(w: torch.Tensor, h: torch.Tensor, level: float, pattern: str) -> torch.Tensor:
+def _plain_obs(w: torch.Tensor, h: torch.Tensor, level: float, pattern: str, selection: str) -> torch.Tensor:
     """OBS one weight at a time with the full inverse Hessian of the columns not yet fixed.
 
     Columns are fixed left to right; at column ``j`` the free set is ``F = {j, ...}``, ``Hinv =
@@ -56,7 +59,10 @@ def _plain_obs(w: torch.Tensor, h: torch.Tensor, level: float, pattern: str) -> 
     if pattern != "2:4":
         k = n - kept_per_row(n, level, pattern)
         sal = torch.stack([w[:, j] ** 2 / hinv0[j] for j in range(n)], 1)
-        prune.scatter_(1, torch.sort(sal, dim=1, stable=True).indices[:, :k], True)
+        if selection == "row":
+            prune.scatter_(1, torch.sort(sal, dim=1, stable=True).indices[:, :k], True)
+        else:  # the k * rows least salient weights of the whole matrix
+            prune.view(-1)[torch.sort(sal.reshape(-1), stable=True).indices[: k * w.shape[0]]] = True
     for j in range(n):
         if pattern == "2:4" and j % 4 == 0:
             sal = torch.stack([w[:, c] ** 2 / hinv0[c] for c in range(j, j + 4)], 1)
@@ -69,13 +75,15 @@ def _plain_obs(w: torch.Tensor, h: torch.Tensor, level: float, pattern: str) -> 
     return w
 
 
-@pytest.mark.parametrize("pattern,level", [("unstructured", 0.5), ("unstructured", 0.75), ("2:4", 0.5)])
-def test_sparsegpt_equals_plain_obs_on_a_tiny_layer(pattern, level):
+@pytest.mark.parametrize("pattern,level,selection", [("unstructured", 0.5, "row"), ("unstructured", 0.75, "row"),
+                                                     ("unstructured", 0.5, "block"), ("unstructured", 0.75, "block"),
+                                                     ("2:4", 0.5, "block")])
+def test_sparsegpt_equals_plain_obs_on_a_tiny_layer(pattern, level, selection):
     w, x = _problem(6, 12, 64, seed=2)
     h = x.T @ x
     damped = h + 0.01 * torch.diagonal(h).mean() * torch.eye(12, dtype=h.dtype)
-    got = sparsegpt(w, h, level, pattern, blocksize=12, dtype=torch.float64)
-    want = _plain_obs(w, damped, level, pattern)
+    got = sparsegpt(w, h, level, pattern, blocksize=12, dtype=torch.float64, selection=selection)
+    want = _plain_obs(w, damped, level, pattern, selection)
     assert torch.equal(got == 0, want == 0)
     assert torch.allclose(got.double(), want, atol=1e-5, rtol=1e-5)
 
@@ -84,8 +92,9 @@ def test_sparsegpt_blocks_keep_the_exact_count_and_stay_close_to_one_block():
     w, x = _problem(32, 100, 400, seed=3)
     h = x.T @ x
     for bs in (8, 32, 100, 128):
-        got = sparsegpt(w, h, 0.3, blocksize=bs)
+        got = sparsegpt(w, h, 0.3, blocksize=bs, selection="row")
         assert (got != 0).sum(1).eq(kept_per_row(100, 0.3)).all()
+        assert int((sparsegpt(w, h, 0.3, blocksize=bs, selection="block") != 0).sum()) == 32 * kept_per_row(100, 0.3)
     wanda = _err(w, wanda_prune(w, x.pow(2).sum(0).sqrt(), 0.3), x)
     assert _err(w, sparsegpt(w, h, 0.3, blocksize=8), x) < wanda  # small blocks: less adaptive, still updated
     assert torch.equal(sparsegpt(w, h, 0.3, blocksize=8), sparsegpt(w, h, 0.3, blocksize=8))  # deterministic
