@@ -8,8 +8,8 @@ token); the scale of ``H`` does not matter.
 ``percdamp`` times its mean diagonal, ``U`` is the upper Cholesky factor of ``H^-1``; columns are
 processed left to right in blocks of ``blocksize`` with lazy batched updates. Inside a block the
 pruned weights are chosen adaptively by ``w^2 / U_jj^2`` (OBS saliency, on the weights as the
-earlier blocks left them): over the whole block for unstructured sparsity (as the reference code;
-``selection="row"``: per row), per group of 4 for ``"2:4"``. Each
+earlier blocks left them): per row for unstructured sparsity (``selection="block"``: over the whole
+block, as the reference code), per group of 4 for ``"2:4"``. Each
 weight of a processed column that is pruned has its error ``w / U_jj`` propagated to the columns not
 yet processed (``W[:, j:] -= err * U[j, j:]``), which is exactly the optimal OBS update over the
 remaining columns. The linear keeps exactly ``out * kept_per_row(in)`` weights (what the cost model
@@ -63,7 +63,7 @@ def sparsegpt_factor(hessian: torch.Tensor, percdamp: float = 0.01) -> tuple[tor
 def sparsegpt(weight: torch.Tensor, hessian: torch.Tensor | None, level: float, pattern: str = "unstructured", *,
               blocksize: int = 128, percdamp: float = 0.01, return_mask: bool = False,
               dtype: torch.dtype = torch.float32,
-              factor: tuple[torch.Tensor, torch.Tensor] | None = None, selection: str = "block") -> Any:
+              factor: tuple[torch.Tensor, torch.Tensor] | None = None, selection: str = "row") -> Any:
     """SparseGPT: ``weight`` pruned to ``level`` with the remaining weights updated (a new float32
     tensor of the same shape; exactly ``in - kept_per_row(in, level, pattern)`` zeros per row, see
     the module docs).
@@ -78,10 +78,11 @@ def sparsegpt(weight: torch.Tensor, hessian: torch.Tensor | None, level: float, 
         return_mask: return ``(weight, keep-mask)`` (the mask also marks kept weights that are 0).
         dtype: the dtype the updates are computed in (float32, as the reference code; float64 for exactness).
         factor: :func:`sparsegpt_factor` of ``hessian`` (then ``hessian`` may be ``None``).
-        selection: unstructured masks chosen per ``"block"`` (default, the reference code's choice: the
-            block's least salient weights over all rows; the linear's total count is exact, rows differ;
-            10-25 % lower layer error than per row on SmolLM2's activations) or per ``"row"`` (every
-            row keeps exactly ``kept_per_row``).
+        selection: unstructured masks chosen per ``"row"`` (default: every row keeps exactly
+            ``kept_per_row``) or per ``"block"`` (the reference code's choice: the block's least salient
+            weights over all rows; the linear's total count is exact, rows differ). On SmolLM2 ``"block"``
+            has 10-25 % lower layer error but a worse model (70 %: test ppl 244.5 vs 195.7 per row,
+            ``bench/levels.py``), so per row is the default.
     """
     if selection not in ("block", "row"):
         raise ValueError(f"sparsegpt: selection must be 'block' or 'row', got {selection!r}.")

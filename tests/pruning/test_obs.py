@@ -30,7 +30,7 @@ def test_sparsegpt_reconstructs_better_than_wanda_and_magnitude_at_the_same_coun
     h = x.T @ x
     norms = x.pow(2).sum(0).sqrt()
     kept = kept_per_row(64, level, pattern)
-    out = {"sparsegpt": sparsegpt(w, h, level, pattern, selection="row"),
+    out = {"sparsegpt": sparsegpt(w, h, level, pattern),
            "wanda": wanda_prune(w, norms, level, pattern), "magnitude": magnitude_prune(w, level, pattern)}
     for name, w_hat in out.items():
         assert w_hat.dtype == torch.float32 and w_hat.shape == w.shape
@@ -92,7 +92,7 @@ def test_sparsegpt_blocks_keep_the_exact_count_and_stay_close_to_one_block():
     w, x = _problem(32, 100, 400, seed=3)
     h = x.T @ x
     for bs in (8, 32, 100, 128):
-        got = sparsegpt(w, h, 0.3, blocksize=bs, selection="row")
+        got = sparsegpt(w, h, 0.3, blocksize=bs)
         assert (got != 0).sum(1).eq(kept_per_row(100, 0.3)).all()
         assert int((sparsegpt(w, h, 0.3, blocksize=bs, selection="block") != 0).sum()) == 32 * kept_per_row(100, 0.3)
     wanda = _err(w, wanda_prune(w, x.pow(2).sum(0).sqrt(), 0.3), x)
