@@ -300,6 +300,11 @@ def _cmd_show(args: argparse.Namespace) -> int:
               f"generation {saved[0] if saved else '-'}")
         print("  trials: " + _state_counts(states))
         print("  fingerprints: " + json.dumps(study.fingerprints(), sort_keys=True))
+        levels = study.level_database()
+        if levels:
+            print(f"  level database: {levels.get('path') or '(in memory)'} ({levels.get('sparsity_method')} "
+                  f"sparsity, {levels.get('width_method')} widths, {levels.get('dtype')}, {levels.get('bytes')} bytes, "
+                  f"built in {levels.get('build_seconds')} s)")
         _print_front(study, limit=args.limit)
         arts = study.artifacts()
         if arts:

@@ -35,6 +35,11 @@ structure (dropped blocks and sublayers, KV-cache indices, head counts) and hand
 sublayers to ``StaticStrategy`` (``_static.py``: prefix views + Wanda masks) or ``ProbeStrategy``
 (``_probe.py``); ``pruner.strategy`` is the current one.
 
+Compressed levels with reconstruction: ``pruner.use_levels(levels_from_space(space), cache_dir=...)``
+takes the static mode's kept slices from a :class:`LevelDB` built once -- SparseGPT (or Wanda /
+magnitude) sparsity levels and OBS-compensated ``o_proj`` / ``down_proj`` widths (``_obs.py``,
+``_levels.py``); apply, revert, materialize, every export and fine-tuning use the stored weights.
+
 A new architecture needs one call, :func:`register_adapter` (module names plus the bias
 facts the cost model needs; see :class:`ArchAdapter`).
 
@@ -71,8 +76,9 @@ module's input handed to a function, the hooks removed afterwards.
 
 Inside the room, module-level imports flow one way (each module imports only those above it)::
 
-    _calib, _adapters < _modules < _auto < _masks, _importance, _gguf < _nemotron < _serve (formats)
-      < _strategy (interface) < _static, _probe (strategies) < _export < _pruner < _load < _verify
+    _calib, _adapters, _leveldb < _modules < _auto < _masks, _importance, _gguf < _obs, _nemotron < _serve
+      (formats) < _strategy (interface) < _static, _probe (strategies) < _levels < _export < _pruner
+      < _load < _verify
 
 ``evoprune.space`` is reached through its public ``__init__`` only. The only deferred imports are of
 third-party packages (transformers, safetensors, gguf, llama_cpp, accelerate, vllm): importing
@@ -84,6 +90,8 @@ from ._auto import register_auto_classes
 from ._calib import calibration_pass
 from ._gguf import ExportFormatError, write_gguf
 from ._importance import IMPORTANCE_METHODS, Importance
+from ._leveldb import LevelDB, LevelDBError
+from ._levels import LevelSettings, levels_from_space
 from ._load import load_pruned
 from ._masks import wanda_mask
 from ._modules import DroppedAttention, DroppedMLP, per_layer_modules
@@ -101,11 +109,15 @@ __all__ = [
     "DroppedMLP",
     "ExportFormatError",
     "Importance",
+    "LevelDB",
+    "LevelDBError",
+    "LevelSettings",
     "Pruner",
     "VerifyResult",
     "calibration_pass",
     "check_format_args",
     "get_adapter",
+    "levels_from_space",
     "load_pruned",
     "per_layer_modules",
     "register_adapter",

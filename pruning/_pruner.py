@@ -24,6 +24,7 @@ from ..space import Candidate, ModelSpec, resolve_mode
 from . import _importance as imp
 from ._adapters import ArchAdapter, get_adapter
 from ._export import ExportMixin
+from ._levels import LevelSettings, LevelStrategy
 from ._linear import DEFAULT_RIDGE, LinearFits, fitted_linear
 from ._modules import DroppedAttention, DroppedMLP, LinearReplacement
 from ._probe import ProbeStrategy
@@ -179,6 +180,7 @@ class Pruner(ExportMixin):
         self.mode = "static"
         self._strategy: Strategy = StaticStrategy(self._live, None, mask_cache_bytes=mask_cache_bytes)
         self._strategies: dict[str, Strategy] = {self.mode: self._strategy}  # one per mode, reused
+        self._level_strategies: list[LevelStrategy] = []  # every level database opened (use_levels)
 
     # -- setup -------------------------------------------------------------------------------------
     def _check_importance(self, importance: imp.Importance) -> None:
@@ -383,6 +385,33 @@ class Pruner(ExportMixin):
             self._strategies[mode] = strategy
         self._strategy = strategy
         self.mode = mode
+
+    def use_levels(self, settings: LevelSettings | None, *, cache_dir: str | os.PathLike[str] | None = None,
+                   progress: bool = False) -> None:
+        """Take the static mode's kept slices from a level database (:class:`~._levels.LevelSettings`:
+        SparseGPT / Wanda / magnitude sparsity, OBS-compensated widths), built now unless it is already
+        in ``cache_dir`` (the folder of level databases; ``None``: in memory); ``None`` goes back to
+        the plain static strategy. Switches to the static mode and reverts any applied candidate."""
+        self.revert()
+        if settings is None:
+            strategy: Strategy = self._strategies.get("static:plain") or self._strategies["static"]
+        else:  # a database opened before (same levels, same folder) is reused: no second check or mapping
+            root = None if cache_dir is None else str(Path(cache_dir).expanduser())
+            strategy = next((s for s in self._level_strategies if s.levels == settings and s.cache_dir == root), None)
+            if strategy is None:
+                strategy = LevelStrategy(self._live, settings, progress=progress, cache_dir=cache_dir)
+                self._level_strategies.append(strategy)
+        if "static:plain" not in self._strategies and not isinstance(self._strategies["static"], LevelStrategy):
+            self._strategies["static:plain"] = self._strategies["static"]
+        self._strategies["static"] = strategy
+        self._strategy = strategy
+        self.mode = "static"
+
+    @property
+    def levels(self) -> dict[str, Any] | None:
+        """The level database in use (path, digest, dtype, bytes, build seconds, methods), else ``None``."""
+        strategy = self._strategies.get("static")
+        return strategy.info() if isinstance(strategy, LevelStrategy) else None
 
     @property
     def strategy(self) -> Strategy:

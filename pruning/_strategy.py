@@ -57,12 +57,12 @@ A strategy reads the model only through :class:`LiveModel`: the permuted dense m
 and :class:`~evoprune.space.ModelSpec`, the dense modules and parameters of every block
 (:class:`LayerRefs`, captured before any change), the calibration input norms and tokens.
 
-A new strategy (for example weights from a level database, swapped into the live parameters and
-restored bit for bit) is a new module with a class that satisfies this protocol, one entry in
+A new strategy is a new module with a class that satisfies this protocol, one entry in
 :data:`~._pruner.STRATEGIES` and its mode in ``evoprune.space.PRUNING_MODES``; the other
 strategies do not change. One that keeps the static mode's slices (the first ``k`` units) with other
 weights in them can subclass :class:`~._static.StaticStrategy` and override ``_kept`` (what a kept
-slice holds: its weight and keep-mask), which both its ``apply`` and ``materialized_linears`` use.
+slice holds: its weight and keep-mask), which both its ``apply`` and ``materialized_linears`` use;
+:class:`~._levels.LevelStrategy` (stored SparseGPT / OBS levels from a level database) does that.
 """
 
 from __future__ import annotations

@@ -339,6 +339,11 @@ def _read(study: Any, space: SearchSpace | None) -> StudySnapshot:
         space, note = study_space(study.config, fps)
         if note:
             _log.warning(note, extra={"fields": {"study": study.name}})
+    levels = db.fingerprint_details().get("levels") if "levels" in fps else None
+    if levels:  # the level database the candidates' weights came from, named in the fingerprint table
+        fps = {**fps, "levels": f"{fps['levels']} at {levels.get('path') or '(memory)'} ({levels.get('sparsity_method')} "
+                                f"sparsity, {levels.get('width_method')} widths, {levels.get('dtype')}, "
+                                f"{levels.get('bytes')} bytes)"}
     return StudySnapshot(name=study.name, url=study.url, config=study.config, directions=study.directions,
                          trials=trials, records=records, outcomes=outcomes, fingerprints=fps, space=space,
                          space_note=note)

@@ -324,7 +324,7 @@ def build_runtime(config: StudyConfig, *, model: Any = None, tokenizer: Any = No
     from .._paths import cache_folder
     from ..data import load_splits, text_files
     from ..evaluators import EvalContext, make_token_set
-    from ..pruning import Pruner
+    from ..pruning import Pruner, levels_from_space
 
     if not isinstance(config, StudyConfig):
         raise TypeError(f"build_runtime needs a StudyConfig, got {type(config).__name__}.")
@@ -394,6 +394,13 @@ def build_runtime(config: StudyConfig, *, model: Any = None, tokenizer: Any = No
     if space.mode != "static":  # e.g. Probe Pruning: the evaluators apply candidates through the same pruner
         pruner.set_mode(space.mode, space.probe, **_probe_calibration(space.probe, splits["calibration"], config,
                                                                       fps["calibration"]))
+    details: dict[str, dict[str, Any]] = {"data_files": files.to_dict()} if files else {}
+    levels: dict[str, str] = {}
+    if space.uses_levels:  # SparseGPT / OBS levels: built once (or found) in the cache, before any study row
+        pruner.use_levels(levels_from_space(space), cache_dir=cache_folder("levels", cache), progress=True)
+        info = pruner.levels or {}
+        levels = {"levels": str(info.get("digest"))}
+        details["levels"] = info
     pipeline = build_pipeline(config.stages)
     context = EvalContext(
         eval_ids=splits["validation"], train_ids=splits["train"], data_fingerprint=data_fp, seed=config.seed,
@@ -405,8 +412,8 @@ def build_runtime(config: StudyConfig, *, model: Any = None, tokenizer: Any = No
         model=model, space=space, pipeline=pipeline, context=context, objectives=list(config.objectives),
         pruner=pruner, tokenizer=tokenizer, calib_ids=calib, config=config,
         fingerprints={"model": model_fp, "data": data_fp, "space": space.key, "config": config.fingerprint,
-                      **({"data_files": files.sha256} if files else {})},
-        model_path=path, fingerprint_details={"data_files": files.to_dict()} if files else {},
+                      **({"data_files": files.sha256} if files else {}), **levels},
+        model_path=path, fingerprint_details=details,
     )
     runtime.directions  # validate objectives against the pipeline now
     _log.info("runtime ready", extra={"fields": {**runtime.fingerprints, "genes": len(space.genes)}})

@@ -22,7 +22,8 @@ from typing import Any
 
 from .._validate import check_keys
 
-__all__ = ["PRUNING_MODES", "ProbeCalibration", "ProbeSettings", "resolve_mode"]
+__all__ = ["LEVEL_METHODS", "PRUNING_MODES", "ProbeCalibration", "ProbeSettings", "check_level_methods",
+           "resolve_mode"]
 
 PRUNING_MODES: tuple[str, ...] = ("static", "probe")
 GQA_MODES: tuple[str, ...] = ("groups", "reference")
@@ -66,6 +67,28 @@ class ProbeCalibration:
         data = dict(data or {})
         check_keys("probe calibration", data, (f.name for f in dataclasses.fields(cls)))
         return cls(**data)
+
+
+#: the level-database options of a space and their values (``None``: no level database for that part)
+LEVEL_METHODS: dict[str, tuple[str, ...]] = {"sparsity_method": ("sparsegpt", "wanda", "magnitude"),
+                                             "width_method": ("obs", "slice"),
+                                             "level_dtype": ("float32", "float16", "bfloat16")}
+
+
+def check_level_methods(sparsity_method: Any, width_method: Any, level_dtype: Any, *, mode: str, sparse: bool,
+                        widths: bool) -> None:
+    """One-line ``ValueError`` for a space's level-database options that cannot work together."""
+    for name, value in (("sparsity_method", sparsity_method), ("width_method", width_method),
+                        ("level_dtype", level_dtype)):
+        if value is not None and value not in LEVEL_METHODS[name]:
+            raise ValueError(f"SearchSpace.{name} must be one of {LEVEL_METHODS[name]}, got {value!r}.")
+    if (sparsity_method is not None or width_method is not None) and mode != "static":
+        raise ValueError(f"SearchSpace: sparsity_method / width_method need mode 'static', got {mode!r}; "
+                         "remove them or the mode.")
+    if sparsity_method == "sparsegpt" and sparse and widths:
+        raise ValueError("SearchSpace: sparsity_method 'sparsegpt' with width genes is not supported (the level "
+                         "database holds SparseGPT levels of the dense widths); set attention: null and mlp: false, "
+                         "or use sparsity_method: wanda.")
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)

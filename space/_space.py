@@ -50,11 +50,12 @@ from typing import Any
 import numpy as np
 
 from .._validate import check_keys
-from ._candidate import LINEAR_NAMES, Candidate, JsonValue, LayerConfig
-from ._cost import COUNT_METRICS, Budget, CostModel, LatencyTable, _layer_count
+from ._candidate import LINEAR_NAMES, Candidate, JsonValue
+from ._cost import COUNT_METRICS, Budget, CostModel, LatencyTable
 from ._levels import LevelsMixin
-from ._mode import resolve_mode
+from ._mode import check_level_methods, resolve_mode
 from ._moves import MovesMixin
+from ._reach import ReachMixin
 from ._spec import ModelSpec
 
 ATTENTION_UNITS: tuple[str, ...] = ("kv_groups", "q_per_group")
@@ -105,7 +106,7 @@ class Gene:
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
-class SearchSpace(JsonValue, LevelsMixin, MovesMixin):
+class SearchSpace(JsonValue, LevelsMixin, MovesMixin, ReachMixin):
     """The searched genes of one dense model, their levels, budgets and costs.
 
     Build it with :meth:`from_model` (a transformers model, config, dict or
@@ -186,6 +187,12 @@ class SearchSpace(JsonValue, LevelsMixin, MovesMixin):
         probe: :class:`~evoprune.space._mode.ProbeSettings` or its dict (probe mode only).
         linear_ranks: ranks of fitted linear maps that may replace what ``drop_*`` drops
             (``hidden_size``: full matrix), each a level ``-rank`` before a drop level.
+        sparsity_method: ``None`` (default: Wanda masks computed per candidate) or where the sparsity
+            levels come from a level database built once (``evoprune.pruning``): ``"sparsegpt"``
+            (OBS reconstruction), ``"wanda"`` or ``"magnitude"`` (masks only).
+        width_method: ``None`` (default: slices) or ``"slice"`` / ``"obs"`` (o_proj / down_proj's kept
+            columns updated by least squares) from the level database.
+        level_dtype: the level database's storage dtype (``"float32"``, ``"float16"``, ``"bfloat16"``).
 
     Attributes (derived, not compared): ``genes`` (tuple of :class:`Gene`) and
     ``cost_model`` (:class:`CostModel`).
@@ -211,6 +218,9 @@ class SearchSpace(JsonValue, LevelsMixin, MovesMixin):
     mode: str = "static"
     probe: Any = None
     linear_ranks: tuple[int, ...] = ()
+    sparsity_method: str | None = None
+    width_method: str | None = None
+    level_dtype: str = "float32"
     genes: tuple[Gene, ...] = dataclasses.field(init=False, compare=False, repr=False)
     cost_model: CostModel = dataclasses.field(init=False, compare=False, repr=False)
 
@@ -239,6 +249,8 @@ class SearchSpace(JsonValue, LevelsMixin, MovesMixin):
         self._set("linear_ranks", self._resolve_linear())
         self._set("frozen_layers", self._resolve_frozen())
         self._set("probe", resolve_mode(self.mode, self.probe, sparsity=bool(self.sparsity_levels)))
+        check_level_methods(self.sparsity_method, self.width_method, self.level_dtype, mode=self.mode,
+                            sparse=bool(self.sparsity_levels), widths=self.attention is not None or self.mlp)
         for name in ("seq_len", "kv_dtype_bytes"):
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
@@ -341,6 +353,11 @@ class SearchSpace(JsonValue, LevelsMixin, MovesMixin):
                 f"SearchSpace: mlp_min={mlp_min} leaves only the dense MLP width; lower it or use mlp=False."
             )
         return step, mlp_min
+
+    @property
+    def uses_levels(self) -> bool:
+        """Whether candidates take their weights from a level database (``sparsity_method`` or ``width_method`` set)."""
+        return self.sparsity_method is not None or self.width_method is not None
 
     def _resolve_sparsity(self) -> tuple[float, ...]:
         if self.sparsity_granularity not in SPARSITY_GRANULARITIES:
@@ -475,84 +492,6 @@ class SearchSpace(JsonValue, LevelsMixin, MovesMixin):
         self._set("_dense_layer", spec.dense_layer())
         self._set("_dense_costs", {})
 
-    def _layer_drop_states(self, i: int) -> tuple[tuple[bool, bool], ...]:
-        """``(attn dropped, mlp dropped)`` states block ``i`` can take in this space."""
-        g = self._layer_genes[i]
-        attn = "attn" in g and self.genes[g["attn"]].drops
-        mlp = "mlp" in g and self.genes[g["mlp"]].drops
-        states = [(False, False)]
-        if attn:
-            states.append((True, False))
-        if mlp:
-            states.append((False, True))
-        if "block" in g or (attn and mlp):
-            states.append((True, True))
-        return tuple(states)
-
-    def max_count(self, metric: str, *, keep_one: bool = True) -> int:
-        """The most a candidate of this space can drop in a count metric (:data:`COUNT_METRICS`).
-
-        With ``keep_one`` (default) at least one block stays, as in every candidate;
-        without it, the number of droppable blocks/sublayers (the reference of count
-        ratios, see :meth:`dense_cost`).
-        """
-        if metric not in COUNT_METRICS:
-            raise ValueError(f"max_count: {metric!r} is not a count metric; use one of {COUNT_METRICS}.")
-        total, slack = 0, []
-        for i in range(self.spec.num_layers):
-            values = {s: _state_count(s, metric) for s in self._layer_drop_states(i)}
-            best = max(values.values())
-            total += best
-            slack.append(best - max(v for s, v in values.items() if s != (True, True)))
-        if keep_one and min(slack) > 0:
-            total -= min(slack)
-        return total
-
-    def _check_budget_reachable(self) -> None:
-        for b in self.budget:
-            if b.is_count:
-                self._check_count_budget(b)
-                continue
-            lo, hi = b.bounds(self.dense_cost(b.metric))
-            if hi is not None:
-                _, smallest = self._extreme(b.metric, minimize=True)
-                if smallest > hi:
-                    raise ValueError(
-                        f"Budget {b.metric} <= {hi:.6g} cannot be met: the cheapest candidate in this space costs "
-                        f"{smallest:.6g} ({smallest / self.dense_cost(b.metric):.1%} of dense). Loosen the budget or "
-                        "allow more compression (narrower attn_levels/mlp_min, drop_attention/drop_mlp/drop_blocks, "
-                        "higher sparsity_levels, fewer frozen_layers)."
-                    )
-            if lo is not None:
-                _, largest = self._extreme(b.metric, minimize=False)
-                if largest < lo:
-                    raise ValueError(
-                        f"Budget {b.metric} >= {lo:.6g} cannot be met: the largest candidate in this space costs "
-                        f"{largest:.6g}. Lower min_ratio/min_value."
-                    )
-
-    def _check_count_budget(self, b: Budget) -> None:
-        what = b.metric.partition("_")[2]
-        name = {"blocks": "blocks", "attn": "attention sublayers", "mlp": "MLP sublayers",
-                "sublayers": "sublayers"}[what]
-        if self.max_count(b.metric, keep_one=False) == 0:
-            hint = {"blocks": "drop_blocks=True (or drop_attention=True and drop_mlp=True)",
-                    "attn": "drop_attention=True (or drop_blocks=True)",
-                    "mlp": "drop_mlp=True (or drop_blocks=True)",
-                    "sublayers": "drop_attention=True and/or drop_mlp=True (or drop_blocks=True)"}[what]
-            raise ValueError(
-                f"Budget on {b.metric!r}: this space drops no {name}; pass {hint} or remove the budget."
-            )
-        lo, _ = b.bounds(self.dense_cost(b.metric))
-        most = self.max_count(b.metric)
-        if lo is not None and lo > most:
-            frozen = f", {len(self.frozen_layers)} frozen" if self.frozen_layers else ""
-            raise ValueError(
-                f"Budget {b.metric} >= {lo:g} cannot be met: this space can drop at most {most} {name} "
-                f"({self.spec.num_layers} layers{frozen}; one block always stays). Lower the count, or unfreeze "
-                "layers / enable more drop_* options."
-            )
-
     # ------------------------------------------------------------------ genes and levels
 
     def gene(self, name: str) -> Gene:
@@ -658,6 +597,10 @@ class SearchSpace(JsonValue, LevelsMixin, MovesMixin):
             # written only in probe mode: static spaces keep their JSON (and key) unchanged
             **({"mode": self.mode, "probe": self.probe.to_dict()} if self.mode != "static" else {}),
             **({"linear_ranks": list(self.linear_ranks)} if self.linear_ranks else {}),
+            # written only when set: spaces without a level database keep their JSON (and key) unchanged
+            **({"sparsity_method": self.sparsity_method} if self.sparsity_method is not None else {}),
+            **({"width_method": self.width_method} if self.width_method is not None else {}),
+            **({"level_dtype": self.level_dtype} if self.level_dtype != "float32" else {}),
         }
 
     @classmethod
@@ -681,13 +624,6 @@ class SearchSpace(JsonValue, LevelsMixin, MovesMixin):
         if data.get("latency") is not None:
             data["latency"] = LatencyTable.from_dict(data["latency"])
         return cls(**data)
-
-
-def _state_count(state: tuple[bool, bool], metric: str) -> int:
-    """A block's count in ``metric`` when its attention/MLP are dropped as in ``state``."""
-    attn, mlp = state
-    return _layer_count(LayerConfig(num_kv_heads=0 if attn else 1, q_per_kv=0 if attn else 1,
-                                    mlp_channels=0 if mlp else 1), metric)
 
 
 def _int_tuple(what: str, values: Any) -> tuple[int, ...]:

@@ -304,6 +304,11 @@ class EvoStudy:
     def fingerprints(self) -> dict[str, str]:
         return self.db.fingerprints()
 
+    def level_database(self) -> dict[str, Any] | None:
+        """The level database the study's candidates took their weights from (path, digest, methods,
+        dtype, bytes, build seconds, as recorded by the first runtime), or ``None``."""
+        return self.db.fingerprint_details().get("levels") or None
+
     def check(self) -> list[str]:
         """Integrity problems of the study's rows (empty: sound)."""
         return self.db.integrity_problems()
@@ -322,7 +327,7 @@ class EvoStudy:
     def verify_fingerprints(self, fingerprints: Mapping[str, str], details: Mapping[str, Any] | None = None) -> None:
         """Store the model/data fingerprints on first use (with ``details``, e.g. the data file list);
         afterwards raise :class:`~evoprune.storage.FingerprintMismatchError` naming whichever changed."""
-        fps = {k: v for k, v in fingerprints.items() if k in ("model", "data", "space", "data_files")}
+        fps = {k: v for k, v in fingerprints.items() if k in ("model", "data", "space", "data_files", "levels")}
         self.db.check_fingerprints(fps)
         self.db.record_fingerprints(fps, details)
 

@@ -164,6 +164,24 @@ def test_gguf_runs_in_llama_cpp_token_for_token(arch, which, tok, tmp_path):
         assert h == (lc.num_q_heads if not lc.attn_dropped else (1 if j == 0 else 0))
 
 
+def test_gguf_holds_the_level_database_weights(tok, tmp_path):
+    """OBS widths + Wanda sparsity from a level database: llama.cpp runs the stored weights."""
+    from evoprune.pruning import levels_from_space
+    from evoprune.space import SearchSpace
+
+    pruner, spec = _pruner("llama")
+    space = SearchSpace.from_model(spec, mlp_step=24, sparsity_levels=(0.0, 0.5), width_method="obs",
+                                   sparsity_method="wanda")
+    pruner.use_levels(levels_from_space(space), cache_dir=tmp_path / "levels")
+    cand = space.random(3)
+    out = pruner.export(cand, tmp_path / "exp", tokenizer=tok, format="gguf")
+    small = pruner.materialize(cand).eval()
+    ref_tokens, ref_logits = torch_greedy(small, PROMPT, STEPS)
+    cpp_tokens, cpp_logits = llama_cpp_run(out / "model-f32.gguf", PROMPT, STEPS, PROMPT + ref_tokens)
+    assert cpp_tokens == ref_tokens
+    assert np.abs(cpp_logits - ref_logits).max() < TOL
+
+
 @pytest.mark.parametrize("arch", ("llama", "qwen2"))
 def test_uniform_widths_use_the_llama_architecture(arch, tok, tmp_path):
     pruner, spec = _pruner(arch)
