@@ -12,10 +12,9 @@ __all__ = ["CACHE_FOLDERS", "atomic_folder", "cache_folder", "cache_root", "new_
 
 #: the cache root's sub-folders, each written by one room: reference models (``data``), downloaded
 #: wheels (``data``), importance scores (``pruning``, through the runtime), dense reference logits
-#: (``evaluators``), per-host run files (``_threads``), level databases (``pruning``, through the runtime),
-#: fitted linear replacements (``pruning``: next to the pruner's importance folder)
-CACHE_FOLDERS: tuple[str, ...] = ("models", "downloads", "importance", "dense_reference", "run", "levels",
-                                  "linear_fits")
+#: (``evaluators``), per-host run files (``_threads``), level databases (``pruning``: compressed levels through
+#: the runtime, fitted linear replacements next to the pruner's importance folder)
+CACHE_FOLDERS: tuple[str, ...] = ("models", "downloads", "importance", "dense_reference", "run", "levels")
 
 
 def cache_root(cache_dir: str | os.PathLike[str] | None = None) -> Path:

@@ -82,7 +82,7 @@ def _serialize(tensors: Mapping[str, torch.Tensor], dtype: torch.dtype) -> bytes
     blobs, offset = [], 0
     for name in sorted(tensors):
         t = tensors[name].detach().to("cpu", dtype).contiguous()
-        raw = t.view(torch.uint8).numpy().tobytes() if t.numel() else b""
+        raw = t.reshape(-1).view(torch.uint8).numpy().tobytes() if t.numel() else b""
         header[name] = {"dtype": code, "shape": list(t.shape), "data_offsets": [offset, offset + len(raw)]}
         blobs.append(raw)
         offset += len(raw)
@@ -168,6 +168,8 @@ class LevelDB:
         if self.path is None:
             self._memory[i] = {n: t.detach().to("cpu", self.dtype).contiguous() for n, t in tensors.items()}
             return
+        if not (self.path / "manifest.json").exists():
+            self._prepare()
         data = _serialize(tensors, self.dtype)
         side = {"size": len(data), "sha256": hashlib.sha256(data).hexdigest(), "names": sorted(tensors)}
         self._maps.pop(i, None)

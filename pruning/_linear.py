@@ -14,18 +14,15 @@ eigenvectors of ``Yhat^T Yhat = A^T X^T X A``, ``A_r = (A W) W^T`` (``U = A W``,
 best rank-r map in the same least-squares sense. The fit's residual share
 ``|Y - X A|^2 / |Y|^2`` is kept with it.
 
-Fits are cached per model and calibration fingerprint, one safetensors file per block under
-``<cache>/linear_fits/<key digest>/layer-0007.safetensors`` (written atomically, the key in
-``manifest.json``): :func:`fitted_linear` is the one way in, so the store can be re-pointed (e.g. to
-the level database) without touching its callers.
+Fits are stored the way compressed levels are: in the level database
+(:class:`~evoprune.pruning._leveldb.LevelDB`) under ``<cache>/levels/<key digest>/``, one file per
+block, keyed by the model and calibration fingerprints, the calibration shape, the ridge and the
+format (``kind: linear_fits``), written atomically with a sha256 sidecar, checked when first read (a
+corrupt file is fitted again) and memory-mapped. :func:`fitted_linear` is the one way in.
 """
 
 from __future__ import annotations
 
-import hashlib
-import json
-import os
-import tempfile
 from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
@@ -34,9 +31,9 @@ import torch
 from torch import nn
 
 from .._logging import get_logger
-from .._paths import cache_write_failed
 from ._adapters import ArchAdapter
 from ._calib import calibration_pass
+from ._leveldb import LevelDB, LevelDBError
 
 __all__ = ["LINEAR_PARTS", "LinearFits", "fit_linear", "fitted_linear", "low_rank"]
 
@@ -72,25 +69,6 @@ def low_rank(a: torch.Tensor, xtx: torch.Tensor, rank: int) -> tuple[torch.Tenso
     return a.double() @ w, w.T
 
 
-def _digest(key: dict[str, Any]) -> str:
-    return hashlib.sha256(json.dumps(key, sort_keys=True, default=str).encode()).hexdigest()[:20]
-
-
-def _save_atomic(tensors: dict[str, torch.Tensor], path: Path) -> None:
-    from safetensors.torch import save_file
-
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}", suffix=".tmp")
-    os.close(fd)
-    try:
-        save_file({k: v.detach().contiguous().cpu() for k, v in tensors.items()}, tmp)
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
-
-
 class LinearFits:
     """The fitted maps of one (permuted, dense) model and its calibration tokens.
 
@@ -103,45 +81,38 @@ class LinearFits:
                  key: dict[str, Any], folder: Path | None, batch_size: int = 8, ridge: float = DEFAULT_RIDGE) -> None:
         self.model, self.adapter, self.refs = model, adapter, refs
         self.calib_ids, self.batch_size, self.ridge = calib_ids, batch_size, float(ridge)
-        self.key = {**key, "ridge": self.ridge, "format": _FORMAT,
+        self.key = {**key, "kind": "linear_fits", "ridge": self.ridge, "format": _FORMAT,
                     "calib_shape": None if calib_ids is None else list(calib_ids.shape)}
-        self.folder = None if folder is None else Path(folder) / _digest(self.key)
+        #: the level database holding the fits (``folder``: the levels cache folder; ``None``: in memory only)
+        self.db = LevelDB(folder, self.key, len(refs)) if folder is not None else None
         self._fits: dict[tuple[int, str], dict[str, torch.Tensor]] = {}
+        self._checked: set[int] = set()
 
-    # -- the store ---------------------------------------------------------------------------------
-    def _path(self, layer: int) -> Path | None:
-        return None if self.folder is None else self.folder / f"layer-{layer:04d}.safetensors"
-
+    # -- the store (the level database) --------------------------------------------------------------
     def _load(self, layer: int) -> None:
-        path = self._path(layer)
-        if path is None or not path.exists():
+        db = self.db
+        if db is None or db.path is None or not (db.path / "manifest.json").exists():
             return
-        from safetensors.torch import load_file
-
-        try:
-            data = load_file(str(path))
-        except Exception as exc:  # a truncated or foreign file: fit again
-            _log.warning("ignoring unreadable linear fit %s (%s)", path, exc)
+        if layer not in self._checked:  # once per process: a file that fails its checksum is deleted and refitted
+            db.verify([layer])
+            self._checked.add(layer)
+        if not db.done(layer):
             return
-        for name, t in data.items():
+        for name, t in db.load(layer).items():
             part, _, field = name.partition(".")
             self._fits.setdefault((layer, part), {})[field] = t
 
     def _store(self, layer: int) -> None:
-        path = self._path(layer)
-        if path is None:
+        if self.db is None:
             return
         tensors = {f"{part}.{field}": t for (i, part), fit in self._fits.items() if i == layer
                    for field, t in fit.items()}
         try:
-            if not (self.folder / "manifest.json").exists():
-                self.folder.mkdir(parents=True, exist_ok=True)
-                (self.folder / "manifest.json").write_text(json.dumps(self.key, sort_keys=True, default=str))
-            _save_atomic(tensors, path)
-        except OSError as exc:
-            if not cache_write_failed(exc):
-                raise
-            _log.warning("could not write linear fit %s (%s)", path, str(exc).strip().splitlines()[0][:200])
+            self.db.store(layer, tensors)
+        except LevelDBError as exc:  # a full or read-only cache: the fits stay in memory for this process
+            _log.warning("linear fits not stored: %s", exc)
+            return
+        self._checked.add(layer)
 
     def has(self, layer: int, part: str) -> bool:
         if (layer, part) not in self._fits:

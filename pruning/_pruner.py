@@ -172,7 +172,7 @@ class Pruner(ExportMixin):
                                   ridge=linear_ridge,
                                   key={"model_fingerprint": str(self.model_fingerprint),
                                        "data_fingerprint": str(self.data_fingerprint)},
-                                  folder=cache_folder("linear_fits", self.cache_dir.parent)
+                                  folder=cache_folder("levels", self.cache_dir.parent)
                                   if self.cache_dir is not None else None)
         self._linear_modules: dict[tuple[int, str, int], LinearReplacement] = {}
         self._undo = UndoLog()  # the structure of the applied candidate (the strategy keeps its own)

@@ -139,7 +139,7 @@ def test_round_trip_applied_materialized_exported_reloaded(arch, tmp_path):
     assert type(auto).__name__.startswith("Evoprune")  # refused by stock transformers (evoprune_<type>)
     assert auto.generate(x, max_new_tokens=4, do_sample=False).shape == (2, 20)
     # the fits are on disk, keyed by the model and calibration fingerprints: a second pruner reads them
-    files = sorted((tmp_path / "cache" / "linear_fits").glob("*/layer-*.safetensors"))
+    files = sorted((tmp_path / "cache" / "levels").glob("*/layer-*.safetensors"))
     assert [f.name for f in files] == [f"layer-{i:04d}.safetensors" for i in range(6)]  # every block, one pass
     again = Pruner(tiny_model(arch, num_hidden_layers=6), _ids(), cache_dir=tmp_path / "cache" / "importance")
     assert all(again._linear.has(i, p) for i, p in Pruner.linear_parts(cand))
@@ -192,3 +192,28 @@ def test_a_study_searches_linear_levels_and_heals_its_export_by_distillation(ref
         assert art.metrics["healing"]["finetune"]["loss"] == "kl"
     finally:
         study.close()
+
+
+def test_linear_fits_live_in_the_level_database_and_a_corrupt_one_is_fitted_again(tmp_path):
+    """The fits are stored like compressed levels (LevelDB: manifest with the key, sha256 sidecars); a file
+    that no longer matches its checksum is deleted and fitted again, never used."""
+    import json
+
+    cache = tmp_path / "cache" / "importance"
+    cand = None
+    pruner = Pruner(tiny_model("llama", num_hidden_layers=6), _ids(), cache_dir=cache)
+    cand = _mixed(pruner.spec)
+    x = _ids(2, 16, seed=5)
+    with pruner.applied(cand), torch.no_grad():
+        want = pruner.model(x).logits
+    (folder,) = [p for p in (tmp_path / "cache" / "levels").iterdir() if p.is_dir()]
+    assert json.loads((folder / "manifest.json").read_text())["kind"] == "linear_fits"
+    victim = folder / "layer-0002.safetensors"
+    data = bytearray(victim.read_bytes())
+    data[-8:] = b"\x7f" * 8  # same size, other bytes: only the checksum can tell
+    victim.write_bytes(bytes(data))
+    again = Pruner(tiny_model("llama", num_hidden_layers=6), _ids(), cache_dir=cache)
+    with again.applied(cand), torch.no_grad():
+        got = again.model(x).logits
+    assert torch.equal(got, want)
+    assert victim.read_bytes() != bytes(data)  # refitted and stored again
