@@ -34,30 +34,14 @@ import time
 
 import torch
 from _common import add_common_args, parse_args, print_targets, start
-from real_model import Scorer, _evolve, _print_rows, _restrict, _row, _sparse_budget, _throughput
+from real_model import Scorer, _config, _evolve, _print_rows, _restrict, _row, _sparse_budget, _throughput
 
 from evoprune._paths import cache_folder
 from evoprune.baselines import owl, owl_scores, uniform
 from evoprune.data import load_reference_corpus, write_lmeval_tasks
 from evoprune.pruning import levels_from_space
-from evoprune.search import StudyConfig, build_runtime
+from evoprune.search import build_runtime
 from evoprune.space import Budget
-
-
-def _config(args, space: dict) -> StudyConfig:
-    return StudyConfig.from_dict({
-        "model": args.model,
-        "calibration": {"num_sequences": args.calib_sequences, "seq_len": args.seq_len},
-        "space": space,
-        "stages": [
-            {"name": "screen", "evaluators": ["kl"], "eval_tokens": args.screen_tokens, "seq_len": args.seq_len,
-             "promote": {"top_k": 1}},
-            {"name": "final", "evaluators": ["kl"], "eval_tokens": args.final_tokens, "seq_len": args.seq_len},
-        ],
-        "eval_batch_size": args.batch_size,
-        "seed": args.seed,
-        "threads": args.threads,
-    })
 
 
 def _levels(target: float, args) -> tuple[float, ...]:

@@ -111,6 +111,16 @@ class LevelsMixin:
         """
         return self._candidate(self._check_levels(levels, strict_missing=False, ignore_unknown=False))
 
+
+    def _linear_level(self, g: Any, part: str, rank: int, where: str) -> int:
+        """The index of the ``linear`` level of rank ``rank`` in block genes ``g``'s ``part`` gene (one line if absent)."""
+        values = self.genes[g[part]].levels if part in g else ()
+        if -rank not in values:
+            option = "drop_attention" if part == "attn" else "drop_mlp"
+            raise ValueError(f"{where}: {part}_linear={rank} is not a level of this space (linear_ranks with "
+                             f"{option}=True offers it).")
+        return values.index(-rank)
+
     def _layer_levels(self, i: int, layer: LayerConfig) -> dict[str, int]:
         g = self._layer_genes[i]
         out = {kind: 0 for kind in g}
@@ -137,11 +147,7 @@ class LevelsMixin:
             return out
         # attention
         if layer.attn_linear:
-            values = self.genes[g["attn"]].levels if "attn" in g else ()
-            if -layer.attn_linear not in values:
-                raise ValueError(f"{where}: attn_linear={layer.attn_linear} is not a level of this space (linear_ranks "
-                                 "with drop_attention=True offers it).")
-            out["attn"] = values.index(-layer.attn_linear)
+            out["attn"] = self._linear_level(g, "attn", layer.attn_linear, where)
         elif layer.attn_dropped:
             if "attn" not in g or not self.genes[g["attn"]].drops:
                 what = "drop_blocks=True" if layer.dropped else "drop_attention=True"
@@ -176,11 +182,7 @@ class LevelsMixin:
                 out["attn"] = values.index(unit)
         # mlp
         if layer.mlp_linear:
-            values = self.genes[g["mlp"]].levels if "mlp" in g else ()
-            if -layer.mlp_linear not in values:
-                raise ValueError(f"{where}: mlp_linear={layer.mlp_linear} is not a level of this space (linear_ranks "
-                                 "with drop_mlp=True offers it).")
-            out["mlp"] = values.index(-layer.mlp_linear)
+            out["mlp"] = self._linear_level(g, "mlp", layer.mlp_linear, where)
         elif layer.mlp_dropped and ("mlp" not in g or not self.genes[g["mlp"]].drops):
             what = "drop_blocks=True" if layer.dropped else "drop_mlp=True"
             raise ValueError(f"{where} drops the MLP but this space does not ({what} allows it).")

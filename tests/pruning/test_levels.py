@@ -15,6 +15,7 @@ from pathlib import Path
 import pytest
 import torch
 
+from helpers import sibling_module
 from tiny_models import tiny_model
 
 from evoprune.pruning import LevelDB, LevelDBError, LevelSettings, Pruner, levels_from_space
@@ -28,26 +29,8 @@ def _ids(n: int = 8, seq: int = 24, seed: int = 0) -> torch.Tensor:
     return torch.randint(3, 97, (n, seq), generator=torch.Generator().manual_seed(seed))
 
 
-def _state(model: torch.nn.Module) -> dict[str, object]:
-    out: dict[str, object] = {}
-    for name, mod in model.named_modules():
-        for pname, p in mod._parameters.items():
-            out[f"{name}.{pname}"] = None if p is None else (id(p), p.data_ptr(), p.detach().clone())
-        out[f"{name}:forward"] = mod.__dict__.get("forward")
-    return out
-
-
-def _same_state(model: torch.nn.Module, before: dict[str, object]) -> bool:
-    now = _state(model)
-    if now.keys() != before.keys():
-        return False
-    for key, value in before.items():
-        if isinstance(value, tuple):
-            if now[key][:2] != value[:2] or not torch.equal(now[key][2], value[2]):
-                return False
-        elif now[key] != value:
-            return False
-    return True
+_strategy_tests = sibling_module(__file__, "test_strategy")
+_state, _assert_state = _strategy_tests._state, _strategy_tests._assert_state  # a strategy's whole footprint
 
 
 # -- the database as a store ----------------------------------------------------------------------
@@ -203,14 +186,14 @@ def test_applied_equals_materialized_reverts_exactly_and_counts_match(arch, tmp_
                 assert sum(int(m.sum()) for m in masks.values()) + sum(
                     p.numel() for p in pruner.trainable_parameters().values()
                     if not any(p is q for q in masks)) > 0
-            assert _same_state(model, snap)  # revert is bit for bit
+            _assert_state(model, snap)  # revert is bit for bit
             small = pruner.materialize(cand)
             assert torch.equal(small(ids).logits, applied) or (small(ids).logits - applied).abs().max() < 1e-5
             zeros_outside = sum(int((p == 0).sum()) for n, p in small.named_parameters() if ".layers." not in n)
             nonzeros = sum(int((p != 0).sum()) for p in small.parameters())
             assert nonzeros + zeros_outside == space.cost(cand, "nonzero_params")  # e.g. the padding row
     pruner.use_levels(None)
-    assert _same_state(model, snap)
+    _assert_state(model, snap)
 
 
 def test_database_wanda_is_the_per_candidate_wanda_bit_for_bit(tmp_path):

@@ -7,6 +7,7 @@ from __future__ import annotations
 import pytest
 import torch
 
+from helpers import sibling_module
 from tiny_models import tiny_model
 
 from evoprune.pruning import Pruner
@@ -16,17 +17,10 @@ from evoprune.space import Candidate, LayerConfig, ProbeSettings
 SETTINGS = ProbeSettings(seq_ratio=0.5, batch_ratio=0.5, momentum=0.9)
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
-def _ids(n: int, seq: int, seed: int) -> torch.Tensor:
-    g = torch.Generator().manual_seed(seed)
-    return torch.randint(3, 97, (n, seq), generator=g)
+_ids = sibling_module(__file__, "test_probe")._ids  # random token ids (n, seq) from a seed
 
 
 def _setup(arch: str = "llama"):
