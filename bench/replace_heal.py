@@ -61,18 +61,20 @@ def _describe(cand) -> str:
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--drop", type=int, default=7, help="the params budget: that of dropping this many blocks")
-    ap.add_argument("--search-tokens", type=int, default=30_000, help="forward tokens of each depth search")
+    ap.add_argument("--search-tokens", type=int, default=12_000,
+                    help="forward tokens of each depth search (the issue's size: 30000)")
     ap.add_argument("--offspring", type=int, default=8)
     ap.add_argument("--screen-windows", type=int, default=2)
     ap.add_argument("--screen-tokens", type=int, default=256)
     ap.add_argument("--final-tokens", type=int, default=1024)
     ap.add_argument("--calib-sequences", type=int, default=32, help="calibration windows (importance and the fits)")
     ap.add_argument("--width-ratio", type=float, default=0.70)
-    ap.add_argument("--heal-tokens", type=lambda v: [int(x) for x in v.split(",")], default=[16_384, 65_536])
+    ap.add_argument("--heal-tokens", type=lambda v: [int(x) for x in v.split(",")], default=[4096],
+                    help="healing sizes, comma-separated (the issue's: 16384,65536; about 1 h per size on 2 cores)")
     ap.add_argument("--heal-lr", type=float, default=1e-4)
     ap.add_argument("--heal-batch", type=int, default=4)
-    ap.add_argument("--test-tokens", type=int, default=4096)
-    ap.add_argument("--cloze-limit", type=int, default=20)
+    ap.add_argument("--test-tokens", type=int, default=2048)
+    ap.add_argument("--cloze-limit", type=int, default=10)
     ap.add_argument("--batch-size", type=int, default=8)
     add_common_args(ap, model="reference:smollm2-135m", seq_len=128, threads=2)
     args = parse_args(ap, argv, smoke=dict(model="reference:tiny", drop=1, search_tokens=600, offspring=2,
