@@ -125,7 +125,7 @@ def test_repeated_candidate_after_failed_and_complete_trials_is_recorded_once(st
                  progress=False)
     cand = runtime.space.random(3)
     params = runtime.space.params_of(cand)
-    from evoprune.search._searcher import fixed_trial
+    from evoprune.search._trials import fixed_trial, tell_duplicate
 
     dists = runtime.space.optuna_distributions()
     failed = fixed_trial(study.optuna_study, params, dists)
@@ -141,7 +141,7 @@ def test_repeated_candidate_after_failed_and_complete_trials_is_recorded_once(st
     study.optuna_study.tell(done, [0.25, 0.7])
     repeat = fixed_trial(study.optuna_study, params, dists)
     stats = SearchStats()
-    s._tell_duplicate(repeat, cand, stats)  # crashed with "already has a candidate recorded" before
+    tell_duplicate(s, repeat, cand, stats)  # crashed with "already has a candidate recorded" before
     t = study.storage.get_trial(trial_id(repeat))
     # a resampled suggestion (issue 16): told PRUNED without values, no candidate row, not a trial
     assert t.state == TrialState.PRUNED and t.system_attrs["evoprune:resampled"] == "duplicate"
