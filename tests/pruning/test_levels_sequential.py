@@ -91,8 +91,8 @@ def test_first_layer_equal_later_layers_differ_and_match_an_independent_sparsegp
                  for p in w.split(pruner.strategy._row_parts(name), 0)]
         want = torch.cat(parts)
         got = stored[f"{name}@s{level!r}"]
-        assert torch.equal(got != 0, want != 0) or (got != 0).ne(want != 0).float().mean() < 0.01, name
-        assert torch.allclose(got, want, atol=1e-3, rtol=1e-3), (name, (got - want).abs().max())
+        assert torch.equal(got != 0, want != 0), name  # the same mask
+        assert torch.allclose(got, want, atol=1e-5, rtol=1e-4), (name, (got - want).abs().max())  # float32 sums
 
 
 def test_bad_combinations_are_one_line_errors_at_space_construction():
@@ -112,17 +112,18 @@ def test_bad_combinations_are_one_line_errors_at_space_construction():
 
 
 _BUILD = textwrap.dedent("""
-    import json, os, sys
+    import json, os, sys, time
     import torch
     sys.path.insert(0, {tests!r})
     from tiny_models import tiny_model
     from evoprune.pruning import Pruner, LevelSettings
     from evoprune.pruning import _levels
-    root, kill_at = sys.argv[1], int(sys.argv[2])
+    root, kill_at, slow = sys.argv[1], int(sys.argv[2]), float(sys.argv[3])
     compute = _levels.LevelStrategy._compute
     def patched(self, i, hs, levels=None):
         if i == kill_at:
             os._exit(9)  # killed halfway through the build
+        time.sleep(slow)
         return compute(self, i, hs, levels)
     _levels.LevelStrategy._compute = patched
     torch.manual_seed(0)
@@ -136,10 +137,13 @@ _BUILD = textwrap.dedent("""
 """)
 
 
-def _build(root: Path, kill_at: int = -1):
-    proc = subprocess.run([sys.executable, "-c", _BUILD.format(tests=str(TESTS)), str(root), str(kill_at)],
-                          capture_output=True, text=True, timeout=300)
-    return proc.returncode, proc.stdout, proc.stderr
+def _build(root: Path, kill_at: int = -1, slow: float = 0.0, *, wait: bool = True):
+    cmd = [sys.executable, "-c", _BUILD.format(tests=str(TESTS)), str(root), str(kill_at), str(slow)]
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    if not wait:
+        return proc
+    out, err = proc.communicate(timeout=300)
+    return proc.returncode, out, err
 
 
 def _files(root: Path) -> dict[str, bytes]:
@@ -159,3 +163,16 @@ def test_killed_sequential_build_resumes_from_stored_layers_to_byte_identical_fi
     assert rc == 0, err[-2000:]
     assert json.loads(out.splitlines()[-1]) == [3, 4]  # re-propagated through the stored 0 and 1
     assert _files(tmp_path / "resumed") == _files(tmp_path / "whole")
+
+
+def test_two_sequential_builders_wait_for_each_other_and_build_every_layer_once(tmp_path):
+    procs = [_build(tmp_path / "db", slow=0.4, wait=False) for _ in range(2)]
+    built = []
+    for proc in procs:
+        out, err = proc.communicate(timeout=300)
+        assert proc.returncode == 0, err[-2000:]
+        built.append(json.loads(out.splitlines()[-1]))
+    assert sorted(built[0] + built[1]) == [0, 1, 3, 4]  # each layer computed by exactly one of them
+    rc, _, err = _build(tmp_path / "single")
+    assert rc == 0, err[-2000:]
+    assert _files(tmp_path / "db") == _files(tmp_path / "single")
