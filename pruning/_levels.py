@@ -28,7 +28,10 @@ space with both sparsegpt sparsity and width genes is refused when it is built).
 Stored zeros are exactly the pruned weights: a kept weight that is (or rounds to, in float16) zero
 is stored as the smallest normal number of its sign, so ``weight != 0`` is the keep-mask and the
 nonzero counts are exactly the cost model's. Hessians come from the dense model's calibration
-inputs (EvoPress's database choice), collected for the layers being built in one calibration pass.
+inputs (EvoPress's database choice), collected for the layers being built in one calibration pass;
+with ``inputs="sequential"`` (SparseGPT's own script) block ``i``'s at level ``s`` come from the
+inputs carried through blocks ``0 .. i-1`` with their stored level-``s`` weights, layer by layer on
+cached hidden states (:meth:`LevelStrategy._sequential`, built in order).
 """
 
 from __future__ import annotations
