@@ -8,7 +8,8 @@ perplexity on the held-out *test* split (``--test-tokens``).
 Sparsity (``--sparsities``, default 50 % and 70 % of the prunable linears' weights zero; the budget is
 that uniform setting's ``nonzero_params``): uniform Wanda, uniform SparseGPT, OWL on SparseGPT levels,
 and the evolutionary search (``--sparse-tokens`` forward tokens each, first parents OWL + uniform) on
-Wanda levels and on SparseGPT levels. Per-block levels are the target +- ``--level-span`` steps of
+Wanda levels and on SparseGPT levels; uniform SparseGPT with sequential inputs (``level_inputs:
+sequential``, its own database; ``--no-sequential`` skips it). Per-block levels are the target +- ``--level-span`` steps of
 ``--level-step``; one SparseGPT level database holds every level of both targets.
 
 Widths (``--width-ratios``, default 0.5 and 0.7 of the params; KV groups + MLP channels in steps of
@@ -62,8 +63,10 @@ def _use(rt, space, method: str | None, args, info: dict, *contexts) -> None:
         rt.pruner.use_levels(None)
         return
     kind = "width" if method in ("obs", "slice") else "sparsity"
-    settings = levels_from_space(space, sparsity_method=None if kind == "width" else method,
+    settings = levels_from_space(space, sparsity_method=None if kind == "width" else method.split("-")[0],
                                  width_method=method if kind == "width" else None, dtype=args.level_dtype)
+    if method == "sparsegpt-seq":  # Hessians from the inputs through the earlier blocks at the same level
+        settings = dataclasses.replace(settings, inputs="sequential")
     t0 = time.time()
     rt.pruner.use_levels(settings, cache_dir=cache_folder("levels", args.cache_dir), progress=False)
     lv = rt.pruner.levels
@@ -109,6 +112,10 @@ def sparsity_part(rt, args, score, targets, info) -> None:
         _use(rt, all_levels, "sparsegpt", args, info, score.kl_ctx)
         rows.append(_row("uniform SparseGPT", u, 0, 0, score(u), rt, "nonzero_params"))
         rows.append(_row("OWL SparseGPT", o, scores["tokens"], t_owl, score(o), rt, "nonzero_params"))
+        if args.sequential:
+            _use(rt, all_levels, "sparsegpt-seq", args, info, score.kl_ctx)
+            rows.append(_row("uniform SparseGPT seq", u, 0, 0, score(u), rt, "nonzero_params"))
+            _use(rt, all_levels, "sparsegpt", args, info, score.kl_ctx)
         if args.search:
             evo, used, sec = _evolve(rt, space, args.sparse_tokens - scores["tokens"], args.seed, args.offspring,
                                      init=[o, u])
@@ -120,6 +127,9 @@ def sparsity_part(rt, args, score, targets, info) -> None:
     r = results[top]
     tag = round(100 * top)
     targets.append((f"sparsegpt_over_wanda_uniform_{tag}", r["uniform SparseGPT"] / r["uniform Wanda"], "<=", 0.3))
+    if args.sequential:
+        targets.append((f"sequential_sparsegpt_over_wanda_uniform_{tag}",
+                        r["uniform SparseGPT seq"] / r["uniform Wanda"], "<=", 0.3))
     if args.search:
         targets.append((f"evo_sparsegpt_over_uniform_sparsegpt_{tag}", r["evo SparseGPT"] / r["uniform SparseGPT"],
                         "<=", 0.95))
@@ -174,6 +184,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--no-sparsity", dest="sparsity", action="store_false",
                     help="skip the sparsity rows (with --no-widths: only the throughput and database lines)")
     ap.add_argument("--no-search", dest="search", action="store_false", help="skip the evolutionary rows")
+    ap.add_argument("--no-sequential", dest="sequential", action="store_false",
+                    help="skip the uniform SparseGPT rows with sequential inputs (level_inputs: sequential)")
     ap.add_argument("--level-dtype", default="float32")
     ap.add_argument("--cache-dir", default=None, help="evoprune cache root (the level databases go to levels/)")
     ap.add_argument("--test-tokens", type=int, default=4096)

@@ -16,7 +16,7 @@ from collections.abc import Callable, Iterable
 import torch
 from torch import nn
 
-__all__ = ["calibration_pass"]
+__all__ = ["calibration_pass", "capture_layer_inputs", "run_layer"]
 
 
 def calibration_pass(
@@ -61,3 +61,49 @@ def calibration_pass(
     finally:
         for h in handles:
             h.remove()
+
+
+def capture_layer_inputs(
+    model: nn.Module, layers: list[nn.Module], calib_ids: torch.Tensor, *, batch_size: int = 8,
+) -> tuple[list[torch.Tensor], list[list[dict]]]:
+    """``(hidden, kwargs)`` of one dense calibration pass: ``hidden[b]`` is the first decoder layer's
+    input hidden states on batch ``b`` and ``kwargs[i][b]`` the keyword arguments layer ``i`` was
+    called with (position embeddings, attention mask, ...), so each layer can then be run on its own
+    with :func:`run_layer` on hidden states computed some other way (SparseGPT's sequential inputs)."""
+    if batch_size < 1:
+        raise ValueError(f"capture_layer_inputs: batch_size must be >= 1, got {batch_size}.")
+    backbone = getattr(model, "base_model", model)
+    device = model.get_input_embeddings().weight.device
+    hidden: list[torch.Tensor] = []
+    kwargs: list[list[dict]] = [[] for _ in layers]
+    handles = []
+
+    def hook(i: int):
+        def fn(module: nn.Module, args: tuple, kw: dict) -> None:
+            kw = dict(kw)
+            h = args[0] if args else kw.pop("hidden_states")
+            kwargs[i].append({**kw, **({"__args__": args[1:]} if len(args) > 1 else {})})
+            if i == 0:
+                hidden.append(h.detach())
+
+        return fn
+
+    try:
+        for i, layer in enumerate(layers):
+            handles.append(layer.register_forward_pre_hook(hook(i), with_kwargs=True))
+        with torch.no_grad():
+            for start in range(0, calib_ids.shape[0], batch_size):
+                backbone(input_ids=calib_ids[start : start + batch_size].to(device), use_cache=False)
+    finally:
+        for h in handles:
+            h.remove()
+    return hidden, kwargs
+
+
+@torch.no_grad()
+def run_layer(layer: nn.Module, hidden: torch.Tensor, kwargs: dict) -> torch.Tensor:
+    """One decoder layer on ``hidden`` with the keyword arguments :func:`capture_layer_inputs` recorded;
+    its output hidden states (the first element when the layer returns a tuple)."""
+    kw = dict(kwargs)
+    out = layer(hidden, *kw.pop("__args__", ()), **kw)
+    return out[0] if isinstance(out, (tuple, list)) else out

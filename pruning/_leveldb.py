@@ -252,12 +252,16 @@ class LevelDB:
             os.close(fd)
 
     def build(self, layers: Iterable[int], compute: Callable[[int], Mapping[str, torch.Tensor]], *,
-              progress: Callable[[int], None] | None = None, poll_s: float = 0.2) -> list[int]:
+              progress: Callable[[int], None] | None = None, poll_s: float = 0.2, ordered: bool = False) -> list[int]:
         """Make every layer of ``layers`` finished: verified ones are kept, the rest computed with
         ``compute(i)`` (a mapping of name -> tensor) and stored, each under its lock; layers another
         process is building are waited for. ``progress(k)`` is called as layers finish. Returns the
-        layers this call computed."""
-        layers = list(layers)
+        layers this call computed.
+
+        ``ordered``: ``layers`` are finished in ascending order, each before the next is begun (a layer
+        another process holds is waited for, or taken over when its builder dies), for a ``compute``
+        that reads the earlier layers' stored tensors (sequential SparseGPT inputs)."""
+        layers = sorted(layers) if ordered else list(layers)
         start = time.perf_counter()
         if self.path is not None:
             self._prepare()
@@ -267,6 +271,18 @@ class LevelDB:
         if progress is not None and finished:
             progress(finished)
         built: list[int] = []
+        for i in (pending if ordered else []):
+            while not self.done(i):
+                with self._lock(i) as held:
+                    if held:
+                        if not self.done(i):
+                            self.store(i, compute(i))
+                            built.append(i)
+                        break
+                time.sleep(poll_s)
+            if progress is not None:
+                progress(1)
+        pending = [] if ordered else pending
         while pending:
             moved = False
             for i in list(pending):

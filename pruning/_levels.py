@@ -28,7 +28,10 @@ space with both sparsegpt sparsity and width genes is refused when it is built).
 Stored zeros are exactly the pruned weights: a kept weight that is (or rounds to, in float16) zero
 is stored as the smallest normal number of its sign, so ``weight != 0`` is the keep-mask and the
 nonzero counts are exactly the cost model's. Hessians come from the dense model's calibration
-inputs (EvoPress's database choice), collected for the layers being built in one calibration pass.
+inputs (EvoPress's database choice), collected for the layers being built in one calibration pass;
+with ``inputs="sequential"`` (SparseGPT's own script) block ``i``'s at level ``s`` come from the
+inputs carried through blocks ``0 .. i-1`` with their stored level-``s`` weights, layer by layer on
+cached hidden states (:meth:`LevelStrategy._sequential`, built in order).
 """
 
 from __future__ import annotations
@@ -45,19 +48,20 @@ from torch import nn
 
 from .._logging import get_logger
 from ..space import Candidate, LayerConfig
-from ._calib import calibration_pass
+from ._calib import calibration_pass, capture_layer_inputs, run_layer
 from ._leveldb import LEVEL_DTYPES, LevelDB
 from ._masks import pack_mask, unpack_mask, wanda_mask
 from ._obs import obs_columns, sparsegpt, sparsegpt_factor
 from ._static import StaticStrategy, _head_index, _LinearPlan, _Part
 from ._strategy import LiveModel
 
-__all__ = ["LEVEL_SPARSITY_METHODS", "LEVEL_WIDTH_METHODS", "LevelSettings", "LevelStrategy", "levels_from_space"]
+__all__ = ["LEVEL_INPUTS", "LEVEL_SPARSITY_METHODS", "LEVEL_WIDTH_METHODS", "LevelSettings", "LevelStrategy", "levels_from_space"]
 
 _log = get_logger("pruning")
 
 LEVEL_SPARSITY_METHODS = ("sparsegpt", "wanda", "magnitude")
 LEVEL_WIDTH_METHODS = ("obs", "slice")
+LEVEL_INPUTS = ("dense", "sequential")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -74,6 +78,10 @@ class LevelSettings:
         dtype: storage dtype (``"float32"``, ``"float16"``, ``"bfloat16"``).
         blocksize, percdamp: SparseGPT's block size and dampening (fraction of the mean Hessian diagonal).
         obs_percdamp: dampening of the width least squares.
+        inputs: where SparseGPT's Hessians come from: ``"dense"`` (default: the dense model's
+            calibration inputs, EvoPress's choice) or ``"sequential"`` (per sparsity level ``s``, the
+            calibration inputs propagated through the earlier blocks compressed at ``s``, as
+            SparseGPT's own script; sparsegpt sparsity only, no OBS widths).
         selection: SparseGPT's unstructured mask choice, ``"row"`` (default: every row keeps its
             cost-model count; measured best on SmolLM2) or ``"block"`` (the reference code's; every
             logical linear keeps exactly its count).
@@ -90,8 +98,14 @@ class LevelSettings:
     percdamp: float = 0.01
     obs_percdamp: float = 0.0
     selection: str = "row"
+    inputs: str = "dense"
 
     def __post_init__(self) -> None:
+        if self.inputs not in LEVEL_INPUTS:
+            raise ValueError(f"level inputs must be one of {LEVEL_INPUTS}, got {self.inputs!r}.")
+        if self.inputs == "sequential" and (self.sparsity_method != "sparsegpt" or self.width_method == "obs"):
+            raise ValueError("level inputs 'sequential' need sparsity_method sparsegpt and no OBS widths (width_method "
+                             "obs is not supported with sequential inputs); use inputs: dense.")
         if self.sparsity_method not in LEVEL_SPARSITY_METHODS:
             raise ValueError(f"sparsity_method must be one of {LEVEL_SPARSITY_METHODS}, got {self.sparsity_method!r}.")
         if self.width_method not in LEVEL_WIDTH_METHODS:
@@ -113,7 +127,8 @@ class LevelSettings:
                 "selection": self.selection,
                 "sparsity": {str(i): list(v) for i, v in sorted(self.sparsity.items())},
                 "heads": {str(i): [list(h) for h in v] for i, v in sorted(self.heads.items())} if width else {},
-                "mlp": {str(i): list(v) for i, v in sorted(self.mlp.items())} if width else {}}
+                "mlp": {str(i): list(v) for i, v in sorted(self.mlp.items())} if width else {},
+                **({"inputs": self.inputs} if self.inputs != "dense" else {})}  # dense databases keep their key
 
     def layers(self) -> list[int]:
         """The blocks with anything to store."""
@@ -145,7 +160,8 @@ def levels_from_space(space: Any, *, sparsity_method: str | None = None, width_m
         sparsity={i: tuple(sorted(v)) for i, v in sparsity.items()},
         heads={i: tuple(sorted(v)) for i, v in heads.items()}, mlp={i: tuple(sorted(v)) for i, v in mlp.items()},
         pattern="2:4" if space.pattern_2_4 else "unstructured",
-        dtype=dtype or getattr(space, "level_dtype", None) or "float32")
+        dtype=dtype or getattr(space, "level_dtype", None) or "float32",
+        inputs=getattr(space, "level_inputs", None) or "dense")
 
 
 def _s(level: float) -> str:
@@ -224,7 +240,9 @@ class LevelStrategy(StaticStrategy):
         calibration_pass(live.model, live.calib_ids, hooks, batch_size=live.calib_batch_size)
         return hs
 
-    def _compute(self, i: int, hs: dict[tuple[int, str], torch.Tensor]) -> dict[str, torch.Tensor]:
+    def _compute(self, i: int, hs: dict[tuple[int, str], torch.Tensor],
+                 levels: tuple[float, ...] | None = None) -> dict[str, torch.Tensor]:
+        """Layer ``i``'s stored tensors (sparsity ``levels``: default all of the layer's) from the Hessians ``hs``."""
         st, live = self.levels, self.live
         r, a, s = live.refs[i], live.adapter, live.spec
         dt = self.db.dtype
@@ -232,7 +250,7 @@ class LevelStrategy(StaticStrategy):
         factors: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
         for name, group in self._groups(i).items():
             w = r.weight[name].detach().float().cpu()
-            for level in st.sparsity.get(i, ()):
+            for level in (st.sparsity.get(i, ()) if levels is None else levels):
                 if st.sparsity_method == "sparsegpt":
                     if group not in factors:  # one factorisation per input group, for every level
                         factors[group] = sparsegpt_factor(hs[(i, group)], st.percdamp)
@@ -257,6 +275,63 @@ class LevelStrategy(StaticStrategy):
                                                      percdamp=st.obs_percdamp)
         return out
 
+    def _sequential(self) -> Any:
+        """``compute(i)`` of a sequential build (see :class:`LevelSettings`): per sparsity level, the
+        calibration hidden states are carried layer by layer (each decoder layer called on its own with
+        the keyword arguments of one dense pass); block ``i``'s Hessians at level ``s`` come from its
+        linears' inputs with the block dense, on the states that went through blocks ``0 .. i-1`` with
+        their *stored* level-``s`` weights (dense where a block has no level ``s``). Layers are built in
+        order, so a resumed build re-propagates through the finished layers' stored weights."""
+        st, live, a = self.levels, self.live, self.live.adapter
+        levels = sorted({v for vs in st.sparsity.values() for v in vs})
+        state: dict[str, Any] = {"pos": 0}
+        first = {"attn_in": a.qkv or a.q, "o_in": a.o, "mlp_in": a.gate_up or a.gate, "down_in": a.down}
+
+        @torch.no_grad()
+        def forward(j: int, hidden: list[torch.Tensor], level: float | None, hook: Any = None) -> list[torch.Tensor]:
+            """Layer ``j`` on ``hidden`` (with its stored ``level`` weights, dense for ``None``); its outputs."""
+            r = live.refs[j]
+            swap = {n: self._stored(j, f"{n}@s{_s(level)}", r.weight[n]) for n in self._groups(j)} \
+                if level is not None else {}
+            saved = {n: r.weight[n].detach().clone() for n in swap}
+            handles = [] if hook is None else [r.linears[n].register_forward_pre_hook(hook(g)) for g, n in first.items()]
+            try:
+                for n, w in swap.items():
+                    r.weight[n].data.copy_(w)
+                return [run_layer(r.layer, h, kw) for h, kw in zip(hidden, state["kw"][j], strict=True)]
+            finally:
+                for hnd in handles:
+                    hnd.remove()
+                for n, w in saved.items():
+                    r.weight[n].data.copy_(w)
+
+        def compute(i: int) -> dict[str, torch.Tensor]:
+            if "h" not in state:
+                assert live.calib_ids is not None
+                h0, kw = capture_layer_inputs(live.model, [r.layer for r in live.refs], live.calib_ids,
+                                              batch_size=live.calib_batch_size)
+                state.update(h={level: h0 for level in levels}, kw=kw)
+            while state["pos"] < i:  # every level's states through the finished layer (stored weights)
+                j, have = state["pos"], st.sparsity.get(state["pos"], ())
+                state["h"] = {level: forward(j, h, level if any(math.isclose(level, v) for v in have) else None)
+                              for level, h in state["h"].items()}
+                state["pos"] += 1
+            out: dict[str, torch.Tensor] = {}
+            for level in st.sparsity.get(i, ()):
+                hs: dict[tuple[int, str], torch.Tensor] = {}
+
+                def hook(group: str) -> Any:
+                    def fn(module: nn.Module, args: tuple) -> None:
+                        x = args[0].detach().reshape(-1, args[0].shape[-1]).float().cpu()
+                        hs[(i, group)] = hs[(i, group)] + x.T @ x if (i, group) in hs else x.T @ x
+                    return fn
+
+                forward(i, state["h"][level], None, hook)  # the block dense, on its inputs at this level
+                out.update(self._compute(i, hs, (level,)))
+            return out
+
+        return compute
+
     def _build(self, progress: bool) -> None:
         layers = self.levels.layers()
         need_h = self.levels.sparsity_method == "sparsegpt" or self.levels.width_method == "obs"
@@ -277,8 +352,10 @@ class LevelStrategy(StaticStrategy):
                 cache.pop((i, g), None)
             return out
 
+        sequential = self.levels.inputs == "sequential"
         try:
-            built = self.db.build(layers, compute, progress=None if bar is None else bar.update)
+            built = self.db.build(layers, self._sequential() if sequential else compute, ordered=sequential,
+                                  progress=None if bar is None else bar.update)
         finally:
             if bar is not None:
                 bar.close()

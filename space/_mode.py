@@ -72,14 +72,15 @@ class ProbeCalibration:
 #: the level-database options of a space and their values (``None``: no level database for that part)
 LEVEL_METHODS: dict[str, tuple[str, ...]] = {"sparsity_method": ("sparsegpt", "wanda", "magnitude"),
                                              "width_method": ("obs", "slice"),
-                                             "level_dtype": ("float32", "float16", "bfloat16")}
+                                             "level_dtype": ("float32", "float16", "bfloat16"),
+                                             "level_inputs": ("dense", "sequential")}
 
 
 def check_level_methods(sparsity_method: Any, width_method: Any, level_dtype: Any, *, mode: str, sparse: bool,
-                        widths: bool) -> None:
+                        widths: bool, level_inputs: Any = "dense") -> None:
     """One-line ``ValueError`` for a space's level-database options that cannot work together."""
     for name, value in (("sparsity_method", sparsity_method), ("width_method", width_method),
-                        ("level_dtype", level_dtype)):
+                        ("level_dtype", level_dtype), ("level_inputs", level_inputs)):
         if value is not None and value not in LEVEL_METHODS[name]:
             raise ValueError(f"SearchSpace.{name} must be one of {LEVEL_METHODS[name]}, got {value!r}.")
     if (sparsity_method is not None or width_method is not None) and mode != "static":
@@ -89,6 +90,10 @@ def check_level_methods(sparsity_method: Any, width_method: Any, level_dtype: An
         raise ValueError("SearchSpace: sparsity_method 'sparsegpt' with width genes is not supported (the level "
                          "database holds SparseGPT levels of the dense widths); set attention: null and mlp: false, "
                          "or use sparsity_method: wanda.")
+    if level_inputs == "sequential" and (sparsity_method != "sparsegpt" or width_method == "obs"):
+        raise ValueError(f"SearchSpace: level_inputs 'sequential' needs sparsity_method 'sparsegpt' and no width_method "
+                         f"obs (not supported with sequential inputs), got sparsity_method {sparsity_method!r}, "
+                         f"width_method {width_method!r}; set level_inputs: dense or sparsity_method: sparsegpt.")
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)

@@ -193,6 +193,9 @@ class SearchSpace(JsonValue, LevelsMixin, MovesMixin, ReachMixin):
         width_method: ``None`` (default: slices) or ``"slice"`` / ``"obs"`` (o_proj / down_proj's kept
             columns updated by least squares) from the level database.
         level_dtype: the level database's storage dtype (``"float32"``, ``"float16"``, ``"bfloat16"``).
+        level_inputs: where SparseGPT's Hessians come from: ``"dense"`` (default: the dense model's
+            calibration inputs) or ``"sequential"`` (inputs through the earlier blocks compressed at
+            the same level, as SparseGPT's script; needs ``sparsity_method: sparsegpt``).
 
     Attributes (derived, not compared): ``genes`` (tuple of :class:`Gene`) and
     ``cost_model`` (:class:`CostModel`).
@@ -221,6 +224,7 @@ class SearchSpace(JsonValue, LevelsMixin, MovesMixin, ReachMixin):
     sparsity_method: str | None = None
     width_method: str | None = None
     level_dtype: str = "float32"
+    level_inputs: str = "dense"
     genes: tuple[Gene, ...] = dataclasses.field(init=False, compare=False, repr=False)
     cost_model: CostModel = dataclasses.field(init=False, compare=False, repr=False)
 
@@ -250,7 +254,8 @@ class SearchSpace(JsonValue, LevelsMixin, MovesMixin, ReachMixin):
         self._set("frozen_layers", self._resolve_frozen())
         self._set("probe", resolve_mode(self.mode, self.probe, sparsity=bool(self.sparsity_levels)))
         check_level_methods(self.sparsity_method, self.width_method, self.level_dtype, mode=self.mode,
-                            sparse=bool(self.sparsity_levels), widths=self.attention is not None or self.mlp)
+                            sparse=bool(self.sparsity_levels), widths=self.attention is not None or self.mlp,
+                            level_inputs=self.level_inputs)
         for name in ("seq_len", "kv_dtype_bytes"):
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
@@ -601,6 +606,7 @@ class SearchSpace(JsonValue, LevelsMixin, MovesMixin, ReachMixin):
             **({"sparsity_method": self.sparsity_method} if self.sparsity_method is not None else {}),
             **({"width_method": self.width_method} if self.width_method is not None else {}),
             **({"level_dtype": self.level_dtype} if self.level_dtype != "float32" else {}),
+            **({"level_inputs": self.level_inputs} if self.level_inputs != "dense" else {}),
         }
 
     @classmethod
