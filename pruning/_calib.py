@@ -42,9 +42,6 @@ def calibration_pass(
     """
     if batch_size < 1:
         raise ValueError(f"calibration_pass: batch_size must be >= 1, got {batch_size}.")
-    backbone = getattr(model, "base_model", model)
-    device = model.get_input_embeddings().weight.device
-    handles = []
 
     def pre_hook(fn: Callable[[torch.Tensor], None]):
         def hook(module: nn.Module, args: tuple) -> None:
@@ -52,9 +49,19 @@ def calibration_pass(
 
         return hook
 
+    _run_hooked(model, calib_ids, batch_size, [(module, pre_hook(fn), False) for module, fn in inputs])
+
+
+def _run_hooked(model: nn.Module, calib_ids: torch.Tensor, batch_size: int,
+                hooks: list[tuple[nn.Module, Callable[..., None], bool]]) -> None:
+    """The pass itself: ``calib_ids`` through the backbone in batches (no gradients, no KV cache) with the
+    forward pre-hooks ``(module, hook, with_kwargs)`` registered, and removed afterwards whatever happens."""
+    backbone = getattr(model, "base_model", model)
+    device = model.get_input_embeddings().weight.device
+    handles = []
     try:
-        for module, fn in inputs:
-            handles.append(module.register_forward_pre_hook(pre_hook(fn)))
+        for module, hook, with_kwargs in hooks:
+            handles.append(module.register_forward_pre_hook(hook, with_kwargs=with_kwargs))
         with torch.no_grad():
             for start in range(0, calib_ids.shape[0], batch_size):
                 backbone(input_ids=calib_ids[start : start + batch_size].to(device), use_cache=False)
@@ -72,11 +79,8 @@ def capture_layer_inputs(
     with :func:`run_layer` on hidden states computed some other way (SparseGPT's sequential inputs)."""
     if batch_size < 1:
         raise ValueError(f"capture_layer_inputs: batch_size must be >= 1, got {batch_size}.")
-    backbone = getattr(model, "base_model", model)
-    device = model.get_input_embeddings().weight.device
     hidden: list[torch.Tensor] = []
     kwargs: list[list[dict]] = [[] for _ in layers]
-    handles = []
 
     def hook(i: int):
         def fn(module: nn.Module, args: tuple, kw: dict) -> None:
@@ -88,15 +92,7 @@ def capture_layer_inputs(
 
         return fn
 
-    try:
-        for i, layer in enumerate(layers):
-            handles.append(layer.register_forward_pre_hook(hook(i), with_kwargs=True))
-        with torch.no_grad():
-            for start in range(0, calib_ids.shape[0], batch_size):
-                backbone(input_ids=calib_ids[start : start + batch_size].to(device), use_cache=False)
-    finally:
-        for h in handles:
-            h.remove()
+    _run_hooked(model, calib_ids, batch_size, [(layer, hook(i), True) for i, layer in enumerate(layers)])
     return hidden, kwargs
 
 

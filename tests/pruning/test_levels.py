@@ -118,8 +118,10 @@ _BUILD = textwrap.dedent("""
 """)
 
 
-def _build(root: Path, kill_at: int = -1, slow: float = 0.0, *, wait: bool = True):
-    cmd = [sys.executable, "-c", _BUILD.format(tests=str(TESTS)), str(root), str(kill_at), str(slow)]
+def _build(root: Path, kill_at: int = -1, slow: float = 0.0, *, wait: bool = True, script: str = _BUILD):
+    """Run a database build (``script``: a template with ``{tests}``) in a fresh process; ``kill_at``: the
+    layer at which it dies (``os._exit``), ``slow``: seconds per layer."""
+    cmd = [sys.executable, "-c", script.format(tests=str(TESTS)), str(root), str(kill_at), str(slow)]
     proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     if not wait:
         return proc

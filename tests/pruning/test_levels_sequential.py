@@ -4,21 +4,19 @@ Hessians at level ``s`` come from the calibration inputs through blocks ``0 .. i
 from __future__ import annotations
 
 import json
-import subprocess
-import sys
 import textwrap
 from pathlib import Path
 
 import pytest
 import torch
 
+from helpers import sibling_module
 from tiny_models import tiny_model
 
 from evoprune.pruning import LevelSettings, Pruner, levels_from_space
 from evoprune.pruning._obs import sparsegpt
 from evoprune.space import Candidate, LayerConfig, SearchSpace
 
-TESTS = Path(__file__).resolve().parents[1]
 LEVELS = (0.0, 0.5, 0.75)
 
 
@@ -137,18 +135,12 @@ _BUILD = textwrap.dedent("""
 """)
 
 
+_levels_tests = sibling_module(__file__, "test_levels")
+_files = _levels_tests._files  # the database folder's files by name
+
+
 def _build(root: Path, kill_at: int = -1, slow: float = 0.0, *, wait: bool = True):
-    cmd = [sys.executable, "-c", _BUILD.format(tests=str(TESTS)), str(root), str(kill_at), str(slow)]
-    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    if not wait:
-        return proc
-    out, err = proc.communicate(timeout=300)
-    return proc.returncode, out, err
-
-
-def _files(root: Path) -> dict[str, bytes]:
-    (db,) = [p for p in root.iterdir() if p.is_dir()]
-    return {p.name: p.read_bytes() for p in sorted(db.iterdir()) if p.suffix in (".safetensors", ".json")}
+    return _levels_tests._build(root, kill_at, slow, wait=wait, script=_BUILD)
 
 
 def test_killed_sequential_build_resumes_from_stored_layers_to_byte_identical_files(tmp_path):
