@@ -27,8 +27,8 @@ transformers: they load when a study runs or exports.
 from ._pareto import hypervolume, pareto_front, study_front
 from ._plan import Plan, plan
 from ._status import StudyStatus, study_status
-from ._study import (EvoStudy, ParetoPoint, StudyNotFoundError, create_study, delete_study, load_study,
-                     register_study_verb)
+from ._delete import delete_study
+from ._study import EvoStudy, ParetoPoint, StudyNotFoundError, create_study, load_study, register_study_verb
 
 __all__ = [
     "EvoStudy",
