@@ -9,7 +9,7 @@ Sparsity (``--sparsities``, default 50 % and 70 % of the prunable linears' weigh
 that uniform setting's ``nonzero_params``): uniform Wanda, uniform SparseGPT, OWL on SparseGPT levels,
 and the evolutionary search (``--sparse-tokens`` forward tokens each, first parents OWL + uniform) on
 Wanda levels and on SparseGPT levels; uniform SparseGPT with sequential inputs (``level_inputs:
-sequential``, its own database; ``--no-sequential`` skips it). Per-block levels are the target +- ``--level-span`` steps of
+sequential``, its own database; only with ``--sequential``). Per-block levels are the target +- ``--level-span`` steps of
 ``--level-step``; one SparseGPT level database holds every level of both targets.
 
 Widths (``--width-ratios``, default 0.5 and 0.7 of the params; KV groups + MLP channels in steps of
@@ -184,8 +184,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--no-sparsity", dest="sparsity", action="store_false",
                     help="skip the sparsity rows (with --no-widths: only the throughput and database lines)")
     ap.add_argument("--no-search", dest="search", action="store_false", help="skip the evolutionary rows")
-    ap.add_argument("--no-sequential", dest="sequential", action="store_false",
-                    help="skip the uniform SparseGPT rows with sequential inputs (level_inputs: sequential)")
+    ap.add_argument("--sequential", action="store_true",
+                    help="add the uniform SparseGPT rows with sequential inputs (level_inputs: sequential; its own "
+                         "database, about 17 min to build on 2 cores)")
     ap.add_argument("--level-dtype", default="float32")
     ap.add_argument("--cache-dir", default=None, help="evoprune cache root (the level databases go to levels/)")
     ap.add_argument("--test-tokens", type=int, default=4096)
