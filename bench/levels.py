@@ -5,22 +5,27 @@ SmolLM2-135M (``reference:smollm2-135m``), one torch thread by default. Data as 
 ``--seq-len``, the Hessians of SparseGPT / OBS and the Wanda norms), KL on the validation split,
 perplexity on the held-out *test* split (``--test-tokens``).
 
-Sparsity (``--sparsities``, default 50 % and 70 % of the prunable linears' weights zero; the budget is
+Sparsity (``--sparsities``, default 70 % of the prunable linears' weights zero; the budget is
 that uniform setting's ``nonzero_params``): uniform Wanda, uniform SparseGPT, OWL on SparseGPT levels,
 and the evolutionary search (``--sparse-tokens`` forward tokens each, first parents OWL + uniform) on
 Wanda levels and on SparseGPT levels; uniform SparseGPT with sequential inputs (``level_inputs:
 sequential``, its own database; only with ``--sequential``). Per-block levels are the target +- ``--level-span`` steps of
 ``--level-step``; one SparseGPT level database holds every level of both targets.
 
-Widths (``--width-ratios``, default 0.5 and 0.7 of the params; KV groups + MLP channels in steps of
-``--mlp-step``): uniform and evolutionary (``--width-tokens``) with ``width_method: slice`` and
-``obs``. ``--no-widths`` / ``--no-search`` / ``--no-sparsity`` skip the heavy parts.
+Widths (``--width-ratios``, default 0.7 of the params; KV groups + MLP channels in steps of
+``--mlp-step``): uniform, and with ``--width-search`` evolutionary (``--width-tokens``), with
+``width_method: slice`` and ``obs``. ``--no-widths`` / ``--no-search`` / ``--no-sparsity`` skip parts.
+
+The default size is the one every TARGET needs (70 %, 0.7 params, levels +-1 step: about 12-15
+minutes on 2 cores with a cold cache); ``--full`` is the size of ``docs/results.md`` (50 % and 70 %,
+0.5 and 0.7 params, +-2 steps, the evolutionary width rows: 35-40 minutes).
 
 Also measured: the level databases' build seconds and bytes, and stage-1 throughput (KL evaluations
 incl. apply/revert, candidates/s) against bare forwards of the same candidates in the sparse space,
 with per-candidate Wanda masks (before) and with SparseGPT levels from the database (after).
 
-    python bench/levels.py                    # about 25-40 minutes on 2 shared cores
+    python bench/levels.py                    # the TARGETs: 12-15 minutes on 2 cores
+    python bench/levels.py --full             # every row of docs/results.md: 35-40 minutes
     python bench/levels.py --no-widths --sparse-tokens 10000
     python bench/levels.py --smoke            # seconds, tiny reference model
 """
@@ -152,7 +157,7 @@ def width_part(rt, args, score, targets, info) -> None:
         for method in ("slice", "obs"):
             _use(rt, base, method, args, info, score.kl_ctx)
             rows.append(_row(f"uniform {method}", u, 0, 0, score(u), rt))
-            if args.search:
+            if args.search and args.width_search:
                 evo, used, sec = _evolve(rt, space, args.width_tokens, args.seed, args.offspring, init=[u])
                 rows.append(_row(f"evo {method}", evo, used, sec, score(evo), rt))
         rt.pruner.use_levels(None)
@@ -170,13 +175,17 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--screen-tokens", type=int, default=256)
     ap.add_argument("--final-tokens", type=int, default=2048)
     ap.add_argument("--offspring", type=int, default=8)
-    ap.add_argument("--sparsities", type=lambda v: [float(x) for x in v.split(",")], default=[0.5, 0.7])
+    ap.add_argument("--sparsities", type=lambda v: [float(x) for x in v.split(",")], default=[0.7])
     ap.add_argument("--level-step", type=float, default=1 / 16)
-    ap.add_argument("--level-span", type=int, default=2, help="levels per side of each target")
+    ap.add_argument("--level-span", type=int, default=1, help="levels per side of each target")
     ap.add_argument("--sparse-tokens", type=int, default=20_000, help="search budget per method and sparsity")
     ap.add_argument("--owl-m", type=float, default=5.0)
     ap.add_argument("--owl-lambda", type=float, default=0.08)
-    ap.add_argument("--width-ratios", type=lambda v: [float(x) for x in v.split(",")], default=[0.5, 0.7])
+    ap.add_argument("--width-ratios", type=lambda v: [float(x) for x in v.split(",")], default=[0.7])
+    ap.add_argument("--width-search", action="store_true", help="add the evolutionary width rows")
+    ap.add_argument("--full", action="store_true",
+                    help="the docs/results.md size: --sparsities 0.5,0.7 --width-ratios 0.5,0.7 --level-span 2 "
+                         "--width-search (flags given explicitly win)")
     ap.add_argument("--width-band", type=float, default=0.05)
     ap.add_argument("--mlp-step", type=int, default=128)
     ap.add_argument("--width-tokens", type=int, default=20_000, help="search budget per method and ratio")
@@ -194,16 +203,19 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--throughput-candidates", type=int, default=6)
     ap.add_argument("--batch-size", type=int, default=8)
     add_common_args(ap, model="reference:smollm2-135m", seq_len=128, threads=1)
+    if "--full" in (sys.argv[1:] if argv is None else argv):
+        ap.set_defaults(sparsities=[0.5, 0.7], width_ratios=[0.5, 0.7], level_span=2, width_search=True)
     args = parse_args(ap, argv, smoke=dict(model="reference:tiny", calib_sequences=4, screen_tokens=64,
                                            final_tokens=128, offspring=2, sparse_tokens=600, width_tokens=600,
                                            mlp_step=16, test_tokens=512, throughput_candidates=2, batch_size=2,
-                                           seq_len=64, level_step=0.125, level_span=1))
+                                           seq_len=64, level_step=0.125, level_span=1, width_search=True))
     t_start = start(args)
     tmp = None
     if args.cache_dir is None and "--smoke" in (sys.argv[1:] if argv is None else argv):
         tmp = tempfile.TemporaryDirectory(prefix="evoprune-bench-levels-")
         args.cache_dir = tmp.name
-    space = {"attention": None, "mlp": False, "sparsity_levels": [0.0, *_levels(args.sparsities[0], args)]}
+    space = {"attention": None, "mlp": False, "sparsity_levels": [0.0, *_levels(args.sparsities[0], args)],
+             "sparsity_method": None}  # the bench switches the levels itself (_use)
     rt = build_runtime(_config(args, space))
     tasks = tempfile.TemporaryDirectory(prefix="evoprune-bench-tasks-")
     write_lmeval_tasks(tasks.name, load_reference_corpus())

@@ -536,10 +536,11 @@ def main(argv: list[str] | None = None) -> int:
     elif args.experiment == "2":
         space = {"attention": "kv_groups", "mlp_step": 64}
     elif args.experiment == "3":
-        space = {"attention": None, "mlp": False, "sparsity_levels": list(sparsity_levels(args.sparsities[0], args))}
+        space = {"attention": None, "mlp": False, "sparsity_levels": list(sparsity_levels(args.sparsities[0], args)),
+                 "sparsity_method": None}  # per-candidate Wanda masks, as the rows of docs/results.md
     elif args.experiment == "4":
         space = {"attention": "kv_groups", "mlp_step": args.joint_mlp_step, "drop_blocks": True,
-                 "sparsity_levels": list(sparsity_levels(args.joint_sparsity, args))}
+                 "sparsity_levels": list(sparsity_levels(args.joint_sparsity, args)), "sparsity_method": None}
     else:
         raise SystemExit(f"--experiment must be 1, 2, 3, 4 or all, got {args.experiment!r}")
     rt = build_runtime(_config(args, space))

@@ -56,7 +56,8 @@ def main(argv: list[str] | None = None) -> int:
     cfg = StudyConfig.from_dict({
         "model": args.model,
         "calibration": {"num_sequences": 32, "seq_len": args.seq_len},
-        "space": {"attention": "kv_groups", "mlp_step": args.mlp_step, "sparsity_levels": [0.0, 0.25, 0.5, 0.75]},
+        "space": {"attention": "kv_groups", "mlp_step": args.mlp_step, "sparsity_levels": [0.0, 0.25, 0.5, 0.75],
+                  "sparsity_method": None},  # Wanda masks per candidate: the samplers are compared, not the levels
         "budget": [{"metric": "nonzero_params", "max_ratio": args.ratio}],
         "stages": [{"name": "search", "evaluators": ["kl"], "eval_tokens": args.search_tokens,
                     "seq_len": args.seq_len}],

@@ -19,11 +19,15 @@ What the database holds, per decoder block, for the levels the space can choose 
 * ``"<o_proj>@h<kv>x<m>"`` and ``"<down_proj>@c<channels>"`` with ``width_method: obs``: the kept
   input columns updated by least squares to reconstruct the dense output (:func:`~._obs.obs_columns`).
 
-Width and sparsity compose like this: q/k/v/gate/up take their rows from the stored sparse
-weight; o_proj / down_proj at a narrower width take the width level's weight (sliced, or OBS) and,
-when also sparse, a Wanda (or magnitude) mask computed on that weight on the fly. SparseGPT levels
-on a narrower o_proj / down_proj are not stored: such a candidate is refused with one line (a
-space with both sparsegpt sparsity and width genes is refused when it is built).
+* ``"<o_proj>@h<kv>x<m>@s<level>"`` and ``"<down_proj>@c<channels>@s<level>"`` with
+  ``sparsity_method: sparsegpt`` in a space with width genes: SparseGPT run on the width level's
+  weight (sliced, or OBS-compensated) with the Hessian of its kept inputs ``H[K, K]``.
+
+Width and sparsity compose like this: sparsity levels are computed on the width level's weights.
+q/k/v/gate/up take their rows from the stored sparse weight (rows are independent, so that *is*
+SparseGPT of the narrower weight); o_proj / down_proj at a narrower width take the stored pair
+above (SparseGPT) or the width level's weight with a Wanda (or magnitude) mask computed on it on
+the fly.
 
 Stored zeros are exactly the pruned weights: a kept weight that is (or rounds to, in float16) zero
 is stored as the smallest normal number of its sign, so ``weight != 0`` is the keep-mask and the
@@ -121,7 +125,7 @@ class LevelSettings:
 
     def key(self) -> dict[str, Any]:
         """The level set and method, JSON-able (part of the database key)."""
-        width = self.width_method == "obs"
+        width = self.width_method == "obs" or self._pairs()
         return {"method": f"{self.sparsity_method}+{self.width_method}", "pattern": self.pattern,
                 "blocksize": self.blocksize, "percdamp": self.percdamp, "obs_percdamp": self.obs_percdamp,
                 "selection": self.selection,
@@ -129,6 +133,10 @@ class LevelSettings:
                 "heads": {str(i): [list(h) for h in v] for i, v in sorted(self.heads.items())} if width else {},
                 "mlp": {str(i): list(v) for i, v in sorted(self.mlp.items())} if width else {},
                 **({"inputs": self.inputs} if self.inputs != "dense" else {})}  # dense databases keep their key
+
+    def _pairs(self) -> bool:
+        """Whether SparseGPT levels of the narrower o_proj / down_proj widths are stored too."""
+        return self.sparsity_method == "sparsegpt" and bool(self.sparsity) and bool(self.heads or self.mlp)
 
     def layers(self) -> list[int]:
         """The blocks with anything to store."""
@@ -263,16 +271,24 @@ class LevelStrategy(StaticStrategy):
                     keep, new = wanda_mask(w, norm, level, st.pattern), w
                     keep = torch.ones(w.shape, dtype=torch.bool) if keep is None else keep
                 out[f"{name}@s{_s(level)}"] = _keep_nonzero(new, keep, dt)
-        if st.width_method == "obs":
-            Q, hd = s.q_per_kv, s.head_dim
-            wo = r.weight[a.o].detach().float().cpu()
-            for kv, m in st.heads.get(i, ()):
-                out[f"{a.o}@h{kv}x{m}"] = obs_columns(wo, hs[(i, "o_in")], _head_index(kv, m, Q, hd),
-                                                      percdamp=st.obs_percdamp)
-            wd = r.weight[a.down].detach().float().cpu()
-            for mc in st.mlp.get(i, ()):
-                out[f"{a.down}@c{mc}"] = obs_columns(wd, hs[(i, "down_in")], torch.arange(mc),
-                                                     percdamp=st.obs_percdamp)
+        sparse = st.sparsity.get(i, ()) if levels is None else levels
+        obs, pairs = st.width_method == "obs", st.sparsity_method == "sparsegpt" and bool(sparse)
+        if not (obs or pairs):
+            return out
+        narrow = [(a.o, "o_in", f"{a.o}@h{kv}x{m}", _head_index(kv, m, s.q_per_kv, s.head_dim))
+                  for kv, m in st.heads.get(i, ())]
+        narrow += [(a.down, "down_in", f"{a.down}@c{mc}", torch.arange(mc)) for mc in st.mlp.get(i, ())]
+        for name, group, key, kept in narrow:
+            w, h = r.weight[name].detach().float().cpu(), hs[(i, group)]
+            base = obs_columns(w, h, kept, percdamp=st.obs_percdamp) if obs else w[:, kept].contiguous()
+            if obs and levels is None:
+                out[key] = base
+            if pairs:  # sparsegpt levels of the narrower weight: the Hessian of its kept inputs
+                factor = sparsegpt_factor(h[kept][:, kept], st.percdamp)
+                for level in sparse:
+                    new, keep = sparsegpt(base, None, level, st.pattern, blocksize=st.blocksize, return_mask=True,
+                                          factor=factor, selection=st.selection)
+                    out[f"{key}@s{_s(level)}"] = _keep_nonzero(new, keep, dt)
         return out
 
     def _sequential(self) -> Any:
@@ -379,14 +395,13 @@ class LevelStrategy(StaticStrategy):
                 level = lc.sparsity_of(n)
                 if level <= 0:
                     continue
-                if narrow and n in ("o", "down"):
-                    if st.sparsity_method == "sparsegpt":
-                        raise ValueError(f"block {i}: sparsegpt levels of a narrower {n}_proj are not stored; "
-                                         "use sparsity_method: wanda with width genes, or no width genes.")
-                elif not any(math.isclose(level, v) for v in st.sparsity.get(i, ())):
+                if narrow and n in ("o", "down") and st.sparsity_method != "sparsegpt":
+                    continue  # a Wanda / magnitude mask of the narrower weight, computed on the fly
+                if not any(math.isclose(level, v) for v in st.sparsity.get(i, ())):
                     raise ValueError(f"block {i}: sparsity {level} is not in the level database (it holds "
                                      f"{list(st.sparsity.get(i, ()))}); build the levels from the space you search.")
-            if st.width_method == "obs" and narrow:
+            if (st.width_method == "obs" or (st.sparsity_method == "sparsegpt" and any(
+                    lc.sparsity_of(n) > 0 for n in ("o", "down")))) and narrow:
                 ok = ((lc.num_kv_heads, lc.q_per_kv) in st.heads.get(i, ())) if sublayer == "attn" \
                     else lc.mlp_channels in st.mlp.get(i, ())
                 if not ok:
@@ -424,11 +439,10 @@ class LevelStrategy(StaticStrategy):
         level = lc.sparsity_of(part.logical)
         dense = self.live.refs[i].weight[name]
         if self._narrow(part):
-            if self.levels.width_method == "obs":
-                w = self._stored(i, f"{name}@h{part.key[2]}x{part.key[3]}" if part.logical == "o"
-                                 else f"{name}@c{part.key[2]}", dense)
-            else:
-                w = part.weight
+            key = f"{name}@h{part.key[2]}x{part.key[3]}" if part.logical == "o" else f"{name}@c{part.key[2]}"
+            if level > 0 and self.levels.sparsity_method == "sparsegpt":
+                return self._stored(i, f"{key}@s{_s(level)}", dense), None
+            w = self._stored(i, key, dense) if self.levels.width_method == "obs" else part.weight
             return w, self._fly_mask(part, w, level, pattern)
         if level <= 0:
             return part.weight, None
@@ -454,7 +468,8 @@ class LevelStrategy(StaticStrategy):
         super()._install(module, plan, lc, pattern)
         single = len(plan.parts) == 1
         for part in plan.parts:
-            if lc.sparsity_of(part.logical) > 0 and not self._narrow(part):
+            if lc.sparsity_of(part.logical) > 0 and (self.levels.sparsity_method == "sparsegpt"
+                                                     or not self._narrow(part)):
                 self._db_params.append(module._parameters["weight" if single else f"weight_{part.logical}"])
 
     def info(self) -> dict[str, Any]:

@@ -213,6 +213,9 @@ class StudyConfig:
                          sparsity=bool(space.get("sparsity_levels")) or bool(space.get("pattern_2_4")))
         except ValueError as exc:
             raise ValueError(f"StudyConfig.space: {exc}") from None
+        if space.get("mode", "static") == "static" and (space.get("sparsity_levels") or space.get("pattern_2_4")) \
+                and space.get("sparsity_method", "auto") == "auto":
+            space["sparsity_method"] = "sparsegpt"  # the default, stored explicitly (see from_stored)
         object.__setattr__(self, "space", space)
         budget = self.budget
         if budget is None:
@@ -300,7 +303,7 @@ class StudyConfig:
             "device": self.device,
             "data": self.data.to_dict(),
             "calibration": self.calibration.to_dict(),
-            "space": dict(self.space),
+            "space": {k: v for k, v in self.space.items() if not (k == "sparsity_method" and v is None)},
             "budget": [b.to_dict() for b in self.budget],
             "stages": [s.to_dict() for s in self.stages],
             "sampler": self.sampler.to_dict(),
@@ -326,10 +329,18 @@ class StudyConfig:
         """A config read back from a study database: :meth:`from_dict` without the checks that need the
         rooms that load torch (building the stage evaluators and resolving the objectives, the importance
         method, race options; :data:`FULL_CHECKS`) -- they ran when the study stored it. Reading a study
-        (``evoprune status``, ``show``, ``check``) therefore imports neither torch nor transformers."""
+        (``evoprune status``, ``show``, ``check``) therefore imports neither torch nor transformers.
+
+        ``space.sparsity_method`` keeps an old study's meaning: a new sparse static space without it
+        gets ``"sparsegpt"`` (written into the stored config), and ``null`` (per-candidate Wanda masks,
+        the earlier default) is never written. So a stored config without the key was made before that
+        default (or chose ``null``): it is read as ``null``, and the study resumes with Wanda masks and
+        its stored digest."""
         token = FULL_CHECKS.set(False)
         try:
-            return cls.from_dict(data)
+            space = dict(data.get("space") or {})
+            space.setdefault("sparsity_method", None)  # a config stored before sparsegpt was the default
+            return cls.from_dict({**data, "space": space})
         finally:
             FULL_CHECKS.reset(token)
 

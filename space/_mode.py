@@ -76,8 +76,8 @@ LEVEL_METHODS: dict[str, tuple[str, ...]] = {"sparsity_method": ("sparsegpt", "w
                                              "level_inputs": ("dense", "sequential")}
 
 
-def check_level_methods(sparsity_method: Any, width_method: Any, level_dtype: Any, *, mode: str, sparse: bool,
-                        widths: bool, level_inputs: Any = "dense") -> None:
+def check_level_methods(sparsity_method: Any, width_method: Any, level_dtype: Any, *, mode: str,
+                        level_inputs: Any = "dense") -> None:
     """One-line ``ValueError`` for a space's level-database options that cannot work together."""
     for name, value in (("sparsity_method", sparsity_method), ("width_method", width_method),
                         ("level_dtype", level_dtype), ("level_inputs", level_inputs)):
@@ -86,10 +86,6 @@ def check_level_methods(sparsity_method: Any, width_method: Any, level_dtype: An
     if (sparsity_method is not None or width_method is not None) and mode != "static":
         raise ValueError(f"SearchSpace: sparsity_method / width_method need mode 'static', got {mode!r}; "
                          "remove them or the mode.")
-    if sparsity_method == "sparsegpt" and sparse and widths:
-        raise ValueError("SearchSpace: sparsity_method 'sparsegpt' with width genes is not supported (the level "
-                         "database holds SparseGPT levels of the dense widths); set attention: null and mlp: false, "
-                         "or use sparsity_method: wanda.")
     if level_inputs == "sequential" and (sparsity_method != "sparsegpt" or width_method == "obs"):
         raise ValueError(f"SearchSpace: level_inputs 'sequential' needs sparsity_method 'sparsegpt' and no width_method "
                          f"obs (not supported with sequential inputs), got sparsity_method {sparsity_method!r}, "

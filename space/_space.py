@@ -187,9 +187,12 @@ class SearchSpace(JsonValue, LevelsMixin, MovesMixin, ReachMixin):
         probe: :class:`~evoprune.space._mode.ProbeSettings` or its dict (probe mode only).
         linear_ranks: ranks of fitted linear maps that may replace what ``drop_*`` drops
             (``hidden_size``: full matrix), each a level ``-rank`` before a drop level.
-        sparsity_method: ``None`` (default: Wanda masks computed per candidate) or where the sparsity
-            levels come from a level database built once (``evoprune.pruning``): ``"sparsegpt"``
-            (OBS reconstruction), ``"wanda"`` or ``"magnitude"`` (masks only).
+        sparsity_method: where the sparsity levels come from. ``"auto"`` (default): ``"sparsegpt"`` in a
+            static space with sparsity genes, else ``None``. ``"sparsegpt"`` (OBS reconstruction, the
+            best-measuring: ``bench/levels.py``), ``"wanda"`` or ``"magnitude"`` (masks only): a level
+            database built once (``evoprune.pruning``); with width genes the levels are computed on
+            each width level's weights. ``None``: Wanda masks computed per candidate (no database; what
+            a study config created before sparsegpt became the default keeps).
         width_method: ``None`` (default: slices) or ``"slice"`` / ``"obs"`` (o_proj / down_proj's kept
             columns updated by least squares) from the level database.
         level_dtype: the level database's storage dtype (``"float32"``, ``"float16"``, ``"bfloat16"``).
@@ -221,7 +224,7 @@ class SearchSpace(JsonValue, LevelsMixin, MovesMixin, ReachMixin):
     mode: str = "static"
     probe: Any = None
     linear_ranks: tuple[int, ...] = ()
-    sparsity_method: str | None = None
+    sparsity_method: str | None = "auto"
     width_method: str | None = None
     level_dtype: str = "float32"
     level_inputs: str = "dense"
@@ -253,8 +256,9 @@ class SearchSpace(JsonValue, LevelsMixin, MovesMixin, ReachMixin):
         self._set("linear_ranks", self._resolve_linear())
         self._set("frozen_layers", self._resolve_frozen())
         self._set("probe", resolve_mode(self.mode, self.probe, sparsity=bool(self.sparsity_levels)))
+        if self.sparsity_method == "auto":
+            self._set("sparsity_method", "sparsegpt" if self.sparsity_levels and self.mode == "static" else None)
         check_level_methods(self.sparsity_method, self.width_method, self.level_dtype, mode=self.mode,
-                            sparse=bool(self.sparsity_levels), widths=self.attention is not None or self.mlp,
                             level_inputs=self.level_inputs)
         for name in ("seq_len", "kv_dtype_bytes"):
             value = getattr(self, name)
@@ -603,7 +607,9 @@ class SearchSpace(JsonValue, LevelsMixin, MovesMixin, ReachMixin):
             **({"mode": self.mode, "probe": self.probe.to_dict()} if self.mode != "static" else {}),
             **({"linear_ranks": list(self.linear_ranks)} if self.linear_ranks else {}),
             # written only when set: spaces without a level database keep their JSON (and key) unchanged
-            **({"sparsity_method": self.sparsity_method} if self.sparsity_method is not None else {}),
+            # written when set, or when a sparse space has none (from_dict's default would be "auto")
+            **({"sparsity_method": self.sparsity_method}
+               if self.sparsity_method is not None or self.sparsity_levels else {}),
             **({"width_method": self.width_method} if self.width_method is not None else {}),
             **({"level_dtype": self.level_dtype} if self.level_dtype != "float32" else {}),
             **({"level_inputs": self.level_inputs} if self.level_inputs != "dense" else {}),

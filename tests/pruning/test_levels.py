@@ -167,9 +167,9 @@ def _sparse_space(spec, pattern_2_4=False, method="sparsegpt"):
                                   sparsity_granularity="linear", pattern_2_4=pattern_2_4, sparsity_method=method)
 
 
-def _width_space(spec, method="wanda"):
+def _width_space(spec, method="wanda", width="obs"):
     return SearchSpace.from_model(spec, attention="kv_groups", mlp_step=24, sparsity_levels=(0.0, 0.5),
-                                  drop_mlp=True, width_method="obs", sparsity_method=method)
+                                  drop_mlp=True, width_method=width, sparsity_method=method)
 
 
 @pytest.mark.parametrize("arch", ROUND_TRIP_ARCHS)
@@ -178,7 +178,8 @@ def test_applied_equals_materialized_reverts_exactly_and_counts_match(arch, tmp_
     ids = _ids(seed=1)
     pruner = Pruner(model, _ids())
     snap = _state(model)
-    for space in (_sparse_space(pruner.spec), _sparse_space(pruner.spec, pattern_2_4=True), _width_space(pruner.spec)):
+    for space in (_sparse_space(pruner.spec), _sparse_space(pruner.spec, pattern_2_4=True), _width_space(pruner.spec),
+                  _width_space(pruner.spec, "sparsegpt"), _width_space(pruner.spec, "sparsegpt", "slice")):
         pruner.use_levels(levels_from_space(space), cache_dir=tmp_path)
         top = space.candidate_from_levels({g.name: g.top for g in space.genes})
         for cand in [space.random(seed) for seed in range(4)] + [top]:
@@ -254,8 +255,6 @@ def test_bad_levels_are_one_line_errors(tmp_path):
         SearchSpace.from_model(spec, attention=None, mlp=False, sparsity_levels=(0, .5), sparsity_method="obs")
     with pytest.raises(ValueError, match="width_method must be one of"):
         SearchSpace.from_model(spec, width_method="sparsegpt")
-    with pytest.raises(ValueError, match="'sparsegpt' with width genes is not supported"):
-        SearchSpace.from_model(spec, sparsity_levels=(0, .5), sparsity_method="sparsegpt")
     with pytest.raises(ValueError, match="need mode 'static'"):
         SearchSpace.from_model(spec, mode="probe", width_method="obs")
     space = _sparse_space(spec)
@@ -265,7 +264,7 @@ def test_bad_levels_are_one_line_errors(tmp_path):
     with pytest.raises(ValueError, match=r"sparsity 0.6 is not in the level database .* build the levels"):
         pruner.apply(Candidate(layers=(lc,) * spec.num_layers))
     narrow = dataclasses.replace(lc, mlp_channels=48, sparsity=0.5)
-    with pytest.raises(ValueError, match="sparsegpt levels of a narrower down_proj are not stored"):
+    with pytest.raises(ValueError, match="the mlp width of this candidate is not in the level database"):
         pruner.apply(Candidate(layers=(narrow,) * spec.num_layers))
     assert not pruner.is_applied
     with pytest.raises(ValueError, match="need calibration tokens"):
@@ -348,3 +347,43 @@ def test_a_full_disk_while_building_is_one_line_and_leaves_no_partial_file(tmp_p
     assert "cannot write the level database" in lines[0] and "free disk space" in lines[0]
     (db,) = [p for p in tmp_path.iterdir() if p.is_dir()]
     assert sorted(p.name for p in db.iterdir() if not p.name.endswith(".lock")) == ["manifest.json"]
+
+
+@pytest.mark.parametrize("width", ["slice", "obs"])
+def test_sparsegpt_with_widths_is_sparsegpt_of_the_width_levels_weights(width, tmp_path):
+    """How width and sparsity genes compose: a narrower down_proj / o_proj at a sparsity level holds
+    SparseGPT of the width level's weight (sliced or OBS) with the Hessian of its kept inputs; the
+    narrower q/k/v/gate/up rows are the stored dense-width SparseGPT rows."""
+    from evoprune.pruning._calib import calibration_pass
+    from evoprune.pruning._obs import obs_columns, sparsegpt
+
+    model = tiny_model("llama", num_hidden_layers=2)
+    calib = _ids(n=16, seq=24, seed=4)
+    pruner = Pruner(model, calib)
+    spec = pruner.spec
+    space = _width_space(spec, "sparsegpt", width)
+    settings = levels_from_space(space)
+    pruner.use_levels(settings, cache_dir=tmp_path)
+    mlp = model.model.layers[1].mlp
+    w_down, w_up = mlp.down_proj.weight.detach().clone(), mlp.up_proj.weight.detach().clone()
+    xs = []
+    calibration_pass(model, calib, [(mlp.down_proj, lambda x: xs.append(x.reshape(-1, x.shape[-1]).double()))],
+                     batch_size=pruner.strategy.live.calib_batch_size)
+    x = torch.cat(xs)
+    hessian = (x.T @ x).float()
+    (mlp_gene,) = [g for g in space.genes if g.name == "L1.mlp"]
+    mc = mlp_gene.levels[1]
+    lc = LayerConfig(num_kv_heads=spec.num_kv_heads, q_per_kv=spec.q_per_kv, mlp_channels=mc, sparsity=0.5)
+    dense = LayerConfig(num_kv_heads=spec.num_kv_heads, q_per_kv=spec.q_per_kv, mlp_channels=spec.intermediate_size)
+    small = pruner.materialize(Candidate(layers=(dense, lc)))
+    kept = torch.arange(mc)
+    base = obs_columns(w_down, hessian, kept) if width == "obs" else w_down[:, :mc]
+    want = sparsegpt(base, hessian[:mc, :mc], 0.5)
+    got = small.model.layers[1].mlp.down_proj.weight.detach()
+    assert got.shape == (spec.hidden_size, mc)
+    assert torch.equal(got != 0, want != 0) and torch.allclose(got, want, rtol=1e-3, atol=1e-5)
+    # gate/up rows: the first mc rows of the dense-width SparseGPT weight (rows are independent)
+    up_sparse = sparsegpt(w_up, pruner.strategy._hessians([1])[(1, "mlp_in")], 0.5)
+    assert torch.allclose(small.model.layers[1].mlp.up_proj.weight.detach(), up_sparse[:mc], rtol=1e-3, atol=1e-5)
+    # Wanda with the same widths would leave down_proj's kept weights unchanged; SparseGPT updates them
+    assert not torch.equal(got[got != 0], w_down[:, :mc][got != 0])

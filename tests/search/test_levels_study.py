@@ -65,7 +65,7 @@ def test_a_study_builds_its_level_database_once_and_shows_it(world, tmp_path, ca
 
 @pytest.mark.parametrize("space,message", [
     ({"sparsity_method": "obs"}, "sparsity_method must be one of"),
-    ({"sparsity_method": "sparsegpt", "mlp": True, "mlp_step": 16}, "'sparsegpt' with width genes is not supported"),
+    ({"sparsity_method": "wanda", "level_inputs": "sequential"}, "level_inputs 'sequential' needs sparsity_method"),
     ({"level_dtype": "int8"}, "level_dtype must be one of"),
 ])
 def test_bad_level_options_fail_before_any_row(world, tmp_path, capsys, space, message):
@@ -76,3 +76,29 @@ def test_bad_level_options_fail_before_any_row(world, tmp_path, capsys, space, m
     assert message in err
     assert dump(url) is None  # not even the database file
     assert not (tmp_path / "cache" / "levels").exists()
+
+
+def test_sparsegpt_is_the_default_and_a_study_stored_without_it_resumes_with_wanda_masks(world, tmp_path, capsys):
+    from evoprune.search import StudyConfig
+    from evoprune.storage import StudyDatabase
+
+    url = f"sqlite:///{tmp_path / 'db.sqlite'}"
+    path = _config(world, tmp_path)  # no sparsity_method: the default
+    assert StudyConfig.from_file(path).to_dict()["space"]["sparsity_method"] == "sparsegpt"
+    assert main(["search", str(path), "--storage", url, "--study", "new"]) == 0
+    assert load_study(storage=url, study_name="new").level_database()["sparsity_method"] == "sparsegpt"
+    # a study whose stored config has no sparsity_method (made before sparsegpt was the default, or with null)
+    legacy = _config(world, tmp_path, sparsity_method=None)
+    assert "sparsity_method" not in StudyConfig.from_file(legacy).to_dict()["space"]
+    assert main(["search", str(legacy), "--storage", url, "--study", "old"]) == 0
+    old = load_study(storage=url, study_name="old")
+    assert old.level_database() is None  # Wanda masks per candidate, no database
+    stored = StudyConfig.from_stored(old.config.to_dict())
+    assert stored.space["sparsity_method"] is None and stored.digest == old.config.digest
+    assert main(["resume", "--storage", url, "--study", "old", "--n-trials", "1"]) == 0
+    assert load_study(storage=url, study_name="old").level_database() is None
+    assert main(["search", str(legacy), "--storage", url, "--study", "old"]) == 0  # null continues it
+    capsys.readouterr()
+    path = _config(world, tmp_path)  # (the same file name: written again without sparsity_method)
+    assert main(["search", str(path), "--storage", url, "--study", "old"]) != 0  # the new default differs
+    assert "already exists with a different config; continue it with `evoprune resume" in capsys.readouterr().err
