@@ -138,6 +138,18 @@ class LevelSettings:
         """Whether SparseGPT levels of the narrower o_proj / down_proj widths are stored too."""
         return self.sparsity_method == "sparsegpt" and bool(self.sparsity) and bool(self.heads or self.mlp)
 
+    def nbytes(self, spec: Any) -> int:
+        """The bytes of the stored tensors of a database of these settings for a model of ``spec`` (a
+        :class:`~evoprune.space.ModelSpec`), from shapes alone; the files add a header each."""
+        h, hd, kv, I = spec.hidden_size, spec.head_dim, spec.num_kv_heads, spec.intermediate_size
+        dense = 2 * h * spec.num_heads * hd + 2 * h * kv * hd + 3 * h * I  # q, o; k, v; gate, up, down
+        total = 0
+        for i in self.layers():
+            levels = len(self.sparsity.get(i, ()))
+            narrow = sum(h * k * m * hd for k, m in self.heads.get(i, ())) + sum(h * c for c in self.mlp.get(i, ()))
+            total += levels * dense + narrow * ((self.width_method == "obs") + (levels if self._pairs() else 0))
+        return total * LEVEL_DTYPES[self.dtype][0].itemsize
+
     def layers(self) -> list[int]:
         """The blocks with anything to store."""
         keys = set(self.sparsity) | ((set(self.heads) | set(self.mlp)) if self.width_method == "obs" else set())

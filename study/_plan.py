@@ -30,8 +30,10 @@ dense model's parameters, ``V`` the vocabulary, ``b`` a stage's sequences per fo
   forward (no logits), fp32 statistics per linear input column and fp32 copies of a block's input
   and output; ``taylor`` runs the whole model with its loss and adds weight gradients, saved
   activations and the logits.
-- ``level database``: compressed weights of database-backed levels (SparseGPT levels, OBS widths):
-  none yet -- 0 bytes -- until a space has such levels (the place for issue 24's database).
+- ``level database``: compressed weights of database-backed levels (SparseGPT levels, OBS widths;
+  :meth:`~evoprune.pruning.LevelSettings.nbytes` from the shapes) on disk under the cache; the files
+  are memory-mapped and an applied candidate's linears hold one stored level each, so one worker
+  keeps about the prunable linears' size in the storage dtype resident (and copies of it on a GPU).
 - ``fine-tune``: trained parameters' backup (``dt``), fp32 masters and their gradients when
   ``dt < 4``, model-dtype gradients, AdamW's two fp32 moments (``8`` bytes each parameter), and the
   saved activations and logits of a training step.
@@ -264,7 +266,7 @@ def _forward_bytes(spec: Any, b: int, t: int, dt: int, *, logits_fp32: int = 2) 
 
 
 def _memory(config: StudyConfig, space: Any, spec: Any, dtype: str, device: str, ckpt_dtype: str,
-            runtime_bytes: int) -> tuple[list[dict[str, Any]], int, int, int]:
+            runtime_bytes: int) -> tuple[list[dict[str, Any]], int, int, int, int]:
     from ..evaluators import kl_cache_bytes_limit as cache_bytes_limit, reference_nbytes
 
     dt = DTYPE_BYTES[dtype]
@@ -312,8 +314,22 @@ def _memory(config: StudyConfig, space: Any, spec: Any, dtype: str, device: str,
             + bc * tc * vocab * (dt + 4)
         note += ", weight gradients and saved activations (taylor)"
     add("calibration", 0 if cuda else calib, calib if cuda else 0, note, "calibration")
-    add("level database", 0, 0, "no database-backed levels in this space (issue 24's level database: on disk "
-        "and one level resident per layer, when a space has them)", "all")
+    level_bytes = 0
+    if space.uses_levels:
+        from ..pruning import levels_from_space
+
+        levels = levels_from_space(space)
+        level_bytes = levels.nbytes(spec)
+        # the files are memory-mapped; an applied candidate's linears hold one stored level each
+        linear = spec.num_layers * (2 * spec.hidden_size * (spec.num_heads + spec.num_kv_heads) * spec.head_dim
+                                    + 3 * spec.hidden_size * spec.intermediate_size)
+        resident = linear * DTYPE_BYTES[levels.dtype]
+        add("level database", resident, linear * dt if cuda else 0,
+            f"{levels.sparsity_method} sparsity, {levels.width_method} widths, {levels.dtype}: "
+            f"{level_bytes / 2**30:.2f} GiB on disk under the cache's levels/, built once before the first trial; "
+            "memory-mapped, one level per linear resident", "search")
+    else:
+        add("level database", 0, 0, "no database-backed levels in this space", "all")
     ft = [st for st in config.stages if st.finetune_tokens]
     fine = 0
     if ft:
@@ -330,7 +346,7 @@ def _memory(config: StudyConfig, space: Any, spec: Any, dtype: str, device: str,
     else:
         add("fine-tune", 0, 0, "no stage fine-tunes", "step")
     host, dev = _peaks(rows)
-    return rows, host, dev, ref_total
+    return rows, host, dev, ref_total, level_bytes
 
 
 def _peaks(rows: list[dict[str, Any]]) -> tuple[int, int]:
@@ -414,7 +430,8 @@ def plan(config: Any, *, device: str | None = None, dtype: str | None = None, gp
                          "give --gpu-tflops and --gpu-bandwidth for times")
     measured = _measure(config, folder, dtype_name, dev, shapes) if measure else None
     runtime_bytes = measured["runtime_bytes"] if measured else RUNTIME_BYTES
-    rows, peak_host, peak_dev, ref_disk = _memory(config, space, spec, dtype_name, dev, ckpt_dtype, runtime_bytes)
+    rows, peak_host, peak_dev, ref_disk, level_bytes = _memory(config, space, spec, dtype_name, dev, ckpt_dtype,
+                                                               runtime_bytes)
     if not dev.startswith("cuda"):
         peak_dev = 0
 
@@ -504,7 +521,8 @@ def plan(config: Any, *, device: str | None = None, dtype: str | None = None, gp
              time_source=("a calibration run on this machine" if measured else
                           f"device figures ({gpu_tflops:g} TFLOPS at {MFU:.0%}, {gpu_bandwidth:g} GB/s at "
                           f"{BANDWIDTH_EFFICIENCY:.0%})" if figures else "nothing (no times)"),
-             dense_reference_disk_bytes=ref_disk, kv_bytes_per_token=cm.kv_bytes(dense) // cm.kv_dtype_bytes * dt,
+             dense_reference_disk_bytes=ref_disk, level_database_bytes=level_bytes,
+             kv_bytes_per_token=cm.kv_bytes(dense) // cm.kv_dtype_bytes * dt,
              gpu_memory_bytes=None if gpu_memory is None else int(gpu_memory * 2**30), notes=notes)
     if timed:
         p.search_seconds = (setup_s or 0.0) + (p.seconds_for(generations) or 0.0)

@@ -387,3 +387,17 @@ def test_sparsegpt_with_widths_is_sparsegpt_of_the_width_levels_weights(width, t
     assert torch.allclose(small.model.layers[1].mlp.up_proj.weight.detach(), up_sparse[:mc], rtol=1e-3, atol=1e-5)
     # Wanda with the same widths would leave down_proj's kept weights unchanged; SparseGPT updates them
     assert not torch.equal(got[got != 0], w_down[:, :mc][got != 0])
+
+
+def test_settings_nbytes_is_what_the_database_stores(tmp_path):
+    """``LevelSettings.nbytes`` (what ``evoprune plan`` reports, from shapes) is the stored tensors' bytes,
+    for sparsity levels, OBS widths and SparseGPT levels of the narrower widths."""
+    pruner = Pruner(tiny_model("qwen2", num_hidden_layers=2), _ids())
+    for space, dtype in ((_sparse_space(pruner.spec), "float16"), (_width_space(pruner.spec, "sparsegpt"), "float32"),
+                         (_width_space(pruner.spec, "wanda", "slice"), "bfloat16")):
+        settings = levels_from_space(space, dtype=dtype)
+        pruner.use_levels(settings, cache_dir=tmp_path)
+        db = pruner.strategy.db
+        stored = sum(t.numel() * t.element_size() for i in settings.layers() for t in db.load(i).values())
+        assert settings.nbytes(pruner.spec) == stored > 0 or not settings.layers()
+        assert stored <= db.nbytes <= stored + 4096 * len(settings.layers())

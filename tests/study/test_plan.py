@@ -140,3 +140,27 @@ def test_plan_measures_on_this_cpu(reference_tiny, tmp_path):
     assert p.sampler_seconds >= 0 and p.second_generation_seconds > p.first_generation_seconds
     bf = evoprune.plan(cfg, dtype="bfloat16", measure=False)
     assert {m["component"]: m for m in bf.memory}["weights"]["host"] * 2 == rows["weights"]["host"]
+
+
+def test_plan_counts_the_level_database_of_a_sparse_space(tmp_path):
+    """A sparse space takes SparseGPT levels by default: the plan names the database and its size (the
+    shapes' count, checked against the real database in tests/pruning/test_levels.py)."""
+    from evoprune.pruning import levels_from_space
+    from evoprune.search import space_from_config
+
+    folder = _llama_folder(tmp_path)
+    budget = {"metric": "nonzero_params", "max_ratio": 0.6}
+    cfg = _config(folder, space={"attention": None, "mlp": False, "sparsity_levels": [0, 0.5, 0.6, 0.7]}, budget=budget)
+    p = evoprune.plan(cfg, gpu_memory=80, gpu_tflops=989, gpu_bandwidth=3350)
+    row = {m["component"]: m for m in p.memory}["level database"]
+    L, H, I, nq, nkv, hd = 32, 4096, 14336, 32, 8, 128
+    linear = L * (2 * H * nq * hd + 2 * H * nkv * hd + 3 * H * I)
+    assert p.level_database_bytes == 3 * linear * 4  # three sparsity levels of every linear, float32
+    space = space_from_config(cfg, json.loads((folder / "config.json").read_text()))
+    assert p.level_database_bytes == levels_from_space(space).nbytes(space.spec)
+    assert row["host"] == linear * 4 and row["device"] == linear * 2 and "sparsegpt sparsity" in row["note"]
+    assert "level database: 78.0" in "\n".join(p.lines())  # GiB: 3 x 7.0e9 weights x 4 bytes
+    dense = evoprune.plan(_config(folder, space={"attention": None, "mlp": False, "sparsity_levels": [0, 0.5],
+                                                 "sparsity_method": None}, budget=budget),
+                          gpu_tflops=989, gpu_bandwidth=3350)
+    assert dense.level_database_bytes == 0
