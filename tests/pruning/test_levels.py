@@ -401,3 +401,15 @@ def test_settings_nbytes_is_what_the_database_stores(tmp_path):
         stored = sum(t.numel() * t.element_size() for i in settings.layers() for t in db.load(i).values())
         assert settings.nbytes(pruner.spec) == stored > 0 or not settings.layers()
         assert stored <= db.nbytes <= stored + 4096 * len(settings.layers())
+
+
+def test_space_default_is_sparsegpt_only_where_there_is_sparsity():
+    spec = Pruner(tiny_model("llama"), _ids()).spec
+    assert SearchSpace.from_model(spec, sparsity_levels=(0, .5)).sparsity_method == "sparsegpt"
+    assert SearchSpace.from_model(spec, pattern_2_4=True).sparsity_method == "sparsegpt"
+    assert SearchSpace.from_model(spec, mlp_step=24).sparsity_method is None  # nothing to store
+    assert not SearchSpace.from_model(spec, mlp_step=24).uses_levels
+    for method in (None, "wanda", "sparsegpt"):
+        space = SearchSpace.from_model(spec, sparsity_levels=(0, .5), sparsity_method=method)
+        again = SearchSpace.from_dict(json.loads(json.dumps(space.to_dict())))
+        assert again == space and again.sparsity_method == method  # an explicit null stays null

@@ -102,3 +102,24 @@ def test_sparsegpt_is_the_default_and_a_study_stored_without_it_resumes_with_wan
     path = _config(world, tmp_path)  # (the same file name: written again without sparsity_method)
     assert main(["search", str(path), "--storage", url, "--study", "old"]) != 0  # the new default differs
     assert "already exists with a different config; continue it with `evoprune resume" in capsys.readouterr().err
+
+
+def test_only_sparse_static_configs_get_the_sparsegpt_default_written():
+    """Configs whose space has no sparsity genes keep their stored form (and digest) unchanged."""
+    from evoprune.search import StudyConfig
+
+    def space(**options):
+        return StudyConfig(space=options).to_dict()["space"]
+
+    assert space(mlp_step=16) == {"mlp_step": 16}
+    assert space(mlp_step=16, sparsity_levels=[]) == {"mlp_step": 16, "sparsity_levels": []}
+    assert space(sparsity_levels=[0, 0.5])["sparsity_method"] == "sparsegpt"
+    assert space(pattern_2_4=True)["sparsity_method"] == "sparsegpt"
+    assert space(sparsity_levels=[0, 0.5], sparsity_method="auto")["sparsity_method"] == "sparsegpt"
+    assert space(sparsity_levels=[0, 0.5], sparsity_method="wanda")["sparsity_method"] == "wanda"
+    assert "sparsity_method" not in space(sparsity_levels=[0, 0.5], sparsity_method=None)
+    a = StudyConfig(space={"sparsity_levels": [0, 0.5], "sparsity_method": None})
+    b = StudyConfig.from_stored(a.to_dict())
+    assert b.space["sparsity_method"] is None and a.digest == b.digest
+    assert StudyConfig.from_stored(StudyConfig(space={"sparsity_levels": [0, 0.5]}).to_dict()).space[
+        "sparsity_method"] == "sparsegpt"
