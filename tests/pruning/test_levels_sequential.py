@@ -168,3 +168,36 @@ def test_two_sequential_builders_wait_for_each_other_and_build_every_layer_once(
     rc, _, err = _build(tmp_path / "single")
     assert rc == 0, err[-2000:]
     assert _files(tmp_path / "db") == _files(tmp_path / "single")
+
+
+def test_sequential_inputs_with_width_genes_store_narrow_levels_and_round_trip(tmp_path):
+    """Sliced widths compose with sequential SparseGPT: the narrower o_proj / down_proj levels are
+    computed from the same per-level inputs (block 0's equal the dense-input build's)."""
+    model = tiny_model("llama")
+    pruner = Pruner(model, _ids())
+    spec = pruner.spec
+
+    def space(inputs):
+        return SearchSpace.from_model(spec, attention="kv_groups", mlp_step=24, sparsity_levels=LEVELS,
+                                      sparsity_method="sparsegpt", level_inputs=inputs)
+
+    pruner.use_levels(levels_from_space(space("dense")), cache_dir=tmp_path)
+    dense0, dense1 = ({k: v.clone() for k, v in pruner.strategy.db.load(i).items()} for i in (0, 1))
+    seq = space("sequential")
+    pruner.use_levels(levels_from_space(seq), cache_dir=tmp_path)
+    stored0 = pruner.strategy.db.load(0)
+    narrow = [k for k in stored0 if "@c" in k and "@s" in k]
+    assert narrow and set(stored0) == set(dense0)
+    for k in narrow:
+        assert torch.allclose(stored0[k], dense0[k], atol=1e-6), k
+    stored1 = pruner.strategy.db.load(1)
+    assert any(not torch.allclose(stored1[k], dense1[k], atol=1e-6) for k in narrow)  # later inputs differ
+    ids = _ids(n=2, seq=12, seed=5)
+    for seed in range(3):
+        cand = seq.random(seed)
+        with pruner.applied(cand):
+            applied = model(ids).logits
+        small = pruner.materialize(cand)
+        assert (small(ids).logits - applied).abs().max() < 1e-5
+        nonzeros = sum(int((p != 0).sum()) for n, p in small.named_parameters() if ".layers." in n)
+        assert nonzeros <= seq.cost(cand, "nonzero_params")
