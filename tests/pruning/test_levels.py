@@ -413,3 +413,34 @@ def test_space_default_is_sparsegpt_only_where_there_is_sparsity():
         space = SearchSpace.from_model(spec, sparsity_levels=(0, .5), sparsity_method=method)
         again = SearchSpace.from_dict(json.loads(json.dumps(space.to_dict())))
         assert again == space and again.sparsity_method == method  # an explicit null stays null
+
+
+def test_hessians_are_collected_in_chunks_under_the_bound(tmp_path, monkeypatch):
+    """A build collects at most HESSIAN_BYTES of Hessians per calibration pass; the stored levels do not
+    depend on the chunking."""
+    from evoprune.pruning import _levels
+
+    passes = []
+    hessians = _levels.LevelStrategy._hessians
+
+    def counted(self, layers):
+        passes.append(list(layers))
+        return hessians(self, layers)
+
+    monkeypatch.setattr(_levels.LevelStrategy, "_hessians", counted)
+    model = tiny_model("llama", num_hidden_layers=5)
+    pruner = Pruner(model, _ids())
+    space = _width_space(pruner.spec, "sparsegpt")
+    pruner.use_levels(levels_from_space(space), cache_dir=tmp_path / "one")
+    assert passes == [list(range(5))]
+    whole = {i: pruner.strategy.db.load(i) for i in range(5)}
+    s = pruner.spec
+    per_layer = 4 * (2 * s.hidden_size ** 2 + (s.num_heads * s.head_dim) ** 2 + s.intermediate_size ** 2)
+    monkeypatch.setattr(_levels, "HESSIAN_BYTES", 2 * per_layer + 1)
+    passes.clear()
+    pruner.use_levels(levels_from_space(space), cache_dir=tmp_path / "chunked")
+    assert passes == [[0, 1], [2, 3], [4]]
+    for i in range(5):
+        chunked = pruner.strategy.db.load(i)
+        assert chunked.keys() == whole[i].keys()
+        assert all(torch.allclose(chunked[k], whole[i][k], atol=1e-5) for k in chunked)
