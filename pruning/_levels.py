@@ -256,7 +256,7 @@ class LevelStrategy(StaticStrategy):
             first = {"attn_in": a.qkv or a.q, "o_in": a.o, "mlp_in": a.gate_up or a.gate, "down_in": a.down}
             for group, name in first.items():
                 def fn(x: torch.Tensor, key=(i, group)) -> None:
-                    x = x.detach().reshape(-1, x.shape[-1]).float().cpu()
+                    x = x.detach().reshape(-1, x.shape[-1]).float()  # on the model's device
                     h = x.T @ x
                     hs[key] = hs[key] + h if key in hs else h
                 hooks.append((r.linears[name], fn))
@@ -273,7 +273,7 @@ class LevelStrategy(StaticStrategy):
         out: dict[str, torch.Tensor] = {}
         factors: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
         for name, group in self._groups(i).items():
-            w = r.weight[name].detach().float().cpu()
+            w = r.weight[name].detach().float()
             for level in (st.sparsity.get(i, ()) if levels is None else levels):
                 if st.sparsity_method == "sparsegpt":
                     if group not in factors:  # one factorisation per input group, for every level
@@ -285,7 +285,7 @@ class LevelStrategy(StaticStrategy):
                 else:
                     norm = None if st.sparsity_method == "magnitude" else live.input_norms[group][i]
                     keep, new = wanda_mask(w, norm, level, st.pattern), w
-                    keep = torch.ones(w.shape, dtype=torch.bool) if keep is None else keep
+                    keep = torch.ones(w.shape, dtype=torch.bool, device=w.device) if keep is None else keep
                 out[f"{name}@s{_s(level)}"] = _keep_nonzero(new, keep, dt)
         sparse = st.sparsity.get(i, ()) if levels is None else levels
         obs, pairs = st.width_method == "obs", st.sparsity_method == "sparsegpt" and bool(sparse)
@@ -295,7 +295,8 @@ class LevelStrategy(StaticStrategy):
                   for kv, m in st.heads.get(i, ())]
         narrow += [(a.down, "down_in", f"{a.down}@c{mc}", torch.arange(mc)) for mc in st.mlp.get(i, ())]
         for name, group, key, kept in narrow:
-            w, h = r.weight[name].detach().float().cpu(), hs[(i, group)]
+            w, h = r.weight[name].detach().float(), hs[(i, group)]
+            kept = kept.to(w.device)
             base = obs_columns(w, h, kept, percdamp=st.obs_percdamp) if obs else w[:, kept].contiguous()
             if obs and levels is None:
                 out[key] = base
@@ -354,7 +355,7 @@ class LevelStrategy(StaticStrategy):
 
                 def hook(group: str) -> Any:
                     def fn(module: nn.Module, args: tuple) -> None:
-                        x = args[0].detach().reshape(-1, args[0].shape[-1]).float().cpu()
+                        x = args[0].detach().reshape(-1, args[0].shape[-1]).float()
                         hs[(i, group)] = hs[(i, group)] + x.T @ x if (i, group) in hs else x.T @ x
                     return fn
 

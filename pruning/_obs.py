@@ -96,13 +96,13 @@ def sparsegpt(weight: torch.Tensor, hessian: torch.Tensor | None, level: float, 
     out_f, in_f = weight.shape
     n_prune = in_f - kept_per_row(in_f, level, pattern)  # validates level, pattern and width
     w = weight.detach().to(dtype).clone()
-    keep = torch.ones(w.shape, dtype=torch.bool)
+    keep = torch.ones(w.shape, dtype=torch.bool, device=w.device)
     if n_prune == 0:
         return (w.float(), keep) if return_mask else w.float()
     if blocksize < 1 or (pattern == "2:4" and blocksize % 4):
         raise ValueError(f"sparsegpt: blocksize must be a positive multiple of 4 for 2:4, got {blocksize}.")
     u, dead = factor
-    u = u.to(dtype)
+    u, dead = u.to(w.device, dtype), dead.to(w.device)
     w[:, dead] = 0.0  # row j: the OBS update over columns j.. once 0..j-1 are fixed
     for i1 in range(0, in_f, blocksize):
         i2 = min(i1 + blocksize, in_f)
@@ -145,7 +145,7 @@ def obs_columns(weight: torch.Tensor, hessian: torch.Tensor, kept: torch.Tensor,
     least-squares solution)."""
     if weight.dim() != 2 or hessian.shape != (weight.shape[1], weight.shape[1]):
         raise ValueError(f"obs_columns: weight {tuple(weight.shape)} and hessian {tuple(hessian.shape)} do not match.")
-    kept = torch.as_tensor(kept, dtype=torch.long).reshape(-1)
+    kept = torch.as_tensor(kept, dtype=torch.long, device=hessian.device).reshape(-1)
     h = hessian.detach().to(torch.float64)
     hkk, _ = _dampen(h[kept][:, kept], percdamp)
     rhs = h[kept] @ weight.detach().to(torch.float64).T  # H[K, :] W^T  ->  solve H[K, K] W_K^T = H[K, :] W^T

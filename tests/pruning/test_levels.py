@@ -444,3 +444,20 @@ def test_hessians_are_collected_in_chunks_under_the_bound(tmp_path, monkeypatch)
         chunked = pruner.strategy.db.load(i)
         assert chunked.keys() == whole[i].keys()
         assert all(torch.allclose(chunked[k], whole[i][k], atol=1e-5) for k in chunked)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_a_model_on_cuda_builds_its_levels_there_and_matches_the_cpu_build(tmp_path):  # pragma: no cover
+    """The Hessians, SparseGPT and OBS run on the model's device; the stored levels match a CPU build."""
+    cpu = Pruner(tiny_model("llama"), _ids())
+    space = _width_space(cpu.spec, "sparsegpt")
+    cpu.use_levels(levels_from_space(space), cache_dir=tmp_path / "cpu")
+    gpu = Pruner(tiny_model("llama").cuda(), _ids())
+    gpu.use_levels(levels_from_space(space), cache_dir=tmp_path / "cuda")
+    for i in range(cpu.spec.num_layers):
+        a, b = cpu.strategy.db.load(i), gpu.strategy.db.load(i)
+        assert a.keys() == b.keys() and all(torch.allclose(a[k], b[k], atol=1e-4) for k in a)
+    cand = space.random(0)
+    ids = _ids(n=2, seq=12, seed=6)
+    with cpu.applied(cand), gpu.applied(cand):
+        assert (cpu.model(ids).logits - gpu.model(ids.cuda()).logits.cpu()).abs().max() < 1e-3
