@@ -114,6 +114,11 @@ _log = get_logger("search.config")
 # --------------------------------------------------------------------------- the config
 
 
+def _sparse_static(space: Mapping[str, Any]) -> bool:
+    """Whether space options have sparsity genes in the static mode (where ``sparsity_method`` matters)."""
+    return space.get("mode", "static") == "static" and bool(space.get("sparsity_levels") or space.get("pattern_2_4"))
+
+
 def _default_stages() -> tuple[StageConfig, ...]:
     from ._presets import PRESETS
 
@@ -213,8 +218,7 @@ class StudyConfig:
                          sparsity=bool(space.get("sparsity_levels")) or bool(space.get("pattern_2_4")))
         except ValueError as exc:
             raise ValueError(f"StudyConfig.space: {exc}") from None
-        if space.get("mode", "static") == "static" and (space.get("sparsity_levels") or space.get("pattern_2_4")) \
-                and space.get("sparsity_method", "auto") == "auto":
+        if _sparse_static(space) and space.get("sparsity_method", "auto") == "auto":
             space["sparsity_method"] = "sparsegpt"  # the default, stored explicitly (see from_stored)
         object.__setattr__(self, "space", space)
         budget = self.budget
@@ -339,7 +343,8 @@ class StudyConfig:
         token = FULL_CHECKS.set(False)
         try:
             space = dict(data.get("space") or {})
-            space.setdefault("sparsity_method", None)  # a config stored before sparsegpt was the default
+            if _sparse_static(space):
+                space.setdefault("sparsity_method", None)  # a config stored before sparsegpt was the default
             return cls.from_dict({**data, "space": space})
         finally:
             FULL_CHECKS.reset(token)

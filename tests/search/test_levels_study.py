@@ -118,6 +118,8 @@ def test_only_sparse_static_configs_get_the_sparsegpt_default_written():
     assert space(sparsity_levels=[0, 0.5], sparsity_method="auto")["sparsity_method"] == "sparsegpt"
     assert space(sparsity_levels=[0, 0.5], sparsity_method="wanda")["sparsity_method"] == "wanda"
     assert "sparsity_method" not in space(sparsity_levels=[0, 0.5], sparsity_method=None)
+    for options in ({"mlp_step": 16}, {"sparsity_levels": [0, 0.5]}, {"sparsity_levels": [0, 0.5], "sparsity_method": None}):
+        assert StudyConfig.from_stored(StudyConfig(space=options).to_dict()) == StudyConfig(space=options)
     a = StudyConfig(space={"sparsity_levels": [0, 0.5], "sparsity_method": None})
     b = StudyConfig.from_stored(a.to_dict())
     assert b.space["sparsity_method"] is None and a.digest == b.digest
