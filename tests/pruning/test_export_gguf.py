@@ -453,11 +453,12 @@ def test_smollm2_at_60_percent_params_greedy_20_tokens_identical(smollm2, tmp_pa
     out = pruner.export(cand, tmp_path / "smol", tokenizer=tok, format="gguf")
     (r,) = verify_export(out, steps=20)
     assert r.tokens_match, (r.reference_tokens, r.target_tokens)
-    # float32 PyTorch is itself ~1e-3 off on this deep pruned model; llama.cpp is within 1e-4 of float64
+    # float32 PyTorch is itself ~1e-3 off on this deep pruned model; llama.cpp's f32 is 1e-4 from float64 on
+    # an AVX-512 build, 1.3e-3 on an AVX2 (AMD EPYC) build: float32 noise, within the f32 default tolerance
     (r,) = verify_export(out, steps=20, reference_dtype=torch.float64)
     assert r.tokens_match, (r.reference_tokens, r.target_tokens)
     assert r.tokenizer_match  # the "smollm" pre-tokenizer: llama.cpp tokenizes the prompt as transformers does
-    assert r.max_logit_diff < TOL
+    assert r.max_logit_diff < r.tolerance <= 1e-4 * 40, (r.max_logit_diff, r.tolerance)
 
 
 # --------------------------------------------------------------------------- the command line, end to end
