@@ -272,22 +272,25 @@ class LevelStrategy(StaticStrategy):
         dt = self.db.dtype
         out: dict[str, torch.Tensor] = {}
         factors: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
+        sparse = st.sparsity.get(i, ()) if levels is None else levels
         for name, group in self._groups(i).items():
             w = r.weight[name].detach().float()
-            for level in (st.sparsity.get(i, ()) if levels is None else levels):
-                if st.sparsity_method == "sparsegpt":
-                    if group not in factors:  # one factorisation per input group, for every level
-                        factors[group] = sparsegpt_factor(hs[(i, group)], st.percdamp)
-                    parts = [sparsegpt(p, None, level, st.pattern, blocksize=st.blocksize, return_mask=True,
-                                       factor=factors[group], selection=st.selection)
-                             for p in w.split(self._row_parts(name), 0)]  # each logical part keeps its count
-                    new, keep = torch.cat([p[0] for p in parts]), torch.cat([p[1] for p in parts])
-                else:
-                    norm = None if st.sparsity_method == "magnitude" else live.input_norms[group][i]
-                    keep, new = wanda_mask(w, norm, level, st.pattern), w
-                    keep = torch.ones(w.shape, dtype=torch.bool, device=w.device) if keep is None else keep
+            if st.sparsity_method == "sparsegpt" and sparse:
+                if group not in factors:  # one factorisation per input group, for every level
+                    factors[group] = sparsegpt_factor(hs[(i, group)], st.percdamp)
+                # every level at once (stacked); each logical part keeps its count
+                parts = [sparsegpt(p, None, sparse, st.pattern, blocksize=st.blocksize, return_mask=True,
+                                   factor=factors[group], selection=st.selection)
+                         for p in w.split(self._row_parts(name), 0)]
+                for k, level in enumerate(sparse):
+                    new, keep = torch.cat([p[k][0] for p in parts]), torch.cat([p[k][1] for p in parts])
+                    out[f"{name}@s{_s(level)}"] = _keep_nonzero(new, keep, dt)
+                continue
+            for level in sparse:
+                norm = None if st.sparsity_method == "magnitude" else live.input_norms[group][i]
+                keep, new = wanda_mask(w, norm, level, st.pattern), w
+                keep = torch.ones(w.shape, dtype=torch.bool, device=w.device) if keep is None else keep
                 out[f"{name}@s{_s(level)}"] = _keep_nonzero(new, keep, dt)
-        sparse = st.sparsity.get(i, ()) if levels is None else levels
         obs, pairs = st.width_method == "obs", st.sparsity_method == "sparsegpt" and bool(sparse)
         if not (obs or pairs):
             return out
@@ -301,10 +304,9 @@ class LevelStrategy(StaticStrategy):
             if obs and levels is None:
                 out[key] = base
             if pairs:  # sparsegpt levels of the narrower weight: the Hessian of its kept inputs
-                factor = sparsegpt_factor(h[kept][:, kept], st.percdamp)
-                for level in sparse:
-                    new, keep = sparsegpt(base, None, level, st.pattern, blocksize=st.blocksize, return_mask=True,
-                                          factor=factor, selection=st.selection)
+                stacked = sparsegpt(base, None, sparse, st.pattern, blocksize=st.blocksize, return_mask=True,
+                                    factor=sparsegpt_factor(h[kept][:, kept], st.percdamp), selection=st.selection)
+                for level, (new, keep) in zip(sparse, stacked, strict=True):
                     out[f"{key}@s{_s(level)}"] = _keep_nonzero(new, keep, dt)
         return out
 

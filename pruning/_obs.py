@@ -60,7 +60,7 @@ def sparsegpt_factor(hessian: torch.Tensor, percdamp: float = 0.01) -> tuple[tor
 
 
 @torch.no_grad()
-def sparsegpt(weight: torch.Tensor, hessian: torch.Tensor | None, level: float, pattern: str = "unstructured", *,
+def sparsegpt(weight: torch.Tensor, hessian: torch.Tensor | None, level: Any, pattern: str = "unstructured", *,
               blocksize: int = 128, percdamp: float = 0.01, return_mask: bool = False,
               dtype: torch.dtype = torch.float32,
               factor: tuple[torch.Tensor, torch.Tensor] | None = None, selection: str = "row") -> Any:
@@ -71,7 +71,9 @@ def sparsegpt(weight: torch.Tensor, hessian: torch.Tensor | None, level: float, 
     Args:
         weight: ``[out, in]``.
         hessian: ``[in, in]``, ``X^T X`` of the calibration inputs.
-        level: the sparsity (``0`` returns a float32 copy).
+        level: the sparsity (``0`` returns a float32 copy), or a sequence of levels: then a list, one
+            result per level, computed stacked (one column loop over the rows of every level, at most
+            :data:`STACK_BYTES` at a time; rows are independent, so each equals its own call).
         pattern: ``"unstructured"`` or ``"2:4"``.
         blocksize: columns per lazy-update block (a multiple of 4 for ``"2:4"``).
         percdamp: dampening, a fraction of the mean Hessian diagonal.
@@ -93,14 +95,42 @@ def sparsegpt(weight: torch.Tensor, hessian: torch.Tensor | None, level: float, 
     if weight.dim() != 2 or factor is None or factor[0].shape != (weight.shape[1], weight.shape[1]):
         shape = tuple((hessian if hessian is not None else factor[0]).shape)  # type: ignore[index]
         raise ValueError(f"sparsegpt: weight {tuple(weight.shape)} and hessian {shape} do not match.")
-    out_f, in_f = weight.shape
-    n_prune = in_f - kept_per_row(in_f, level, pattern)  # validates level, pattern and width
-    w = weight.detach().to(dtype).clone()
-    keep = torch.ones(w.shape, dtype=torch.bool, device=w.device)
-    if n_prune == 0:
-        return (w.float(), keep) if return_mask else w.float()
     if blocksize < 1 or (pattern == "2:4" and blocksize % 4):
         raise ValueError(f"sparsegpt: blocksize must be a positive multiple of 4 for 2:4, got {blocksize}.")
+    out_f, in_f = weight.shape
+    several = not isinstance(level, (int, float))
+    levels = [float(v) for v in level] if several else [float(level)]
+    counts = [in_f - kept_per_row(in_f, v, pattern) for v in levels]  # validates level, pattern and width
+    results: list[Any] = [None] * len(levels)
+    todo = [j for j, n in enumerate(counts) if n]
+    for j, n in enumerate(counts):
+        if not n:  # nothing to prune: a copy
+            results[j] = (weight.detach().to(dtype).clone(), torch.ones(weight.shape, dtype=torch.bool,
+                                                                         device=weight.device))
+    # rows are independent under per-row (and 2:4) selection: the levels run stacked, one column loop
+    # for all of them (at most STACK_BYTES at a time); block selection couples a level's rows
+    per = max(1, STACK_BYTES // max(1, weight.numel() * dtype.itemsize)) if selection == "row" or pattern == "2:4" else 1
+    for c in range(0, len(todo), per):
+        chunk = todo[c : c + per]
+        n_rows = torch.tensor([counts[j] for j in chunk], device=weight.device).repeat_interleave(out_f)
+        w, keep = _sparsegpt_rows(weight.detach().to(dtype).repeat(len(chunk), 1), factor, n_rows, pattern,
+                                  blocksize, selection, dtype)
+        for k, j in enumerate(chunk):
+            results[j] = (w[k * out_f : (k + 1) * out_f], keep[k * out_f : (k + 1) * out_f])
+    results = [(w.float(), keep) if return_mask else w.float() for w, keep in results]
+    return results if several else results[0]
+
+
+#: the most bytes of stacked weights :func:`sparsegpt` runs through one column loop (several levels)
+STACK_BYTES = 256 * 2**20
+
+
+def _sparsegpt_rows(w: torch.Tensor, factor: tuple[torch.Tensor, torch.Tensor], n_rows: torch.Tensor, pattern: str,
+                    blocksize: int, selection: str, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+    """SparseGPT's column loop on ``w`` (modified in place) with ``n_rows[r]`` weights pruned in row ``r``
+    (unstructured; ignored for 2:4); ``(w, keep-mask)``."""
+    out_f, in_f = w.shape
+    keep = torch.ones(w.shape, dtype=torch.bool, device=w.device)
     u, dead = factor
     u, dead = u.to(w.device, dtype), dead.to(w.device)
     w[:, dead] = 0.0  # row j: the OBS update over columns j.. once 0..j-1 are fixed
@@ -112,13 +142,13 @@ def sparsegpt(weight: torch.Tensor, hessian: torch.Tensor | None, level: float, 
         err = torch.zeros_like(w1)
         prune1 = torch.zeros_like(w1, dtype=torch.bool)
         if pattern != "2:4":
-            k = (n_prune * i2) // in_f - (n_prune * i1) // in_f  # this block's share of every row's count
-            if k and selection == "row":
+            k = (n_rows * i2) // in_f - (n_rows * i1) // in_f  # this block's share of every row's count
+            if selection == "row" and bool(k.any()):
                 order = torch.sort(w1.pow(2) / d.pow(2), dim=1, stable=True).indices
-                prune1.scatter_(1, order[:, :k], True)
-            elif k:  # the block's k * out least salient weights, whichever rows they are in
+                prune1.scatter_(1, order, torch.arange(i2 - i1, device=w.device).unsqueeze(0) < k.unsqueeze(1))
+            elif bool(k.any()):  # the block's k * out least salient weights, whichever rows they are in
                 order = torch.sort((w1.pow(2) / d.pow(2)).reshape(-1), stable=True).indices
-                prune1.view(-1)[order[: k * out_f]] = True
+                prune1.view(-1)[order[: int(k[0]) * out_f]] = True
         for j in range(i2 - i1):
             if pattern == "2:4" and j % 4 == 0:
                 score = w1[:, j : j + 4].pow(2) / d[j : j + 4].pow(2)
@@ -132,7 +162,7 @@ def sparsegpt(weight: torch.Tensor, hessian: torch.Tensor | None, level: float, 
         w[:, i1:i2] = w1
         keep[:, i1:i2] = ~prune1
         w[:, i2:] -= err @ u[i1:i2, i2:]
-    return (w.float(), keep) if return_mask else w.float()
+    return w, keep
 
 
 @torch.no_grad()

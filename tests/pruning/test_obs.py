@@ -127,3 +127,26 @@ def test_obs_columns_is_the_least_squares_solution():
     damped = obs_columns(w, x.T @ x, kept, percdamp=0.01)  # dampening trades fit for stability
     assert not torch.equal(damped, got)
     assert comp <= _err(w, torch.zeros_like(w).index_copy(1, kept, damped.double()), x) < sliced
+
+
+@pytest.mark.parametrize("pattern,selection", [("unstructured", "row"), ("2:4", "row"), ("unstructured", "block")])
+def test_several_levels_at_once_equal_one_call_per_level_bit_for_bit(pattern, selection, monkeypatch):
+    """The level database compresses a weight to all its levels in one stacked column loop (rows are
+    independent); that is exactly one call per level, also when the stack is split in chunks."""
+    from evoprune.pruning import _obs
+
+    torch.manual_seed(3)
+    x = torch.randn(512, 96)
+    weight, hessian = torch.randn(40, 96), x.T @ x
+    levels = [0.0, 0.5] if pattern == "2:4" else [0.25, 0.0, 0.5, 0.75]
+    factor = _obs.sparsegpt_factor(hessian)
+    one = [_obs.sparsegpt(weight, None, v, pattern, factor=factor, return_mask=True, selection=selection, blocksize=32)
+           for v in levels]
+    for stack_bytes in (_obs.STACK_BYTES, weight.numel() * 4 * 2):  # all levels in one loop; two at a time
+        monkeypatch.setattr(_obs, "STACK_BYTES", stack_bytes)
+        many = _obs.sparsegpt(weight, None, levels, pattern, factor=factor, return_mask=True, selection=selection,
+                              blocksize=32)
+        assert len(many) == len(levels)
+        for (w1, k1), (w2, k2) in zip(one, many):
+            assert torch.equal(w1, w2) and torch.equal(k1, k2)
+    assert torch.equal(one[levels.index(0.0)][0], weight)  # level 0: an unchanged copy
