@@ -145,19 +145,28 @@ class LevelSettings:
     def nbytes(self, spec: Any) -> int:
         """The bytes of the stored tensors of a database of these settings for a model of ``spec`` (a
         :class:`~evoprune.space.ModelSpec`), from shapes alone; the files add a header each."""
-        h, hd, kv, I = spec.hidden_size, spec.head_dim, spec.num_kv_heads, spec.intermediate_size
-        dense = 2 * h * spec.num_heads * hd + 2 * h * kv * hd + 3 * h * I  # q, o; k, v; gate, up, down
         total = 0
         for i in self.layers():
             levels = len(self.sparsity.get(i, ()))
-            narrow = sum(h * k * m * hd for k, m in self.heads.get(i, ())) + sum(h * c for c in self.mlp.get(i, ()))
-            total += levels * dense + narrow * ((self.width_method == "obs") + (levels if self._pairs() else 0))
+            narrow = sum(_numel(spec.attn_shapes(k, m)[-1:]) for k, m in self.heads.get(i, ())) \
+                + sum(_numel(spec.mlp_shapes(c)[-1:]) for c in self.mlp.get(i, ()))  # o_proj, down_proj
+            stored_narrow = (self.width_method == "obs") + (levels if self._pairs() else 0)
+            total += levels * layer_numel(spec) + narrow * stored_narrow
         return total * LEVEL_DTYPES[self.dtype][0].itemsize
 
     def layers(self) -> list[int]:
         """The blocks with anything to store."""
         keys = set(self.sparsity) | ((set(self.heads) | set(self.mlp)) if self.width_method == "obs" else set())
         return sorted(keys)
+
+
+def _numel(shapes: Any) -> int:
+    return sum(out_f * in_f for _, out_f, in_f in shapes)
+
+
+def layer_numel(spec: Any) -> int:
+    """The weights of one dense decoder block's prunable linears (q, k, v, o, gate, up, down)."""
+    return _numel(spec.attn_shapes(spec.num_kv_heads, spec.q_per_kv) + spec.mlp_shapes(spec.intermediate_size))
 
 
 def levels_from_space(space: Any, *, sparsity_method: str | None = None, width_method: str | None = None,
@@ -286,8 +295,8 @@ class LevelStrategy(StaticStrategy):
                     new, keep = torch.cat([p[k][0] for p in parts]), torch.cat([p[k][1] for p in parts])
                     out[f"{name}@s{_s(level)}"] = _keep_nonzero(new, keep, dt)
                 continue
+            norm = None if st.sparsity_method == "magnitude" else live.input_norms[group][i]
             for level in sparse:
-                norm = None if st.sparsity_method == "magnitude" else live.input_norms[group][i]
                 keep, new = wanda_mask(w, norm, level, st.pattern), w
                 keep = torch.ones(w.shape, dtype=torch.bool, device=w.device) if keep is None else keep
                 out[f"{name}@s{_s(level)}"] = _keep_nonzero(new, keep, dt)

@@ -114,9 +114,14 @@ _log = get_logger("search.config")
 # --------------------------------------------------------------------------- the config
 
 
+def _sparse(space: Mapping[str, Any]) -> bool:
+    """Whether space options have sparsity genes."""
+    return bool(space.get("sparsity_levels") or space.get("pattern_2_4"))
+
+
 def _sparse_static(space: Mapping[str, Any]) -> bool:
     """Whether space options have sparsity genes in the static mode (where ``sparsity_method`` matters)."""
-    return space.get("mode", "static") == "static" and bool(space.get("sparsity_levels") or space.get("pattern_2_4"))
+    return space.get("mode", "static") == "static" and _sparse(space)
 
 
 def _default_stages() -> tuple[StageConfig, ...]:
@@ -214,8 +219,7 @@ class StudyConfig:
         if unknown:
             raise ValueError(f"StudyConfig.space: unknown SearchSpace options {unknown}; known: {sorted(known)}.")
         try:  # the pruning mode is checked here, before any model loads or database row is written
-            resolve_mode(space.get("mode", "static"), space.get("probe"),
-                         sparsity=bool(space.get("sparsity_levels")) or bool(space.get("pattern_2_4")))
+            resolve_mode(space.get("mode", "static"), space.get("probe"), sparsity=_sparse(space))
         except ValueError as exc:
             raise ValueError(f"StudyConfig.space: {exc}") from None
         if _sparse_static(space) and space.get("sparsity_method", "auto") == "auto":

@@ -194,7 +194,7 @@ def _digest(*parts: str) -> str:
 def space_from_config(config: StudyConfig, model_config: Any) -> SearchSpace:
     """The study's :class:`~evoprune.space.SearchSpace`: ``config.space`` options and budgets on the
     model's config (a transformers config or its ``config.json`` dict; no weights needed)."""
-    opts = {"sparsity_method": None, **config.space}  # absent in a config: none (see StudyConfig.from_stored)
+    opts = dict(config.space)
     for key in ("attn_levels", "sparsity_levels", "frozen_layers", "linear_ranks"):
         if opts.get(key) is not None:
             opts[key] = tuple(opts[key])

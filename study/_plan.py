@@ -316,13 +316,12 @@ def _memory(config: StudyConfig, space: Any, spec: Any, dtype: str, device: str,
     add("calibration", 0 if cuda else calib, calib if cuda else 0, note, "calibration")
     level_bytes = 0
     if space.uses_levels:
-        from ..pruning import levels_from_space
+        from ..pruning._levels import layer_numel, levels_from_space
 
         levels = levels_from_space(space)
         level_bytes = levels.nbytes(spec)
         # the files are memory-mapped; an applied candidate's linears hold one stored level each
-        linear = spec.num_layers * (2 * spec.hidden_size * (spec.num_heads + spec.num_kv_heads) * spec.head_dim
-                                    + 3 * spec.hidden_size * spec.intermediate_size)
+        linear = spec.num_layers * layer_numel(spec)
         resident = linear * DTYPE_BYTES[levels.dtype]
         add("level database", resident, linear * dt if cuda else 0,
             f"{levels.sparsity_method} sparsity, {levels.width_method} widths, {levels.dtype}: "
